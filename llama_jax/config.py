@@ -1,0 +1,136 @@
+"""The experiment schema: every key a config file may set, its default, and validation.
+
+Config files in configs/ are Python: `get_config()` returns a ConfigDict, usually `default_config()` with some
+keys changed. `validate(cfg)` compares a config against this schema and raises ConfigError naming the key
+and the fix, so mistakes stop the run before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import ml_collections
+
+from llama_jax.errors import ConfigError
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.presets import preset
+
+OBJECTIVES = ("lm", "sft", "reward", "dpo")
+IMPLEMENTED_OBJECTIVES = ("lm",)
+
+
+def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
+    """The `model` section for a preset (see model/presets.py), with fields overridden."""
+    return ml_collections.ConfigDict(dataclasses.asdict(preset(name, **overrides)))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults: a small model on the embedded Python-stdlib corpus, on CPU."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0  # every random key (init, data order) derives from this
+
+    cfg.model = model_section("tiny")  # all fields of llama_jax.model.LlamaConfig
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = -1  # data parallel (replicated params); -1 = the devices left over
+    cfg.mesh.stage = 1  # pipeline stages
+    cfg.mesh.fsdp = 1  # parameters and optimizer state sharded, batch split too
+    cfg.mesh.context = 1  # sequence split (context parallel)
+    cfg.mesh.tensor = 1  # heads / mlp / vocab split (tensor parallel)
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.source = "stdlib"  # "stdlib" (the Python standard library's sources) or a glob of .txt/.py/.md/.jsonl
+    cfg.data.tokenizer = ""  # tokenizer file (tokenizer.model / *.model / tokenizer.json); "" = train one on the corpus
+    cfg.data.cache_dir = "~/.cache/llama_jax"  # tokenized corpora and trained tokenizers
+    cfg.data.batch_size = 16  # global batch, in sequences
+    cfg.data.seq_len = 256  # tokens per sequence
+    cfg.data.eval_batches = 8  # batches in the fixed held-out evaluation set
+
+    cfg.optim = ml_collections.ConfigDict()
+    cfg.optim.lr = 3e-3  # peak learning rate
+    cfg.optim.min_lr_ratio = 0.1  # the cosine decays to lr * min_lr_ratio
+    cfg.optim.warmup_steps = 50  # linear warmup from 0
+    cfg.optim.decay_steps = 0  # length of the cosine after warmup; 0 = until train.steps
+    cfg.optim.b1 = 0.9
+    cfg.optim.b2 = 0.95
+    cfg.optim.eps = 1e-8
+    cfg.optim.weight_decay = 0.1  # decoupled (AdamW); not applied to norm scales
+    cfg.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
+    cfg.optim.grad_accum = 1  # microbatches per step (the batch is split, the gradient is exact)
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 600
+    cfg.train.log_every = 10
+    cfg.train.eval_every = 100  # 0 = only at the end
+
+    cfg.checkpoint = ml_collections.ConfigDict()
+    cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
+    cfg.checkpoint.max_to_keep = 2
+    cfg.checkpoint.async_save = True
+
+    cfg.objective = ml_collections.ConfigDict()
+    cfg.objective.name = "lm"  # lm | sft | reward | dpo
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for unknown keys, wrong types and impossible combinations."""
+    _check_against_schema(cfg, default_config(), prefix="")
+    model_config(cfg)  # LlamaConfig checks shapes, head divisibility and names
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.seq_len": cfg.data.seq_len,
+        "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "optim.grad_accum": cfg.optim.grad_accum,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.batch_size % cfg.optim.grad_accum:
+        raise ConfigError(
+            f"data.batch_size ({cfg.data.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"
+        )
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if cfg.objective.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
+    if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name!r} is not available yet in this version; use objective.name='lm'"
+        )
+    if cfg.mesh.stage != 1:
+        raise ConfigError("mesh.stage > 1 (pipeline parallelism) is not available yet in this version; set mesh.stage=1")
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
+    """The frozen model config from the `model` section."""
+    return LlamaConfig(**cfg.model.to_dict())
+
+
+def _check_against_schema(cfg, schema, prefix: str) -> None:
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {sorted(schema.keys())}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        value, expected = cfg[key], schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config key {path!r} must be a section (ConfigDict), got {type(value).__name__}")
+            _check_against_schema(value, expected, prefix=f"{path}.")
+        elif not _type_ok(value, expected):
+            raise ConfigError(
+                f"config key {path!r} must be {type(expected).__name__}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def _type_ok(value, expected) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(expected))

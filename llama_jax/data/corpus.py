@@ -1,0 +1,61 @@
+"""Chooses and prepares the training corpus named by `cfg.data` (the glue between config and data modules)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from llama_jax.data.sources import PreparedCorpus, TokenizedCorpus, prepare_stdlib_corpus, stdlib_documents, text_file_documents
+from llama_jax.data.tokenizer import Tokenizer, train_bpe
+from llama_jax.errors import DataError
+
+EVAL_FRACTION = 0.02
+
+
+def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> PreparedCorpus:
+    """The tokenized train/eval corpus and its tokenizer, built on first use and cached in data.cache_dir.
+
+    Without `data.tokenizer`, a BPE tokenizer of `vocab_size` tokens is trained on the train split.
+    """
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    if data_cfg.source == "stdlib" and not data_cfg.tokenizer:
+        return prepare_stdlib_corpus(cache_dir, vocab_size)
+    if data_cfg.tokenizer and not Path(data_cfg.tokenizer).expanduser().exists():
+        raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
+    key = hashlib.sha256(f"{data_cfg.source}|{data_cfg.tokenizer}|{vocab_size}".encode()).hexdigest()[:16]
+    root = cache_dir / f"corpus-{key}"
+    if not (root / "eval").exists():
+        _build(data_cfg, vocab_size, root)
+    tokenizer_path = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else root / "tokenizer.model"
+    return PreparedCorpus(tokenizer_path, TokenizedCorpus.load(root / "train"), TokenizedCorpus.load(root / "eval"))
+
+
+def _build(data_cfg: ml_collections.ConfigDict, vocab_size: int, root: Path) -> None:
+    print(f"Preparing corpus {data_cfg.source!r} in {root} (first use only)...", file=sys.stderr, flush=True)
+    if data_cfg.source == "stdlib":
+        train_texts, eval_texts = stdlib_documents()
+    else:
+        train_texts, eval_texts = _split(text_file_documents(data_cfg.source))
+    if data_cfg.tokenizer:
+        tokenizer = Tokenizer.from_file(Path(data_cfg.tokenizer).expanduser())
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tokenizer = train_bpe(train_texts, vocab_size, root / "tokenizer.model")
+    TokenizedCorpus.build(train_texts, tokenizer, root / "train")
+    TokenizedCorpus.build(eval_texts, tokenizer, root / "eval")
+
+
+def _split(texts: list[str]) -> tuple[list[str], list[str]]:
+    """A stable held-out split by content hash; at least one document on each side."""
+    if len(texts) < 2:
+        raise DataError(f"data.source has {len(texts)} document(s): at least 2 are needed (one is held out for eval)")
+    held_out = [int(hashlib.md5(t.encode()).hexdigest(), 16) % 10_000 < EVAL_FRACTION * 10_000 for t in texts]
+    if not any(held_out):
+        held_out[-1] = True
+    if all(held_out):
+        held_out[0] = False
+    train = [t for t, h in zip(texts, held_out) if not h]
+    return train, [t for t, h in zip(texts, held_out) if h]

@@ -1,0 +1,142 @@
+"""The Llama 3 decoder in Flax NNX.
+
+Every parameter is declared once, in its module's constructor, with its shape, initializer and logical axis
+names; nothing here knows about devices or meshes (parallel/mesh.py maps the names to a mesh). Layers are
+created stacked along a leading `layers` axis and applied with `nnx.scan`, so compile time does not grow
+with depth. Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used;
+normalisation, softmax, rotary math and logits are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.model.attention import ATTENTION
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
+
+REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
+    """A parameter that carries its logical axis names; placement on devices is applied from outside."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+
+    def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+        x32_btd = x_btd.astype(jnp.float32)
+        normed_btd = x32_btd * jax.lax.rsqrt(jnp.mean(x32_btd**2, axis=-1, keepdims=True) + self.eps)
+        return (normed_btd * self.scale[...].astype(jnp.float32)).astype(x_btd.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        self.cfg = cfg
+        self.wq = _param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), cfg.param_dtype)
+        self.wk = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
+        self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
+        self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg.param_dtype)
+
+    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt):
+        dtype = x_btd.dtype
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dtype))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...].astype(dtype))
+        q_btnh = apply_rotary(q_btnh, cos_btp, sin_btp)
+        k_btkh = apply_rotary(k_btkh, cos_btp, sin_btp)
+        out_btnh = ATTENTION[self.cfg.attention](q_btnh, k_btkh, v_btkh, segment_ids_bt)
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        self.w_gate = _param(rngs, init, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), cfg.param_dtype)
+        self.w_up = _param(rngs, init, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), cfg.param_dtype)
+        self.w_down = _param(rngs, out_init, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), cfg.param_dtype)
+
+    def __call__(self, x_btd):
+        dtype = x_btd.dtype
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate[...].astype(dtype))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up[...].astype(dtype))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.w_down[...].astype(dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt):
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btp, sin_btp, segment_ids_bt)
+        return x_btd + self.mlp(self.mlp_norm(x_btd))
+
+
+class Llama(nnx.Module):
+    """Llama 3 decoder: `model(tokens_bt)` returns float32 logits [b, t, vocab].
+
+    For packed batches pass `segment_ids` (documents within a row, >0; 0 marks padding) and `positions`
+    (restarting at 0 per document); attention never crosses a document boundary.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(
+            rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg.param_dtype
+        )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(
+                rngs, nnx.initializers.normal(cfg.init_std), (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+            )
+
+    def __call__(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None) -> jnp.ndarray:
+        return self.logits(self.hidden(tokens_bt, segment_ids=segment_ids, positions=positions))
+
+    def hidden(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None) -> jnp.ndarray:
+        """Final normalised hidden states [b, t, dim] in the compute dtype (before the output projection)."""
+        b, t = tokens_bt.shape
+        segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
+        cos_btp, sin_btp = rotary_angles(positions_bt, inverse_frequencies(self.cfg))
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+
+        def apply_block(x_btd, block: Block):
+            return block(x_btd, cos_btp, sin_btp, segment_ids_bt)
+
+        if self.cfg.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT[self.cfg.remat])
+        x_btd = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, self.layers)
+        return self.norm(x_btd)
+
+    def logits(self, h_btd: jnp.ndarray) -> jnp.ndarray:
+        """Output projection with float32 accumulation and result."""
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", h_btd, self.embed[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h_btd, self.lm_head[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)

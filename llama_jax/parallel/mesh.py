@@ -1,0 +1,107 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Changing parallelism means changing `cfg.mesh` (or these rules), never model code. Order of the mesh axes,
+outer to inner: data, stage, fsdp, context, tensor — so the fastest-communicating (innermost, neighbouring)
+devices carry tensor parallelism, as in the Llama 3 paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.errors import ConfigError
+
+MESH_AXES = ("data", "stage", "fsdp", "context", "tensor")
+
+# Logical name -> mesh axis (or axes). Batch is split over both data-parallel axes; parameters are split
+# over fsdp on their embed dimension and over tensor on heads / mlp / vocab (Megatron-style).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "context"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves the one axis given as -1 to the devices left over, and checks the product."""
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {free}: give explicit sizes to all but one")
+    bad = [f"mesh.{axis}={size}" for axis, size in sizes.items() if size == 0 or size < -1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: mesh sizes must be positive (or -1 for 'the rest')")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh: the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices; "
+                f"change the mesh sizes"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        shape = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+        raise ConfigError(
+            f"mesh {shape} needs {fixed} devices but {num_devices} are available: "
+            f"make the product equal {num_devices}, or set one axis (e.g. mesh.data) to -1"
+        )
+    return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: list | None = None) -> Mesh:
+    """A mesh over all devices (or `devices`) with automatic (GSPMD) sharding propagation."""
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(names: tuple[str | None, ...], rules=LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for one array's logical names; a mesh axis is used at most once per array."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is not None and name not in table:
+            raise ConfigError(f"logical axis {name!r} has no rule in parallel/mesh.py LOGICAL_RULES")
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(axis for axis in axes if axis not in used)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
+    """NamedShardings, as a pure dict matching the parameters, from each Param's logical axis names."""
+
+    def sharding(variable: nnx.Variable) -> NamedSharding:
+        names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
+        return NamedSharding(mesh, logical_to_spec(tuple(names)))
+
+    shardings = jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of [batch, length] inputs."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,38 @@
+"""Command line: `python -m llama_jax.train --config configs/tiny.py [--workdir DIR] [--config.KEY=VALUE ...]`.
+
+Running again with the same workdir resumes from its latest checkpoint. Exit codes: 0 finished; 2 a
+configuration, data or checkpoint problem (the message says what to fix).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llama_jax.errors import LlamaJaxError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints). Default: runs/<config name>.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from llama_jax import trainer  # imported after flag parsing so --help stays fast
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+
+    workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
+    try:
+        trainer.train(_CONFIG.value, workdir)
+    except LlamaJaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

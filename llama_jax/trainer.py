@@ -1,0 +1,263 @@
+"""The training loop, top to bottom: mesh → data → state (init or restore) → jitted steps → logs and saves.
+
+The state is plain pytrees, `TrainState(step, params, opt_state)`, with params as a nested dict of arrays.
+The Flax module is rebuilt from them inside the jitted step (`ModelDef.merge`), which keeps per-step
+overhead at plain `jax.jit` cost. The step is pure, compiled once with explicit shardings, and donates the
+old state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax import checkpoint as ckpt
+from llama_jax.config import model_config, validate
+from llama_jax.data.corpus import load_corpus
+from llama_jax.data.pipeline import eval_batches, lm_batches
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError
+from llama_jax.metrics import MetricsLogger, peak_flops_per_second
+from llama_jax.model import Llama, LlamaConfig, flops_per_token
+from llama_jax.objectives import lm_loss_sum
+from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.parallel import mesh as mesh_lib
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+class ModelDef:
+    """The static half of a model: builds a `Llama` from a params pytree (inside or outside jit)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+
+    def init(self, seed: int) -> dict:
+        return nnx.to_pure_dict(nnx.state(Llama(self.cfg, rngs=nnx.Rngs(seed))))
+
+    def merge(self, params: dict) -> Llama:
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, set up once."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    mesh: Mesh
+    model_def: ModelDef
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(functools.partial(init_state, self.model_def, self.tx, self.cfg.seed))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def init(self) -> TrainState:
+        fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
+        return jax.jit(fn, out_shardings=self.state_shardings)()
+
+    def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
+        }
+
+
+def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = model_def.init(seed)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int) -> Callable:
+    """(state, batch) -> (state, metrics). With grad_accum > 1 the batch is split into microbatches whose
+    gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
+    full-batch gradient."""
+
+    def step_fn(state: TrainState, batch: Batch):
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def loss_fn(params, mb: Batch):
+            logits_btv = model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"])
+            nll_sum, _ = lm_loss_sum(logits_btv, mb["targets"], mb["loss_mask"])
+            return nll_sum / n_tokens
+
+        grad_fn = jax.value_and_grad(loss_fn)
+        if grad_accum == 1:
+            loss, grads = grad_fn(state.params, batch)
+        else:
+            # Microbatch j takes rows j, j + A, j + 2A, ...: each device keeps its own rows in every microbatch.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            def accumulate(carry, mb):
+                loss, grads = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step_fn
+
+
+def make_eval_step(model_def: ModelDef) -> Callable:
+    def eval_fn(params, batch: Batch):
+        logits_btv = model_def.merge(params)(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        return lm_loss_sum(logits_btv, batch["targets"], batch["loss_mask"])
+
+    return eval_fn
+
+
+def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
+    validate(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batch = cfg.data.batch_size // cfg.optim.grad_accum
+    if micro_batch % batch_shards:
+        raise ConfigError(
+            f"data.batch_size / optim.grad_accum = {micro_batch} sequences cannot be split over the "
+            f"{batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make it a multiple of {batch_shards}"
+        )
+    if cfg.data.seq_len % mesh.shape["context"]:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be a multiple of mesh.context ({mesh.shape['context']})")
+    if cfg.data.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size must be a multiple of the {jax.process_count()} processes")
+    model_def = ModelDef(model_config(cfg))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
+    abstract_opt = jax.eval_shape(lambda: tx.init(model_def.init(cfg.seed)))
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt, params_sh, transform_non_params=lambda _: mesh_lib.replicated(mesh)
+    )
+    state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, mesh_lib.batch_sharding(mesh))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    workdir = Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = setup(cfg, workdir)
+    model_cfg = run.model_def.cfg
+    corpus = load_corpus(cfg.data, model_cfg.vocab_size)
+    tokenizer = Tokenizer.from_file(corpus.tokenizer_path)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}: "
+            f"set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+    tokenizer_file = Path(corpus.tokenizer_path).name
+    shutil.copyfile(corpus.tokenizer_path, workdir / tokenizer_file)
+
+    local_batch = cfg.data.batch_size // jax.process_count()
+    data_args = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+    train_iter = iter(lm_batches(corpus.train, seed=cfg.seed, pad_id=tokenizer.pad_id, **data_args))
+    eval_set = [run.to_global(b) for b in eval_batches(corpus.eval, max_batches=cfg.data.eval_batches, **data_args)]
+
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
+                                     async_save=cfg.checkpoint.async_save)
+    start = checkpointer.latest_step()
+    with jax.set_mesh(run.mesh):
+        if start is None:
+            start, state = 0, run.init()
+        else:
+            abstract = run.abstract_state()
+            params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
+            state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
+            print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
+        metrics = _loop(run, state, start, train_iter, eval_set, checkpointer,
+                        meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
+    checkpointer.close()
+    return metrics
+
+
+def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, meta: dict) -> dict:
+    cfg = run.cfg
+    total = cfg.train.steps
+    schedule = lr_schedule(cfg.optim, total)
+    step_fn = jax.jit(
+        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum),
+        in_shardings=(run.state_shardings, run.batch_sharding),
+        out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(make_eval_step(run.model_def))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_step = flops_per_token(run.model_def.cfg, cfg.data.seq_len) * tokens_per_step
+    peak = peak_flops_per_second() * jax.process_count()
+    logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
+    window: list[dict] = []
+    window_start, window_steps = None, 0
+    logged: dict[str, float] = {}
+    for step in range(start, total):
+        state, step_metrics = step_fn(state, run.to_global(next(train_iter)))
+        done = step + 1
+        logger.advance()
+        if window_start is None:  # the first step compiles: time from its end
+            jax.block_until_ready(step_metrics)
+            window_start = time.perf_counter()
+        else:
+            window.append(step_metrics)
+            window_steps += 1
+        is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total
+        if done % cfg.train.log_every == 0 or is_eval:
+            logged = _summarise(window or [step_metrics], done, tokens_per_step)
+            if window_steps:
+                seconds = time.perf_counter() - window_start
+                logged["tokens_per_s"] = window_steps * tokens_per_step / seconds
+                logged["mfu"] = window_steps * flops_per_step / seconds / peak
+            if is_eval:
+                logged["eval_loss"] = _evaluate(eval_fn, state.params, eval_set)
+            logger.log(done, logged)
+            window, window_steps, window_start = [], 0, time.perf_counter()
+        if done % cfg.checkpoint.every_steps == 0 or done == total:
+            checkpointer.save(done, state.params, state.opt_state, train_iter, meta)
+    logger.close()
+    return logged
+
+
+def _summarise(window: list[dict], step: int, tokens_per_step: int) -> dict[str, float]:
+    host = jax.device_get(window)
+    return {
+        "loss": float(np.mean([m["loss"] for m in host])),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "lr": float(host[-1]["lr"]),
+        "tokens": float(step * tokens_per_step),
+    }
+
+
+def _evaluate(eval_fn, params, eval_set: list[Batch]) -> float:
+    sums = jax.device_get([eval_fn(params, batch) for batch in eval_set])
+    total_nll = sum(float(s) for s, _ in sums)
+    total_tokens = sum(float(c) for _, c in sums)
+    return total_nll / max(total_tokens, 1.0)

@@ -1,0 +1,34 @@
+"""Installs llama_jax. Accelerator builds of JAX come from the `tpu` / `gpu` extras."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama_jax",
+    version="0.1.0",
+    description="Pretrain and post-train Llama 3 models in JAX / Flax NNX.",
+    packages=find_packages(include=["llama_jax", "llama_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "numpy",
+        "ml-collections",
+        "absl-py",
+        "sentencepiece",
+        "tiktoken",
+        "tokenizers",
+        "safetensors",
+        "tensorboardX",
+        "tqdm",
+    ],
+    extras_require={
+        # References used only by the tests: the CPU build of torch and Hugging Face transformers.
+        "test": ["pytest", "torch==2.13.0", "transformers>=4.45"],
+        # Accelerator builds of jaxlib; install one of these on TPU VMs / CUDA 12 hosts.
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+    },
+)
