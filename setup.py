@@ -18,6 +18,7 @@ setup(
         "ml-collections",
         "absl-py",
         "sentencepiece",
+        "protobuf",  # reads SentencePiece model protos
         "tiktoken",
         "tokenizers",
         "safetensors",

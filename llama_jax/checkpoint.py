@@ -44,6 +44,22 @@ class Checkpointer:
         )
         self.manager.save(step, args=args, force=True)
 
+    def check_model(self, step: int, model: dict) -> None:
+        """Refuses, before reading any array, a checkpoint written for another model config."""
+        meta_file = self.directory / str(step) / "meta" / "metadata"
+        if not meta_file.exists():
+            raise CheckpointError(
+                f"checkpoint {meta_file.parent.parent} has no meta/metadata: it is incomplete; delete it to resume "
+                f"from an earlier step, or use a fresh --workdir"
+            )
+        saved = json.loads(meta_file.read_text())["config"]["model"]
+        changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items() if saved.get(k) != v]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {meta_file.parent.parent} was written for a different model ({'; '.join(changed)}): "
+                f"use a fresh --workdir, or the model config the run started with"
+            )
+
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any, data_iter: grain.DatasetIterator):
         """(params, opt_state) placed as the abstract targets say; `data_iter` is moved to the saved position."""
         args = ocp.args.Composite(

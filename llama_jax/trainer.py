@@ -123,7 +123,7 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step_fn
@@ -186,19 +186,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      async_save=cfg.checkpoint.async_save)
-    start = checkpointer.latest_step()
-    with jax.set_mesh(run.mesh):
-        if start is None:
-            start, state = 0, run.init()
-        else:
-            abstract = run.abstract_state()
-            params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
-            state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
-            print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
-        metrics = _loop(run, state, start, train_iter, eval_set, checkpointer,
-                        meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
-    checkpointer.close()
-    return metrics
+    try:
+        with jax.set_mesh(run.mesh):
+            start = checkpointer.latest_step()
+            if start is None:
+                start, state = 0, run.init()
+            else:
+                checkpointer.check_model(start, cfg.model.to_dict())
+                abstract = run.abstract_state()
+                params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
+                state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
+                print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
+            return _loop(run, state, start, train_iter, eval_set, checkpointer,
+                         meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
+    finally:
+        checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
 
 
 def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, meta: dict) -> dict:

@@ -1,0 +1,296 @@
+"""Hugging Face Llama checkpoints in and out: `load_hf(path) -> Llama` and `save_hf(model, path)`.
+
+Hugging Face stores one 2-D matrix per layer in torch's [out, in] layout; we store each kind of weight stacked
+over a leading layers axis with named head axes ([L, d, n, h] for q). One table (`_weights`) describes every
+tensor once, with the reshape in each direction, so loading and saving cannot drift apart. RoPE is the
+half-split layout on both sides, so q and k need no row permutation.
+
+Loading streams: each stacked parameter is assembled in one host buffer from per-layer tensors read one at a
+time, handed to JAX, and released before the next, so host memory peaks at the model plus one stacked weight.
+The model itself is built abstractly (`nnx.eval_shape`), so no random initialisation is ever computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.model import Llama, LlamaConfig
+
+_ARCHITECTURE = "LlamaForCausalLM"
+_INDEX_FILE = "model.safetensors.index.json"
+_RENAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "ffn_dim": "intermediate_size", "vocab_size": "vocab_size"}  # required keys, ours -> config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """One parameter of `Llama` and the Hugging Face tensor it corresponds to (one per layer when stacked)."""
+
+    path: tuple[str, ...]  # attribute path inside Llama
+    hf_name: str  # "{i}" stands for the layer index of a stacked parameter
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def _weights(cfg: LlamaConfig) -> list[_Weight]:
+    """The whole correspondence between our parameters and a Hugging Face LlamaForCausalLM state dict."""
+    d, n, k, h, f, v = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ffn_dim, cfg.vocab_size
+    layer = "model.layers.{i}."
+
+    def head_proj(path: tuple[str, ...], name: str, heads: int) -> _Weight:
+        """q/k/v: HF [heads * h, d] <-> ours [d, heads, h]."""
+        return _Weight(path, layer + name, (heads * h, d), lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
+                       lambda w: w.transpose(1, 2, 0).reshape(heads * h, d))
+
+    def matrix(path: tuple[str, ...], name: str, hf_shape: tuple[int, int]) -> _Weight:
+        """A plain linear layer: HF [out, in] is the transpose of ours [in, out]."""
+        return _Weight(path, name, hf_shape, lambda w: w.T, lambda w: w.T)
+
+    def same(path: tuple[str, ...], name: str, hf_shape: tuple[int, ...]) -> _Weight:
+        return _Weight(path, name, hf_shape, lambda w: w, lambda w: w)
+
+    weights = [
+        same(("embed",), "model.embed_tokens.weight", (v, d)),
+        head_proj(("layers", "attn", "wq"), "self_attn.q_proj.weight", n),
+        head_proj(("layers", "attn", "wk"), "self_attn.k_proj.weight", k),
+        head_proj(("layers", "attn", "wv"), "self_attn.v_proj.weight", k),
+        # o: HF [d, n * h] <-> ours [n, h, d]
+        _Weight(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", (d, n * h),
+                lambda w: w.reshape(d, n, h).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(d, n * h)),
+        matrix(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", (f, d)),
+        matrix(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", (f, d)),
+        matrix(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", (d, f)),
+        same(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", (d,)),
+        same(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,)),
+        same(("norm", "scale"), "model.norm.weight", (d,)),
+    ]
+    if not cfg.tie_embeddings:  # a tied model reads its output projection from embed_tokens
+        weights.append(matrix(("lm_head",), "lm_head.weight", (v, d)))
+    return weights
+
+
+def _param(model: Llama, path: tuple[str, ...]) -> nnx.Param:
+    node = model
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+    """Our `LlamaConfig` from a Hugging Face config.json dict (transformers 4.x or 5.x style)."""
+    _check_architecture(hf)
+    missing = [key for key in _RENAMES.values() if key not in hf]
+    if missing:
+        raise CheckpointError(f"config.json lacks {missing}: it is not a complete Llama config; re-download it")
+    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    for key, supported in unsupported.items():
+        if hf.get(key, supported) != supported:
+            raise CheckpointError(f"config.json sets {key}={hf[key]!r}; load_hf supports only {supported!r}")
+    fields = {ours: hf[theirs] for ours, theirs in _RENAMES.items()}
+    fields.update(
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **_rope_from_hf(hf),
+    )
+    try:
+        cfg = LlamaConfig(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"config.json describes a model llama_jax cannot build: {e}") from None
+    known = {field.name for field in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown model overrides {unknown}: use fields of LlamaConfig ({sorted(known)})")
+    return cfg.replace(**overrides)
+
+
+def _check_architecture(hf: dict) -> None:
+    architectures = hf.get("architectures") or [_ARCHITECTURE]
+    model_type = hf.get("model_type", "llama")
+    if _ARCHITECTURE not in architectures or model_type != "llama":
+        found = architectures[0] if _ARCHITECTURE not in architectures else f"model_type {model_type!r}"
+        raise CheckpointError(f"unsupported architecture {found}: load_hf reads {_ARCHITECTURE} checkpoints")
+
+
+def _rope_from_hf(hf: dict) -> dict:
+    """RoPE settings from 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling` (legacy key "type")."""
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {"rope_type": "default", "rope_theta": float(rope["rope_theta"])}
+    if rope_type != "llama3":
+        raise CheckpointError(f"unsupported rope_type {rope_type!r} in config.json: llama_jax implements default and llama3")
+    return {
+        "rope_type": "llama3",
+        "rope_theta": float(rope["rope_theta"]),
+        "rope_factor": float(rope["factor"]),
+        "rope_low_freq_factor": float(rope["low_freq_factor"]),
+        "rope_high_freq_factor": float(rope["high_freq_factor"]),
+        "rope_original_max_len": int(rope["original_max_position_embeddings"]),
+    }
+
+
+def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
+    """A transformers 5.x config.json dict, which 4.x also reads (it takes rope_theta / rope_scaling)."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type == "llama3":
+        rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_len)
+    scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+    return {
+        "architectures": [_ARCHITECTURE],
+        "model_type": "llama",
+        **{theirs: getattr(cfg, ours) for ours, theirs in _RENAMES.items()},
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling if cfg.rope_type != "default" else None,
+        "dtype": dtype,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- loading
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", **model_overrides) -> Llama:
+    """Loads a Hugging Face LlamaForCausalLM directory (config.json + safetensors, single file or sharded).
+
+    `dtype` is the parameter dtype and, unless `model_overrides` sets `dtype`, the compute dtype too, so
+    `load_hf(p, "bfloat16")` runs in bf16 end to end. Other overrides (e.g. `attention="reference"`) replace
+    fields of the LlamaConfig read from config.json.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"Hugging Face checkpoint directory {path} does not exist: pass the directory holding config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json: pass a Hugging Face model directory (save_pretrained output)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}): re-download or re-save the checkpoint") from None
+    cfg = config_from_hf(hf, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    with _open_safetensors(path) as tensors:
+        for weight in _weights(cfg):
+            param = _param(model, weight.path)
+            param.set_value(jnp.asarray(_read_stacked(tensors, weight, cfg, param.shape, path)))
+    return model
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[dict[str, object]]:
+    """{tensor name: open safetensors file} over every *.safetensors file in `path`; reads only the headers."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors files: save the model with safe_serialization (the default)")
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(file, framework="numpy")) for file in files]
+        yield {name: handle for handle in handles for name in handle.keys()}
+
+
+def _read_stacked(tensors: dict, weight: _Weight, cfg: LlamaConfig, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """Our parameter `weight` as one numpy array, filled one Hugging Face tensor at a time."""
+    out = np.empty(shape, dtype=jnp.dtype(cfg.param_dtype))
+    layers = range(cfg.n_layers) if weight.stacked else [None]
+    for i in layers:
+        name = weight.hf_name.format(i=i)
+        if name not in tensors:
+            raise CheckpointError(f"{path} has no tensor {name!r}: the checkpoint is incomplete or does not match config.json")
+        got = tuple(tensors[name].get_slice(name).get_shape())
+        if got != weight.hf_shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {path} has shape {got}, but config.json implies {weight.hf_shape}: "
+                "the weights and config.json come from different models"
+            )
+        converted = weight.to_ours(tensors[name].get_tensor(name))
+        if i is None:
+            out[...] = converted
+        else:
+            out[i] = converted
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- saving
+
+
+def save_hf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `model` as a Hugging Face directory that `LlamaForCausalLM.from_pretrained` loads as is.
+
+    Tensors are stored in `dtype` (default: the model's parameter dtype), split into shards of at most
+    `max_shard_bytes` with a `model.safetensors.index.json` when they do not fit in one. Shards are written one
+    at a time, so host memory stays near one shard. Earlier model*.safetensors files in `path` are removed, since
+    transformers would read a stale single file in preference to a new index.
+    """
+    cfg = model.cfg
+    dtype = dtype or cfg.param_dtype
+    np_dtype = jnp.dtype(dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+
+    entries = [(weight, i) for weight in _weights(cfg) for i in (range(cfg.n_layers) if weight.stacked else [None])]
+    shards = _plan_shards(entries, np_dtype.itemsize, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
+    ]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for weight, i in shard:
+            value = _param(model, weight.path)[...]
+            value = value if i is None else value[i]
+            tensors[weight.hf_name.format(i=i)] = np.ascontiguousarray(weight.to_hf(np.asarray(value)).astype(np_dtype))
+        save_file(tensors, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    if len(shards) > 1:
+        total = sum(np.prod(weight.hf_shape) * np_dtype.itemsize for weight, _ in entries)
+        index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
+        (path / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, np_dtype.name), indent=2) + "\n")
+
+
+def _plan_shards(entries: list, itemsize: int, max_shard_bytes: int) -> list[list]:
+    """Greedy split of (weight, layer) entries, in order, into shards of at most `max_shard_bytes` each.
+
+    A single tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    shards, size = [[]], 0
+    for weight, i in entries:
+        nbytes = int(np.prod(weight.hf_shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((weight, i))
+        size += nbytes
+    return shards

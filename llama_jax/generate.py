@@ -1,0 +1,150 @@
+"""Text generation: greedy or temperature + nucleus (top-p) sampling, as a Python function and a CLI.
+
+This first version has no KV cache: every step runs the model over one fixed-length buffer (prompt plus all new
+tokens, right-padded) and reads the logits at each row's current position. Causal attention makes the padding
+after that position irrelevant, and the fixed shape means the step compiles once per call instead of once per
+token. Rows may have prompts of different lengths; each advances its own position.
+
+    python -m llama_jax.generate --checkpoint PATH --prompt TEXT --max_new_tokens N [--temperature T --top_p P]
+
+PATH is a Hugging Face directory (it has config.json) or a llama_jax training checkpoint / workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import CheckpointError, LlamaJaxError
+from llama_jax.model import Llama
+
+_BUFFER_MULTIPLE = 64  # buffer lengths are rounded up to this, so calls of similar lengths share one compilation
+
+
+def generate(
+    model: Llama,
+    prompt_ids: list[int] | list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """The new tokens for each prompt (a single prompt is a batch of one), eos included when it is produced.
+
+    `temperature == 0` is greedy decoding. Otherwise the next token is drawn from softmax(logits / temperature)
+    restricted to the nucleus: the smallest set of most likely tokens whose probability reaches `top_p`. All
+    randomness comes from `seed`, so the same call gives the same tokens. A row stops after emitting `eos_id`.
+    """
+    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    _check_arguments(prompts, max_new_tokens, temperature, top_p)
+    lengths_b = np.array([len(p) for p in prompts], np.int32)
+    buffer_len = -(-(lengths_b.max() + max_new_tokens) // _BUFFER_MULTIPLE) * _BUFFER_MULTIPLE
+    tokens_bT = np.zeros((len(prompts), buffer_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens_bT[row, : len(prompt)] = prompt
+
+    graphdef, state = nnx.split(model)
+    tokens_bT, cur_b, done_b = jnp.asarray(tokens_bT), jnp.asarray(lengths_b), jnp.zeros(len(prompts), bool)
+    key = jax.random.key(seed)
+    eos = -1 if eos_id is None else eos_id
+    for step in range(max_new_tokens):
+        tokens_bT, cur_b, done_b = _step(
+            graphdef, state, tokens_bT, cur_b, done_b, jax.random.fold_in(key, step),
+            temperature == 0.0, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos,
+        )
+        if bool(done_b.all()):
+            break
+    tokens_bT, cur_b = np.asarray(tokens_bT), np.asarray(cur_b)
+    return [tokens_bT[row, lengths_b[row] : cur_b[row]].tolist() for row in range(len(prompts))]
+
+
+def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with the tokenizer's bos id)")
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, {temperature}, {top_p}"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
+def _step(graphdef, state, tokens_bT, cur_b, done_b, key, greedy, temperature, top_p, eos):
+    """Appends one token to every unfinished row at its position `cur_b`; finished rows stay as they are."""
+    model = nnx.merge(graphdef, state)
+    h_bTd = model.hidden(tokens_bT)
+    last_b1d = jnp.take_along_axis(h_bTd, (cur_b - 1)[:, None, None], axis=1)
+    logits_bv = model.logits(last_b1d)[:, 0]
+    next_b = jnp.argmax(logits_bv, axis=-1) if greedy else sample_top_p(key, logits_bv / temperature, top_p)
+    rows_b = jnp.arange(tokens_bT.shape[0])
+    tokens_bT = tokens_bT.at[rows_b, cur_b].set(jnp.where(done_b, tokens_bT[rows_b, cur_b], next_b))
+    return tokens_bT, jnp.where(done_b, cur_b, cur_b + 1), done_b | (next_b == eos)
+
+
+def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """One token per row from the nucleus: the fewest most-likely tokens whose probability mass reaches `top_p`.
+
+    A token is kept when the mass of the tokens strictly more likely than it is still below `top_p`; the most
+    likely token is therefore always kept, and `top_p = 1` keeps every token.
+    """
+    probs_bv = jax.nn.softmax(logits_bv.astype(jnp.float32), axis=-1)
+    sorted_bv = -jnp.sort(-probs_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
+    n_kept_b = jnp.sum(mass_before_bv < top_p, axis=-1)
+    threshold_b1 = jnp.take_along_axis(sorted_bv, n_kept_b[:, None] - 1, axis=-1)
+    masked_bv = jnp.where(probs_bv >= threshold_b1, logits_bv, -jnp.inf)
+    return jax.random.categorical(key, masked_bv, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def load_for_generation(checkpoint: str) -> tuple[Llama, str]:
+    """(model, tokenizer path) from a Hugging Face directory or, for any other path, a llama_jax checkpoint."""
+    path = Path(checkpoint).expanduser()
+    if (path / "config.json").is_file():
+        from llama_jax.convert import load_hf
+
+        return load_hf(path), str(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
+    from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
+
+    return load_model(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer_path = load_for_generation(args.checkpoint)
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        prompt_ids = tokenizer.encode(args.prompt, bos=True)
+        new_ids = generate(
+            model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, eos_id=tokenizer.eos_id,
+        )[0]
+    except (LlamaJaxError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode([i for i in new_ids if i != tokenizer.eos_id]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""End to end: the README's default job, resuming, and bad checkpoints."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_jax import checkpoint, trainer
+from llama_jax.config import default_config, model_section
+from llama_jax.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One corpus + tokenizer build (about 20 s) shared by every test here."""
+    return tmp_path_factory.mktemp("corpus_cache")
+
+
+def run_cli(workdir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's machine has
+    cmd = [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+           "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.optim.warmup_steps=4",
+         "--config.train.log_every=4", "--config.train.eval_every=8", "--config.checkpoint.every_steps=8",
+         "--config.data.eval_batches=2")
+
+
+def test_default_job_learns_logs_and_resumes(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    first = run_cli(workdir, cache_dir, "--config.train.steps=16", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = read_metrics(workdir)
+    assert [m["step"] for m in lines] == [4, 8, 12, 16]
+    for m in lines:
+        assert {"step", "loss", "lr", "tokens", "grad_norm", "tokens_per_s", "mfu"} <= m.keys()
+    assert lines[-1]["tokens"] == 16 * 8 * 128
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, [m["loss"] for m in lines]
+    evals = [m["eval_loss"] for m in lines if "eval_loss" in m]
+    assert len(evals) == 2 and evals[-1] < math.log(8192) - 1.0, evals  # well below a uniform guess
+    assert (workdir / "checkpoints" / "16").is_dir()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "tokenizer.model").is_file()
+
+    second = run_cli(workdir, cache_dir, "--config.train.steps=24", *QUICK)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resumed from" in second.stdout + second.stderr and "checkpoints/16" in second.stdout + second.stderr
+    resumed = read_metrics(workdir)
+    assert resumed[:4] == lines, "the first run's lines must be kept as they were"
+    assert [m["step"] for m in resumed[4:]] == [20, 24]
+
+
+def small_config(cache_dir: Path, steps: int):
+    cfg = default_config()
+    cfg.model = model_section("debug", vocab_size=8192)
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.optim.warmup_steps, cfg.optim.decay_steps = 2, 10  # the schedule must not depend on train.steps
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = steps, 1, 0
+    cfg.checkpoint.every_steps = 3
+    return cfg
+
+
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir):
+    straight = tmp_path / "straight"
+    trainer.train(small_config(cache_dir, 6), straight)
+    interrupted = tmp_path / "interrupted"
+    trainer.train(small_config(cache_dir, 3), interrupted)
+    trainer.train(small_config(cache_dir, 6), interrupted)
+    assert [m["loss"] for m in read_metrics(straight)] == [m["loss"] for m in read_metrics(interrupted)]
+    model_a, _ = checkpoint.load_model(straight)
+    model_b, tokenizer = checkpoint.load_model(interrupted)
+    assert Path(tokenizer).is_file()
+    a, b = (np.asarray(model.layers.attn.wq[...]) for model in (model_a, model_b))
+    assert np.array_equal(a, b)
+    assert np.array_equal(np.asarray(model_a.embed[...]), np.asarray(model_b.embed[...]))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 3), workdir)
+    other_model = small_config(cache_dir, 6)
+    other_model.model.dim = 128
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 was written for a different model \(model.dim: 64 -> 128\)"):
+        trainer.train(other_model, workdir)
+    for f in (workdir / "checkpoints" / "3" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="checkpoints/3 could not be restored"):
+        trainer.train(small_config(cache_dir, 6), workdir)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_model(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        checkpoint.load_model(tmp_path)
