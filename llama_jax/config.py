@@ -85,10 +85,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "train.log_every": cfg.train.log_every,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "optim.grad_accum": cfg.optim.grad_accum,
+        "data.eval_batches": cfg.data.eval_batches,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "train.eval_every": cfg.train.eval_every,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.decay_steps": cfg.optim.decay_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be zero or positive, got {value}")
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"
@@ -111,6 +120,11 @@ def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
 
 
 def _check_against_schema(cfg, schema, prefix: str) -> None:
+    missing = [f"{prefix}{key}" for key in schema.keys() if key not in cfg]
+    if missing:
+        raise ConfigError(
+            f"config is missing {missing}: build configs from llama_jax.config.default_config() and change keys"
+        )
     for key in cfg.keys():
         path = f"{prefix}{key}"
         if key not in schema:

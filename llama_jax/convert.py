@@ -136,20 +136,23 @@ def _check_architecture(hf: dict) -> None:
 
 def _rope_from_hf(hf: dict) -> dict:
     """RoPE settings from 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling` (legacy key "type")."""
-    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+    rope = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_parameters") or hf.get("rope_scaling") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return {"rope_type": "default", "rope_theta": float(rope["rope_theta"])}
     if rope_type != "llama3":
         raise CheckpointError(f"unsupported rope_type {rope_type!r} in config.json: llama_jax implements default and llama3")
-    return {
-        "rope_type": "llama3",
-        "rope_theta": float(rope["rope_theta"]),
-        "rope_factor": float(rope["factor"]),
-        "rope_low_freq_factor": float(rope["low_freq_factor"]),
-        "rope_high_freq_factor": float(rope["high_freq_factor"]),
-        "rope_original_max_len": int(rope["original_max_position_embeddings"]),
-    }
+    try:
+        return {
+            "rope_type": "llama3",
+            "rope_theta": float(rope["rope_theta"]),
+            "rope_factor": float(rope["factor"]),
+            "rope_low_freq_factor": float(rope["low_freq_factor"]),
+            "rope_high_freq_factor": float(rope["high_freq_factor"]),
+            "rope_original_max_len": int(rope["original_max_position_embeddings"]),
+        }
+    except KeyError as e:
+        raise CheckpointError(f"config.json's llama3 RoPE settings lack {e}: add it (see the model's published config)") from None
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:

@@ -45,27 +45,27 @@ def generate(
     restricted to the nucleus: the smallest set of most likely tokens whose probability reaches `top_p`. All
     randomness comes from `seed`, so the same call gives the same tokens. A row stops after emitting `eos_id`.
     """
-    prompts = [list(prompt_ids)] if prompt_ids and isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
+    prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
     _check_arguments(prompts, max_new_tokens, temperature, top_p)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
     buffer_len = -(-(lengths_b.max() + max_new_tokens) // _BUFFER_MULTIPLE) * _BUFFER_MULTIPLE
-    tokens_bT = np.zeros((len(prompts), buffer_len), np.int32)
+    tokens_bt = np.zeros((len(prompts), buffer_len), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens_bT[row, : len(prompt)] = prompt
+        tokens_bt[row, : len(prompt)] = prompt
 
     graphdef, state = nnx.split(model)
-    tokens_bT, cur_b, done_b = jnp.asarray(tokens_bT), jnp.asarray(lengths_b), jnp.zeros(len(prompts), bool)
+    tokens_bt, cur_b, done_b = jnp.asarray(tokens_bt), jnp.asarray(lengths_b), jnp.zeros(len(prompts), bool)
     key = jax.random.key(seed)
-    eos = -1 if eos_id is None else eos_id
+    sampling = dict(greedy=temperature == 0.0, temperature=jnp.float32(max(temperature, 1e-6)),
+                    top_p=jnp.float32(top_p), eos=-1 if eos_id is None else eos_id)
     for step in range(max_new_tokens):
-        tokens_bT, cur_b, done_b = _step(
-            graphdef, state, tokens_bT, cur_b, done_b, jax.random.fold_in(key, step),
-            temperature == 0.0, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos,
-        )
+        tokens_bt, cur_b, done_b = _step(graphdef, state, tokens_bt, cur_b, done_b, jax.random.fold_in(key, step),
+                                         **sampling)
         if bool(done_b.all()):
             break
-    tokens_bT, cur_b = np.asarray(tokens_bT), np.asarray(cur_b)
-    return [tokens_bT[row, lengths_b[row] : cur_b[row]].tolist() for row in range(len(prompts))]
+    tokens_bt, cur_b = np.asarray(tokens_bt), np.asarray(cur_b)
+    return [tokens_bt[row, lengths_b[row] : cur_b[row]].tolist() for row in range(len(prompts))]
 
 
 def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -78,16 +78,21 @@ def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
-def _step(graphdef, state, tokens_bT, cur_b, done_b, key, greedy, temperature, top_p, eos):
-    """Appends one token to every unfinished row at its position `cur_b`; finished rows stay as they are."""
+def _step(graphdef, state, tokens_bt, cur_b, done_b, key, greedy, temperature, top_p, eos):
+    """Appends one token to every unfinished row at its position `cur_b`; finished rows stay as they are.
+
+    Only the hidden state at each row's last filled position goes through the output projection, so the
+    vocabulary-sized matmul costs one position per row, not the whole buffer. `greedy` is static: one
+    compilation serves every greedy call and one every sampling call (temperature and top_p are traced).
+    """
     model = nnx.merge(graphdef, state)
-    h_bTd = model.hidden(tokens_bT)
-    last_b1d = jnp.take_along_axis(h_bTd, (cur_b - 1)[:, None, None], axis=1)
+    h_btd = model.hidden(tokens_bt)
+    last_b1d = jnp.take_along_axis(h_btd, (cur_b - 1)[:, None, None], axis=1)
     logits_bv = model.logits(last_b1d)[:, 0]
     next_b = jnp.argmax(logits_bv, axis=-1) if greedy else sample_top_p(key, logits_bv / temperature, top_p)
-    rows_b = jnp.arange(tokens_bT.shape[0])
-    tokens_bT = tokens_bT.at[rows_b, cur_b].set(jnp.where(done_b, tokens_bT[rows_b, cur_b], next_b))
-    return tokens_bT, jnp.where(done_b, cur_b, cur_b + 1), done_b | (next_b == eos)
+    rows_b = jnp.arange(tokens_bt.shape[0])
+    tokens_bt = tokens_bt.at[rows_b, cur_b].set(jnp.where(done_b, tokens_bt[rows_b, cur_b], next_b))
+    return tokens_bt, jnp.where(done_b, cur_b, cur_b + 1), done_b | (next_b == eos)
 
 
 def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array) -> jax.Array:

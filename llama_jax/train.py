@@ -33,6 +33,21 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or an unknown --config.KEY reported in one line (exit code 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:  # unknown flag, or a value of the wrong type
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
+        message = err
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]
+        print(f"error: unknown config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

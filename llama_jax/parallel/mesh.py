@@ -11,7 +11,6 @@ import math
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -66,9 +65,7 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: list | None = None) -> Mesh:
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def logical_to_spec(names: tuple[str | None, ...], rules=LOGICAL_RULES) -> PartitionSpec:

@@ -1,0 +1,273 @@
+"""The config schema: defaults and configs/ validate; every user mistake is a ConfigError naming the key.
+
+Two subprocess tests check the CLI end of it (about 5 s each, mostly imports): a bad override stops the run
+with exit code 2 and one readable `error:` line, before any data is prepared.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from llama_jax.config import OBJECTIVES, default_config, model_config, model_section, validate
+from llama_jax.errors import ConfigError, LlamaJaxError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config_file(name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of configs/<name>, loaded from the repository path (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_config_{Path(name).stem}", REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def with_value(cfg: ml_collections.ConfigDict, key: str, value) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `key` (dotted) set to `value` of any type, as a config file built from a dict could.
+
+    ConfigDict refuses to change a field's type on assignment, so the copy is rebuilt from a plain dict.
+    """
+    d = cfg.to_dict()
+    *sections, leaf = key.split(".")
+    node = d
+    for section in sections:
+        node = node[section]
+    node[leaf] = value
+    return ml_collections.ConfigDict(d)
+
+
+def assert_config_error(cfg, *fragments: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in ConfigError message {message!r}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- valid configs
+
+
+def test_default_config_validates():
+    cfg = default_config()
+    validate(cfg)
+    model = model_config(cfg)
+    assert model.n_heads % model.n_kv_heads == 0
+    assert cfg.data.seq_len <= model.max_seq_len
+
+
+def test_public_keys_exist():
+    """The names DESIGN.md promises to users and scripts."""
+    cfg = default_config()
+    for key in ("seed", "train.steps", "train.log_every", "train.eval_every", "checkpoint.every_steps",
+                "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.stage", "mesh.context", "optim.lr",
+                "data.batch_size", "data.seq_len", "objective.name"):
+        node = cfg
+        for part in key.split("."):
+            assert part in node, f"public config key {key!r} is missing"
+            node = node[part]
+    assert set(OBJECTIVES) == {"lm", "sft", "reward", "dpo"}
+
+
+def test_tiny_config_file_validates():
+    cfg = load_config_file("tiny.py")
+    validate(cfg)
+    assert cfg.model.attention == "xla"
+    assert cfg.train.steps > 0
+
+
+def test_every_config_file_validates():
+    files = sorted(p.name for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
+    assert "tiny.py" in files
+    for name in files:
+        cfg = load_config_file(name)
+        try:
+            validate(cfg)
+        except ConfigError as err:  # a config file for a feature not built yet must say so, not crash
+            assert "not available yet" in str(err), f"configs/{name}: {err}"
+
+
+def test_model_section_overrides_and_validates():
+    cfg = default_config()
+    cfg.model = model_section("debug", dtype="float32")
+    validate(cfg)
+    assert model_config(cfg).dtype == "float32"
+    assert model_config(cfg).vocab_size == 512
+
+
+def test_int_accepted_for_float_key():
+    cfg = default_config()
+    cfg.optim.lr = 1  # an int where a float goes is fine (e.g. --config.optim.lr=1)
+    validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+
+
+def test_unknown_key_suggests_the_right_one():
+    cfg = default_config()
+    cfg.data.batchsize = 3  # ConfigDict is unlocked here, so a typo silently adds a key
+    message = assert_config_error(cfg, "data.batchsize", "data.batch_size")
+    assert "did you mean" in message
+
+
+def test_unknown_top_level_key_and_section():
+    cfg = default_config()
+    cfg.sed = 1
+    assert_config_error(cfg, "'sed'", "seed")
+    cfg = default_config()
+    cfg.optimizer = ml_collections.ConfigDict({"lr": 1e-3})
+    assert_config_error(cfg, "optimizer")
+
+
+def test_unknown_key_without_close_match_lists_known_keys():
+    cfg = default_config()
+    cfg.mesh.zzzz = 2
+    assert_config_error(cfg, "mesh.zzzz", "fsdp", "tensor")
+
+
+def test_unknown_model_key():
+    cfg = default_config()
+    cfg.model.n_head = 8
+    assert_config_error(cfg, "model.n_head", "model.n_heads")
+
+
+@pytest.mark.parametrize(
+    "key, value, type_name",
+    [
+        ("data.batch_size", "16", "int"),  # a string where an int goes
+        ("data.batch_size", 16.0, "int"),
+        ("data.batch_size", True, "int"),  # bool is an int subclass: still refused
+        ("optim.lr", "3e-4", "float"),
+        ("checkpoint.async_save", 1, "bool"),
+        ("model.dim", "64", "int"),
+        ("objective.name", 3, "str"),
+    ],
+)
+def test_wrong_type_names_key_and_type(key, value, type_name):
+    cfg = with_value(default_config(), key, value)
+    assert_config_error(cfg, repr(key), type_name)
+
+
+def test_value_where_a_section_goes():
+    cfg = with_value(default_config(), "optim", 3)
+    assert_config_error(cfg, "'optim'", "section")
+
+
+def test_heads_not_divisible_by_kv_heads():
+    cfg = default_config()
+    cfg.model.n_heads, cfg.model.n_kv_heads = 6, 4
+    assert_config_error(cfg, "model.n_heads", "model.n_kv_heads", "6", "4")
+
+
+@pytest.mark.parametrize("value", [0, -8])
+def test_non_positive_batch(value):
+    cfg = default_config()
+    cfg.data.batch_size = value
+    assert_config_error(cfg, "data.batch_size", str(value))
+
+
+@pytest.mark.parametrize("key", ["data.seq_len", "train.steps", "optim.grad_accum", "checkpoint.every_steps"])
+def test_other_non_positive_counts(key):
+    cfg = with_value(default_config(), key, 0)
+    assert_config_error(cfg, key)
+
+
+def test_batch_not_divisible_by_grad_accum():
+    cfg = default_config()
+    cfg.data.batch_size, cfg.optim.grad_accum = 16, 3
+    assert_config_error(cfg, "data.batch_size", "optim.grad_accum", "16", "3")
+    cfg.optim.grad_accum = 4
+    validate(cfg)
+
+
+def test_seq_len_longer_than_model_context():
+    cfg = default_config()
+    cfg.data.seq_len = cfg.model.max_seq_len + 1
+    assert_config_error(cfg, "data.seq_len", "model.max_seq_len")
+    cfg.data.seq_len = cfg.model.max_seq_len
+    validate(cfg)
+
+
+def test_objective_not_in_list():
+    cfg = default_config()
+    cfg.objective.name = "ppo"
+    assert_config_error(cfg, "objective.name", "'ppo'", "lm")
+
+
+def test_listed_but_unimplemented_objective_says_so():
+    cfg = default_config()
+    cfg.objective.name = "dpo"
+    assert_config_error(cfg, "objective.name", "not available yet")
+
+
+def test_pipeline_stages_refused():
+    cfg = default_config()
+    cfg.mesh.stage = 2
+    assert_config_error(cfg, "mesh.stage")
+
+
+def test_bad_model_choice_names_key():
+    cfg = default_config()
+    cfg.model.attention = "flash"
+    assert_config_error(cfg, "model.attention", "'flash'")
+
+
+def test_config_error_is_the_cli_error_type():
+    assert issubclass(ConfigError, LlamaJaxError)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The CLI on configs/tiny.py with its data cache inside tmp_path, so we can see that nothing was prepared."""
+    cmd = [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+           "--workdir", str(tmp_path / "run"), f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def misspelled_override(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    tmp = tmp_path_factory.mktemp("typo")
+    return run_cli(tmp, "--config.data.batchsize=3"), tmp
+
+
+def test_cli_misspelled_override_is_one_readable_error(misspelled_override):
+    result, tmp = misspelled_override
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert any(line.startswith("error:") and "batchsize" in line for line in result.stderr.splitlines())
+    assert "batch_size" in result.stderr  # the suggestion
+    assert not (tmp / "cache").exists(), "data was prepared before the config was checked"
+
+
+@pytest.mark.parametrize("key", ["train.eval_every", "optim.warmup_steps", "optim.decay_steps"])
+def test_negative_counts_are_rejected(key):
+    cfg = default_config()
+    section, name = key.split(".")
+    cfg[section][name] = -1
+    with pytest.raises(ConfigError, match=key):
+        validate(cfg)
+
+
+def test_missing_key_is_named():
+    cfg = default_config()
+    del cfg.data["eval_batches"]
+    with pytest.raises(ConfigError, match="data.eval_batches"):
+        validate(cfg)
+
+
+def test_cli_bad_head_count_exits_2_with_error_line(tmp_path):
+    result = run_cli(tmp_path, "--config.model.n_kv_heads=3")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "model.n_heads" in errors[0] and "model.n_kv_heads" in errors[0]
+    assert not (tmp_path / "cache").exists(), "data was prepared before the config was checked"
