@@ -56,7 +56,7 @@ def _weights(cfg: LlamaConfig) -> list[_Weight]:
 
     def head_proj(path: tuple[str, ...], name: str, heads: int) -> _Weight:
         """q/k/v: HF [heads * h, d] <-> ours [d, heads, h]."""
-        return _Weight(path, layer + name, (heads * h, d), lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
+        return _Weight(path, name, (heads * h, d), lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
                        lambda w: w.transpose(1, 2, 0).reshape(heads * h, d))
 
     def matrix(path: tuple[str, ...], name: str, hf_shape: tuple[int, int]) -> _Weight:
@@ -68,9 +68,9 @@ def _weights(cfg: LlamaConfig) -> list[_Weight]:
 
     weights = [
         same(("embed",), "model.embed_tokens.weight", (v, d)),
-        head_proj(("layers", "attn", "wq"), "self_attn.q_proj.weight", n),
-        head_proj(("layers", "attn", "wk"), "self_attn.k_proj.weight", k),
-        head_proj(("layers", "attn", "wv"), "self_attn.v_proj.weight", k),
+        head_proj(("layers", "attn", "wq"), layer + "self_attn.q_proj.weight", n),
+        head_proj(("layers", "attn", "wk"), layer + "self_attn.k_proj.weight", k),
+        head_proj(("layers", "attn", "wv"), layer + "self_attn.v_proj.weight", k),
         # o: HF [d, n * h] <-> ours [n, h, d]
         _Weight(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", (d, n * h),
                 lambda w: w.reshape(d, n, h).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(d, n * h)),

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.convert import load_hf
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.model import Llama
@@ -82,8 +83,8 @@ def _step(graphdef, state, tokens_bt, cur_b, done_b, key, greedy, temperature, t
     """Appends one token to every unfinished row at its position `cur_b`; finished rows stay as they are.
 
     Only the hidden state at each row's last filled position goes through the output projection, so the
-    vocabulary-sized matmul costs one position per row, not the whole buffer. `greedy` is static: one
-    compilation serves every greedy call and one every sampling call (temperature and top_p are traced).
+    vocabulary-sized matmul costs one position per row, not the whole buffer. `greedy` is static; temperature,
+    top_p and eos are traced, so changing them does not recompile (a new buffer shape does).
     """
     model = nnx.merge(graphdef, state)
     h_btd = model.hidden(tokens_bt)
@@ -99,14 +100,14 @@ def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array)
     """One token per row from the nucleus: the fewest most-likely tokens whose probability mass reaches `top_p`.
 
     A token is kept when the mass of the tokens strictly more likely than it is still below `top_p`; the most
-    likely token is therefore always kept, and `top_p = 1` keeps every token.
+    likely token is therefore always kept. `top_p >= 1` keeps every token, whatever the float rounding of the sums.
     """
     probs_bv = jax.nn.softmax(logits_bv.astype(jnp.float32), axis=-1)
     sorted_bv = -jnp.sort(-probs_bv, axis=-1)
     mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
     n_kept_b = jnp.sum(mass_before_bv < top_p, axis=-1)
     threshold_b1 = jnp.take_along_axis(sorted_bv, n_kept_b[:, None] - 1, axis=-1)
-    masked_bv = jnp.where(probs_bv >= threshold_b1, logits_bv, -jnp.inf)
+    masked_bv = jnp.where((probs_bv >= threshold_b1) | (top_p >= 1.0), logits_bv, -jnp.inf)
     return jax.random.categorical(key, masked_bv, axis=-1)
 
 
@@ -117,8 +118,6 @@ def load_for_generation(checkpoint: str) -> tuple[Llama, str]:
     """(model, tokenizer path) from a Hugging Face directory or, for any other path, a llama_jax checkpoint."""
     path = Path(checkpoint).expanduser()
     if (path / "config.json").is_file():
-        from llama_jax.convert import load_hf
-
         return load_hf(path), str(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
@@ -144,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             seed=args.seed, eos_id=tokenizer.eos_id,
         )[0]
+        continuation = tokenizer.decode([i for i in new_ids if i != tokenizer.eos_id])
     except (LlamaJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(tokenizer.decode([i for i in new_ids if i != tokenizer.eos_id]))
+    print(continuation)
     return 0
 
 

@@ -1,0 +1,203 @@
+"""Hugging Face conversion: our files load in transformers, transformers' files load here, and bad ones fail clearly."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from llama_jax.convert import load_hf, save_hf
+from llama_jax.errors import CheckpointError
+from llama_jax.model import Llama, LlamaConfig
+
+SEQ_LEN = 160  # beyond the original context of 64 below, so a misread RoPE scaling changes the logits
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+OURS = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=128,
+                   norm_eps=1e-5, rope_theta=10000.0, rope_type="llama3", rope_factor=8.0, rope_original_max_len=64,
+                   max_seq_len=512, dtype="float32")
+
+
+def hf_model(tie: bool = False, rope: dict = LLAMA3_ROPE, head_dim: int = 32) -> transformers.LlamaForCausalLM:
+    """A random tiny transformers Llama (GQA, by default head_dim 32 != 64 / 4) with non-trivial norm scales."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, max_position_embeddings=512,
+        tie_word_embeddings=tie, rope_parameters=rope, initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def our_model(cfg: LlamaConfig = OURS) -> Llama:
+    """A model of ours with random weights, norm scales included (filled from numpy: a real init compiles on CPU)."""
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    for path, param in nnx.iter_graph(model):
+        if isinstance(param, nnx.Param):
+            is_norm = path[-1] == "scale"
+            value = rng.uniform(0.5, 1.5, param.shape) if is_norm else rng.normal(0, 0.1, param.shape)
+            param.set_value(jnp.asarray(value, jnp.float32))
+    return model
+
+
+TOKENS_BT = np.random.default_rng(1).integers(0, 256, (2, SEQ_LEN))
+
+
+def hf_logits(model: transformers.LlamaForCausalLM) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(TOKENS_BT)).logits.float().numpy()
+
+
+def our_logits(model: Llama) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(TOKENS_BT, jnp.int32)))
+
+
+def params(model: Llama) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, tie):
+    model = our_model(OURS.replace(tie_embeddings=tie))
+    save_hf(model, tmp_path)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reference.config.tie_word_embeddings == tie
+    np.testing.assert_allclose(hf_logits(reference), our_logits(model), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,max_shard_bytes", [("float32", 2**30), ("float32", 40_000), ("bfloat16", 40_000)])
+def test_load_hf_inverts_save_hf_exactly(tmp_path, dtype, max_shard_bytes):
+    model = our_model()
+    save_hf(model, tmp_path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    sharded = (tmp_path / "model.safetensors.index.json").exists()
+    assert sharded == (max_shard_bytes < 2**30) and sharded != (tmp_path / "model.safetensors").exists()
+    loaded = load_hf(tmp_path, dtype=dtype)
+    assert loaded.cfg == OURS.replace(dtype=dtype, param_dtype=dtype)
+    for original, restored in zip(params(model), params(loaded), strict=True):
+        assert restored.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(restored, original.astype(restored.dtype))
+
+
+def _rewrite_config(path, edit) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _as_4x_config(config: dict, rope_type_key: str = "rope_type") -> None:
+    """Rewrites a 5.x config.json as transformers 4.x wrote it: rope_theta + rope_scaling, no rope_parameters."""
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    config["rope_scaling"] = None if rope_type == "default" else {rope_type_key: rope_type, **rope}
+
+
+CASES = {
+    "single_file_5x_config": dict(model=dict(), shard=None, edit=None),
+    "sharded_4x_config": dict(model=dict(), shard="50KB", edit=_as_4x_config),
+    "sharded_4x_legacy_type_key_tied": dict(model=dict(tie=True), shard="50KB",
+                                            edit=lambda c: _as_4x_config(c, rope_type_key="type")),
+    # old configs omit head_dim when it is dim / heads
+    "single_file_4x_default_rope_no_head_dim": dict(
+        model=dict(rope={"rope_type": "default", "rope_theta": 5000.0}, head_dim=16), shard=None,
+        edit=lambda c: (_as_4x_config(c), c.pop("head_dim"))),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_hf_reads_transformers_checkpoints(tmp_path, case):
+    spec = CASES[case]
+    reference = hf_model(**spec["model"])
+    reference.save_pretrained(tmp_path, **({"max_shard_size": spec["shard"]} if spec["shard"] else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(spec["shard"])
+    if spec["edit"]:
+        _rewrite_config(tmp_path, spec["edit"])
+    loaded = load_hf(tmp_path)
+    np.testing.assert_allclose(our_logits(loaded), hf_logits(reference), rtol=0, atol=1e-4)
+
+
+def test_load_hf_reads_bfloat16_safetensors(tmp_path):
+    hf_model().to(torch.bfloat16).save_pretrained(tmp_path)
+    reference = hf_model()  # the same weights rounded to bf16, run in float32 (RoPE buffers stay float32)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.bfloat16().float())
+    loaded = load_hf(tmp_path)  # bf16 on disk, float32 parameters: an exact upcast
+    assert loaded.embed[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(loaded.embed[...]), reference.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_allclose(our_logits(loaded), hf_logits(reference), rtol=0, atol=1e-4)
+    in_bf16 = load_hf(tmp_path, dtype="bfloat16", attention="reference")
+    assert in_bf16.layers.attn.wq[...].dtype == jnp.bfloat16
+    assert (in_bf16.cfg.dtype, in_bf16.cfg.param_dtype, in_bf16.cfg.attention) == ("bfloat16", "bfloat16", "reference")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A sharded transformers checkpoint, copied by each error test before it breaks it."""
+    path = tmp_path_factory.mktemp("hf")
+    hf_model().save_pretrained(path, max_shard_size="50KB")
+    return path
+
+
+@pytest.fixture
+def broken(hf_dir, tmp_path):
+    return shutil.copytree(hf_dir, tmp_path / "hf")
+
+
+def test_load_hf_rejects_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_hf(tmp_path / "nowhere")
+
+
+def test_load_hf_rejects_missing_config(broken):
+    (broken / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_hf(broken)
+
+
+def test_load_hf_rejects_missing_safetensors(broken):
+    for file in broken.glob("*.safetensors"):
+        file.unlink()
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+        load_hf(broken)
+
+
+def test_load_hf_rejects_other_architectures(broken):
+    _rewrite_config(broken, lambda c: c.update(architectures=["MistralForCausalLM"], model_type="mistral"))
+    with pytest.raises(CheckpointError, match="unsupported architecture MistralForCausalLM: load_hf reads LlamaForCausalLM"):
+        load_hf(broken)
+
+
+def test_load_hf_rejects_unsupported_rope_type(broken):
+    _rewrite_config(broken, lambda c: c["rope_parameters"].update(rope_type="yarn"))
+    with pytest.raises(CheckpointError, match="unsupported rope_type 'yarn'"):
+        load_hf(broken)
+
+
+def test_load_hf_names_a_missing_tensor(broken):
+    name = "model.layers.1.self_attn.k_proj.weight"
+    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"no tensor '{name}'"):
+        load_hf(broken)
+
+
+def test_load_hf_names_a_tensor_of_the_wrong_shape(broken):
+    _rewrite_config(broken, lambda c: c.update(intermediate_size=96))
+    expected = r"'model.layers.0.mlp.gate_proj.weight' .* has shape \(128, 64\), but config.json implies \(96, 64\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_hf(broken)
