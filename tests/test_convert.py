@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
+from hf_reference import random_hf_llama
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -31,13 +33,7 @@ def hf_model(tie: bool = False, rope: dict = LLAMA3_ROPE, head_dim: int = 32) ->
         num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, max_position_embeddings=512,
         tie_word_embeddings=tie, rope_parameters=rope, initializer_range=0.1,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
+    return random_hf_llama(cfg)
 
 
 def our_model(cfg: LlamaConfig = OURS) -> Llama:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
+from hf_reference import random_hf_llama
 from flax import nnx
 
 from llama_jax.model import Llama, LlamaConfig, flops_per_token, param_count, preset
@@ -40,13 +42,7 @@ def hf_reference(cfg: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausal
         rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters=rope, initializer_range=0.1,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
+    return random_hf_llama(hf_cfg, seed)
 
 
 def abstract_model(cfg: LlamaConfig) -> Llama:

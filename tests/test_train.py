@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, generate, trainer
 from llama_jax.config import default_config, model_section
 from llama_jax.errors import CheckpointError
 
@@ -74,7 +74,7 @@ def small_config(cache_dir: Path, steps: int):
     return cfg
 
 
-def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir):
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, capsys):
     straight = tmp_path / "straight"
     trainer.train(small_config(cache_dir, 6), straight)
     interrupted = tmp_path / "interrupted"
@@ -87,6 +87,10 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir):
     a, b = (np.asarray(model.layers.attn.wq[...]) for model in (model_a, model_b))
     assert np.array_equal(a, b)
     assert np.array_equal(np.asarray(model_a.embed[...]), np.asarray(model_b.embed[...]))
+
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", str(interrupted), "--prompt", "def main(", "--max_new_tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip(), "generation from our own checkpoint printed nothing"
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
