@@ -197,6 +197,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
                 state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
                 print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
+            if start >= cfg.train.steps:
+                print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
+                      f"raise --config.train.steps to train further", flush=True)
             return _loop(run, state, start, train_iter, eval_set, checkpointer,
                          meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
     finally:

@@ -88,7 +88,11 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, 
     assert np.array_equal(a, b)
     assert np.array_equal(np.asarray(model_a.embed[...]), np.asarray(model_b.embed[...]))
 
-    capsys.readouterr()
+    before = read_metrics(interrupted)
+    trainer.train(small_config(cache_dir, 6), interrupted)  # already finished
+    assert "nothing to do" in capsys.readouterr().out
+    assert read_metrics(interrupted) == before
+
     assert generate.main(["--checkpoint", str(interrupted), "--prompt", "def main(", "--max_new_tokens", "8"]) == 0
     assert capsys.readouterr().out.strip(), "generation from our own checkpoint printed nothing"
 
