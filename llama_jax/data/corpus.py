@@ -8,7 +8,14 @@ from pathlib import Path
 
 import ml_collections
 
-from llama_jax.data.sources import PreparedCorpus, TokenizedCorpus, prepare_stdlib_corpus, stdlib_documents, text_file_documents
+from llama_jax.data.sources import (
+    PreparedCorpus,
+    TokenizedCorpus,
+    atomic_directory,
+    prepare_stdlib_corpus,
+    stdlib_documents,
+    text_file_documents,
+)
 from llama_jax.data.tokenizer import Tokenizer, train_bpe
 from llama_jax.errors import DataError
 
@@ -27,25 +34,26 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Prepare
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
     key = hashlib.sha256(f"{data_cfg.source}|{data_cfg.tokenizer}|{vocab_size}".encode()).hexdigest()[:16]
     root = cache_dir / f"corpus-{key}"
-    if not (root / "eval").exists():
+    if not root.exists():
         _build(data_cfg, vocab_size, root)
     tokenizer_path = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else root / "tokenizer.model"
     return PreparedCorpus(tokenizer_path, TokenizedCorpus.load(root / "train"), TokenizedCorpus.load(root / "eval"))
 
 
 def _build(data_cfg: ml_collections.ConfigDict, vocab_size: int, root: Path) -> None:
+    """Builds the cache entry in a temporary directory renamed into place, so a killed build is simply redone."""
     print(f"Preparing corpus {data_cfg.source!r} in {root} (first use only)...", file=sys.stderr, flush=True)
     if data_cfg.source == "stdlib":
         train_texts, eval_texts = stdlib_documents()
     else:
         train_texts, eval_texts = _split(text_file_documents(data_cfg.source))
-    if data_cfg.tokenizer:
-        tokenizer = Tokenizer.from_file(Path(data_cfg.tokenizer).expanduser())
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        tokenizer = train_bpe(train_texts, vocab_size, root / "tokenizer.model")
-    TokenizedCorpus.build(train_texts, tokenizer, root / "train")
-    TokenizedCorpus.build(eval_texts, tokenizer, root / "eval")
+    with atomic_directory(root) as tmp:
+        if data_cfg.tokenizer:
+            tokenizer = Tokenizer.from_file(Path(data_cfg.tokenizer).expanduser())
+        else:
+            tokenizer = train_bpe(train_texts, vocab_size, tmp / "tokenizer.model")
+        TokenizedCorpus.build(train_texts, tokenizer, tmp / "train")
+        TokenizedCorpus.build(eval_texts, tokenizer, tmp / "eval")
 
 
 def _split(texts: list[str]) -> tuple[list[str], list[str]]:

@@ -176,7 +176,7 @@ class TokenizedCorpus:
         """
         directory = Path(directory)
         tokens, offsets = _tokenize(texts, tokenizer, bos=bos, eos=eos)
-        with _atomic_directory(directory) as tmp:
+        with atomic_directory(directory) as tmp:
             np.save(tmp / _TOKENS_FILE, tokens)
             np.save(tmp / _OFFSETS_FILE, offsets)
         return cls.load(directory)
@@ -226,7 +226,7 @@ def _layout_problem(tokens: np.ndarray, offsets: np.ndarray) -> str | None:
     return None
 
 
-class _atomic_directory:
+class atomic_directory:
     """Context manager yielding a temporary directory that replaces `target` only if the block succeeds."""
 
     def __init__(self, target: Path):
@@ -298,7 +298,7 @@ def _build_stdlib_cache(root: Path, vocab_size: int) -> None:
 
     print(f"Preparing the standard-library corpus in {root} (first use only, some seconds)...", file=sys.stderr, flush=True)
     train_texts, eval_texts = stdlib_documents()
-    with _atomic_directory(root) as tmp:
+    with atomic_directory(root) as tmp:
         tokenizer = train_bpe(train_texts, vocab_size, tmp / "tokenizer.model")
         train = TokenizedCorpus.build(train_texts, tokenizer, tmp / "train")
         eval_ = TokenizedCorpus.build(eval_texts, tokenizer, tmp / "eval")
