@@ -1,7 +1,8 @@
 """Command line: `python -m llama_jax.train --config configs/tiny.py [--workdir DIR] [--config.KEY=VALUE ...]`.
 
 Running again with the same workdir resumes from its latest checkpoint. Exit codes: 0 finished; 2 a
-configuration, data or checkpoint problem (the message says what to fix).
+configuration, data or checkpoint problem (the message says what to fix); 75 (EX_TEMPFAIL) preempted: a
+SIGTERM arrived, the step in flight was finished and checkpointed, and rerunning the command resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llama_jax.errors import LlamaJaxError
+
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints). Default: runs/<config name>.")
@@ -28,6 +31,9 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
     try:
         trainer.train(_CONFIG.value, workdir)
+    except trainer.Preempted as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except LlamaJaxError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -28,7 +29,7 @@ from llama_jax.config import model_config, validate
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import eval_batches, lm_batches
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
 from llama_jax.model import Llama, LlamaConfig, flops_per_token
 from llama_jax.objectives import lm_loss_sum
@@ -36,6 +37,28 @@ from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.parallel import mesh as mesh_lib
 
 Batch = dict[str, jax.Array]
+
+
+class Preempted(LlamaJaxError):
+    """Raised after a SIGTERM (or a TPU maintenance notice) once the current step is checkpointed."""
+
+    def __init__(self, step: int, directory: Path):
+        super().__init__(f"preempted: checkpoint saved at step {step} in {directory}; rerun the same command to resume")
+        self.step = step
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 class TrainState(NamedTuple):
@@ -186,6 +209,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      async_save=cfg.checkpoint.async_save)
+    preemption = _PreemptionFlag()
     try:
         with jax.set_mesh(run.mesh):
             start = checkpointer.latest_step()
@@ -200,13 +224,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             if start >= cfg.train.steps:
                 print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
                       f"raise --config.train.steps to train further", flush=True)
-            return _loop(run, state, start, train_iter, eval_set, checkpointer,
+            return _loop(run, state, start, train_iter, eval_set, checkpointer, preemption,
                          meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
     finally:
+        preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
 
 
-def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, meta: dict) -> dict:
+def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, preemption, meta: dict) -> dict:
     cfg = run.cfg
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
@@ -245,8 +270,12 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpo
                 logged["eval_loss"] = _evaluate(eval_fn, state.params, eval_set)
             logger.log(done, logged)
             window, window_steps, window_start = [], 0, time.perf_counter()
-        if done % cfg.checkpoint.every_steps == 0 or done == total:
+        preempted = preemption.raised or checkpointer.manager.reached_preemption(done)
+        if done % cfg.checkpoint.every_steps == 0 or done == total or preempted:
             checkpointer.save(done, state.params, state.opt_state, train_iter, meta)
+        if preempted and done < total:
+            logger.close()
+            raise Preempted(done, checkpointer.directory)
     logger.close()
     return logged
 

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,17 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("corpus_cache")
 
 
+CLI_ENV = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's machine has
+
+
+def cli_command(workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+            "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", *overrides]
+
+
 def run_cli(workdir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's machine has
-    cmd = [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
-           "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    cmd = cli_command(workdir, cache_dir, *overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=CLI_ENV, cwd=REPO)
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -113,3 +121,27 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         checkpoint.load_model(tmp_path)
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    overrides = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
+                 "--config.data.eval_batches=1", "--config.checkpoint.every_steps=1000")
+    stderr_file = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(cli_command(workdir, cache_dir, "--config.train.steps=100000", *overrides),
+                            stdout=subprocess.DEVNULL, stderr=stderr_file, env=CLI_ENV, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75
+    stderr = (tmp_path / "stderr.txt").read_text()
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 2, saved  # no periodic save was due: this is the preemption save
+    assert f"preempted: checkpoint saved at step {saved[0]}" in stderr
+    assert read_metrics(workdir)[-1]["step"] == saved[0], "the last logged step is the saved one"
+
+    resumed = run_cli(workdir, cache_dir, f"--config.train.steps={saved[0] + 2}", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoints/{saved[0]}" in resumed.stdout
