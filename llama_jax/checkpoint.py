@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llama_jax.errors import CheckpointError
-from llama_jax.model import Llama, LlamaConfig
+from llama_jax.model import Llama, LlamaConfig, ModelDef
 
 class Checkpointer:
     """Saves and restores training state in `directory`; one instance per run."""
@@ -110,17 +110,14 @@ def load_model(path: str | os.PathLike) -> tuple[Llama, str]:
     if not meta_file.exists():
         raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
     meta = json.loads(meta_file.read_text())
-    model_cfg = LlamaConfig(**meta["config"]["model"])
-    abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_model)
+    model_def = ModelDef(LlamaConfig(**meta["config"]["model"]))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract_state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(model_def.abstract_state)
     )
     try:
         params = ocp.StandardCheckpointer().restore(step_dir / "params", target)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise CheckpointError(f"parameters in {step_dir} could not be restored: {err}") from err
-    nnx.replace_by_pure_dict(abstract_state, params)
     tokenizer = step_dir.parent.parent / meta["tokenizer_file"]  # the trainer copies it into the workdir
-    return nnx.merge(graphdef, abstract_state), str(tokenizer)
+    return model_def.merge(params), str(tokenizer)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
@@ -31,7 +30,7 @@ from llama_jax.data.pipeline import eval_batches, lm_batches
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
-from llama_jax.model import Llama, LlamaConfig, flops_per_token
+from llama_jax.model import ModelDef, flops_per_token
 from llama_jax.objectives import lm_loss_sum
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.parallel import mesh as mesh_lib
@@ -67,22 +66,6 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-class ModelDef:
-    """The static half of a model: builds a `Llama` from a params pytree (inside or outside jit)."""
-
-    def __init__(self, cfg: LlamaConfig):
-        self.cfg = cfg
-        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-
-    def init(self, seed: int) -> dict:
-        return nnx.to_pure_dict(nnx.state(Llama(self.cfg, rngs=nnx.Rngs(seed))))
-
-    def merge(self, params: dict) -> Llama:
-        state = jax.tree.map(lambda x: x, self.abstract_state)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
-
-
 @dataclasses.dataclass
 class Run:
     """What the loop needs, set up once."""
@@ -93,13 +76,8 @@ class Run:
     model_def: ModelDef
     tx: optax.GradientTransformation
     state_shardings: TrainState
+    abstract_state: TrainState  # shapes, dtypes and shardings: the restore target
     batch_sharding: NamedSharding
-
-    def abstract_state(self) -> TrainState:
-        shapes = jax.eval_shape(functools.partial(init_state, self.model_def, self.tx, self.cfg.seed))
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
-        )
 
     def init(self) -> TrainState:
         fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
@@ -177,12 +155,14 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     model_def = ModelDef(model_config(cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    abstract_opt = jax.eval_shape(lambda: tx.init(model_def.init(cfg.seed)))
+    shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, params_sh, transform_non_params=lambda _: mesh_lib.replicated(mesh)
+        tx, lambda _, sharding: sharding, shapes.opt_state, params_sh,
+        transform_non_params=lambda _: mesh_lib.replicated(mesh),
     )
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
-    return Run(cfg, workdir, mesh, model_def, tx, state_sh, mesh_lib.batch_sharding(mesh))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -217,7 +197,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 start, state = 0, run.init()
             else:
                 checkpointer.check_model(start, cfg.model.to_dict())
-                abstract = run.abstract_state()
+                abstract = run.abstract_state
                 params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
                 state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
                 print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)

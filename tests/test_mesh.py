@@ -13,7 +13,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.model import LlamaConfig
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, logical_to_spec, make_mesh, mesh_shape
-from llama_jax.trainer import ModelDef
+from llama_jax.model import ModelDef
 
 LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 

@@ -140,3 +140,23 @@ class Llama(nnx.Module):
         if self.cfg.tie_embeddings:
             return jnp.einsum("btd,vd->btv", h_btd, self.embed[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)
         return jnp.einsum("btd,dv->btv", h_btd, self.lm_head[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)
+
+
+class ModelDef:
+    """The static half of a model (graph and abstract parameters), to rebuild a `Llama` from a params pytree.
+
+    Training keeps parameters as a plain nested dict of arrays; `merge` turns them back into a module inside
+    or outside `jit` at the cost of a plain pytree rebuild.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        self.graphdef, self.abstract_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+
+    def init(self, seed: int) -> dict:
+        return nnx.to_pure_dict(nnx.state(Llama(self.cfg, rngs=nnx.Rngs(seed))))
+
+    def merge(self, params: dict) -> Llama:
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
