@@ -21,6 +21,7 @@ setup(
         "protobuf",  # reads SentencePiece model protos
         "tiktoken",
         "tokenizers",
+        "jinja2>=3.1.6",  # chat templates, rendered in its sandbox as transformers does
         "safetensors",
         "tensorboardX",
         "tqdm",

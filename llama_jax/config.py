@@ -25,6 +25,18 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(preset(name, **overrides)))
 
 
+def hf_model_section(path: str, **overrides) -> ml_collections.ConfigDict:
+    """The `model` section describing a Hugging Face checkpoint (for `checkpoint.init_from`), fields overridden.
+
+    Compute settings keep the training defaults (float32 parameters, bfloat16 compute) unless overridden.
+    """
+    from llama_jax.convert import read_hf_config  # here, so that loading a config file stays cheap
+
+    defaults = LlamaConfig()
+    runtime = {"dtype": defaults.dtype, "param_dtype": defaults.param_dtype, **overrides}
+    return ml_collections.ConfigDict(dataclasses.asdict(read_hf_config(path, **runtime)))
+
+
 def default_config() -> ml_collections.ConfigDict:
     """All keys with their defaults: a small model on the embedded Python-stdlib corpus, on CPU."""
     cfg = ml_collections.ConfigDict()
@@ -68,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
     cfg.checkpoint.max_to_keep = 2
     cfg.checkpoint.async_save = True
+    cfg.checkpoint.init_from = ""  # a Hugging Face directory whose weights start a new run (fine-tuning); "" = random
 
     cfg.objective = ml_collections.ConfigDict()
     cfg.objective.name = "lm"  # lm | sft | reward | dpo
@@ -109,6 +122,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:
         raise ConfigError(
             f"objective.name={cfg.objective.name!r} is not available yet in this version; use objective.name='lm'"
+        )
+    if cfg.checkpoint.init_from and not cfg.data.tokenizer:
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} needs the tokenizer the checkpoint was trained with: "
+            "set data.tokenizer to the same directory"
         )
     if cfg.mesh.stage != 1:
         raise ConfigError("mesh.stage > 1 (pipeline parallelism) is not available yet in this version; set mesh.stage=1")

@@ -1,4 +1,8 @@
-"""Hugging Face Llama checkpoints in and out: `load_hf(path) -> Llama` and `save_hf(model, path)`.
+"""Hugging Face Llama checkpoints in and out: `load_hf(path) -> Llama`, `save_hf(model, path, tokenizer=...)`, and
+`open_checkpoint(path)`, which opens a Hugging Face directory or a llama_jax run with the files around the weights.
+
+    python -m llama_jax.convert --from ours --to hf --source runs/tiny --out exported/
+    python -m llama_jax.convert --from hf --to hf --source HF_DIR --out copy/ --dtype bfloat16
 
 Hugging Face stores one 2-D matrix per layer in torch's [out, in] layout; we store each kind of weight stacked
 over a leading layers axis with named head axes ([L, d, n, h] for q). One table (`_weights`) describes every
@@ -12,20 +16,28 @@ The model itself is built abstractly (`nnx.eval_shape`), so no random initialisa
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax import generation_config
+from llama_jax.data.chat import ChatFormat
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama_jax.generation_config import GenerationSettings
 from llama_jax.model import Llama, LlamaConfig
 
 _ARCHITECTURE = "LlamaForCausalLM"
@@ -192,6 +204,19 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", **model_overrides) 
     fields of the LlamaConfig read from config.json.
     """
     path = Path(path).expanduser()
+    cfg = read_hf_config(path, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
+    with jax.set_mesh(None):  # the tensors are placed on one device, whatever mesh the caller has set
+        model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    with _open_safetensors(path) as tensors:
+        for weight in _weights(cfg):
+            param = _param(model, weight.path)
+            param.set_value(jnp.asarray(_read_stacked(tensors, weight, cfg, param.shape, path)))
+    return model
+
+
+def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
+    """The `LlamaConfig` of a Hugging Face directory's config.json, with fields overridden."""
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory {path} does not exist: pass the directory holding config.json")
     config_file = path / "config.json"
@@ -201,13 +226,25 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", **model_overrides) 
         hf = json.loads(config_file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e}): re-download or re-save the checkpoint") from None
-    cfg = config_from_hf(hf, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
-    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    with _open_safetensors(path) as tensors:
-        for weight in _weights(cfg):
-            param = _param(model, weight.path)
-            param.set_value(jnp.asarray(_read_stacked(tensors, weight, cfg, param.shape, path)))
-    return model
+    return config_from_hf(hf, **overrides)
+
+
+# How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "init_std", "max_seq_len")
+
+
+def load_pretrained_params(path: str | os.PathLike, cfg: LlamaConfig) -> dict:
+    """The parameters (a plain dict, as the trainer keeps them) of a Hugging Face checkpoint that a run with model
+    config `cfg` starts from; refuses a checkpoint of another architecture before reading any tensor."""
+    saved = read_hf_config(path, **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
+    changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+               for f in dataclasses.fields(LlamaConfig) if getattr(cfg, f.name) != getattr(saved, f.name)]
+    if changed:
+        raise ConfigError(
+            f"checkpoint.init_from={str(path)!r} is a different model: {'; '.join(changed)}. Fix: take the model "
+            "section from the checkpoint, cfg.model = llama_jax.config.hf_model_section(path) (as configs/finetune_hf.py does)"
+        )
+    return nnx.to_pure_dict(nnx.state(load_hf(path, cfg.param_dtype)))
 
 
 @contextlib.contextmanager
@@ -246,18 +283,42 @@ def _read_stacked(tensors: dict, weight: _Weight, cfg: LlamaConfig, shape: tuple
 # --------------------------------------------------------------------------------------------------- saving
 
 
-def save_hf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes `model` as a Hugging Face directory that `LlamaForCausalLM.from_pretrained` loads as is.
+def save_hf(
+    model: Llama,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    generation: GenerationSettings | None = None,
+    chat_template: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Writes `model` as a Hugging Face directory that `transformers` opens and serves as it stands.
 
-    Tensors are stored in `dtype` (default: the model's parameter dtype), split into shards of at most
-    `max_shard_bytes` with a `model.safetensors.index.json` when they do not fit in one. Shards are written one
-    at a time, so host memory stays near one shard. Earlier model*.safetensors files in `path` are removed, since
-    transformers would read a stale single file in preference to a new index.
+    With `tokenizer` the directory is complete: config.json, generation_config.json (`generation`, by default the
+    tokenizer's stop ids and greedy decoding), the safetensors, and the tokenizer files with `chat_template` (by
+    default the tokenizer's built-in chat format, when it has one). Without it only config.json and the weights are
+    written, and a warning says so. Tensors are stored in `dtype` (default: the model's parameter dtype), split
+    into shards of at most `max_shard_bytes` with a `model.safetensors.index.json` when they do not fit in one.
+    Shards are written one at a time, so host memory stays near one shard. Earlier model*.safetensors files in
+    `path` are removed, since transformers would read a stale single file in preference to a new index.
     """
-    cfg = model.cfg
-    dtype = dtype or cfg.param_dtype
-    np_dtype = jnp.dtype(dtype)
     path = Path(path)
+    _save_weights(model, path, dtype, max_shard_bytes)
+    if tokenizer is None:
+        warnings.warn(f"save_hf wrote no tokenizer files to {path}: pass tokenizer= for a directory that "
+                      "AutoTokenizer can open", stacklevel=2)
+        return
+    generation = generation or GenerationSettings.for_tokenizer(tokenizer)
+    (path / generation_config.FILE_NAME).write_text(json.dumps(generation.to_hf(), indent=2) + "\n")
+    if chat_template is None:
+        chat_template = ChatFormat.builtin_template(tokenizer)
+    tokenizer.save_hf(path, chat_template=chat_template)
+
+
+def _save_weights(model: Llama, path: Path, dtype: str | None, max_shard_bytes: int) -> None:
+    cfg = model.cfg
+    np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
         stale.unlink(missing_ok=True)
@@ -297,3 +358,64 @@ def _plan_shards(entries: list, itemsize: int, max_shard_bytes: int) -> list[lis
         shards[-1].append((weight, i))
         size += nbytes
     return shards
+
+
+# -------------------------------------------------------------------------------------- opening and the CLI
+
+
+@dataclasses.dataclass
+class OpenedCheckpoint:
+    """A model with what decides how text goes in and out of it."""
+
+    model: Llama
+    tokenizer: Tokenizer
+    generation: GenerationSettings
+    files: Path  # the directory holding its tokenizer and chat-template files
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template these files define (or the tokenizer's built-in one), None if there is none."""
+        return ChatFormat.template_in(self.files, self.tokenizer)
+
+
+def open_checkpoint(checkpoint: str | os.PathLike) -> OpenedCheckpoint:
+    """A Hugging Face directory (it has config.json) or, for any other path, a llama_jax workdir or checkpoint."""
+    path = Path(checkpoint).expanduser()
+    if (path / "config.json").is_file():
+        tokenizer = Tokenizer.from_file(path)
+        return OpenedCheckpoint(load_hf(path), tokenizer, GenerationSettings.from_directory(path, tokenizer), path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
+    from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
+
+    model, tokenizer_path = load_model(path)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    return OpenedCheckpoint(model, tokenizer, GenerationSettings.for_tokenizer(tokenizer), Path(tokenizer_path).parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="source_format", choices=("ours", "hf"), required=True,
+                        help="ours: a llama_jax workdir or checkpoint step; hf: a Hugging Face directory")
+    parser.add_argument("--to", choices=("hf",), required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--out", required=True, help="directory to write (created; earlier weights in it are replaced)")
+    parser.add_argument("--dtype", default=None, help="tensor dtype in the output, e.g. bfloat16 (default: as loaded)")
+    args = parser.parse_args(argv)
+    try:
+        source = Path(args.source).expanduser()
+        if (args.source_format == "hf") != (source / "config.json").is_file():
+            raise CheckpointError(f"--source {source} is not a {'Hugging Face directory' if args.source_format == 'hf' else 'llama_jax checkpoint'}: "
+                                  "use --from hf for a directory with config.json, --from ours for a workdir")
+        opened = open_checkpoint(source)
+        save_hf(opened.model, args.out, tokenizer=opened.tokenizer, generation=opened.generation,
+                chat_template=opened.chat_template, dtype=args.dtype)
+    except LlamaJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: config.json, {generation_config.FILE_NAME}, safetensors, tokenizer files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

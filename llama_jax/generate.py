@@ -1,13 +1,16 @@
-"""Text generation: greedy or temperature + nucleus (top-p) sampling, as a Python function and a CLI.
+"""Text generation: greedy or temperature + top-k + nucleus (top-p) sampling, as a Python function and a CLI.
 
 This first version has no KV cache: every step runs the model over one fixed-length buffer (prompt plus all new
 tokens, right-padded) and reads the logits at each row's current position. Causal attention makes the padding
 after that position irrelevant, and the fixed shape means the step compiles once per call instead of once per
 token. Rows may have prompts of different lengths; each advances its own position.
 
-    python -m llama_jax.generate --checkpoint PATH --prompt TEXT --max_new_tokens N [--temperature T --top_p P]
+    python -m llama_jax.generate --checkpoint PATH --prompt TEXT --max_new_tokens N [--chat] [--temperature T ...]
 
-PATH is a Hugging Face directory (it has config.json) or a llama_jax training checkpoint / workdir.
+PATH is a Hugging Face directory (it has config.json) or a llama_jax training checkpoint / workdir. The prompt is
+framed as the checkpoint's tokenizer files say (see `llama_jax.data.tokenizer`); with --chat it is a user message
+rendered with the checkpoint's chat template. Stop tokens and sampling settings come from its
+generation_config.json unless a flag overrides them (see `llama_jax.generation_config`).
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.convert import load_hf
-from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import CheckpointError, LlamaJaxError
+from llama_jax.convert import open_checkpoint
+from llama_jax.data.chat import ChatFormat
+from llama_jax.errors import LlamaJaxError
 from llama_jax.model import Llama
 
 _BUFFER_MULTIPLE = 64  # buffer lengths are rounded up to this, so calls of similar lengths share one compilation
@@ -36,19 +39,21 @@ def generate(
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
+    top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    eos_id: int | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """The new tokens for each prompt (a single prompt is a batch of one), eos included when it is produced.
+    """The new tokens for each prompt (a single prompt is a batch of one), the stop token included when produced.
 
     `temperature == 0` is greedy decoding. Otherwise the next token is drawn from softmax(logits / temperature)
-    restricted to the nucleus: the smallest set of most likely tokens whose probability reaches `top_p`. All
-    randomness comes from `seed`, so the same call gives the same tokens. A row stops after emitting `eos_id`.
+    restricted, in transformers' order, to the `top_k` most likely tokens (0: no limit) and then to the nucleus: the
+    smallest set of most likely tokens whose probability reaches `top_p`. All randomness comes from `seed`, so the
+    same call gives the same tokens. A row stops after emitting any of `stop_ids`.
     """
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
-    _check_arguments(prompts, max_new_tokens, temperature, top_p)
+    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
     buffer_len = -(-(lengths_b.max() + max_new_tokens) // _BUFFER_MULTIPLE) * _BUFFER_MULTIPLE
     tokens_bt = np.zeros((len(prompts), buffer_len), np.int32)
@@ -58,8 +63,8 @@ def generate(
     graphdef, state = nnx.split(model)
     tokens_bt, cur_b, done_b = jnp.asarray(tokens_bt), jnp.asarray(lengths_b), jnp.zeros(len(prompts), bool)
     key = jax.random.key(seed)
-    sampling = dict(greedy=temperature == 0.0, temperature=jnp.float32(max(temperature, 1e-6)),
-                    top_p=jnp.float32(top_p), eos=-1 if eos_id is None else eos_id)
+    sampling = dict(greedy=temperature == 0.0, temperature=jnp.float32(max(temperature, 1e-6)), top_k=jnp.int32(top_k),
+                    top_p=jnp.float32(top_p), stop_s=jnp.asarray(list(stop_ids) or [-1], jnp.int32))
     for step in range(max_new_tokens):
         tokens_bt, cur_b, done_b = _step(graphdef, state, tokens_bt, cur_b, done_b, jax.random.fold_in(key, step),
                                          **sampling)
@@ -69,31 +74,42 @@ def generate(
     return [tokens_bt[row, lengths_b[row] : cur_b[row]].tolist() for row in range(len(prompts))]
 
 
-def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
+def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with the tokenizer's bos id)")
-    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("every prompt needs at least one token: give a non-empty prompt")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(
-            f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got {max_new_tokens}, {temperature}, {top_p}"
+            "need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+            f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
-def _step(graphdef, state, tokens_bt, cur_b, done_b, key, greedy, temperature, top_p, eos):
+def _step(graphdef, state, tokens_bt, cur_b, done_b, key, greedy, temperature, top_k, top_p, stop_s):
     """Appends one token to every unfinished row at its position `cur_b`; finished rows stay as they are.
 
     Only the hidden state at each row's last filled position goes through the output projection, so the
-    vocabulary-sized matmul costs one position per row, not the whole buffer. `greedy` is static; temperature,
-    top_p and eos are traced, so changing them does not recompile (a new buffer shape does).
+    vocabulary-sized matmul costs one position per row, not the whole buffer. `greedy` is static; the sampling
+    settings and stop ids are traced, so changing them does not recompile (a new buffer shape does).
     """
     model = nnx.merge(graphdef, state)
     h_btd = model.hidden(tokens_bt)
     last_b1d = jnp.take_along_axis(h_btd, (cur_b - 1)[:, None, None], axis=1)
     logits_bv = model.logits(last_b1d)[:, 0]
-    next_b = jnp.argmax(logits_bv, axis=-1) if greedy else sample_top_p(key, logits_bv / temperature, top_p)
+    if greedy:
+        next_b = jnp.argmax(logits_bv, axis=-1)
+    else:
+        next_b = sample_top_p(key, keep_top_k(logits_bv / temperature, top_k), top_p)
     rows_b = jnp.arange(tokens_bt.shape[0])
     tokens_bt = tokens_bt.at[rows_b, cur_b].set(jnp.where(done_b, tokens_bt[rows_b, cur_b], next_b))
-    return tokens_bt, jnp.where(done_b, cur_b, cur_b + 1), done_b | (next_b == eos)
+    return tokens_bt, jnp.where(done_b, cur_b, cur_b + 1), done_b | jnp.isin(next_b, stop_s)
+
+
+def keep_top_k(logits_bv: jax.Array, top_k: int | jax.Array) -> jax.Array:
+    """Logits outside each row's `top_k` largest set to -inf (ties with the k-th kept); `top_k == 0` keeps all."""
+    k = jnp.clip(top_k, 1, logits_bv.shape[-1])
+    kth_b1 = jnp.take_along_axis(-jnp.sort(-logits_bv, axis=-1), (k - 1)[None, None], axis=-1)
+    return jnp.where((logits_bv >= kth_b1) | (top_k == 0), logits_bv, -jnp.inf)
 
 
 def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array) -> jax.Array:
@@ -114,36 +130,39 @@ def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array)
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def load_for_generation(checkpoint: str) -> tuple[Llama, str]:
-    """(model, tokenizer path) from a Hugging Face directory or, for any other path, a llama_jax checkpoint."""
-    path = Path(checkpoint).expanduser()
-    if (path / "config.json").is_file():
-        return load_hf(path), str(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
-    from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
-
-    return load_model(path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_jax.generate", description=__doc__.split("\n")[0],
+        epilog="Unset flags take the checkpoint's own settings: generation_config.json, then config.json, then the "
+               "tokenizer and transformers' defaults (greedy; when sampling temperature 1.0, top-k 50, top-p 1.0). "
+               "The line printed to stderr before the output says which value came from where.",
+    )
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true",
+                        help="treat the prompt as a user message, rendered with the checkpoint's chat template "
+                             "(its tokenizer_config.json or chat_template.jinja; else the Llama 3 format)")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy; > 0 samples")
+    parser.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus: the most likely tokens up to this mass")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        model, tokenizer_path = load_for_generation(args.checkpoint)
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        prompt_ids = tokenizer.encode(args.prompt, bos=True)
-        new_ids = generate(
-            model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, eos_id=tokenizer.eos_id,
-        )[0]
-        continuation = tokenizer.decode([i for i in new_ids if i != tokenizer.eos_id])
+        opened = open_checkpoint(args.checkpoint)
+        tokenizer = opened.tokenizer
+        settings = opened.generation.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+            messages.append({"role": "user", "content": args.prompt})
+            prompt_ids = ChatFormat.from_directory(opened.files, tokenizer).render_ids(messages, add_generation_prompt=True)
+        else:
+            prompt_ids = tokenizer.encode(args.prompt, allow_special=True)  # as transformers' tokenizer(prompt)
+        print(settings.describe(), file=sys.stderr)
+        new_ids = generate(opened.model, prompt_ids, args.max_new_tokens, seed=args.seed, stop_ids=settings.stop_ids,
+                           **settings.sampling)[0]
+        continuation = tokenizer.decode([i for i in new_ids if i not in settings.stop_ids])
     except (LlamaJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

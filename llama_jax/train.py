@@ -28,7 +28,8 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
 
-    workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
+    config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
+    workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)
     try:
         trainer.train(_CONFIG.value, workdir)
     except trainer.Preempted as err:
@@ -44,6 +45,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:  # unknown flag, or a value of the wrong type
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except LlamaJaxError as err:  # raised by the config file's get_config (e.g. a checkpoint it reads is missing)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key

@@ -25,9 +25,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax.config import model_config, validate
+from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import eval_batches, lm_batches
-from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
 from llama_jax.model import ModelDef, flops_per_token
@@ -80,8 +81,17 @@ class Run:
     batch_sharding: NamedSharding
 
     def init(self) -> TrainState:
-        fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
-        return jax.jit(fn, out_shardings=self.state_shardings)()
+        """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state."""
+        if not self.cfg.checkpoint.init_from:
+            fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
+            return jax.jit(fn, out_shardings=self.state_shardings)()
+        params = jax.device_put(load_pretrained_params(self.cfg.checkpoint.init_from, self.model_def.cfg),
+                                self.state_shardings.params)
+
+        def from_params(params: dict) -> TrainState:
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+        return jax.jit(from_params, out_shardings=self.state_shardings)(params)
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
         return {
@@ -178,8 +188,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}: "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    tokenizer_file = Path(corpus.tokenizer_path).name
-    shutil.copyfile(corpus.tokenizer_path, workdir / tokenizer_file)
+    files = tokenizer_files(corpus.tokenizer_path)
+    for file in files:  # the run keeps its own copy, so a checkpoint is usable on its own
+        shutil.copyfile(file, workdir / file.name)
+    tokenizer_file = files[0].name
 
     local_batch = cfg.data.batch_size // jax.process_count()
     data_args = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, process_index=jax.process_index(),

@@ -5,6 +5,7 @@ with exit code 2 and one readable `error:` line, before any data is prepared.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -13,18 +14,21 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from llama_jax.config import OBJECTIVES, default_config, model_config, model_section, validate
+from llama_jax.config import OBJECTIVES, default_config, hf_model_section, model_config, model_section, validate
+from llama_jax.convert import config_to_hf
 from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.model import preset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_config_file(name: str) -> ml_collections.ConfigDict:
-    """`get_config()` of configs/<name>, loaded from the repository path (configs/ is not a package)."""
+def load_config_file(name: str, *args: str) -> ml_collections.ConfigDict:
+    """`get_config(*args)` of configs/<name>, loaded from the repository path (configs/ is not a package); the
+    arguments are what `--config configs/<name>:ARG` passes."""
     spec = importlib.util.spec_from_file_location(f"_config_{Path(name).stem}", REPO / "configs" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def with_value(cfg: ml_collections.ConfigDict, key: str, value) -> ml_collections.ConfigDict:
@@ -81,15 +85,30 @@ def test_tiny_config_file_validates():
     assert cfg.train.steps > 0
 
 
-def test_every_config_file_validates():
+def test_every_config_file_validates(tmp_path):
     files = sorted(p.name for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
     assert "tiny.py" in files
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug"), "float32")))
+    arguments = {"finetune_hf.py": [str(tmp_path)]}  # config files that read a checkpoint directory
     for name in files:
-        cfg = load_config_file(name)
+        cfg = load_config_file(name, *arguments.get(name, []))
         try:
             validate(cfg)
         except ConfigError as err:  # a config file for a feature not built yet must say so, not crash
             assert "not available yet" in str(err), f"configs/{name}: {err}"
+
+
+def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug", tie_embeddings=True), "bfloat16")))
+    cfg = load_config_file("finetune_hf.py", str(tmp_path))
+    debug = preset("debug", tie_embeddings=True)
+    assert model_config(cfg) == debug.replace(head_dim=debug.resolved_head_dim, dtype="bfloat16", param_dtype="float32")
+    assert cfg.checkpoint.init_from == cfg.data.tokenizer == str(tmp_path)
+    assert hf_model_section(str(tmp_path), dtype="float32").dtype == "float32"
+    with pytest.raises(ConfigError, match=r"needs the checkpoint directory: --config configs/finetune_hf.py:PATH"):
+        load_config_file("finetune_hf.py")
+    with pytest.raises(LlamaJaxError, match="does not exist"):
+        load_config_file("finetune_hf.py", str(tmp_path / "missing"))
 
 
 def test_model_section_overrides_and_validates():

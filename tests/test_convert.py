@@ -64,6 +64,10 @@ def params(model: Llama) -> list[np.ndarray]:
     return [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+WEIGHTS_ONLY = pytest.mark.filterwarnings("ignore:save_hf wrote no tokenizer files")  # these tests check tensors
+
+
+@WEIGHTS_ONLY
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, tie):
     model = our_model(OURS.replace(tie_embeddings=tie))
@@ -73,6 +77,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, tie):
     np.testing.assert_allclose(hf_logits(reference), our_logits(model), rtol=0, atol=1e-4)
 
 
+@WEIGHTS_ONLY
 @pytest.mark.parametrize("dtype,max_shard_bytes", [("float32", 2**30), ("float32", 40_000), ("bfloat16", 40_000)])
 def test_load_hf_inverts_save_hf_exactly(tmp_path, dtype, max_shard_bytes):
     model = our_model()
@@ -197,3 +202,76 @@ def test_load_hf_names_a_tensor_of_the_wrong_shape(broken):
     expected = r"'model.layers.0.mlp.gate_proj.weight' .* has shape \(128, 64\), but config.json implies \(96, 64\)"
     with pytest.raises(CheckpointError, match=expected):
         load_hf(broken)
+
+
+def test_save_hf_without_a_tokenizer_warns_that_the_directory_is_incomplete(tmp_path):
+    with pytest.warns(UserWarning, match="save_hf wrote no tokenizer files"):
+        save_hf(our_model(), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+          " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    """Shaped like a SmolLM2 repository: no bos added, bos_token a chat token, a ChatML template, three stop ids."""
+    import sysconfig
+    from pathlib import Path
+
+    import tokenizers
+
+    path = tmp_path_factory.mktemp("smol")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([(stdlib / "textwrap.py").read_text()], tokenizers.trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML,
+        "tokenizer_class": "GPT2Tokenizer"}))
+    cfg = transformers.LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    random_hf_llama(cfg).save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0, 5],
+                                                             "do_sample": True, "temperature": 0.2, "top_p": 0.9}))
+    return path
+
+
+def test_convert_cli_re_exports_a_hugging_face_directory_whole(smol_dir, tmp_path, capsys):
+    from llama_jax.convert import main, open_checkpoint
+
+    out = tmp_path / "out"
+    assert main(["--from", "hf", "--to", "hf", "--source", str(smol_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    source_tok, out_tok = (transformers.AutoTokenizer.from_pretrained(d) for d in (smol_dir, out))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    for text in ["def f(x):\n    return x", "naïve café"]:
+        assert out_tok(text).input_ids == source_tok(text).input_ids
+    assert (out_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+            == source_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    reference = transformers.GenerationConfig.from_pretrained(out)
+    assert (reference.eos_token_id, reference.do_sample, reference.temperature, reference.top_p) == ([2, 0, 5], True, 0.2, 0.9)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    again = open_checkpoint(out)
+    assert again.tokenizer.prefix_ids == () and again.generation.stop_ids == (2, 0, 5)
+    assert again.chat_template == CHATML
+    original = open_checkpoint(smol_dir)
+    for a, b in zip(params(original.model), params(again.model)):
+        np.testing.assert_array_equal(a.astype(jnp.bfloat16).astype(np.float32), b)  # rounded once to bf16, no more
+
+
+def test_convert_cli_refuses_a_source_of_the_other_kind(smol_dir, tmp_path, capsys):
+    from llama_jax.convert import main
+
+    assert main(["--from", "ours", "--to", "hf", "--source", str(smol_dir), "--out", str(tmp_path)]) == 2
+    assert "use --from hf for a directory with config.json" in capsys.readouterr().err
+    assert main(["--from", "ours", "--to", "hf", "--source", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -187,10 +187,8 @@ def test_eval_batches_stop_at_the_end_of_the_corpus():
 
 def test_built_corpus_flows_through_the_pipeline(tmp_path):
     class ByteTokenizer:
-        bos_id, eos_id = 256, 257
-
-        def encode_batch(self, texts):
-            return [list(t.encode()) for t in texts]
+        def encode_documents(self, texts):
+            return [[256, *t.encode(), 257] for t in texts]
 
     texts = ["hello world", "x", "a longer document " * 5]
     corpus = TokenizedCorpus.build(texts, ByteTokenizer(), tmp_path / "c")

@@ -24,8 +24,8 @@ class ByteTokenizer:
 
     vocab_size, bos_id, eos_id, pad_id = 258, 256, 257, 0
 
-    def encode_batch(self, texts):
-        return [list(text.encode("utf-8")) for text in texts]
+    def encode_documents(self, texts):
+        return [[self.bos_id, *text.encode("utf-8"), self.eos_id] for text in texts]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,9 +76,13 @@ def test_tokenized_corpus_round_trip(tmp_path):
         loaded[4]
 
 
-def test_build_without_bos_eos_and_replacing_an_old_store(tmp_path):
+def test_build_stores_the_tokenizers_framing_and_replaces_an_old_store(tmp_path):
+    class UnframedTokenizer(ByteTokenizer):
+        def encode_documents(self, texts):
+            return [list(text.encode("utf-8")) for text in texts]
+
     TokenizedCorpus.build(["old", "store"], ByteTokenizer(), tmp_path / "c")
-    corpus = TokenizedCorpus.build(["ab"], ByteTokenizer(), tmp_path / "c", bos=False, eos=False)
+    corpus = TokenizedCorpus.build(["ab"], UnframedTokenizer(), tmp_path / "c")
     assert len(corpus) == 1
     np.testing.assert_array_equal(corpus[0], list(b"ab"))
     assert [p.name for p in tmp_path.iterdir()] == ["c"], "no temporary directory left behind"
@@ -86,7 +90,7 @@ def test_build_without_bos_eos_and_replacing_an_old_store(tmp_path):
 
 def test_build_that_fails_midway_leaves_nothing(tmp_path):
     class FailingTokenizer(ByteTokenizer):
-        def encode_batch(self, texts):
+        def encode_documents(self, texts):
             raise KeyboardInterrupt  # As if the process were stopped mid-build.
 
     with pytest.raises(KeyboardInterrupt):

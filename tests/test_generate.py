@@ -1,5 +1,8 @@
-"""Generation: greedy decoding against transformers, nucleus sampling, eos, and the CLI on a Hugging Face directory."""
+"""Generation: greedy decoding against transformers, top-k / nucleus sampling, stop ids, and the CLI on Hugging Face
+directories whose tokenizer framing and generation_config.json it must honour."""
 
+import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,7 +18,7 @@ import transformers
 
 from llama_jax.convert import load_hf
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.generate import generate, main, sample_top_p
+from llama_jax.generate import generate, keep_top_k, main, sample_top_p
 
 PROMPTS = [[3, 17, 42, 9, 100], [250, 1, 77]]  # different lengths: each row keeps its own position
 NEW_TOKENS = 20
@@ -77,7 +80,7 @@ def test_eos_stops_only_its_row(model, greedy):
     # the first token of row 0 that appears neither earlier in row 0 nor anywhere in row 1
     k = next(k for k, t in enumerate(greedy[0]) if k > 0 and t not in greedy[0][:k] and t not in greedy[1])
     eos = greedy[0][k]
-    assert generate(model, PROMPTS, NEW_TOKENS, eos_id=eos) == [greedy[0][: k + 1], greedy[1]]
+    assert generate(model, PROMPTS, NEW_TOKENS, stop_ids=[eos]) == [greedy[0][: k + 1], greedy[1]]
 
 
 def test_sample_top_p_draws_only_from_the_nucleus():
@@ -114,7 +117,7 @@ def test_top_p_generation_is_seeded_and_stays_in_the_nucleus(hf_dir, model):
 def test_cli_prints_the_continuation_of_a_hf_checkpoint(hf_dir, model, capsys):
     prompt = "def wrap(text):"
     tokenizer = Tokenizer.from_file(hf_dir / "tokenizer.json")
-    new_ids = generate(model, tokenizer.encode(prompt, bos=True), 12, eos_id=tokenizer.eos_id)[0]
+    new_ids = generate(model, tokenizer.encode(prompt), 12, stop_ids=[tokenizer.eos_id])[0]
     expected = tokenizer.decode([i for i in new_ids if i != tokenizer.eos_id])
     code = main(["--checkpoint", str(hf_dir), "--prompt", prompt, "--max_new_tokens", "12"])
     assert code == 0
@@ -130,3 +133,45 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: checkpoint ") and "does not exist" in result.stderr
     assert result.stderr.count("\n") == 1 and not result.stdout  # one line, no traceback
+
+
+@pytest.mark.parametrize("bos_framing", [True, False], ids=["bos-adding", "no-bos"])
+@pytest.mark.parametrize("stop_index", [0, 1])
+def test_cli_frames_and_stops_as_transformers(hf_dir, model, greedy, tmp_path, capsys, bos_framing, stop_index):
+    """Framing from the tokenizer.json post-processor and stop ids from a generation_config.json eos_token_id list:
+    the CLI's prompt ids and continuation equal transformers' tokenizer(prompt) and generate() token for token."""
+    prompt = "def wrap(text):"
+    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
+    tok_json = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    if bos_framing:
+        tok_json.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok_json.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    reference_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    prompt_ids = reference_tok(prompt).input_ids
+    assert (prompt_ids[0] == 0) == bos_framing and Tokenizer.from_file(tmp_path).encode(prompt) == prompt_ids
+
+    free_run = generate(model, prompt_ids, NEW_TOKENS)[0]
+    k = next(k for k, t in enumerate(free_run) if k > 2 and t not in free_run[:k])  # its first occurrence
+    stop_ids = [9999, 9999]
+    stop_ids[stop_index] = free_run[k]
+    stop_ids[1 - stop_index] = next(t for t in range(2, 300) if t not in free_run)  # never produced
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": stop_ids, "do_sample": False}))
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, pad_token_id=1)[0, len(prompt_ids):]
+    assert expected.tolist() == free_run[: k + 1]  # transformers stopped there too
+    assert main(["--checkpoint", str(tmp_path), "--prompt", prompt, "--max_new_tokens", str(NEW_TOKENS)]) == 0
+    out, err = capsys.readouterr()
+    assert out == reference_tok.decode(expected[:-1]) + "\n"
+    assert f"stop on ids {stop_ids} (generation_config.json)" in err and "greedy (generation_config.json)" in err
+
+
+def test_top_k_keeps_the_k_most_likely(model):
+    logits_bv = jnp.array([[0.1, 3.0, 2.0, -1.0, 2.5]])
+    kept = keep_top_k(logits_bv, jnp.int32(2))
+    assert np.isfinite(np.asarray(kept)).tolist() == [[False, True, False, False, True]]
+    assert np.array_equal(np.asarray(keep_top_k(logits_bv, jnp.int32(0))), np.asarray(logits_bv))
+    assert np.array_equal(np.asarray(keep_top_k(logits_bv, jnp.int32(99))), np.asarray(logits_bv))
+    draws = generate(model, [PROMPTS[0]] * 32, 1, temperature=5.0, top_k=1, seed=3)
+    assert {d[0] for d in draws} == {generate(model, PROMPTS[0], 1)[0][0]}  # top-1 sampling is greedy

@@ -129,36 +129,38 @@ def test_from_file_detects_format_by_content(files, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip(files, held_out, fmt):
     tok = tk.Tokenizer.from_file(files[fmt])
-    batch = tok.encode_batch(held_out, bos=True, eos=True)
+    assert (tok.prefix_ids, tok.suffix_ids) == ((tok.bos_id,), ())  # each fixture frames text as Llama 3 does
+    batch = tok.encode_batch(held_out)
     for text, ids in zip(held_out, batch, strict=True):
-        assert ids == [tok.bos_id, *tok.encode(text), tok.eos_id]
+        assert ids == [tok.bos_id, *tok.encode(text, add_special_tokens=False)] == tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
-        assert tok.decode(ids[1:-1]) == text
+        assert tok.decode(ids[1:]) == text
+    assert tok.encode_documents(held_out) == [ids + [tok.eos_id] for ids in batch]
     assert len(tok.encode(SAMPLE)) < len(SAMPLE.encode())  # it really merges, not only bytes
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_special_tokens_only_when_allowed(files, fmt):
     tok = tk.Tokenizer.from_file(files[fmt])
-    assert tok.encode("<|begin_of_text|>", allow_special=True) == [tok.bos_id]
-    assert tok.encode("<|end_of_text|>", allow_special=True) == [tok.eos_id]
-    as_text = tok.encode("<|begin_of_text|>")
+    assert tok.encode("<|begin_of_text|>", allow_special=True, add_special_tokens=False) == [tok.bos_id]
+    assert tok.encode("<|end_of_text|>", allow_special=True, add_special_tokens=False) == [tok.eos_id]
+    as_text = tok.encode("<|begin_of_text|>", add_special_tokens=False)
     assert len(as_text) > 1 and not set(as_text) & set(tok.special_tokens.values())
     assert tok.decode(as_text) == "<|begin_of_text|>"
 
-    ids = tok.encode(WITH_SPECIALS, allow_special=True)
+    ids = tok.encode(WITH_SPECIALS, allow_special=True, add_special_tokens=False)
     assert [i for i in ids if i in tok.special_tokens.values()] == [
         tok.bos_id, tok.special_tokens["<|eot_id|>"], tok.eos_id]
     assert tok.decode(ids) == WITH_SPECIALS  # specials are neither dropped nor padded with spaces
-    assert tok.encode_batch([WITH_SPECIALS, SAMPLE], allow_special=True) == [ids, tok.encode(SAMPLE)]
+    assert tok.encode_batch([WITH_SPECIALS, SAMPLE], allow_special=True, add_special_tokens=False) == [ids, tok.encode(SAMPLE, add_special_tokens=False)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pickles_for_data_loader_workers(files, fmt):
     tok = tk.Tokenizer.from_file(files[fmt])
     clone = pickle.loads(pickle.dumps(tok))
-    assert clone.encode(WITH_SPECIALS, allow_special=True) == tok.encode(WITH_SPECIALS, allow_special=True)
-    assert clone.encode(WITH_SPECIALS) == tok.encode(WITH_SPECIALS)
+    assert clone.encode(WITH_SPECIALS, allow_special=True, add_special_tokens=False) == tok.encode(WITH_SPECIALS, allow_special=True, add_special_tokens=False)
+    assert clone.encode(WITH_SPECIALS, add_special_tokens=False) == tok.encode(WITH_SPECIALS, add_special_tokens=False)
     assert (clone.bos_id, clone.eos_id, clone.pad_id, clone.vocab_size) == (
         tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)
 
@@ -177,8 +179,8 @@ def test_train_bpe_writes_llama3_format_that_tiktoken_reproduces(files, held_out
         special_tokens=tk.llama3_special_tokens(len(ranks)))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (VOCAB_SIZE, 768, 769, 772)
     for text in held_out + [WITH_SPECIALS]:
-        assert tok.encode(text) == reference.encode(text, disallowed_special=())
-        assert tok.encode(text, allow_special=True) == reference.encode(text, allowed_special="all")
+        assert tok.encode(text, add_special_tokens=False) == reference.encode(text, disallowed_special=())
+        assert tok.encode(text, allow_special=True, add_special_tokens=False) == reference.encode(text, allowed_special="all")
 
 
 def test_train_bpe_ranks_follow_merge_order(files, held_out):
@@ -190,8 +192,8 @@ def test_train_bpe_ranks_follow_merge_order(files, held_out):
         tiktoken_tok.vocab_size, tiktoken_tok.bos_id, tiktoken_tok.eos_id, tiktoken_tok.pad_id)
     for text in held_out + [WITH_SPECIALS]:
         for allow_special in (False, True):
-            assert tiktoken_tok.encode(text, allow_special=allow_special) == hf_tok.encode(
-                text, allow_special=allow_special)
+            assert tiktoken_tok.encode(text, allow_special=allow_special, add_special_tokens=False) == hf_tok.encode(
+                text, allow_special=allow_special, add_special_tokens=False)
 
 
 def test_train_bpe_is_deterministic(tmp_path, corpus):
@@ -207,8 +209,8 @@ def test_train_bpe_is_deterministic(tmp_path, corpus):
 def test_tiktoken_survives_huge_whitespace_runs(files):
     tok = tk.Tokenizer.from_file(files["tiktoken"])
     text = "x" + " " * 1_100_000 + "y\n"  # tiktoken alone panics (stack overflow) on this
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.encode_batch([text, "z"]) == [tok.encode(text), tok.encode("z")]
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.encode_batch([text, "z"], add_special_tokens=False) == [tok.encode(text, add_special_tokens=False), tok.encode("z", add_special_tokens=False)]
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3124, 3125, 7777])
@@ -227,7 +229,7 @@ def test_sentencepiece_ids_come_from_the_model(files):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp.bos_id(), sp.eos_id(), 2000)
     assert sp.pad_id() == -1 and tok.pad_id == tok.eos_id
     assert set(tok.special_tokens) == {"<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|python_tag|>"}
-    assert tok.encode(SAMPLE) == sp.encode(SAMPLE)
+    assert tok.encode(SAMPLE, add_special_tokens=False) == sp.encode(SAMPLE)
 
 
 def test_huggingface_reads_tokenizer_config(files, tmp_path):
@@ -236,7 +238,7 @@ def test_huggingface_reads_tokenizer_config(files, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = tk.Tokenizer.from_file(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (768, tok.special_tokens["<|eot_id|>"], 776)
-    ids = tok.encode("hi", bos=True, eos=True)
+    ids = tok.encode_documents(["hi"])[0]
     assert (ids[0], ids[-1]) == (768, 777)
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
@@ -257,7 +259,7 @@ def test_user_errors_raise_data_error(tmp_path, files):
     with pytest.raises(DataError, match="is empty"):
         tk.Tokenizer.from_file(tmp_path / "empty.model")
     tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(DataError, match="cannot tell the bos/eos tokens"):
+    with pytest.raises(DataError, match="cannot tell the eos"):
         tk.Tokenizer.from_file(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid Hugging Face tokenizer.json"):
@@ -278,3 +280,90 @@ def test_user_errors_raise_data_error(tmp_path, files):
         tk.train_bpe(["abc"], 300, tmp_path / "small.model")
     with pytest.raises(DataError, match="learnt no merges"):
         tk.train_bpe([], 1024, tmp_path / "none.model")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Framing: the tokenizer's own files decide, exactly as transformers' tokenizer(text)
+
+_BOS_TEMPLATE = tokenizers.processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+    ("<|begin_of_text|>", 768)])
+_BOS_EOS_TEMPLATE = tokenizers.processors.Sequence([
+    tokenizers.processors.ByteLevel(trim_offsets=False),
+    tokenizers.processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[
+        ("<|begin_of_text|>", 768), ("<|end_of_text|>", 769)]),
+])
+FRAMINGS = {  # post-processor -> the ids it adds before and after the text
+    "bos": (_BOS_TEMPLATE, (768,), ()),
+    "none": (None, (), ()),
+    "bos_eos": (_BOS_EOS_TEMPLATE, (768,), (769,)),
+}
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False, None])
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_framing_follows_the_post_processor_as_transformers_does(files, tmp_path, framing, add_bos_token):
+    """Like SmolLM2: bos_token names a chat token, and only the post-processor says whether anything is added."""
+    import transformers
+
+    post_processor, prefix, suffix = FRAMINGS[framing]
+    tok_json = tokenizers.Tokenizer.from_file(str(files["huggingface"]))
+    tok_json.post_processor = post_processor
+    tok_json.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<|start_header_id|>", "eos_token": "<|end_of_text|>",
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+
+    ours = tk.Tokenizer.from_file(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (ours.prefix_ids, ours.suffix_ids) == (prefix, suffix)
+    for text in [SAMPLE, "def f(x):\n    return x  # 1234\n", "I'LL don't", " leading space"]:
+        assert ours.encode(text) == reference(text).input_ids
+        assert ours.encode(text, add_special_tokens=False) == reference(text, add_special_tokens=False).input_ids
+    documents = ours.encode_documents(["x = 1"])
+    assert documents == [[*prefix, *ours.encode("x = 1", add_special_tokens=False), 769]]  # one eos, never two
+
+
+@pytest.mark.parametrize("flags, prefix, suffix", [
+    ({}, ("bos",), ()), ({"add_bos_token": False}, (), ()), ({"add_eos_token": True}, ("bos",), ("eos",)),
+])
+def test_sentencepiece_framing_reads_tokenizer_config(files, tmp_path, flags, prefix, suffix):
+    shutil.copy(files["sentencepiece"], tmp_path / "tokenizer.model")
+    if flags:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(flags))
+    tok = tk.Tokenizer.from_file(tmp_path)
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id}
+    assert (tok.prefix_ids, tok.suffix_ids) == (tuple(ids[p] for p in prefix), tuple(ids[s] for s in suffix))
+    assert tok.encode("hi") == [*tok.prefix_ids, *tok.encode("hi", add_special_tokens=False), *tok.suffix_ids]
+
+
+def test_tiktoken_frames_with_begin_of_text_only(files):
+    tok = tk.Tokenizer.from_file(files["tiktoken"])
+    assert (tok.prefix_ids, tok.suffix_ids) == ((tok.special_tokens["<|begin_of_text|>"],), ())
+    assert tok.encode_documents(["a", ""]) == [[768, *tok.encode("a", add_special_tokens=False), 769], [768, 769]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_save_hf_gives_the_same_tokenizer_back(files, held_out, tmp_path, fmt):
+    """Our own reader gets an identical tokenizer back from every format; transformers opens the tokenizer.json
+    exports (tiktoken's is converted) and encodes, frames and decodes exactly as we do."""
+    import transformers
+
+    tok = tk.Tokenizer.from_file(files[fmt])
+    tok.save_hf(tmp_path, chat_template="{{ messages[0]['content'] }}")
+    again = tk.Tokenizer.from_file(tmp_path)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.vocab_size, again.prefix_ids, again.suffix_ids) == (
+        tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.prefix_ids, tok.suffix_ids)
+    assert again.special_tokens == tok.special_tokens
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == "{{ messages[0]['content'] }}"
+    assert (config["bos_token"], config["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+    for text in held_out[-6:] + [WITH_SPECIALS]:
+        assert again.encode(text) == tok.encode(text)
+    if fmt == "sentencepiece":
+        return  # transformers 5 re-derives a tokenizer from tokenizer.model with its own whitespace rules
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in held_out[-6:]:
+        assert reference(text).input_ids == tok.encode(text)
+        assert reference.decode(tok.encode(text, add_special_tokens=False)) == text

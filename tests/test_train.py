@@ -1,20 +1,25 @@
 """End to end: the README's default job, resuming, and bad checkpoints."""
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from llama_jax import checkpoint, generate, trainer
 from llama_jax.config import default_config, model_section
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,3 +150,123 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
     resumed = run_cli(workdir, cache_dir, f"--config.train.steps={saved[0] + 2}", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoints/{saved[0]}" in resumed.stdout
+
+
+def test_a_trained_run_exports_to_a_complete_hugging_face_directory(tmp_path, cache_dir, capsys):
+    """The workdir of a short tiny-config run, converted with the CLI, opens in transformers as a whole: the model's
+    logits and greedy generation equal ours, and the tokenizer.json built from the run's tiktoken tokenizer.model
+    encodes code and multilingual text, frames it and renders chats exactly as llama_jax does."""
+    import torch
+    import transformers
+
+    from llama_jax import convert
+    from llama_jax.data.chat import ChatFormat
+    from llama_jax.data.tokenizer import Tokenizer
+
+    workdir, out = tmp_path / "run", tmp_path / "hf"
+    trainer.train(small_config(cache_dir, 3), workdir)
+    code = convert.main(["--from", "ours", "--to", "hf", "--source", str(workdir), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                               "tokenizer.json", "tokenizer_config.json"}
+
+    ours_tok = Tokenizer.from_file(workdir / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    samples = [(REPO / "llama_jax" / "trainer.py").read_text()[:4000],
+               "Grüße aus Köln! 東京は晴れ。 Привет, мир. مرحبا بالعالم 🙂🚀 — naïve café\n\t\tx = 1_000_000  # 12345",
+               "I'LL don't    \n\n\n   spaces", ""]
+    for text in samples:
+        assert hf_tok(text).input_ids == ours_tok.encode(text)
+        assert hf_tok.decode(ours_tok.encode(text), skip_special_tokens=True) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def main("},
+                {"role": "assistant", "content": "pass"}, {"role": "user", "content": "More?"}]
+    for prompt in (False, True):
+        rendered = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+        rendered = rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered
+        assert rendered == ChatFormat(ours_tok).render_ids(messages, add_generation_prompt=prompt)
+
+    ours, _ = checkpoint.load_model(workdir)
+    exported = convert.load_hf(out)
+    for a, b in zip(jax.tree.leaves(nnx.state(ours, nnx.Param)), jax.tree.leaves(nnx.state(exported, nnx.Param))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # float32 in, float32 out: bitwise
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt_ids = ours_tok.encode("def main(")
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt_ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(exported(jnp.asarray([prompt_ids]))), expected, atol=1e-4, rtol=0)
+
+    stops = [ours_tok.eos_id, ours_tok.special_tokens["<|eom_id|>"], ours_tok.special_tokens["<|eot_id|>"]]
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == stops
+    hf_new = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=12)[0, len(prompt_ids):].tolist()
+    assert hf_new == generate.generate(exported, prompt_ids, 12, stop_ids=stops)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A random transformers Llama with a byte-level BPE tokenizer.json (no bos added) trained on a few stdlib files."""
+    import sysconfig
+
+    import tokenizers
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("hf_finetune")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([(stdlib / name).read_text() for name in ("textwrap.py", "shlex.py")],
+                            tokenizers.trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    bpe.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    cfg = transformers.LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, bos_token_id=None, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def finetune_config(hf_dir: Path, cache_dir: Path, source: Path, **optim):
+    spec = importlib.util.spec_from_file_location("finetune_hf", REPO / "configs" / "finetune_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(str(hf_dir))
+    cfg.data.source, cfg.data.cache_dir = f"{source}/*.py", str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every_steps = 2, 1, 0, 2
+    cfg.optim.update(optim)
+    return cfg
+
+
+def test_finetuning_starts_from_the_hugging_face_weights(tmp_path, cache_dir, tiny_hf_dir):
+    from llama_jax import convert
+
+    source = tmp_path / "docs"
+    source.mkdir()
+    for name in ("argparse.py", "csv.py", "glob.py"):
+        shutil.copy(Path(os.__file__).parent / name, source / name)
+    original = convert.load_hf(tiny_hf_dir)
+    frozen = finetune_config(tiny_hf_dir, cache_dir, source, lr=0.0, weight_decay=0.0)
+    trainer.train(frozen, tmp_path / "frozen")
+    ours, tokenizer_path = checkpoint.load_model(tmp_path / "frozen")
+    for a, b in zip(jax.tree.leaves(nnx.state(original, nnx.Param)), jax.tree.leaves(nnx.state(ours, nnx.Param))):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "lr 0 must leave the loaded weights exactly as they were"
+    assert Path(tokenizer_path).name == "tokenizer.json"
+    first_loss = read_metrics(tmp_path / "frozen")[0]["loss"]
+    assert first_loss < math.log(original.cfg.vocab_size) + 0.5  # a random init at init_std would be near ln V too
+
+    trainer.train(finetune_config(tiny_hf_dir, cache_dir, source, lr=1e-2), tmp_path / "moved")
+    moved, _ = checkpoint.load_model(tmp_path / "moved")
+    assert not np.array_equal(np.asarray(moved.embed[...]), np.asarray(original.embed[...]))
+
+    wrong = finetune_config(tiny_hf_dir, cache_dir, source)
+    wrong.model.n_layers = 3
+    with pytest.raises(ConfigError, match=r"is a different model: model.n_layers=3 \(checkpoint: 2\)"):
+        trainer.train(wrong, tmp_path / "wrong")
+    no_tokenizer = finetune_config(tiny_hf_dir, cache_dir, source)
+    no_tokenizer.data.tokenizer = ""
+    with pytest.raises(ConfigError, match="needs the tokenizer the checkpoint was trained with"):
+        trainer.train(no_tokenizer, tmp_path / "no_tokenizer")

@@ -20,6 +20,9 @@ from llama_jax.data.tokenizer import Tokenizer, train_bpe
 from llama_jax.errors import DataError
 
 EVAL_FRACTION = 0.02
+# Part of every user-corpus cache key; bumped whenever what a cached document holds changes
+# (2: documents framed by the tokenizer's own bos rule, `Tokenizer.encode_documents`).
+_CACHE_FORMAT = 2
 
 
 def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> PreparedCorpus:
@@ -32,7 +35,7 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Prepare
         return prepare_stdlib_corpus(cache_dir, vocab_size)
     if data_cfg.tokenizer and not Path(data_cfg.tokenizer).expanduser().exists():
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
-    key = hashlib.sha256(f"{data_cfg.source}|{data_cfg.tokenizer}|{vocab_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{data_cfg.source}|{data_cfg.tokenizer}|{vocab_size}|{_CACHE_FORMAT}".encode()).hexdigest()[:16]
     root = cache_dir / f"corpus-{key}"
     if not root.exists():
         _build(data_cfg, vocab_size, root)

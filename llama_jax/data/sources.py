@@ -35,10 +35,7 @@ _ENCODE_CHUNK_DOCUMENTS = 256
 class TokenizerLike(Protocol):
     """The part of `llama_jax.data.tokenizer.Tokenizer` that building a corpus needs."""
 
-    bos_id: int
-    eos_id: int
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_documents(self, texts: list[str]) -> list[list[int]]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,17 +162,17 @@ class TokenizedCorpus:
         texts: Sequence[str],
         tokenizer: TokenizerLike,
         directory: str | os.PathLike,
-        *,
-        bos: bool = True,
-        eos: bool = True,
     ) -> TokenizedCorpus:
         """Tokenizes `texts` and writes the store, replacing any previous one at `directory`.
+
+        Each document is stored as `tokenizer.encode_documents` frames it (the tokenizer's own bos rule, then eos),
+        so packed training rows hold exactly what the tokenizer's files say a text looks like.
 
         The files are written to a temporary sibling directory that is renamed into place at the end, so a
         process killed mid-build never leaves a store that `load` would accept.
         """
         directory = Path(directory)
-        tokens, offsets = _tokenize(texts, tokenizer, bos=bos, eos=eos)
+        tokens, offsets = _tokenize(texts, tokenizer)
         with atomic_directory(directory) as tmp:
             np.save(tmp / _TOKENS_FILE, tokens)
             np.save(tmp / _OFFSETS_FILE, offsets)
@@ -198,15 +195,12 @@ class TokenizedCorpus:
         return cls(tokens, offsets)
 
 
-def _tokenize(texts: Sequence[str], tokenizer: TokenizerLike, *, bos: bool, eos: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize(texts: Sequence[str], tokenizer: TokenizerLike) -> tuple[np.ndarray, np.ndarray]:
     """Encodes in chunks so that batch encoding (parallel in tiktoken) is used without holding every list at once."""
-    prefix = [tokenizer.bos_id] if bos else []
-    suffix = [tokenizer.eos_id] if eos else []
     token_chunks: list[np.ndarray] = []
     lengths: list[int] = []
     for start in range(0, len(texts), _ENCODE_CHUNK_DOCUMENTS):
-        encoded = tokenizer.encode_batch(list(texts[start : start + _ENCODE_CHUNK_DOCUMENTS]))
-        documents = [prefix + ids + suffix for ids in encoded]
+        documents = tokenizer.encode_documents(list(texts[start : start + _ENCODE_CHUNK_DOCUMENTS]))
         lengths.extend(len(d) for d in documents)
         token_chunks.append(np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64))
     tokens = np.concatenate(token_chunks) if token_chunks else np.zeros(0, np.int64)

@@ -3,6 +3,15 @@
 `Tokenizer.from_file` picks the format from the file's content, so the rest of the data pipeline never asks which
 one it holds. `train_bpe` writes a small tokenizer in Llama 3's own format, so the tiny CPU job runs through the very
 code path that the real 128K-token tokenizer uses.
+
+Framing (which ids `encode` adds around a text) is decided here, once, from the tokenizer's own files, so that
+generation, training data and evaluation frame text exactly as `transformers`' `tokenizer(text)` does:
+- `tokenizer.json`: its post-processor decides (Llama 3 Hub repositories prepend `<|begin_of_text|>`; SmolLM2-style
+  ones add nothing). Like transformers 5, `add_bos_token` / `add_eos_token` in `tokenizer_config.json` are then
+  ignored: the post-processor is the single source of truth.
+- Llama 3's tiktoken `tokenizer.model`: `<|begin_of_text|>` first, nothing after (Meta's own tokenizer.json).
+- SentencePiece `.model`: `add_bos_token` / `add_eos_token` from a `tokenizer_config.json` beside it, else bos
+  first and nothing after (the Llama 2 default).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import tiktoken
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
+from llama_jax.data import tiktoken_to_hf
 from llama_jax.errors import DataError
 
 # Meta's pre-tokenizer regex for Llama 3 (llama3/tokenizer.py), character for character.
@@ -66,19 +76,52 @@ class Tokenizer(abc.ABC):
     """
 
     vocab_size: int
-    bos_id: int
+    bos_id: int | None  # None: the tokenizer has no beginning-of-sequence token (e.g. SmolLM2's)
     eos_id: int
     pad_id: int
     special_tokens: dict[str, int]
+    prefix_ids: tuple[int, ...]  # the framing: ids `encode` puts before the text ...
+    suffix_ids: tuple[int, ...]  # ... and after it
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
-        return self._frame(self._encode(text, allow_special), bos, eos)
+    def encode(self, text: str, *, add_special_tokens: bool = True, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, framed by the tokenizer's own rule unless `add_special_tokens=False`."""
+        return self._frame(self._encode(text, allow_special), add_special_tokens)
 
     def encode_batch(
-        self, texts: list[str], *, bos: bool = False, eos: bool = False, allow_special: bool = False
+        self, texts: list[str], *, add_special_tokens: bool = True, allow_special: bool = False
     ) -> list[list[int]]:
         """Like `encode` on each text, but lets the library spread the work over threads outside the GIL."""
-        return [self._frame(ids, bos, eos) for ids in self._encode_batch(texts, allow_special)]
+        return [self._frame(ids, add_special_tokens) for ids in self._encode_batch(texts, allow_special)]
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Training documents: each text framed as `encode` frames it, then ended by eos.
+
+        The trailing eos is what lets a model trained on packed documents learn where a document stops; it is
+        added only when the framing does not end with eos already, so no document ever gets two.
+        """
+        ending = [] if self.suffix_ids[-1:] == (self.eos_id,) else [self.eos_id]
+        return [ids + ending for ids in self.encode_batch(texts)]
+
+    def token_text(self, token_id: int | None) -> str | None:
+        """The text of a special token (e.g. bos for a chat template), None for None."""
+        return None if token_id is None else self._decode([token_id])
+
+    def save_hf(self, directory: str | os.PathLike, *, chat_template: str | None = None) -> None:
+        """Writes the tokenizer as Hugging Face files (`tokenizer.json` or `tokenizer.model`, `tokenizer_config.json`).
+
+        `AutoTokenizer.from_pretrained(directory)` then encodes and frames text as this tokenizer does, and
+        `Tokenizer.from_file(directory)` gives this tokenizer back.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self._write_hf_model(directory)
+        config.update(
+            bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id),
+            pad_token=self.token_text(self.pad_id), clean_up_tokenization_spaces=False,  # decode gives the text back
+        )
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def decode(self, ids: Sequence[int]) -> str:
         """Special tokens come back as their text, so encode(allow_special=True) then decode gives the input back."""
@@ -104,8 +147,8 @@ class Tokenizer(abc.ABC):
             return TiktokenTokenizer(_parse_tiktoken_ranks(data, path))
         return SentencePieceTokenizer(path)
 
-    def _frame(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+    def _frame(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        return [*self.prefix_ids, *ids, *self.suffix_ids] if add_special_tokens else ids
 
     @abc.abstractmethod
     def _encode(self, text: str, allow_special: bool) -> list[int]: ...
@@ -116,11 +159,16 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
 
+    @abc.abstractmethod
+    def _write_hf_model(self, directory: Path) -> dict:
+        """Writes the model file(s) into `directory`; returns the tokenizer_config.json entries they need."""
+
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3's format: byte-level BPE ranks, Meta's split regex, and 256 specials numbered after the ranks."""
 
     def __init__(self, ranks: dict[bytes, int]):
+        self._ranks = ranks
         self.special_tokens = llama3_special_tokens(len(ranks))
         self._enc = tiktoken.Encoding(
             name="llama3", pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
@@ -129,6 +177,7 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.prefix_ids, self.suffix_ids = (self.bos_id,), ()
 
     def _encode(self, text: str, allow_special: bool) -> list[int]:
         if allow_special:
@@ -146,6 +195,12 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def _write_hf_model(self, directory: Path) -> dict:
+        bos = self.token_text(self.bos_id)
+        text = tiktoken_to_hf.tokenizer_json(self._ranks, self.special_tokens, LLAMA3_SPLIT_PATTERN, bos_token=bos)
+        (directory / "tokenizer.json").write_text(text, encoding="utf-8")
+        return {"tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -178,6 +233,9 @@ class SentencePieceTokenizer(Tokenizer):
                 "(spm_train --bos_id=1 --eos_id=2)"
             )
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        config = read_tokenizer_config(path.parent)
+        self.prefix_ids = (self.bos_id,) if config.get("add_bos_token", True) else ()
+        self.suffix_ids = (self.eos_id,) if config.get("add_eos_token", False) else ()
 
     def _encode(self, text: str, allow_special: bool) -> list[int]:
         if not allow_special or self._special_re is None:
@@ -205,13 +263,19 @@ class SentencePieceTokenizer(Tokenizer):
         parts.append(self._sp.decode(ids[start:]))
         return "".join(parts)
 
+    def _write_hf_model(self, directory: Path) -> dict:
+        (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
+        return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bool(self.prefix_ids),
+                "add_eos_token": bool(self.suffix_ids)}
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json, as Llama 3 Hub repositories ship it (byte-level BPE + added tokens).
 
     bos/eos/pad come from a tokenizer_config.json next to the file when it names them, else from the usual token
     names. Pad falls back to `<|finetune_right_pad_id|>`, then to eos (see SentencePieceTokenizer for why that is
-    safe). Ids are never added implicitly: the file's post-processor (which prepends bos) is bypassed.
+    safe). The framing is read off the file's post-processor by encoding a probe with and without it, which covers
+    every kind of post-processor (template, Roberta, sequences of them) without interpreting any.
     """
 
     def __init__(self, path: Path):
@@ -225,7 +289,7 @@ class HFTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         config_path = path.parent / "tokenizer_config.json"
-        config = _read_json(config_path)
+        config = self._config = read_tokenizer_config(path.parent)
 
         def token_id(role: str, fallbacks: tuple[str, ...]) -> int | None:
             name = config.get(f"{role}_token")
@@ -237,14 +301,15 @@ class HFTokenizer(Tokenizer):
             return vocab[name]
 
         bos, eos = token_id("bos", ("<|begin_of_text|>", "<s>")), token_id("eos", ("<|end_of_text|>", "</s>"))
-        if bos is None or eos is None:
+        if eos is None:
             raise DataError(
-                f"cannot tell the bos/eos tokens of {path}: write a tokenizer_config.json next to it with "
-                '"bos_token" and "eos_token" set to tokens of its vocabulary'
+                f"cannot tell the eos (end-of-sequence) token of {path}: write a tokenizer_config.json next to it "
+                'with "eos_token" (and "bos_token", if it has one) set to tokens of its vocabulary'
             )
         pad = token_id("pad", ("<|finetune_right_pad_id|>",))
         self.bos_id, self.eos_id, self.pad_id = bos, eos, eos if pad is None else pad
         self.vocab_size = max(vocab.values()) + 1
+        self.prefix_ids, self.suffix_ids = _post_processor_framing(self._plain)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -259,6 +324,22 @@ class HFTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _write_hf_model(self, directory: Path) -> dict:
+        (directory / "tokenizer.json").write_text(self._tok.to_str(), encoding="utf-8")
+        return {key: value for key, value in self._config.items() if key != "chat_template"}
+
+
+def _post_processor_framing(tok: tokenizers.Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prefix, suffix) ids that `tok`'s post-processor puts around a single text."""
+    probe = "a"
+    plain = tok.encode(probe, add_special_tokens=False).ids
+    framed = tok.encode(probe, add_special_tokens=True).ids
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return tuple(framed[:start]), tuple(framed[start + len(plain) :])
+    raise DataError("the tokenizer.json post-processor changes the text's own tokens; llama_jax supports only "
+                    "post-processors that add tokens around the text")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Tokenizer:
@@ -285,7 +366,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
     )
     bpe.train_from_iterator(texts, trainer)
     # The trainer numbers the 256 bytes first and then each merge in the order it was learnt: exactly BPE ranks.
-    byte_of_char = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+    byte_of_char = {c: b for b, c in tiktoken_to_hf.gpt2_bytes_to_unicode().items()}
     vocab = sorted(bpe.get_vocab().items(), key=lambda item: item[1])
     if len(vocab) == 256:
         raise DataError("train_bpe learnt no merges: the training texts are empty; check the data source")
@@ -296,6 +377,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
     tmp.write_text("".join(lines), encoding="ascii")
     os.replace(tmp, path)
     return Tokenizer.from_file(path)
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The files that make up the tokenizer at `path`: the model file first, then the `tokenizer_config.json` and
+    `chat_template.jinja` beside it when present (they set framing, special tokens and the chat template), so that
+    copying them carries the tokenizer whole."""
+    model_file = _resolve(Path(path))
+    siblings = [model_file.parent / name for name in ("tokenizer_config.json", "chat_template.jinja")]
+    return [model_file, *(f for f in siblings if f.is_file())]
 
 
 def _resolve(path: Path) -> Path:
@@ -357,17 +447,12 @@ def _alternation(tokens: Iterable[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
 
 
-def _read_json(path: Path) -> dict:
+def read_tokenizer_config(directory: Path) -> dict:
+    """The tokenizer_config.json in `directory` ({} when there is none), which several tokenizer rules read."""
+    path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e}): fix or delete it") from None
-
-
-def _gpt2_bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which Hugging Face byte-level vocabularies are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
