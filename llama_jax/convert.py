@@ -389,8 +389,8 @@ def open_checkpoint(checkpoint: str | os.PathLike) -> OpenedCheckpoint:
     from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
 
     model, tokenizer_path = load_model(path)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    return OpenedCheckpoint(model, tokenizer, GenerationSettings.for_tokenizer(tokenizer), Path(tokenizer_path).parent)
+    tokenizer, workdir = Tokenizer.from_file(tokenizer_path), Path(tokenizer_path).parent
+    return OpenedCheckpoint(model, tokenizer, GenerationSettings.from_directory(workdir, tokenizer), workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

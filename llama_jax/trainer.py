@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
+from llama_jax import generation_config
 from llama_jax.config import model_config, validate
 from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
@@ -188,10 +189,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}: "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    files = tokenizer_files(corpus.tokenizer_path)
-    for file in files:  # the run keeps its own copy, so a checkpoint is usable on its own
-        shutil.copyfile(file, workdir / file.name)
-    tokenizer_file = files[0].name
+    tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
 
     local_batch = cfg.data.batch_size // jax.process_count()
     data_args = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, process_index=jax.process_index(),
@@ -221,6 +219,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     finally:
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
+
+
+def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: Path) -> str:
+    """Copies into the workdir what its checkpoints need to be used on their own: the tokenizer's files and, for a
+    run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
+    file's name."""
+    files = tokenizer_files(tokenizer_path)
+    generation = Path(cfg.checkpoint.init_from).expanduser() / generation_config.FILE_NAME
+    for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
+        shutil.copyfile(file, workdir / file.name)
+    return files[0].name
 
 
 def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, preemption, meta: dict) -> dict:

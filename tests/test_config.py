@@ -4,7 +4,6 @@ Two subprocess tests check the CLI end of it (about 5 s each, mostly imports): a
 with exit code 2 and one readable `error:` line, before any data is prepared.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,21 +13,14 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from config_files import load_config_file
+
 from llama_jax.config import OBJECTIVES, default_config, hf_model_section, model_config, model_section, validate
 from llama_jax.convert import config_to_hf
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import preset
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config_file(name: str, *args: str) -> ml_collections.ConfigDict:
-    """`get_config(*args)` of configs/<name>, loaded from the repository path (configs/ is not a package); the
-    arguments are what `--config configs/<name>:ARG` passes."""
-    spec = importlib.util.spec_from_file_location(f"_config_{Path(name).stem}", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
 
 
 def with_value(cfg: ml_collections.ConfigDict, key: str, value) -> ml_collections.ConfigDict:

@@ -5,13 +5,13 @@ Tokenizers are trained here on the standard library's sources or written by hand
 
 import itertools
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import tiktoken
 import tokenizers
 import transformers
+
+from stdlib_text import stdlib_sources
 
 from llama_jax.data.tiktoken_to_hf import tokenizer_json
 from llama_jax.data.tokenizer import (
@@ -42,20 +42,10 @@ MULTILINGUAL = [
 ]
 
 
-def _stdlib_sources(skip: int, limit_chars: int) -> list[str]:
-    texts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[skip:]:
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        size += len(texts[-1])
-        if size >= limit_chars:
-            break
-    return texts
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[TiktokenTokenizer, tiktoken.Encoding, dict[bytes, int]]:
     path = tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"
-    train_bpe(_stdlib_sources(skip=0, limit_chars=600_000), 2048, path)
+    train_bpe(stdlib_sources(skip=0, limit_chars=600_000), 2048, path)
     tok = Tokenizer.from_file(path)
     assert isinstance(tok, TiktokenTokenizer)
     ranks = _parse_tiktoken_ranks(path.read_bytes(), path)
@@ -67,7 +57,7 @@ def trained(tmp_path_factory) -> tuple[TiktokenTokenizer, tiktoken.Encoding, dic
 @pytest.fixture(scope="module")
 def held_out() -> list[str]:
     """Code the tokenizer was not trained on, plus text unlike its training data."""
-    return _stdlib_sources(skip=150, limit_chars=200_000) + MULTILINGUAL
+    return stdlib_sources(skip=150, limit_chars=200_000) + MULTILINGUAL
 
 
 def _convert(trained, bos_token: str | None) -> str:

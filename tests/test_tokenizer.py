@@ -5,13 +5,14 @@ import io
 import json
 import pickle
 import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
 import sentencepiece
 import tiktoken
 import tokenizers
+
+from stdlib_text import stdlib_sources
 
 from llama_jax.data import tokenizer as tk
 from llama_jax.errors import DataError
@@ -21,25 +22,15 @@ SAMPLE = "naïve café — 東京 🙂\n\ttabs"
 WITH_SPECIALS = "<|begin_of_text|>Hi there<|eot_id|> naïve café<|end_of_text|>"
 
 
-def _stdlib_sources(skip: int, limit_chars: int) -> list[str]:
-    texts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[skip:]:
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        size += len(texts[-1])
-        if size >= limit_chars:
-            break
-    return texts
-
-
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
-    return _stdlib_sources(skip=0, limit_chars=600_000)
+    return stdlib_sources(skip=0, limit_chars=600_000)
 
 
 @pytest.fixture(scope="module")
 def held_out() -> list[str]:
     """Text the tokenizers were not trained on, plus the awkward cases."""
-    return _stdlib_sources(skip=100, limit_chars=100_000) + [SAMPLE, "", "   \n\n  x", "12345 'll'S"]
+    return stdlib_sources(skip=100, limit_chars=100_000) + [SAMPLE, "", "   \n\n  x", "12345 'll'S"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """End to end: the README's default job, resuming, and bad checkpoints."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from config_files import load_config_file
 
 from llama_jax import checkpoint, generate, trainer
 from llama_jax.config import default_config, model_section
@@ -226,14 +227,12 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
                                    max_position_embeddings=256, bos_token_id=None, eos_token_id=0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0], "do_sample": True, "temperature": 0.7}))
     return path
 
 
 def finetune_config(hf_dir: Path, cache_dir: Path, source: Path, **optim):
-    spec = importlib.util.spec_from_file_location("finetune_hf", REPO / "configs" / "finetune_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(str(hf_dir))
+    cfg = load_config_file("finetune_hf.py", str(hf_dir))
     cfg.data.source, cfg.data.cache_dir = f"{source}/*.py", str(cache_dir)
     cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every_steps = 2, 1, 0, 2
@@ -255,6 +254,8 @@ def test_finetuning_starts_from_the_hugging_face_weights(tmp_path, cache_dir, ti
     for a, b in zip(jax.tree.leaves(nnx.state(original, nnx.Param)), jax.tree.leaves(nnx.state(ours, nnx.Param))):
         assert np.array_equal(np.asarray(a), np.asarray(b)), "lr 0 must leave the loaded weights exactly as they were"
     assert Path(tokenizer_path).name == "tokenizer.json"
+    settings = convert.open_checkpoint(tmp_path / "frozen").generation  # the run kept the checkpoint's settings
+    assert (settings.stop_ids, settings.do_sample, settings.temperature) == ((0,), True, 0.7)
     first_loss = read_metrics(tmp_path / "frozen")[0]["loss"]
     assert first_loss < math.log(original.cfg.vocab_size) + 0.5  # a random init at init_std would be near ln V too
 

@@ -45,6 +45,7 @@ _MAX_WHITESPACE_RUN = 25_000
 _LONG_WHITESPACE = re.compile(rf"(?<!\s)\s{{{_MAX_WHITESPACE_RUN},}}")
 _EIGHT_WHITESPACE = re.compile(r"\s{8}")
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 _USAGE = "pass data.tokenizer=PATH to a tokenizer.model (Llama 3 tiktoken), *.model (SentencePiece) or tokenizer.json"
 
 
@@ -114,6 +115,8 @@ class Tokenizer(abc.ABC):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in _HF_TOKENIZER_FILES:  # an earlier export's files would shadow these (chat_template.jinja would)
+            (directory / stale).unlink(missing_ok=True)
         config = self._write_hf_model(directory)
         config.update(
             bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id),
@@ -389,8 +392,10 @@ def tokenizer_files(path: str | os.PathLike) -> list[Path]:
 
 
 def _resolve(path: Path) -> Path:
+    """The tokenizer file of `path`. In a directory tokenizer.json comes first, since it is what transformers uses
+    where a repository has both (Llama 2's ship a SentencePiece tokenizer.model beside it)."""
     if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json", "original/tokenizer.model"):
+        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
             if (path / name).is_file():
                 return path / name
         raise DataError(f"directory {path} holds no tokenizer.model or tokenizer.json: {_USAGE}")
