@@ -175,3 +175,30 @@ def test_top_k_keeps_the_k_most_likely(model):
     assert np.array_equal(np.asarray(keep_top_k(logits_bv, jnp.int32(99))), np.asarray(logits_bv))
     draws = generate(model, [PROMPTS[0]] * 32, 1, temperature=5.0, top_k=1, seed=3)
     assert {d[0] for d in draws} == {generate(model, PROMPTS[0], 1)[0][0]}  # top-1 sampling is greedy
+
+
+def test_cli_chat_mode_renders_the_checkpoints_template(hf_dir, model, tmp_path, capsys):
+    """--chat: the prompt becomes a user message (after --system) rendered with the directory's chat template; the
+    prompt ids are transformers' apply_chat_template(..., add_generation_prompt=True) and the output its generate."""
+    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
+    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                "chat_template": template}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def wrap(text):"}]
+    prompt_ids = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, add_generation_prompt=True)["input_ids"]
+    assert prompt_ids.count(0) == 3  # three <s>: the template was used
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([prompt_ids])  # the prompt holds </s>: an explicit mask keeps transformers from taking it as pad
+    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=1, pad_token_id=1)[0, len(prompt_ids):].tolist()
+    assert expected == generate(model, prompt_ids, 10, stop_ids=[1])[0]
+    code = main(["--checkpoint", str(tmp_path), "--chat", "--system", "Be brief.", "--prompt", "def wrap(text):",
+                 "--max_new_tokens", "10"])
+    assert code == 0
+    assert capsys.readouterr().out == Tokenizer.from_file(tmp_path).decode([t for t in expected if t != 1]) + "\n"
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "{{ oops("}))
+    assert main(["--checkpoint", str(tmp_path), "--chat", "--prompt", "hi"]) == 2
+    assert "syntax error" in capsys.readouterr().err
