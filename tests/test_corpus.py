@@ -52,6 +52,39 @@ def test_glob_source_trains_a_tokenizer_caches_and_holds_out_eval(tmp_path, text
     assert with_given.tokenizer_path == prepared.tokenizer_path
 
 
+def test_the_cache_follows_the_files_contents(tmp_path, text_dir):
+    """Editing, adding or removing a source file, or changing the tokenizer file, builds a new cache entry."""
+    data = data_section(tmp_path, str(text_dir / "*.txt"))
+    first = corpus.load_corpus(data, vocab_size=600)
+    documents = len(first.train) + len(first.eval)
+
+    def entries() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+    assert len(entries()) == 1
+
+    edited = sorted(text_dir.iterdir())[0]
+    edited.write_text(edited.read_text() + "\n# one more line\n")
+    second = corpus.load_corpus(data, vocab_size=600)
+    assert len(entries()) == 2 and second.train.num_tokens + second.eval.num_tokens > (
+        first.train.num_tokens + first.eval.num_tokens)
+    (text_dir / "new.txt").write_text("a brand new document")
+    third = corpus.load_corpus(data, vocab_size=600)
+    assert len(third.train) + len(third.eval) == documents + 1 and len(entries()) == 3
+    corpus.load_corpus(data, vocab_size=600)
+    assert len(entries()) == 3, "unchanged files reuse the entry"
+
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(Path(first.tokenizer_path).read_bytes())
+    given = data_section(tmp_path, str(text_dir / "*.txt"), str(tokenizer))
+    corpus.load_corpus(given, vocab_size=600)
+    other = corpus.load_corpus(data_section(tmp_path, str(text_dir / "*.txt")), vocab_size=700)
+    tokenizer.write_bytes(Path(other.tokenizer_path).read_bytes())
+    before = entries()
+    corpus.load_corpus(given, vocab_size=600)
+    assert len(entries()) == len(before) + 1, "a changed tokenizer file must not reuse the old tokens"
+
+
 def test_bad_sources_are_data_errors(tmp_path, text_dir):
     with pytest.raises(DataError, match="does not exist"):
         corpus.load_corpus(data_section(tmp_path, str(text_dir / "*.txt"), str(tmp_path / "no.model")), 1024)

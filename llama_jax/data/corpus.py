@@ -13,10 +13,11 @@ from llama_jax.data.sources import (
     TokenizedCorpus,
     atomic_directory,
     prepare_stdlib_corpus,
+    source_files,
     stdlib_documents,
     text_file_documents,
 )
-from llama_jax.data.tokenizer import Tokenizer, train_bpe
+from llama_jax.data.tokenizer import Tokenizer, tokenizer_files, train_bpe
 from llama_jax.errors import DataError
 
 EVAL_FRACTION = 0.02
@@ -35,12 +36,29 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Prepare
         return prepare_stdlib_corpus(cache_dir, vocab_size)
     if data_cfg.tokenizer and not Path(data_cfg.tokenizer).expanduser().exists():
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
-    key = hashlib.sha256(f"{data_cfg.source}|{data_cfg.tokenizer}|{vocab_size}|{_CACHE_FORMAT}".encode()).hexdigest()[:16]
-    root = cache_dir / f"corpus-{key}"
+    root = cache_dir / f"corpus-{_cache_key(data_cfg, vocab_size)}"
     if not root.exists():
         _build(data_cfg, vocab_size, root)
     tokenizer_path = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else root / "tokenizer.model"
     return PreparedCorpus(tokenizer_path, TokenizedCorpus.load(root / "train"), TokenizedCorpus.load(root / "eval"))
+
+
+def _cache_key(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> str:
+    """A digest of everything the cached corpus is made from: the source files' names and bytes (the standard
+    library's by Python version), the tokenizer files' bytes and the vocabulary size. An edited, added or removed
+    file therefore gives a new cache entry, never a stale one; hashing costs a read of the files per run."""
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{vocab_size}|{data_cfg.source}|".encode())
+    if data_cfg.source == "stdlib":
+        digest.update(sys.version.encode())
+        files = []
+    else:
+        files = source_files(data_cfg.source)
+    if data_cfg.tokenizer:
+        files += tokenizer_files(Path(data_cfg.tokenizer).expanduser())
+    for path in files:
+        with path.open("rb") as f:
+            digest.update(f"{path.as_posix()}|".encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def _build(data_cfg: ml_collections.ConfigDict, vocab_size: int, root: Path) -> None:

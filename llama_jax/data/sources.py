@@ -84,13 +84,18 @@ def _stable_fraction(relative_path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def text_file_documents(pattern: str) -> list[str]:
-    """Documents from local files: a whole .txt/.py/.md file each, or each line's "text" of a .jsonl file."""
+def source_files(pattern: str) -> list[Path]:
+    """The files a glob source names, sorted (so the document order is the same on every machine)."""
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
         raise DataError(f"No files match {pattern!r}. Fix: check the path and glob (use ** for subdirectories).")
+    return paths
+
+
+def text_file_documents(pattern: str) -> list[str]:
+    """Documents from local files: a whole .txt/.py/.md file each, or each line's "text" of a .jsonl file."""
     documents: list[str] = []
-    for path in paths:
+    for path in source_files(pattern):
         if path.suffix == ".jsonl":
             documents.extend(_jsonl_texts(path))
         elif path.suffix in _TEXT_SUFFIXES:
