@@ -3,6 +3,10 @@
     chunk table ─► shard by process ─► shuffle (per epoch) ─► repeat ─► read (tokens, targets)
         ─► first-fit pack into rows of seq_len ─► batch ─► segment ids, positions, loss mask
 
+Each document in the corpus is already framed by its tokenizer's rule and ended by eos
+(`Tokenizer.encode_documents`): with Llama 3's tokenizer `<|begin_of_text|> text <|end_of_text|>`. Packing adds
+nothing between documents; segment ids keep attention inside each one.
+
 The unit of data is a *chunk*: at most seq_len (input, target) pairs from one document. A document of n
 tokens has n - 1 pairs (inputs d[:-1], targets d[1:]); documents longer than seq_len + 1 tokens are cut
 into chunks that overlap by one token, so every pair is trained on exactly once per epoch and no target
