@@ -122,6 +122,17 @@ def test_text_file_documents_reads_whole_files_and_jsonl_lines(tmp_path):
     assert text_file_documents(str(tmp_path / "**" / "*")) == ["plain text", "# markdown", "one", "two"]
 
 
+def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("real text")
+    (tmp_path / "b.txt").write_text("  \n\t")
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "more"}\n')
+    assert text_file_documents(str(tmp_path / "*")) == ["real text", "more"]
+    assert "Skipped 2 empty or whitespace-only documents" in capsys.readouterr().err
+    (tmp_path / "d.jsonl").write_text('{"text": " "}\n')
+    with pytest.raises(DataError, match=r"All 2 documents of .* are empty or whitespace"):
+        text_file_documents(str(tmp_path / "[bd].*"))
+
+
 def test_text_file_documents_errors(tmp_path):
     with pytest.raises(DataError, match="No files match"):
         text_file_documents(str(tmp_path / "*.txt"))

@@ -22,8 +22,8 @@ from llama_jax.errors import DataError
 
 EVAL_FRACTION = 0.02
 # Part of every user-corpus cache key; bumped whenever what a cached document holds changes
-# (2: documents framed by the tokenizer's own bos rule, `Tokenizer.encode_documents`).
-_CACHE_FORMAT = 2
+# (2: documents framed by the tokenizer's own bos rule, `Tokenizer.encode_documents`; 3: empty documents skipped).
+_CACHE_FORMAT = 3
 
 
 def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> PreparedCorpus:

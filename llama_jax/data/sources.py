@@ -93,7 +93,11 @@ def source_files(pattern: str) -> list[Path]:
 
 
 def text_file_documents(pattern: str) -> list[str]:
-    """Documents from local files: a whole .txt/.py/.md file each, or each line's "text" of a .jsonl file."""
+    """Documents from local files: a whole .txt/.py/.md file each, or each line's "text" of a .jsonl file.
+
+    Empty and whitespace-only documents are skipped (they would only teach bos -> eos) and counted on stderr;
+    when nothing else is left, that is a DataError rather than a run trained on nothing.
+    """
     documents: list[str] = []
     for path in source_files(pattern):
         if path.suffix == ".jsonl":
@@ -105,7 +109,13 @@ def text_file_documents(pattern: str) -> list[str]:
                 f"{path}: unsupported file type {path.suffix!r}. "
                 f"Fix: use {', '.join(_TEXT_SUFFIXES)} or .jsonl files, or narrow the glob {pattern!r}."
             )
-    return documents
+    kept = [text for text in documents if text.strip()]
+    if not kept:
+        raise DataError(f"All {len(documents)} documents of {pattern!r} are empty or whitespace. Fix: check the files.")
+    if len(kept) < len(documents):
+        print(f"Skipped {len(documents) - len(kept)} empty or whitespace-only documents of {pattern!r}.",
+              file=sys.stderr, flush=True)
+    return kept
 
 
 def _read_utf8(path: Path) -> str:
