@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.source = "stdlib"  # "stdlib" (the Python standard library's sources) or a glob of .txt/.py/.md/.jsonl
+    cfg.data.text_field = "text"  # the field of each .jsonl line that holds the document's text
     cfg.data.tokenizer = ""  # tokenizer file (tokenizer.model / *.model / tokenizer.json); "" = train one on the corpus
     cfg.data.cache_dir = "~/.cache/llama_jax"  # tokenized corpora and trained tokenizers
     cfg.data.batch_size = 16  # global batch, in sequences

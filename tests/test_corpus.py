@@ -108,3 +108,14 @@ def test_training_on_user_files(tmp_path, text_dir):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [6, 12]
     assert metrics["eval_loss"] < math.log(1024) - 0.2  # below a uniform guess, where random init starts
+
+
+def test_jsonl_sources_read_the_configured_field(tmp_path, text_dir):
+    lines = [json.dumps({"content": path.read_text(), "id": i}) for i, path in enumerate(sorted(text_dir.iterdir()))]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    data = data_section(tmp_path, str(tmp_path / "docs.jsonl"))
+    with pytest.raises(DataError, match='has no string "text" field'):
+        corpus.load_corpus(data, vocab_size=600)
+    data.text_field = "content"
+    prepared = corpus.load_corpus(data, vocab_size=600)
+    assert len(prepared.train) + len(prepared.eval) == 60

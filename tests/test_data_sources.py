@@ -122,6 +122,13 @@ def test_text_file_documents_reads_whole_files_and_jsonl_lines(tmp_path):
     assert text_file_documents(str(tmp_path / "**" / "*")) == ["plain text", "# markdown", "one", "two"]
 
 
+def test_jsonl_text_field_is_configurable(tmp_path):
+    (tmp_path / "web.jsonl").write_text('{"content": "page one", "url": "a"}\n{"content": "page two"}\n')
+    assert text_file_documents(str(tmp_path / "*.jsonl"), text_field="content") == ["page one", "page two"]
+    with pytest.raises(DataError, match=r'web.jsonl:1 has no string "text" field.*set data.text_field'):
+        text_file_documents(str(tmp_path / "*.jsonl"))
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("real text")
     (tmp_path / "b.txt").write_text("  \n\t")

@@ -47,7 +47,7 @@ def _cache_key(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> str:
     """A digest of everything the cached corpus is made from: the source files' names and bytes (the standard
     library's by Python version), the tokenizer files' bytes and the vocabulary size. An edited, added or removed
     file therefore gives a new cache entry, never a stale one; hashing costs a read of the files per run."""
-    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{vocab_size}|{data_cfg.source}|".encode())
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{vocab_size}|{data_cfg.source}|{data_cfg.text_field}|".encode())
     if data_cfg.source == "stdlib":
         digest.update(sys.version.encode())
         files = []
@@ -67,7 +67,7 @@ def _build(data_cfg: ml_collections.ConfigDict, vocab_size: int, root: Path) -> 
     if data_cfg.source == "stdlib":
         train_texts, eval_texts = stdlib_documents()
     else:
-        train_texts, eval_texts = _split(text_file_documents(data_cfg.source))
+        train_texts, eval_texts = _split(text_file_documents(data_cfg.source, data_cfg.text_field))
     with atomic_directory(root) as tmp:
         if data_cfg.tokenizer:
             tokenizer = Tokenizer.from_file(Path(data_cfg.tokenizer).expanduser())

@@ -92,8 +92,8 @@ def source_files(pattern: str) -> list[Path]:
     return paths
 
 
-def text_file_documents(pattern: str) -> list[str]:
-    """Documents from local files: a whole .txt/.py/.md file each, or each line's "text" of a .jsonl file.
+def text_file_documents(pattern: str, text_field: str = "text") -> list[str]:
+    """Documents from local files: a whole .txt/.py/.md file each, or each line's `text_field` of a .jsonl file.
 
     Empty and whitespace-only documents are skipped (they would only teach bos -> eos) and counted on stderr;
     when nothing else is left, that is a DataError rather than a run trained on nothing.
@@ -101,7 +101,7 @@ def text_file_documents(pattern: str) -> list[str]:
     documents: list[str] = []
     for path in source_files(pattern):
         if path.suffix == ".jsonl":
-            documents.extend(_jsonl_texts(path))
+            documents.extend(_jsonl_texts(path, text_field))
         elif path.suffix in _TEXT_SUFFIXES:
             documents.append(_read_utf8(path))
         else:
@@ -125,7 +125,7 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({e}). Fix: re-encode it as UTF-8 or exclude it.") from e
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
     for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -133,11 +133,12 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{line_number} is not valid JSON ({e}). Fix: one JSON object per line.") from e
-        text = record.get("text") if isinstance(record, dict) else None
+        text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise DataError(
-                f'{path}:{line_number} has no string "text" field. '
-                'Fix: every line must be a JSON object like {"text": "..."}.'
+                f'{path}:{line_number} has no string "{text_field}" field. '
+                f'Fix: every line must be a JSON object like {{"{text_field}": "..."}}, or set data.text_field '
+                "to the field that holds the text."
             )
         yield text
 
