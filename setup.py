@@ -25,6 +25,9 @@ setup(
         "safetensors",
         "tensorboardX",
         "tqdm",
+        "etils[epath]",  # local and remote (gs://, s3://) paths, as grain and Orbax read them
+        "array_record",  # prepared shards
+        "pyarrow",  # Parquet sources
     ],
     extras_require={
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.

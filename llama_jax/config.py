@@ -12,6 +12,7 @@ import difflib
 
 import ml_collections
 
+from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import ConfigError
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.presets import preset
@@ -37,6 +38,11 @@ def hf_model_section(path: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(read_hf_config(path, **runtime)))
 
 
+def mixture_source(source: str, weight: float, text_field: str = "text") -> ml_collections.ConfigDict:
+    """One entry of `data.mixture`: where its documents are (as `data.source`) and its share of the rows."""
+    return ml_collections.ConfigDict({"source": source, "weight": float(weight), "text_field": text_field})
+
+
 def default_config() -> ml_collections.ConfigDict:
     """All keys with their defaults: a small model on the embedded Python-stdlib corpus, on CPU."""
     cfg = ml_collections.ConfigDict()
@@ -52,12 +58,21 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.mesh.tensor = 1  # heads / mlp / vocab split (tensor parallel)
 
     cfg.data = ml_collections.ConfigDict()
-    cfg.data.source = "stdlib"  # "stdlib" (the Python standard library's sources) or a glob of .txt/.py/.md/.jsonl
-    cfg.data.text_field = "text"  # the field of each .jsonl line that holds the document's text
+    # One source: "stdlib" (the Python standard library's sources), "stdlib_docstrings", "pydoc_topics", a local or
+    # remote (gs://...) path or glob of .txt/.md/.py/.rst/.jsonl/.parquet files, or a directory written by
+    # `python -m llama_jax.data.prepare`. Ignored when data.mixture is set.
+    cfg.data.source = "stdlib"
+    cfg.data.text_field = "text"  # the .jsonl field / Parquet column that holds each document's text
+    # Weighted sources, by name: cfg.data.mixture.code = mixture_source("stdlib", weight=0.17). Empty = data.source.
+    cfg.data.mixture = ml_collections.ConfigDict()
     cfg.data.tokenizer = ""  # tokenizer file (tokenizer.model / *.model / tokenizer.json); "" = train one on the corpus
     cfg.data.cache_dir = "~/.cache/llama_jax"  # tokenized corpora and trained tokenizers
     cfg.data.batch_size = 16  # global batch, in sequences
     cfg.data.seq_len = 256  # tokens per sequence
+    # Later stages as (tokens_seen, batch_size, seq_len): each starts at the first step that has seen that many
+    # tokens. Llama 3: batch_size 1024, seq_len 4096, then ((252_000_000, 1024, 8192), (2_870_000_000_000, 2048, 8192)).
+    cfg.data.ramp = ()
+    cfg.data.shuffle_window = 4096  # rows shuffled together, so that a long document's rows spread over batches
     cfg.data.eval_batches = 8  # batches in the fixed held-out evaluation set
 
     cfg.optim = ml_collections.ConfigDict()
@@ -104,6 +119,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.shuffle_window <= 0:
+        raise ConfigError(f"data.shuffle_window must be positive (rows), got {cfg.data.shuffle_window}")
+    for index, stage in enumerate(batch_schedule(cfg).stages):
+        _check_stage(cfg, "data.batch_size / data.seq_len" if index == 0 else f"data.ramp[{index - 1}]", stage)
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
@@ -112,12 +131,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
-    if cfg.data.batch_size % cfg.optim.grad_accum:
-        raise ConfigError(
-            f"data.batch_size ({cfg.data.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"
-        )
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
     if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:
@@ -131,6 +144,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.mesh.stage != 1:
         raise ConfigError("mesh.stage > 1 (pipeline parallelism) is not available yet in this version; set mesh.stage=1")
+
+
+def batch_schedule(cfg: ml_collections.ConfigDict) -> BatchSchedule:
+    """The (batch_size, seq_len) stages: data.batch_size / data.seq_len first, then data.ramp's."""
+    return BatchSchedule(cfg.data.batch_size, cfg.data.seq_len, cfg.data.ramp)
+
+
+def _check_stage(cfg: ml_collections.ConfigDict, where: str, stage: Stage) -> None:
+    if stage.batch_size % cfg.optim.grad_accum:
+        raise ConfigError(
+            f"{where}: the batch size ({stage.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"
+        )
+    if stage.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"{where}: seq_len {stage.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len}); raise it"
+        )
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
@@ -154,11 +183,28 @@ def _check_against_schema(cfg, schema, prefix: str) -> None:
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"config key {path!r} must be a section (ConfigDict), got {type(value).__name__}")
-            _check_against_schema(value, expected, prefix=f"{path}.")
+            if path == "data.mixture":
+                _check_mixture(value)
+            else:
+                _check_against_schema(value, expected, prefix=f"{path}.")
         elif not _type_ok(value, expected):
             raise ConfigError(
                 f"config key {path!r} must be {type(expected).__name__}, got {value!r} ({type(value).__name__})"
             )
+
+
+def _check_mixture(mixture: ml_collections.ConfigDict) -> None:
+    """Entry names are the user's; each entry has the fields of `mixture_source`."""
+    for name, entry in mixture.items():
+        if not isinstance(entry, ml_collections.ConfigDict):
+            raise ConfigError(
+                f"data.mixture.{name} must be a section: write data.mixture.{name} = mixture_source(SOURCE, weight=W)"
+            )
+        _check_against_schema(entry, mixture_source("", 1.0), prefix=f"data.mixture.{name}.")
+        if entry.weight <= 0:
+            raise ConfigError(f"data.mixture.{name}.weight must be positive, got {entry.weight}")
+        if not entry.source:
+            raise ConfigError(f"data.mixture.{name}.source is empty: give a path, glob, prepared directory or built-in name")
 
 
 def _type_ok(value, expected) -> bool:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,10 +26,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
-from llama_jax.config import model_config, validate
+from llama_jax.config import batch_schedule, model_config, validate
 from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
-from llama_jax.data.pipeline import eval_batches, lm_batches
+from llama_jax.data.pipeline import TrainBatches, eval_batches
+from llama_jax.data.schedule import BatchSchedule
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
@@ -38,6 +40,8 @@ from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.parallel import mesh as mesh_lib
 
 Batch = dict[str, jax.Array]
+# Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 class Preempted(LlamaJaxError):
@@ -152,17 +156,8 @@ def make_eval_step(model_def: ModelDef) -> Callable:
 def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch = cfg.data.batch_size // cfg.optim.grad_accum
-    if micro_batch % batch_shards:
-        raise ConfigError(
-            f"data.batch_size / optim.grad_accum = {micro_batch} sequences cannot be split over the "
-            f"{batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make it a multiple of {batch_shards}"
-        )
-    if cfg.data.seq_len % mesh.shape["context"]:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be a multiple of mesh.context ({mesh.shape['context']})")
-    if cfg.data.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size must be a multiple of the {jax.process_count()} processes")
+    for batch_size, seq_len in batch_schedule(cfg).shapes:
+        _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
@@ -174,6 +169,23 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh))
+
+
+def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batch = batch_size // cfg.optim.grad_accum
+    if micro_batch % batch_shards:
+        raise ConfigError(
+            f"a batch of {batch_size} sequences / optim.grad_accum = {micro_batch} cannot be split over the "
+            f"{batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make data.batch_size (and every "
+            f"data.ramp batch size) / optim.grad_accum a multiple of {batch_shards}"
+        )
+    if seq_len % mesh.shape["context"]:
+        raise ConfigError(f"seq_len {seq_len} must be a multiple of mesh.context ({mesh.shape['context']}): fix "
+                          "data.seq_len or data.ramp")
+    if batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size and every data.ramp batch size must be a multiple of the "
+                          f"{jax.process_count()} processes")
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -191,11 +203,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         )
     tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
 
-    local_batch = cfg.data.batch_size // jax.process_count()
-    data_args = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, process_index=jax.process_index(),
-                     process_count=jax.process_count())
-    train_iter = iter(lm_batches(corpus.train, seed=cfg.seed, pad_id=tokenizer.pad_id, **data_args))
-    eval_set = [run.to_global(b) for b in eval_batches(corpus.eval, max_batches=cfg.data.eval_batches, **data_args)]
+    plan = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], batch_schedule(cfg),
+                        seed=cfg.seed, shuffle_window=cfg.data.shuffle_window, names=[s.name for s in corpus.sources])
+    processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(plan.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
+    eval_sets = {
+        source.name: [run.to_global(b) for b in eval_batches(
+            source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+            max_batches=cfg.data.eval_batches, pad_id=tokenizer.pad_id, **processes)]
+        for source in corpus.sources
+    }
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      async_save=cfg.checkpoint.async_save)
@@ -214,7 +231,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             if start >= cfg.train.steps:
                 print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
                       f"raise --config.train.steps to train further", flush=True)
-            return _loop(run, state, start, train_iter, eval_set, checkpointer, preemption,
+            return _loop(run, state, start, train_iter, plan, eval_sets, checkpointer, preemption,
                          meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
     finally:
         preemption.restore()
@@ -232,7 +249,8 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     return files[0].name
 
 
-def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpointer, preemption, meta: dict) -> dict:
+def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatches, eval_sets: dict[str, list[Batch]],
+          checkpointer, preemption, meta: dict) -> dict:
     cfg = run.cfg
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
@@ -243,12 +261,10 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpo
         donate_argnums=0,
     )
     eval_fn = jax.jit(make_eval_step(run.model_def))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_step = flops_per_token(run.model_def.cfg, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
     window: list[dict] = []
-    window_start, window_steps = None, 0
+    window_start, window_first_step = None, start
     logged: dict[str, float] = {}
     for step in range(start, total):
         state, step_metrics = step_fn(state, run.to_global(next(train_iter)))
@@ -256,21 +272,23 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpo
         logger.advance()
         if window_start is None:  # the first step compiles: time from its end
             jax.block_until_ready(step_metrics)
-            window_start = time.perf_counter()
+            window_start, window_first_step = time.perf_counter(), done
         else:
             window.append(step_metrics)
-            window_steps += 1
         is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total
         if done % cfg.train.log_every == 0 or is_eval:
-            logged = _summarise(window or [step_metrics], done, tokens_per_step)
-            if window_steps:
+            logged = _summarise(window or [step_metrics], plan.schedule.tokens_before(done))
+            if window:
                 seconds = time.perf_counter() - window_start
-                logged["tokens_per_s"] = window_steps * tokens_per_step / seconds
-                logged["mfu"] = window_steps * flops_per_step / seconds / peak
+                tokens, flops = _work(run.model_def.cfg, plan.schedule, window_first_step, done)
+                logged["tokens_per_s"] = tokens / seconds
+                logged["mfu"] = flops / seconds / peak
+            if len(plan.names) > 1:
+                logged.update(_realised_mixture(plan, done))
             if is_eval:
-                logged["eval_loss"] = _evaluate(eval_fn, state.params, eval_set)
+                logged.update(_evaluate(eval_fn, state.params, eval_sets, plan))
             logger.log(done, logged)
-            window, window_steps, window_start = [], 0, time.perf_counter()
+            window, window_start, window_first_step = [], time.perf_counter(), done
         preempted = preemption.raised or checkpointer.manager.reached_preemption(done)
         if done % cfg.checkpoint.every_steps == 0 or done == total or preempted:
             checkpointer.save(done, state.params, state.opt_state, train_iter, meta)
@@ -281,18 +299,41 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, eval_set, checkpo
     return logged
 
 
-def _summarise(window: list[dict], step: int, tokens_per_step: int) -> dict[str, float]:
+def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
     host = jax.device_get(window)
     return {
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
         "lr": float(host[-1]["lr"]),
-        "tokens": float(step * tokens_per_step),
+        "tokens": float(tokens_seen),
     }
 
 
-def _evaluate(eval_fn, params, eval_set: list[Batch]) -> float:
-    sums = jax.device_get([eval_fn(params, batch) for batch in eval_set])
-    total_nll = sum(float(s) for s, _ in sums)
-    total_tokens = sum(float(c) for _, c in sums)
-    return total_nll / max(total_tokens, 1.0)
+def _work(model_cfg, schedule: BatchSchedule, first_step: int, stop_step: int) -> tuple[int, float]:
+    """Tokens and training FLOPs of steps [first_step, stop_step), stage by stage (attention cost grows with seq_len)."""
+    tokens, flops = 0, 0.0
+    for stage in schedule.stages:
+        end = stop_step if stage.stop_step is None else min(stop_step, stage.stop_step)
+        steps = max(0, end - max(first_step, stage.start_step))
+        tokens += steps * stage.tokens_per_step
+        flops += steps * stage.tokens_per_step * flops_per_token(model_cfg, stage.seq_len)
+    return tokens, flops
+
+
+def _realised_mixture(plan: TrainBatches, step: int) -> dict[str, float]:
+    """Each source's share of all rows trained on so far (the weights, up to rounding within a block)."""
+    rows = plan.rows_per_source(step)
+    return {f"mixture/{name}": float(n / rows.sum()) for name, n in zip(plan.names, rows)}
+
+
+def _evaluate(eval_fn, params, eval_sets: dict[str, list[Batch]], plan: TrainBatches) -> dict[str, float]:
+    """`eval_loss` (per token) of each source's held-out set; over several sources, their mixture-weighted mean."""
+    losses = {}
+    for name, batches in eval_sets.items():
+        sums = jax.device_get([eval_fn(params, batch) for batch in batches])
+        losses[name] = sum(float(s) for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0)
+    if len(losses) == 1:
+        return {"eval_loss": next(iter(losses.values()))}
+    weights = plan.mixtures[0].weights
+    mean = float(sum(w * losses[name] for w, name in zip(weights, plan.names)))
+    return {"eval_loss": mean, **{f"eval_loss/{name}": loss for name, loss in losses.items()}}

@@ -15,7 +15,16 @@ import pytest
 
 from config_files import load_config_file
 
-from llama_jax.config import OBJECTIVES, default_config, hf_model_section, model_config, model_section, validate
+from llama_jax.config import (
+    OBJECTIVES,
+    batch_schedule,
+    default_config,
+    hf_model_section,
+    mixture_source,
+    model_config,
+    model_section,
+    validate,
+)
 from llama_jax.convert import config_to_hf
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import preset
@@ -282,3 +291,40 @@ def test_cli_bad_head_count_exits_2_with_error_line(tmp_path):
     assert len(errors) == 1, result.stderr
     assert "model.n_heads" in errors[0] and "model.n_kv_heads" in errors[0]
     assert not (tmp_path / "cache").exists(), "data was prepared before the config was checked"
+
+
+def test_mixture_entries_are_checked_by_name():
+    cfg = default_config()
+    cfg.data.mixture.code = mixture_source("stdlib", weight=0.4)
+    cfg.data.mixture.docs = mixture_source("pydoc_topics", weight=0.6)
+    validate(cfg)
+    cfg.data.mixture.docs.weight = 0.0
+    assert_config_error(cfg, "data.mixture.docs.weight", "positive")
+    cfg.data.mixture.docs = mixture_source("", weight=1.0)
+    assert_config_error(cfg, "data.mixture.docs.source", "empty")
+    cfg.data.mixture.docs = mixture_source("pydoc_topics", weight=1.0)
+    cfg.data.mixture.docs.wieght = 2.0
+    assert_config_error(cfg, "data.mixture.docs.wieght", "did you mean data.mixture.docs.weight")
+    cfg.data.mixture.bad = "pydoc_topics"
+    assert_config_error(cfg, "data.mixture.bad", "mixture_source")
+
+
+def test_the_ramp_is_checked_stage_by_stage():
+    cfg = default_config()
+    cfg.data.ramp = ((100_000, 32, 256), (200_000, 64, 512))
+    validate(cfg)
+    assert [(s.start_step, s.batch_size, s.seq_len) for s in batch_schedule(cfg).stages] == [
+        (0, 16, 256), (25, 32, 256), (37, 64, 512)]
+    cfg.data.ramp = ((100_000, 32, 256), (50_000, 64, 256))
+    assert_config_error(cfg, "data.ramp[1]", "increasing order")
+    cfg.data.ramp = ((100_000, 32),)
+    assert_config_error(cfg, "data.ramp[0]", "three integers")
+    cfg.data.ramp = ((100_000, 30, 256),)
+    cfg.optim.grad_accum = 4
+    assert_config_error(cfg, "data.ramp[0]", "optim.grad_accum")
+    cfg.optim.grad_accum = 1
+    cfg.data.ramp = ((100_000, 32, cfg.model.max_seq_len * 2),)
+    assert_config_error(cfg, "data.ramp[0]", "model.max_seq_len")
+    cfg.data.ramp = ()
+    cfg.data.shuffle_window = 0
+    assert_config_error(cfg, "data.shuffle_window")

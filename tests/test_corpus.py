@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from llama_jax import trainer
-from llama_jax.config import default_config, model_section
+from llama_jax.config import default_config, mixture_source, model_section
 from llama_jax.data import corpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError
@@ -38,14 +38,14 @@ def test_glob_source_trains_a_tokenizer_caches_and_holds_out_eval(tmp_path, text
     prepared = corpus.load_corpus(data, vocab_size=1024)
     tokenizer = Tokenizer.from_file(prepared.tokenizer_path)
     assert tokenizer.vocab_size == 1024
-    assert len(prepared.train) + len(prepared.eval) == 60 and len(prepared.eval) >= 1
-    assert prepared.train.num_tokens > 100_000
-    first_doc = prepared.train[0]
+    assert len(prepared.sources[0].train) + len(prepared.sources[0].eval) == 60 and len(prepared.sources[0].eval) >= 1
+    assert prepared.sources[0].train.num_tokens > 100_000
+    first_doc = prepared.sources[0].train[0]
     assert first_doc[0] == tokenizer.bos_id and first_doc[-1] == tokenizer.eos_id
 
     monkeypatch.setattr(corpus, "_build", lambda *a: pytest.fail("a cached corpus must not be rebuilt"))
     again = corpus.load_corpus(data, vocab_size=1024)
-    assert again.train.num_tokens == prepared.train.num_tokens
+    assert again.sources[0].train.num_tokens == prepared.sources[0].train.num_tokens
     monkeypatch.undo()
 
     with_given = corpus.load_corpus(data_section(tmp_path, str(text_dir / "*.txt"), str(prepared.tokenizer_path)), 1024)
@@ -56,7 +56,7 @@ def test_the_cache_follows_the_files_contents(tmp_path, text_dir):
     """Editing, adding or removing a source file, or changing the tokenizer file, builds a new cache entry."""
     data = data_section(tmp_path, str(text_dir / "*.txt"))
     first = corpus.load_corpus(data, vocab_size=600)
-    documents = len(first.train) + len(first.eval)
+    documents = len(first.sources[0].train) + len(first.sources[0].eval)
 
     def entries() -> list[str]:
         return sorted(p.name for p in (tmp_path / "cache").iterdir())
@@ -66,11 +66,11 @@ def test_the_cache_follows_the_files_contents(tmp_path, text_dir):
     edited = sorted(text_dir.iterdir())[0]
     edited.write_text(edited.read_text() + "\n# one more line\n")
     second = corpus.load_corpus(data, vocab_size=600)
-    assert len(entries()) == 2 and second.train.num_tokens + second.eval.num_tokens > (
-        first.train.num_tokens + first.eval.num_tokens)
+    assert len(entries()) == 2 and second.sources[0].train.num_tokens + second.sources[0].eval.num_tokens > (
+        first.sources[0].train.num_tokens + first.sources[0].eval.num_tokens)
     (text_dir / "new.txt").write_text("a brand new document")
     third = corpus.load_corpus(data, vocab_size=600)
-    assert len(third.train) + len(third.eval) == documents + 1 and len(entries()) == 3
+    assert len(third.sources[0].train) + len(third.sources[0].eval) == documents + 1 and len(entries()) == 3
     corpus.load_corpus(data, vocab_size=600)
     assert len(entries()) == 3, "unchanged files reuse the entry"
 
@@ -114,8 +114,33 @@ def test_jsonl_sources_read_the_configured_field(tmp_path, text_dir):
     lines = [json.dumps({"content": path.read_text(), "id": i}) for i, path in enumerate(sorted(text_dir.iterdir()))]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
     data = data_section(tmp_path, str(tmp_path / "docs.jsonl"))
-    with pytest.raises(DataError, match='has no string "text" field'):
+    with pytest.raises(DataError, match="no usable document.*data.text_field"):
         corpus.load_corpus(data, vocab_size=600)
     data.text_field = "content"
     prepared = corpus.load_corpus(data, vocab_size=600)
-    assert len(prepared.train) + len(prepared.eval) == 60
+    assert len(prepared.sources[0].train) + len(prepared.sources[0].eval) == 60
+
+
+def test_training_on_a_weighted_mixture_logs_each_sources_share_and_eval_loss(tmp_path, text_dir):
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    for i, path in enumerate(sorted(text_dir.iterdir())[:30]):
+        (prose / f"{i}.md").write_text(ast_free_prose(path.read_text()))
+    cfg = default_config()
+    cfg.model = model_section("debug", vocab_size=1024)
+    cfg.data = data_section(tmp_path, "unused when data.mixture is set")
+    cfg.data.mixture.code = mixture_source(str(text_dir / "*.txt"), weight=0.75)
+    cfg.data.mixture.prose = mixture_source(str(prose), weight=0.25)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.optim.warmup_steps = 12, 6, 1
+    trainer.train(cfg, tmp_path / "run")
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["mixture/code"] + last["mixture/prose"] == pytest.approx(1.0)
+    assert abs(last["mixture/code"] - 0.75) < 0.1  # 96 rows: the share within one block of 1,024 is approximate
+    assert {"eval_loss/code", "eval_loss/prose"} <= last.keys()
+    assert last["eval_loss"] == pytest.approx(0.75 * last["eval_loss/code"] + 0.25 * last["eval_loss/prose"])
+
+
+def ast_free_prose(code: str) -> str:
+    """The comment lines of a module: a second, different kind of text from the same files."""
+    return "\n".join(line.strip("# ") for line in code.splitlines() if line.lstrip().startswith("#")) or "no comments"

@@ -13,7 +13,6 @@ from llama_jax.data.sources import (
     TokenizedCorpus,
     prepare_stdlib_corpus,
     stdlib_documents,
-    text_file_documents,
     unigram_entropy,
 )
 from llama_jax.errors import DataError
@@ -108,50 +107,6 @@ def test_load_missing_or_corrupt_store_raises_data_error(tmp_path):
     (tmp_path / "c" / "tokens.npy").write_bytes(b"not a numpy file")
     with pytest.raises(DataError, match="unreadable"):
         TokenizedCorpus.load(tmp_path / "c")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# text_file_documents
-
-
-def test_text_file_documents_reads_whole_files_and_jsonl_lines(tmp_path):
-    (tmp_path / "a.txt").write_text("plain text")
-    (tmp_path / "b.md").write_text("# markdown")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
-    assert text_file_documents(str(tmp_path / "**" / "*")) == ["plain text", "# markdown", "one", "two"]
-
-
-def test_jsonl_text_field_is_configurable(tmp_path):
-    (tmp_path / "web.jsonl").write_text('{"content": "page one", "url": "a"}\n{"content": "page two"}\n')
-    assert text_file_documents(str(tmp_path / "*.jsonl"), text_field="content") == ["page one", "page two"]
-    with pytest.raises(DataError, match=r'web.jsonl:1 has no string "text" field.*set data.text_field'):
-        text_file_documents(str(tmp_path / "*.jsonl"))
-
-
-def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
-    (tmp_path / "a.txt").write_text("real text")
-    (tmp_path / "b.txt").write_text("  \n\t")
-    (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "more"}\n')
-    assert text_file_documents(str(tmp_path / "*")) == ["real text", "more"]
-    assert "Skipped 2 empty or whitespace-only documents" in capsys.readouterr().err
-    (tmp_path / "d.jsonl").write_text('{"text": " "}\n')
-    with pytest.raises(DataError, match=r"All 2 documents of .* are empty or whitespace"):
-        text_file_documents(str(tmp_path / "[bd].*"))
-
-
-def test_text_file_documents_errors(tmp_path):
-    with pytest.raises(DataError, match="No files match"):
-        text_file_documents(str(tmp_path / "*.txt"))
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"content": "no text"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2 has no string \"text\""):
-        text_file_documents(str(tmp_path / "*.jsonl"))
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="not valid JSON"):
-        text_file_documents(str(tmp_path / "*.jsonl"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type"):
-        text_file_documents(str(tmp_path / "*.csv"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,86 +1,160 @@
-"""Chooses and prepares the training corpus named by `cfg.data` (the glue between config and data modules)."""
+"""From `cfg.data` to the training sources: each a named, weighted pair of train and eval document stores.
+
+A source is raw text (files, globs, remote paths, built-in names) tokenized on first use into a cache keyed by
+content, or a directory written by `python -m llama_jax.data.prepare`, read in place. Without `data.tokenizer`
+a BPE tokenizer is trained on the raw sources' train splits.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
 
 import ml_collections
 
+from llama_jax.data import documents
+from llama_jax.data.pipeline import DocumentStore
+from llama_jax.data.shards import ShardedCorpus, tokenizer_hash
 from llama_jax.data.sources import (
-    PreparedCorpus,
     TokenizedCorpus,
     atomic_directory,
     prepare_stdlib_corpus,
-    source_files,
     stdlib_documents,
-    text_file_documents,
 )
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files, train_bpe
-from llama_jax.errors import DataError
+from llama_jax.errors import ConfigError, DataError
 
 EVAL_FRACTION = 0.02
-# Part of every user-corpus cache key; bumped whenever what a cached document holds changes
-# (2: documents framed by the tokenizer's own bos rule, `Tokenizer.encode_documents`; 3: empty documents skipped).
-_CACHE_FORMAT = 3
+# Part of every raw-text cache key; bumped whenever what a cached document holds changes
+# (2: documents framed by the tokenizer's own bos rule; 3: empty documents skipped; 4: one entry per mixture).
+_CACHE_FORMAT = 4
+_MANIFEST = "manifest.json"
 
 
-def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> PreparedCorpus:
-    """The tokenized train/eval corpus and its tokenizer, built on first use and cached in data.cache_dir.
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    source: str
+    weight: float
+    text_field: str
 
-    Without `data.tokenizer`, a BPE tokenizer of `vocab_size` tokens is trained on the train split.
-    """
-    cache_dir = Path(data_cfg.cache_dir).expanduser()
-    if data_cfg.source == "stdlib" and not data_cfg.tokenizer:
-        return prepare_stdlib_corpus(cache_dir, vocab_size)
-    if data_cfg.tokenizer and not Path(data_cfg.tokenizer).expanduser().exists():
+    @property
+    def prepared(self) -> bool:
+        """A directory written by the preparation CLI (it holds train/ and eval/ shard directories)."""
+        return "://" not in self.source and (Path(self.source).expanduser() / "train" / _MANIFEST).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    name: str
+    weight: float
+    train: DocumentStore
+    eval: DocumentStore
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    tokenizer_path: Path
+    sources: list[Source]
+
+
+def source_specs(data_cfg: ml_collections.ConfigDict) -> list[SourceSpec]:
+    """`data.mixture`'s entries in the order written, or `data.source` alone (named "data")."""
+    if not data_cfg.mixture:
+        return [SourceSpec("data", data_cfg.source, 1.0, data_cfg.text_field)]
+    return [SourceSpec(name, e.source, float(e.weight), e.text_field) for name, e in data_cfg.mixture.items()]
+
+
+def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
+    """The tokenizer and every source's train/eval stores, building raw-text caches on first use."""
+    specs = source_specs(data_cfg)
+    tokenizer = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else None
+    if tokenizer is not None and not tokenizer.exists():
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
-    root = cache_dir / f"corpus-{_cache_key(data_cfg, vocab_size)}"
-    if not root.exists():
-        _build(data_cfg, vocab_size, root)
-    tokenizer_path = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else root / "tokenizer.model"
-    return PreparedCorpus(tokenizer_path, TokenizedCorpus.load(root / "train"), TokenizedCorpus.load(root / "eval"))
+    if tokenizer is None and any(spec.prepared for spec in specs):
+        prepared = next(spec for spec in specs if spec.prepared)
+        raise ConfigError(
+            f"source {prepared.name!r} ({prepared.source}) is prepared shards, tokenized by a fixed tokenizer: set "
+            "data.tokenizer to the tokenizer it was prepared with"
+        )
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
+        default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
+        return Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
+    raw = [spec for spec in specs if not spec.prepared]
+    root = cache_dir / f"corpus-{_cache_key(raw, tokenizer, vocab_size)}"
+    if raw and not root.exists():
+        _build(raw, tokenizer, vocab_size, root)
+    tokenizer_path = tokenizer if tokenizer is not None else root / "tokenizer.model"
+    expected_hash = tokenizer_hash(tokenizer_path)
+    sources = []
+    for spec in specs:
+        if spec.prepared:
+            directory = Path(spec.source).expanduser()
+            train, eval_ = (_open_prepared(spec, directory / split, expected_hash) for split in ("train", "eval"))
+        else:
+            train, eval_ = (TokenizedCorpus.load(root / spec.name / split) for split in ("train", "eval"))
+        sources.append(Source(spec.name, spec.weight, train, eval_))
+    return Corpus(tokenizer_path, sources)
 
 
-def _cache_key(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> str:
-    """A digest of everything the cached corpus is made from: the source files' names and bytes (the standard
-    library's by Python version), the tokenizer files' bytes and the vocabulary size. An edited, added or removed
-    file therefore gives a new cache entry, never a stale one; hashing costs a read of the files per run."""
-    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{vocab_size}|{data_cfg.source}|{data_cfg.text_field}|".encode())
-    if data_cfg.source == "stdlib":
-        digest.update(sys.version.encode())
-        files = []
-    else:
-        files = source_files(data_cfg.source)
-    if data_cfg.tokenizer:
-        files += tokenizer_files(Path(data_cfg.tokenizer).expanduser())
-    for path in files:
-        with path.open("rb") as f:
-            digest.update(f"{path.as_posix()}|".encode() + hashlib.file_digest(f, "sha256").digest())
+def _open_prepared(spec: SourceSpec, directory: Path, expected_hash: str) -> ShardedCorpus:
+    if not (directory / _MANIFEST).is_file():
+        raise DataError(
+            f"source {spec.name!r}: {directory} is missing (prepared without an eval split?). "
+            f"Fix: re-run python -m llama_jax.data.prepare with --eval_fraction above 0."
+        )
+    return ShardedCorpus.open(directory, tokenizer_hash=expected_hash)
+
+
+def _cache_key(specs: list[SourceSpec], tokenizer: Path | None, vocab_size: int) -> str:
+    """A digest of everything the cached corpora are made from: each source's name, field and files' names and
+    bytes (built-in sources by Python version), the tokenizer files' bytes and the vocabulary size. An edited,
+    added or removed file therefore gives a new cache entry, never a stale one."""
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{vocab_size}|".encode())
+    for spec in specs:
+        digest.update(f"{spec.name}|{spec.source}|{spec.text_field}|".encode())
+        if spec.source in documents.BUILTIN_SOURCES:
+            digest.update(sys.version.encode())
+            continue
+        for path in documents.list_files(spec.source):
+            digest.update(f"{path}|{documents.file_digest(path)}|".encode())
+    for path in tokenizer_files(tokenizer) if tokenizer is not None else []:
+        digest.update(f"{path.name}|{documents.file_digest(path)}|".encode())
     return digest.hexdigest()[:16]
 
 
-def _build(data_cfg: ml_collections.ConfigDict, vocab_size: int, root: Path) -> None:
+def _build(specs: list[SourceSpec], tokenizer_path: Path | None, vocab_size: int, root: Path) -> None:
     """Builds the cache entry in a temporary directory renamed into place, so a killed build is simply redone."""
-    print(f"Preparing corpus {data_cfg.source!r} in {root} (first use only)...", file=sys.stderr, flush=True)
-    if data_cfg.source == "stdlib":
-        train_texts, eval_texts = stdlib_documents()
-    else:
-        train_texts, eval_texts = _split(text_file_documents(data_cfg.source, data_cfg.text_field))
+    print(f"Preparing {', '.join(repr(s.source) for s in specs)} in {root} (first use only)...", file=sys.stderr,
+          flush=True)
+    splits = {spec.name: _split_documents(spec) for spec in specs}
     with atomic_directory(root) as tmp:
-        if data_cfg.tokenizer:
-            tokenizer = Tokenizer.from_file(Path(data_cfg.tokenizer).expanduser())
+        if tokenizer_path is not None:
+            tokenizer = Tokenizer.from_file(tokenizer_path)
         else:
-            tokenizer = train_bpe(train_texts, vocab_size, tmp / "tokenizer.model")
-        TokenizedCorpus.build(train_texts, tokenizer, tmp / "train")
-        TokenizedCorpus.build(eval_texts, tokenizer, tmp / "eval")
+            every_train_text = [text for train, _ in splits.values() for text in train]
+            tokenizer = train_bpe(every_train_text, vocab_size, tmp / "tokenizer.model")
+        for name, (train, eval_) in splits.items():
+            TokenizedCorpus.build(train, tokenizer, tmp / name / "train")
+            TokenizedCorpus.build(eval_, tokenizer, tmp / name / "eval")
 
 
-def _split(texts: list[str]) -> tuple[list[str], list[str]]:
+def _split_documents(spec: SourceSpec) -> tuple[list[str], list[str]]:
+    if spec.source == "stdlib":
+        return stdlib_documents()  # split by file path, as the default job's cache is
+    return _split(list(documents.read_documents(spec.source, text_field=spec.text_field)), spec)
+
+
+def _split(texts: list[str], spec: SourceSpec) -> tuple[list[str], list[str]]:
     """A stable held-out split by content hash; at least one document on each side."""
     if len(texts) < 2:
-        raise DataError(f"data.source has {len(texts)} document(s): at least 2 are needed (one is held out for eval)")
+        raise DataError(
+            f"source {spec.name!r} ({spec.source}) has {len(texts)} document(s): at least 2 are needed (one is held "
+            "out for eval). Fix: add documents."
+        )
     held_out = [int(hashlib.md5(t.encode()).hexdigest(), 16) % 10_000 < EVAL_FRACTION * 10_000 for t in texts]
     if not any(held_out):
         held_out[-1] = True

@@ -1,161 +1,265 @@
-"""Packed language-model batches from a `TokenizedCorpus`, as a resumable grain pipeline.
+"""Training batches as a pure function of (seed, step): one global order, whatever the number of processes.
 
-    chunk table ─► shard by process ─► shuffle (per epoch) ─► repeat ─► read (tokens, targets)
-        ─► first-fit pack into rows of seq_len ─► batch ─► segment ids, positions, loss mask
+    per source: documents ─► shuffled per epoch ─► concatenated ─► cut into rows of seq_len pairs
+                 ─► rows shuffled within windows
+    mixture:    global row r ─► (source, that source's row index)         (data/mixture.py)
+    schedule:   step ─► (stage, global batch size, seq_len)                (data/schedule.py)
+    process p:  reads only rows [p·B/P, (p+1)·B/P) of each global batch ─► dict of [B/P, seq_len] arrays
 
-Each document in the corpus is already framed by its tokenizer's rule and ended by eos
-(`Tokenizer.encode_documents`): with Llama 3's tokenizer `<|begin_of_text|> text <|end_of_text|>`. Packing adds
-nothing between documents; segment ids keep attention inside each one.
+Each document is already framed by its tokenizer's rule and ended by eos (`Tokenizer.encode_documents`). A
+document of n tokens gives n - 1 (input, target) pairs. An epoch of a source is its documents in an order
+shuffled by (seed, epoch), concatenated into one stream of pairs; the epochs follow each other. Rows are
+consecutive runs of seq_len pairs of that stream (no padding; a document that does not fit continues in
+another row), shuffled within windows of `shuffle_window` rows so that the rows of one long document spread
+over many batches. Segment ids (1-based per document piece) and positions (restarting with each piece) keep
+attention inside each document.
 
-The unit of data is a *chunk*: at most seq_len (input, target) pairs from one document. A document of n
-tokens has n - 1 pairs (inputs d[:-1], targets d[1:]); documents longer than seq_len + 1 tokens are cut
-into chunks that overlap by one token, so every pair is trained on exactly once per epoch and no target
-ever belongs to another document. Chunks are what gets sharded and shuffled, which keeps the shards of
-equal size and spreads the pieces of a long document over the epoch.
-
-Everything is deterministic: the batches are a pure function of (corpus, seed, number of batches
-consumed), and `iter(ds).get_state()` / `set_state()` resume exactly.
+Because every row's content is computed from its index alone, a process builds just its own rows; the
+sequence of global batches depends on (sources, seed, schedule) only, so a run resumed with another number of
+processes or another data-parallel size continues with exactly the batch the old run would have seen next.
+A change of seq_len or batch size (the schedule's stages) continues each source's stream where the previous
+stage stopped: no document is skipped or repeated.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Protocol
 
 import grain
 import numpy as np
 
-from llama_jax.data.sources import TokenizedCorpus
+from llama_jax.data.mixture import Mixture
+from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
+DEFAULT_SHUFFLE_WINDOW = 4096  # rows
+_MIX, _WINDOW, _EPOCH = 1, 2, 3  # tags that keep the random streams of different purposes apart
 
 
-def lm_batches(
-    corpus: TokenizedCorpus,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-    repeat: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    pad_id: int = 0,
-) -> grain.IterDataset:
-    """Batches of this process's share of the corpus, each a dict of [batch_size, seq_len] arrays.
+class DocumentStore(Protocol):
+    """What the pipeline reads: documents by index, and all their lengths up front (the plan needs no tokens)."""
 
-    Keys: `tokens`, `targets`, `segment_ids` (1-based document within the row, 0 = padding), `positions`
-    (0-based, restarting with each chunk) as int32, and `loss_mask` float32 (1 where the target is real).
-    `batch_size` is per process; process p reads chunks p, p + process_count, ... so all processes together
-    make the global batch. With `repeat=False` the last batch is padded to full size with empty rows
-    (loss_mask 0), so every batch has one shape and no data is dropped; processes may then get different
-    numbers of batches, which is why multi-process evaluation uses `eval_batches`.
+    lengths: np.ndarray  # int64 [num_documents]: tokens per document
+    has_loss_mask: bool
+
+    def read(self, index: int) -> np.ndarray: ...
+
+    def read_loss_mask(self, index: int) -> np.ndarray: ...
+
+
+class PairStream:
+    """One source's documents as an endless stream of (input, target) pairs, epoch after epoch.
+
+    With `shuffle`, epoch e visits the documents in an order drawn from (seed, e); without, in stored order.
     """
-    _check_arguments(seq_len=seq_len, batch_size=batch_size, process_index=process_index, process_count=process_count)
-    all_chunks = chunk_table(corpus, seq_len)
-    chunks = all_chunks[process_index::process_count]
-    if len(chunks) == 0:
-        raise DataError(
-            f"Process {process_index} of {process_count} gets no data: the corpus has {len(corpus)} documents "
-            f"and only {len(all_chunks)} chunks with at least 2 tokens. "
-            "Fix: use a larger corpus (documents need at least 2 tokens to give a training target)."
-        )
-    ds = grain.MapDataset.source(chunks)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.map(functools.partial(_read_chunk, corpus.tokens))
-    packed = grain.experimental.FirstFitPackIterDataset(
-        # Reading a chunk is a slice of a memory map: reader threads would only add overhead.
-        ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
-        length_struct={"tokens": seq_len, "targets": seq_len},
-        # One packing group per batch: groups are emitted whole, so batches stay aligned with groups.
-        num_packing_bins=batch_size,
-        seed=seed,
-        shuffle_bins=False,
-        padding_struct={"tokens": pad_id, "targets": pad_id},
-    )
-    batched = packed.batch(batch_size, drop_remainder=False)
-    return batched.map(functools.partial(_finalize, batch_size=batch_size, pad_id=pad_id))
+
+    def __init__(self, store: DocumentStore, *, seed: Sequence[int], shuffle: bool, name: str = "data"):
+        self.store = store
+        self.seed = tuple(seed)
+        self.shuffle = shuffle
+        pairs = np.maximum(np.asarray(store.lengths, dtype=np.int64) - 1, 0)
+        self._usable = np.flatnonzero(pairs)
+        self._pairs = pairs[self._usable]
+        self.pairs_per_epoch = int(self._pairs.sum())
+        if self.pairs_per_epoch == 0:
+            raise DataError(
+                f"source {name!r} has {len(pairs)} documents and none with 2 or more tokens, so nothing to train "
+                "on. Fix: check that source's files (documents need at least 2 tokens to give a training target)."
+            )
+
+    def pieces(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """(document, first pair, number of pairs) covering stream pairs [start, start + count)."""
+        pieces = []
+        while count > 0:
+            epoch, offset = divmod(start, self.pairs_per_epoch)
+            order, ends = self._epoch(epoch)
+            position = int(np.searchsorted(ends, offset, side="right"))
+            first = offset - (int(ends[position - 1]) if position else 0)
+            take = min(count, int(ends[position]) - offset)
+            pieces.append((int(order[position]), first, take))
+            start, count = start + take, count - take
+        return pieces
+
+    def read(self, start: int, count: int) -> Batch:
+        """Pairs [start, start + count) as one unpadded row: tokens, targets, segment_ids, positions, loss_mask."""
+        parts = []
+        for segment, (document, first, n) in enumerate(self.pieces(start, count), start=1):
+            tokens = np.asarray(self.store.read(document)[first : first + n + 1], dtype=np.int32)
+            if self.store.has_loss_mask:
+                mask = np.asarray(self.store.read_loss_mask(document)[first + 1 : first + n + 1], np.float32)
+            else:
+                mask = np.ones(n, np.float32)
+            parts.append((tokens[:-1], tokens[1:], np.full(n, segment, np.int32), np.arange(n, dtype=np.int32), mask))
+        keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+        return {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(keys)}
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's document order and the cumulative pair count at the end of each document in it."""
+        if self.shuffle:
+            rng = np.random.default_rng([*self.seed, _EPOCH, epoch])
+            permutation = rng.permutation(len(self._usable))
+        else:
+            permutation = np.arange(len(self._usable))
+        return self._usable[permutation], np.cumsum(self._pairs[permutation])
+
+
+class TrainBatches:
+    """The plan of every training batch: which source rows make global batch `step`, and their contents.
+
+    `sources` are the document stores of the mixture, `weights` their shares of the rows. Any step's batch,
+    or any process's share of it, is computed directly; `dataset` wraps that in a grain pipeline whose
+    iterator state (the next step) goes into checkpoints.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[DocumentStore],
+        weights: Sequence[float],
+        schedule: BatchSchedule,
+        *,
+        seed: int,
+        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+        names: Sequence[str] | None = None,
+    ):
+        if len(sources) != len(weights) or not sources:
+            raise DataError(f"got {len(sources)} sources and {len(weights)} weights: give one weight per source")
+        if shuffle_window < 1:
+            raise DataError(f"shuffle_window must be at least 1 row, got {shuffle_window}: fix data.shuffle_window")
+        self.names = list(names) if names is not None else [f"source{i}" for i in range(len(sources))]
+        self.streams = [
+            PairStream(store, seed=(seed, i), shuffle=True, name=name)
+            for i, (store, name) in enumerate(zip(sources, self.names))
+        ]
+        self.schedule = schedule
+        self.seed = seed
+        self.window = shuffle_window
+        self.mixtures = [Mixture(weights, seed=(seed, _MIX, s)) for s in range(len(schedule.stages))]
+        self._stage_rows, self._stage_start_pairs = self._stage_layout()
+
+    def local_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+        """Rows [p·B/P, (p+1)·B/P) of global batch `step`, as [B/P, seq_len] arrays."""
+        stage_index = self.schedule.stage_index(step)
+        stage = self.schedule.stages[stage_index]
+        local = _local_rows(stage.batch_size, process_index, process_count)
+        first = (step - stage.start_step) * stage.batch_size + local.start
+        sources, indices = self.mixtures[stage_index].assign(np.arange(first, first + len(local)))
+        rows = [self._row(stage_index, stage, int(s), int(j)) for s, j in zip(sources, indices)]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def rows_per_source(self, stop_step: int) -> np.ndarray:
+        """How many rows of the global batches [0, stop_step) each source supplied (the realised mixture)."""
+        counts = np.zeros(len(self.streams), np.int64)
+        for index, stage in enumerate(self.schedule.stages):
+            if stop_step <= stage.start_step:
+                break
+            steps = stop_step - stage.start_step if stage.stop_step is None else min(stop_step, stage.stop_step) - stage.start_step
+            counts += self.mixtures[index].rows_before(steps * stage.batch_size)
+        return counts
+
+    def dataset(self, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+        """Step i -> this process's share of global batch i, endless."""
+        for stage in self.schedule.stages:
+            _local_rows(stage.batch_size, process_index, process_count)  # refuses an impossible split up front
+        build = functools.partial(self.local_batch, process_index=process_index, process_count=process_count)
+        return grain.MapDataset.range(2**62).map(build)
+
+    def _row(self, stage_index: int, stage: Stage, source: int, index: int) -> Batch:
+        """Row `index` of `source` in a stage: its place in the stream after shuffling within its window."""
+        window, slot = divmod(index, self.window)
+        size = self.window
+        stage_rows = self._stage_rows[stage_index][source]
+        if stage_rows is not None:
+            size = min(size, stage_rows - window * self.window)
+        shuffled = window * self.window + int(self._window_order(stage_index, source, window, size)[slot])
+        start = self._stage_start_pairs[stage_index][source] + shuffled * stage.seq_len
+        return self.streams[source].read(start, stage.seq_len)
+
+    @functools.lru_cache(maxsize=64)
+    def _window_order(self, stage_index: int, source: int, window: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, _WINDOW, stage_index, source, window]).permutation(size)
+
+    def _stage_layout(self) -> tuple[list[list[int | None]], list[list[int]]]:
+        """Per stage and source: how many rows the stage takes from it (None: endless), and the stream pair at
+        which the stage starts reading it (where the previous stage stopped)."""
+        rows: list[list[int | None]] = []
+        starts: list[list[int]] = []
+        cursor = np.zeros(len(self.streams), np.int64)
+        for index, stage in enumerate(self.schedule.stages):
+            starts.append([int(c) for c in cursor])
+            if stage.stop_step is None:
+                rows.append([None] * len(self.streams))
+                continue
+            taken = self.mixtures[index].rows_before(stage.num_steps * stage.batch_size)
+            rows.append([int(t) for t in taken])
+            cursor += taken * stage.seq_len
+        return rows, starts
 
 
 def eval_batches(
-    corpus: TokenizedCorpus,
+    store: DocumentStore,
     *,
     seq_len: int,
     batch_size: int,
     max_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    pad_id: int = 0,
 ) -> list[Batch]:
-    """A fixed evaluation set: the first `max_batches` unshuffled batches, this process's rows of each.
+    """A fixed evaluation set: the first `max_batches` global batches of the unshuffled documents, one pass.
 
-    Unlike `lm_batches`, every process packs the *global* batches and keeps its own slice of rows, so all
-    processes get the same number of batches (a multi-host eval loop never waits on a process that ran out)
-    and the evaluation set is the same whatever the number of processes.
+    Each process keeps its rows of every global batch, so all processes get the same number of batches and the
+    evaluation set is the same whatever the number of processes. The last row and batch are padded (loss_mask 0).
     """
-    _check_arguments(seq_len=seq_len, batch_size=batch_size, process_index=process_index, process_count=process_count)
-    if max_batches < 1:
-        raise DataError(f"max_batches must be at least 1, got {max_batches}. Fix: raise the number of eval batches.")
-    global_batches = lm_batches(
-        corpus, seq_len=seq_len, batch_size=batch_size * process_count, seed=0, shuffle=False, repeat=False
-    )
-    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    if max_batches < 1 or seq_len < 1 or batch_size < 1:
+        raise DataError(
+            f"eval needs positive max_batches, seq_len and batch_size, got {max_batches}, {seq_len}, {batch_size}: "
+            "fix data.eval_batches, data.seq_len or data.batch_size"
+        )
+    local = _local_rows(batch_size, process_index, process_count)
+    stream = PairStream(store, seed=(0,), shuffle=False, name="eval")
+    num_rows = min(-(-stream.pairs_per_epoch // seq_len), max_batches * batch_size)
+    empty = _padding_row(seq_len, pad_id)
     batches = []
-    for batch in global_batches:
-        batches.append({key: value[rows] for key, value in batch.items()})
-        if len(batches) == max_batches:
-            break
+    for first in range(0, num_rows, batch_size):
+        rows = []
+        for row in range(first + local.start, first + local.stop):
+            if row >= num_rows:
+                rows.append(empty)
+                continue
+            count = min(seq_len, stream.pairs_per_epoch - row * seq_len)
+            rows.append(_padded(stream.read(row * seq_len, count), seq_len, pad_id))
+        batches.append({key: np.stack([row[key] for row in rows]) for key in rows[0]})
     return batches
 
 
-def chunk_table(corpus: TokenizedCorpus, seq_len: int) -> np.ndarray:
-    """[num_chunks, 2] int64 (start, stop) token offsets: each chunk holds at most seq_len + 1 tokens.
-
-    Consecutive chunks of a document share one token (the last target of one is the first input of the
-    next). Documents with fewer than 2 tokens have no (input, target) pair and give no chunk.
-    """
-    starts, stops = np.asarray(corpus.offsets[:-1]), np.asarray(corpus.offsets[1:])
-    num_pairs = np.maximum(stops - starts - 1, 0)
-    chunks_per_doc = -(-num_pairs // seq_len)
-    doc = np.repeat(np.arange(len(starts)), chunks_per_doc)
-    first_chunk_of_doc = np.repeat(np.cumsum(chunks_per_doc) - chunks_per_doc, chunks_per_doc)
-    chunk_start = starts[doc] + (np.arange(len(doc)) - first_chunk_of_doc) * seq_len
-    chunk_stop = np.minimum(chunk_start + seq_len + 1, stops[doc])
-    return np.stack([chunk_start, chunk_stop], axis=1).astype(np.int64)
+def _padded(row: Batch, seq_len: int, pad_id: int) -> Batch:
+    missing = seq_len - len(row["tokens"])
+    if not missing:
+        return row
+    fill = _padding_row(missing, pad_id)
+    return {key: np.concatenate([row[key], fill[key]]) for key in row}
 
 
-def _read_chunk(tokens: np.ndarray, chunk: np.ndarray) -> Batch:
-    piece = np.asarray(tokens[chunk[0] : chunk[1]], dtype=np.int32)
-    return {"tokens": piece[:-1], "targets": piece[1:]}
+def _padding_row(length: int, pad_id: int) -> Batch:
+    ints = {key: np.full(length, pad_id if key in ("tokens", "targets") else 0, np.int32)
+            for key in ("tokens", "targets", "segment_ids", "positions")}
+    return {**ints, "loss_mask": np.zeros(length, np.float32)}
 
 
-def _finalize(rows: Batch, batch_size: int, pad_id: int) -> Batch:
-    """Renames grain's packing features, derives the loss mask, and pads a short final batch with empty rows."""
-    batch = {
-        "tokens": rows["tokens"],
-        "targets": rows["targets"],
-        "segment_ids": rows["tokens_segment_ids"],
-        "positions": rows["tokens_positions"],
-    }
-    missing = batch_size - len(batch["tokens"])
-    if missing:
-        fill = {"tokens": pad_id, "targets": pad_id, "segment_ids": 0, "positions": 0}
-        batch = {k: np.pad(v, ((0, missing), (0, 0)), constant_values=fill[k]) for k, v in batch.items()}
-    batch = {k: v.astype(np.int32, copy=False) for k, v in batch.items()}
-    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)
-    return batch
-
-
-def _check_arguments(*, seq_len: int, batch_size: int, process_index: int, process_count: int) -> None:
-    if seq_len < 1 or batch_size < 1:
-        raise DataError(
-            f"seq_len and batch_size must be positive, got seq_len={seq_len}, batch_size={batch_size}. "
-            "Fix: set data.seq_len and data.batch_size to positive values."
-        )
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> range:
     if not 0 <= process_index < process_count:
         raise DataError(
             f"process_index={process_index} is not in [0, process_count={process_count}). "
             "Fix: pass jax.process_index() and jax.process_count()."
         )
+    if batch_size % process_count:
+        raise DataError(
+            f"a global batch of {batch_size} sequences cannot be split over {process_count} processes: "
+            f"make data.batch_size (and every data.ramp batch size) a multiple of {process_count}"
+        )
+    per_process = batch_size // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)

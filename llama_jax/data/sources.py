@@ -9,10 +9,8 @@ cheap random access to any document.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -28,7 +26,6 @@ from llama_jax.errors import DataError
 
 EVAL_FRACTION = 0.02
 MIN_EVAL_DOCUMENTS = 8
-_TEXT_SUFFIXES = (".txt", ".py", ".md")
 _ENCODE_CHUNK_DOCUMENTS = 256
 
 
@@ -84,65 +81,6 @@ def _stable_fraction(relative_path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def source_files(pattern: str) -> list[Path]:
-    """The files a glob source names, sorted (so the document order is the same on every machine)."""
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise DataError(f"No files match {pattern!r}. Fix: check the path and glob (use ** for subdirectories).")
-    return paths
-
-
-def text_file_documents(pattern: str, text_field: str = "text") -> list[str]:
-    """Documents from local files: a whole .txt/.py/.md file each, or each line's `text_field` of a .jsonl file.
-
-    Empty and whitespace-only documents are skipped (they would only teach bos -> eos) and counted on stderr;
-    when nothing else is left, that is a DataError rather than a run trained on nothing.
-    """
-    documents: list[str] = []
-    for path in source_files(pattern):
-        if path.suffix == ".jsonl":
-            documents.extend(_jsonl_texts(path, text_field))
-        elif path.suffix in _TEXT_SUFFIXES:
-            documents.append(_read_utf8(path))
-        else:
-            raise DataError(
-                f"{path}: unsupported file type {path.suffix!r}. "
-                f"Fix: use {', '.join(_TEXT_SUFFIXES)} or .jsonl files, or narrow the glob {pattern!r}."
-            )
-    kept = [text for text in documents if text.strip()]
-    if not kept:
-        raise DataError(f"All {len(documents)} documents of {pattern!r} are empty or whitespace. Fix: check the files.")
-    if len(kept) < len(documents):
-        print(f"Skipped {len(documents) - len(kept)} empty or whitespace-only documents of {pattern!r}.",
-              file=sys.stderr, flush=True)
-    return kept
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e}). Fix: re-encode it as UTF-8 or exclude it.") from e
-
-
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    for line_number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_number} is not valid JSON ({e}). Fix: one JSON object per line.") from e
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise DataError(
-                f'{path}:{line_number} has no string "{text_field}" field. '
-                f'Fix: every line must be a JSON object like {{"{text_field}": "..."}}, or set data.text_field '
-                "to the field that holds the text."
-            )
-        yield text
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Token store
 
@@ -154,11 +92,29 @@ class TokenizedCorpus:
     """Documents as one flat uint32 token array plus int64 offsets (document i is tokens[offsets[i]:offsets[i+1]]).
 
     Loaded memory-mapped, so opening a large corpus is instant and many processes share the page cache.
+    A corpus of chat examples also holds a uint8 `loss_mask` beside the tokens (1 on the tokens to learn).
     """
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, loss_mask: np.ndarray | None = None):
         self.tokens = tokens
         self.offsets = offsets
+        self.loss_mask = loss_mask
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return self.loss_mask is not None
+
+    def read(self, index: int) -> np.ndarray:
+        return self[index]
+
+    def read_loss_mask(self, index: int) -> np.ndarray:
+        if self.loss_mask is None:
+            raise DataError("this corpus has no loss mask. Fix: build it from chat examples, or read tokens only.")
+        return self.loss_mask[self.offsets[index] : self.offsets[index + 1]]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -304,7 +260,8 @@ def prepare_stdlib_corpus(cache_dir: str | os.PathLike, vocab_size: int) -> Prep
 
 
 def _build_stdlib_cache(root: Path, vocab_size: int) -> None:
-    from llama_jax.data.tokenizer import train_bpe  # Lazy: the tokenizer pulls in tiktoken, not needed to load.
+    # Lazy: the tokenizer pulls in tiktoken, not needed to load.
+    from llama_jax.data.tokenizer import train_bpe
 
     print(f"Preparing the standard-library corpus in {root} (first use only, some seconds)...", file=sys.stderr, flush=True)
     train_texts, eval_texts = stdlib_documents()

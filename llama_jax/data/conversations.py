@@ -1,0 +1,303 @@
+"""Post-training examples (SFT conversations, DPO preference pairs) from JSON Lines files.
+
+Real post-training data is messy: a scraped or generated file always has a few lines with a typo, a missing field or
+an unknown role. Stopping a run for one such line wastes the run; dropping lines silently hides a broken file. So a
+bad line is skipped and counted with its file:line, the counts are printed once at the end, and a file with no
+usable line at all is a `DataError`, because that is a wrong format rather than noise.
+
+Tokens and loss masks come from `ChatFormat.render_with_mask`, so a model is trained on exactly the layout it is
+prompted with at generation time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
+from llama_jax.errors import DataError
+
+_MESSAGES_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+_PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
+_Record = TypeVar("_Record")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing arrays field by field has no truth value
+class SFTExample:
+    """One conversation for supervised fine-tuning.
+
+    `loss_mask` is 1 on exactly the tokens the model must learn to produce: each assistant message's content and its
+    end token. The prompt side (bos, headers, system, user and tool turns) is context the model is given, not text
+    it should learn to write, so the Llama 3 recipe masks it from the loss.
+    """
+
+    tokens: np.ndarray  # uint32 [n]
+    loss_mask: np.ndarray  # uint8 [n]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreferenceExample:
+    """A prompt with a preferred and a dispreferred response, for DPO.
+
+    Both sequences begin with exactly `prompt_tokens`, so a DPO loss compares the log-probabilities of the responses
+    alone. The DPO masks leave out headers and end tokens, as the Llama 3 recipe does: both responses share them, so
+    they only add noise to the preference margin. The chosen response's extra NLL term (0.2 x NLL in the recipe)
+    must still teach the model to stop, so `chosen_nll_mask` keeps the end tokens.
+    """
+
+    prompt_tokens: np.ndarray  # uint32 [p]: the prompt with the assistant's generation header
+    chosen_tokens: np.ndarray  # uint32 [c]: prompt + chosen response
+    rejected_tokens: np.ndarray  # uint32 [r]: prompt + rejected response
+    chosen_mask: np.ndarray  # uint8 [c]: the chosen response's assistant contents
+    rejected_mask: np.ndarray  # uint8 [r]: the rejected response's assistant contents
+    chosen_nll_mask: np.ndarray  # uint8 [c]: the chosen response's assistant contents and end tokens
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """What was skipped and why, with the first few places of each reason, so a user can open the file there."""
+
+    max_examples: ClassVar[int] = 3  # per reason: enough to find the pattern, few enough to read
+    counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, where: str, detail: str) -> None:
+        self.counts[reason] += 1
+        places = self.examples.setdefault(reason, [])
+        if len(places) < self.max_examples:
+            places.append(f"{where} ({detail})")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        lines = [f"skipped {self.total} post-training records:"]
+        for reason, count in self.counts.most_common():
+            lines.append(f"  {reason}: {count}, e.g. " + "; ".join(self.examples[reason]))
+        return "\n".join(lines)
+
+
+class _BadLine(Exception):
+    """A line that cannot be used; raised by the parsers so that reading stays one loop."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def read_conversations(
+    path_or_pattern: str | os.PathLike, *, report: SkipReport | None = None
+) -> Iterator[list[Message]]:
+    """Conversations from JSON Lines in the common `messages` format, in sorted file order.
+
+    The files are found now, so a wrong path fails at the call rather than deep inside a data pipeline. With
+    `report=None` the skips are printed to stderr at the end; pass a report to collect several stages' skips
+    (reading, then `sft_examples`) and print them once.
+    """
+    return _read(_files(path_or_pattern), _conversation, _MESSAGES_EXAMPLE, report)
+
+
+def read_preferences(
+    path_or_pattern: str | os.PathLike, *, report: SkipReport | None = None
+) -> Iterator[tuple[list[Message], list[Message], list[Message]]]:
+    """(prompt, chosen, rejected) message lists from lines {"prompt": ..., "chosen": ..., "rejected": ...}.
+
+    Each field is a messages list or a string; a string prompt is one user message and a string response one
+    assistant message, because most preference data is single-turn and written that way. Bad lines are handled as
+    in `read_conversations`.
+    """
+    return _read(_files(path_or_pattern), _preference, _PREFERENCE_EXAMPLE, report)
+
+
+def sft_example(fmt: ChatFormat, messages: list[Message]) -> SFTExample:
+    """The conversation's tokens, with the loss on the assistant's turns only."""
+    ids, mask = fmt.render_with_mask(messages)
+    if not any(mask):
+        raise DataError(
+            "the conversation has no assistant turn, so SFT has nothing to learn from it: add the assistant's reply"
+        )
+    return SFTExample(np.asarray(ids, np.uint32), np.asarray(mask, np.uint8))
+
+
+def preference_example(
+    fmt: ChatFormat, prompt: list[Message], chosen: list[Message], rejected: list[Message]
+) -> PreferenceExample:
+    """Both responses rendered after the same prompt, with the DPO and NLL masks of the Llama 3 recipe."""
+    prompt_ids = fmt.render_ids(prompt, add_generation_prompt=True)
+    chosen_ids, chosen_nll = _response(fmt, prompt_ids, prompt, chosen)
+    rejected_ids, rejected_nll = _response(fmt, prompt_ids, prompt, rejected)
+    return PreferenceExample(
+        prompt_tokens=np.asarray(prompt_ids, np.uint32),
+        chosen_tokens=np.asarray(chosen_ids, np.uint32),
+        rejected_tokens=np.asarray(rejected_ids, np.uint32),
+        chosen_mask=_without_end_tokens(chosen_nll),
+        rejected_mask=_without_end_tokens(rejected_nll),
+        chosen_nll_mask=chosen_nll,
+    )
+
+
+def sft_examples(
+    fmt: ChatFormat,
+    conversations: Iterable[list[Message]],
+    *,
+    max_tokens: int | None = None,
+    report: SkipReport | None = None,
+) -> Iterator[SFTExample]:
+    """SFT examples; a conversation longer than `max_tokens` is skipped and counted.
+
+    Cutting a long conversation would train the model on an answer that stops mid-sentence without its end token,
+    which teaches it to ramble; skipping loses one example and keeps the rest honest.
+    """
+    own_report = report is None
+    report = SkipReport() if report is None else report
+    kept, shortest_skipped = 0, None
+    for index, messages in enumerate(conversations):
+        example = sft_example(fmt, messages)
+        length = len(example.tokens)
+        if max_tokens is not None and length > max_tokens:
+            report.skip("longer than max_tokens", f"conversation {index}", f"{length} tokens > {max_tokens}")
+            shortest_skipped = length if shortest_skipped is None else min(shortest_skipped, length)
+            continue
+        kept += 1
+        yield example
+    if shortest_skipped is not None and not kept:
+        raise DataError(
+            f"every conversation is longer than max_tokens={max_tokens} (the shortest has {shortest_skipped} tokens): "
+            "raise max_tokens (the sequence length) or use shorter conversations"
+        )
+    if own_report:
+        _print_skips(report)
+
+
+def _files(path_or_pattern: str | os.PathLike) -> list[Path]:
+    pattern = os.fspath(path_or_pattern)
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise DataError(
+            f"no file matches {pattern!r}: check the path (a directory needs a glob such as DIR/*.jsonl; "
+            "DIR/**/*.jsonl includes subdirectories)"
+        )
+    return paths
+
+
+def _read(
+    paths: list[Path], parse: Callable[[dict], _Record], example: str, report: SkipReport | None
+) -> Iterator[_Record]:
+    own_report = report is None
+    report = SkipReport() if report is None else report
+    for path in paths:
+        yield from _read_file(path, parse, example, report)
+    if own_report:
+        _print_skips(report)
+
+
+def _read_file(path: Path, parse: Callable[[dict], _Record], example: str, report: SkipReport) -> Iterator[_Record]:
+    """The records of one file. A file with none is an error even beside good files: it is in the wrong format."""
+    kept, first_bad = 0, None
+    for where, line in _lines(path):
+        try:
+            record = parse(_json_object(line))
+        except _BadLine as bad:
+            report.skip(bad.reason, where, bad.detail)
+            first_bad = first_bad or f"{where}: {bad.reason} ({bad.detail})"
+            continue
+        kept += 1
+        yield record
+    if not kept:
+        found = f"the first bad line is {first_bad}" if first_bad else "it has no lines"
+        raise DataError(f"{path} holds no usable record ({found}): write one JSON object per line, like {example}")
+
+
+def _lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """("file:line", line) of each non-blank line. Blank lines hold no data to lose, and editors leave them."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{number}", line
+
+
+def _json_object(line: bytes) -> dict:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadLine("not UTF-8", f"byte {e.start}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _BadLine("invalid JSON", f"{e.msg} at column {e.colno}") from None
+    if not isinstance(value, dict):
+        raise _BadLine("not a JSON object", f"a JSON {type(value).__name__}")
+    return value
+
+
+def _conversation(record: dict) -> list[Message]:
+    messages = _messages(record.get("messages"), "messages")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise _BadLine("no assistant message", "nothing for the model to learn")
+    return messages
+
+
+def _preference(record: dict) -> tuple[list[Message], list[Message], list[Message]]:
+    prompt = _field(record, "prompt", "user")
+    chosen, rejected = _field(record, "chosen", "assistant"), _field(record, "rejected", "assistant")
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        if response[0]["role"] != "assistant":
+            raise _BadLine("response not starting with an assistant message", f"{name}[0] is {response[0]['role']!r}")
+    return prompt, chosen, rejected
+
+
+def _field(record: dict, name: str, role_of_text: str) -> list[Message]:
+    value = record.get(name)
+    if isinstance(value, str):
+        return [{"role": role_of_text, "content": value}]
+    return _messages(value, name)
+
+
+def _messages(value: object, name: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise _BadLine("missing or empty messages", f"{name!r} is not a non-empty list")
+    for k, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise _BadLine("malformed message", f"{name}[{k}] lacks a string 'role' or 'content'")
+        if message["role"] not in LLAMA3_ROLES:
+            known = ", ".join(LLAMA3_ROLES)
+            raise _BadLine("unknown role", f"{name}[{k}] has role {message['role']!r}, not one of {known}")
+    return value
+
+
+def _response(
+    fmt: ChatFormat, prompt_ids: list[int], prompt: list[Message], response: list[Message]
+) -> tuple[list[int], np.ndarray]:
+    """(prompt + response ids, mask of the response's assistant turns with their end tokens)."""
+    ids, mask = fmt.render_with_mask([*prompt, *response])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise DataError(
+            "the prompt's tokens (with the assistant header) do not begin the rendered prompt + response, so DPO "
+            "could not compare the responses alone: start each response with an assistant message, and use a chat "
+            "template that renders earlier turns the same whatever follows them"
+        )
+    response_mask = np.asarray(mask, np.uint8)
+    response_mask[: len(prompt_ids)] = 0  # the prompt's own assistant turns are context here
+    return ids, response_mask
+
+
+def _without_end_tokens(mask: np.ndarray) -> np.ndarray:
+    """The mask without the last token of each run: `render_with_mask` ends every assistant turn with its end token."""
+    run_ends = (mask == 1) & (np.append(mask[1:], 0) == 0)
+    return np.where(run_ends, 0, mask).astype(np.uint8)
+
+
+def _print_skips(report: SkipReport) -> None:
+    if report.total:
+        print(report.summary(), file=sys.stderr, flush=True)

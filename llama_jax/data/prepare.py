@@ -1,0 +1,379 @@
+"""Tokenizes a corpus once into prepared shards: `python -m llama_jax.data.prepare --source ... --tokenizer ... --out DIR`.
+
+Training then reads tokens instead of text, so the tokenizer's cost is paid once per corpus rather than once per
+run, and the exact data a run saw is pinned by the manifest (source digests, tokenizer hash, filter counts).
+
+The output is DIR/train and, unless --eval_fraction is 0, DIR/eval: two independent `ShardedCorpus` directories,
+each with its own complete manifest, so either opens without the other. Which side a document lands on is decided
+by a hash of its text alone, so adding or removing other documents never moves it across the split (no eval
+document leaks into train on a re-preparation). The filter counts in both manifests cover the whole input, as the
+filters run before the split.
+
+Memory stays bounded whatever the corpus size: documents are read lazily, tokenized in batches by a process pool
+with a fixed number of batches in flight, and written as results come back in input order, which also makes the
+shards byte-identical for any number of workers. Only `--dedup` keeps per-document state (see `ExactDuplicates`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import itertools
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import tqdm
+
+from llama_jax.data.documents import ReadReport, file_digest, list_files, read_documents
+from llama_jax.data.filters import Filters, TextFilter
+from llama_jax.data.shards import (
+    DEFAULT_SHARD_TOKENS,
+    MANIFEST_FILE,
+    ShardedCorpus,
+    ShardWriter,
+    tokenizer_hash,
+)
+from llama_jax.data.sources import atomic_directory
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import DataError
+
+DEFAULT_EVAL_FRACTION = 0.02
+_BATCH_CHARACTERS = 1 << 20  # ~1 MB of text per task: large enough to amortize pickling, small enough to balance
+_BATCH_DOCUMENTS = 1024
+_BATCHES_IN_FLIGHT_PER_WORKER = 2
+SPLITS = ("train", "eval")
+
+
+def prepare(
+    texts: Iterable[str],
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    sources_info: list[dict] | None = None,
+    filters: Filters | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    read_report: ReadReport | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Filters, tokenizes and writes `texts` as prepared shards; returns the written manifests by split name.
+
+    Each kept document is stored as `Tokenizer.encode_documents` frames it. `sources_info` ({pattern, files:
+    [{path, bytes, sha256}]} per source) and `read_report` go into the manifests as provenance. `out_dir` is
+    replaced as a whole, and only once everything is written.
+    """
+    out_dir = Path(out_dir)
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}: 0.02 holds out 2% of the documents")
+    _check_replaceable(out_dir)
+    Tokenizer.from_file(tokenizer_path)  # a missing or broken tokenizer fails here, not in every worker
+    filters = filters or Filters()
+    workers = workers or os.cpu_count() or 1
+    metadata = {
+        "eval_fraction": eval_fraction,
+        "tokenizer": {"path": str(tokenizer_path), "tokenizer_hash": tokenizer_hash(tokenizer_path)},
+        "sources": sources_info or [],
+        "command": sys.argv,
+    }
+    splits = SPLITS if eval_fraction > 0 else SPLITS[:1]
+    read = collections.Counter()
+    start = time.perf_counter()
+    with atomic_directory(out_dir) as tmp, contextlib.ExitStack() as stack:
+        writers = {
+            split: stack.enter_context(ShardWriter(tmp / split, shard_tokens=shard_tokens, metadata={"split": split, **metadata}))
+            for split in splits
+        }
+        # disable=None: only on a terminal, where the bar redraws in place; in a log file it would be noise.
+        bar = tqdm.tqdm(unit=" docs", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+        stack.enter_context(bar)
+        batches = _batches(_deduplicated(texts, filters, read), eval_fraction)
+        for (characters, is_eval), result in _tokenize(batches, tokenizer_path, filters.text, workers):
+            _write_batch(characters, is_eval, result, filters, writers)
+            bar.update(len(characters))
+            tokens = sum(w.tokens for w in writers.values())
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+        _check_not_empty(writers, read, filters, eval_fraction)
+        for writer in writers.values():
+            writer.metadata.update(
+                filters=filters.report(),
+                read_report=read_report.summary() if read_report is not None else None,
+                input={"documents": read["documents"], "characters": read["characters"]},
+            )
+    return {split: writer.manifest for split, writer in writers.items()}
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuses to replace anything but an empty directory or an earlier preparation: --out is deleted wholesale."""
+    if not out_dir.exists():
+        return
+    if out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "train" / MANIFEST_FILE).is_file()):
+        return
+    raise DataError(
+        f"{out_dir} exists and is not a prepared corpus, and preparing would replace it: choose a new --out, or "
+        "delete it yourself if it is meant to go"
+    )
+
+
+def _deduplicated(texts: Iterable[str], filters: Filters, read: collections.Counter) -> Iterator[str]:
+    """The texts the deduplicator keeps, counting every text read (the summary reports both)."""
+    for text in texts:
+        read["documents"] += 1
+        read["characters"] += len(text)
+        if filters.dedup is None or filters.dedup.keep(text):
+            yield text
+
+
+def _batches(texts: Iterable[str], eval_fraction: float) -> Iterator[tuple[list[str], list[bool]]]:
+    batch: list[str] = []
+    is_eval: list[bool] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        is_eval.append(in_eval_split(text, eval_fraction))
+        size += len(text)
+        if size >= _BATCH_CHARACTERS or len(batch) >= _BATCH_DOCUMENTS:
+            yield batch, is_eval
+            batch, is_eval, size = [], [], 0
+    if batch:
+        yield batch, is_eval
+
+
+def in_eval_split(text: str, eval_fraction: float) -> bool:
+    """Whether `text` is held out: a fixed function of its content, so the split is stable across re-preparations."""
+    if eval_fraction <= 0:
+        return False
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < eval_fraction * 2**64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing workers
+
+_worker_tokenizer: Tokenizer | None = None
+_worker_filters: list[TextFilter] = []
+
+
+def _init_worker(tokenizer_path: str, text_filters: list[TextFilter]) -> None:
+    global _worker_tokenizer, _worker_filters
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
+    _worker_filters = text_filters
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index of the first text filter rejecting each text or -1, the kept texts' tokens concatenated, their lengths).
+
+    Flat numpy arrays, because pickling them back is far cheaper than lists of Python ints.
+    """
+    verdicts = np.array(
+        [next((i for i, f in enumerate(_worker_filters) if f.rejects(t)), -1) for t in texts], dtype=np.int16
+    )
+    documents = _worker_tokenizer.encode_documents([t for t, v in zip(texts, verdicts) if v < 0])
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.uint32, count=int(lengths.sum()))
+    return verdicts, tokens, lengths
+
+
+def _tokenize(
+    batches: Iterator[tuple[list[str], list[bool]]], tokenizer_path: str | os.PathLike, text_filters: list[TextFilter],
+    workers: int,
+) -> Iterator[tuple[tuple[list[int], list[bool]], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """((characters, is_eval) of each batch, its `_encode_batch` result), in input order.
+
+    Not `Pool.imap`: its feeder thread drains the input as fast as it can, so a fast reader would pile the corpus
+    up in memory; here at most a fixed number of batches is submitted and not yet written. And a process pool
+    from concurrent.futures, because a worker that dies (say, to the out-of-memory killer) breaks it with an
+    error, where a multiprocessing.Pool would wait forever for the lost batch.
+    """
+    initargs = (str(tokenizer_path), text_filters)
+    if workers == 1:
+        _init_worker(*initargs)
+        for texts, is_eval in batches:
+            yield ([len(t) for t in texts], is_eval), _encode_batch(texts)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=_worker_context(), initializer=_init_worker, initargs=initargs
+    )
+    in_flight: collections.deque = collections.deque()
+    try:
+        for texts, is_eval in batches:
+            in_flight.append((([len(t) for t in texts], is_eval), pool.submit(_encode_batch, texts)))
+            if len(in_flight) >= _BATCHES_IN_FLIGHT_PER_WORKER * workers:
+                meta, future = in_flight.popleft()
+                yield meta, future.result()
+        while in_flight:
+            meta, future = in_flight.popleft()
+            yield meta, future.result()
+    except BrokenProcessPool as e:
+        raise DataError(
+            f"a tokenizing worker process died ({e}), most often killed for memory: retry with fewer --workers"
+        ) from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork where the platform has it: spawn and forkserver re-import the caller's __main__ in every worker, which
+    fails for a script without a main guard or code piped to python. The workers only tokenize (no JAX, whose
+    threads make fork unsafe), and the tokenizer is loaded in each worker after the fork."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _write_batch(
+    characters: list[int], is_eval: list[bool], result: tuple[np.ndarray, np.ndarray, np.ndarray], filters: Filters,
+    writers: dict[str, ShardWriter],
+) -> None:
+    verdicts, tokens, lengths = result
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    kept = 0
+    for verdict, size, held_out in zip(verdicts.tolist(), characters, is_eval):
+        if verdict >= 0:
+            filters.text[verdict].count(size)
+            continue
+        document = tokens[offsets[kept] : offsets[kept + 1]]
+        kept += 1
+        if filters.length is None or filters.length.keep(len(document)):
+            writers["eval" if held_out else "train"].write(document)
+
+
+def _check_not_empty(
+    writers: dict[str, ShardWriter], read: collections.Counter, filters: Filters, eval_fraction: float
+) -> None:
+    removed = ", ".join(f"{f.name} removed {f.documents_removed}" for f in filters.in_order()) or "no filters"
+    if writers["train"].documents == 0:
+        raise DataError(
+            f"no documents left to train on: {read['documents']} read ({removed}): check --source, or loosen the "
+            "filters (--min_tokens, --max_tokens, --quality, --dedup)"
+        )
+    if "eval" in writers and writers["eval"].documents == 0:
+        raise DataError(
+            f"no document fell in the eval split ({writers['train'].documents} kept documents with eval_fraction "
+            f"{eval_fraction}): raise --eval_fraction, or pass --eval_fraction 0"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llama_jax.data.prepare",
+        description="Tokenize text into prepared ArrayRecord shards (DIR/train, DIR/eval) with manifests.",
+    )
+    p.add_argument("--source", action="append", metavar="PATTERN",
+                   help="a file, directory or glob (** spans directories; local, gs://, s3://...) of text, "
+                   ".jsonl(.gz) or .parquet files, or a built-in source (stdlib, stdlib_docstrings, "
+                   "pydoc_topics); repeatable")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json, or a directory holding one")
+    p.add_argument("--out", metavar="DIR", help="output directory (replaced if it holds an earlier preparation)")
+    p.add_argument("--text_field", default="text", help="the .jsonl field or Parquet column that holds the text")
+    p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard at most")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (keeps the first)")
+    p.add_argument("--min_tokens", type=int, help="drop documents with fewer tokens")
+    p.add_argument("--max_tokens", type=int, help="drop (never truncate) documents with more tokens")
+    p.add_argument("--quality", action="store_true",
+                   help="Gopher's repetition and symbol filters: for web prose, not for code (comments use '#')")
+    p.add_argument("--eval_fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="held-out fraction (0: none)")
+    p.add_argument("--verify", metavar="DIR", help="only check the sha256 digests of a prepared corpus, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify is None and not (args.source and args.tokenizer and args.out):
+        parser.error("--source, --tokenizer and --out are required (or --verify DIR alone)")
+    if args.workers < 1 or args.shard_tokens < 1:
+        parser.error("--workers and --shard_tokens must be at least 1")
+    if not 0 <= args.eval_fraction < 1:  # checked before the sources are hashed, which can take long
+        parser.error(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    try:
+        if args.verify is not None:
+            for line in verify(args.verify):
+                print(line)
+        else:
+            for line in _run(args):
+                print(line, file=sys.stderr)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def verify(directory: str | os.PathLike) -> list[str]:
+    """Checks every digest of a prepared corpus (DIR with train/eval, or one split); one line per split checked."""
+    directory = Path(directory)
+    splits = [directory / s for s in SPLITS if (directory / s / MANIFEST_FILE).is_file()] or [directory]
+    lines = []
+    for split in splits:
+        corpus = ShardedCorpus.open(split)
+        corpus.verify()
+        lines.append(f"ok: {split} ({len(corpus):,} documents, {corpus.num_tokens:,} tokens, "
+                     f"{len(corpus.manifest['shards'])} shards)")
+    return lines
+
+
+def _run(args: argparse.Namespace) -> list[str]:
+    start = time.perf_counter()
+    filters = Filters.from_options(
+        dedup=args.dedup, quality=args.quality, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    )
+    sources_info = [_source_info(pattern, args.workers) for pattern in args.source]
+    report = ReadReport()
+    texts = itertools.chain.from_iterable(
+        read_documents(pattern, text_field=args.text_field, report=report) for pattern in args.source
+    )
+    manifests = prepare(
+        texts, args.tokenizer, args.out, sources_info=sources_info, filters=filters, shard_tokens=args.shard_tokens,
+        workers=args.workers, eval_fraction=args.eval_fraction, read_report=report, progress=True,
+    )
+    return _summary(manifests, time.perf_counter() - start)
+
+
+def _source_info(pattern: str, workers: int) -> dict:
+    """The files of a source with their sizes and digests, hashed by threads (hashlib releases the GIL)."""
+    files = list_files(pattern)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(file_digest, files))
+    entries = [{"path": str(f), "bytes": f.stat().length, "sha256": d} for f, d in zip(files, digests)]
+    return {"pattern": pattern, "files": entries}
+
+
+def _summary(manifests: dict[str, dict], seconds: float) -> list[str]:
+    """The lines printed after a preparation: what was written, what each filter removed, speed and memory."""
+    first = next(iter(manifests.values()))
+    lines = [
+        f"{split}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards"
+        for split, m in manifests.items()
+    ]
+    for f in first["filters"]:
+        unit = "tokens" if "tokens_removed" in f else "characters"
+        lines.append(f"filter {f['name']}: removed {f['documents_removed']:,} documents ({f[f'{unit}_removed']:,} {unit})")
+    if first["read_report"]:
+        lines.append(f"read: {first['read_report']}")
+    tokens = sum(m["tokens"] for m in manifests.values())
+    characters = first["input"]["characters"]
+    lines.append(
+        f"{first['input']['documents']:,} documents read in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s, "
+        f"{characters / seconds / 1e6:.2f} M characters/s"
+    )
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    lines.append(f"peak RSS: {own:,.0f} MiB" + (f" (main process), {worker:,.0f} MiB (largest worker)" if worker else ""))
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

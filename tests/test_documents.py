@@ -1,0 +1,368 @@
+"""Tests for llama_jax.data.documents: formats, globs, order, bad-data accounting, built-in and remote sources."""
+
+import ast
+import gzip
+import hashlib
+import importlib
+import importlib.util
+import itertools
+import json
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
+
+from llama_jax.data import documents
+from llama_jax.data.documents import ReadReport, file_digest, list_files, read_documents
+from llama_jax.errors import DataError
+
+
+def write_jsonl(path: Path, records: list, opener=open) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    return path
+
+
+def write_parquet(path: Path, columns: dict, row_group_size: int = 1000) -> Path:
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_text_files_are_one_document_each(tmp_path):
+    write_tree(tmp_path, {"a.txt": "plain", "b.md": "# title", "c.py": "x = 1\n", "d.rst": "Title\n=====\n"})
+    assert list(read_documents(str(tmp_path / "*"))) == ["plain", "# title", "x = 1\n", "Title\n=====\n"]
+
+
+def test_jsonl_reads_the_configured_text_field(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"content": "first", "text": "not this"}, {"content": "second"}])
+    assert list(read_documents(str(tmp_path / "a.jsonl"), text_field="content")) == ["first", "second"]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl.gz", "a.json.gz"])
+def test_gzipped_jsonl(tmp_path, name):
+    write_jsonl(tmp_path / name, [{"text": "zipped"}, {"text": "twice"}], opener=gzip.open)
+    assert list(read_documents(str(tmp_path / name))) == ["zipped", "twice"]
+
+
+def test_parquet_reads_the_text_column_across_row_groups(tmp_path):
+    texts = [f"row {i}" for i in range(2500)]
+    write_parquet(tmp_path / "a.parquet", {"id": list(range(2500)), "body": texts})
+    assert list(read_documents(str(tmp_path / "a.parquet"), text_field="body")) == texts
+
+
+def test_parquet_without_the_column_names_file_column_and_fix(tmp_path):
+    write_parquet(tmp_path / "a.parquet", {"id": [1], "body": ["x"]})
+    with pytest.raises(DataError) as e:
+        list(read_documents(str(tmp_path / "a.parquet")))
+    message = str(e.value)
+    assert "a.parquet" in message and "'text'" in message and "id, body" in message and "data.text_field" in message
+
+
+def test_parquet_column_that_is_not_text_is_an_error(tmp_path):
+    write_parquet(tmp_path / "a.parquet", {"text": [1, 2]})
+    with pytest.raises(DataError, match="int64, not text"):
+        list(read_documents(str(tmp_path / "a.parquet")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: globs, directories, order
+
+
+@pytest.fixture
+def tree(tmp_path):
+    write_tree(tmp_path, {
+        "x.txt": "x", "notes.csv": "a,b", "b/y.txt": "y", "b/c/z.txt": "z", "b/c/w.md": "w", ".hidden/h.txt": "h",
+    })
+    return tmp_path
+
+
+def names(paths, root) -> list[str]:
+    return [Path(p).relative_to(root).as_posix() for p in paths]
+
+
+def test_glob_matches_one_directory_level(tree):
+    assert names(list_files(f"{tree}/*.txt"), tree) == ["x.txt"]
+    assert names(list_files(f"{tree}/*/*.txt"), tree) == ["b/y.txt"]
+
+
+def test_recursive_glob_spans_any_depth_and_skips_hidden_directories(tree):
+    assert names(list_files(f"{tree}/**/*.txt"), tree) == ["b/c/z.txt", "b/y.txt", "x.txt"]
+    assert names(list_files(f"{tree}/b/**/*.txt"), tree) == ["b/c/z.txt", "b/y.txt"]
+
+
+def test_relative_patterns(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    assert [str(p) for p in list_files("*.txt")] == ["x.txt"]
+    assert [str(p) for p in list_files("**/*.md")] == ["b/c/w.md"]
+
+
+def test_directory_means_its_supported_files_recursively(tree):
+    assert names(list_files(str(tree)), tree) == ["b/c/w.md", "b/c/z.txt", "b/y.txt", "x.txt"]
+    assert list(read_documents(str(tree))) == ["w", "z", "y", "x"]
+
+
+def test_unsupported_file_in_a_glob_is_an_error_before_reading(tree):
+    with pytest.raises(DataError) as e:
+        read_documents(f"{tree}/**")
+    assert "notes.csv" in str(e.value) and "narrow" in str(e.value)
+
+
+def test_order_follows_sorted_paths_not_creation_order(tmp_path):
+    for name in ["c.txt", "a.txt", "b.jsonl"]:
+        if name.endswith(".jsonl"):
+            write_jsonl(tmp_path / name, [{"text": "b1"}, {"text": "b2"}])
+        else:
+            (tmp_path / name).write_text(name[0])
+    pattern = str(tmp_path / "*")
+    assert list(read_documents(pattern)) == ["a", "b1", "b2", "c"]
+    assert list(read_documents(pattern)) == list(read_documents(pattern))
+
+
+@pytest.mark.parametrize("pattern", ["no_such_dir/*.txt", "no_such_file.jsonl", "no_such_dir/**/*.txt"])
+def test_nothing_matching_is_an_error_naming_the_pattern(tmp_path, pattern):
+    with pytest.raises(DataError, match="No files match") as e:
+        read_documents(str(tmp_path / pattern))
+    assert pattern in str(e.value)
+
+
+def test_url_scheme_epath_does_not_know_is_an_error():
+    with pytest.raises(DataError, match="memory://"):
+        list_files("memory://corpus/*.txt")
+
+
+def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+    data = bytes(range(256)) * 5000  # over 1 MiB, so more than one block
+    (tmp_path / "a.bin").write_bytes(data)
+    assert file_digest(epath.Path(tmp_path / "a.bin")) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(DataError, match="missing.bin"):
+        file_digest(epath.Path(tmp_path / "missing.bin"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad data
+
+
+def test_bad_records_are_counted_skipped_and_located(tmp_path, capsys):
+    lines = [
+        b'{"text": "good one"}',
+        b'{"text": "   "}',
+        b"{not json",
+        b'{"title": "no text"}',
+        b'{"text": 7}',
+        b'["not", "an", "object"]',
+        b'{"text": "caf\xe9"}',
+        b"",
+        b'{"text": "good two"}',
+    ]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "b.txt").write_text(" \n\t")
+    (tmp_path / "c.txt").write_bytes(b"line one\nbad \xff byte")
+    report = ReadReport()
+
+    assert list(read_documents(str(tmp_path / "*"), report=report)) == ["good one", "good two"]
+    assert (report.documents, report.files) == (2, 3)
+    assert (report.empty, report.bad_json, report.missing_field, report.invalid_utf8) == (2, 1, 3, 2)
+    a = tmp_path / "a.jsonl"
+    assert report.examples["missing_field"] == [f"{a}:4", f"{a}:5", f"{a}:6"]
+    summary = report.summary()
+    assert summary.startswith("read 2 documents from 3 files; skipped ")
+    for expected in [f"1 malformed JSON line ({a}:3)", f"{a}:2, {tmp_path / 'b.txt'})",
+                     f"({a}:7, {tmp_path / 'c.txt'}:2)"]:
+        assert expected in summary
+    assert capsys.readouterr().err.count(summary) == 1
+
+
+def test_summary_keeps_the_first_few_examples():
+    report = ReadReport()
+    for line in range(1, 9):
+        report.skip("bad_json", f"a.jsonl:{line}")
+    assert report.summary() == (
+        "read 0 documents from 0 files; skipped 8 malformed JSON lines "
+        "(a.jsonl:1, a.jsonl:2, a.jsonl:3, a.jsonl:4, a.jsonl:5, ...)"
+    )
+
+
+def test_clean_data_prints_nothing(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("fine")
+    report = ReadReport()
+    assert list(read_documents(str(tmp_path / "a.txt"), report=report)) == ["fine"]
+    assert report.summary() == "read 1 document from 1 file"
+    assert capsys.readouterr().err == ""
+
+
+def test_no_usable_document_is_an_error_with_the_summary(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": ""}, {"body": "wrong field"}])
+    with pytest.raises(DataError) as e:
+        list(read_documents(str(tmp_path / "a.jsonl")))
+    assert str(tmp_path / "a.jsonl") in str(e.value) and "1 record without a string text field" in str(e.value)
+
+
+def test_damaged_files_are_counted_as_unreadable(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "kept"}])
+    write_jsonl(tmp_path / "b.jsonl.gz", [{"text": "x" * 100}] * 100, opener=gzip.open)
+    (tmp_path / "b.jsonl.gz").write_bytes((tmp_path / "b.jsonl.gz").read_bytes()[:40])
+    (tmp_path / "c.parquet").write_bytes(b"not parquet at all")
+    report = ReadReport()
+    assert list(read_documents(str(tmp_path / "*"), report=report)) == ["kept"]
+    assert report.unreadable == 2 and report.examples["unreadable"][1] == f"{tmp_path / 'c.parquet'}:1"
+
+
+def test_a_shared_report_accounts_for_several_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    report = ReadReport()
+    for name in ["a.txt", "b.txt"]:
+        list(read_documents(str(tmp_path / name), report=report))
+    assert (report.documents, report.files) == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_first_document_of_a_huge_jsonl_arrives_without_reading_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(200_000)))
+    opened = []
+    original_open = type(epath.Path(path)).open
+
+    def recording_open(self, *args, **kwargs):
+        opened.append(original_open(self, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(type(epath.Path(path)), "open", recording_open)
+    start = time.perf_counter()
+    stream = read_documents(str(path))
+    assert next(stream) == "document 0"
+    assert time.perf_counter() - start < 1.0
+    assert opened[0].raw.tell() < path.stat().st_size / 100, "only the first buffer's worth was read"
+    assert list(itertools.islice(stream, 2)) == ["document 1", "document 2"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in sources
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path, monkeypatch):
+    """A stdlib directory holding the real json package's __init__.py, a third-party file and a module without docs."""
+    real_json = Path(sysconfig.get_paths()["stdlib"]) / "json" / "__init__.py"
+    (tmp_path / "json").mkdir()
+    shutil.copy(real_json, tmp_path / "json" / "__init__.py")
+    write_tree(tmp_path, {
+        "site-packages/third_party.py": '"""Third party."""\n',
+        "dist-packages/other.py": '"""Debian third party."""\n',
+        "undocumented.py": "x = 1\n",
+        "broken.py": '"""Docs."""\ndef (:\n',
+    })
+    monkeypatch.setattr(documents.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    return tmp_path
+
+
+def test_stdlib_is_every_standard_library_file_without_third_party_packages(fake_stdlib):
+    assert names(list_files("stdlib"), fake_stdlib) == ["broken.py", "json/__init__.py", "undocumented.py"]
+    texts = list(read_documents("stdlib"))
+    assert len(texts) == 3 and texts[1] == (fake_stdlib / "json" / "__init__.py").read_text()
+
+
+def test_stdlib_docstrings_are_one_document_per_documented_module(fake_stdlib):
+    report = ReadReport()
+    (text,) = read_documents("stdlib_docstrings", report=report)
+    assert text.startswith("JSON (JavaScript Object Notation) <https://json.org> is a subset of")
+    assert "Serialize ``obj`` to a JSON formatted ``str``." in text
+    assert "\n\nSerialize ``obj`` as a JSON formatted stream" in text
+    assert report.unparsable == 1 and report.examples["unparsable"] == [f"{fake_stdlib / 'broken.py'}:2"]
+
+
+def test_module_docstrings_follow_source_order():
+    tree = ast.parse('"""Module."""\nclass A:\n    """A."""\n    def f(self):\n        """f."""\ndef g():\n    """g."""\n')
+    assert documents.module_docstrings(tree) == "Module.\n\nA.\n\nf.\n\ng."
+
+
+def test_real_stdlib_sources_are_deterministic():
+    for name in ["stdlib", "stdlib_docstrings"]:
+        first = list(itertools.islice(read_documents(name), 3))
+        assert len(first) == 3 and all(text.strip() for text in first)
+        assert first == list(itertools.islice(read_documents(name), 3))
+    (future_docs,) = itertools.islice(read_documents("stdlib_docstrings"), 1)
+    assert future_docs.startswith("Record of phased-in incompatible language changes.")
+
+
+def test_pydoc_topics_are_one_document_per_topic_in_name_order():
+    from pydoc_data.topics import topics
+
+    texts = list(read_documents("pydoc_topics"))
+    assert texts == [topics[name] for name in sorted(topics)]
+    assert any("Assert statements are a convenient way" in text for text in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Remote
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """gs:// served from memory: fsspec's in-memory filesystem under the gs protocol, reached through epath.
+
+    epath resolves gs:// with fsspec.filesystem("gcs"), so registering the in-memory class there runs the
+    production path (epath -> fsspec backend) with no network and no gcsfs.
+    """
+    if importlib.util.find_spec("tensorflow"):
+        pytest.skip("with TensorFlow installed epath reads gs:// through tf.io.gfile, not fsspec")
+
+    class InMemoryGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: ClassVar[dict] = {}
+        pseudo_dirs: ClassVar[list[str]] = [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return str(path).removeprefix("gs://").removeprefix("gcs://").rstrip("/")
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    for protocol in InMemoryGCS.protocol:
+        monkeypatch.setitem(registry, protocol, InMemoryGCS)
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    yield epath.Path("gs://bucket/corpus")
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_remote_files_through_epath(bucket):
+    (bucket / "b" / "deep").mkdir(parents=True)
+    (bucket / "a.jsonl").write_text('{"text": "remote one"}\n{"text": "remote two"}\n')
+    (bucket / "b" / "c.txt").write_text("remote three")
+    (bucket / "b" / "deep" / "d.md").write_text("remote four")
+    with (bucket / "e.parquet").open("wb") as f:
+        pq.write_table(pa.table({"text": ["remote five"]}), f)
+
+    assert [str(p) for p in list_files("gs://bucket/corpus/*.jsonl")] == ["gs://bucket/corpus/a.jsonl"]
+    assert [str(p) for p in list_files("gs://bucket/corpus/**/*.md")] == ["gs://bucket/corpus/b/deep/d.md"]
+    assert list(read_documents("gs://bucket/corpus")) == [
+        "remote one", "remote two", "remote three", "remote four", "remote five",
+    ]
+    assert file_digest(bucket / "b" / "c.txt") == hashlib.sha256(b"remote three").hexdigest()
+    assert fsspec.filesystem("gcs").exists("bucket/corpus/a.jsonl")
+
+
+def test_remote_pattern_without_matches_is_an_error(bucket):
+    with pytest.raises(DataError, match="gs://bucket/corpus/nothing"):
+        list_files("gs://bucket/corpus/nothing/*.txt")

@@ -1,0 +1,217 @@
+"""Tests for llama_jax.data.prepare: the library entry point, its determinism and bounds, and the CLI end to end."""
+
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stdlib_text import stdlib_sources
+
+from llama_jax.data import prepare as prepare_module
+from llama_jax.data.filters import Filters, TextFilter
+from llama_jax.data.prepare import in_eval_split, prepare
+from llama_jax.data.shards import ShardedCorpus, tokenizer_hash
+from llama_jax.data.tokenizer import Tokenizer, train_bpe
+from llama_jax.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = stdlib_sources(skip=40, limit_chars=400_000)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    train_bpe(stdlib_sources(skip=0, limit_chars=200_000), 1000, path)
+    return path
+
+
+def read_all(directory):
+    corpus = ShardedCorpus.open(directory)
+    return [corpus.read(i).tolist() for i in range(len(corpus))]
+
+
+def test_round_trip_in_input_order_with_a_stable_split(tmp_path, tokenizer_path):
+    texts = TEXTS + TEXTS[:3]  # the repeats are removed by dedup
+    manifests = prepare(texts, tokenizer_path, tmp_path / "out", filters=Filters.from_options(dedup=True),
+                        workers=1, eval_fraction=0.3, shard_tokens=20_000)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    for split in ("train", "eval"):
+        expected = [t for t in TEXTS if in_eval_split(t, 0.3) == (split == "eval")]
+        assert read_all(tmp_path / "out" / split) == tokenizer.encode_documents(expected)
+        assert manifests[split]["documents"] == len(expected)
+    assert len(manifests["train"]["shards"]) > 1
+    assert manifests["train"]["filters"][0]["documents_removed"] == 3
+
+
+def test_output_is_identical_for_any_number_of_workers(tmp_path, tokenizer_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_BATCH_DOCUMENTS", 3)  # many batches, so the workers interleave
+    manifests = [
+        prepare(TEXTS, tokenizer_path, tmp_path / name, workers=workers, eval_fraction=0.3, shard_tokens=20_000,
+                filters=Filters.from_options(quality=True, max_tokens=30_000))
+        for name, workers in [("one", 1), ("two", 2)]
+    ]
+    one, two = manifests
+    for split in ("train", "eval"):
+        files = [s["file"] for s in one[split]["shards"]] + ["lengths.npy"]
+        for name in files:
+            assert (tmp_path / "one" / split / name).read_bytes() == (tmp_path / "two" / split / name).read_bytes()
+        assert one[split]["filters"] == two[split]["filters"]
+    assert sum(f["documents_removed"] for f in one["train"]["filters"]) > 0, "the test exercises the filters"
+
+
+def test_manifest_records_counts_tokenizer_and_sources(tmp_path, tokenizer_path):
+    sources = [{"pattern": "x/*.py", "files": [{"path": "x/a.py", "bytes": 3, "sha256": "00" * 32}]}]
+    texts = [*TEXTS, "tiny", "small"]
+    filters = Filters.from_options(min_tokens=50)
+    manifests = prepare(texts, tokenizer_path, tmp_path / "out", sources_info=sources, filters=filters,
+                        workers=1, eval_fraction=0.3)
+    train, eval_ = manifests["train"], manifests["eval"]
+    assert train == json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
+    assert (train["split"], eval_["split"]) == ("train", "eval")
+    assert train["tokenizer"] == {"path": str(tokenizer_path), "tokenizer_hash": tokenizer_hash(tokenizer_path)}
+    assert train["sources"] == eval_["sources"] == sources
+    assert train["input"] == {"documents": len(texts), "characters": sum(map(len, texts))}
+    removed = filters.length.documents_removed
+    assert train["filters"] == [filters.length.report()] and removed == 2
+    assert train["documents"] + eval_["documents"] + removed == len(texts)
+    assert train["tokens"] == sum(s["tokens"] for s in train["shards"]) == int(np.load(
+        tmp_path / "out" / "train" / "lengths.npy").sum())
+    assert train["eval_fraction"] == 0.3 and isinstance(train["command"], list)
+
+
+def test_a_corpus_prepared_with_another_tokenizer_is_refused(tmp_path, tokenizer_path):
+    prepare(TEXTS, tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
+    other = train_bpe(["entirely different text, so other merges"] * 50, 700, tmp_path / "other" / "tokenizer.model")
+    assert other.vocab_size != Tokenizer.from_file(tokenizer_path).vocab_size
+    ShardedCorpus.open(tmp_path / "out" / "train", tokenizer_hash=tokenizer_hash(tokenizer_path))
+    with pytest.raises(DataError, match="prepared with another tokenizer"):
+        ShardedCorpus.open(tmp_path / "out" / "train", tokenizer_hash=tokenizer_hash(tmp_path / "other"))
+
+
+def test_eval_fraction_zero_writes_only_train(tmp_path, tokenizer_path):
+    manifests = prepare(TEXTS[:3], tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
+    assert list(manifests) == ["train"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
+
+
+def test_a_documents_side_of_the_split_does_not_depend_on_the_others(tmp_path, tokenizer_path):
+    texts = [f"document number {i} says something" for i in range(300)]
+    prepare(texts, tokenizer_path, tmp_path / "all", workers=1, eval_fraction=0.2)
+    prepare(texts[::3], tokenizer_path, tmp_path / "third", workers=1, eval_fraction=0.2)
+    held_out = read_all(tmp_path / "all" / "eval")
+    subset = Tokenizer.from_file(tokenizer_path).encode_documents(texts[::3])
+    assert 40 < len(held_out) < 80
+    assert read_all(tmp_path / "third" / "eval") == [d for d in held_out if d in subset]
+
+
+def test_errors_name_the_fix_and_leave_no_output(tmp_path, tokenizer_path):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="not found"):
+        prepare(TEXTS, tmp_path / "missing.model", out)
+    with pytest.raises(DataError, match=r"no documents left to train on: 3 read \(token_length removed 3\)"):
+        prepare(TEXTS[:3], tokenizer_path, out, filters=Filters.from_options(max_tokens=1), workers=1)
+    with pytest.raises(DataError, match="no document fell in the eval split"):
+        prepare(["just one text"], tokenizer_path, out, workers=1, eval_fraction=0.01)
+    with pytest.raises(DataError, match=r"eval_fraction must be in \[0, 1\)"):
+        prepare(TEXTS, tokenizer_path, out, eval_fraction=1.0)
+    assert list(tmp_path.iterdir()) == [], "nothing is published, no temporary directory is left"
+
+
+def test_out_dir_is_replaced_only_if_it_holds_a_preparation(tmp_path, tokenizer_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="exists and is not a prepared corpus"):
+        prepare(TEXTS[:3], tokenizer_path, tmp_path / "mine", workers=1, eval_fraction=0)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    prepare(TEXTS[:3], tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
+    prepare(TEXTS[3:4], tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
+    assert len(ShardedCorpus.open(tmp_path / "out" / "train")) == 1
+
+
+def test_input_is_read_lazily_with_bounded_work_in_flight(tokenizer_path):
+    pulled = itertools.count()
+
+    def endless():
+        while True:
+            next(pulled)
+            yield ["some text"], [False]
+
+    results = prepare_module._tokenize(endless(), tokenizer_path, [], workers=2)
+    next(results)
+    results.close()
+    assert next(pulled) <= prepare_module._BATCHES_IN_FLIGHT_PER_WORKER * 2 + 1
+
+
+class KillsTheWorker(TextFilter):
+    name = "kills_the_worker"
+
+    def settings(self):
+        return {}
+
+    def rejects(self, text):
+        os._exit(1)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_path):
+    with pytest.raises(DataError, match="worker process died.*fewer --workers"):
+        prepare(TEXTS, tokenizer_path, tmp_path / "out", filters=Filters(text=[KillsTheWorker()]), workers=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llama_jax.data.prepare", *map(str, args)], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end_with_filters_and_verify(tmp_path, tokenizer_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    prose = [f"Paragraph {i} of a web page about gardening, with enough words to keep it in the corpus." for i in
+             range(15)]
+    for i, text in enumerate(prose[:3]):
+        (data / f"page{i}.txt").write_text(text)
+    records = [*prose[3:], prose[3], "#win #free #prize #now", "Hi.", prose[4]]
+    (data / "web.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in records) + "{broken json\n")
+    out = tmp_path / "prepared"
+
+    result = run_cli("--source", data / "*.txt", "--source", data / "web.jsonl", "--tokenizer", tokenizer_path,
+                     "--out", out, "--text_field", "content", "--dedup", "--quality", "--min_tokens", "8",
+                     "--workers", "2", "--eval_fraction", "0.2", "--shard_tokens", "100")
+    assert result.returncode == 0, result.stderr
+    assert "filter exact_duplicates: removed 2 documents" in result.stderr
+    assert "filter symbol_word_ratio: removed 1 documents" in result.stderr
+    assert "filter duplicate_lines: removed 0 documents" in result.stderr
+    assert "filter token_length: removed 1 documents" in result.stderr
+    assert "1 malformed JSON line" in result.stderr and "peak RSS" in result.stderr
+    train, eval_ = (json.loads((out / s / "manifest.json").read_text()) for s in ("train", "eval"))
+    assert train["documents"] + eval_["documents"] == 15 and eval_["documents"] > 0
+    assert len(train["shards"]) > 1
+    assert train["read_report"].startswith("read 19 documents from 4 files")
+    files = {f["path"]: f for source in train["sources"] for f in source["files"]}
+    assert sorted(files) == sorted(str(p) for p in data.iterdir())
+    assert files[str(data / "web.jsonl")]["sha256"] == hashlib.sha256((data / "web.jsonl").read_bytes()).hexdigest()
+
+    verified = run_cli("--verify", out)
+    assert verified.returncode == 0 and verified.stdout.count("ok: ") == 2, verified.stderr
+    shard = out / "train" / "shard-00000.array_record"
+    flipped = bytearray(shard.read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    shard.write_bytes(bytes(flipped))
+    broken = run_cli("--verify", out)
+    assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1
+    assert broken.stderr.startswith("error: ") and "shard-00000.array_record does not match its sha256" in broken.stderr
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    result = run_cli("--source", tmp_path / "a.txt", "--tokenizer", tmp_path / "nope.model", "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: tokenizer file") and len(result.stderr.strip().splitlines()) == 1
+    assert run_cli("--out", tmp_path / "o").returncode == 2  # usage errors exit 2 too (argparse)
