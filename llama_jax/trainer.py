@@ -204,7 +204,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
 
     plan = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], batch_schedule(cfg),
-                        seed=cfg.seed, shuffle_window=cfg.data.shuffle_window, names=[s.name for s in corpus.sources])
+                        seed=cfg.seed, shuffle_window=cfg.data.shuffle_window, names=[s.name for s in corpus.sources],
+                        pad_id=tokenizer.pad_id)
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(plan.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
     eval_sets = {

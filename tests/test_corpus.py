@@ -11,8 +11,12 @@ import pytest
 from llama_jax import trainer
 from llama_jax.config import default_config, mixture_source, model_section
 from llama_jax.data import corpus
-from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import DataError
+from llama_jax.data.pipeline import TrainBatches
+from llama_jax.data.prepare import in_eval_split, prepare, prepare_chat
+from llama_jax.data.schedule import BatchSchedule
+from llama_jax.data.shards import ShardedCorpus
+from llama_jax.data.tokenizer import Tokenizer, train_bpe
+from llama_jax.errors import ConfigError, DataError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -144,3 +148,53 @@ def test_training_on_a_weighted_mixture_logs_each_sources_share_and_eval_loss(tm
 def ast_free_prose(code: str) -> str:
     """The comment lines of a module: a second, different kind of text from the same files."""
     return "\n".join(line.strip("# ") for line in code.splitlines() if line.lstrip().startswith("#")) or "no comments"
+
+
+def test_training_on_prepared_shards_and_refusing_another_tokenizer(tmp_path, text_dir):
+    texts = [path.read_text() for path in sorted(text_dir.iterdir())]
+    tokenizer = train_bpe(texts, 1024, tmp_path / "tokenizer.model")
+    for name, part in (("first", texts[:30]), ("second", texts[30:])):
+        prepare(part, tmp_path / "tokenizer.model", tmp_path / name, workers=1, eval_fraction=0.1)
+    cfg = default_config()
+    cfg.model = model_section("debug", vocab_size=1024)
+    cfg.data = data_section(tmp_path, "unused", str(tmp_path / "tokenizer.model"))
+    cfg.data.mixture.first = mixture_source(str(tmp_path / "first"), weight=0.5)
+    cfg.data.mixture.second = mixture_source(str(tmp_path / "second"), weight=0.5)
+    loaded = corpus.load_corpus(cfg.data, vocab_size=1024)
+    first = loaded.sources[0].train
+    train_texts = [text for text in texts[:30] if not in_eval_split(text, 0.1)]
+    assert isinstance(first, ShardedCorpus) and len(first) == len(train_texts)
+    assert first.read(0).tolist() == tokenizer.encode_documents(train_texts[:1])[0]
+    assert not (tmp_path / "cache").exists(), "prepared sources are read in place, never cached again"
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.optim.warmup_steps = 6, 6, 1
+    metrics = trainer.train(cfg, tmp_path / "run")
+    assert {"mixture/first", "mixture/second", "eval_loss/first", "eval_loss/second"} <= metrics.keys()
+
+    train_bpe(texts, 1100, tmp_path / "other.model")
+    cfg.data.tokenizer = str(tmp_path / "other.model")
+    with pytest.raises(DataError, match="another tokenizer"):
+        corpus.load_corpus(cfg.data, vocab_size=1100)
+    cfg.data.tokenizer = ""
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        corpus.load_corpus(cfg.data, vocab_size=1024)
+
+
+def test_prepared_chat_examples_reach_the_batches_with_their_masks(tmp_path, text_dir):
+    """Conversations prepared with their SFT masks: the trained-on targets are exactly the assistant turns."""
+    texts = [path.read_text() for path in sorted(text_dir.iterdir())]
+    tokenizer = train_bpe(texts, 1024, tmp_path / "tokenizer.model")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    conversations = [[{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+                     for i in range(40)]
+    prepare_chat(conversations, tmp_path / "tokenizer.model", tmp_path / "chat", workers=1, eval_fraction=0.1)
+    data = data_section(tmp_path, str(tmp_path / "chat"), str(tmp_path / "tokenizer.model"))
+    source = corpus.load_corpus(data, vocab_size=1024).sources[0]
+    assert source.train.has_loss_mask
+    batch = TrainBatches([source.train], [1.0], BatchSchedule(4, 64), seed=0).local_batch(0)
+    for row in range(4):
+        learned = tokenizer.decode(batch["targets"][row][batch["loss_mask"][row] == 1].tolist())
+        asked = tokenizer.decode(batch["targets"][row][(batch["loss_mask"][row] == 0) & (batch["segment_ids"][row] > 0)].tolist())
+        assert "answer" in learned and "question" not in learned and "answer" not in asked

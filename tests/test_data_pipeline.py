@@ -281,3 +281,60 @@ def test_plans_are_pure_functions_of_the_step():
     forward = steps(train, 0, 6)
     backward = [train.local_batch(step) for step in reversed(range(6))][::-1]
     assert_batches_equal(forward, backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat examples: stores with a loss mask are packed whole
+
+
+CHAT_LENGTHS = [5, 9, 3, 12, 7, 2, 16, 30, 4, 6, 11, 8]  # 30 tokens = 29 pairs: longer than a row of 16
+
+
+def chat_corpus(lengths=CHAT_LENGTHS) -> TokenizedCorpus:
+    """Unique tokens; the mask marks the second half of each example (its "answer")."""
+    corpus = unique_token_corpus(lengths)
+    mask = np.concatenate([(np.arange(n) >= n // 2).astype(np.uint8) for n in lengths])
+    return TokenizedCorpus(corpus.tokens, corpus.offsets, mask)
+
+
+def test_chat_examples_are_packed_whole_with_their_masks_and_padding(capsys):
+    corpus = chat_corpus()
+    train = TrainBatches([corpus], [1.0], BatchSchedule(4, SEQ_LEN), seed=0, shuffle_window=1, pad_id=99)
+    batches = steps(train, 0, 6)
+    assert "1 examples longer than seq_len 16 are left out" in capsys.readouterr().err
+    fitting = [d for d, n in enumerate(CHAT_LENGTHS) if 2 <= n <= SEQ_LEN + 1]
+    seen_docs = []  # in stream order: with a window of 1 row, rows come unshuffled
+    for batch in batches:
+        for row in range(4):
+            for segment in range(1, batch["segment_ids"][row].max() + 1):
+                cols = np.flatnonzero(batch["segment_ids"][row] == segment)
+                doc = int(np.searchsorted(corpus.offsets, batch["tokens"][row, cols[0]] - 1, side="right") - 1)
+                whole = np.asarray(corpus[doc])
+                np.testing.assert_array_equal(batch["tokens"][row, cols], whole[:-1])  # whole, never cut
+                np.testing.assert_array_equal(batch["positions"][row, cols], np.arange(len(cols)))
+                np.testing.assert_array_equal(batch["loss_mask"][row, cols], corpus.read_loss_mask(doc)[1:])
+                seen_docs.append(doc)
+            pad = batch["segment_ids"][row] == 0
+            assert np.all(batch["tokens"][row, pad] == 99) and np.all(batch["loss_mask"][row, pad] == 0)
+    assert len(seen_docs) > 2 * len(fitting)
+    for epoch in range(2):
+        docs = seen_docs[epoch * len(fitting) : (epoch + 1) * len(fitting)]
+        assert sorted(docs) == fitting, "every fitting example exactly once per epoch"
+
+
+def test_chat_examples_resume_on_any_topology_and_evaluate_whole():
+    train = TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, SEQ_LEN, [(2000, 8, SEQ_LEN)]), seed=1)
+    for step in range(0, 12, 3):
+        assert_batches_equal([concat_processes(train, step, 2)], [train.local_batch(step)])
+    evaluation = eval_batches(chat_corpus(), seq_len=SEQ_LEN, batch_size=4, max_batches=10)
+    seen = inputs_of(evaluation)
+    expected = np.concatenate([np.asarray(chat_corpus()[d][:-1])[chat_corpus().read_loss_mask(d)[1:] == 1]
+                               for d, n in enumerate(CHAT_LENGTHS) if 2 <= n <= SEQ_LEN + 1])
+    np.testing.assert_array_equal(seen, expected)
+
+
+def test_chat_examples_refuse_a_ramp_that_changes_seq_len():
+    with pytest.raises(DataError, match="keep seq_len constant"):
+        TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, SEQ_LEN, [(1000, 4, 32)]), seed=0)
+    with pytest.raises(DataError, match="none of its"):
+        TrainBatches([chat_corpus([40, 50])], [1.0], BatchSchedule(4, SEQ_LEN), seed=0).local_batch(0)

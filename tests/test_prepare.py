@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 from stdlib_text import stdlib_sources
 
 from llama_jax.data import prepare as prepare_module
+from llama_jax.data.chat import ChatFormat
+from llama_jax.data.conversations import SkipReport, sft_example
 from llama_jax.data.filters import Filters, TextFilter
-from llama_jax.data.prepare import in_eval_split, prepare
+from llama_jax.data.prepare import in_eval_split, prepare, prepare_chat
 from llama_jax.data.shards import ShardedCorpus, tokenizer_hash
 from llama_jax.data.tokenizer import Tokenizer, train_bpe
 from llama_jax.errors import DataError
@@ -215,3 +218,145 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: tokenizer file") and len(result.stderr.strip().splitlines()) == 1
     assert run_cli("--out", tmp_path / "o").returncode == 2  # usage errors exit 2 too (argparse)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat (SFT) data. train_bpe's tokenizers carry Llama 3's special tokens, so they get the built-in Llama 3 format.
+
+LINES = [line.strip() for text in TEXTS for line in text.splitlines() if len(line.strip()) > 10]
+CONVERSATIONS = [
+    [
+        *([{"role": "system", "content": "You answer in one line."}] if i % 3 == 0 else []),
+        {"role": "user", "content": f"What does line {i} of this file do?"},
+        {"role": "assistant", "content": " ".join(LINES[13 * i : 13 * i + i % 5 + 1])},
+        *([{"role": "user", "content": "And then?"}, {"role": "assistant", "content": f"Step {i} — naïve 🙂"}]
+          if i % 4 == 0 else []),
+    ]
+    for i in range(40)
+]
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def fmt(tokenizer_path):
+    return ChatFormat.from_directory(tokenizer_path, Tokenizer.from_file(tokenizer_path))
+
+
+def read_examples(directory):
+    """(tokens, loss mask) of every document, as lists."""
+    corpus = ShardedCorpus.open(directory)
+    assert corpus.has_loss_mask
+    return [(corpus.read(i).tolist(), corpus.read_loss_mask(i).tolist()) for i in range(len(corpus))]
+
+
+def expected_examples(fmt, conversations, eval_fraction, split):
+    examples = [sft_example(fmt, m) for m in conversations
+                if in_eval_split(json.dumps(m, sort_keys=True), eval_fraction) == (split == "eval")]
+    return [(e.tokens.tolist(), e.loss_mask.tolist()) for e in examples]
+
+
+def test_chat_documents_are_sft_examples_with_their_loss_masks(tmp_path, tokenizer_path, fmt):
+    manifests = prepare_chat(CONVERSATIONS, tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0.3,
+                             shard_tokens=500)
+    for split in ("train", "eval"):
+        expected = expected_examples(fmt, CONVERSATIONS, 0.3, split)
+        assert read_examples(tmp_path / "out" / split) == expected and expected
+        assert manifests[split]["loss_mask"] is True and manifests[split]["skipped"]["total"] == 0
+        assert manifests[split]["chat"] == {"template_sha256": hashlib.sha256(fmt.template_text.encode()).hexdigest(),
+                                            "max_tokens": None, "dedup": False}
+    assert len(manifests["train"]["shards"]) > 1
+    assert manifests["train"]["input"]["documents"] == len(CONVERSATIONS)
+
+
+def test_chat_output_is_identical_for_any_number_of_workers(tmp_path, tokenizer_path, fmt, monkeypatch):
+    monkeypatch.setattr(prepare_module, "_BATCH_DOCUMENTS", 3)  # many batches, so the workers interleave
+    max_tokens = int(np.median([len(sft_example(fmt, m).tokens) for m in CONVERSATIONS]))
+    reordered = [[dict(reversed(message.items())) for message in m] for m in CONVERSATIONS[:5]]  # same JSON, sorted
+    conversations = [*CONVERSATIONS, *reordered]
+    manifests = [
+        prepare_chat(conversations, tokenizer_path, tmp_path / name, workers=workers, eval_fraction=0.3,
+                     max_tokens=max_tokens, dedup=True, shard_tokens=500)
+        for name, workers in [("one", 1), ("two", 2)]
+    ]
+    one, two = manifests
+    for split in ("train", "eval"):
+        for name in [s["file"] for s in one[split]["shards"]] + ["lengths.npy"]:
+            assert (tmp_path / "one" / split / name).read_bytes() == (tmp_path / "two" / split / name).read_bytes()
+        assert one[split]["skipped"] == two[split]["skipped"]
+    counts = one["train"]["skipped"]["counts"]
+    assert counts["exact duplicate"] == 5 and 10 < counts["longer than max_tokens"] < 30
+    kept = one["train"]["documents"] + one["eval"]["documents"]
+    assert kept == len(CONVERSATIONS) - counts["longer than max_tokens"]
+    assert max(np.load(tmp_path / "one" / "train" / "lengths.npy")) <= max_tokens  # skipped, never truncated
+
+
+def test_chat_errors_name_the_fix_and_leave_no_output(tmp_path, tokenizer_path, fmt):
+    out = tmp_path / "out"
+    too_long = len(sft_example(fmt, CONVERSATIONS[0]).tokens) - 1
+    report = SkipReport()
+    with pytest.raises(DataError, match=r"no documents left to train on: 1 conversations read \(longer than "
+                                        r"max_tokens: 1\): .*raise --max_tokens"):
+        prepare_chat(CONVERSATIONS[:1], tokenizer_path, out, workers=1, max_tokens=too_long, skip_report=report)
+    assert report.examples["longer than max_tokens"] == [f"conversation 0 ({too_long + 1} tokens > {too_long})"]
+    with pytest.raises(DataError, match=r"conversation 1 \(from 0, in --source order\): .*no assistant turn"):
+        prepare_chat([CONVERSATIONS[0], CONVERSATIONS[0][:1]], tokenizer_path, out, workers=2, eval_fraction=0)
+    assert list(tmp_path.iterdir()) == [], "nothing is published, no temporary directory is left"
+
+
+def test_a_tokenizer_without_a_chat_format_is_a_data_error(tmp_path):
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS[:3], tokenizers.trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.add_special_tokens([tokenizers.AddedToken(name, special=True) for name in ("<|im_start|>", "<|im_end|>")])
+    directory = tmp_path / "chatml"
+    directory.mkdir()
+    bpe.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(DataError, match=r"has no chat template .*lacks Llama 3's chat tokens: write the model's "
+                                        r"Jinja template to .*chatml/chat_template\.jinja"):
+        prepare_chat(CONVERSATIONS, directory / "tokenizer.json", tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+    (directory / "chat_template.jinja").write_text(CHATML)  # the fix the error names: now its template renders
+    prepare_chat(CONVERSATIONS, directory, tmp_path / "out", workers=2, eval_fraction=0)
+    chatml = ChatFormat.from_directory(directory, Tokenizer.from_file(directory))
+    assert read_examples(tmp_path / "out" / "train") == expected_examples(chatml, CONVERSATIONS, 0, "train")
+
+
+def test_cli_chat_end_to_end(tmp_path, tokenizer_path, fmt):
+    data = tmp_path / "sft"
+    data.mkdir()
+    long = [{"role": "user", "content": "Recite."}, {"role": "assistant", "content": TEXTS[0][:3000]}]
+    lines = [json.dumps({"messages": m}) for m in CONVERSATIONS[:20]]
+    (data / "a.jsonl").write_text("\n".join([*lines[:10], "{broken", json.dumps({"messages": long})]) + "\n")
+    (data / "b.jsonl").write_text("\n".join([*lines[10:], lines[0], '{"text": "no messages"}']) + "\n")
+    out = tmp_path / "prepared"
+    result = run_cli("--chat", "--source", data / "*.jsonl", "--tokenizer", tokenizer_path, "--out", out,
+                     "--max_tokens", "300", "--dedup", "--workers", "2", "--eval_fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 4 post-training records:" in result.stderr
+    assert f"invalid JSON: 1, e.g. {data / 'a.jsonl'}:11" in result.stderr
+    assert "longer than max_tokens: 1, e.g. conversation 10 (" in result.stderr
+    assert "exact duplicate: 1, e.g. conversation 21" in result.stderr and "22 conversations read" in result.stderr
+    train = json.loads((out / "train" / "manifest.json").read_text())
+    assert train["loss_mask"] is True and train["chat"]["max_tokens"] == 300
+    assert train["skipped"]["counts"] == {"invalid JSON": 1, "longer than max_tokens": 1, "exact duplicate": 1,
+                                          "missing or empty messages": 1}
+    assert sorted(f["path"] for f in train["sources"][0]["files"]) == [str(data / "a.jsonl"), str(data / "b.jsonl")]
+    for split in ("train", "eval"):
+        assert read_examples(out / split) == expected_examples(fmt, CONVERSATIONS[:20], 0.2, split)
+    assert run_cli("--verify", out).returncode == 0
+
+
+def test_cli_chat_refuses_text_filters(capsys):
+    for flag in (["--quality"], ["--min_tokens", "5"], ["--text_field", "content"]):
+        with pytest.raises(SystemExit) as exit_:
+            prepare_module.main(["--chat", "--source", "x.jsonl", "--tokenizer", "t", "--out", "o", *flag])
+        assert exit_.value.code == 2
+        assert f"{flag[0]} apply to text documents, not to --chat conversations" in capsys.readouterr().err

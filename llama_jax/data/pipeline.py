@@ -19,11 +19,16 @@ sequence of global batches depends on (sources, seed, schedule) only, so a run r
 processes or another data-parallel size continues with exactly the batch the old run would have seen next.
 A change of seq_len or batch size (the schedule's stages) continues each source's stream where the previous
 stage stopped: no document is skipped or repeated.
+
+Chat examples (stores with a loss mask) are the exception to cutting: a row holds whole conversations, packed
+in order, then padding (`WholeDocumentStream`), so an answer is never trained without its prompt.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -96,6 +101,21 @@ class PairStream:
         keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
         return {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(keys)}
 
+    def units_per_row(self, seq_len: int) -> int:
+        """Rows are seq_len consecutive pairs: a stage's cursor moves seq_len pairs per row."""
+        return seq_len
+
+    def read_row(self, start: int, seq_len: int) -> Batch:
+        return self.read(start, seq_len)
+
+    def first_epoch_rows(self, seq_len: int) -> int:
+        return -(-self.pairs_per_epoch // seq_len)
+
+    def first_epoch_row(self, row: int, seq_len: int, pad_id: int) -> Batch:
+        """Row `row` of one unrepeated pass, the last one padded (evaluation)."""
+        count = min(seq_len, self.pairs_per_epoch - row * seq_len)
+        return _padded(self.read(row * seq_len, count), seq_len, pad_id)
+
     @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's document order and the cumulative pair count at the end of each document in it."""
@@ -105,6 +125,95 @@ class PairStream:
         else:
             permutation = np.arange(len(self._usable))
         return self._usable[permutation], np.cumsum(self._pairs[permutation])
+
+
+class WholeDocumentStream:
+    """Chat examples: each row holds whole documents (next fit, in an order shuffled per epoch), then padding.
+
+    A conversation cut across rows would train its answer without its prompt, so these documents are never
+    split. A row's place is its index in the endless row stream (the epochs' rows one after another), and an
+    epoch's rows are planned from the document lengths alone. Documents with more than seq_len pairs cannot
+    fit any row: they are counted and left out.
+    """
+
+    def __init__(self, store: DocumentStore, *, seed: Sequence[int], shuffle: bool, pad_id: int, name: str = "data"):
+        self.store = store
+        self.seed = tuple(seed)
+        self.shuffle = shuffle
+        self.pad_id = pad_id
+        self.name = name
+        self._pairs = np.maximum(np.asarray(store.lengths, dtype=np.int64) - 1, 0)
+        self._epoch_rows: dict[int, list[int]] = {}  # seq_len -> rows of epochs 0, 1, ... (planned so far)
+        self._lock = threading.Lock()  # reader threads extend _epoch_rows
+
+    def units_per_row(self, seq_len: int) -> int:
+        """A stage's cursor counts rows."""
+        return 1
+
+    def read_row(self, start: int, seq_len: int) -> Batch:
+        epoch, row = self._locate(start, seq_len)
+        return self._row(epoch, row, seq_len)
+
+    def first_epoch_rows(self, seq_len: int) -> int:
+        return len(self._plan(0, seq_len)[1]) - 1
+
+    def first_epoch_row(self, row: int, seq_len: int, pad_id: int) -> Batch:
+        return self._row(0, row, seq_len)
+
+    def _row(self, epoch: int, row: int, seq_len: int) -> Batch:
+        order, row_starts = self._plan(epoch, seq_len)
+        parts = []
+        for segment, document in enumerate(order[row_starts[row] : row_starts[row + 1]], start=1):
+            tokens = np.asarray(self.store.read(int(document)), dtype=np.int32)
+            n = len(tokens) - 1
+            mask = np.asarray(self.store.read_loss_mask(int(document))[1:], np.float32)
+            parts.append((tokens[:-1], tokens[1:], np.full(n, segment, np.int32), np.arange(n, dtype=np.int32), mask))
+        keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+        row_batch = {key: np.concatenate([p[i] for p in parts]) for i, key in enumerate(keys)}
+        return _padded(row_batch, seq_len, self.pad_id)
+
+    def _locate(self, row: int, seq_len: int) -> tuple[int, int]:
+        """(epoch, row within it) of a row of the endless stream."""
+        with self._lock:
+            counts = self._epoch_rows.setdefault(seq_len, [])
+            epoch = 0
+            while True:
+                if epoch == len(counts):
+                    counts.append(len(self._plan(epoch, seq_len)[1]) - 1)
+                if row < counts[epoch]:
+                    return epoch, row
+                row -= counts[epoch]
+                epoch += 1
+
+    @functools.lru_cache(maxsize=4)
+    def _plan(self, epoch: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's fitting documents in order, and where each row starts in that order (plus the end)."""
+        fits = np.flatnonzero((self._pairs > 0) & (self._pairs <= seq_len))
+        if len(fits) == 0:
+            raise DataError(
+                f"source {self.name!r}: none of its {len(self._pairs)} examples fits a row of {seq_len} tokens. "
+                "Fix: raise data.seq_len, or prepare the examples with a lower --max_tokens."
+            )
+        if epoch == 0 and len(fits) < np.count_nonzero(self._pairs):
+            print(f"source {self.name!r}: {np.count_nonzero(self._pairs) - len(fits)} examples longer than "
+                  f"seq_len {seq_len} are left out (never truncated).", file=sys.stderr, flush=True)
+        order = fits[np.random.default_rng([*self.seed, _EPOCH, epoch]).permutation(len(fits))] if self.shuffle else fits
+        row_starts, used = [0], 0
+        for position, pairs in enumerate(self._pairs[order].tolist()):
+            if used + pairs > seq_len:
+                row_starts.append(position)
+                used = 0
+            used += pairs
+        row_starts.append(len(order))
+        return order, np.asarray(row_starts)
+
+
+def make_stream(store: DocumentStore, *, seed: Sequence[int], shuffle: bool, pad_id: int,
+                name: str) -> PairStream | WholeDocumentStream:
+    """Text is cut into rows of pairs; chat examples (stores with a loss mask) are packed whole."""
+    if store.has_loss_mask:
+        return WholeDocumentStream(store, seed=seed, shuffle=shuffle, pad_id=pad_id, name=name)
+    return PairStream(store, seed=seed, shuffle=shuffle, name=name)
 
 
 class TrainBatches:
@@ -124,6 +233,7 @@ class TrainBatches:
         seed: int,
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         names: Sequence[str] | None = None,
+        pad_id: int = 0,
     ):
         if len(sources) != len(weights) or not sources:
             raise DataError(f"got {len(sources)} sources and {len(weights)} weights: give one weight per source")
@@ -131,14 +241,20 @@ class TrainBatches:
             raise DataError(f"shuffle_window must be at least 1 row, got {shuffle_window}: fix data.shuffle_window")
         self.names = list(names) if names is not None else [f"source{i}" for i in range(len(sources))]
         self.streams = [
-            PairStream(store, seed=(seed, i), shuffle=True, name=name)
+            make_stream(store, seed=(seed, i), shuffle=True, pad_id=pad_id, name=name)
             for i, (store, name) in enumerate(zip(sources, self.names))
         ]
+        whole = [name for name, store in zip(self.names, sources) if store.has_loss_mask]
+        if whole and len({stage.seq_len for stage in schedule.stages}) > 1:
+            raise DataError(
+                f"sources {whole} hold chat examples, packed whole into rows of one length, so data.ramp cannot change "
+                "seq_len for them. Fix: keep seq_len constant in data.ramp (batch sizes may change)."
+            )
         self.schedule = schedule
         self.seed = seed
         self.window = shuffle_window
         self.mixtures = [Mixture(weights, seed=(seed, _MIX, s)) for s in range(len(schedule.stages))]
-        self._stage_rows, self._stage_start_pairs = self._stage_layout()
+        self._stage_rows, self._stage_start_units = self._stage_layout()
 
     def local_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
         """Rows [p·B/P, (p+1)·B/P) of global batch `step`, as [B/P, seq_len] arrays."""
@@ -175,16 +291,17 @@ class TrainBatches:
         if stage_rows is not None:
             size = min(size, stage_rows - window * self.window)
         shuffled = window * self.window + int(self._window_order(stage_index, source, window, size)[slot])
-        start = self._stage_start_pairs[stage_index][source] + shuffled * stage.seq_len
-        return self.streams[source].read(start, stage.seq_len)
+        stream = self.streams[source]
+        start = self._stage_start_units[stage_index][source] + shuffled * stream.units_per_row(stage.seq_len)
+        return stream.read_row(start, stage.seq_len)
 
     @functools.lru_cache(maxsize=64)
     def _window_order(self, stage_index: int, source: int, window: int, size: int) -> np.ndarray:
         return np.random.default_rng([self.seed, _WINDOW, stage_index, source, window]).permutation(size)
 
     def _stage_layout(self) -> tuple[list[list[int | None]], list[list[int]]]:
-        """Per stage and source: how many rows the stage takes from it (None: endless), and the stream pair at
-        which the stage starts reading it (where the previous stage stopped)."""
+        """Per stage and source: how many rows the stage takes from it (None: endless), and the stream position
+        (in the stream's units: pairs, or rows) at which the stage starts reading it (where the previous stopped)."""
         rows: list[list[int | None]] = []
         starts: list[list[int]] = []
         cursor = np.zeros(len(self.streams), np.int64)
@@ -195,7 +312,7 @@ class TrainBatches:
                 continue
             taken = self.mixtures[index].rows_before(stage.num_steps * stage.batch_size)
             rows.append([int(t) for t in taken])
-            cursor += taken * stage.seq_len
+            cursor += taken * np.array([stream.units_per_row(stage.seq_len) for stream in self.streams])
         return rows, starts
 
 
@@ -220,18 +337,13 @@ def eval_batches(
             "fix data.eval_batches, data.seq_len or data.batch_size"
         )
     local = _local_rows(batch_size, process_index, process_count)
-    stream = PairStream(store, seed=(0,), shuffle=False, name="eval")
-    num_rows = min(-(-stream.pairs_per_epoch // seq_len), max_batches * batch_size)
+    stream = make_stream(store, seed=(0,), shuffle=False, pad_id=pad_id, name="eval")
+    num_rows = min(stream.first_epoch_rows(seq_len), max_batches * batch_size)
     empty = _padding_row(seq_len, pad_id)
     batches = []
     for first in range(0, num_rows, batch_size):
-        rows = []
-        for row in range(first + local.start, first + local.stop):
-            if row >= num_rows:
-                rows.append(empty)
-                continue
-            count = min(seq_len, stream.pairs_per_epoch - row * seq_len)
-            rows.append(_padded(stream.read(row * seq_len, count), seq_len, pad_id))
+        rows = [stream.first_epoch_row(row, seq_len, pad_id) if row < num_rows else empty
+                for row in range(first + local.start, first + local.stop)]
         batches.append({key: np.stack([row[key] for row in rows]) for key in rows[0]})
     return batches
 

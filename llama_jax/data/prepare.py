@@ -12,6 +12,13 @@ filters run before the split.
 Memory stays bounded whatever the corpus size: documents are read lazily, tokenized in batches by a process pool
 with a fixed number of batches in flight, and written as results come back in input order, which also makes the
 shards byte-identical for any number of workers. Only `--dedup` keeps per-document state (see `ExactDuplicates`).
+
+`--chat` prepares SFT data instead: conversations in the `messages` JSON Lines format, each rendered in the
+tokenizer's own chat format as one document with its loss mask (`sft_example`), so fine-tuning sees the very layout
+that generation prompts with. The same workers, split and atomic output apply; the split and `--dedup` hash
+a conversation's canonical JSON (sorted keys), so reordering a record's keys never moves it. The text filters
+(--quality, --min_tokens) judge prose and are refused; a conversation over --max_tokens is skipped and counted,
+never cut, as `sft_examples` does, and every skip lands in the manifests' `skipped` report.
 """
 
 from __future__ import annotations
@@ -22,20 +29,24 @@ import concurrent.futures
 import contextlib
 import hashlib
 import itertools
+import json
 import multiprocessing
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tqdm
 
+from llama_jax.data.chat import ChatFormat, Message
+from llama_jax.data.conversations import SkipReport, read_conversations, sft_example
 from llama_jax.data.documents import ReadReport, file_digest, list_files, read_documents
-from llama_jax.data.filters import Filters, TextFilter
+from llama_jax.data.filters import ExactDuplicates, Filters, TextFilter
 from llama_jax.data.shards import (
     DEFAULT_SHARD_TOKENS,
     MANIFEST_FILE,
@@ -52,6 +63,10 @@ _BATCH_CHARACTERS = 1 << 20  # ~1 MB of text per task: large enough to amortize 
 _BATCH_DOCUMENTS = 1024
 _BATCHES_IN_FLIGHT_PER_WORKER = 2
 SPLITS = ("train", "eval")
+_Item = TypeVar("_Item")
+_Meta = TypeVar("_Meta")
+_Task = TypeVar("_Task")
+_Result = TypeVar("_Result")
 
 
 def prepare(
@@ -73,37 +88,23 @@ def prepare(
     [{path, bytes, sha256}]} per source) and `read_report` go into the manifests as provenance. `out_dir` is
     replaced as a whole, and only once everything is written.
     """
-    out_dir = Path(out_dir)
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}: 0.02 holds out 2% of the documents")
-    _check_replaceable(out_dir)
+    _check_output(Path(out_dir), eval_fraction)
     Tokenizer.from_file(tokenizer_path)  # a missing or broken tokenizer fails here, not in every worker
     filters = filters or Filters()
-    workers = workers or os.cpu_count() or 1
-    metadata = {
-        "eval_fraction": eval_fraction,
-        "tokenizer": {"path": str(tokenizer_path), "tokenizer_hash": tokenizer_hash(tokenizer_path)},
-        "sources": sources_info or [],
-        "command": sys.argv,
-    }
-    splits = SPLITS if eval_fraction > 0 else SPLITS[:1]
     read = collections.Counter()
-    start = time.perf_counter()
-    with atomic_directory(out_dir) as tmp, contextlib.ExitStack() as stack:
-        writers = {
-            split: stack.enter_context(ShardWriter(tmp / split, shard_tokens=shard_tokens, metadata={"split": split, **metadata}))
-            for split in splits
-        }
-        # disable=None: only on a terminal, where the bar redraws in place; in a log file it would be noise.
-        bar = tqdm.tqdm(unit=" docs", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
-        stack.enter_context(bar)
-        batches = _batches(_deduplicated(texts, filters, read), eval_fraction)
-        for (characters, is_eval), result in _tokenize(batches, tokenizer_path, filters.text, workers):
+    with (
+        _split_writers(out_dir, tokenizer_path, eval_fraction, shard_tokens, sources_info) as writers,
+        _progress(progress, "docs", writers) as advance,
+    ):
+        batches = _batches(((t, t) for t in _deduplicated(texts, filters, read)), eval_fraction)
+        for (characters, is_eval), result in _tokenize(batches, tokenizer_path, filters.text, workers or _cpus()):
             _write_batch(characters, is_eval, result, filters, writers)
-            bar.update(len(characters))
-            tokens = sum(w.tokens for w in writers.values())
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-        _check_not_empty(writers, read, filters, eval_fraction)
+            advance(len(characters))
+        removed = ", ".join(f"{f.name} removed {f.documents_removed}" for f in filters.in_order()) or "no filters"
+        _check_not_empty(
+            writers, f"{read['documents']} read ({removed})",
+            "check --source, or loosen the filters (--min_tokens, --max_tokens, --quality, --dedup)", eval_fraction,
+        )
         for writer in writers.values():
             writer.metadata.update(
                 filters=filters.report(),
@@ -111,6 +112,71 @@ def prepare(
                 input={"documents": read["documents"], "characters": read["characters"]},
             )
     return {split: writer.manifest for split, writer in writers.items()}
+
+
+def prepare_chat(
+    conversations: Iterable[list[Message]],
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    sources_info: list[dict] | None = None,
+    max_tokens: int | None = None,
+    dedup: bool = False,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    skip_report: SkipReport | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Writes each conversation as one document with its SFT loss mask; returns the written manifests by split.
+
+    Tokens and mask are `sft_example`'s, in the tokenizer directory's chat format, so training masks exactly what
+    `sft_examples` would. `skip_report` may already hold the reading's skips (pass the one given to
+    `read_conversations`): the conversations over `max_tokens`, and with `dedup` the repeats of an earlier
+    conversation, are added to it, and the whole report goes into the manifests. Output is as in `prepare`.
+    """
+    _check_output(Path(out_dir), eval_fraction)
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens must be at least 1, got {max_tokens}: it is the longest conversation kept")
+    fmt = _chat_format(tokenizer_path)  # fails here, not in every worker
+    report = SkipReport() if skip_report is None else skip_report
+    read = collections.Counter()
+    chat = {
+        "template_sha256": hashlib.sha256(fmt.template_text.encode()).hexdigest(),
+        "max_tokens": max_tokens,
+        "dedup": dedup,
+    }
+    with (
+        _split_writers(out_dir, tokenizer_path, eval_fraction, shard_tokens, sources_info, chat=chat) as writers,
+        _progress(progress, "conversations", writers) as advance,
+    ):
+        batches = _batches(_keyed_conversations(conversations, dedup, read, report), eval_fraction)
+        for (indices, is_eval), result in _render(batches, tokenizer_path, workers or _cpus()):
+            _write_conversations(indices, is_eval, result, max_tokens, report, writers)
+            advance(len(indices))
+        skipped = ", ".join(f"{reason}: {n}" for reason, n in report.counts.most_common()) or "none skipped"
+        _check_not_empty(
+            writers, f"{read['documents']} conversations read ({skipped})",
+            "check --source and the skipped lines, or raise --max_tokens", eval_fraction,
+        )
+        for writer in writers.values():
+            writer.metadata.update(
+                skipped={"total": report.total, "counts": dict(report.counts.most_common()),
+                         "examples": report.examples},
+                input={"documents": read["documents"], "characters": read["characters"]},
+            )
+    return {split: writer.manifest for split, writer in writers.items()}
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _check_output(out_dir: Path, eval_fraction: float) -> None:
+    """Checks what can be wrong with the output before any work, so a mistake costs nothing."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}: 0.02 holds out 2% of the documents")
+    _check_replaceable(out_dir)
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -125,6 +191,46 @@ def _check_replaceable(out_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def _split_writers(
+    out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, eval_fraction: float, shard_tokens: int,
+    sources_info: list[dict] | None, *, chat: dict | None = None,
+) -> Iterator[dict[str, ShardWriter]]:
+    """A writer per split, all in one temporary directory that replaces `out_dir` only when the block succeeds, so
+    a failure leaves the earlier preparation whole. A `chat` entry makes the shards carry loss masks."""
+    metadata = {
+        "eval_fraction": eval_fraction,
+        "tokenizer": {"path": str(tokenizer_path), "tokenizer_hash": tokenizer_hash(tokenizer_path)},
+        "sources": sources_info or [],
+        "command": sys.argv,
+        **({"chat": chat} if chat is not None else {}),
+    }
+    splits = SPLITS if eval_fraction > 0 else SPLITS[:1]
+    with atomic_directory(Path(out_dir)) as tmp, contextlib.ExitStack() as stack:
+        yield {
+            split: stack.enter_context(ShardWriter(
+                tmp / split, shard_tokens=shard_tokens, loss_mask=chat is not None,
+                metadata={"split": split, **metadata},
+            ))
+            for split in splits
+        }
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, unit: str, writers: dict[str, ShardWriter]) -> Iterator[Callable[[int], None]]:
+    """A function that advances a progress bar by n items and shows the tokens written per second."""
+    start = time.perf_counter()
+    # disable=None: only on a terminal, where the bar redraws in place; in a log file it would be noise.
+    with tqdm.tqdm(unit=f" {unit}", file=sys.stderr, disable=None if enabled else True, dynamic_ncols=True) as bar:
+
+        def advance(items: int) -> None:
+            bar.update(items)
+            tokens = sum(w.tokens for w in writers.values())
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+
+        yield advance
+
+
 def _deduplicated(texts: Iterable[str], filters: Filters, read: collections.Counter) -> Iterator[str]:
     """The texts the deduplicator keeps, counting every text read (the summary reports both)."""
     for text in texts:
@@ -134,14 +240,36 @@ def _deduplicated(texts: Iterable[str], filters: Filters, read: collections.Coun
             yield text
 
 
-def _batches(texts: Iterable[str], eval_fraction: float) -> Iterator[tuple[list[str], list[bool]]]:
-    batch: list[str] = []
+def _keyed_conversations(
+    conversations: Iterable[list[Message]], dedup: bool, read: collections.Counter, report: SkipReport
+) -> Iterator[tuple[tuple[int, list[Message]], str]]:
+    """((index, messages), canonical JSON) of each conversation kept, counting every one read.
+
+    The canonical JSON (sorted keys) is what the split and the deduplicator hash: the same conversation written
+    with its keys in another order is the same conversation. The index names a skipped one in the report, counted
+    as `sft_examples` counts (from 0, over the conversations read, in --source order).
+    """
+    seen = ExactDuplicates() if dedup else None
+    for index, messages in enumerate(conversations):
+        key = json.dumps(messages, sort_keys=True)
+        read["documents"] += 1
+        read["characters"] += len(key)
+        if seen is not None and not seen.keep(key):
+            report.skip("exact duplicate", f"conversation {index}", "the same messages as an earlier conversation")
+            continue
+        yield (index, messages), key
+
+
+def _batches(items: Iterable[tuple[_Item, str]], eval_fraction: float) -> Iterator[tuple[list[_Item], list[bool]]]:
+    """Batches of items with whether each is held out, from (item, key) pairs: the key's hash decides the split,
+    and its length stands for the item's size."""
+    batch: list[_Item] = []
     is_eval: list[bool] = []
     size = 0
-    for text in texts:
-        batch.append(text)
-        is_eval.append(in_eval_split(text, eval_fraction))
-        size += len(text)
+    for item, key in items:
+        batch.append(item)
+        is_eval.append(in_eval_split(key, eval_fraction))
+        size += len(key)
         if size >= _BATCH_CHARACTERS or len(batch) >= _BATCH_DOCUMENTS:
             yield batch, is_eval
             batch, is_eval, size = [], [], 0
@@ -162,12 +290,25 @@ def in_eval_split(text: str, eval_fraction: float) -> bool:
 
 _worker_tokenizer: Tokenizer | None = None
 _worker_filters: list[TextFilter] = []
+_worker_format: ChatFormat | None = None
 
 
 def _init_worker(tokenizer_path: str, text_filters: list[TextFilter]) -> None:
     global _worker_tokenizer, _worker_filters
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
     _worker_filters = text_filters
+
+
+def _init_chat_worker(tokenizer_path: str) -> None:
+    global _worker_format
+    _worker_format = _chat_format(tokenizer_path)
+
+
+def _chat_format(tokenizer_path: str | os.PathLike) -> ChatFormat:
+    """The chat format of the tokenizer's directory (its template, else Llama 3's for a tokenizer with Llama 3's
+    chat tokens), so the data is laid out as the model will be prompted; none at all is a DataError naming the
+    template file to write."""
+    return ChatFormat.from_directory(tokenizer_path, Tokenizer.from_file(tokenizer_path))
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,30 +325,61 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return verdicts, tokens, lengths
 
 
+def _render_batch(conversations: list[tuple[int, list[Message]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the conversations' tokens concatenated, their loss masks concatenated, their lengths), flat for the same
+    reason as `_encode_batch`. A conversation the chat format refuses stops the preparation, as in `sft_examples`:
+    a template that fails on some conversations would otherwise silently drop a kind of data."""
+    examples = []
+    for index, messages in conversations:
+        try:
+            examples.append(sft_example(_worker_format, messages))
+        except DataError as e:
+            raise DataError(f"conversation {index} (from 0, in --source order): {e}") from None
+    lengths = np.array([len(e.tokens) for e in examples], dtype=np.int64)
+    return np.concatenate([e.tokens for e in examples]), np.concatenate([e.loss_mask for e in examples]), lengths
+
+
 def _tokenize(
     batches: Iterator[tuple[list[str], list[bool]]], tokenizer_path: str | os.PathLike, text_filters: list[TextFilter],
     workers: int,
 ) -> Iterator[tuple[tuple[list[int], list[bool]], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """((characters, is_eval) of each batch, its `_encode_batch` result), in input order.
+    """((characters, is_eval) of each batch, its `_encode_batch` result), in input order."""
+    tasks = ((([len(t) for t in texts], is_eval), texts) for texts, is_eval in batches)
+    return _in_order(_encode_batch, tasks, _init_worker, (str(tokenizer_path), text_filters), workers)
+
+
+def _render(
+    batches: Iterator[tuple[list[tuple[int, list[Message]]], list[bool]]], tokenizer_path: str | os.PathLike,
+    workers: int,
+) -> Iterator[tuple[tuple[list[int], list[bool]], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """((conversation indices, is_eval) of each batch, its `_render_batch` result), in input order."""
+    tasks = ((([index for index, _ in batch], is_eval), batch) for batch, is_eval in batches)
+    return _in_order(_render_batch, tasks, _init_chat_worker, (str(tokenizer_path),), workers)
+
+
+def _in_order(
+    work: Callable[[_Task], _Result], tasks: Iterator[tuple[_Meta, _Task]], initializer: Callable[..., None],
+    initargs: tuple, workers: int,
+) -> Iterator[tuple[_Meta, _Result]]:
+    """(meta, work(task)) of each (meta, task), in input order, computed by `workers` processes.
 
     Not `Pool.imap`: its feeder thread drains the input as fast as it can, so a fast reader would pile the corpus
     up in memory; here at most a fixed number of batches is submitted and not yet written. And a process pool
     from concurrent.futures, because a worker that dies (say, to the out-of-memory killer) breaks it with an
     error, where a multiprocessing.Pool would wait forever for the lost batch.
     """
-    initargs = (str(tokenizer_path), text_filters)
     if workers == 1:
-        _init_worker(*initargs)
-        for texts, is_eval in batches:
-            yield ([len(t) for t in texts], is_eval), _encode_batch(texts)
+        initializer(*initargs)
+        for meta, task in tasks:
+            yield meta, work(task)
         return
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=_worker_context(), initializer=_init_worker, initargs=initargs
+        workers, mp_context=_worker_context(), initializer=initializer, initargs=initargs
     )
     in_flight: collections.deque = collections.deque()
     try:
-        for texts, is_eval in batches:
-            in_flight.append((([len(t) for t in texts], is_eval), pool.submit(_encode_batch, texts)))
+        for meta, task in tasks:
+            in_flight.append((meta, pool.submit(work, task)))
             if len(in_flight) >= _BATCHES_IN_FLIGHT_PER_WORKER * workers:
                 meta, future = in_flight.popleft()
                 yield meta, future.result()
@@ -246,15 +418,25 @@ def _write_batch(
             writers["eval" if held_out else "train"].write(document)
 
 
-def _check_not_empty(
-    writers: dict[str, ShardWriter], read: collections.Counter, filters: Filters, eval_fraction: float
+def _write_conversations(
+    indices: list[int], is_eval: list[bool], result: tuple[np.ndarray, np.ndarray, np.ndarray],
+    max_tokens: int | None, report: SkipReport, writers: dict[str, ShardWriter],
 ) -> None:
-    removed = ", ".join(f"{f.name} removed {f.documents_removed}" for f in filters.in_order()) or "no filters"
+    """Writes each rendered conversation, or skips and counts one over `max_tokens`: cut, it would teach an
+    answer that stops mid-sentence without its end token."""
+    tokens, masks, lengths = result
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for index, held_out, start, stop in zip(indices, is_eval, offsets[:-1].tolist(), offsets[1:].tolist()):
+        if max_tokens is not None and stop - start > max_tokens:
+            report.skip("longer than max_tokens", f"conversation {index}", f"{stop - start} tokens > {max_tokens}")
+            continue
+        writers["eval" if held_out else "train"].write(tokens[start:stop], masks[start:stop])
+
+
+def _check_not_empty(writers: dict[str, ShardWriter], read: str, fix: str, eval_fraction: float) -> None:
+    """Refuses an output with nothing to train or evaluate on; `read` says what was read and removed."""
     if writers["train"].documents == 0:
-        raise DataError(
-            f"no documents left to train on: {read['documents']} read ({removed}): check --source, or loosen the "
-            "filters (--min_tokens, --max_tokens, --quality, --dedup)"
-        )
+        raise DataError(f"no documents left to train on: {read}: {fix}")
     if "eval" in writers and writers["eval"].documents == 0:
         raise DataError(
             f"no document fell in the eval split ({writers['train'].documents} kept documents with eval_fraction "
@@ -269,7 +451,8 @@ def _check_not_empty(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llama_jax.data.prepare",
-        description="Tokenize text into prepared ArrayRecord shards (DIR/train, DIR/eval) with manifests.",
+        description="Tokenize text, or with --chat SFT conversations, into prepared ArrayRecord shards "
+        "(DIR/train, DIR/eval) with manifests.",
     )
     p.add_argument("--source", action="append", metavar="PATTERN",
                    help="a file, directory or glob (** spans directories; local, gs://, s3://...) of text, "
@@ -277,12 +460,18 @@ def _parser() -> argparse.ArgumentParser:
                    "pydoc_topics); repeatable")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json, or a directory holding one")
     p.add_argument("--out", metavar="DIR", help="output directory (replaced if it holds an earlier preparation)")
-    p.add_argument("--text_field", default="text", help="the .jsonl field or Parquet column that holds the text")
+    p.add_argument("--chat", action="store_true",
+                   help='SFT conversations instead of text: local .jsonl files of {"messages": [{"role": ..., '
+                   '"content": ...}, ...]}, each stored with its loss mask (the assistant turns), in the chat format '
+                   "of the tokenizer's directory (its template, else Llama 3's)")
+    p.add_argument("--text_field", help="the .jsonl field or Parquet column that holds the text (default: text)")
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard at most")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
-    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (keeps the first)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop exact duplicate documents or conversations (keeps the first)")
     p.add_argument("--min_tokens", type=int, help="drop documents with fewer tokens")
-    p.add_argument("--max_tokens", type=int, help="drop (never truncate) documents with more tokens")
+    p.add_argument("--max_tokens", type=int,
+                   help="drop (never truncate) documents or conversations with more tokens")
     p.add_argument("--quality", action="store_true",
                    help="Gopher's repetition and symbol filters: for web prose, not for code (comments use '#')")
     p.add_argument("--eval_fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="held-out fraction (0: none)")
@@ -299,17 +488,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers and --shard_tokens must be at least 1")
     if not 0 <= args.eval_fraction < 1:  # checked before the sources are hashed, which can take long
         parser.error(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.chat:
+        _check_chat_options(parser, args)
     try:
         if args.verify is not None:
             for line in verify(args.verify):
                 print(line)
         else:
-            for line in _run(args):
+            for line in (_run_chat if args.chat else _run)(args):
                 print(line, file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_chat_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses the text-only options rather than ignore them, which would leave a user believing they applied."""
+    text_only = {"--quality": args.quality, "--min_tokens": args.min_tokens is not None,
+                 "--text_field": args.text_field is not None}
+    given = [flag for flag, present in text_only.items() if present]
+    if given:
+        parser.error(
+            f"{', '.join(given)} apply to text documents, not to --chat conversations: drop them (with --chat, "
+            "--max_tokens skips long conversations and --dedup drops repeated ones)"
+        )
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max_tokens must be at least 1, got {args.max_tokens}")
 
 
 def verify(directory: str | os.PathLike) -> list[str]:
@@ -333,13 +538,28 @@ def _run(args: argparse.Namespace) -> list[str]:
     sources_info = [_source_info(pattern, args.workers) for pattern in args.source]
     report = ReadReport()
     texts = itertools.chain.from_iterable(
-        read_documents(pattern, text_field=args.text_field, report=report) for pattern in args.source
+        read_documents(pattern, text_field=args.text_field or "text", report=report) for pattern in args.source
     )
     manifests = prepare(
         texts, args.tokenizer, args.out, sources_info=sources_info, filters=filters, shard_tokens=args.shard_tokens,
         workers=args.workers, eval_fraction=args.eval_fraction, read_report=report, progress=True,
     )
     return _summary(manifests, time.perf_counter() - start)
+
+
+def _run_chat(args: argparse.Namespace) -> list[str]:
+    start = time.perf_counter()
+    report = SkipReport()
+    # Opened before the sources are hashed, so that a pattern matching no file fails at once.
+    conversations = itertools.chain.from_iterable([read_conversations(p, report=report) for p in args.source])
+    sources_info = [_source_info(pattern, args.workers) for pattern in args.source]
+    manifests = prepare_chat(
+        conversations, args.tokenizer, args.out, sources_info=sources_info, max_tokens=args.max_tokens,
+        dedup=args.dedup, shard_tokens=args.shard_tokens, workers=args.workers, eval_fraction=args.eval_fraction,
+        skip_report=report, progress=True,
+    )
+    lines = _split_lines(manifests) + (report.summary().splitlines() if report.total else [])
+    return lines + _speed_lines(manifests, time.perf_counter() - start, "conversations")
 
 
 def _source_info(pattern: str, workers: int) -> dict:
@@ -354,25 +574,35 @@ def _source_info(pattern: str, workers: int) -> dict:
 def _summary(manifests: dict[str, dict], seconds: float) -> list[str]:
     """The lines printed after a preparation: what was written, what each filter removed, speed and memory."""
     first = next(iter(manifests.values()))
-    lines = [
-        f"{split}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards"
-        for split, m in manifests.items()
-    ]
+    lines = _split_lines(manifests)
     for f in first["filters"]:
         unit = "tokens" if "tokens_removed" in f else "characters"
         lines.append(f"filter {f['name']}: removed {f['documents_removed']:,} documents ({f[f'{unit}_removed']:,} {unit})")
     if first["read_report"]:
         lines.append(f"read: {first['read_report']}")
+    return lines + _speed_lines(manifests, seconds, "documents")
+
+
+def _split_lines(manifests: dict[str, dict]) -> list[str]:
+    return [
+        f"{split}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards"
+        for split, m in manifests.items()
+    ]
+
+
+def _speed_lines(manifests: dict[str, dict], seconds: float, unit: str) -> list[str]:
+    """Throughput and peak memory, the two numbers that size a preparation of a larger corpus. A conversation's
+    characters are those of its canonical JSON."""
+    read = next(iter(manifests.values()))["input"]
     tokens = sum(m["tokens"] for m in manifests.values())
-    characters = first["input"]["characters"]
-    lines.append(
-        f"{first['input']['documents']:,} documents read in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s, "
-        f"{characters / seconds / 1e6:.2f} M characters/s"
-    )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    lines.append(f"peak RSS: {own:,.0f} MiB" + (f" (main process), {worker:,.0f} MiB (largest worker)" if worker else ""))
-    return lines
+    speed = (
+        f"{read['documents']:,} {unit} read in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s, "
+        f"{read['characters'] / seconds / 1e6:.2f} M characters/s"
+    )
+    memory = f"peak RSS: {own:,.0f} MiB" + (f" (main process), {worker:,.0f} MiB (largest worker)" if worker else "")
+    return [speed, memory]
 
 
 if __name__ == "__main__":
