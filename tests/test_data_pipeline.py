@@ -199,6 +199,10 @@ def test_mixture_proportions_match_the_weights_and_are_reported():
     np.testing.assert_allclose(realised / realised.sum(), weights, atol=0.01)
     for step in (64, 128):  # whole blocks of 1,024 rows: the weights rounded to 1/1024 exactly
         np.testing.assert_allclose(train.rows_per_source(step) / (16 * step), weights, atol=1 / BLOCK_ROWS)
+    per_batch = rows.reshape(num_steps, 16)
+    for s, weight in enumerate(weights):  # every batch, not just every block, holds each share to within 2 rows
+        counts = (per_batch == s).sum(axis=1)
+        assert np.all(np.abs(counts - 16 * weight) <= 2), (s, counts)
 
 
 def test_a_small_source_is_repeated_more_often_than_a_large_one():

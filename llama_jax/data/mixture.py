@@ -1,10 +1,12 @@
 """Which source each row of the global row stream comes from, as a pure function of the row's index.
 
 Rows are dealt in blocks of `block_rows`. Every block holds the same number of rows of each source (the weights
-times the block size, rounded by largest remainder), in an order shuffled per block. A row's source and its
-index among that source's rows are therefore computed from (seed, row) alone, without replaying the stream:
-each process builds only its own rows, a run resumes at any step on any topology, and the realised
-proportions equal the rounded weights exactly at every block boundary.
+times the block size, rounded by largest remainder). Within a block each source's rows are spread evenly, at
+a random phase drawn per block, so any run of consecutive rows (a batch) holds each source's share to within
+a row or two, not just the block as a whole. A row's source and its index among that source's rows are
+computed from (seed, row) alone, without replaying the stream: each process builds only its own rows, a run
+resumes at any step on any topology, and the realised proportions equal the rounded weights exactly at every
+block boundary.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class Mixture:
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """The block's source per slot, and each slot's rank among the block's slots of the same source."""
         rng = np.random.default_rng([*self.seed, block])
-        pattern = rng.permutation(np.repeat(np.arange(self.num_sources), self.counts))
+        phases = rng.random(self.num_sources)
+        # Source s takes the slots nearest (j + phase_s) / count_s for j < count_s: evenly spaced, randomly shifted.
+        keys = np.concatenate([(np.arange(c) + phase) / c for c, phase in zip(self.counts, phases)])
+        pattern = np.repeat(np.arange(self.num_sources), self.counts)[np.argsort(keys, kind="stable")]
         order = np.argsort(pattern, kind="stable")
         first_slot_of_source = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         rank = np.empty(self.block_rows, dtype=np.int64)
