@@ -7,26 +7,69 @@ asynchronous and atomic: a process killed mid-save leaves a temporary directory 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from llama_jax.errors import CheckpointError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 
-class Checkpointer:
-    """Saves and restores training state in `directory`; one instance per run."""
+class ModelMismatch(CheckpointError):
+    """The checkpoint is intact but belongs to another model config."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True):
+
+class WorkdirLock:
+    """An exclusive lock on the run directory, so that a second run started on it refuses instead of interleaving
+    its checkpoints and logs with the first's. The operating system drops the lock when the holder dies, even by
+    SIGKILL, so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / ".lock"
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(
+                f"{workdir} is in use by a running job ({holder}): wait for it to finish, stop it, or use another "
+                "--workdir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class Checkpointer:
+    """Saves and restores training state in `directory`; one instance per run.
+
+    Keeps the newest `max_to_keep` checkpoints plus every step divisible by `keep_every` (0: none), so a long run
+    keeps a sparse history for averaging or rollback without keeping everything.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, keep_every: int = 0,
+                 async_save: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
+            keep_period=keep_every or None,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
@@ -34,6 +77,40 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_newest_valid(self, model: dict, abstract_params: Any, abstract_opt_state: Any,
+                             data_iter: grain.DatasetIterator) -> tuple[int, Any, Any] | None:
+        """(step, params, opt_state) of the newest checkpoint that restores, or None when there is none.
+
+        A newest checkpoint that is incomplete or corrupt (a crash mid-save on a filesystem without atomic
+        renames, a truncated file) is reported by name and the one before it is used: losing a few steps beats
+        losing the run. A checkpoint of another model is not damage but a mistake, and stops the run.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for index, step in enumerate(steps):
+            try:
+                self.check_model(step, model)
+                params, opt_state = self.restore(step, abstract_params, abstract_opt_state, data_iter)
+            except CheckpointError as err:
+                if isinstance(err, ModelMismatch) or index + 1 == len(steps):
+                    raise
+                aside = self._set_aside(step)
+                print(f"warning: {err}. Moved it to {aside} and fell back to checkpoint {steps[index + 1]}.",
+                      file=sys.stderr, flush=True)
+                continue
+            return step, params, opt_state
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Renames a damaged step out of the manager's sight (kept for inspection), so the run can save that step
+        again when it gets there."""
+        aside = self.directory / f"damaged-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            os.rename(self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return aside
 
     def save(self, step: int, params: Any, opt_state: Any, data_iter: grain.DatasetIterator, meta: dict) -> None:
         args = ocp.args.Composite(
@@ -52,10 +129,13 @@ class Checkpointer:
                 f"checkpoint {meta_file.parent.parent} has no meta/metadata: it is incomplete; delete it to resume "
                 f"from an earlier step, or use a fresh --workdir"
             )
-        saved = json.loads(meta_file.read_text())["config"]["model"]
+        try:
+            saved = json.loads(meta_file.read_text())["config"]["model"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {meta_file.parent.parent} has an unreadable meta/metadata ({err})") from err
         changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items() if saved.get(k) != v]
         if changed:
-            raise CheckpointError(
+            raise ModelMismatch(
                 f"checkpoint {meta_file.parent.parent} was written for a different model ({'; '.join(changed)}): "
                 f"use a fresh --workdir, or the model config the run started with"
             )

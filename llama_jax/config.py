@@ -94,7 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
-    cfg.checkpoint.max_to_keep = 2
+    cfg.checkpoint.every_minutes = 0.0  # also save when this much wall-clock time passed since the last save; 0 = off
+    cfg.checkpoint.max_to_keep = 2  # the newest checkpoints kept...
+    cfg.checkpoint.keep_every = 0  # ...plus every step divisible by this (a sparse history); 0 = none
     cfg.checkpoint.async_save = True
     cfg.checkpoint.init_from = ""  # a Hugging Face directory whose weights start a new run (fine-tuning); "" = random
 
@@ -125,6 +127,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _check_stage(cfg, "data.batch_size / data.seq_len" if index == 0 else f"data.ramp[{index - 1}]", stage)
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.decay_steps": cfg.optim.decay_steps,
     }

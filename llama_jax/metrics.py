@@ -62,7 +62,8 @@ class MetricsLogger:
         self.path = workdir / "metrics.jsonl"
         self._truncate_after(start_step)
         self.jsonl = self.path.open("a")
-        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        # purge_step hides the events an earlier, interrupted process logged past the restored step.
+        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
@@ -64,6 +65,26 @@ class _PreemptionFlag:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+class _SaveClock:
+    """Wall-clock checkpointing: due once `seconds` passed since the last save (never, when 0). On several hosts
+    process 0's clock decides for all, so that every host takes part in the same save."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.reset()
+
+    def reset(self) -> None:
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        due = time.monotonic() - self._last >= self.seconds
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
 
 class TrainState(NamedTuple):
@@ -192,6 +213,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        return _train(cfg, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     run = setup(cfg, workdir)
     model_cfg = run.model_def.cfg
     corpus = load_corpus(cfg.data, model_cfg.vocab_size)
@@ -216,17 +246,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     }
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
-                                     async_save=cfg.checkpoint.async_save)
+                                     keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
     preemption = _PreemptionFlag()
     try:
         with jax.set_mesh(run.mesh):
-            start = checkpointer.latest_step()
-            if start is None:
+            abstract = run.abstract_state
+            restored = checkpointer.restore_newest_valid(cfg.model.to_dict(), abstract.params, abstract.opt_state,
+                                                         train_iter)
+            if restored is None:
                 start, state = 0, run.init()
             else:
-                checkpointer.check_model(start, cfg.model.to_dict())
-                abstract = run.abstract_state
-                params, opt_state = checkpointer.restore(start, abstract.params, abstract.opt_state, train_iter)
+                start, params, opt_state = restored
                 state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
                 print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
             if start >= cfg.train.steps:
@@ -264,6 +294,7 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     eval_fn = jax.jit(make_eval_step(run.model_def))
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
+    save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
     window: list[dict] = []
     window_start, window_first_step = None, start
     logged: dict[str, float] = {}
@@ -291,8 +322,9 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
             logger.log(done, logged)
             window, window_start, window_first_step = [], time.perf_counter(), done
         preempted = preemption.raised or checkpointer.manager.reached_preemption(done)
-        if done % cfg.checkpoint.every_steps == 0 or done == total or preempted:
+        if done % cfg.checkpoint.every_steps == 0 or done == total or preempted or save_clock.due():
             checkpointer.save(done, state.params, state.opt_state, train_iter, meta)
+            save_clock.reset()
         if preempted and done < total:
             logger.close()
             raise Preempted(done, checkpointer.directory)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,50 @@ def test_resuming_on_another_data_parallel_layout_continues_with_the_same_batche
     np.testing.assert_allclose(got[3:], expected[3:], rtol=2e-5)  # only the reduction order differs
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, capsys):
+    straight = tmp_path / "straight"
+    trainer.train(small_config(cache_dir, 9), straight)
+    damaged = tmp_path / "damaged"
+    trainer.train(small_config(cache_dir, 6), damaged)  # checkpoints 3 and 6
+    for f in (damaged / "checkpoints" / "6" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated, as a crash mid-copy leaves it
+    trainer.train(small_config(cache_dir, 9), damaged)
+    err = capsys.readouterr().err
+    assert "checkpoints/6 could not be restored" in err and "fell back to checkpoint 3" in err
+    assert len(list((damaged / "checkpoints").glob("damaged-6-*"))) == 1, "the damaged step is kept aside"
+    assert [m["step"] for m in read_metrics(damaged)] == list(range(1, 10)), "every step logged exactly once"
+    assert _without_timing(read_metrics(damaged)) == _without_timing(read_metrics(straight))
+
+
+def _without_timing(lines: list[dict]) -> list[dict]:
+    """Metrics lines without their wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in lines]
+
+
+def test_keep_policy_and_wall_clock_saves(tmp_path, cache_dir):
+    cfg = small_config(cache_dir, 8)
+    cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.keep_every = 1, 1, 4
+    trainer.train(cfg, tmp_path / "kept")
+    assert sorted(int(p.name) for p in (tmp_path / "kept" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    timed = small_config(cache_dir, 4)
+    timed.checkpoint.every_steps, timed.checkpoint.max_to_keep, timed.checkpoint.every_minutes = 1000, 10, 1e-6
+    trainer.train(timed, tmp_path / "timed")
+    assert sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = checkpoint.WorkdirLock(workdir)
+    with pytest.raises(CheckpointError, match=r"is in use by a running job \(pid \d+ on .*\): .*another --workdir"):
+        trainer.train(small_config(cache_dir, 3), workdir)
+    assert not (workdir / "checkpoints").exists(), "the refused run wrote nothing"
+    holder.release()
+    trainer.train(small_config(cache_dir, 3), workdir)
+    assert (workdir / "checkpoints" / "3").is_dir()
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
     workdir = tmp_path / "run"
     trainer.train(small_config(cache_dir, 3), workdir)
@@ -141,6 +186,41 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         checkpoint.load_model(tmp_path)
+
+
+KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.data.seq_len=64",
+            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.data.eval_batches=1",
+            "--config.checkpoint.every_steps=2", "--config.optim.warmup_steps=2")
+
+
+def test_killed_anywhere_and_restarted_equals_never_interrupted(tmp_path, cache_dir):
+    """SIGKILL at random moments (some land in asynchronous saves); each restart resumes from the newest complete
+    checkpoint. The final parameters are bitwise those of an uninterrupted run and every step is logged once."""
+    straight = tmp_path / "straight"
+    assert run_cli(straight, cache_dir, *KILL_RUN).returncode == 0
+    killed = tmp_path / "killed"
+    rng = random.Random(7)
+    for kill in range(3):
+        proc = subprocess.Popen(cli_command(killed, cache_dir, *KILL_RUN), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=CLI_ENV, cwd=REPO)
+        logged_before = len(read_metrics(killed)) if (killed / "metrics.jsonl").exists() else 0
+        deadline = time.monotonic() + 600
+        while (not (killed / "metrics.jsonl").exists()) or len(read_metrics(killed)) < logged_before + 2:
+            assert proc.poll() is None and time.monotonic() < deadline, f"kill {kill}: the run ended or stalled"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.0))
+        proc.kill()
+        proc.wait()
+    final = run_cli(killed, cache_dir, *KILL_RUN)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "Resumed from" in final.stdout + final.stderr
+    lines = read_metrics(killed)
+    assert [m["step"] for m in lines] == list(range(1, 15)), "every step logged exactly once"
+    assert _without_timing(lines) == _without_timing(read_metrics(straight))
+    model_a, _ = checkpoint.load_model(straight)
+    model_b, _ = checkpoint.load_model(killed)
+    for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
