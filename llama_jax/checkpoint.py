@@ -20,10 +20,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from flax import nnx
 
 from llama_jax.errors import CheckpointError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
+from llama_jax.parallel.mesh import param_shardings
 
 class ModelMismatch(CheckpointError):
     """The checkpoint is intact but belongs to another model config."""
@@ -180,8 +182,10 @@ def _find_step_dir(path: Path) -> Path:
     )
 
 
-def load_model(path: str | os.PathLike) -> tuple[Llama, str]:
-    """(model, tokenizer path) from a training checkpoint, restoring parameters only, on the default device."""
+def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Llama, str]:
+    """(model, tokenizer path) from a training checkpoint, restoring parameters only: on the default device, or
+    with `mesh` sharded as `parallel.mesh.param_shardings` says (the restore targets carry the shardings, so Orbax
+    reads for each device only the stored chunks its shard covers; no device ever holds the whole model)."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -191,10 +195,13 @@ def load_model(path: str | os.PathLike) -> tuple[Llama, str]:
         raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
     meta = json.loads(meta_file.read_text())
     model_def = ModelDef(LlamaConfig(**meta["config"]["model"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(model_def.abstract_state)
-    )
+    abstract = nnx.to_pure_dict(model_def.abstract_state)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+        shardings = param_shardings(model_def.abstract_state, mesh)
+    target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
     try:
         params = ocp.StandardCheckpointer().restore(step_dir / "params", target)
     except (FileNotFoundError, ValueError, KeyError) as err:

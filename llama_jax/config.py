@@ -19,6 +19,7 @@ from llama_jax.model.presets import preset
 
 OBJECTIVES = ("lm", "sft", "reward", "dpo")
 IMPLEMENTED_OBJECTIVES = ("lm",)
+PIPELINE_SCHEDULES = ("gpipe", "circular")
 
 
 def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -56,6 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.mesh.fsdp = 1  # parameters and optimizer state sharded, batch split too
     cfg.mesh.context = 1  # sequence split (context parallel)
     cfg.mesh.tensor = 1  # heads / mlp / vocab split (tensor parallel)
+
+    cfg.pipeline = ml_collections.ConfigDict()  # used when mesh.stage > 1 (see llama_jax/parallel/pipeline.py)
+    cfg.pipeline.microbatches = 0  # microbatches each (accumulation) batch is cut into; 0 = 2 x mesh.stage
+    cfg.pipeline.schedule = "gpipe"  # gpipe | circular (interleaved: pipeline.repeats layer chunks per stage)
+    cfg.pipeline.repeats = 2  # circular only: chunks per stage; the bubble shrinks by this factor
 
     cfg.data = ml_collections.ConfigDict()
     # One source: "stdlib" (the Python standard library's sources), "stdlib_docstrings", "pydoc_topics", a local or
@@ -109,6 +115,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys, wrong types and impossible combinations."""
     _check_against_schema(cfg, default_config(), prefix="")
     model_config(cfg)  # LlamaConfig checks shapes, head divisibility and names
+    if cfg.pipeline.schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"pipeline.schedule={cfg.pipeline.schedule!r} is not one of {PIPELINE_SCHEDULES}")
+    if cfg.pipeline.microbatches < 0 or cfg.pipeline.repeats < 1:
+        raise ConfigError("pipeline.microbatches must be >= 0 (0 = 2 x mesh.stage) and pipeline.repeats >= 1")
+    _check_mesh_fits_model(cfg)
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.seq_len": cfg.data.seq_len,
@@ -146,8 +157,43 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} needs the tokenizer the checkpoint was trained with: "
             "set data.tokenizer to the same directory"
         )
-    if cfg.mesh.stage != 1:
-        raise ConfigError("mesh.stage > 1 (pipeline parallelism) is not available yet in this version; set mesh.stage=1")
+
+
+def pipeline_repeats(cfg: ml_collections.ConfigDict) -> int:
+    """Layer chunks per pipeline stage: 1 for GPipe, pipeline.repeats for the circular schedule."""
+    return cfg.pipeline.repeats if cfg.pipeline.schedule == "circular" else 1
+
+
+def pipeline_microbatches(cfg: ml_collections.ConfigDict) -> int:
+    """Microbatches per (accumulation) batch in the pipeline; 1 without one."""
+    if cfg.mesh.stage == 1:
+        return 1
+    return cfg.pipeline.microbatches or 2 * cfg.mesh.stage
+
+
+def _check_mesh_fits_model(cfg: ml_collections.ConfigDict) -> None:
+    """Mesh sizes the model's shapes cannot be split by (the device count is checked when the mesh is built)."""
+    model, mesh = cfg.model, cfg.mesh
+    if mesh.tensor > 1 and model.n_heads % mesh.tensor:
+        raise ConfigError(f"mesh.tensor={mesh.tensor} does not divide model.n_heads={model.n_heads}: each tensor-"
+                          f"parallel device needs whole query heads; use a mesh.tensor that divides {model.n_heads}")
+    if mesh.stage > 1:
+        chunks = mesh.stage * pipeline_repeats(cfg)
+        if model.n_layers % chunks:
+            what = f"mesh.stage={mesh.stage} x pipeline.repeats={cfg.pipeline.repeats}" \
+                if cfg.pipeline.schedule == "circular" else f"mesh.stage={mesh.stage}"
+            raise ConfigError(f"{what} = {chunks} layer chunks do not divide model.n_layers={model.n_layers}: "
+                              f"choose stages (and repeats) whose product divides the layer count")
+        microbatches = pipeline_microbatches(cfg)
+        if cfg.pipeline.schedule == "circular" and microbatches < mesh.stage:
+            raise ConfigError(f"the circular pipeline needs pipeline.microbatches >= mesh.stage ({mesh.stage}), got "
+                              f"{microbatches}: raise pipeline.microbatches")
+    if mesh.context > 1:
+        for index, stage in enumerate(batch_schedule(cfg).stages):
+            if stage.seq_len % (2 * mesh.context):
+                where = "data.seq_len" if index == 0 else f"data.ramp[{index - 1}]"
+                raise ConfigError(f"{where}: seq_len {stage.seq_len} must be a multiple of 2 x mesh.context = "
+                                  f"{2 * mesh.context} (the zig-zag context split cuts it into 2 chunks per device)")
 
 
 def batch_schedule(cfg: ml_collections.ConfigDict) -> BatchSchedule:
@@ -159,6 +205,11 @@ def _check_stage(cfg: ml_collections.ConfigDict, where: str, stage: Stage) -> No
     if stage.batch_size % cfg.optim.grad_accum:
         raise ConfigError(
             f"{where}: the batch size ({stage.batch_size}) must be divisible by optim.grad_accum ({cfg.optim.grad_accum})"
+        )
+    if stage.batch_size % (cfg.optim.grad_accum * pipeline_microbatches(cfg)):
+        raise ConfigError(
+            f"{where}: the batch size ({stage.batch_size}) must be divisible by optim.grad_accum x the "
+            f"{pipeline_microbatches(cfg)} pipeline microbatches (pipeline.microbatches): change one of them"
         )
     if stage.seq_len > cfg.model.max_seq_len:
         raise ConfigError(

@@ -6,30 +6,39 @@
 
 Hugging Face stores one 2-D matrix per layer in torch's [out, in] layout; we store each kind of weight stacked
 over a leading layers axis with named head axes ([L, d, n, h] for q). One table (`_weights`) describes every
-tensor once, with the reshape in each direction, so loading and saving cannot drift apart. RoPE is the
-half-split layout on both sides, so q and k need no row permutation.
+tensor once, as a reshape and a transpose that saving, whole loading and sharded loading all apply, so they
+cannot drift apart. RoPE is the half-split layout on both sides, so q and k need no row permutation.
 
-Loading streams: each stacked parameter is assembled in one host buffer from per-layer tensors read one at a
-time, handed to JAX, and released before the next, so host memory peaks at the model plus one stacked weight.
-The model itself is built abstractly (`nnx.eval_shape`), so no random initialisation is ever computed.
+Loading streams. Without a mesh each stacked parameter is assembled in one host buffer from per-layer tensors
+read one at a time, handed to JAX and released before the next, so host memory peaks at one stacked weight
+(plus the model, on the default device). With a mesh (`load_hf(path, mesh=mesh)`) no device or host buffer
+holds more than one shard of a parameter: each shard is built from the slices of the per-layer tensors it covers,
+sent to its devices and released, so host memory peaks at about two shards (see `_read_sharded`), and each host
+of a multi-host run reads only its own devices' shards. The model itself is built abstractly (`nnx.eval_shape`),
+so no random initialisation is ever computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import functools
 import json
+import math
+import operator
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -39,6 +48,7 @@ from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama_jax.generation_config import GenerationSettings
 from llama_jax.model import Llama, LlamaConfig
+from llama_jax.parallel.mesh import param_shardings
 
 _ARCHITECTURE = "LlamaForCausalLM"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -48,17 +58,46 @@ _RENAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "n
 
 @dataclasses.dataclass(frozen=True)
 class _Weight:
-    """One parameter of `Llama` and the Hugging Face tensor it corresponds to (one per layer when stacked)."""
+    """One parameter of `Llama` and the Hugging Face tensor it corresponds to (one per layer when stacked).
+
+    The correspondence is a reshape and a transpose, kept as data rather than code so that it maps any block of
+    our parameter to the HF rows and columns holding it (`read_block`), not only whole tensors: the HF tensor's
+    dimensions are unflattened into `hf_axes` (q's rows are heads x head_dim), which `perm` puts in our order.
+    """
 
     path: tuple[str, ...]  # attribute path inside Llama
     hf_name: str  # "{i}" stands for the layer index of a stacked parameter
-    hf_shape: tuple[int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_axes: tuple[tuple[int, ...], ...]  # per HF dimension, the sizes of the axes flattened into it
+    perm: tuple[int, ...]  # ours = hf.reshape(unflattened axes).transpose(perm) for one layer
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf_name
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(sizes) for sizes in self.hf_axes)
+
+    def to_ours(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape([size for sizes in self.hf_axes for size in sizes]).transpose(self.perm)
+
+    def to_hf(self, w: np.ndarray) -> np.ndarray:
+        return w.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
+
+    def read_block(self, tensor, block: Sequence[range]) -> np.ndarray:
+        """Our (one-layer) parameter's `block` (a range per axis) from `tensor`, a safetensors slice, reading only
+        the HF rows and columns it needs. A flattened HF dimension is read from the block's first to its last row,
+        which are exactly its rows unless a minor axis such as head_dim is split."""
+        unflattened = [block[axis] for axis in np.argsort(self.perm)]
+        rows, first = [], 0
+        for sizes in self.hf_axes:  # the HF indices, in order, of the block along each HF dimension
+            ranges = unflattened[first:first + len(sizes)]
+            rows.append(np.ravel_multi_index(np.ix_(*ranges), sizes).ravel())
+            first += len(sizes)
+        hf_block = tensor[tuple(slice(int(r[0]), int(r[-1]) + 1) for r in rows)]
+        if any(len(r) < r[-1] - r[0] + 1 for r in rows):
+            hf_block = hf_block[np.ix_(*(r - r[0] for r in rows))]
+        return hf_block.reshape([len(r) for r in unflattened]).transpose(self.perm)
 
 
 def _weights(cfg: LlamaConfig) -> list[_Weight]:
@@ -68,33 +107,31 @@ def _weights(cfg: LlamaConfig) -> list[_Weight]:
 
     def head_proj(path: tuple[str, ...], name: str, heads: int) -> _Weight:
         """q/k/v: HF [heads * h, d] <-> ours [d, heads, h]."""
-        return _Weight(path, name, (heads * h, d), lambda w: w.reshape(heads, h, d).transpose(2, 0, 1),
-                       lambda w: w.transpose(1, 2, 0).reshape(heads * h, d))
+        return _Weight(path, name, ((heads, h), (d,)), (2, 0, 1))
 
-    def matrix(path: tuple[str, ...], name: str, hf_shape: tuple[int, int]) -> _Weight:
+    def matrix(path: tuple[str, ...], name: str, out_dim: int, in_dim: int) -> _Weight:
         """A plain linear layer: HF [out, in] is the transpose of ours [in, out]."""
-        return _Weight(path, name, hf_shape, lambda w: w.T, lambda w: w.T)
+        return _Weight(path, name, ((out_dim,), (in_dim,)), (1, 0))
 
-    def same(path: tuple[str, ...], name: str, hf_shape: tuple[int, ...]) -> _Weight:
-        return _Weight(path, name, hf_shape, lambda w: w, lambda w: w)
+    def same(path: tuple[str, ...], name: str, *shape: int) -> _Weight:
+        return _Weight(path, name, tuple((size,) for size in shape), tuple(range(len(shape))))
 
     weights = [
-        same(("embed",), "model.embed_tokens.weight", (v, d)),
+        same(("embed",), "model.embed_tokens.weight", v, d),
         head_proj(("layers", "attn", "wq"), layer + "self_attn.q_proj.weight", n),
         head_proj(("layers", "attn", "wk"), layer + "self_attn.k_proj.weight", k),
         head_proj(("layers", "attn", "wv"), layer + "self_attn.v_proj.weight", k),
         # o: HF [d, n * h] <-> ours [n, h, d]
-        _Weight(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", (d, n * h),
-                lambda w: w.reshape(d, n, h).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(d, n * h)),
-        matrix(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", (f, d)),
-        matrix(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", (f, d)),
-        matrix(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", (d, f)),
-        same(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", (d,)),
-        same(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,)),
-        same(("norm", "scale"), "model.norm.weight", (d,)),
+        _Weight(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),
+        matrix(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", f, d),
+        matrix(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", f, d),
+        matrix(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", d, f),
+        same(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", d),
+        same(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", d),
+        same(("norm", "scale"), "model.norm.weight", d),
     ]
     if not cfg.tie_embeddings:  # a tied model reads its output projection from embed_tokens
-        weights.append(matrix(("lm_head",), "lm_head.weight", (v, d)))
+        weights.append(matrix(("lm_head",), "lm_head.weight", v, d))
     return weights
 
 
@@ -196,21 +233,19 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
 # -------------------------------------------------------------------------------------------------- loading
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32", **model_overrides) -> Llama:
+def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh: Mesh | None = None, **model_overrides) -> Llama:
     """Loads a Hugging Face LlamaForCausalLM directory (config.json + safetensors, single file or sharded).
 
     `dtype` is the parameter dtype and, unless `model_overrides` sets `dtype`, the compute dtype too, so
     `load_hf(p, "bfloat16")` runs in bf16 end to end. Other overrides (e.g. `attention="reference"`) replace
-    fields of the LlamaConfig read from config.json.
+    fields of the LlamaConfig read from config.json. Without `mesh` the parameters land on the default device;
+    with one, each is read straight into its shards as `parallel.mesh.param_shardings` places it, so a model
+    larger than one device (or than host memory) loads.
     """
     path = Path(path).expanduser()
     cfg = read_hf_config(path, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
-    with jax.set_mesh(None):  # the tensors are placed on one device, whatever mesh the caller has set
-        model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    with _open_safetensors(path) as tensors:
-        for weight in _weights(cfg):
-            param = _param(model, weight.path)
-            param.set_value(jnp.asarray(_read_stacked(tensors, weight, cfg, param.shape, path)))
+    model = _abstract_model(cfg)
+    _fill(model, path, param_shardings(nnx.state(model), mesh) if mesh is not None else None)
     return model
 
 
@@ -233,9 +268,11 @@ def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "init_std", "max_seq_len")
 
 
-def load_pretrained_params(path: str | os.PathLike, cfg: LlamaConfig) -> dict:
+def load_pretrained_params(path: str | os.PathLike, cfg: LlamaConfig, *, shardings: dict | None = None) -> dict:
     """The parameters (a plain dict, as the trainer keeps them) of a Hugging Face checkpoint that a run with model
-    config `cfg` starts from; refuses a checkpoint of another architecture before reading any tensor."""
+    config `cfg` starts from; refuses a checkpoint of another architecture before reading any tensor. With
+    `shardings` (a dict of `jax.sharding.Sharding` matching the parameters, e.g. the train state's) each parameter
+    is read straight into its shards; without, all land on the default device."""
     saved = read_hf_config(path, **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
     changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
                for f in dataclasses.fields(LlamaConfig) if getattr(cfg, f.name) != getattr(saved, f.name)]
@@ -244,7 +281,29 @@ def load_pretrained_params(path: str | os.PathLike, cfg: LlamaConfig) -> dict:
             f"checkpoint.init_from={str(path)!r} is a different model: {'; '.join(changed)}. Fix: take the model "
             "section from the checkpoint, cfg.model = llama_jax.config.hf_model_section(path) (as configs/finetune_hf.py does)"
         )
-    return nnx.to_pure_dict(nnx.state(load_hf(path, cfg.param_dtype)))
+    model = _abstract_model(cfg)
+    _fill(model, Path(path).expanduser(), shardings)
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def _abstract_model(cfg: LlamaConfig) -> Llama:
+    with jax.set_mesh(None):  # shapes only: where the tensors go is `_fill`'s decision, not an ambient mesh's
+        return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def _fill(model: Llama, path: Path, shardings: dict | None) -> None:
+    """Sets every parameter of the abstract `model` from the safetensors in `path`, placed as `shardings` (a dict
+    matching the parameters) says, or whole on the default device when it is None."""
+    with _open_safetensors(path) as tensors:
+        for weight in _weights(model.cfg):
+            param = _param(model, weight.path)
+            names = _tensor_names(tensors, weight, model.cfg.n_layers, path)
+            read = functools.partial(_read_block, tensors, weight, names, jnp.dtype(model.cfg.param_dtype))
+            if shardings is None:
+                param.set_value(jnp.asarray(read(tuple(range(size) for size in param.shape))))
+            else:
+                sharding = functools.reduce(operator.getitem, weight.path, shardings)
+                param.set_value(_read_sharded(read, param.shape, sharding))
 
 
 @contextlib.contextmanager
@@ -258,12 +317,10 @@ def _open_safetensors(path: Path) -> Iterator[dict[str, object]]:
         yield {name: handle for handle in handles for name in handle.keys()}
 
 
-def _read_stacked(tensors: dict, weight: _Weight, cfg: LlamaConfig, shape: tuple[int, ...], path: Path) -> np.ndarray:
-    """Our parameter `weight` as one numpy array, filled one Hugging Face tensor at a time."""
-    out = np.empty(shape, dtype=jnp.dtype(cfg.param_dtype))
-    layers = range(cfg.n_layers) if weight.stacked else [None]
-    for i in layers:
-        name = weight.hf_name.format(i=i)
+def _tensor_names(tensors: dict, weight: _Weight, n_layers: int, path: Path) -> list[str]:
+    """The HF tensors of `weight` (one per layer when stacked), checked to exist with the shape config.json implies."""
+    names = [weight.hf_name.format(i=i) for i in range(n_layers)] if weight.stacked else [weight.hf_name]
+    for name in names:
         if name not in tensors:
             raise CheckpointError(f"{path} has no tensor {name!r}: the checkpoint is incomplete or does not match config.json")
         got = tuple(tensors[name].get_slice(name).get_shape())
@@ -272,12 +329,43 @@ def _read_stacked(tensors: dict, weight: _Weight, cfg: LlamaConfig, shape: tuple
                 f"tensor {name!r} in {path} has shape {got}, but config.json implies {weight.hf_shape}: "
                 "the weights and config.json come from different models"
             )
-        converted = weight.to_ours(tensors[name].get_tensor(name))
-        if i is None:
-            out[...] = converted
-        else:
-            out[i] = converted
+    return names
+
+
+def _read_block(tensors: dict, weight: _Weight, names: list[str], dtype: np.dtype,
+                block: tuple[range, ...]) -> np.ndarray:
+    """The `block` (a range per axis) of our parameter `weight`, in a host buffer of that size filled one layer at
+    a time from the part of each per-layer HF tensor that it covers."""
+    out = np.empty([len(r) for r in block], dtype)
+    if not weight.stacked:
+        out[...] = weight.read_block(tensors[names[0]].get_slice(names[0]), block)
+        return out
+    for k, layer in enumerate(block[0]):
+        out[k] = weight.read_block(tensors[names[layer]].get_slice(names[layer]), block[1:])
     return out
+
+
+def _read_sharded(read: Callable[[tuple[range, ...]], np.ndarray], shape: tuple[int, ...],
+                  sharding: Sharding) -> jax.Array:
+    """A parameter placed as `sharding` says, built one distinct shard at a time: `read(block)` reads a shard,
+    which is copied to every local device holding it and released before the next one is read.
+
+    Peak host memory is one shard in the parameter dtype plus the part of one HF tensor that it covers, as stored
+    in the file (one layer's slice for a stacked weight, the whole shard for embed / lm_head): about two shards.
+    Each host reads only the shards of its own devices. (`jax.make_array_from_callback` would do this bookkeeping,
+    but it keeps every shard it has read in host memory until all are read: the whole tensor, or more when shards
+    are replicated.)
+    """
+    index_map = sharding.addressable_devices_indices_map(shape)
+    holders = collections.defaultdict(list)
+    for device, index in index_map.items():
+        holders[tuple(range(size)[s] for size, s in zip(shape, index))].append(device)
+    on_device = {}
+    for block, devices in holders.items():
+        host = read(block)
+        copies = jax.block_until_ready([jax.device_put(host, device) for device in devices])  # then `host` may go
+        on_device.update(zip(devices, copies))
+    return jax.make_array_from_single_device_arrays(shape, sharding, [on_device[device] for device in index_map])
 
 
 # --------------------------------------------------------------------------------------------------- saving
@@ -378,17 +466,18 @@ class OpenedCheckpoint:
         return ChatFormat.template_in(self.files, self.tokenizer)
 
 
-def open_checkpoint(checkpoint: str | os.PathLike) -> OpenedCheckpoint:
-    """A Hugging Face directory (it has config.json) or, for any other path, a llama_jax workdir or checkpoint."""
+def open_checkpoint(checkpoint: str | os.PathLike, *, mesh: Mesh | None = None) -> OpenedCheckpoint:
+    """A Hugging Face directory (it has config.json) or, for any other path, a llama_jax workdir or checkpoint;
+    with `mesh`, its parameters are read straight into their shards on that mesh."""
     path = Path(checkpoint).expanduser()
     if (path / "config.json").is_file():
         tokenizer = Tokenizer.from_file(path)
-        return OpenedCheckpoint(load_hf(path), tokenizer, GenerationSettings.from_directory(path, tokenizer), path)
+        return OpenedCheckpoint(load_hf(path, mesh=mesh), tokenizer, GenerationSettings.from_directory(path, tokenizer), path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
     from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
 
-    model, tokenizer_path = load_model(path)
+    model, tokenizer_path = load_model(path, mesh=mesh)
     tokenizer, workdir = Tokenizer.from_file(tokenizer_path), Path(tokenizer_path).parent
     return OpenedCheckpoint(model, tokenizer, GenerationSettings.from_directory(workdir, tokenizer), workdir)
 

@@ -6,17 +6,21 @@ after that position irrelevant, and the fixed shape means the step compiles once
 token. Rows may have prompts of different lengths; each advances its own position.
 
     python -m llama_jax.generate --checkpoint PATH --prompt TEXT --max_new_tokens N [--chat] [--temperature T ...]
+                                 [--mesh tensor=2,fsdp=4]
 
 PATH is a Hugging Face directory (it has config.json) or a llama_jax training checkpoint / workdir. The prompt is
 framed as the checkpoint's tokenizer files say (see `llama_jax.data.tokenizer`); with --chat it is a user message
 rendered with the checkpoint's chat template. Stop tokens and sampling settings come from its
-generation_config.json unless a flag overrides them (see `llama_jax.generation_config`).
+generation_config.json unless a flag overrides them (see `llama_jax.generation_config`). With --mesh the model is
+read straight into its shards on that device mesh (for one too large for a single device) and generation runs on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import re
 import sys
 from collections.abc import Sequence
 
@@ -24,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.chat import ChatFormat
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import Llama
+from llama_jax.parallel.mesh import MESH_AXES, make_mesh
 
 _BUFFER_MULTIPLE = 64  # buffer lengths are rounded up to this, so calls of similar lengths share one compilation
 
@@ -43,6 +49,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop_ids: Sequence[int] = (),
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """The new tokens for each prompt (a single prompt is a batch of one), the stop token included when produced.
 
@@ -50,6 +57,9 @@ def generate(
     restricted, in transformers' order, to the `top_k` most likely tokens (0: no limit) and then to the nucleus: the
     smallest set of most likely tokens whose probability reaches `top_p`. All randomness comes from `seed`, so the
     same call gives the same tokens. A row stops after emitting any of `stop_ids`.
+
+    `mesh` is the mesh a sharded model lives on (e.g. `load_hf(path, mesh=mesh)`): the token buffers are replicated
+    over it and every step runs under `jax.set_mesh(mesh)`, so XLA partitions the model's matmuls as its parameters are.
     """
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
@@ -61,15 +71,17 @@ def generate(
         tokens_bt[row, : len(prompt)] = prompt
 
     graphdef, state = nnx.split(model)
-    tokens_bt, cur_b, done_b = jnp.asarray(tokens_bt), jnp.asarray(lengths_b), jnp.zeros(len(prompts), bool)
+    place = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
+    tokens_bt, cur_b, done_b = place(tokens_bt), place(lengths_b), place(np.zeros(len(prompts), bool))
     key = jax.random.key(seed)
     sampling = dict(greedy=temperature == 0.0, temperature=jnp.float32(max(temperature, 1e-6)), top_k=jnp.int32(top_k),
                     top_p=jnp.float32(top_p), stop_s=jnp.asarray(list(stop_ids) or [-1], jnp.int32))
-    for step in range(max_new_tokens):
-        tokens_bt, cur_b, done_b = _step(graphdef, state, tokens_bt, cur_b, done_b, jax.random.fold_in(key, step),
-                                         **sampling)
-        if bool(done_b.all()):
-            break
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        for step in range(max_new_tokens):
+            tokens_bt, cur_b, done_b = _step(graphdef, state, tokens_bt, cur_b, done_b, jax.random.fold_in(key, step),
+                                             **sampling)
+            if bool(done_b.all()):
+                break
     tokens_bt, cur_b = np.asarray(tokens_bt), np.asarray(cur_b)
     return [tokens_bt[row, lengths_b[row] : cur_b[row]].tolist() for row in range(len(prompts))]
 
@@ -130,6 +142,30 @@ def sample_top_p(key: jax.Array, logits_bv: jax.Array, top_p: float | jax.Array)
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`--mesh` text such as "tensor=2,fsdp=4" as a mesh config: a size for every axis of `MESH_AXES`, 1 where the
+    text names none (one axis may be -1, "the rest", as in `cfg.mesh`)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    named = set()
+    for item in spec.split(","):
+        axis, equals, size = (part.strip() for part in item.partition("="))
+        if not equals:
+            problem = f"{item.strip()!r} is not AXIS=SIZE"
+        elif axis not in MESH_AXES:
+            problem = f"unknown axis {axis!r}"
+        elif axis in named:
+            problem = f"axis {axis!r} is given twice"
+        elif not re.fullmatch(r"-?\d+", size):
+            problem = f"size {size!r} of axis {axis!r} is not an integer"
+        else:
+            sizes[axis] = int(size)
+            named.add(axis)
+            continue
+        raise ConfigError(f"--mesh {spec!r}: {problem}. Give comma-separated AXIS=SIZE pairs with axes among "
+                          f"{', '.join(MESH_AXES)}, e.g. --mesh tensor=2,fsdp=4")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.generate", description=__doc__.split("\n")[0],
@@ -148,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top_p", type=float, default=None, help="nucleus: the most likely tokens up to this mass")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mesh", default=None,
+                        help="shard the model over a device mesh, e.g. tensor=2,fsdp=4 (axes data, stage, fsdp, context, "
+                             "tensor; unnamed axes are 1, one may be -1 for the rest); default: one device")
     args = parser.parse_args(argv)
     try:
-        opened = open_checkpoint(args.checkpoint)
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        opened = open_checkpoint(args.checkpoint, mesh=mesh)
         tokenizer = opened.tokenizer
         settings = opened.generation.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         if args.chat:
@@ -161,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt_ids = tokenizer.encode(args.prompt, allow_special=True)  # as transformers' tokenizer(prompt)
         print(settings.describe(), file=sys.stderr)
         new_ids = generate(opened.model, prompt_ids, args.max_new_tokens, seed=args.seed, stop_ids=settings.stop_ids,
-                           **settings.sampling)[0]
+                           mesh=mesh, **settings.sampling)[0]
         continuation = tokenizer.decode([i for i in new_ids if i not in settings.stop_ids])
     except (LlamaJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,9 @@
 Running again with the same workdir resumes from its latest checkpoint. Exit codes: 0 finished; 2 a
 configuration, data or checkpoint problem (the message says what to fix); 75 (EX_TEMPFAIL) preempted: a
 SIGTERM arrived, the step in flight was finished and checkpointed, and rerunning the command resumes.
+
+On several hosts, run the same command on every host: parallel/distributed.py says how the processes find each
+other (TPU pods and SLURM by themselves, or LLAMA_JAX_* variables). Process 0 writes the logs; all write checkpoints.
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpo
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from llama_jax import trainer  # imported after flag parsing so --help stays fast
-
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from llama_jax.parallel import distributed
+
+    try:
+        distributed.initialize()  # before anything touches a device: joins the other hosts of a multi-host run
+    except LlamaJaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from llama_jax import trainer  # imported after flag parsing so --help stays fast
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)

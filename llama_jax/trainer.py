@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
-from llama_jax.config import batch_schedule, model_config, validate
+from llama_jax.config import batch_schedule, model_config, pipeline_microbatches, pipeline_repeats, validate
 from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches, eval_batches
@@ -36,9 +36,14 @@ from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
 from llama_jax.model import ModelDef, flops_per_token
+from llama_jax.model.llama import LayersFn
 from llama_jax.objectives import lm_loss_sum
 from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.parallel import distributed
 from llama_jax.parallel import mesh as mesh_lib
+from llama_jax.parallel.context import to_zigzag
+from llama_jax.parallel.layers import make_layers_fn
+from llama_jax.parallel.pipeline import bubble_fraction
 
 Batch = dict[str, jax.Array]
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
@@ -54,17 +59,24 @@ class Preempted(LlamaJaxError):
 
 
 class _PreemptionFlag:
-    """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved."""
+    """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved.
+
+    With several processes the handler is left to JAX's preemption service: it catches SIGTERM on any host and
+    makes every host agree on the step to save at (`reached_preemption`), where flags of their own would let the
+    hosts stop at different steps and wait for each other forever."""
 
     def __init__(self):
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = jax.process_count() == 1
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.raised = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _SaveClock:
@@ -105,14 +117,15 @@ class Run:
     state_shardings: TrainState
     abstract_state: TrainState  # shapes, dtypes and shardings: the restore target
     batch_sharding: NamedSharding
+    layers_fn: LayersFn  # the layer stack on this mesh: pipelined, context-parallel, activations pinned
 
     def init(self) -> TrainState:
         """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state."""
         if not self.cfg.checkpoint.init_from:
             fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
             return jax.jit(fn, out_shardings=self.state_shardings)()
-        params = jax.device_put(load_pretrained_params(self.cfg.checkpoint.init_from, self.model_def.cfg),
-                                self.state_shardings.params)
+        params = load_pretrained_params(self.cfg.checkpoint.init_from, self.model_def.cfg,
+                                        shardings=self.state_shardings.params)
 
         def from_params(params: dict) -> TrainState:
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
@@ -120,6 +133,8 @@ class Run:
         return jax.jit(from_params, out_shardings=self.state_shardings)(params)
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows, laid out along the sequence as context parallelism wants, as global arrays."""
+        local_batch = to_zigzag(local_batch, self.mesh.shape["context"])
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
         }
@@ -130,16 +145,18 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int) -> Callable:
+def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
+                    layers_fn: LayersFn | None = None) -> Callable:
     """(state, batch) -> (state, metrics). With grad_accum > 1 the batch is split into microbatches whose
     gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
-    full-batch gradient."""
+    full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order."""
 
     def step_fn(state: TrainState, batch: Batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def loss_fn(params, mb: Batch):
-            logits_btv = model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"])
+            logits_btv = model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
+                                                 layers_fn=layers_fn)
             nll_sum, _ = lm_loss_sum(logits_btv, mb["targets"], mb["loss_mask"])
             return nll_sum / n_tokens
 
@@ -166,9 +183,10 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     return step_fn
 
 
-def make_eval_step(model_def: ModelDef) -> Callable:
+def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None) -> Callable:
     def eval_fn(params, batch: Batch):
-        logits_btv = model_def.merge(params)(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        logits_btv = model_def.merge(params)(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                             layers_fn=layers_fn)
         return lm_loss_sum(logits_btv, batch["targets"], batch["loss_mask"])
 
     return eval_fn
@@ -180,6 +198,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     for batch_size, seq_len in batch_schedule(cfg).shapes:
         _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))
+    layers_fn = make_layers_fn(model_def.cfg, mesh, microbatches=pipeline_microbatches(cfg), repeats=pipeline_repeats(cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
     shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
@@ -189,17 +208,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     )
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
-    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh))
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn)
 
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch = batch_size // cfg.optim.grad_accum
+    micro_batch = batch_size // cfg.optim.grad_accum // pipeline_microbatches(cfg)
     if micro_batch % batch_shards:
         raise ConfigError(
-            f"a batch of {batch_size} sequences / optim.grad_accum = {micro_batch} cannot be split over the "
-            f"{batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make data.batch_size (and every "
-            f"data.ramp batch size) / optim.grad_accum a multiple of {batch_shards}"
+            f"a batch of {batch_size} sequences / optim.grad_accum / pipeline microbatches = {micro_batch} cannot be "
+            f"split over the {batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make data.batch_size (and "
+            f"every data.ramp batch size) / optim.grad_accum / pipeline.microbatches a multiple of {batch_shards}"
         )
     if seq_len % mesh.shape["context"]:
         raise ConfigError(f"seq_len {seq_len} must be a multiple of mesh.context ({mesh.shape['context']}): fix "
@@ -224,7 +243,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
 def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     run = setup(cfg, workdir)
     model_cfg = run.model_def.cfg
-    corpus = load_corpus(cfg.data, model_cfg.vocab_size)
+    if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
+        stages, microbatches, repeats = run.mesh.shape["stage"], pipeline_microbatches(cfg), pipeline_repeats(cfg)
+        print(f"Pipeline: {stages} stages, {microbatches} microbatches, {cfg.pipeline.schedule} schedule "
+              f"({repeats} layer chunk(s) per stage): bubble {bubble_fraction(stages, microbatches, repeats):.1%} of "
+              f"each step", flush=True)
+    corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")
     tokenizer = Tokenizer.from_file(corpus.tokenizer_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
@@ -258,8 +282,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
             else:
                 start, params, opt_state = restored
                 state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
-                print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
-            if start >= cfg.train.steps:
+                if jax.process_index() == 0:
+                    print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
+            if start >= cfg.train.steps and jax.process_index() == 0:
                 print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
                       f"raise --config.train.steps to train further", flush=True)
             return _loop(run, state, start, train_iter, plan, eval_sets, checkpointer, preemption,
@@ -272,11 +297,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: Path) -> str:
     """Copies into the workdir what its checkpoints need to be used on their own: the tokenizer's files and, for a
     run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
-    file's name."""
+    file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir."""
     files = tokenizer_files(tokenizer_path)
     generation = Path(cfg.checkpoint.init_from).expanduser() / generation_config.FILE_NAME
-    for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
-        shutil.copyfile(file, workdir / file.name)
+    if jax.process_index() == 0:
+        for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
+            shutil.copyfile(file, workdir / file.name)
     return files[0].name
 
 
@@ -286,12 +312,12 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
     step_fn = jax.jit(
-        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum),
+        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn),
         in_shardings=(run.state_shardings, run.batch_sharding),
         out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(make_eval_step(run.model_def))
+    eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn))
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
     save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)

@@ -226,10 +226,22 @@ def test_listed_but_unimplemented_objective_says_so():
     assert_config_error(cfg, "objective.name", "not available yet")
 
 
-def test_pipeline_stages_refused():
-    cfg = default_config()
-    cfg.mesh.stage = 2
-    assert_config_error(cfg, "mesh.stage")
+@pytest.mark.parametrize("changes, fragments", [
+    (dict(tensor=16), ("mesh.tensor=16", "model.n_heads=8")),  # tensor > heads
+    (dict(tensor=3), ("mesh.tensor=3", "divide")),
+    (dict(stage=8), ("mesh.stage=8", "model.n_layers=4")),  # stages > layers
+    (dict(stage=3), ("mesh.stage=3", "n_layers")),
+    (dict(stage=2, schedule="circular", repeats=4), ("pipeline.repeats=4", "8 layer chunks")),
+    (dict(stage=2, schedule="circular", microbatches=1), ("microbatches >= mesh.stage",)),
+    (dict(stage=2, microbatches=3), ("pipeline microbatches", "data.batch_size")),
+    (dict(context=3), ("2 x mesh.context = 6", "data.seq_len")),  # context must split seq_len in 2C chunks
+    (dict(schedule="1f1b"), ("pipeline.schedule='1f1b'",)),
+])
+def test_impossible_meshes_are_named(changes, fragments):
+    cfg = default_config()  # the tiny model: 4 layers, 8 heads; batch 16 x 256
+    for key, value in changes.items():
+        (cfg.mesh if key in cfg.mesh else cfg.pipeline)[key] = value
+    assert_config_error(cfg, *fragments)
 
 
 def test_bad_model_choice_names_key():

@@ -202,3 +202,24 @@ def test_cli_chat_mode_renders_the_checkpoints_template(hf_dir, model, tmp_path,
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "{{ oops("}))
     assert main(["--checkpoint", str(tmp_path), "--chat", "--prompt", "hi"]) == 2
     assert "syntax error" in capsys.readouterr().err
+
+
+def test_cli_on_a_mesh_prints_what_one_device_prints(hf_dir, capsys):
+    args = ["--checkpoint", str(hf_dir), "--prompt", "def wrap(text):", "--max_new_tokens", "12"]
+    assert main(args) == 0
+    one_device = capsys.readouterr().out
+    assert main([*args, "--mesh", "tensor=2, fsdp=-1"]) == 0
+    assert capsys.readouterr().out == one_device
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ("tensr=2", "unknown axis 'tensr'"),
+    ("tensor:2", "'tensor:2' is not AXIS=SIZE"),
+    ("tensor=2,tensor=4", "axis 'tensor' is given twice"),
+    ("fsdp=two", "size 'two' of axis 'fsdp' is not an integer"),
+    ("tensor=3", "needs 3 devices but 8 are available"),
+])
+def test_cli_names_the_problem_of_a_bad_mesh(hf_dir, capsys, spec, problem):
+    assert main(["--checkpoint", str(hf_dir), "--prompt", "hi", "--mesh", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and problem in err

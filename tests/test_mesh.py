@@ -139,10 +139,10 @@ def test_every_rule_maps_to_mesh_axes():
         (("embed",), P("fsdp")),
         (("vocab", "embed"), P("tensor", "fsdp")),
         (("embed", "vocab"), P("fsdp", "tensor")),
-        (("layers", "embed", "heads", "head_dim"), P(None, "fsdp", "tensor", None)),
-        (("layers", "heads", "head_dim", "embed"), P(None, "tensor", None, "fsdp")),
-        (("layers", "embed", "mlp"), P(None, "fsdp", "tensor")),
-        (("layers", "mlp", "embed"), P(None, "tensor", "fsdp")),
+        (("layers", "embed", "heads", "head_dim"), P("stage", "fsdp", "tensor", None)),
+        (("layers", "heads", "head_dim", "embed"), P("stage", "tensor", None, "fsdp")),
+        (("layers", "embed", "mlp"), P("stage", "fsdp", "tensor")),
+        (("layers", "mlp", "embed"), P("stage", "tensor", "fsdp")),
         ((None, "embed"), P(None, "fsdp")),
         # an axis already used is not used again: batch takes fsdp first, so embed stays whole
         (("batch", "length", "embed"), P(("data", "fsdp"), "context", None)),
@@ -187,15 +187,15 @@ EXPECTED_PARAM_SPECS = {
     ("embed",): P("tensor", "fsdp"),
     ("lm_head",): P("fsdp", "tensor"),
     ("norm", "scale"): P("fsdp"),
-    ("layers", "attn_norm", "scale"): P(None, "fsdp"),
-    ("layers", "mlp_norm", "scale"): P(None, "fsdp"),
-    ("layers", "attn", "wq"): P(None, "fsdp", "tensor", None),
-    ("layers", "attn", "wk"): P(None, "fsdp", "tensor", None),
-    ("layers", "attn", "wv"): P(None, "fsdp", "tensor", None),
-    ("layers", "attn", "wo"): P(None, "tensor", None, "fsdp"),
-    ("layers", "mlp", "w_gate"): P(None, "fsdp", "tensor"),
-    ("layers", "mlp", "w_up"): P(None, "fsdp", "tensor"),
-    ("layers", "mlp", "w_down"): P(None, "tensor", "fsdp"),
+    ("layers", "attn_norm", "scale"): P("stage", "fsdp"),
+    ("layers", "mlp_norm", "scale"): P("stage", "fsdp"),
+    ("layers", "attn", "wq"): P("stage", "fsdp", "tensor", None),
+    ("layers", "attn", "wk"): P("stage", "fsdp", "tensor", None),
+    ("layers", "attn", "wv"): P("stage", "fsdp", "tensor", None),
+    ("layers", "attn", "wo"): P("stage", "tensor", None, "fsdp"),
+    ("layers", "mlp", "w_gate"): P("stage", "fsdp", "tensor"),
+    ("layers", "mlp", "w_up"): P("stage", "fsdp", "tensor"),
+    ("layers", "mlp", "w_down"): P("stage", "tensor", "fsdp"),
 }
 
 
@@ -224,6 +224,14 @@ def test_param_shardings_have_the_right_rank_and_axes(tie):
             parts = 1 if entry is None else mesh.shape[entry] if isinstance(entry, str) else \
                 int(np.prod([mesh.shape[a] for a in entry]))
             assert dim % parts == 0, (path, abstract[path].shape, sharding.spec)
-    # stacked parameters carry the layer axis first (from nnx.vmap's transform_metadata), never split
+    # stacked parameters carry the layer axis first (from nnx.vmap's transform_metadata), split over pipeline stages
     assert abstract[("layers", "attn", "wq")].shape == (3, 64, 4, 16)
     assert abstract[("layers", "mlp", "w_down")].shape == (3, 192, 64)
+
+
+def test_a_dimension_its_mesh_axes_do_not_divide_stays_whole():
+    """2 KV heads on tensor=4: k and v keep both heads on every device (Megatron's replicated KV heads), q splits."""
+    cfg = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=192, max_seq_len=128)
+    shardings = flatten(mesh_lib.param_shardings(ModelDef(cfg).abstract_state, make_mesh(mesh_cfg(data=2, tensor=4))))
+    assert shardings[("layers", "attn", "wk")].spec == P("stage", "fsdp", None, None)
+    assert shardings[("layers", "attn", "wq")].spec == P("stage", "fsdp", "tensor", None)

@@ -111,7 +111,8 @@ class Harness:
         cfg = self.run.cfg
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
         self.step = jax.jit(
-            trainer.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum),
+            trainer.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum,
+                                    self.run.layers_fn),
             in_shardings=(self.run.state_shardings, self.run.batch_sharding),
             out_shardings=(self.run.state_shardings, mesh_lib.replicated(self.run.mesh)),
             donate_argnums=0,
@@ -300,7 +301,7 @@ def test_sharded_step_matches_single_device(reference, workdir, mesh):
     # the updated state really is laid out as the rules say: wq [layers, embed, heads, head_dim]
     fsdp, tensor = run.mesh.shape["fsdp"], run.mesh.shape["tensor"]
     wq = device_state.params["layers"]["attn"]["wq"]
-    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert wq.sharding.spec == P("stage", "fsdp", "tensor", None)
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 64 // fsdp, 4 // tensor, 16)}
     embed = device_state.params["embed"]  # [vocab, embed]: vocab over tensor, embed over fsdp
     assert {s.data.shape for s in embed.addressable_shards} == {(VOCAB // tensor, 64 // fsdp)}

@@ -3,6 +3,9 @@
 Shapes: q [b, t, n, h]; k, v [b, s, k, h] with n a multiple of k (grouped-query attention: query head i
 reads kv head i // (n // k), as in Llama's repeat_kv). Causal within a document: query at position i sees
 key j only when j <= i and both carry the same segment id.
+
+Each kernel also exists in a masked form (`MASKED_ATTENTION`) that takes the boolean [b, t, s] mask itself:
+context-parallel attention (parallel/context.py) builds its own mask over a permuted, gathered sequence.
 """
 
 from __future__ import annotations
@@ -23,24 +26,33 @@ def document_causal_mask(segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
     return causal_tt[None] & same_doc_btt
 
 
-def reference_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+def reference_masked(q_btnh, k_bskh, v_bskh, mask_bts):
     """Plain einsum attention with float32 scores and softmax: the readable ground truth for the others."""
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
     scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
     scores_bkgts = scores_bkgts * (h**-0.5)
-    mask_b11ts = document_causal_mask(segment_ids_bt)[:, None, None]
-    scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, jnp.finfo(jnp.float32).min)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
     return out_btkgh.reshape(b, t, n, h)
 
 
-def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+def xla_masked(q_btnh, k_bskh, v_bskh, mask_bts):
     """`jax.nn.dot_product_attention`: native GQA, float32 softmax, and fused kernels where XLA has them."""
-    mask_b1ts = document_causal_mask(segment_ids_bt)[:, None]
-    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts)
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None])
+
+
+MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked}
+
+
+def reference_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+    return reference_masked(q_btnh, k_bskh, v_bskh, document_causal_mask(segment_ids_bt))
+
+
+def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+    return xla_masked(q_btnh, k_bskh, v_bskh, document_causal_mask(segment_ids_bt))
 
 
 ATTENTION: dict[str, AttentionFn] = {"reference": reference_attention, "xla": xla_attention}

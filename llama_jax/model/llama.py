@@ -9,11 +9,13 @@ normalisation, softmax, rotary math and logits are float32.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.model.attention import ATTENTION
+from llama_jax.model.attention import ATTENTION, AttentionFn
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
 
@@ -51,14 +53,14 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
         self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg.param_dtype)
 
-    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt):
+    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt, attention: AttentionFn):
         dtype = x_btd.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dtype))
         v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...].astype(dtype))
         q_btnh = apply_rotary(q_btnh, cos_btp, sin_btp)
         k_btkh = apply_rotary(k_btkh, cos_btp, sin_btp)
-        out_btnh = ATTENTION[self.cfg.attention](q_btnh, k_btkh, v_btkh, segment_ids_bt)
+        out_btnh = attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(dtype))
 
 
@@ -86,9 +88,29 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt):
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btp, sin_btp, segment_ids_bt)
+    def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt, attention: AttentionFn):
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btp, sin_btp, segment_ids_bt, attention)
         return x_btd + self.mlp(self.mlp_norm(x_btd))
+
+
+# (stacked blocks, x, cos, sin, segment_ids) -> x: how the layer stack is run. The default is `apply_blocks` in
+# order on one device group; parallel/ supplies pipelined and context-parallel versions, so the model itself
+# never learns about meshes.
+LayersFn = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def apply_blocks(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, remat: str, attention: AttentionFn,
+                 after_block: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
+    """Runs stacked blocks (a leading layers axis) in order with `nnx.scan`, so compile time does not grow with
+    depth. `after_block` sees each block's output: the parallel code pins activations' sharding there."""
+
+    def apply_block(x_btd, block: Block):
+        x_btd = block(x_btd, cos_btp, sin_btp, segment_ids_bt, attention)
+        return x_btd if after_block is None else after_block(x_btd)
+
+    if remat != "none":
+        apply_block = nnx.remat(apply_block, policy=REMAT[remat])
+    return nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, blocks)
 
 
 class Llama(nnx.Module):
@@ -116,23 +138,25 @@ class Llama(nnx.Module):
                 rngs, nnx.initializers.normal(cfg.init_std), (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
             )
 
-    def __call__(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None) -> jnp.ndarray:
-        return self.logits(self.hidden(tokens_bt, segment_ids=segment_ids, positions=positions))
+    def __call__(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None,
+                 layers_fn: LayersFn | None = None) -> jnp.ndarray:
+        return self.logits(self.hidden(tokens_bt, segment_ids=segment_ids, positions=positions, layers_fn=layers_fn))
 
-    def hidden(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None) -> jnp.ndarray:
-        """Final normalised hidden states [b, t, dim] in the compute dtype (before the output projection)."""
+    def hidden(self, tokens_bt: jnp.ndarray, *, segment_ids=None, positions=None,
+               layers_fn: LayersFn | None = None) -> jnp.ndarray:
+        """Final normalised hidden states [b, t, dim] in the compute dtype (before the output projection).
+
+        `layers_fn` replaces the plain in-order scan over the layer stack (see `LayersFn`)."""
         b, t = tokens_bt.shape
         segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
         cos_btp, sin_btp = rotary_angles(positions_bt, inverse_frequencies(self.cfg))
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
-
-        def apply_block(x_btd, block: Block):
-            return block(x_btd, cos_btp, sin_btp, segment_ids_bt)
-
-        if self.cfg.remat != "none":
-            apply_block = nnx.remat(apply_block, policy=REMAT[self.cfg.remat])
-        x_btd = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, self.layers)
+        if layers_fn is None:
+            x_btd = apply_blocks(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt, remat=self.cfg.remat,
+                                 attention=ATTENTION[self.cfg.attention])
+        else:
+            x_btd = layers_fn(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt)
         return self.norm(x_btd)
 
     def logits(self, h_btd: jnp.ndarray) -> jnp.ndarray:

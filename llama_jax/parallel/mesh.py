@@ -19,7 +19,9 @@ from llama_jax.errors import ConfigError
 MESH_AXES = ("data", "stage", "fsdp", "context", "tensor")
 
 # Logical name -> mesh axis (or axes). Batch is split over both data-parallel axes; parameters are split
-# over fsdp on their embed dimension and over tensor on heads / mlp / vocab (Megatron-style).
+# over fsdp on their embed dimension, over tensor on heads / mlp / vocab (Megatron-style: column-parallel q/k/v,
+# gate and up, row-parallel o and down, vocabulary-parallel embedding and logits), and over stage on the layer stack
+# (each pipeline stage holds its own layers).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", "context"),
@@ -29,7 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "stage"),
 )
 
 
@@ -85,14 +87,29 @@ def logical_to_spec(names: tuple[str | None, ...], rules=LOGICAL_RULES) -> Parti
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
-    """NamedShardings, as a pure dict matching the parameters, from each Param's logical axis names."""
+    """NamedShardings, as a pure dict matching the parameters, from each Param's logical axis names.
+
+    A dimension that its mesh axes do not divide is kept whole (replicated over them): with fewer KV heads than
+    the tensor axis, each device keeps all KV heads and uses those its query heads read, as Megatron does."""
 
     def sharding(variable: nnx.Variable) -> NamedSharding:
         names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
-        return NamedSharding(mesh, logical_to_spec(tuple(names)))
+        spec = logical_to_spec(tuple(names))
+        return NamedSharding(mesh, PartitionSpec(*(
+            axes if dim % _axes_size(mesh, axes) == 0 else None for dim, axes in zip(variable.shape, spec))))
 
     shardings = jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings)
+
+
+def _axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding by logical names, under the ambient mesh (`jax.set_mesh`)."""
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

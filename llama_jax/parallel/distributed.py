@@ -1,0 +1,116 @@
+"""Joining the processes of a multi-host run: one process per host runs the same command, and `initialize()`
+connects them through `jax.distributed.initialize` before anything touches a device.
+
+Where the process count and this process's id come from, first match wins:
+1. explicit variables, set on every host: LLAMA_JAX_COORDINATOR=host:port (process 0's address; JAX's own
+   JAX_COORDINATOR_ADDRESS is accepted too), LLAMA_JAX_NUM_PROCESSES and LLAMA_JAX_PROCESS_ID;
+2. a SLURM job step started by `srun` with more than one task (JAX reads SLURM's variables itself);
+3. a Cloud TPU VM, or a TPU pod under GKE / multislice: JAX asks the TPU runtime and VM metadata itself.
+Anything else is a single process, and nothing is done.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, TypeVar
+
+import jax
+from jax.experimental import multihost_utils
+
+from llama_jax.errors import ConfigError
+
+COORDINATOR = "LLAMA_JAX_COORDINATOR"
+NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
+PROCESS_ID = "LLAMA_JAX_PROCESS_ID"
+JAX_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+# What JAX's SLURM detection reads; SLURM_STEP_NODELIST is set by srun only, so a batch script that runs python
+# directly (one process, however many tasks the job has) is not mistaken for a multi-process step.
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# Set on TPU pods under GKE (the workers' addresses) and on multislice jobs.
+_TPU_POD = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+T = TypeVar("T")
+
+
+def initialize(environ: Mapping[str, str] | None = None) -> None:
+    """Connects this process to the others of its run, when the environment says there are others. Idempotent."""
+    arguments = distributed_arguments(os.environ if environ is None else environ)
+    if arguments is not None and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**arguments)
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> dict | None:
+    """The arguments of `jax.distributed.initialize` for this environment ({}: JAX detects the cluster), or None
+    for a single process. Inconsistent variables raise ConfigError, since a guess would hang every host."""
+    if any(name in environ for name in (COORDINATOR, NUM_PROCESSES, PROCESS_ID)):
+        return _explicit(environ)
+    if all(name in environ for name in _SLURM):
+        count = _integer(environ, "SLURM_NTASKS", "the number of srun tasks")
+        rank = _integer(environ, "SLURM_PROCID", "this task's rank")
+        if not 0 <= rank < count:
+            raise ConfigError(f"SLURM_PROCID={rank} is not below SLURM_NTASKS={count}: start the run with srun, "
+                              "which sets both, and do not set them by hand")
+        return dict(cluster_detection_method="slurm") if count > 1 else None
+    if any(name in environ for name in _TPU_POD) or _on_cloud_tpu_vm():
+        return {}
+    if JAX_COORDINATOR in environ:
+        return _explicit(environ)  # a coordinator without a process count: _explicit says what is missing
+    return None
+
+
+def _explicit(environ: Mapping[str, str]) -> dict | None:
+    if NUM_PROCESSES not in environ or PROCESS_ID not in environ:
+        given = [name for name in (COORDINATOR, JAX_COORDINATOR, NUM_PROCESSES, PROCESS_ID) if name in environ]
+        raise ConfigError(
+            f"{' and '.join(given)} set, but not both {NUM_PROCESSES} and {PROCESS_ID}: on every host set "
+            f"{NUM_PROCESSES} (the number of processes), {PROCESS_ID} (0, 1, ... distinct per host) and "
+            f"{COORDINATOR}=host:port (process 0's address)"
+        )
+    count = _integer(environ, NUM_PROCESSES, "the number of processes")
+    rank = _integer(environ, PROCESS_ID, "this process's id")
+    if count < 1 or not 0 <= rank < count:
+        raise ConfigError(f"{PROCESS_ID}={rank} with {NUM_PROCESSES}={count}: the ids must be 0 to "
+                          f"{NUM_PROCESSES} - 1, one per process")
+    if count == 1:
+        return None
+    coordinator = environ.get(COORDINATOR) or environ.get(JAX_COORDINATOR)
+    if not coordinator:
+        raise ConfigError(f"{NUM_PROCESSES}={count} but {COORDINATOR} is not set: set it on every host to process 0's "
+                          f"host:port, e.g. {COORDINATOR}=10.0.0.1:8476")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{COORDINATOR}={coordinator!r} is not host:port: give process 0's address and a free port, "
+                          "e.g. 10.0.0.1:8476")
+    return dict(coordinator_address=coordinator, num_processes=count, process_id=rank)
+
+
+def _integer(environ: Mapping[str, str], name: str, meaning: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ConfigError(f"{name}={environ[name]!r} is not an integer: set it to {meaning}") from None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """JAX's own finding at import (libtpu installed, TPU chips on the PCI bus). On any TPU VM, one host or a pod
+    slice, `jax.distributed.initialize()` reads the slice's workers from the VM metadata; there is no public name."""
+    from jax._src import cloud_tpu_init
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0, then on the others once it has returned (or failed).
+
+    For work that fills a cache the hosts may share, such as tokenizing a corpus: started everywhere at once it
+    would be repeated on every host and the copies would race to publish. The others find process 0's result (or,
+    with a cache on a disk of their own, build it then; the builds are deterministic)."""
+    if jax.process_count() == 1:
+        return fn()
+    if jax.process_index() == 0:
+        try:
+            return fn()
+        finally:
+            multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(name)
+    return fn()

@@ -1,0 +1,86 @@
+"""Pipeline parallelism: the layer stack split over the `stage` mesh axis, microbatches flowing through it.
+
+Written from outside the model: `pipeline_layers` is a `LayersFn` (model/llama.py) that the trainer hands to the
+model in place of its plain scan. Inside a `jax.shard_map` that is manual over `stage` only (data, fsdp, context and
+tensor stay automatic, so every other kind of parallelism composes), each stage runs its own layers and passes its
+output to the next with `jax.lax.ppermute` around the ring of stages.
+
+Schedules (one loop serves both; the backward pass is the loop's autodiff transpose, run in reverse):
+- GPipe (`repeats=1`): stage s holds layers [s L/S, (s+1) L/S). M microbatches take M + S - 1 ticks; bubble
+  (S-1) / (M+S-1).
+- Circular (`repeats=R>1`, interleaved): the layers are cut into R*S chunks and stage s holds chunks s, s+S, ...;
+  a microbatch goes round the ring R times. R*M + S - 1 ticks of 1/R the work each: bubble (S-1) / (R*M+S-1).
+  Needs M >= S (a microbatch is back at stage 0 before it is needed there). The stacked parameters are stored in
+  layer order, contiguous per stage, so each step regroups them (an all-to-all of the layer weights over `stage`
+  and of their gradients back): the price of checkpoints that do not depend on the schedule.
+
+Every tick each stage computes (ticks where it has no microbatch compute on stale data whose results are never
+used, so their gradient is zero): that idle work is the bubble.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.model.llama import Block
+
+RunChunk = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """The share of ticks in which a stage waits (its compute is wasted) in the forward (and backward) pass."""
+    return (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+def pipeline_layers(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, stages: int, microbatches: int,
+                    repeats: int, run_chunk: RunChunk) -> jnp.ndarray:
+    """Applies the stacked `blocks` to x as an S-stage pipeline over M microbatches (rows j, j+M, ... form
+    microbatch j, so each data-parallel device keeps its own rows); same result as running them in order."""
+    graphdef, state = nnx.split(blocks)
+    leaves, treedef = jax.tree.flatten(state)
+    n_layers = leaves[0].shape[0]
+    per_chunk = n_layers // (stages * repeats)
+    # [L, ...] -> [S, R, K, ...]: chunk r*S + s (layers (r*S+s)*K ...) on stage s, as repeat r.
+    staged = [leaf.reshape(repeats, stages, per_chunk, *leaf.shape[1:]).swapaxes(0, 1) for leaf in leaves]
+    inputs = [_split_rows(a, microbatches) for a in (x_btd, cos_btp, sin_btp, segment_ids_bt)]
+
+    def stage_fn(staged, x_mbtd, cos_mbtp, sin_mbtp, segment_ids_mbt):
+        stage = jax.lax.axis_index("stage")
+        ring = [(i, (i + 1) % stages) for i in range(stages)]
+
+        def tick(carry, t):
+            incoming_btd, buffer_mbtd = carry
+            m, r = (t - stage) % microbatches, jnp.clip((t - stage) // microbatches, 0, repeats - 1)
+            x_btd = jnp.where(stage == 0, buffer_mbtd[t % microbatches], incoming_btd)
+            chunk = nnx.merge(graphdef, jax.tree.unflatten(treedef, [leaf[0, r] for leaf in staged]))
+            out_btd = run_chunk(chunk, x_btd, cos_mbtp[m], sin_mbtp[m], segment_ids_mbt[m])
+            shifted_btd = jax.lax.ppermute(out_btd, "stage", ring)
+            # Stage 0 receives the last stage's output for microbatch t - (S-1): the next repeat's input, or the result.
+            done = t - (stages - 1)
+            stored = buffer_mbtd.at[done % microbatches].set(shifted_btd)
+            buffer_mbtd = jnp.where((stage == 0) & (done >= 0), stored, buffer_mbtd)
+            return (shifted_btd, buffer_mbtd), None
+
+        buffer_mbtd = jax.lax.pcast(x_mbtd, "stage", to="varying")
+        carry = (jnp.zeros_like(buffer_mbtd[0]), buffer_mbtd)
+        (_, buffer_mbtd), _ = jax.lax.scan(tick, carry, jnp.arange(repeats * microbatches + stages - 1))
+        return jax.lax.psum(jnp.where(stage == 0, buffer_mbtd, 0), "stage")
+
+    out_mbtd = jax.shard_map(
+        stage_fn, in_specs=(P("stage"), P(), P(), P(), P()), out_specs=P(), axis_names=frozenset({"stage"}),
+    )(staged, *inputs)
+    return _merge_rows(out_mbtd)
+
+
+def _split_rows(x, microbatches: int):
+    """[B, ...] -> [M, B/M, ...] with microbatch j = rows j, j+M, ...: a device's rows stay on that device."""
+    return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge_rows(x):
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
