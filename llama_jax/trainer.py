@@ -192,9 +192,10 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None) -> Ca
     return eval_fn
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
+def setup(cfg: ml_collections.ConfigDict, workdir: Path, devices: list | None = None) -> Run:
+    """Everything the loop needs, on a mesh over all devices (or `devices`)."""
     validate(cfg)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     for batch_size, seq_len in batch_schedule(cfg).shapes:
         _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))

@@ -365,3 +365,23 @@ def test_finetuning_starts_from_the_hugging_face_weights(tmp_path, cache_dir, ti
     no_tokenizer.data.tokenizer = ""
     with pytest.raises(ConfigError, match="needs the tokenizer the checkpoint was trained with"):
         trainer.train(no_tokenizer, tmp_path / "no_tokenizer")
+
+
+def test_the_default_job_trains_the_same_on_a_4d_mesh(tmp_path, cache_dir):
+    """configs/tiny.py from the command line on 8 devices as 2 pipeline stages x 2 context x 2 tensor follows the
+    one-device run's losses (float32 compute, so only the order of sums differs)."""
+    quick = ("--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=0",
+             "--config.data.batch_size=8", "--config.data.seq_len=128", "--config.data.eval_batches=1",
+             "--config.optim.warmup_steps=2", "--config.model.dtype=float32")
+    single = run_cli(tmp_path / "single", cache_dir, *quick)
+    assert single.returncode == 0, single.stderr[-3000:]
+    mesh = ("--config.mesh.data=1", "--config.mesh.stage=2", "--config.mesh.context=2", "--config.mesh.tensor=2")
+    cmd = cli_command(tmp_path / "4d", cache_dir, *quick, *mesh)
+    parallel = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                              env=dict(CLI_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "Pipeline: 2 stages, 4 microbatches, gpipe schedule" in parallel.stdout, parallel.stdout[-2000:]
+    expected, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "4d")
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in expected], rtol=2e-5)
+    np.testing.assert_allclose(got[-1]["eval_loss"], expected[-1]["eval_loss"], rtol=2e-5)

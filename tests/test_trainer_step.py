@@ -132,13 +132,7 @@ class Harness:
 
 
 def setup_run(cfg, workdir, devices=None) -> trainer.Run:
-    """trainer.setup itself; with `devices`, its mesh is built over those devices only."""
-    if devices is None:
-        return trainer.setup(cfg, workdir)
-    make_mesh = mesh_lib.make_mesh
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mesh_lib, "make_mesh", lambda mesh_cfg: make_mesh(mesh_cfg, devices=devices))
-        return trainer.setup(cfg, workdir)
+    return trainer.setup(cfg, workdir, devices)
 
 
 def leaves(tree) -> dict[str, np.ndarray]:
