@@ -9,6 +9,8 @@ head) and GQA (4 layers, 8 heads, 2 KV heads: tensor 4 has fewer KV heads than d
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -106,6 +108,22 @@ def test_parallel_step_matches_single_device(references, case):
     assert {s.data.shape for s in attn["wk"].addressable_shards} == {
         (cfg.n_layers // stage, 64 // fsdp, cfg.n_kv_heads // kv_split, h)}
     assert attn["wq"].sharding.spec[0] == ("stage" if stage > 1 else None) or stage == 1
+
+
+def test_tensor_parallel_step_is_megatron_and_vocabulary_parallel(references):
+    """On tensor=8 the compiled step never gathers weights or logits: its only collectives are all-reduces of the
+    [batch, length, embed] activations after row-parallel matmuls (and their gradients), of per-token [batch,
+    length] statistics (the loss's max and sum over vocabulary shards), and of scalars."""
+    workdir, _ = references
+    run = setup_run(case_cfg("wide", dict(tensor=8), {}), workdir)
+    harness = Harness(run)
+    with jax.set_mesh(run.mesh):
+        hlo = harness.step.lower(run.abstract_state, run.to_global(BATCHES[0])).compile().as_text()
+    collectives = re.findall(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(", hlo)
+    kinds = {kind for _, kind in collectives}
+    assert kinds == {"all-reduce"}, kinds
+    shapes = set(re.findall(r"f32\[([\d,]*)\]", " ".join(result for result, _ in collectives)))
+    assert shapes <= {"8,32,64", "8,32", "8,32,1", ""}, shapes  # no [.., 512] vocabulary-sized and no weight-sized result
 
 
 # ---------------------------------------------------------------------------------------------- context attention
