@@ -19,7 +19,8 @@ from llama_jax.model.presets import preset
 
 OBJECTIVES = ("lm", "sft", "reward", "dpo")
 IMPLEMENTED_OBJECTIVES = ("lm",)
-PIPELINE_SCHEDULES = ("gpipe", "circular")
+PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b", "zb-h1")
+SCHEDULED_PIPELINES = ("1f1b", "zb-h1")  # backward units placed by a table, not by autodiff of the forward
 
 
 def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -60,7 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     cfg.pipeline = ml_collections.ConfigDict()  # used when mesh.stage > 1 (see llama_jax/parallel/pipeline.py)
     cfg.pipeline.microbatches = 0  # microbatches each (accumulation) batch is cut into; 0 = 2 x mesh.stage
-    cfg.pipeline.schedule = "gpipe"  # gpipe | circular (interleaved: pipeline.repeats layer chunks per stage)
+    # gpipe | circular (interleaved: pipeline.repeats layer chunks per stage) | 1f1b (at most mesh.stage microbatches'
+    # activations kept, not all) | zb-h1 (1f1b with the weight gradients deferred into the bubble)
+    cfg.pipeline.schedule = "gpipe"
     cfg.pipeline.repeats = 2  # circular only: chunks per stage; the bubble shrinks by this factor
 
     cfg.data = ml_collections.ConfigDict()
@@ -184,6 +187,10 @@ def _check_mesh_fits_model(cfg: ml_collections.ConfigDict) -> None:
                 if cfg.pipeline.schedule == "circular" else f"mesh.stage={mesh.stage}"
             raise ConfigError(f"{what} = {chunks} layer chunks do not divide model.n_layers={model.n_layers}: "
                               f"choose stages (and repeats) whose product divides the layer count")
+        if cfg.pipeline.schedule in SCHEDULED_PIPELINES and mesh.tensor > 1:
+            raise ConfigError(f"pipeline.schedule={cfg.pipeline.schedule!r} does not combine with mesh.tensor > 1 yet "
+                              "(XLA cannot partition tensor-parallel collectives inside a stage's choice of unit): use "
+                              "pipeline.schedule='gpipe' or 'circular' with tensor parallelism")
         microbatches = pipeline_microbatches(cfg)
         if cfg.pipeline.schedule == "circular" and microbatches < mesh.stage:
             raise ConfigError(f"the circular pipeline needs pipeline.microbatches >= mesh.stage ({mesh.stage}), got "

@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
-from llama_jax.config import batch_schedule, model_config, pipeline_microbatches, pipeline_repeats, validate
+from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
+                              pipeline_repeats, validate)
 from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches, eval_batches
@@ -42,7 +43,7 @@ from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.parallel import distributed
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import to_zigzag
-from llama_jax.parallel.layers import make_layers_fn
+from llama_jax.parallel.layers import ScheduledGrads, make_layers_fn, make_scheduled_grads
 from llama_jax.parallel.pipeline import bubble_fraction
 
 Batch = dict[str, jax.Array]
@@ -118,6 +119,7 @@ class Run:
     abstract_state: TrainState  # shapes, dtypes and shardings: the restore target
     batch_sharding: NamedSharding
     layers_fn: LayersFn  # the layer stack on this mesh: pipelined, context-parallel, activations pinned
+    scheduled_grads: ScheduledGrads | None  # the gradient by a 1F1B / ZB-H1 pipeline schedule; None: autodiff
 
     def init(self) -> TrainState:
         """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state."""
@@ -146,21 +148,27 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 
 
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
-                    layers_fn: LayersFn | None = None) -> Callable:
+                    layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None) -> Callable:
     """(state, batch) -> (state, metrics). With grad_accum > 1 the batch is split into microbatches whose
     gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
-    full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order."""
+    full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order.
+    `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward."""
 
     def step_fn(state: TrainState, batch: Batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-        def loss_fn(params, mb: Batch):
-            logits_btv = model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
-                                                 layers_fn=layers_fn)
-            nll_sum, _ = lm_loss_sum(logits_btv, mb["targets"], mb["loss_mask"])
+        def token_loss(logits_btv, rows: Batch):
+            nll_sum, _ = lm_loss_sum(logits_btv, rows["targets"], rows["loss_mask"])
             return nll_sum / n_tokens
 
-        grad_fn = jax.value_and_grad(loss_fn)
+        def loss_fn(params, mb: Batch):
+            return token_loss(model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"],
+                                                      positions=mb["positions"], layers_fn=layers_fn), mb)
+
+        if scheduled_grads is None:
+            grad_fn = jax.value_and_grad(loss_fn)
+        else:
+            grad_fn = lambda params, mb: scheduled_grads(params, mb, token_loss)  # noqa: E731
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, batch)
         else:
@@ -200,6 +208,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path, devices: list | None = 
         _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))
     layers_fn = make_layers_fn(model_def.cfg, mesh, microbatches=pipeline_microbatches(cfg), repeats=pipeline_repeats(cfg))
+    scheduled_grads = make_scheduled_grads(model_def, mesh, microbatches=pipeline_microbatches(cfg),
+                                           schedule=cfg.pipeline.schedule) \
+        if mesh.shape["stage"] > 1 and cfg.pipeline.schedule in SCHEDULED_PIPELINES else None
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
     shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
@@ -209,7 +220,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path, devices: list | None = 
     )
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
-    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn)
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
+               scheduled_grads)
 
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
@@ -313,7 +325,7 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
     step_fn = jax.jit(
-        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn),
+        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn, run.scheduled_grads),
         in_shardings=(run.state_shardings, run.batch_sharding),
         out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
         donate_argnums=0,

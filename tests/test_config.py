@@ -235,7 +235,8 @@ def test_listed_but_unimplemented_objective_says_so():
     (dict(stage=2, schedule="circular", microbatches=1), ("microbatches >= mesh.stage",)),
     (dict(stage=2, microbatches=3), ("pipeline microbatches", "data.batch_size")),
     (dict(context=3), ("2 x mesh.context = 6", "data.seq_len")),  # context must split seq_len in 2C chunks
-    (dict(schedule="1f1b"), ("pipeline.schedule='1f1b'",)),
+    (dict(schedule="interleaved"), ("pipeline.schedule='interleaved'",)),
+    (dict(stage=2, tensor=2, schedule="1f1b"), ("mesh.tensor > 1", "'gpipe'")),
 ])
 def test_impossible_meshes_are_named(changes, fragments):
     cfg = default_config()  # the tiny model: 4 layers, 8 heads; batch 16 x 256

@@ -45,6 +45,10 @@ CASES = [
     ("gqa", dict(stage=2, data=2, tensor=2), dict(schedule="circular", repeats=2, microbatches=2)),
     ("gqa", dict(stage=2, tensor=4), dict(schedule="circular", repeats=2, microbatches=8)),
     ("gqa", dict(stage=2, context=2, fsdp=2), dict(microbatches=2, grad_accum=2)),  # with gradient accumulation
+    # backward units placed by a table: 1F1B keeps at most S microbatches' inputs, ZB-H1 also defers weight grads
+    ("gqa", dict(stage=2, data=2, fsdp=2), dict(schedule="1f1b", microbatches=2)),
+    ("gqa", dict(stage=4, data=2), dict(schedule="1f1b", microbatches=4)),
+    ("debug", dict(stage=2, context=2, data=2), dict(schedule="zb-h1", microbatches=2)),
 ]
 
 

@@ -14,27 +14,27 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.schedules import (BWD, FWD, IDLE, WGT, check_schedule, make_schedule, make_tables,
-                                          peak_in_flight, pipeline_1f1b_value_and_grad, schedule_stats)
+                                          peak_in_flight, pipeline_value_and_grad, schedule_stats)
 
 S, D, ROWS = 4, 16, 4  # stages, width, rows per microbatch (split over data=2)
 
 
-def stage_fn(params, x):
-    return x + jnp.tanh(x @ params["w"] + params["b"])
+def stage_fn(params, x, aux):
+    return x + jnp.tanh(x @ params["w"] + params["b"]) * aux
 
 
-def loss_fn(y, target):
-    return jnp.mean((y - target) ** 2)
+def loss_fn(head, y, target):
+    return jnp.mean((y @ head - target) ** 2)
 
 
-def sequential_loss(params, x_mbd, targets_mb):
+def sequential_loss(params, head, x_mbd, aux_mb, targets_mb):
     """The reference: no pipeline, stages applied in order to every microbatch, losses summed."""
     total = 0.0
     for m in range(x_mbd.shape[0]):
         y = x_mbd[m]
         for s in range(S):
-            y = stage_fn(jax.tree.map(lambda a: a[s], params), y)
-        total = total + loss_fn(y, targets_mb[m])
+            y = stage_fn(jax.tree.map(lambda a: a[s], params), y, aux_mb[m])
+        total = total + loss_fn(head, y, targets_mb[m])
     return total
 
 
@@ -42,23 +42,27 @@ def sequential_loss(params, x_mbd, targets_mb):
                                                    ("zb-h1", 1), ("zb-h1", 8)])
 def test_pipeline_gradients_equal_sequential(schedule, microbatches):
     M = microbatches
-    keys = jax.random.split(jax.random.key(M), 4)
+    keys = jax.random.split(jax.random.key(M), 6)
     params = dict(w=jax.random.normal(keys[0], (S, D, D)) / np.sqrt(D), b=0.1 * jax.random.normal(keys[1], (S, D)))
+    head = jax.random.normal(keys[4], (D, D)) / np.sqrt(D)
     x = jax.random.normal(keys[2], (M, ROWS, D))
+    aux = 1 + jax.random.uniform(keys[5], (M, ROWS, 1))  # a per-microbatch side input (not differentiated)
     targets = jax.random.normal(keys[3], (M, ROWS, D))
-    ref_loss, (ref_gp, ref_gx) = jax.jit(jax.value_and_grad(sequential_loss, argnums=(0, 1)))(params, x, targets)
+    ref_loss, (ref_gp, ref_gh, ref_gx) = jax.jit(jax.value_and_grad(sequential_loss, argnums=(0, 1, 2)))(
+        params, head, x, aux, targets)
 
     mesh = mesh_lib.make_mesh(dict(data=2, stage=S, fsdp=1, context=1, tensor=1))
     with jax.set_mesh(mesh):
         params_s = jax.device_put(params, NamedSharding(mesh, P("stage")))
-        x_s, t_s = (jax.device_put(a, NamedSharding(mesh, P(None, "data"))) for a in (x, targets))
-        run = jax.jit(lambda p, x, t: pipeline_1f1b_value_and_grad(
-            stage_fn, loss_fn, p, x, t, stages=S, microbatches=M, schedule=schedule))
-        loss, gp, gx = run(params_s, x_s, t_s)
+        x_s, a_s, t_s = (jax.device_put(a, NamedSharding(mesh, P(None, "data"))) for a in (x, aux, targets))
+        run = jax.jit(lambda p, h, x, a, t: pipeline_value_and_grad(
+            stage_fn, loss_fn, p, h, x, a, t, stages=S, microbatches=M, schedule=schedule))
+        loss, gp, gh, gx = run(params_s, head, x_s, a_s, t_s)
 
     tol = dict(rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), **tol)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), **tol)
+    np.testing.assert_allclose(np.asarray(gh), np.asarray(ref_gh), **tol)
     for name in params:
         np.testing.assert_allclose(np.asarray(gp[name]), np.asarray(ref_gp[name]), **tol)
     assert float(jnp.abs(gp["w"][0]).sum()) > 0  # the first stage really got a gradient

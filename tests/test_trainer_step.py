@@ -112,7 +112,7 @@ class Harness:
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
         self.step = jax.jit(
             trainer.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum,
-                                    self.run.layers_fn),
+                                    self.run.layers_fn, self.run.scheduled_grads),
             in_shardings=(self.run.state_shardings, self.run.batch_sharding),
             out_shardings=(self.run.state_shardings, mesh_lib.replicated(self.run.mesh)),
             donate_argnums=0,

@@ -150,14 +150,21 @@ class Llama(nnx.Module):
         b, t = tokens_bt.shape
         segment_ids_bt = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t)) if positions is None else positions
-        cos_btp, sin_btp = rotary_angles(positions_bt, inverse_frequencies(self.cfg))
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+        cos_btp, sin_btp = self.rotary(positions_bt)
+        x_btd = self.embed_tokens(tokens_bt)
         if layers_fn is None:
             x_btd = apply_blocks(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt, remat=self.cfg.remat,
                                  attention=ATTENTION[self.cfg.attention])
         else:
             x_btd = layers_fn(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt)
         return self.norm(x_btd)
+
+    def embed_tokens(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+
+    def rotary(self, positions_bt: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """RoPE cos and sin [b, t, head_dim // 2] for these positions, shared by every layer."""
+        return rotary_angles(positions_bt, inverse_frequencies(self.cfg))
 
     def logits(self, h_btd: jnp.ndarray) -> jnp.ndarray:
         """Output projection with float32 accumulation and result."""

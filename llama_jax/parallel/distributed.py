@@ -68,7 +68,9 @@ def _explicit(environ: Mapping[str, str]) -> dict | None:
         )
     count = _integer(environ, NUM_PROCESSES, "the number of processes")
     rank = _integer(environ, PROCESS_ID, "this process's id")
-    if count < 1 or not 0 <= rank < count:
+    if count < 1:
+        raise ConfigError(f"{NUM_PROCESSES}={count}: set it to the number of processes (one per host), at least 1")
+    if not 0 <= rank < count:
         raise ConfigError(f"{PROCESS_ID}={rank} with {NUM_PROCESSES}={count}: the ids must be 0 to "
                           f"{NUM_PROCESSES} - 1, one per process")
     if count == 1:

@@ -4,26 +4,42 @@ the activations' sharding at block boundaries into the `LayersFn` the model is c
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 from jax.sharding import Mesh
 
 from llama_jax.model import LlamaConfig
 from llama_jax.model.attention import ATTENTION
-from llama_jax.model.llama import LayersFn, apply_blocks
+from llama_jax.model.llama import LayersFn, ModelDef, apply_blocks
 from llama_jax.parallel.context import context_attention
 from llama_jax.parallel.mesh import constrain
-from llama_jax.parallel.pipeline import pipeline_layers
+from llama_jax.parallel.pipeline import pipeline_layers, scheduled_value_and_grad
+
+# (params, batch, loss(logits_btv, rows) -> summed loss) -> (loss, grads like params)
+ScheduledGrads = Callable[[dict, dict, Callable], tuple]
 
 
 def make_layers_fn(model_cfg: LlamaConfig, mesh: Mesh, *, microbatches: int = 1, repeats: int = 1) -> LayersFn:
-    """Blocks in order (or pipelined over `stage` with `microbatches`, `repeats` chunks per stage), each block's
-    output kept split over batch and length only: between blocks the residual stream is never split over tensor
-    (each tensor-parallel block ends in a row-parallel matmul whose partial sums are reduced there)."""
-    context = mesh.shape["context"]
-    attention = context_attention(model_cfg.attention, context) if context > 1 else ATTENTION[model_cfg.attention]
-    run = functools.partial(apply_blocks, remat=model_cfg.remat, attention=attention,
-                            after_block=lambda x_btd: constrain(x_btd, ("batch", "length", None)))
+    """Blocks in order (or pipelined over `stage` with `microbatches`, `repeats` chunks per stage)."""
+    run = _run_blocks(model_cfg, mesh)
     if mesh.shape["stage"] == 1:
         return run
     return functools.partial(pipeline_layers, stages=mesh.shape["stage"], microbatches=microbatches,
                              repeats=repeats, run_chunk=run)
+
+
+def make_scheduled_grads(model_def: ModelDef, mesh: Mesh, *, microbatches: int, schedule: str) -> ScheduledGrads:
+    """`(params, batch, loss) -> (loss, grads)` through the pipeline with hand-placed backward units (1F1B, ZB-H1),
+    for the trainer to use instead of autodiff of `make_layers_fn`'s forward."""
+    return functools.partial(scheduled_value_and_grad, model_def, stages=mesh.shape["stage"],
+                             microbatches=microbatches, schedule=schedule, run_chunk=_run_blocks(model_def.cfg, mesh))
+
+
+def _run_blocks(model_cfg: LlamaConfig, mesh: Mesh) -> LayersFn:
+    """Blocks in order, each output kept split over batch and length only: between blocks the residual stream is
+    never split over tensor (each tensor-parallel block ends in a row-parallel matmul whose partial sums are
+    reduced there)."""
+    context = mesh.shape["context"]
+    attention = context_attention(model_cfg.attention, context) if context > 1 else ATTENTION[model_cfg.attention]
+    return functools.partial(apply_blocks, remat=model_cfg.remat, attention=attention,
+                             after_block=lambda x_btd: constrain(x_btd, ("batch", "length", None)))

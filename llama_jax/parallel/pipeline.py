@@ -16,10 +16,16 @@ Schedules (one loop serves both; the backward pass is the loop's autodiff transp
 
 Every tick each stage computes (ticks where it has no microbatch compute on stale data whose results are never
 used, so their gradient is zero): that idle work is the bubble.
+
+1F1B and ZB-H1 (`scheduled_value_and_grad`): the backward is not autodiff of the loop but units placed by a table
+(parallel/schedules.py): each stage alternates forwards and backwards, keeping at most S microbatches' inputs
+instead of M, and the last stage computes each microbatch's loss as soon as its forward is done. The whole
+gradient (embedding, stages, head) comes out of one call, equal to autodiff's.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -27,7 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.model.llama import Block
+from llama_jax.model.llama import Block, ModelDef
+from llama_jax.parallel.schedules import pipeline_value_and_grad
 
 RunChunk = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -84,3 +91,40 @@ def _split_rows(x, microbatches: int):
 
 def _merge_rows(x):
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def scheduled_value_and_grad(model_def: ModelDef, params: dict, batch: dict, loss: Callable[[jnp.ndarray, dict], jnp.ndarray],
+                             *, stages: int, microbatches: int, schedule: str, run_chunk: RunChunk):
+    """(loss, grads like params) of `loss(logits_btv, rows)` summed over the batch's M microbatches, with the
+    layer stack run as an S-stage pipeline whose forward and backward units follow `schedule` ("1f1b", "zb-h1").
+    The embedding is differentiated around the pipeline; the final norm and output projection (the "head") are
+    the last stage's loss parameters."""
+    model = model_def.merge(params)
+    tied = model_def.cfg.tie_embeddings
+    x_btd, pull_embedding = jax.vjp(lambda embed: model_def.merge({"embed": embed}).embed_tokens(batch["tokens"]),
+                                    params["embed"])
+    cos_btp, sin_btp = model.rotary(batch["positions"])
+    graphdef, layer_state = nnx.split(model.layers)
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    staged = [leaf.reshape(stages, leaf.shape[0] // stages, *leaf.shape[1:]) for leaf in leaves]
+    head = {key: params[key] for key in ("norm", "embed" if tied else "lm_head")}
+
+    def stage_fn(chunk_leaves, x_btd, aux):
+        chunk = jax.tree.map(lambda v: v, layer_state)
+        nnx.replace_by_pure_dict(chunk, jax.tree.unflatten(treedef, chunk_leaves))
+        return run_chunk(nnx.merge(graphdef, chunk), x_btd, *aux)
+
+    def head_loss(head, h_btd, rows):
+        head_model = model_def.merge(head)
+        return loss(head_model.logits(head_model.norm(h_btd)), rows)
+
+    split = functools.partial(_split_rows, microbatches=microbatches)
+    aux = tuple(split(a) for a in (cos_btp, sin_btp, batch["segment_ids"]))
+    value, stage_grads, head_grads, x_grads = pipeline_value_and_grad(
+        stage_fn, head_loss, staged, head, split(x_btd), aux, jax.tree.map(split, batch), stages=stages,
+        microbatches=microbatches, schedule=schedule)
+    (embedding_grad,) = pull_embedding(_merge_rows(x_grads))
+    grads = dict(head_grads, layers=jax.tree.unflatten(treedef, [g.reshape(leaf.shape) for g, leaf
+                                                                   in zip(stage_grads, leaves)]))
+    grads["embed"] = grads["embed"] + embedding_grad if tied else embedding_grad
+    return value, grads

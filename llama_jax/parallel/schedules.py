@@ -245,14 +245,16 @@ def make_tables(kind: str, stages: int, microbatches: int) -> Tables:
     return Tables(slots=n_slots, **tab)
 
 
-def pipeline_1f1b_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params, x_mbd, targets_mb, *,
-                                 stages: int, microbatches: int, schedule: str = "1f1b"):
+def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params, head_params, x_mbd, aux_mb,
+                            targets_mb, *, stages: int, microbatches: int, schedule: str = "1f1b"):
     """Loss (summed over microbatches) and its gradients through an S-stage pipeline, by a hand-written schedule.
 
-    stage_fn(params_of_one_stage, x) -> y of x's shape; loss_fn(y, target) -> scalar. `stage_params`: a pytree
-    whose leaves have a leading [stages, ...] axis (sharded over the `stage` mesh axis); `x_mbd`: [M, ...] inputs,
-    `targets_mb`: a pytree of [M, ...] targets. Returns (loss, grads like stage_params, grads like x_mbd). Must run
-    under a mesh with a `stage` axis of size `stages` (`jax.set_mesh`); other mesh axes stay automatic.
+    stage_fn(params_of_one_stage, x, aux) -> y of x's shape; loss_fn(head_params, y, target) -> scalar, run on the
+    last stage. `stage_params`: a pytree whose leaves have a leading [stages, ...] axis (sharded over the `stage`
+    mesh axis); `head_params`: the loss's own parameters (replicated over stages); `x_mbd`: [M, ...] inputs;
+    `aux_mb`, `targets_mb`: pytrees of [M, ...] per-microbatch side inputs (not differentiated) and targets.
+    Returns (loss, grads like stage_params, grads like head_params, grads like x_mbd). Must run under a mesh with
+    a `stage` axis of size `stages` (`jax.set_mesh`); other mesh axes stay automatic.
     `schedule="gpipe"` runs the GPipe order through the same executor (for comparison; it keeps M inputs);
     `schedule="zb-h1"` splits each backward into an input-gradient unit and a deferred weight-gradient unit."""
     S, M = stages, microbatches
@@ -263,49 +265,55 @@ def pipeline_1f1b_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_pa
     fwd_perm = [(i, i + 1) for i in range(S - 1)]
     bwd_perm = [(i + 1, i) for i in range(S - 1)]
 
-    def local(params, x_mbd, targets_mb):
+    def local(params, head_params, x_mbd, aux_mb, targets_mb):
         stage = jax.lax.axis_index("stage")
         is_first, is_last = stage == 0, stage == S - 1
         params = jax.tree.map(lambda a: a[0], params)
         varying = lambda a: jax.lax.pcast(a, "stage", to="varying")
-        x_mbd, targets_mb = varying(x_mbd), jax.tree.map(varying, targets_mb)
+        x_mbd, aux_mb, targets_mb = varying(x_mbd), jax.tree.map(varying, aux_mb), jax.tree.map(varying, targets_mb)
+        head_params = jax.tree.map(varying, head_params)
         zero_x = jnp.zeros_like(x_mbd[0])
         zero_p = jax.tree.map(jnp.zeros_like, params)
+        zero_h = jax.tree.map(jnp.zeros_like, head_params)
         zero_loss = varying(jnp.zeros((), jnp.float32))
 
         def tick(carry, row):
-            act_buf, grad_buf, grads, loss, x_grads = carry
+            act_buf, grad_buf, grads, head_grads, loss, x_grads = carry
             kind, mb, slot, recv_act, recv_grad = (r[stage] for r in row)
             mb_, slot_ = jnp.maximum(mb, 0), jnp.maximum(slot, 0)
             # Stage 0 loads a microbatch's input into its slot when it runs the forward.
             load = is_first & (kind == FWD)
             act_buf = act_buf.at[slot_].set(jnp.where(load, x_mbd[mb_], act_buf[slot_]))
             x, cot = act_buf[slot_], grad_buf[slot_]
-            target = jax.tree.map(lambda a: a[mb_], targets_mb)
+            target, aux = (jax.tree.map(lambda a: a[mb_], tree) for tree in (targets_mb, aux_mb))
 
             def idle():
-                return zero_x, zero_x, zero_p, zero_loss
+                return zero_x, zero_x, zero_p, zero_h, zero_loss
 
             def forward():
-                return stage_fn(params, x), zero_x, zero_p, zero_loss
+                return stage_fn(params, x, aux), zero_x, zero_p, zero_h, zero_loss
 
             def pull_back():  # recompute the forward from the saved input, then pull the cotangent through it
-                y, pull = jax.vjp(stage_fn, params, x)
-                mb_loss, dloss_dy = jax.value_and_grad(loss_fn)(y, target)
+                y, pull = jax.vjp(lambda p, x: stage_fn(p, x, aux), params, x)
+                # The loss and its gradients are used on the last stage only (lax.cond would skip the head's work
+                # elsewhere, but a branch on a stage-varying predicate must not hold the collectives of auto axes).
+                mb_loss, (dhead, dloss_dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(head_params, y, target)
                 dparams, dx = pull(jnp.where(is_last, dloss_dy.astype(y.dtype), cot))
-                return dparams, dx, jnp.where(is_last, mb_loss, 0.0).astype(jnp.float32)
+                dhead = jax.tree.map(lambda g: jnp.where(is_last, g, 0), dhead)
+                return dparams, dhead, dx, jnp.where(is_last, mb_loss, 0.0).astype(jnp.float32)
 
             def backward():  # split (ZB-H1): the input gradient only; XLA drops the unused weight gradient
-                dparams, dx, mb_loss = pull_back()
-                return zero_x, dx, zero_p if split else dparams, mb_loss
+                dparams, dhead, dx, mb_loss = pull_back()
+                return zero_x, dx, zero_p if split else dparams, dhead, mb_loss
 
             def weight_grad():  # ZB-H1's deferred W unit: the weight gradient only
-                dparams, _, _ = pull_back()
-                return zero_x, zero_x, dparams, zero_loss
+                dparams, _, _, _ = pull_back()
+                return zero_x, zero_x, dparams, zero_h, zero_loss
 
             branches = [idle, forward, backward] + ([weight_grad] if split else [])
-            act_out, cot_out, dparams, mb_loss = jax.lax.switch(kind, branches)
+            act_out, cot_out, dparams, dhead, mb_loss = jax.lax.switch(kind, branches)
             grads = jax.tree.map(jnp.add, grads, dparams)
+            head_grads = jax.tree.map(jnp.add, head_grads, dhead)
             loss = loss + mb_loss
             x_grads = x_grads.at[mb_].add(jnp.where(is_first & (kind == BWD), cot_out, 0))
             act_in = jax.lax.ppermute(act_out, "stage", fwd_perm)
@@ -313,14 +321,16 @@ def pipeline_1f1b_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_pa
             ra, rg = jnp.maximum(recv_act, 0), jnp.maximum(recv_grad, 0)
             act_buf = act_buf.at[ra].set(jnp.where(recv_act >= 0, act_in, act_buf[ra]))
             grad_buf = grad_buf.at[rg].set(jnp.where(recv_grad >= 0, cot_in, grad_buf[rg]))
-            return (act_buf, grad_buf, grads, loss, x_grads), None
+            return (act_buf, grad_buf, grads, head_grads, loss, x_grads), None
 
         buf = varying(jnp.zeros((tabs.slots, *x_mbd.shape[1:]), x_mbd.dtype))
-        carry = (buf, buf, zero_p, zero_loss, jnp.zeros_like(x_mbd))
-        (_, _, grads, loss, x_grads), _ = jax.lax.scan(tick, carry, rows)
+        carry = (buf, buf, zero_p, zero_h, zero_loss, jnp.zeros_like(x_mbd))
+        (_, _, grads, head_grads, loss, x_grads), _ = jax.lax.scan(tick, carry, rows)
         grads = jax.tree.map(lambda a: a[None], grads)
-        return jax.lax.psum(loss, "stage"), grads, jax.lax.psum(x_grads, "stage")
+        total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "stage"), tree)
+        return total(loss), grads, total(head_grads), total(x_grads)
 
     return jax.shard_map(
-        local, in_specs=(P("stage"), P(), P()), out_specs=(P(), P("stage"), P()), axis_names=frozenset({"stage"}),
-    )(stage_params, x_mbd, targets_mb)
+        local, in_specs=(P("stage"), P(), P(), P(), P()), out_specs=(P(), P("stage"), P(), P()),
+        axis_names=frozenset({"stage"}),
+    )(stage_params, head_params, x_mbd, aux_mb, targets_mb)

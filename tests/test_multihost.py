@@ -1,0 +1,199 @@
+"""Multi-host training for real: two processes on this machine, 4 CPU devices each, joined by jax.distributed (gloo
+collectives) into one 8-device mesh, against one process with 8 devices; and the errors of a bad environment."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from flax import nnx
+
+from llama_jax import checkpoint, trainer
+from llama_jax.errors import ConfigError
+from llama_jax.parallel.distributed import distributed_arguments
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300  # per two-process invocation; a hang is killed, never waited on
+
+# Float32 compute so that the two layouts can be compared closely: the mesh (data=2 x fsdp=4) is the same, only the
+# collectives differ (gloo between the processes, in-process within one).
+CONFIG = """
+from llama_jax.config import default_config, model_section
+
+
+def get_config():
+    cfg = default_config()
+    cfg.model = model_section("debug", vocab_size=1024, dtype="float32")
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.optim.warmup_steps, cfg.optim.decay_steps = 2, 10
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = 8, 1, 0
+    cfg.checkpoint.every_steps = 2
+    return cfg
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    """The config file and a small source of documents (a few stdlib modules: the tokenizer trains in a second)."""
+    root = tmp_path_factory.mktemp("multihost")
+    (root / "config.py").write_text(CONFIG)
+    docs = root / "docs"
+    docs.mkdir()
+    for name in ("argparse.py", "csv.py", "glob.py", "textwrap.py", "shlex.py"):
+        shutil.copy(Path(os.__file__).parent / name, docs / name)
+    return {"config": root / "config.py", "source": f"{docs}/*.py"}
+
+
+def load_config(job: dict, cache_dir: Path, steps: int):
+    """The config the CLI runs, for a run in this process."""
+    spec = importlib.util.spec_from_file_location("_multihost_config", job["config"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.data.source, cfg.data.cache_dir, cfg.train.steps = job["source"], str(cache_dir), steps
+    return cfg
+
+
+def start_two_processes(job: dict, workdir: Path, cache_dir: Path, *overrides: str) -> list[tuple[subprocess.Popen, Path]]:
+    """Both processes of one run (process i logs to workdir/../process<i>.log), coordinator on a free local port."""
+    port = portpicker.pick_unused_port()
+    cmd = [sys.executable, "-m", "llama_jax.train", "--config", str(job["config"]), "--workdir", str(workdir),
+           f"--config.data.source={job['source']}", f"--config.data.cache_dir={cache_dir}", *overrides]
+    started = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID=str(i))
+        log = workdir.parent / f"{workdir.name}-process{i}.log"
+        with log.open("w") as out:
+            started.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
+    return started
+
+
+def finish(started: list[tuple[subprocess.Popen, Path]]) -> tuple[list[int], list[str]]:
+    """Waits for both processes (at most TIMEOUT_S together); kills both if either hangs. (exit codes, outputs)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        codes = [proc.wait(timeout=max(deadline - time.monotonic(), 1)) for proc, _ in started]
+    finally:
+        for proc, _ in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return codes, [log.read_text() for _, log in started]
+
+
+def run_two_processes(job: dict, workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    codes, outputs = finish(start_two_processes(job, workdir, cache_dir, *overrides))
+    assert codes == [0, 0], "\n\n".join(f"process {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
+    return outputs
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_two_processes_train_resume_and_match_one_process(tmp_path, job):
+    """Steps 1-4 and, resumed from checkpoint 4, steps 5-8 on two processes; the same 8 steps in one process."""
+    cache, workdir = tmp_path / "cache", tmp_path / "two"
+    first = run_two_processes(job, workdir, cache, "--config.train.steps=4")
+    assert "Preparing" in first[0] and "Preparing" not in first[1], "process 0 builds the corpus cache, 1 reuses it"
+    second = run_two_processes(job, workdir, cache, "--config.train.steps=8")
+    assert "Resumed from" in second[0] and f"checkpoints{os.sep}4" in second[0]
+    assert not any("Resumed from" in out or "step 1 |" in out for out in first[1:] + second[1:]), "process 1 logs nothing"
+    two = read_metrics(workdir)
+    assert [m["step"] for m in two] == list(range(1, 9)), "process 0 alone writes metrics.jsonl, each step once"
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2, "one events file per run, process 0's"
+    assert checkpoint_steps(workdir) == [6, 8]
+
+    trainer.train(load_config(job, cache, steps=8), tmp_path / "one")  # this process: 8 devices, same mesh
+    one = read_metrics(tmp_path / "one")
+    # Only the order of float32 additions differs (gloo's all-reduce between the processes). Measured over 8 steps:
+    # losses and grad norms within 1.5e-7 relative (2 ulps), parameters within 1.2e-7 absolute; the tolerances
+    # leave about 8x room. Process 0's rows fed on both processes would move a step's loss by 4e-3 to 7e-3 relative.
+    for key in ("loss", "grad_norm", "tokens", "lr"):
+        np.testing.assert_allclose([m[key] for m in two], [m[key] for m in one], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(two[-1]["eval_loss"], one[-1]["eval_loss"], rtol=1e-6)
+    model_two, _ = checkpoint.load_model(workdir)
+    model_one, _ = checkpoint.load_model(tmp_path / "one")
+    for a, b in zip(jax.tree.leaves(nnx.state(model_two)), jax.tree.leaves(nnx.state(model_one))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_sigterm_on_one_host_checkpoints_every_host_at_the_same_step(tmp_path, job):
+    """JAX's preemption service spreads one host's SIGTERM: both save the same step together and exit 75."""
+    workdir = tmp_path / "run"
+    started = start_two_processes(job, workdir, tmp_path / "cache", "--config.train.steps=100000",
+                                  "--config.checkpoint.every_steps=100000")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
+            assert all(proc.poll() is None for proc, _ in started) and time.monotonic() < deadline, "did not start"
+            time.sleep(0.2)
+        started[1][0].send_signal(signal.SIGTERM)  # the host that does not log
+    finally:
+        codes, outputs = finish(started)
+    assert codes == [75, 75], "\n\n".join(out[-3000:] for out in outputs)
+    saved = checkpoint_steps(workdir)
+    assert len(saved) == 1 and f"preempted: checkpoint saved at step {saved[0]}" in outputs[0], saved
+    assert read_metrics(workdir)[-1]["step"] == saved[0], "the last logged step is the saved one"
+
+
+EXPLICIT = {"LLAMA_JAX_COORDINATOR": "10.0.0.1:8476", "LLAMA_JAX_NUM_PROCESSES": "4", "LLAMA_JAX_PROCESS_ID": "3"}
+SRUN = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-004]", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "0"}
+
+
+def test_the_environment_decides_how_processes_join():
+    assert distributed_arguments({}) is None
+    assert distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3)
+    jax_own = {**EXPLICIT, "JAX_COORDINATOR_ADDRESS": EXPLICIT["LLAMA_JAX_COORDINATOR"]}
+    del jax_own["LLAMA_JAX_COORDINATOR"]
+    assert distributed_arguments(jax_own)["coordinator_address"] == "10.0.0.1:8476"
+    assert distributed_arguments({"LLAMA_JAX_NUM_PROCESSES": "1", "LLAMA_JAX_PROCESS_ID": "0"}) is None
+    assert distributed_arguments(SRUN) == dict(cluster_detection_method="slurm")
+    batch_script = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_NODELIST"}  # sbatch running python directly
+    assert distributed_arguments(batch_script) is None
+    assert distributed_arguments({**SRUN, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert distributed_arguments({"TPU_WORKER_HOSTNAMES": "t-0,t-1", "TPU_WORKER_ID": "1"}) == {}  # GKE TPU pod
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({**EXPLICIT, "LLAMA_JAX_PROCESS_ID": "4"}, r"LLAMA_JAX_PROCESS_ID=4 with LLAMA_JAX_NUM_PROCESSES=4: the ids must be 0"),
+    ({**EXPLICIT, "LLAMA_JAX_NUM_PROCESSES": "four"}, r"LLAMA_JAX_NUM_PROCESSES='four' is not an integer"),
+    ({**EXPLICIT, "LLAMA_JAX_NUM_PROCESSES": "0"}, r"LLAMA_JAX_NUM_PROCESSES=0: set it to the number of processes"),
+    ({"LLAMA_JAX_NUM_PROCESSES": "2", "LLAMA_JAX_PROCESS_ID": "0"}, r"LLAMA_JAX_COORDINATOR is not set: set it on every"),
+    ({**EXPLICIT, "LLAMA_JAX_COORDINATOR": "10.0.0.1"}, r"'10.0.0.1' is not host:port"),
+    ({"LLAMA_JAX_COORDINATOR": "10.0.0.1:8476"}, r"not both LLAMA_JAX_NUM_PROCESSES and LLAMA_JAX_PROCESS_ID"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"}, r"JAX_COORDINATOR_ADDRESS set, but not both"),
+    ({**SRUN, "SLURM_PROCID": "4"}, r"SLURM_PROCID=4 is not below SLURM_NTASKS=4: start the run with srun"),
+])
+def test_bad_variables_name_the_variable_and_the_fix(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed_arguments(environ)
+
+
+def test_the_cli_reports_bad_variables_in_one_line(tmp_path, job):
+    env = dict(os.environ, LLAMA_JAX_COORDINATOR="127.0.0.1:1", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID="2")
+    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--config", str(job["config"]),
+                             "--workdir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: LLAMA_JAX_PROCESS_ID=2 with LLAMA_JAX_NUM_PROCESSES=2: the ids must be 0 to LLAMA_JAX_NUM_PROCESSES - 1, "
+        "one per process"
+    ]
+    assert not (tmp_path / "run").exists()
