@@ -97,8 +97,9 @@ class Checkpointer:
                 if isinstance(err, ModelMismatch) or index + 1 == len(steps):
                     raise
                 aside = self._set_aside(step)
-                print(f"warning: {err}. Moved it to {aside} and fell back to checkpoint {steps[index + 1]}.",
-                      file=sys.stderr, flush=True)
+                if jax.process_index() == 0:
+                    print(f"warning: {err}. Moved it to {aside} and fell back to checkpoint {steps[index + 1]}.",
+                          file=sys.stderr, flush=True)
                 continue
             return step, params, opt_state
         return None
