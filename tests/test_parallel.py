@@ -4,7 +4,8 @@ same training step as one device, within the float32 tolerances of test_trainer_
 Each case trains two optimizer steps from the single-device initial state and compares loss, gradient norm,
 parameters and AdamW moments with the single-device run of the same model. Three small models cover the cases:
 the "debug" preset (2 layers, 4 heads, 2 KV heads), WIDE (4 layers, 8 heads, 8 KV heads: tensor 8 splits every
-head) and GQA (4 layers, 8 heads, 2 KV heads: tensor 4 has fewer KV heads than devices, so they are replicated).
+head) and GQA (4 layers, 8 heads, 2 KV heads: tensor 4 has fewer KV heads than devices, so they are replicated;
+untied output projection).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from llama_jax.parallel.pipeline import bubble_fraction
 MODELS = {
     "debug": {},
     "wide": dict(n_layers=4, n_heads=8, n_kv_heads=8, head_dim=8),
-    "gqa": dict(n_layers=4, n_heads=8, n_kv_heads=2, head_dim=8),
+    "gqa": dict(n_layers=4, n_heads=8, n_kv_heads=2, head_dim=8, tie_embeddings=False),
 }
 
 # (model, mesh, pipeline settings). The batch is 8 rows of 32 tokens.
