@@ -44,7 +44,7 @@ from llama_jax.parallel import distributed
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import to_zigzag
 from llama_jax.parallel.layers import ScheduledGrads, make_layers_fn, make_scheduled_grads
-from llama_jax.parallel.pipeline import bubble_fraction
+from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
 
 Batch = dict[str, jax.Array]
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
@@ -258,9 +258,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     model_cfg = run.model_def.cfg
     if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
         stages, microbatches, repeats = run.mesh.shape["stage"], pipeline_microbatches(cfg), pipeline_repeats(cfg)
-        print(f"Pipeline: {stages} stages, {microbatches} microbatches, {cfg.pipeline.schedule} schedule "
-              f"({repeats} layer chunk(s) per stage): bubble {bubble_fraction(stages, microbatches, repeats):.1%} of "
-              f"each step", flush=True)
+        schedule = cfg.pipeline.schedule
+        print(f"Pipeline: {stages} stages, {microbatches} microbatches, {schedule} schedule ({repeats} layer chunk(s) "
+              f"per stage): bubble {bubble_fraction(stages, microbatches, repeats, schedule):.1%} of each step; "
+              f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage",
+              flush=True)
     corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")
     tokenizer = Tokenizer.from_file(corpus.tokenizer_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:

@@ -24,7 +24,7 @@ from llama_jax.config import validate
 from llama_jax.model.attention import reference_attention
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import context_attention, to_zigzag, zigzag_order
-from llama_jax.parallel.pipeline import bubble_fraction
+from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
 
 MODELS = {
     "debug": {},
@@ -173,3 +173,6 @@ def test_bubble_fractions():
     assert bubble_fraction(4, 1) == pytest.approx(3 / 4)  # one microbatch: each stage busy 1 tick in 4
     assert bubble_fraction(4, 12) == pytest.approx(3 / 15)
     assert bubble_fraction(4, 12, repeats=2) == pytest.approx(3 / 27)  # circular: R times smaller chunks
+    assert bubble_fraction(4, 8, schedule="1f1b") == pytest.approx(3 / 11)  # 1F1B saves memory, not time
+    assert bubble_fraction(4, 8, schedule="zb-h1") == pytest.approx(0.2)  # deferred weight gradients fill some
+    assert [peak_microbatches(4, 8, kind) for kind in ("gpipe", "1f1b", "zb-h1")] == [8, 4, 4]

@@ -34,14 +34,23 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llama_jax.model.llama import Block, ModelDef
-from llama_jax.parallel.schedules import pipeline_value_and_grad
+from llama_jax.parallel.schedules import pipeline_value_and_grad, schedule_stats
 
 RunChunk = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
-    """The share of ticks in which a stage waits (its compute is wasted) in the forward (and backward) pass."""
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1, schedule: str = "gpipe") -> float:
+    """The share of a stage's time spent waiting (or computing what is thrown away) in a step. For the table-driven
+    schedules it is counted with a backward costing two forwards (parallel/schedules.py)."""
+    if schedule in ("1f1b", "zb-h1"):
+        return schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
     return (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+def peak_microbatches(stages: int, microbatches: int, schedule: str = "gpipe") -> int:
+    """How many microbatches' activations a stage holds at once: all of them under autodiff of the forward loop,
+    at most `stages` under 1F1B and ZB-H1."""
+    return min(stages, microbatches) if schedule in ("1f1b", "zb-h1") else microbatches
 
 
 def pipeline_layers(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, stages: int, microbatches: int,
