@@ -1,0 +1,315 @@
+"""The fit plan: does a config's training step fit in the accelerators' memory, and how long will a step take?
+
+`python -m llama_jax.plan --config configs/llama3_405b.py [--accelerator h100] [--devices N] [--mfu 0.4]`
+
+Nothing is allocated and no accelerator is needed, so a 16K-GPU mesh can be planned on a laptop: the parameter,
+gradient and optimizer-state shards come from the real sharding rules applied to abstract shapes on a
+`jax.sharding.AbstractMesh`, and the activations from the formula in `_activation_bytes`, which follows what the
+model keeps for its backward pass under each remat policy and what the pipeline keeps per tick. That formula was
+checked against XLA's own buffer assignment of the compiled step on CPU (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
+                              pipeline_repeats, validate)
+from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.model import LlamaConfig, ModelDef, flops_per_token, param_count
+from llama_jax.optim import make_optimizer
+from llama_jax.parallel.mesh import MESH_AXES, mesh_shape, param_shardings
+from llama_jax.parallel.pipeline import bubble_fraction
+from llama_jax.parallel.schedules import make_tables, schedule_stats
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    name: str
+    peak_flops: float  # published dense bfloat16 FLOP/s of one chip
+    memory_bytes: int  # HBM of one chip, as published
+    memory_label: str  # the published figure, as printed
+    host_devices: int  # chips of one host: the device count when neither the mesh nor --devices gives it
+
+
+ACCELERATORS = {
+    "v5p": Accelerator("TPU v5p", 459e12, 95 * GiB, "95 GiB", 4),
+    "v6e": Accelerator("TPU v6e", 918e12, 32 * GiB, "32 GiB", 8),
+    "h100": Accelerator("H100", 989e12, 80 * 10**9, "80 GB", 8),
+    "h200": Accelerator("H200", 989e12, 141 * 10**9, "141 GB", 8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device memory (bytes) and per-step compute of one training step; `report()` prints it."""
+
+    accelerator: Accelerator
+    mesh: dict[str, int]
+    n_params: int
+    batch_size: int  # global, in sequences (the largest stage of data.ramp)
+    seq_len: int
+    grad_accum: int
+    microbatches: int  # pipeline microbatches per accumulation step (1 without a pipeline)
+    schedule: str  # the pipeline's (pipeline.schedule, with its repeats when circular); "" without one
+    bubble: float  # the share of a pipeline step its stages wait
+    rows_per_device: int  # sequences a device holds (a 1 / mesh.context slice of) in one accumulation step
+    remat: str
+    param_bytes: int
+    grad_bytes: int
+    opt_bytes: int
+    kept_bytes: int  # activations the backward pass reads, kept from the forward pass
+    working_bytes: int  # the largest transient: one layer's backward, or the logits and their gradient
+    flops_per_step: float
+    mfu: float
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.kept_bytes + self.working_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.opt_bytes + self.activation_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.accelerator.memory_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    @property
+    def step_seconds(self) -> float:
+        return self.flops_per_step / (self.mfu * self.accelerator.peak_flops * self.devices)
+
+    def report(self) -> str:
+        acc, mesh = self.accelerator, self.mesh
+        lines = [
+            f"accelerator   {self.devices:,} x {acc.name} ({acc.memory_label}, "
+            f"{acc.peak_flops / 1e12:.0f} TFLOP/s bf16)",
+            "mesh          " + " x ".join(f"{axis} {size}" for axis, size in mesh.items()),
+            f"parameters    {self.n_params:,} ({_count(self.n_params)})",
+            f"batch         {self.batch_size:,} x {self.seq_len:,} tokens, grad_accum {self.grad_accum}: "
+            f"{self.rows_per_device} sequence(s) of {self.seq_len // mesh['context']:,} tokens per device per "
+            "accumulation step",
+        ]
+        if mesh["stage"] > 1:
+            lines.append(f"pipeline      {mesh['stage']} stages, {self.microbatches} microbatches, {self.schedule}: "
+                         f"bubble {self.bubble:.1%} (MFU cannot exceed {1 - self.bubble:.0%})")
+        verdict = (f"fits, {_gib(self.headroom_bytes)} headroom" if self.fits
+                   else f"does not fit, {_gib(-self.headroom_bytes)} over")
+        lines += [
+            "per device",
+            f"  parameters      {_gib(self.param_bytes)}",
+            f"  gradients       {_gib(self.grad_bytes)}",
+            f"  optimizer       {_gib(self.opt_bytes)}",
+            f"  activations     {_gib(self.activation_bytes)} (remat {self.remat}: {_gib(self.kept_bytes)} kept for "
+            f"the backward pass + {_gib(self.working_bytes)} working set)",
+            f"  total           {_gib(self.total_bytes)} of {_gib(acc.memory_bytes)} "
+            f"({self.total_bytes / acc.memory_bytes:.0%})",
+            f"compute       {self.flops_per_step:.3g} FLOP per step: {self.step_seconds:.3g} s at {self.mfu:.0%} MFU",
+            f"verdict       {verdict}",
+        ]
+        return "\n".join(lines)
+
+
+def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelerator: str = "h100",
+         mfu: float = 0.4) -> Plan:
+    """The plan of `cfg` on `accelerator` chips. Devices: the mesh's product when no axis is -1, else `devices`,
+    else one host of the accelerator. Raises ConfigError for a config or mesh that cannot run."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"unknown accelerator {accelerator!r}: choose one of {sorted(ACCELERATORS)}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu={mfu} must be a fraction in (0, 1], e.g. 0.4")
+    acc = ACCELERATORS[accelerator]
+    validate(cfg)
+    fixed = [cfg.mesh[axis] for axis in MESH_AXES]
+    if devices is None:
+        devices = math.prod(fixed) if -1 not in fixed else acc.host_devices
+    sizes = mesh_shape(cfg.mesh, devices)
+    model_cfg = model_config(cfg)
+    model_def = ModelDef(model_cfg)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(model_def.abstract_state))
+    mesh = _abstract_mesh(sizes)
+    params_sh = param_shardings(model_def.abstract_state, mesh)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sharding: sharding, opt_shapes, params_sh,
+                                   transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+    # The largest (batch, seq_len) of data.ramp's stages is the one that has to fit.
+    batch_size, seq_len = max(batch_schedule(cfg).shapes, key=lambda shape: (shape[0] * shape[1], shape[1]))
+    grad_accum, microbatches, stages = cfg.optim.grad_accum, pipeline_microbatches(cfg), sizes["stage"]
+    schedule, repeats = (cfg.pipeline.schedule, pipeline_repeats(cfg)) if stages > 1 else ("", 1)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if batch_size % (grad_accum * microbatches * batch_shards):
+        raise ConfigError(
+            f"a batch of {batch_size} sequences cannot be cut into optim.grad_accum ({grad_accum}) x pipeline "
+            f"microbatches ({microbatches}) x data-parallel shards (mesh.data x mesh.fsdp = {batch_shards}): make "
+            f"data.batch_size a multiple of {grad_accum * microbatches * batch_shards}"
+        )
+    rows = batch_size // (grad_accum * batch_shards)
+    # The per-device widths (heads, KV heads, MLP, vocabulary) as the tensor axis splits the weights, and a layer's
+    # weights as a device holds them to compute (gathered over fsdp): the shard shapes with fsdp folded into data.
+    gathered_sh = param_shardings(model_def.abstract_state, _abstract_mesh(dict(sizes, data=batch_shards, fsdp=1)))
+    local = jax.tree.map(lambda p, sharding: sharding.shard_shape(p.shape), params, gathered_sh)
+    kept, working = _activation_bytes(model_cfg, local, tokens=rows * seq_len // sizes["context"], seq_len=seq_len,
+                                      stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats)
+    if schedule in SCHEDULED_PIPELINES:  # units placed by a table; a backward unit costs two forwards
+        bubble = schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
+    else:
+        bubble = bubble_fraction(stages, microbatches, repeats) if stages > 1 else 0.0
+    param_bytes = _bytes(params, params_sh)
+    return Plan(
+        accelerator=acc, mesh=sizes, n_params=param_count(model_cfg), batch_size=batch_size, seq_len=seq_len,
+        grad_accum=grad_accum, microbatches=microbatches, bubble=bubble, rows_per_device=rows, remat=model_cfg.remat,
+        schedule=f"{schedule} x {repeats}" if repeats > 1 else schedule,
+        param_bytes=param_bytes,
+        grad_bytes=param_bytes * (2 if grad_accum > 1 else 1),  # accumulating: the running sum and a microbatch's
+        opt_bytes=_bytes(opt_shapes, opt_sh),
+        kept_bytes=kept, working_bytes=working,
+        flops_per_step=flops_per_token(model_cfg, seq_len) * batch_size * seq_len, mfu=mfu,
+    )
+
+
+def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int, stages: int, microbatches: int,
+                      schedule: str, repeats: int) -> tuple[int, int]:
+    """(kept, working) activation bytes of one device, for `tokens` = its tokens in one accumulation step.
+
+    Notation: T = `tokens`; S = seq_len (keys per query: the whole sequence, also under context parallelism); d, h
+    the model width and head size; n, k, f, v the query heads, KV heads, MLP width and vocabulary of one device's
+    weights (split over tensor); c the compute dtype's size, and c' = c when that is not float32, else 0 (the copy
+    made where a float32 result is cast to it). Parameters are float32. The attention implementations materialise
+    the [heads, T, S] scores. P stages, M microbatches, R layer chunks per stage (circular), L layers.
+
+    Kept for the backward pass, per layer and token, by remat policy:
+      full: d·c (the layer's input); dots_no_batch: (2d + (n + 2k)·h + 2f)·c (input, q/k/v, the attention output
+      projection, gate, up); dots: that + n·h·c + 4·n·S (the batched dots too: attention values and scores);
+      none: everything the layer computes, B + (4 + c')·n·S with B = 24·d + (2d + (2n + 2k)·h + 6f)·c.
+    Transients, on t tokens:
+      one layer's backward, t·(B + (16 + c')·n·S) + (c + c')·(the layer's weights): its recomputed activations;
+      scores, probabilities and their gradients in float32 (what XLA holds at once, measured on CPU); its weights
+      gathered over fsdp and cast, and their gradient;
+      the output layer and loss, t·(12·d + c·d + (8 + c')·v) + (c + c')·v·d: the final norm's float32
+      intermediates, the logits' float32 exp and gradient (and its copy), the weight gathered and cast, and its
+      gradient.
+    No pipeline: kept = L·T·per_layer; working = the larger transient on T tokens.
+    GPipe and circular (autodiff of a loop of R·M + P - 1 ticks, each L / (P·R) layers on T / M tokens; the bubble
+    ticks keep residuals too): kept = ticks · L / (P·R) · T / M · per_layer + 2·T·d·c (the microbatch buffer and its
+    gradient); working = the larger of one layer's backward on T / M and the output layer on T (every stage).
+    1F1B and ZB-H1 (units placed by a table, parallel/schedules.py): kept = (2·slots·T / M + 2·T)·d·c (the inputs
+    and cotangents of the microbatches in flight, and every microbatch's embedded input and its gradient); a
+    backward unit recomputes its L / P layers on T / M tokens, keeping their residuals while it runs the loss (last
+    stage) and then one layer's backward at a time: working = L / P · T / M · per_layer + the larger transient on T / M.
+    """
+    c = jnp.dtype(m.dtype).itemsize
+    narrow = c if m.dtype != "float32" else 0
+    d, h, s = m.dim, m.resolved_head_dim, seq_len
+    n = local["layers"]["attn"]["wq"][2]
+    k = local["layers"]["attn"]["wk"][2]
+    f = local["layers"]["mlp"]["w_gate"][2]
+    v, embed_d = local["embed"]
+    rest = 24 * d + (2 * d + (2 * n + 2 * k) * h + 6 * f) * c
+    no_batch = (2 * d + (n + 2 * k) * h + 2 * f) * c
+    per_layer = {"full": d * c, "dots_no_batch": no_batch, "dots": no_batch + n * h * c + 4 * n * s,
+                 "none": rest + (4 + narrow) * n * s}[m.remat]
+    layer_weights = sum(math.prod(shape[1:]) for shape in jax.tree.leaves(local["layers"], is_leaf=_is_shape))
+
+    def one_layer(t: int) -> int:
+        return t * (rest + (16 + narrow) * n * s) + (c + narrow) * layer_weights
+
+    def head(t: int) -> int:
+        return t * (12 * d + c * d + (8 + narrow) * v) + (c + narrow) * v * embed_d
+
+    micro_tokens, chunk = tokens // microbatches, m.n_layers // (stages * repeats)
+    if schedule in SCHEDULED_PIPELINES:
+        slots = make_tables(schedule, stages, microbatches).slots
+        working = chunk * micro_tokens * per_layer + max(one_layer(micro_tokens), head(micro_tokens))
+        return (2 * slots * micro_tokens + 2 * tokens) * d * c, working
+    ticks = repeats * microbatches + stages - 1
+    kept = ticks * chunk * micro_tokens * per_layer + (2 * tokens * d * c if stages > 1 else 0)
+    return kept, max(one_layer(micro_tokens), head(tokens))
+
+
+def _abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    """A mesh of any size without devices: enough for shardings and shard shapes."""
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    return AbstractMesh(tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=axis_types)
+
+
+def _bytes(shapes, shardings) -> int:
+    """Bytes of one device's shards of `shapes` laid out by `shardings` (matching trees)."""
+    sizes = jax.tree.map(lambda s, sh: math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize, shapes, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
+_ACCELERATOR = flags.DEFINE_enum("accelerator", "h100", sorted(ACCELERATORS), "The chips the mesh's devices are.")
+_DEVICES = flags.DEFINE_integer("devices", None, "Device count, for a mesh with an axis of -1 (default: the mesh's "
+                                "product, else one host of the accelerator).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time (Llama 3 paper: 0.38-0.43).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # JAX logs its search for accelerators at INFO
+    try:
+        result = plan(_CONFIG.value, devices=_DEVICES.value, accelerator=_ACCELERATOR.value, mfu=_MFU.value)
+    except LlamaJaxError as err:
+        _fail(str(err))
+    print(f"{flags.FLAGS['config'].config_filename}\n{result.report()}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag, a failing config file or an unknown --config.KEY in one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, LlamaJaxError) as err:
+        _fail(str(err))
+    except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
+        while isinstance(err, BaseException) and err.args:  # ml_collections nests the KeyError's message
+            err = err.args[0]
+        _fail(f"unknown config override: {err}")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main, flags_parser=_parse_flags)
