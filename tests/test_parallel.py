@@ -115,6 +115,23 @@ def test_parallel_step_matches_single_device(references, case):
     assert attn["wq"].sharding.spec[0] == ("stage" if stage > 1 else None) or stage == 1
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelines_train_in_bfloat16(references, schedule):
+    """The default compute dtype through a pipeline: same losses as the unpipelined bfloat16 step, to bfloat16
+    rounding (the sums over stages run in float32, which XLA's CPU backend needs)."""
+    workdir, _ = references
+    losses = {}
+    for name, mesh, pipeline in (("plain", dict(data=8), {}),
+                                 ("pipelined", dict(stage=2, data=4), dict(schedule=schedule, microbatches=2))):
+        cfg = case_cfg("gqa", mesh, pipeline)
+        cfg.model.dtype = "bfloat16"
+        run = setup_run(cfg, workdir)
+        with jax.set_mesh(run.mesh):
+            init = jax.device_get(run.init())
+        losses[name] = [float(m["loss"]) for m in Harness(run).train(init, BATCHES)[1]]
+    np.testing.assert_allclose(losses["pipelined"], losses["plain"], rtol=2e-4)
+
+
 def test_tensor_parallel_step_is_megatron_and_vocabulary_parallel(references):
     """On tensor=8 the compiled step never gathers weights or logits: its only collectives are all-reduces of the
     [batch, length, embed] activations after row-parallel matmuls (and their gradients), of per-token [batch,

@@ -82,15 +82,18 @@ def pipeline_layers(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, s
             buffer_mbtd = jnp.where((stage == 0) & (done >= 0), stored, buffer_mbtd)
             return (shifted_btd, buffer_mbtd), None
 
-        buffer_mbtd = jax.lax.pcast(x_mbtd, "stage", to="varying")
+        buffer_mbtd = jax.lax.pcast(x_mbtd, "stage", to="varying").astype(x_btd.dtype)
         carry = (jnp.zeros_like(buffer_mbtd[0]), buffer_mbtd)
         (_, buffer_mbtd), _ = jax.lax.scan(tick, carry, jnp.arange(repeats * microbatches + stages - 1))
-        return jax.lax.psum(jnp.where(stage == 0, buffer_mbtd, 0), "stage")
+        return jax.lax.psum(jnp.where(stage == 0, buffer_mbtd, 0).astype(jnp.float32), "stage")
 
+    # The sums over stages (of the result, and of the input's gradient in the backward pass) run in float32: XLA's
+    # CPU backend cannot compile a bfloat16 all-reduce here, and a sum of one non-zero term loses nothing to it.
+    inputs[0] = inputs[0].astype(jnp.float32)
     out_mbtd = jax.shard_map(
         stage_fn, in_specs=(P("stage"), P(), P(), P(), P()), out_specs=P(), axis_names=frozenset({"stage"}),
     )(staged, *inputs)
-    return _merge_rows(out_mbtd)
+    return _merge_rows(out_mbtd).astype(x_btd.dtype)
 
 
 def _split_rows(x, microbatches: int):
@@ -132,7 +135,7 @@ def scheduled_value_and_grad(model_def: ModelDef, params: dict, batch: dict, los
     value, stage_grads, head_grads, x_grads = pipeline_value_and_grad(
         stage_fn, head_loss, staged, head, split(x_btd), aux, jax.tree.map(split, batch), stages=stages,
         microbatches=microbatches, schedule=schedule)
-    (embedding_grad,) = pull_embedding(_merge_rows(x_grads))
+    (embedding_grad,) = pull_embedding(_merge_rows(x_grads).astype(x_btd.dtype))
     grads = dict(head_grads, layers=jax.tree.unflatten(treedef, [g.reshape(leaf.shape) for g, leaf
                                                                    in zip(stage_grads, leaves)]))
     grads["embed"] = grads["embed"] + embedding_grad if tied else embedding_grad

@@ -253,7 +253,7 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params,
     last stage. `stage_params`: a pytree whose leaves have a leading [stages, ...] axis (sharded over the `stage`
     mesh axis); `head_params`: the loss's own parameters (replicated over stages); `x_mbd`: [M, ...] inputs;
     `aux_mb`, `targets_mb`: pytrees of [M, ...] per-microbatch side inputs (not differentiated) and targets.
-    Returns (loss, grads like stage_params, grads like head_params, grads like x_mbd). Must run under a mesh with
+    Returns (loss, grads like stage_params, grads like head_params, float32 grads of x_mbd). Must run under a mesh with
     a `stage` axis of size `stages` (`jax.set_mesh`); other mesh axes stay automatic.
     `schedule="gpipe"` runs the GPipe order through the same executor (for comparison; it keeps M inputs);
     `schedule="zb-h1"` splits each backward into an input-gradient unit and a deferred weight-gradient unit."""
@@ -315,7 +315,7 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params,
             grads = jax.tree.map(jnp.add, grads, dparams)
             head_grads = jax.tree.map(jnp.add, head_grads, dhead)
             loss = loss + mb_loss
-            x_grads = x_grads.at[mb_].add(jnp.where(is_first & (kind == BWD), cot_out, 0))
+            x_grads = x_grads.at[mb_].add(jnp.where(is_first & (kind == BWD), cot_out, 0).astype(jnp.float32))
             act_in = jax.lax.ppermute(act_out, "stage", fwd_perm)
             cot_in = jax.lax.ppermute(cot_out, "stage", bwd_perm)
             ra, rg = jnp.maximum(recv_act, 0), jnp.maximum(recv_grad, 0)
@@ -324,7 +324,8 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params,
             return (act_buf, grad_buf, grads, head_grads, loss, x_grads), None
 
         buf = varying(jnp.zeros((tabs.slots, *x_mbd.shape[1:]), x_mbd.dtype))
-        carry = (buf, buf, zero_p, zero_h, zero_loss, jnp.zeros_like(x_mbd))
+        # x's gradient is summed over stages in float32: XLA's CPU backend cannot compile a bfloat16 all-reduce here.
+        carry = (buf, buf, zero_p, zero_h, zero_loss, varying(jnp.zeros(x_mbd.shape, jnp.float32)))
         (_, _, grads, head_grads, loss, x_grads), _ = jax.lax.scan(tick, carry, rows)
         grads = jax.tree.map(lambda a: a[None], grads)
         total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "stage"), tree)
