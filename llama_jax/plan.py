@@ -214,7 +214,8 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     No pipeline: kept = L·T·per_layer; working = the larger transient on T tokens.
     GPipe and circular (autodiff of a loop of R·M + P - 1 ticks, each L / (P·R) layers on T / M tokens; the bubble
     ticks keep residuals too): kept = ticks · L / (P·R) · T / M · per_layer + 2·T·d·c (the microbatch buffer and its
-    gradient); working = the larger of one layer's backward on T / M and the output layer on T (every stage).
+    gradient); working = the larger of one layer's backward on T / M and the output layer on T / P (after
+    the pipeline its rows are split over the stages too, when they divide).
     1F1B and ZB-H1 (units placed by a table, parallel/schedules.py): kept = (2·slots·T / M + 2·T)·d·c (the inputs
     and cotangents of the microbatches in flight, and every microbatch's embedded input and its gradient); a
     backward unit recomputes its L / P layers on T / M tokens, keeping their residuals while it runs the loss (last
@@ -246,7 +247,7 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
         return (2 * slots * micro_tokens + 2 * tokens) * d * c, working
     ticks = repeats * microbatches + stages - 1
     kept = ticks * chunk * micro_tokens * per_layer + (2 * tokens * d * c if stages > 1 else 0)
-    return kept, max(one_layer(micro_tokens), head(tokens))
+    return kept, max(one_layer(micro_tokens), head(tokens // stages))
 
 
 def _abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import jax
+from jax.sharding import PartitionSpec as P
+
 from jax.sharding import Mesh
 
 from llama_jax.model import LlamaConfig
@@ -24,8 +27,18 @@ def make_layers_fn(model_cfg: LlamaConfig, mesh: Mesh, *, microbatches: int = 1,
     run = _run_blocks(model_cfg, mesh)
     if mesh.shape["stage"] == 1:
         return run
-    return functools.partial(pipeline_layers, stages=mesh.shape["stage"], microbatches=microbatches,
-                             repeats=repeats, run_chunk=run)
+    pipelined = functools.partial(pipeline_layers, stages=mesh.shape["stage"], microbatches=microbatches,
+                                  repeats=repeats, run_chunk=run)
+
+    def layers_fn(blocks, x_btd, cos_btp, sin_btp, segment_ids_bt):
+        """The pipeline's output reaches every stage; its rows are then split over the stages too, so that the
+        final norm, the output layer and the loss run on 1/S of the rows per stage, not all of them on each."""
+        out_btd = pipelined(blocks, x_btd, cos_btp, sin_btp, segment_ids_bt)
+        if out_btd.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["stage"]):
+            return out_btd
+        return jax.lax.with_sharding_constraint(out_btd, P(("data", "fsdp", "stage"), "context", None))
+
+    return layers_fn
 
 
 def make_scheduled_grads(model_def: ModelDef, mesh: Mesh, *, microbatches: int, schedule: str) -> ScheduledGrads:
