@@ -5,10 +5,11 @@
 
 The paper trained on 16,384 H100s as TP 8, CP 1, PP 16, DP 128 with 16 sequences of 8,192 tokens per data-parallel
 rank. Here the pipeline's stages must hold equal shares of the 126 layers, so 16 stages are impossible; and our
-schedules keep every tick's activations (the paper's interleaved 1F1B keeps only the microbatches in flight), with
-the output layer and loss on every stage. The nearest paper shape, 14 stages x 16 microbatches, plans at 103 GiB a
-GPU (circular, 3 chunks) or 122 GiB (GPipe); it fits 80 GB only with 4 microbatches and a 76% bubble (try
-`python -m llama_jax.plan --config configs/llama3_405b.py --config.mesh.stage=14 --config.mesh.context=1 ...`).
+schedules that combine with tensor parallelism keep every tick's activations (the paper's interleaved 1F1B keeps only
+the microbatches in flight; our 1F1B does not combine with mesh.tensor yet). The nearest paper shape, 14 stages x 16
+microbatches, plans at 78 GiB a GPU (circular, 3 chunks) or 97 GiB (GPipe), over 80 GB (try
+`python -m llama_jax.plan --config configs/llama3_405b.py --config.mesh.stage=14 --config.mesh.context=1
+--config.pipeline.microbatches=16 --config.optim.grad_accum=1 --config.pipeline.repeats=3`).
 So this layout trades half the pipeline stages for context parallelism, which halves every GPU's tokens:
 - tensor 8: within a node, on NVLink (heads, MLP and vocabulary split 8 ways), as in the paper;
 - context 2: each sequence split over 2 nodes (zig-zag, for causal load balance);
