@@ -7,9 +7,7 @@ import functools
 from typing import Callable
 
 import jax
-from jax.sharding import PartitionSpec as P
-
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from llama_jax.model import LlamaConfig
 from llama_jax.model.attention import ATTENTION
