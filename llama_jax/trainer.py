@@ -165,10 +165,11 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
             return token_loss(model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"],
                                                       positions=mb["positions"], layers_fn=layers_fn), mb)
 
-        if scheduled_grads is None:
-            grad_fn = jax.value_and_grad(loss_fn)
-        else:
-            grad_fn = lambda params, mb: scheduled_grads(params, mb, token_loss)  # noqa: E731
+        def grad_fn(params, mb: Batch):
+            if scheduled_grads is None:
+                return jax.value_and_grad(loss_fn)(params, mb)
+            return scheduled_grads(params, mb, token_loss)
+
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, batch)
         else:
@@ -208,9 +209,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: Path, devices: list | None = 
         _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))
     layers_fn = make_layers_fn(model_def.cfg, mesh, microbatches=pipeline_microbatches(cfg), repeats=pipeline_repeats(cfg))
-    scheduled_grads = make_scheduled_grads(model_def, mesh, microbatches=pipeline_microbatches(cfg),
-                                           schedule=cfg.pipeline.schedule) \
-        if mesh.shape["stage"] > 1 and cfg.pipeline.schedule in SCHEDULED_PIPELINES else None
+    scheduled_grads = None
+    if mesh.shape["stage"] > 1 and cfg.pipeline.schedule in SCHEDULED_PIPELINES:
+        scheduled_grads = make_scheduled_grads(model_def, mesh, microbatches=pipeline_microbatches(cfg),
+                                               schedule=cfg.pipeline.schedule)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
     shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
