@@ -36,13 +36,14 @@ from jax.sharding import PartitionSpec as P
 from llama_jax.model.llama import Block, ModelDef
 from llama_jax.parallel.schedules import pipeline_value_and_grad, schedule_stats
 
+TABLE_SCHEDULES = ("1f1b", "zb-h1")  # backward units placed by a table (config.SCHEDULED_PIPELINES)
 RunChunk = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1, schedule: str = "gpipe") -> float:
     """The share of a stage's time spent waiting (or computing what is thrown away) in a step. For the table-driven
     schedules it is counted with a backward costing two forwards (parallel/schedules.py)."""
-    if schedule in ("1f1b", "zb-h1"):
+    if schedule in TABLE_SCHEDULES:
         return schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
     return (stages - 1) / (repeats * microbatches + stages - 1)
 
@@ -50,7 +51,7 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1, schedule: 
 def peak_microbatches(stages: int, microbatches: int, schedule: str = "gpipe") -> int:
     """How many microbatches' activations a stage holds at once: all of them under autodiff of the forward loop,
     at most `stages` under 1F1B and ZB-H1."""
-    return min(stages, microbatches) if schedule in ("1f1b", "zb-h1") else microbatches
+    return min(stages, microbatches) if schedule in TABLE_SCHEDULES else microbatches
 
 
 def pipeline_layers(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, stages: int, microbatches: int,
