@@ -7,6 +7,7 @@ asynchronous and atomic: a process killed mid-save leaves a temporary directory 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -23,7 +24,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from flax import nnx
 
-from llama_jax.errors import CheckpointError
+from llama_jax.convert import load_pretrained_params
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.parallel.mesh import param_shardings
 
@@ -183,29 +185,71 @@ def _find_step_dir(path: Path) -> Path:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """One step of a llama_jax run as it describes itself in meta/metadata, read without touching an array."""
+
+    step_dir: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SavedRun:
+        """A workdir (its newest step), its checkpoints/ directory, or one step directory."""
+        path = Path(path).expanduser().absolute()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint path {path} does not exist")
+        step_dir = _find_step_dir(path)
+        meta_file = step_dir / "meta" / "metadata"
+        if not meta_file.exists():
+            raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
+        return cls(step_dir, json.loads(meta_file.read_text()))
+
+    @property
+    def model_config(self) -> LlamaConfig:
+        return LlamaConfig(**self.meta["config"]["model"])
+
+    @property
+    def tokenizer(self) -> Path:
+        """The tokenizer file the trainer copied into the workdir beside checkpoints/."""
+        return self.step_dir.parent.parent / self.meta["tokenizer_file"]
+
+    def restore_params(self, model_cfg: LlamaConfig, shardings: dict) -> dict:
+        """The parameters alone (never the optimizer state), as `model_cfg`'s dtypes and `shardings` say: Orbax reads
+        for each device only the stored chunks its shard covers, whatever mesh the run was saved from."""
+        with jax.set_mesh(None):  # shapes only: `shardings` alone decides where the arrays go
+            abstract = nnx.to_pure_dict(ModelDef(model_cfg).abstract_state)
+        target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
+        try:
+            return ocp.StandardCheckpointer().restore(self.step_dir / "params", target)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise CheckpointError(f"parameters in {self.step_dir} could not be restored: {err}") from err
+
+
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Llama, str]:
     """(model, tokenizer path) from a training checkpoint, restoring parameters only: on the default device, or
-    with `mesh` sharded as `parallel.mesh.param_shardings` says (the restore targets carry the shardings, so Orbax
-    reads for each device only the stored chunks its shard covers; no device ever holds the whole model)."""
-    path = Path(path).expanduser().absolute()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    step_dir = _find_step_dir(path)
-    meta_file = step_dir / "meta" / "metadata"
-    if not meta_file.exists():
-        raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
-    meta = json.loads(meta_file.read_text())
-    model_def = ModelDef(LlamaConfig(**meta["config"]["model"]))
-    abstract = nnx.to_pure_dict(model_def.abstract_state)
+    with `mesh` sharded as `parallel.mesh.param_shardings` says (no device ever holds the whole model)."""
+    saved = SavedRun.open(path)
+    model_def = ModelDef(saved.model_config)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(model_def.abstract_state))
     else:
         shardings = param_shardings(model_def.abstract_state, mesh)
-    target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
-    try:
-        params = ocp.StandardCheckpointer().restore(step_dir / "params", target)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CheckpointError(f"parameters in {step_dir} could not be restored: {err}") from err
-    tokenizer = step_dir.parent.parent / meta["tokenizer_file"]  # the trainer copies it into the workdir
-    return model_def.merge(params), str(tokenizer)
+    return model_def.merge(saved.restore_params(model_def.cfg, shardings)), str(saved.tokenizer)
+
+
+def load_pretrained(path: str | os.PathLike, model_cfg: LlamaConfig, shardings: dict) -> dict:
+    """The parameters that start a new run (`checkpoint.init_from`): from a Hugging Face directory or from a llama_jax
+    workdir or step, placed as `shardings` says; the optimizer, step and data position start afresh. A checkpoint
+    of another architecture is refused before any tensor is read."""
+    if (Path(path).expanduser() / "config.json").is_file():
+        return load_pretrained_params(path, model_cfg, shardings=shardings)
+    saved = SavedRun.open(path)
+    changed = model_cfg.architecture_changes(saved.model_config)
+    if changed:
+        raise ConfigError(
+            f"checkpoint.init_from={str(path)!r} is a different model: {'; '.join(changed)}. Fix: take the model "
+            "section from the checkpoint, cfg.model = llama_jax.config.pretrained_model_section(path) (as "
+            "configs/finetune.py does)"
+        )
+    return saved.restore_params(model_cfg, shardings)

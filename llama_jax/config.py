@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from pathlib import Path
 
 import ml_collections
 
@@ -28,16 +29,37 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(preset(name, **overrides)))
 
 
-def hf_model_section(path: str, **overrides) -> ml_collections.ConfigDict:
-    """The `model` section describing a Hugging Face checkpoint (for `checkpoint.init_from`), fields overridden.
+def pretrained_model_section(path: str, **overrides) -> ml_collections.ConfigDict:
+    """The `model` section of a checkpoint that `checkpoint.init_from` starts a run from: a Hugging Face directory
+    (its config.json) or a llama_jax workdir or step (its saved config), fields overridden.
 
     Compute settings keep the training defaults (float32 parameters, bfloat16 compute) unless overridden.
     """
-    from llama_jax.convert import read_hf_config  # here, so that loading a config file stays cheap
-
     defaults = LlamaConfig()
     runtime = {"dtype": defaults.dtype, "param_dtype": defaults.param_dtype, **overrides}
-    return ml_collections.ConfigDict(dataclasses.asdict(read_hf_config(path, **runtime)))
+    if _is_hugging_face(path):
+        from llama_jax.convert import read_hf_config  # the imports are here, so that loading a config stays cheap
+
+        return ml_collections.ConfigDict(dataclasses.asdict(read_hf_config(path, **runtime)))
+    from llama_jax.checkpoint import SavedRun
+
+    return ml_collections.ConfigDict(dataclasses.asdict(SavedRun.open(path).model_config.replace(**runtime)))
+
+
+def pretrained_tokenizer(path: str) -> str:
+    """The tokenizer (`data.tokenizer`) a checkpoint was trained with: a Hugging Face directory holds its own; a
+    llama_jax run keeps a copy in its workdir."""
+    if _is_hugging_face(path):
+        return path
+    from llama_jax.checkpoint import SavedRun
+
+    return str(SavedRun.open(path).tokenizer)
+
+
+def _is_hugging_face(path: str) -> bool:
+    """A directory with config.json, or a path that does not exist (reading it then says what is missing)."""
+    directory = Path(path).expanduser()
+    return (directory / "config.json").is_file() or not directory.exists()
 
 
 def mixture_source(source: str, weight: float, text_field: str = "text") -> ml_collections.ConfigDict:
@@ -107,10 +129,19 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.checkpoint.max_to_keep = 2  # the newest checkpoints kept...
     cfg.checkpoint.keep_every = 0  # ...plus every step divisible by this (a sparse history); 0 = none
     cfg.checkpoint.async_save = True
-    cfg.checkpoint.init_from = ""  # a Hugging Face directory whose weights start a new run (fine-tuning); "" = random
+    # GCE host-maintenance notices count as preemption (save, exit 75): "auto" = watch the metadata server on Compute
+    # Engine VMs (TPU and GPU VMs are stopped for maintenance), "" = never, or the URL of a maintenance-event key
+    cfg.checkpoint.maintenance_url = "auto"
+    cfg.checkpoint.init_from = ""  # weights that start a new run (fine-tuning): a HF directory or a llama_jax workdir/step
 
     cfg.objective = ml_collections.ConfigDict()
     cfg.objective.name = "lm"  # lm | sft | reward | dpo
+
+    # A hung process (no step finished for this long) prints every thread's stack and exits 76, for a supervisor to
+    # restart it (llama_jax/watchdog.py). 0 in either key turns the watchdog off.
+    cfg.watchdog = ml_collections.ConfigDict()
+    cfg.watchdog.multiple = 10.0  # the limit is this many median step times (evaluations and saves included)...
+    cfg.watchdog.min_seconds = 300.0  # ...and never less than this
     return cfg
 
 
@@ -145,10 +176,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.decay_steps": cfg.optim.decay_steps,
+        "watchdog.multiple": cfg.watchdog.multiple,
+        "watchdog.min_seconds": cfg.watchdog.min_seconds,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if cfg.checkpoint.maintenance_url not in ("auto", "") and not cfg.checkpoint.maintenance_url.startswith(
+            ("http://", "https://")):
+        raise ConfigError(f"checkpoint.maintenance_url={cfg.checkpoint.maintenance_url!r} must be 'auto', '' (off) or "
+                          "an http:// URL of a GCE maintenance-event metadata key")
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
     if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -27,14 +30,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
+from llama_jax import maintenance, supervise
 from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, validate)
-from llama_jax.convert import load_pretrained_params
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches, eval_batches
 from llama_jax.data.schedule import BatchSchedule
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
 from llama_jax.model import ModelDef, flops_per_token
 from llama_jax.model.llama import LayersFn
@@ -45,6 +49,7 @@ from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import to_zigzag
 from llama_jax.parallel.layers import ScheduledGrads, make_layers_fn, make_scheduled_grads
 from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
+from llama_jax.watchdog import Watchdog
 
 Batch = dict[str, jax.Array]
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
@@ -60,22 +65,36 @@ class Preempted(LlamaJaxError):
 
 
 class _PreemptionFlag:
-    """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved.
+    """Turns SIGTERM, or a GCE host-maintenance notice (`checkpoint.maintenance_url`), into a flag the loop checks
+    between steps, so the step in flight finishes and is saved.
 
     With several processes the handler is left to JAX's preemption service: it catches SIGTERM on any host and
     makes every host agree on the step to save at (`reached_preemption`), where flags of their own would let the
-    hosts stop at different steps and wait for each other forever."""
+    hosts stop at different steps and wait for each other forever. A maintenance notice there becomes a SIGTERM to
+    this process, so that the service spreads it the same way and no step pays for a collective of its own."""
 
-    def __init__(self):
+    def __init__(self, maintenance_url: str):
         self.raised = False
         self._installed = jax.process_count() == 1
         if self._installed:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        url = maintenance.maintenance_url(maintenance_url)
+        self._watch = maintenance.MaintenanceWatch(url, self._notice) if url else None
 
     def _handle(self, signum, frame):
         self.raised = True
 
+    def _notice(self, event: str) -> None:
+        print(f"host maintenance notice ({event}): saving at the end of the current step, then exiting",
+              file=sys.stderr, flush=True)
+        if self._installed:
+            self.raised = True
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def restore(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -126,8 +145,7 @@ class Run:
         if not self.cfg.checkpoint.init_from:
             fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
             return jax.jit(fn, out_shardings=self.state_shardings)()
-        params = load_pretrained_params(self.cfg.checkpoint.init_from, self.model_def.cfg,
-                                        shardings=self.state_shardings.params)
+        params = ckpt.load_pretrained(self.cfg.checkpoint.init_from, self.model_def.cfg, self.state_shardings.params)
 
         def from_params(params: dict) -> TrainState:
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
@@ -288,7 +306,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
-    preemption = _PreemptionFlag()
+    preemption = _PreemptionFlag(cfg.checkpoint.maintenance_url)
+    watchdog = Watchdog(cfg.watchdog.multiple, cfg.watchdog.min_seconds, workdir)
     try:
         with jax.set_mesh(run.mesh):
             abstract = run.abstract_state
@@ -304,9 +323,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
             if start >= cfg.train.steps and jax.process_index() == 0:
                 print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
                       f"raise --config.train.steps to train further", flush=True)
-            return _loop(run, state, start, train_iter, plan, eval_sets, checkpointer, preemption,
+            return _loop(run, state, start, train_iter, plan, eval_sets, checkpointer, preemption, watchdog,
                          meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
     finally:
+        watchdog.stop()
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
 
@@ -324,7 +344,7 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
 
 
 def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatches, eval_sets: dict[str, list[Batch]],
-          checkpointer, preemption, meta: dict) -> dict:
+          checkpointer, preemption, watchdog: Watchdog, meta: dict) -> dict:
     cfg = run.cfg
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
@@ -338,18 +358,25 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
     save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
+    goodput = Goodput(run.workdir, committed=_saved_goodput(checkpointer, start), dropped=logger.dropped,
+                      writer=jax.process_index() == 0)
     window: list[dict] = []
     window_start, window_first_step = None, start
     logged: dict[str, float] = {}
     for step in range(start, total):
+        watchdog.stall_if_asked(step + 1)
         state, step_metrics = step_fn(state, run.to_global(next(train_iter)))
         done = step + 1
         logger.advance()
         if window_start is None:  # the first step compiles: time from its end
             jax.block_until_ready(step_metrics)
+            goodput.charge(COMPILE)
+            watchdog.start()
+            supervise.report_first_step(done)
             window_start, window_first_step = time.perf_counter(), done
         else:
             window.append(step_metrics)
+            watchdog.dispatched(step_metrics["loss"])
         is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total
         if done % cfg.train.log_every == 0 or is_eval:
             logged = _summarise(window or [step_metrics], plan.schedule.tokens_before(done))
@@ -361,18 +388,29 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
             if len(plan.names) > 1:
                 logged.update(_realised_mixture(plan, done))
             if is_eval:
-                logged.update(_evaluate(eval_fn, state.params, eval_sets, plan))
+                with goodput.lost(EVAL), watchdog.phase("evaluation"):
+                    logged.update(_evaluate(eval_fn, state.params, eval_sets, plan))
+            logged.update(goodput.summary())
             logger.log(done, logged)
             window, window_start, window_first_step = [], time.perf_counter(), done
         preempted = preemption.raised or checkpointer.manager.reached_preemption(done)
         if done % cfg.checkpoint.every_steps == 0 or done == total or preempted or save_clock.due():
-            checkpointer.save(done, state.params, state.opt_state, train_iter, meta)
+            jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
+            saved_meta = {**meta, "goodput": goodput.ledger()}
+            with goodput.lost(CHECKPOINT), watchdog.phase("checkpoint save"):
+                checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
             save_clock.reset()
         if preempted and done < total:
             logger.close()
             raise Preempted(done, checkpointer.directory)
     logger.close()
     return logged
+
+
+def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
+    """The goodput counters stored with checkpoint `step` (None: a fresh start, or a checkpoint older than them)."""
+    meta_file = checkpointer.directory / str(step) / "meta" / "metadata"
+    return json.loads(meta_file.read_text()).get("goodput") if step and meta_file.exists() else None
 
 
 def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ from llama_jax.config import (
     OBJECTIVES,
     batch_schedule,
     default_config,
-    hf_model_section,
+    pretrained_model_section,
     mixture_source,
     model_config,
     model_section,
@@ -90,7 +90,7 @@ def test_every_config_file_validates(tmp_path):
     files = sorted(p.name for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
     assert "tiny.py" in files
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug"), "float32")))
-    arguments = {"finetune_hf.py": [str(tmp_path)]}  # config files that read a checkpoint directory
+    arguments = {"finetune.py": [str(tmp_path)]}  # config files that read a checkpoint directory
     for name in files:
         cfg = load_config_file(name, *arguments.get(name, []))
         try:
@@ -101,15 +101,15 @@ def test_every_config_file_validates(tmp_path):
 
 def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug", tie_embeddings=True), "bfloat16")))
-    cfg = load_config_file("finetune_hf.py", str(tmp_path))
+    cfg = load_config_file("finetune.py", str(tmp_path))
     debug = preset("debug", tie_embeddings=True)
     assert model_config(cfg) == debug.replace(head_dim=debug.resolved_head_dim, dtype="bfloat16", param_dtype="float32")
     assert cfg.checkpoint.init_from == cfg.data.tokenizer == str(tmp_path)
-    assert hf_model_section(str(tmp_path), dtype="float32").dtype == "float32"
-    with pytest.raises(ConfigError, match=r"needs the checkpoint directory: --config configs/finetune_hf.py:PATH"):
-        load_config_file("finetune_hf.py")
+    assert pretrained_model_section(str(tmp_path), dtype="float32").dtype == "float32"
+    with pytest.raises(ConfigError, match=r"needs the checkpoint: --config configs/finetune.py:PATH"):
+        load_config_file("finetune.py")
     with pytest.raises(LlamaJaxError, match="does not exist"):
-        load_config_file("finetune_hf.py", str(tmp_path / "missing"))
+        load_config_file("finetune.py", str(tmp_path / "missing"))
 
 
 def test_model_section_overrides_and_validates():

@@ -20,7 +20,7 @@ from flax import nnx
 from config_files import load_config_file
 
 from llama_jax import checkpoint, generate, trainer
-from llama_jax.config import default_config, model_section
+from llama_jax.config import default_config, model_config, model_section
 from llama_jax.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,26 @@ def test_resuming_on_another_data_parallel_layout_continues_with_the_same_batche
     expected, got = ([m["loss"] for m in read_metrics(run)] for run in (straight, moved))
     assert got[:3] == expected[:3]
     np.testing.assert_allclose(got[3:], expected[3:], rtol=2e-5)  # only the reduction order differs
+
+
+def test_a_run_restarted_on_fewer_devices_and_another_mesh_continues_the_same_training(tmp_path, cache_dir):
+    """Steps 1-3 on 8 devices as 8-way FSDP, then a restart on 4 devices as 2 FSDP x 2 tensor: each array is restored
+    from the abstract targets of the new mesh, and the losses follow a one-device run's (float32 compute)."""
+    quick = ("--config.train.log_every=1", "--config.train.eval_every=0", "--config.data.batch_size=8",
+             "--config.data.seq_len=64", "--config.data.eval_batches=1", "--config.optim.warmup_steps=2",
+             "--config.optim.decay_steps=10", "--config.checkpoint.every_steps=3", "--config.model.dtype=float32")
+    straight = run_cli(tmp_path / "straight", cache_dir, "--config.train.steps=6", *quick)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for devices, steps, mesh in ((8, 3, ("--config.mesh.data=1", "--config.mesh.fsdp=8")),
+                                 (4, 6, ("--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"))):
+        moved = subprocess.run(cli_command(tmp_path / "moved", cache_dir, f"--config.train.steps={steps}", *quick, *mesh),
+                               capture_output=True, text=True, timeout=900, cwd=REPO,
+                               env=dict(CLI_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+        assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "Resumed from" in moved.stdout
+    expected, got = ([m["loss"] for m in read_metrics(run)] for run in (tmp_path / "straight", tmp_path / "moved"))
+    assert len(got) == 6
+    np.testing.assert_allclose(got, expected, rtol=2e-5)  # only the order of sums differs
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, capsys):
@@ -326,7 +346,7 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 
 def finetune_config(hf_dir: Path, cache_dir: Path, source: Path, **optim):
-    cfg = load_config_file("finetune_hf.py", str(hf_dir))
+    cfg = load_config_file("finetune.py", str(hf_dir))
     cfg.data.source, cfg.data.cache_dir = f"{source}/*.py", str(cache_dir)
     cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every_steps = 2, 1, 0, 2
@@ -365,6 +385,36 @@ def test_finetuning_starts_from_the_hugging_face_weights(tmp_path, cache_dir, ti
     no_tokenizer.data.tokenizer = ""
     with pytest.raises(ConfigError, match="needs the tokenizer the checkpoint was trained with"):
         trainer.train(no_tokenizer, tmp_path / "no_tokenizer")
+
+
+def test_finetuning_starts_from_a_llama_jax_run_with_only_its_parameters(tmp_path, cache_dir):
+    """init_from a step of our own run, on another mesh: the weights are exactly the run's, while the optimizer
+    state, the step and the data position start afresh."""
+    import orbax.checkpoint as ocp
+
+    base = tmp_path / "base"
+    trainer.train(small_config(cache_dir, 3), base)
+    cfg = load_config_file("finetune.py", str(base / "checkpoints" / "3"))
+    assert model_config(cfg) == model_config(small_config(cache_dir, 3))
+    assert Path(cfg.data.tokenizer).parent == base and Path(cfg.data.tokenizer).is_file()  # the run's own copy
+    cfg.data.cache_dir, cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = str(cache_dir), 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every_steps = 2, 1, 0, 2
+    cfg.optim.lr, cfg.optim.weight_decay = 0.0, 0.0
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    trainer.train(cfg, tmp_path / "tuned")
+    assert [m["step"] for m in read_metrics(tmp_path / "tuned")] == [1, 2]
+    original, _ = checkpoint.load_model(base)
+    tuned, _ = checkpoint.load_model(tmp_path / "tuned")
+    for a, b in zip(jax.tree.leaves(nnx.state(original)), jax.tree.leaves(nnx.state(tuned))):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "lr 0 must leave the loaded weights exactly as they were"
+    opt_state = ocp.StandardCheckpointer().restore(tmp_path / "tuned" / "checkpoints" / "2" / "opt_state")
+    counts = [int(v) for path, v in jax.tree_util.tree_leaves_with_path(opt_state) if "count" in jax.tree_util.keystr(path)]
+    assert counts and set(counts) == {2}, "the optimizer restarted at step 0, not at the base run's step 3"
+
+    wrong = load_config_file("finetune.py", str(base))
+    wrong.model.n_layers = 3
+    with pytest.raises(ConfigError, match=r"is a different model: model.n_layers=3 \(checkpoint: 2\)"):
+        trainer.train(wrong, tmp_path / "wrong")
 
 
 def test_the_default_job_trains_the_same_on_a_4d_mesh(tmp_path, cache_dir):

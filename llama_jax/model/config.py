@@ -12,6 +12,8 @@ from llama_jax.errors import ConfigError
 ATTENTION_IMPLS = ("reference", "xla")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "llama3")
+# How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "init_std", "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,13 @@ class LlamaConfig:
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
+
+    def architecture_changes(self, saved: "LlamaConfig") -> list[str]:
+        """`model.KEY=ours (checkpoint: theirs)` for each field, other than RUNTIME_FIELDS, in which this config
+        differs from a checkpoint's: the reasons its weights cannot start this model."""
+        return [f"model.{f.name}={getattr(self, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                for f in dataclasses.fields(self)
+                if f.name not in RUNTIME_FIELDS and getattr(self, f.name) != getattr(saved, f.name)]
 
 
 def param_count(cfg: LlamaConfig, *, include_embedding: bool = True) -> int:
