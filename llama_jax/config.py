@@ -108,13 +108,17 @@ def default_config() -> ml_collections.ConfigDict:
 
     cfg.optim = ml_collections.ConfigDict()
     cfg.optim.lr = 3e-3  # peak learning rate
-    cfg.optim.min_lr_ratio = 0.1  # the cosine decays to lr * min_lr_ratio
+    cfg.optim.schedule = "cosine"  # after the warmup: cosine | linear | constant | wsd (warmup-stable-decay)
+    cfg.optim.min_lr_ratio = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
     cfg.optim.warmup_steps = 50  # linear warmup from 0
-    cfg.optim.decay_steps = 0  # length of the cosine after warmup; 0 = until train.steps
+    cfg.optim.decay_steps = 0  # length of the schedule after warmup; 0 = until train.steps
+    cfg.optim.wsd_decay_fraction = 0.2  # wsd: the last fraction of decay_steps decays linearly; before it, lr stays
     cfg.optim.b1 = 0.9
     cfg.optim.b2 = 0.95
     cfg.optim.eps = 1e-8
     cfg.optim.weight_decay = 0.1  # decoupled (AdamW); not applied to norm scales
+    cfg.optim.decay_embeddings = True  # weight decay on the embedding and output tables too
+    cfg.optim.state_dtype = "float32"  # AdamW's moments: float32 | bfloat16 (half the memory; updates computed in f32)
     cfg.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
     cfg.optim.grad_accum = 1  # microbatches per step (the batch is split, the gradient is exact)
 

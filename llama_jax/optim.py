@@ -1,38 +1,91 @@
-"""AdamW with warmup + cosine decay and global-norm clipping, as in the Llama 3 recipe."""
+"""AdamW with a learning-rate schedule and global-norm clipping, as in the Llama 3 recipe (warmup + cosine), plus
+the schedules scaling-law and continued-pretraining work uses: linear, constant and warmup-stable-decay (WSD).
+
+Options that change memory, not maths: `optim.state_dtype = "bfloat16"` keeps AdamW's two moments in bfloat16
+(half the optimizer memory, the update still computed in float32).
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
+from llama_jax.errors import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+STATE_DTYPES = ("float32", "bfloat16")
+
 
 def lr_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio`, then constant."""
-    decay_steps = optim_cfg.decay_steps or max(total_steps - optim_cfg.warmup_steps, 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=optim_cfg.lr,
-        warmup_steps=optim_cfg.warmup_steps,
-        decay_steps=optim_cfg.warmup_steps + decay_steps,
-        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio,
-    )
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then `optim.schedule` over `decay_steps` (0: to the end):
+
+    cosine / linear: from `lr` down to `lr * min_lr_ratio`, then constant there;
+    constant: `lr` for ever;
+    wsd: `lr` until the last `wsd_decay_fraction` of the decay span, then linearly down to `lr * min_lr_ratio`,
+    so that a run can be extended (or branched into an annealing) from any checkpoint of its stable phase.
+    """
+    if optim_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim_cfg.schedule!r} is not one of {SCHEDULES}")
+    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    floor = peak * optim_cfg.min_lr_ratio
+    span = optim_cfg.decay_steps or max(total_steps - warmup, 1)
+    if optim_cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, span, alpha=optim_cfg.min_lr_ratio)
+    elif optim_cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, floor, span)
+    elif optim_cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        if not 0 < optim_cfg.wsd_decay_fraction <= 1:
+            raise ConfigError(f"optim.wsd_decay_fraction must be in (0, 1], got {optim_cfg.wsd_decay_fraction}")
+        decay = max(round(span * optim_cfg.wsd_decay_fraction), 1)
+        after = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
+                                     [span - decay])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only: norm scales (named `scale`) are left alone."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "scale", params)
+def decay_mask(params, *, embeddings: bool = True):
+    """Which parameters weight decay applies to: matrices, never norm scales (named `scale`); the embedding (and
+    output) tables only if `embeddings`."""
+    def decayed(path, _) -> bool:
+        names = [getattr(key, "key", None) for key in path]
+        return names[-1] != "scale" and (embeddings or names[0] not in ("embed", "lm_head"))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def _state_in(dtype: str, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with its floating-point state stored in `dtype` and computed in float32."""
+    if dtype == "float32":
+        return inner
+
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    if optim_cfg.state_dtype not in STATE_DTYPES:
+        raise ConfigError(f"optim.state_dtype={optim_cfg.state_dtype!r} is not one of {STATE_DTYPES}")
     adamw = optax.adamw(
         lr_schedule(optim_cfg, total_steps),
         b1=optim_cfg.b1,
         b2=optim_cfg.b2,
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
-        mask=_decay_mask,
+        mask=lambda params: decay_mask(params, embeddings=optim_cfg.decay_embeddings),
     )
+    adamw = _state_in(optim_cfg.state_dtype, adamw)
     if optim_cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
     return adamw

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import trainer
 from llama_jax.config import default_config, model_section
-from llama_jax.optim import _decay_mask, lr_schedule, make_optimizer
+from llama_jax.errors import ConfigError
+from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.parallel import mesh as mesh_lib
 
 VOCAB, SEQ, BATCH = 512, 32, 8  # the "debug" preset: dim 64, 2 layers, 4 heads, 2 KV heads, head_dim 16, ffn 192
@@ -366,7 +367,7 @@ def test_lr_schedule_warmup_peak_and_floor():
 
 def test_weight_decay_skips_norm_scales(reference):
     params = jax.tree.map(np.asarray, reference["init"].params)
-    mask = leaves(_decay_mask(params))
+    mask = leaves(decay_mask(params))
     decayed = {k for k, v in mask.items() if v}
     assert {k for k in mask if k not in decayed} == {
         "['layers']['attn_norm']['scale']", "['layers']['mlp_norm']['scale']", "['norm']['scale']"}
@@ -389,3 +390,56 @@ def test_weight_decay_skips_norm_scales(reference):
             assert np.array_equal(new[key], before), key
             # norm scales start at 1: decay would have moved them by lr * wd = 1e-4, far above float32 rounding
             assert np.all(before == 1.0)
+
+
+@pytest.mark.parametrize("name, at_60, at_110", [
+    ("linear", 1.1e-3, 2e-4),  # half-way down a straight line from the peak to the floor
+    ("constant", 2e-3, 2e-3),
+    ("wsd", 2e-3, 2e-4),  # stable until the last 20% of the span (steps 90-110), then straight down
+])
+def test_other_lr_schedules(name, at_60, at_110):
+    optim = default_config().optim
+    optim.lr, optim.warmup_steps, optim.min_lr_ratio, optim.schedule = 2e-3, 10, 0.1, name
+    schedule = lr_schedule(optim, total_steps=110)
+    values = np.array([float(schedule(step)) for step in range(0, 131)])
+    np.testing.assert_allclose(values[:11], np.linspace(0, 2e-3, 11), rtol=1e-6)  # the same warmup for all
+    np.testing.assert_allclose([values[60], values[110], values[130]], [at_60, at_110, at_110], rtol=1e-5)
+    if name == "wsd":
+        np.testing.assert_allclose(values[10:91], 2e-3, rtol=1e-6)
+        np.testing.assert_allclose(values[100], 1.1e-3, rtol=1e-5)
+    optim.schedule = "exponential"
+    with pytest.raises(ConfigError, match="optim.schedule='exponential' is not one of"):
+        lr_schedule(optim, 110)
+
+
+def test_weight_decay_can_leave_the_embeddings_alone(reference):
+    params = jax.tree.map(np.asarray, reference["init"].params)
+    skipped = {k for k, v in leaves(decay_mask(params, embeddings=False)).items() if not v}
+    assert skipped == {"['embed']", "['layers']['attn_norm']['scale']", "['layers']['mlp_norm']['scale']",
+                       "['norm']['scale']"}
+
+
+def test_bfloat16_optimizer_state_halves_its_memory_and_follows_float32(reference):
+    """Five AdamW steps on the same gradients: the bf16-state run stays within bf16 rounding of the f32 one."""
+    params = jax.tree.map(jax.numpy.asarray, reference["init"].params)
+    grads = [jax.tree.map(lambda p, i=i: jax.numpy.sin(p * (i + 1)) * 0.01, params) for i in range(5)]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        optim = make_cfg().optim
+        optim.warmup_steps, optim.state_dtype = 0, dtype
+        tx = make_optimizer(optim, total_steps=10)
+        state, current = tx.init(params), params
+        for g in grads:
+            updates, state = jax.jit(tx.update)(g, state, current)
+            current = optax.apply_updates(current, updates)
+        results[dtype] = (current, state)
+    floats = [x for x in jax.tree.leaves(results["bfloat16"][1]) if x.ndim]
+    assert floats and {x.dtype for x in floats} == {jax.numpy.dtype("bfloat16")}
+    size = {d: sum(x.nbytes for x in jax.tree.leaves(results[d][1])) for d in results}
+    assert size["bfloat16"] < 0.51 * size["float32"]
+    for a, b in zip(jax.tree.leaves(results["float32"][0]), jax.tree.leaves(results["bfloat16"][0])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5 * LR * 2**-8)  # per step, |update| <= lr
+
+    optim.state_dtype = "float8"
+    with pytest.raises(ConfigError, match="optim.state_dtype='float8' is not one of"):
+        make_optimizer(optim, 10)
