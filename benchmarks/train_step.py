@@ -1,108 +1,202 @@
-"""Training-step throughput: llama_jax vs Hugging Face transformers + PyTorch (eager), same model, same batch.
+"""Training-step throughput on a ladder of model sizes: llama_jax against Hugging Face transformers + PyTorch.
 
-    python benchmarks/train_step.py [--preset tiny] [--batch 16] [--seq 256] [--steps 5]
+    python benchmarks/train_step.py [--sizes 10m,50m,150m] [--steps 3]
 
-Both sides run AdamW on a Llama of the preset's shape with float32 parameters; llama_jax computes in its
-configured dtype (bfloat16 by default), PyTorch in float32 (its CPU bf16 autocast is slower for training).
-Prints a table and ends with one JSON line: tokens/s of each and their ratio (> 1: llama_jax is faster).
+Per size, the full step (forward, backward, AdamW update with clipping) of a Llama 3-architecture model with float32
+parameters and a 32,000-token vocabulary, on the same batch and with the same thread count, each framework in a
+process of its own (so each gets a clean thread pool and its own peak memory):
+  llama_jax: jitted, donated step, bfloat16 compute (its default);
+  PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, the faster one reported;
+  PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes (skipped with --no-compile).
+The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it.
+Per size it prints tokens/s, ratios (> 1: llama_jax is faster), MFU, the first step's extra time (compilation) and
+each process's peak resident memory. The last line is one JSON object:
+{"peak_gflops", "sizes": [{"name", "params", "tokens_per_s", "torch_tokens_per_s", "torch_compile_tokens_per_s",
+"ratio", "mfu", "compile_s", ...}]}, `ratio` = llama_jax / PyTorch eager.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
 
-from llama_jax import trainer
-from llama_jax.config import default_config, model_config, model_section
-from llama_jax.metrics import peak_flops_per_second
-from llama_jax.model import flops_per_token
-from llama_jax.optim import lr_schedule
+# name: (model shape, batch, seq_len); about 10M, 50M and 150M parameters at vocabulary 32,000.
+SIZES = {
+    "10m": (dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, tie_embeddings=True), 16, 512),
+    "50m": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, tie_embeddings=True), 8, 1024),
+    "150m": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, tie_embeddings=False), 2, 2048),
+}
+VOCAB = 32000
 
 
-def time_steps(step, steps: int) -> float:
-    """Seconds per step: the median of `steps` timed calls after one warm-up (compile) call."""
+def time_steps(step, steps: int) -> tuple[float, float]:
+    """(median seconds per step over `steps` calls, seconds of the first call beyond that): the first call compiles."""
+    start = time.perf_counter()
     step()
+    first = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    median = float(np.median(times))
+    return median, max(first - median, 0.0)
 
 
-def jax_step_seconds(cfg, tokens: np.ndarray, steps: int) -> float:
-    run = trainer.setup(cfg, Path("/tmp/llama_jax_bench"))
+def model_cfg(size: str):
+    from llama_jax.config import default_config, model_section
+
+    shape, batch, seq = SIZES[size]
+    cfg = default_config()
+    cfg.model = model_section("tiny", vocab_size=VOCAB, max_seq_len=seq, remat="none", rope_type="default", **shape)
+    cfg.data.batch_size, cfg.data.seq_len = batch, seq
+    cfg.mesh.data = 1
+    return cfg
+
+
+def tokens_for(size: str) -> np.ndarray:
+    _, batch, seq = SIZES[size]
+    return np.random.default_rng(0).integers(0, VOCAB, (batch, seq), dtype=np.int32)
+
+
+def run_llama_jax(size: str, steps: int) -> dict:
+    import tempfile
+
+    import jax
+
+    from llama_jax import trainer
+    from llama_jax.optim import lr_schedule
+
+    cfg = model_cfg(size)
+    tokens = tokens_for(size)
     b, t = tokens.shape
+    run = trainer.setup(cfg, tempfile.mkdtemp(), devices=jax.devices()[:1])
     batch = run.to_global(dict(
         tokens=tokens, targets=np.roll(tokens, -1, axis=1), segment_ids=np.ones((b, t), np.int32),
         positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(), loss_mask=np.ones((b, t), np.float32),
     ))
     with jax.set_mesh(run.mesh):
         state = run.init()
-        step_fn = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1),
-                          donate_argnums=0)
+        step_fn = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1,
+                                                  loss_chunk_len=cfg.objective.loss_chunk_len), donate_argnums=0)
 
         def step():
             nonlocal state
             state, metrics = step_fn(state, batch)
             jax.block_until_ready(metrics)
 
-        return time_steps(step, steps)
+        seconds, compile_s = time_steps(step, steps)
+    return {"seconds": seconds, "compile_s": compile_s}
 
 
-def torch_step_seconds(cfg, tokens: np.ndarray, steps: int) -> float:
+def run_torch(size: str, steps: int, dtype: str, compiled: bool) -> dict:
     import torch
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    m = cfg.model
+    torch.set_num_threads(os.cpu_count())
+    m = model_cfg(size).model
     hf_cfg = HFConfig(
         vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.ffn_dim, num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim or m.dim // m.n_heads,
         tie_word_embeddings=m.tie_embeddings, rms_norm_eps=m.norm_eps, max_position_embeddings=m.max_seq_len,
     )
     model = LlamaForCausalLM(hf_cfg).train()
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    inputs = torch.tensor(tokens, dtype=torch.long)
+    inputs = torch.tensor(tokens_for(size), dtype=torch.long)
 
     def step():
-        loss = model(input_ids=inputs, labels=inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = forward(input_ids=inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, steps)
+    seconds, compile_s = time_steps(step, steps)
+    return {"seconds": seconds, "compile_s": compile_s}
+
+
+def measure_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    seconds, _ = time_steps(lambda: matmul(x).block_until_ready(), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def in_subprocess(*args: str, timeout: float = 3600) -> dict | None:
+    """One measurement in a fresh process; its result and peak resident memory, or None when it failed."""
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, XLA_FLAGS="", TOKENIZERS_PARALLELISM="false"))
+    if proc.returncode != 0:
+        print(f"  ({' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(args: list[str]) -> None:
+    kind, size, steps = args[0], args[1], int(args[2])
+    if kind == "peak":
+        result = {"peak_gflops": measure_peak_gflops()}
+    elif kind == "jax":
+        result = run_llama_jax(size, steps)
+    else:
+        _, dtype, mode = kind.split(":")
+        result = run_torch(size, steps, dtype, compiled=mode == "compile")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sizes", default="10m,50m,150m")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
+    from llama_jax.config import model_config
+    from llama_jax.model import flops_per_token, param_count
 
-    cfg = default_config()
-    cfg.model = model_section(args.preset, remat="none")
-    cfg.data.batch_size, cfg.data.seq_len = args.batch, args.seq
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq), dtype=np.int32)
-    tokens_per_step = args.batch * args.seq
-
-    ours = tokens_per_step / jax_step_seconds(cfg, tokens, args.steps)
-    torch_tps = tokens_per_step / torch_step_seconds(cfg, tokens, args.steps)
-    mfu = ours * flops_per_token(model_config(cfg), args.seq) / peak_flops_per_second()
-    print(f"{'':24s}{'tokens/s':>12s}")
-    print(f"{'llama_jax (jit)':24s}{ours:12,.0f}   MFU {100 * mfu:.1f}%")
-    print(f"{'transformers (eager)':24s}{torch_tps:12,.0f}")
-    print(json.dumps({"preset": args.preset, "batch": args.batch, "seq": args.seq, "device": jax.devices()[0].device_kind,
-                      "llama_jax_tokens_per_s": round(ours, 1), "transformers_tokens_per_s": round(torch_tps, 1),
-                      "ratio": round(ours / torch_tps, 3), "llama_jax_mfu": round(mfu, 4)}))
+    peak = in_subprocess("peak", "-", "0")["peak_gflops"]
+    print(f"XLA float32 matmul peak: {peak:.0f} GFLOP/s")
+    rows = []
+    for size in args.sizes.split(","):
+        cfg = model_cfg(size)
+        tokens = cfg.data.batch_size * cfg.data.seq_len
+        ours = in_subprocess("jax", size, str(args.steps))
+        eager = {dtype: in_subprocess(f"torch:{dtype}:eager", size, str(args.steps)) for dtype in ("float32", "bfloat16")}
+        best_dtype = min((d for d in eager if eager[d]), key=lambda d: eager[d]["seconds"])
+        compiled = None if args.no_compile else in_subprocess(f"torch:{best_dtype}:compile", size, str(args.steps))
+        row = {
+            "name": size, "params": param_count(model_config(cfg)), "batch": cfg.data.batch_size,
+            "seq": cfg.data.seq_len, "tokens_per_s": tokens / ours["seconds"],
+            "torch_tokens_per_s": tokens / eager[best_dtype]["seconds"], "torch_dtype": best_dtype,
+            "torch_compile_tokens_per_s": tokens / compiled["seconds"] if compiled else None,
+            "mfu": tokens / ours["seconds"] * flops_per_token(model_config(cfg), cfg.data.seq_len) / (peak * 1e9),
+            "compile_s": ours["compile_s"], "torch_compile_s": compiled["compile_s"] if compiled else None,
+            "peak_rss_mb": ours["peak_rss_mb"], "torch_peak_rss_mb": eager[best_dtype]["peak_rss_mb"],
+        }
+        row["ratio"] = row["tokens_per_s"] / row["torch_tokens_per_s"]
+        row["ratio_vs_compile"] = row["tokens_per_s"] / row["torch_compile_tokens_per_s"] if compiled else None
+        rows.append(row)
+        compiled_text = f"{row['torch_compile_tokens_per_s']:,.0f}" if compiled else "-"
+        print(f"{size}: {row['params'] / 1e6:.0f}M params, {row['batch']}x{row['seq']} tokens | llama_jax "
+              f"{row['tokens_per_s']:,.0f} tok/s (MFU {row['mfu']:.0%}, compile {row['compile_s']:.1f} s, "
+              f"{row['peak_rss_mb']:,.0f} MB) | torch eager {best_dtype} {row['torch_tokens_per_s']:,.0f} "
+              f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_text} | ratio {row['ratio']:.2f}x")
+    print(json.dumps({"peak_gflops": peak, "sizes": rows}))
 
 
 if __name__ == "__main__":
