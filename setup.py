@@ -31,7 +31,11 @@ setup(
     ],
     extras_require={
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.
-        "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker"],  # portpicker: the multi-host test's ports
+        # portpicker: the multi-host test's ports; gcp-storage-emulator: a local stand-in for a gs:// bucket.
+        "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs"],
+        # gs:// workdirs without TensorFlow: epath reaches Cloud Storage through gcsfs (Orbax's arrays and TensorBoard
+        # have their own clients).
+        "gcs": ["gcsfs"],
         # Accelerator builds of jaxlib; install one of these on TPU VMs / CUDA 12 hosts.
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],

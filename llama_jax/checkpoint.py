@@ -8,57 +8,28 @@ asynchronous and atomic: a process killed mid-save leaves a temporary directory 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
-import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from flax import nnx
 
-from llama_jax.convert import load_pretrained_params
+from llama_jax.convert import load_hf_params, read_hf_config
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.parallel.mesh import param_shardings
+from llama_jax.workdir import resolve
 
 class ModelMismatch(CheckpointError):
     """The checkpoint is intact but belongs to another model config."""
-
-
-class WorkdirLock:
-    """An exclusive lock on the run directory, so that a second run started on it refuses instead of interleaving
-    its checkpoints and logs with the first's. The operating system drops the lock when the holder dies, even by
-    SIGKILL, so a crashed run never leaves a stale lock behind."""
-
-    def __init__(self, workdir: Path):
-        self.path = workdir / ".lock"
-        self._file = self.path.open("a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise CheckpointError(
-                f"{workdir} is in use by a running job ({holder}): wait for it to finish, stop it, or use another "
-                "--workdir"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._file.flush()
-
-    def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
 
 
 class Checkpointer:
@@ -70,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, keep_every: int = 0,
                  async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = resolve(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_every or None,
@@ -106,12 +77,12 @@ class Checkpointer:
             return step, params, opt_state
         return None
 
-    def _set_aside(self, step: int) -> Path:
+    def _set_aside(self, step: int) -> epath.Path:
         """Renames a damaged step out of the manager's sight (kept for inspection), so the run can save that step
         again when it gets there."""
         aside = self.directory / f"damaged-{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            os.rename(self.directory / str(step), aside)
+            (self.directory / str(step)).rename(aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
@@ -170,7 +141,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def _find_step_dir(path: Path) -> Path:
+def find_step_dir(path: epath.Path) -> epath.Path:
     """Accepts a workdir, its checkpoints/ directory, or one step directory; returns the (latest) step dir."""
     for candidate in (path, path / "checkpoints"):
         steps = sorted((p for p in candidate.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)) \
@@ -189,16 +160,16 @@ def _find_step_dir(path: Path) -> Path:
 class SavedRun:
     """One step of a llama_jax run as it describes itself in meta/metadata, read without touching an array."""
 
-    step_dir: Path
+    step_dir: epath.Path
     meta: dict
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> SavedRun:
         """A workdir (its newest step), its checkpoints/ directory, or one step directory."""
-        path = Path(path).expanduser().absolute()
+        path = resolve(path)
         if not path.exists():
             raise CheckpointError(f"checkpoint path {path} does not exist")
-        step_dir = _find_step_dir(path)
+        step_dir = find_step_dir(path)
         meta_file = step_dir / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
@@ -209,7 +180,7 @@ class SavedRun:
         return LlamaConfig(**self.meta["config"]["model"])
 
     @property
-    def tokenizer(self) -> Path:
+    def tokenizer(self) -> epath.Path:
         """The tokenizer file the trainer copied into the workdir beside checkpoints/."""
         return self.step_dir.parent.parent / self.meta["tokenizer_file"]
 
@@ -242,14 +213,15 @@ def load_pretrained(path: str | os.PathLike, model_cfg: LlamaConfig, shardings: 
     """The parameters that start a new run (`checkpoint.init_from`): from a Hugging Face directory or from a llama_jax
     workdir or step, placed as `shardings` says; the optimizer, step and data position start afresh. A checkpoint
     of another architecture is refused before any tensor is read."""
-    if (Path(path).expanduser() / "config.json").is_file():
-        return load_pretrained_params(path, model_cfg, shardings=shardings)
-    saved = SavedRun.open(path)
-    changed = model_cfg.architecture_changes(saved.model_config)
+    hugging_face = (resolve(path) / "config.json").is_file()
+    saved = None if hugging_face else SavedRun.open(path)
+    changed = model_cfg.architecture_changes(read_hf_config(path) if hugging_face else saved.model_config)
     if changed:
         raise ConfigError(
             f"checkpoint.init_from={str(path)!r} is a different model: {'; '.join(changed)}. Fix: take the model "
             "section from the checkpoint, cfg.model = llama_jax.config.pretrained_model_section(path) (as "
             "configs/finetune.py does)"
         )
+    if hugging_face:
+        return load_hf_params(path, model_cfg, shardings=shardings)
     return saved.restore_params(model_cfg, shardings)

@@ -140,6 +140,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     cfg.objective = ml_collections.ConfigDict()
     cfg.objective.name = "lm"  # lm | sft | reward | dpo
+    # Positions per row whose float32 logits exist at a time (the loss's chunks, recomputed in the backward pass);
+    # 0 = all at once. Must divide every data.seq_len longer than it.
+    cfg.objective.loss_chunk_len = 1024
+    cfg.objective.z_loss = 0.0  # coefficient of log(Z)^2 per token (PaLM used 1e-4); in the training loss, not eval_loss
 
     # A hung process (no step finished for this long) prints every thread's stack and exits 76, for a supervisor to
     # restart it (llama_jax/watchdog.py). 0 in either key turns the watchdog off.
@@ -180,6 +184,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.decay_steps": cfg.optim.decay_steps,
+        "objective.loss_chunk_len": cfg.objective.loss_chunk_len,
+        "objective.z_loss": cfg.objective.z_loss,
         "watchdog.multiple": cfg.watchdog.multiple,
         "watchdog.min_seconds": cfg.watchdog.min_seconds,
     }
@@ -263,6 +269,10 @@ def _check_stage(cfg: ml_collections.ConfigDict, where: str, stage: Stage) -> No
         raise ConfigError(
             f"{where}: seq_len {stage.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len}); raise it"
         )
+    chunk = cfg.objective.loss_chunk_len
+    if 0 < chunk < stage.seq_len and stage.seq_len % chunk:
+        raise ConfigError(f"{where}: seq_len {stage.seq_len} is not a multiple of objective.loss_chunk_len ({chunk}): "
+                          "use a chunk length that divides every seq_len, or 0 (no chunks)")
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:

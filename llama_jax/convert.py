@@ -1,8 +1,10 @@
 """Hugging Face Llama checkpoints in and out: `load_hf(path) -> Llama`, `save_hf(model, path, tokenizer=...)`, and
-`open_checkpoint(path)`, which opens a Hugging Face directory or a llama_jax run with the files around the weights.
+`open_checkpoint(path)`, which opens a Hugging Face directory or a llama_jax run with the files around the weights;
+and the conversion CLI between Hugging Face, Meta's original layout (meta_format.py) and our runs (ours_format.py):
 
-    python -m llama_jax.convert --from ours --to hf --source runs/tiny --out exported/
-    python -m llama_jax.convert --from hf --to hf --source HF_DIR --out copy/ --dtype bfloat16
+    python -m llama_jax.convert --from ours --to hf runs/tiny exported/
+    python -m llama_jax.convert --from meta --to ours Llama-3.1-8B/original llama-8b/ --dtype bfloat16
+    python -m llama_jax.convert --from hf --to meta HF_DIR meta/ --shards 8
 
 Hugging Face stores one 2-D matrix per layer in torch's [out, in] layout; we store each kind of weight stacked
 over a leading layers axis with named head axes ([L, d, n, h] for q). One table (`_weights`) describes every
@@ -16,10 +18,20 @@ holds more than one shard of a parameter: each shard is built from the slices of
 sent to its devices and released, so host memory peaks at about two shards (see `_read_sharded`), and each host
 of a multi-host run reads only its own devices' shards. The model itself is built abstractly (`nnx.eval_shape`),
 so no random initialisation is ever computed.
+
+Conversion streams too, and never builds a model: a `ParamSource` gives one of our parameters at a time (whole,
+stacked over layers) and each writer sends it on before asking for the next. Peak memory above the imports, in
+units of the largest stacked parameter P, measured on a model of 9 P (tests/test_convert_memory.py): reading
+Hugging Face files costs P plus one layer's tensor (read with one read call each, nothing mapped), Meta's the same,
+ours about 2.5 P (tensorstore decodes beside the array); writing Hugging Face or Meta files costs one layer's tensor
+beyond the parameter being written (a whole copy for lm_head, whose layout transposes), ours 3 to 4 P (tensorstore
+copies and compresses, with a peak that varies with its threads' timing). Measured totals: hf -> ours 3.0 to 5.0 P,
+ours -> meta 2.7 P, meta -> hf 1.7 P; averaging two (average.py, with its float64 sum) 4 to 5 P, once 7.9 P.
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import collections
 import contextlib
@@ -29,6 +41,7 @@ import json
 import math
 import operator
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -40,12 +53,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from llama_jax import generation_config
 from llama_jax.data.chat import ChatFormat
-from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
+from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.generation_config import GenerationSettings
 from llama_jax.model import Llama, LlamaConfig
 from llama_jax.parallel.mesh import param_shardings
@@ -77,6 +89,12 @@ class _Weight:
     @property
     def hf_shape(self) -> tuple[int, ...]:
         return tuple(math.prod(sizes) for sizes in self.hf_axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Our parameter's shape for one layer."""
+        sizes = [size for sizes in self.hf_axes for size in sizes]
+        return tuple(sizes[axis] for axis in self.perm)
 
     def to_ours(self, w: np.ndarray) -> np.ndarray:
         return w.reshape([size for sizes in self.hf_axes for size in sizes]).transpose(self.perm)
@@ -264,23 +282,11 @@ def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
     return config_from_hf(hf, **overrides)
 
 
-# How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "init_std", "max_seq_len")
-
-
-def load_pretrained_params(path: str | os.PathLike, cfg: LlamaConfig, *, shardings: dict | None = None) -> dict:
-    """The parameters (a plain dict, as the trainer keeps them) of a Hugging Face checkpoint that a run with model
-    config `cfg` starts from; refuses a checkpoint of another architecture before reading any tensor. With
-    `shardings` (a dict of `jax.sharding.Sharding` matching the parameters, e.g. the train state's) each parameter
-    is read straight into its shards; without, all land on the default device."""
-    saved = read_hf_config(path, **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
-    changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-               for f in dataclasses.fields(LlamaConfig) if getattr(cfg, f.name) != getattr(saved, f.name)]
-    if changed:
-        raise ConfigError(
-            f"checkpoint.init_from={str(path)!r} is a different model: {'; '.join(changed)}. Fix: take the model "
-            "section from the checkpoint, cfg.model = llama_jax.config.hf_model_section(path) (as configs/finetune_hf.py does)"
-        )
+def load_hf_params(path: str | os.PathLike, cfg: LlamaConfig, *, shardings: dict | None = None) -> dict:
+    """The parameters (a plain dict, as the trainer keeps them) of a Hugging Face checkpoint, as model config `cfg`
+    (whose architecture `checkpoint.load_pretrained` has checked against it) holds them. With `shardings` (a dict of
+    `jax.sharding.Sharding` matching the parameters, e.g. the train state's) each parameter is read straight into
+    its shards; without, all land on the default device."""
     model = _abstract_model(cfg)
     _fill(model, Path(path).expanduser(), shardings)
     return nnx.to_pure_dict(nnx.state(model))
@@ -295,9 +301,10 @@ def _fill(model: Llama, path: Path, shardings: dict | None) -> None:
     """Sets every parameter of the abstract `model` from the safetensors in `path`, placed as `shardings` (a dict
     matching the parameters) says, or whole on the default device when it is None."""
     with _open_safetensors(path) as tensors:
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name, handle in tensors.items()}
         for weight in _weights(model.cfg):
             param = _param(model, weight.path)
-            names = _tensor_names(tensors, weight, model.cfg.n_layers, path)
+            names = _tensor_names(shapes, weight, model.cfg.n_layers, path)
             read = functools.partial(_read_block, tensors, weight, names, jnp.dtype(model.cfg.param_dtype))
             if shardings is None:
                 param.set_value(jnp.asarray(read(tuple(range(size) for size in param.shape))))
@@ -309,21 +316,26 @@ def _fill(model: Llama, path: Path, shardings: dict | None) -> None:
 @contextlib.contextmanager
 def _open_safetensors(path: Path) -> Iterator[dict[str, object]]:
     """{tensor name: open safetensors file} over every *.safetensors file in `path`; reads only the headers."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} holds no *.safetensors files: save the model with safe_serialization (the default)")
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(file, framework="numpy")) for file in files]
+        handles = [stack.enter_context(safe_open(file, framework="numpy")) for file in _safetensors_files(path)]
         yield {name: handle for handle in handles for name in handle.keys()}
 
 
-def _tensor_names(tensors: dict, weight: _Weight, n_layers: int, path: Path) -> list[str]:
-    """The HF tensors of `weight` (one per layer when stacked), checked to exist with the shape config.json implies."""
+def _safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors files: save the model with safe_serialization (the default)")
+    return files
+
+
+def _tensor_names(shapes: dict[str, tuple[int, ...]], weight: _Weight, n_layers: int, path: Path) -> list[str]:
+    """The HF tensors of `weight` (one per layer when stacked), checked to exist in `shapes` (name: shape) with the
+    shape config.json implies."""
     names = [weight.hf_name.format(i=i) for i in range(n_layers)] if weight.stacked else [weight.hf_name]
     for name in names:
-        if name not in tensors:
+        if name not in shapes:
             raise CheckpointError(f"{path} has no tensor {name!r}: the checkpoint is incomplete or does not match config.json")
-        got = tuple(tensors[name].get_slice(name).get_shape())
+        got = shapes[name]
         if got != weight.hf_shape:
             raise CheckpointError(
                 f"tensor {name!r} in {path} has shape {got}, but config.json implies {weight.hf_shape}: "
@@ -388,24 +400,38 @@ def save_hf(
     default the tokenizer's built-in chat format, when it has one). Without it only config.json and the weights are
     written, and a warning says so. Tensors are stored in `dtype` (default: the model's parameter dtype), split
     into shards of at most `max_shard_bytes` with a `model.safetensors.index.json` when they do not fit in one.
-    Shards are written one at a time, so host memory stays near one shard. Earlier model*.safetensors files in
-    `path` are removed, since transformers would read a stale single file in preference to a new index.
+    Tensors are written one at a time, so host memory stays near one stacked parameter. Earlier model*.safetensors
+    files in `path` are removed, since transformers would read a stale single file in preference to a new index.
     """
     path = Path(path)
-    _save_weights(model, path, dtype, max_shard_bytes)
+    _save_weights(model.cfg, lambda param_path: np.asarray(_param(model, param_path)[...]), path, dtype, max_shard_bytes)
     if tokenizer is None:
         warnings.warn(f"save_hf wrote no tokenizer files to {path}: pass tokenizer= for a directory that "
                       "AutoTokenizer can open", stacklevel=2)
         return
-    generation = generation or GenerationSettings.for_tokenizer(tokenizer)
-    (path / generation_config.FILE_NAME).write_text(json.dumps(generation.to_hf(), indent=2) + "\n")
     if chat_template is None:
         chat_template = ChatFormat.builtin_template(tokenizer)
+    _save_tokenizer(path, tokenizer, generation or GenerationSettings.for_tokenizer(tokenizer), chat_template)
+
+
+def _save_tokenizer(path: Path, tokenizer: Tokenizer, generation: GenerationSettings, chat_template: str | None) -> None:
+    (path / generation_config.FILE_NAME).write_text(json.dumps(generation.to_hf(), indent=2) + "\n")
     tokenizer.save_hf(path, chat_template=chat_template)
 
 
-def _save_weights(model: Llama, path: Path, dtype: str | None, max_shard_bytes: int) -> None:
-    cfg = model.cfg
+def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray]
+               ) -> Iterator[tuple[_Weight, int | None, np.ndarray]]:
+    """(weight, layer or None, tensor in Hugging Face's layout) for every HF tensor of the model, weight by weight,
+    from `read(path)`, which gives one of our parameters whole. Only one parameter is held at a time."""
+    for weight in _weights(cfg):
+        value = read(weight.path)
+        for i in range(cfg.n_layers) if weight.stacked else [None]:
+            yield weight, i, weight.to_hf(value if i is None else value[i])
+        del value  # before the next read, or two parameters would be held at once
+
+
+def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], path: Path, dtype: str | None,
+                  max_shard_bytes: int) -> None:
     np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
@@ -416,20 +442,43 @@ def _save_weights(model: Llama, path: Path, dtype: str | None, max_shard_bytes: 
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
     ]
+    tensors = hf_tensors(cfg, read)
     weight_map = {}
     for name, shard in zip(names, shards):
-        tensors = {}
-        for weight, i in shard:
-            value = _param(model, weight.path)[...]
-            value = value if i is None else value[i]
-            tensors[weight.hf_name.format(i=i)] = np.ascontiguousarray(weight.to_hf(np.asarray(value)).astype(np_dtype))
-        save_file(tensors, path / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
+        specs = [(weight.hf_name.format(i=i), weight.hf_shape) for weight, i in shard]
+        _write_safetensors(path / name, specs, np_dtype, (next(tensors)[2] for _ in shard))
+        weight_map.update(dict.fromkeys((tensor_name for tensor_name, _ in specs), name))
     if len(shards) > 1:
         total = sum(np.prod(weight.hf_shape) * np_dtype.itemsize for weight, _ in entries)
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (path / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg, np_dtype.name), indent=2) + "\n")
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _write_safetensors(file: Path, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+                       values: Iterator[np.ndarray]) -> None:
+    """A safetensors file of the tensors `specs` names, written as `values` yields them, one at a time.
+
+    The format is an 8-byte header length, a JSON header of names, dtypes, shapes and byte ranges, and the raw
+    tensors in order; knowing every shape up front, the header goes first and no tensor waits for another (the
+    safetensors library's `save_file` needs all of a file's tensors in memory at once).
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the format asks
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for value in values:
+            np.ascontiguousarray(value, dtype).tofile(f)
+            del value  # it may be a view of a whole parameter, which must go before the next one is read
 
 
 def _plan_shards(entries: list, itemsize: int, max_shard_bytes: int) -> list[list]:
@@ -482,27 +531,196 @@ def open_checkpoint(checkpoint: str | os.PathLike, *, mesh: Mesh | None = None) 
     return OpenedCheckpoint(model, tokenizer, GenerationSettings.from_directory(workdir, tokenizer), workdir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source_format", choices=("ours", "hf"), required=True,
-                        help="ours: a llama_jax workdir or checkpoint step; hf: a Hugging Face directory")
-    parser.add_argument("--to", choices=("hf",), required=True)
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--out", required=True, help="directory to write (created; earlier weights in it are replaced)")
-    parser.add_argument("--dtype", default=None, help="tensor dtype in the output, e.g. bfloat16 (default: as loaded)")
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------------------- conversion, one tensor at a time
+
+
+class ParamSource(abc.ABC):
+    """A checkpoint opened for conversion: its model config, its parameters one at a time, and the files beside them.
+
+    Converting through whole models would hold every parameter at once; a source gives one of our parameters at a
+    time (whole, stacked over layers, as training keeps it), so a conversion holds at most one plus what the two
+    formats' own I/O needs. `cfg.param_dtype` is the dtype the parameters are stored in.
+    """
+
+    cfg: LlamaConfig
+    directory: Path  # holds the tokenizer, generation_config.json and chat-template files
+    tokenizer: Path | None  # the tokenizer file; None when the checkpoint has none
+
+    @abc.abstractmethod
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        """Our parameter at attribute `path` (e.g. ("layers", "attn", "wq")), whole, in its stored dtype."""
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{attribute path: shape} of every parameter of a model with config `cfg`."""
+    return {weight.path: (cfg.n_layers, *weight.shape) if weight.stacked else weight.shape for weight in _weights(cfg)}
+
+
+class _SafetensorsFiles:
+    """Where each tensor of a directory's *.safetensors files lies, from their headers (8 bytes of length, then
+    JSON), so that a tensor is read with one read call. Nothing is mapped: safetensors' own reader maps whole files,
+    and the pages a read touches stay resident while the file is open, so a conversion would come to hold the model."""
+
+    def __init__(self, path: Path):
+        self._where = {}  # name: (file, dtype code, shape, byte offset)
+        for file in _safetensors_files(path):
+            try:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+            except ValueError as e:
+                raise CheckpointError(f"{file} has no readable safetensors header ({e}): re-download it") from None
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (file, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+        self.shapes = {name: where[2] for name, where in self._where.items()}
+
+    def dtype(self, name: str) -> np.dtype:
+        file, code = self._where[name][:2]
+        dtypes = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
+        if code not in dtypes:
+            raise CheckpointError(f"{file} stores {name} as {code}: conversion reads float32, bfloat16 and float16")
+        return jnp.dtype(dtypes[code])
+
+    def read(self, name: str) -> np.ndarray:
+        file, _, shape, offset = self._where[name]
+        return np.fromfile(file, self.dtype(name), count=math.prod(shape), offset=offset).reshape(shape)
+
+
+class _HFSource(ParamSource):
+    def __init__(self, path: Path):
+        cfg = read_hf_config(path)
+        self._files = _SafetensorsFiles(path)
+        embed = _tensor_names(self._files.shapes, _weights(cfg)[0], cfg.n_layers, path)[0]  # model.embed_tokens.weight
+        dtype = self._files.dtype(embed).name
+        self.cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+        self.directory, self.tokenizer = path, _tokenizer_in(path)
+        self._weights = {weight.path: weight for weight in _weights(self.cfg)}
+
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        weight = self._weights[path]
+        names = _tensor_names(self._files.shapes, weight, self.cfg.n_layers, self.directory)
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        if not weight.stacked:
+            return weight.to_ours(self._files.read(names[0])).astype(dtype, copy=False)
+        out = np.empty(param_shapes(self.cfg)[path], dtype)
+        for i, name in enumerate(names):
+            out[i] = weight.to_ours(self._files.read(name))
+        return out
+
+
+def _tokenizer_in(directory: Path) -> Path | None:
     try:
-        source = Path(args.source).expanduser()
-        if (args.source_format == "hf") != (source / "config.json").is_file():
-            raise CheckpointError(f"--source {source} is not a {'Hugging Face directory' if args.source_format == 'hf' else 'llama_jax checkpoint'}: "
-                                  "use --from hf for a directory with config.json, --from ours for a workdir")
-        opened = open_checkpoint(source)
-        save_hf(opened.model, args.out, tokenizer=opened.tokenizer, generation=opened.generation,
-                chat_template=opened.chat_template, dtype=args.dtype)
+        return tokenizer_files(directory)[0]
+    except DataError:
+        return None
+
+
+FORMATS = {"hf": "a Hugging Face directory (config.json)", "meta": "a Meta checkpoint (params.json, consolidated.NN.pth)",
+           "ours": "a llama_jax workdir or checkpoint step"}
+
+
+def detect_format(path: Path) -> str | None:
+    """Which of FORMATS the checkpoint at `path` is, judged by its files alone; None when it is none of them."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass {' or '.join(FORMATS.values())}")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file() or any(path.glob("consolidated.*.pth")):
+        return "meta"
+    from llama_jax.checkpoint import find_step_dir  # imported here: it pulls in Orbax, which HF files never need
+
+    try:
+        find_step_dir(path)
+    except CheckpointError:
+        return None
+    return "ours"
+
+
+def open_source(path: str | os.PathLike, kind: str | None = None) -> ParamSource:
+    """The checkpoint at `path` as a `ParamSource`; `kind` (one of FORMATS) is checked against its files, and
+    found from them when None."""
+    path = Path(path).expanduser().absolute()
+    found = detect_format(path)
+    if kind is not None and found not in (None, kind):
+        raise CheckpointError(f"{path} is {FORMATS[found]}, not {FORMATS[kind]}: pass --from {found}")
+    kind = kind or found
+    if kind == "hf":
+        return _HFSource(path)
+    if kind == "meta":
+        from llama_jax.meta_format import MetaSource
+
+        return MetaSource(path)
+    if kind == "ours":
+        from llama_jax.ours_format import OursSource
+
+        return OursSource(path)
+    raise CheckpointError(f"{path} holds no checkpoint: pass {' or '.join(FORMATS.values())}")
+
+
+def write_hf(source: ParamSource, out: Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """`source` as a complete Hugging Face directory (as `save_hf` writes one), one tensor at a time."""
+    _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes)
+    if source.tokenizer is None:
+        warnings.warn(f"{source.directory} has no tokenizer, so {out} has none: copy tokenizer.json or "
+                      "tokenizer.model into it for a directory that AutoTokenizer can open", stacklevel=2)
+        return
+    tokenizer = Tokenizer.from_file(source.tokenizer)
+    _save_tokenizer(out, tokenizer, GenerationSettings.from_directory(source.directory, tokenizer),
+                    ChatFormat.template_in(source.directory, tokenizer))
+
+
+def copy_tokenizer_files(source: ParamSource, out: Path) -> list[str]:
+    """Copies the source's tokenizer files and generation_config.json into `out`; returns their names."""
+    if source.tokenizer is None:
+        return []
+    generation = source.directory / generation_config.FILE_NAME
+    files = tokenizer_files(source.tokenizer) + ([generation] if generation.is_file() else [])
+    out.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, out / file.name)
+    return [file.name for file in files]
+
+
+def convert(source: ParamSource, out: Path, to: str, *, dtype: str | None = None, shards: int = 1) -> None:
+    """Writes `source` to `out` in format `to` (one of FORMATS), tensors in `dtype` (default: as stored);
+    `shards` is the number of model-parallel ranks of a Meta checkpoint."""
+    if shards != 1 and to != "meta":
+        raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
+    if to == "hf":
+        write_hf(source, out, dtype)
+    elif to == "meta":
+        from llama_jax.meta_format import write_meta
+
+        write_meta(source, out, dtype, shards)
+    else:
+        from llama_jax.ours_format import write_ours
+
+        write_ours(source, out, dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert", description="Converts a Llama checkpoint "
+                                     "between Hugging Face, Meta's original layout and llama_jax, one tensor at a time.")
+    parser.add_argument("--from", dest="source_format", choices=FORMATS, required=True,
+                        help="; ".join(f"{name}: {what}" for name, what in FORMATS.items()))
+    parser.add_argument("--to", dest="target_format", choices=FORMATS, required=True)
+    parser.add_argument("src", help="the checkpoint to read")
+    parser.add_argument("dst", help="directory to write (created; earlier weights in it are replaced)")
+    parser.add_argument("--dtype", choices=tuple(_SAFETENSORS_DTYPES), default=None,
+                        help="tensor dtype in the output (default: as stored)")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="--to meta: model-parallel ranks, one consolidated.NN.pth each (default 1)")
+    args = parser.parse_args(argv)
+    src, dst = Path(args.src).expanduser().absolute(), Path(args.dst).expanduser().absolute()
+    try:
+        if dst == src:
+            raise CheckpointError(f"{dst} holds the checkpoint being read: choose another output directory")
+        convert(open_source(src, args.source_format), dst, args.target_format, dtype=args.dtype, shards=args.shards)
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: config.json, {generation_config.FILE_NAME}, safetensors, tokenizer files")
+    print(f"wrote {dst} ({FORMATS[args.target_format]})")
     return 0
 
 

@@ -7,13 +7,18 @@ from a table of published dense bf16 figures; on CPU the peak is measured with a
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import tensorboardX
 import tqdm
+from etils import epath
+
+from llama_jax.workdir import is_remote
+
+_DETAIL = "goodput/"  # the goodput breakdown: in metrics.jsonl and TensorBoard, not on the console
 
 # Dense bf16 peak FLOP/s per device, by substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -53,24 +58,40 @@ def _measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step; on resume, drops lines past the restored step."""
+    """Appends one JSON object per logged step; on resume, drops lines past the restored step and keeps them in
+    `dropped` (what the interrupted process did after its last checkpoint: goodput counts that time as lost).
 
-    def __init__(self, workdir: Path, *, start_step: int, total_steps: int, enabled: bool = True):
+    An object store (gs://) cannot append, so there the file is rewritten whole, at most every `REWRITE_S` seconds
+    and at every `flush()`; the loop flushes before each checkpoint, so the lines of every restorable step exist.
+    TensorBoard's event files are written locally there and copied up at the same moments, through the same
+    `epath` as everything else (tensorboardX's own bucket clients differ per store and retry for minutes)."""
+
+    REWRITE_S = 30.0
+
+    def __init__(self, workdir: epath.Path, *, start_step: int, total_steps: int, enabled: bool = True):
         self.enabled = enabled
+        self.dropped: list[dict] = []
         if not enabled:
             return
         self.path = workdir / "metrics.jsonl"
-        self._truncate_after(start_step)
-        self.jsonl = self.path.open("a")
+        self._lines, self.dropped = self._truncate_after(start_step)
+        self._remote = is_remote(workdir)
+        self._written = time.monotonic()
+        self.jsonl = None if self._remote else self.path.open("a")
+        self._events = workdir / "tensorboard"
+        self._local_events = epath.Path(tempfile.mkdtemp(prefix="llama_jax_tensorboard_")) if self._remote else self._events
         # purge_step hides the events an earlier, interrupted process logged past the restored step.
-        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+        self.tensorboard = tensorboardX.SummaryWriter(str(self._local_events), purge_step=start_step + 1)
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> tuple[list[str], list[dict]]:
+        """Drops the lines past `step`; returns the lines kept and the records dropped."""
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            return [], []
+        lines = [(line + "\n", json.loads(line)) for line in self.path.read_text().splitlines() if line]
+        kept = [line for line, record in lines if record["step"] <= step]
+        self.path.write_text("".join(kept))
+        return kept, [record for _, record in lines if record["step"] > step]
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -79,25 +100,47 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._written >= self.REWRITE_S:
+                self.flush()
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for key, value in metrics.items():
             self.tensorboard.add_scalar(key, float(value), step)
-        self.bar.write(" | ".join([f"step {step}"] + [_format(k, v) for k, v in metrics.items()]))
+        shown = {k: v for k, v in metrics.items() if not k.startswith(_DETAIL)}
+        self.bar.write(" | ".join([f"step {step}"] + [_format(k, v) for k, v in shown.items()]))
+
+    def flush(self) -> None:
+        """Makes every line and event logged so far durable."""
+        if not self.enabled:
+            return
+        self.tensorboard.flush()
+        if self._remote:
+            self.path.write_text("".join(self._lines))
+            self._events.mkdir(parents=True, exist_ok=True)
+            for events in self._local_events.iterdir():
+                events.copy(self._events / events.name, overwrite=True)
+            self._written = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
-            self.bar.close()
-            self.jsonl.close()
             self.tensorboard.close()
+            self.flush()
+            self.bar.close()
+            if self.jsonl is not None:
+                self.jsonl.close()
+            if self._remote:
+                self._local_events.rmtree()
 
 
 def _format(key: str, value: float) -> str:
     if key in ("loss", "eval_loss", "grad_norm"):
         return f"{key} {value:.4f}"
-    if key == "mfu":
-        return f"mfu {100 * value:.1f}%"
+    if key in ("mfu", "goodput"):
+        return f"{key} {100 * value:.1f}%"
     if key in ("tokens", "tokens_per_s"):
         return f"{key} {value:,.0f}"
     return f"{key} {value:.3g}"

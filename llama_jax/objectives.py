@@ -1,21 +1,58 @@
 """Training objectives. Each returns the summed loss and the token count, so that gradient accumulation and
-data-parallel reduction divide once, by the whole batch's count, and match full-batch training exactly."""
+data-parallel reduction divide once, by the whole batch's count, and match full-batch training exactly.
+
+The causal-LM loss starts from the final hidden states, not from logits: at a 128K vocabulary and 8K positions the
+float32 logits are the largest activation of a step (4 GiB per sequence), so they are made `chunk_len` positions at
+a time and recomputed in the backward pass instead of being kept (`jax.checkpoint` inside a `lax.map`).
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from llama_jax.errors import ConfigError
 
-def token_nll(logits_btv: jnp.ndarray, targets_bt: jnp.ndarray) -> jnp.ndarray:
-    """Negative log-likelihood of each target token, in float32."""
+LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]  # hidden states [..., dim] -> float32 logits [..., vocab]
+
+
+def token_nll(logits_btv: jnp.ndarray, targets_bt: jnp.ndarray, z_loss: float = 0.0) -> jnp.ndarray:
+    """Negative log-likelihood of each target token, in float32, plus `z_loss` x log(Z)^2 (PaLM's auxiliary loss:
+    it keeps the softmax normaliser near 1, so the logits cannot drift to large magnitudes in long runs)."""
     logits_btv = logits_btv.astype(jnp.float32)
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return log_z_bt - target_logit_bt
+    return log_z_bt - target_logit_bt + z_loss * jnp.square(log_z_bt)
 
 
-def lm_loss_sum(logits_btv: jnp.ndarray, targets_bt: jnp.ndarray, loss_mask_bt: jnp.ndarray):
-    """Causal LM: (sum of masked token NLL, number of counted tokens)."""
+def lm_loss_sum(logits_fn: LogitsFn, h_btd: jnp.ndarray, targets_bt: jnp.ndarray, loss_mask_bt: jnp.ndarray, *,
+                chunk_len: int = 0, z_loss: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Causal LM: (sum of masked token NLL (+ z-loss, see `token_nll`), number of counted tokens) of
+    `logits_fn(h_btd)`.
+
+    With 0 < `chunk_len` < t, the logits of only `chunk_len` positions per row exist at a time, in the forward and
+    the backward pass. Chunk j holds positions j, j + n, j + 2n, ... (n = t / chunk_len): strided rather than
+    contiguous, so that a sequence split over the context-parallel axis stays split the same way in every chunk.
+    """
     mask_bt = loss_mask_bt.astype(jnp.float32)
-    return jnp.sum(token_nll(logits_btv, targets_bt) * mask_bt), jnp.sum(mask_bt)
+    count = jnp.sum(mask_bt)
+    b, t = targets_bt.shape
+    if not chunk_len or chunk_len >= t:
+        return jnp.sum(token_nll(logits_fn(h_btd), targets_bt, z_loss) * mask_bt), count
+    if t % chunk_len:
+        raise ConfigError(f"sequence length {t} is not a multiple of objective.loss_chunk_len={chunk_len}: use a "
+                          f"chunk length that divides every data.seq_len (or 0 for no chunking)")
+    n = t // chunk_len
+
+    def strided(x):  # [b, t, ...] -> [n, b, chunk_len, ...]
+        return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
+
+    @jax.checkpoint
+    def chunk_sum(chunk):
+        h_bcd, targets_bc, mask_bc = chunk
+        return jnp.sum(token_nll(logits_fn(h_bcd), targets_bc, z_loss) * mask_bc)
+
+    sums = jax.lax.map(chunk_sum, (strided(h_btd), strided(targets_bt), strided(mask_bt)))
+    return jnp.sum(sums), count

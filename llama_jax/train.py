@@ -2,7 +2,10 @@
 
 Running again with the same workdir resumes from its latest checkpoint. Exit codes: 0 finished; 2 a
 configuration, data or checkpoint problem (the message says what to fix); 75 (EX_TEMPFAIL) preempted: a
-SIGTERM arrived, the step in flight was finished and checkpointed, and rerunning the command resumes.
+SIGTERM or a GCE host-maintenance notice arrived, the step in flight was finished and checkpointed, and rerunning
+the command resumes; 76 hung: the watchdog saw no progress for too long (`watchdog.*` keys), printed every thread's
+stack and ended the process; rerunning resumes from the last checkpoint. `python -m llama_jax.supervise -- <this
+command>` reruns it by itself (llama_jax/supervise.py).
 
 On several hosts, run the same command on every host: parallel/distributed.py says how the processes find each
 other (TPU pods and SLURM by themselves, or LLAMA_JAX_* variables). Process 0 writes the logs; all write checkpoints.
@@ -17,8 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llama_jax.errors import LlamaJaxError
-
-EXIT_PREEMPTED = 75
+from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
+from llama_jax.exit_codes import PREEMPTED as EXIT_PREEMPTED
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints). Default: runs/<config name>.")
@@ -34,7 +37,7 @@ def main(argv: list[str]) -> None:
         distributed.initialize()  # before anything touches a device: joins the other hosts of a multi-host run
     except LlamaJaxError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     from llama_jax import trainer  # imported after flag parsing so --help stays fast
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
@@ -46,7 +49,7 @@ def main(argv: list[str]) -> None:
         sys.exit(EXIT_PREEMPTED)
     except LlamaJaxError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -55,16 +58,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as err:  # unknown flag, or a value of the wrong type
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     except LlamaJaxError as err:  # raised by the config file's get_config (e.g. a checkpoint it reads is missing)
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
         message = err
         while isinstance(message, BaseException) and message.args:
             message = message.args[0]
         print(f"error: unknown config override: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
 
 
 if __name__ == "__main__":

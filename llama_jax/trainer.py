@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -26,10 +25,12 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
+from llama_jax import workdir as workdir_lib
 from llama_jax import maintenance, supervise
 from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, validate)
@@ -41,7 +42,7 @@ from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_flops_per_second
 from llama_jax.model import ModelDef, flops_per_token
-from llama_jax.model.llama import LayersFn
+from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives import lm_loss_sum
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.parallel import distributed
@@ -59,7 +60,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 class Preempted(LlamaJaxError):
     """Raised after a SIGTERM (or a TPU maintenance notice) once the current step is checkpointed."""
 
-    def __init__(self, step: int, directory: Path):
+    def __init__(self, step: int, directory: epath.Path):
         super().__init__(f"preempted: checkpoint saved at step {step} in {directory}; rerun the same command to resume")
         self.step = step
 
@@ -130,7 +131,7 @@ class Run:
     """What the loop needs, set up once."""
 
     cfg: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path
     mesh: Mesh
     model_def: ModelDef
     tx: optax.GradientTransformation
@@ -166,22 +167,28 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 
 
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
-                    layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None) -> Callable:
+                    layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None, *,
+                    loss_chunk_len: int = 0, z_loss: float = 0.0) -> Callable:
     """(state, batch) -> (state, metrics). With grad_accum > 1 the batch is split into microbatches whose
     gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
     full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order.
-    `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward."""
+    `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
+    `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
+    coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it)."""
 
     def step_fn(state: TrainState, batch: Batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-        def token_loss(logits_btv, rows: Batch):
-            nll_sum, _ = lm_loss_sum(logits_btv, rows["targets"], rows["loss_mask"])
+        def token_loss(model: Llama, h_btd, rows: Batch):
+            nll_sum, _ = lm_loss_sum(model.logits, h_btd, rows["targets"], rows["loss_mask"], chunk_len=loss_chunk_len,
+                                     z_loss=z_loss)
             return nll_sum / n_tokens
 
         def loss_fn(params, mb: Batch):
-            return token_loss(model_def.merge(params)(mb["tokens"], segment_ids=mb["segment_ids"],
-                                                      positions=mb["positions"], layers_fn=layers_fn), mb)
+            model = model_def.merge(params)
+            h_btd = model.hidden(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
+                                 layers_fn=layers_fn)
+            return token_loss(model, h_btd, mb)
 
         def grad_fn(params, mb: Batch):
             if scheduled_grads is None:
@@ -210,16 +217,17 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     return step_fn
 
 
-def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None) -> Callable:
+def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0) -> Callable:
     def eval_fn(params, batch: Batch):
-        logits_btv = model_def.merge(params)(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                                             layers_fn=layers_fn)
-        return lm_loss_sum(logits_btv, batch["targets"], batch["loss_mask"])
+        model = model_def.merge(params)
+        h_btd = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                             layers_fn=layers_fn)
+        return lm_loss_sum(model.logits, h_btd, batch["targets"], batch["loss_mask"], chunk_len=loss_chunk_len)
 
     return eval_fn
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: Path, devices: list | None = None) -> Run:
+def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None) -> Run:
     """Everything the loop needs, on a mesh over all devices (or `devices`)."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -261,11 +269,12 @@ def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_siz
                           f"{jax.process_count()} processes")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-    workdir = Path(workdir).expanduser().absolute()
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` (a local path or a URL such as gs://bucket/run); returns the last
+    logged metrics."""
+    workdir = workdir_lib.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = ckpt.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
     try:
         return _train(cfg, workdir)
     finally:
@@ -273,7 +282,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             lock.release()
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
+def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
     run = setup(cfg, workdir)
     model_cfg = run.model_def.cfg
     if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
@@ -331,7 +340,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
 
 
-def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: Path) -> str:
+def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:
     """Copies into the workdir what its checkpoints need to be used on their own: the tokenizer's files and, for a
     run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
     file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir."""
@@ -339,7 +348,7 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     generation = Path(cfg.checkpoint.init_from).expanduser() / generation_config.FILE_NAME
     if jax.process_index() == 0:
         for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
-            shutil.copyfile(file, workdir / file.name)
+            epath.Path(file).copy(workdir / file.name, overwrite=True)
     return files[0].name
 
 
@@ -349,12 +358,13 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     total = cfg.train.steps
     schedule = lr_schedule(cfg.optim, total)
     step_fn = jax.jit(
-        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn, run.scheduled_grads),
+        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn, run.scheduled_grads,
+                        loss_chunk_len=cfg.objective.loss_chunk_len, z_loss=cfg.objective.z_loss),
         in_shardings=(run.state_shardings, run.batch_sharding),
         out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn))
+    eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len))
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
     save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
@@ -398,6 +408,7 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
             jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
             saved_meta = {**meta, "goodput": goodput.ledger()}
             with goodput.lost(CHECKPOINT), watchdog.phase("checkpoint save"):
+                logger.flush()  # every line up to this step exists before the step can be restored
                 checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
             save_clock.reset()
         if preempted and done < total:

@@ -206,6 +206,18 @@ def test_batch_not_divisible_by_grad_accum():
     validate(cfg)
 
 
+def test_loss_chunks_must_divide_every_sequence_length():
+    cfg = default_config()
+    cfg.model.max_seq_len, cfg.data.seq_len, cfg.objective.loss_chunk_len = 4096, 1536, 1024
+    assert_config_error(cfg, "data.seq_len", "objective.loss_chunk_len")
+    cfg.data.seq_len, cfg.data.ramp = 2048, ((100_000, 32, 2560),)
+    assert_config_error(cfg, "data.ramp[0]", "objective.loss_chunk_len")
+    cfg.data.ramp = ((100_000, 32, 4096),)
+    validate(cfg)
+    cfg.data.seq_len, cfg.data.ramp = 512, ()  # shorter than a chunk: one chunk
+    validate(cfg)
+
+
 def test_seq_len_longer_than_model_context():
     cfg = default_config()
     cfg.data.seq_len = cfg.model.max_seq_len + 1
@@ -280,7 +292,8 @@ def test_cli_misspelled_override_is_one_readable_error(misspelled_override):
     assert not (tmp / "cache").exists(), "data was prepared before the config was checked"
 
 
-@pytest.mark.parametrize("key", ["train.eval_every", "optim.warmup_steps", "optim.decay_steps"])
+@pytest.mark.parametrize("key", ["train.eval_every", "optim.warmup_steps", "optim.decay_steps",
+                                 "objective.loss_chunk_len"])
 def test_negative_counts_are_rejected(key):
     cfg = default_config()
     section, name = key.split(".")

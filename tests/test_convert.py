@@ -1,7 +1,10 @@
 """Hugging Face conversion: our files load in transformers, transformers' files load here, and bad ones fail clearly."""
 
+import base64
 import json
+import re
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +17,9 @@ from hf_reference import random_hf_llama
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from llama_jax.convert import load_hf, save_hf
+from llama_jax.convert import load_hf, read_hf_config, save_hf
 from llama_jax.errors import CheckpointError
-from llama_jax.model import Llama, LlamaConfig
+from llama_jax.model import Llama, LlamaConfig, ModelDef
 
 SEQ_LEN = 160  # beyond the original context of 64 below, so a misread RoPE scaling changes the logits
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -218,7 +221,6 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 def smol_dir(tmp_path_factory):
     """Shaped like a SmolLM2 repository: no bos added, bos_token a chat token, a ChatML template, three stop ids."""
     import sysconfig
-    from pathlib import Path
 
     import tokenizers
 
@@ -247,7 +249,7 @@ def test_convert_cli_re_exports_a_hugging_face_directory_whole(smol_dir, tmp_pat
     from llama_jax.convert import main, open_checkpoint
 
     out = tmp_path / "out"
-    assert main(["--from", "hf", "--to", "hf", "--source", str(smol_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert main(["--from", "hf", "--to", "hf", str(smol_dir), str(out), "--dtype", "bfloat16"]) == 0
     assert "wrote" in capsys.readouterr().out
     source_tok, out_tok = (transformers.AutoTokenizer.from_pretrained(d) for d in (smol_dir, out))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -268,10 +270,107 @@ def test_convert_cli_re_exports_a_hugging_face_directory_whole(smol_dir, tmp_pat
         np.testing.assert_array_equal(a.astype(jnp.bfloat16).astype(np.float32), b)  # rounded once to bf16, no more
 
 
-def test_convert_cli_refuses_a_source_of_the_other_kind(smol_dir, tmp_path, capsys):
+
+
+def add_tokenizer(directory: Path) -> Path:
+    """A tiktoken tokenizer.model whose ranks are the 256 bytes: the kind of file Meta's releases and our runs carry."""
+    path = directory / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    return path
+
+
+def convert_cli(*args) -> None:
     from llama_jax.convert import main
 
-    assert main(["--from", "ours", "--to", "hf", "--source", str(smol_dir), "--out", str(tmp_path)]) == 2
-    assert "use --from hf for a directory with config.json" in capsys.readouterr().err
-    assert main(["--from", "ours", "--to", "hf", "--source", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert main([str(arg) for arg in args]) == 0
+
+
+def safetensors_of(directory: Path) -> dict[str, np.ndarray]:
+    return {name: value for file in sorted(directory.glob("*.safetensors")) for name, value in load_file(file).items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hugging_face_to_ours_to_hugging_face_is_exact(tmp_path, dtype):
+    from llama_jax.checkpoint import load_model
+
+    hf_model().to(getattr(torch, dtype)).save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    add_tokenizer(tmp_path / "hf")
+    convert_cli("--from", "hf", "--to", "ours", tmp_path / "hf", tmp_path / "ours")
+    convert_cli("--from", "ours", "--to", "hf", tmp_path / "ours", tmp_path / "back")
+    original, back = safetensors_of(tmp_path / "hf"), safetensors_of(tmp_path / "back")
+    assert original.keys() == back.keys() and len(original) == 21
+    for name, value in original.items():
+        assert back[name].dtype == value.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert read_hf_config(tmp_path / "back") == read_hf_config(tmp_path / "hf")
+    model, tokenizer = load_model(tmp_path / "ours")
+    assert model.embed[...].dtype == jnp.dtype(dtype) and tokenizer == str(tmp_path / "ours" / "tokenizer.model")
+    assert {p.name for p in (tmp_path / "back").iterdir()} >= {"tokenizer.json", "tokenizer_config.json",
+                                                                "generation_config.json", "config.json"}
+
+
+def test_ours_exported_to_hugging_face_gives_our_logits_in_transformers(tmp_path):
+    from llama_jax.checkpoint import load_model
+
+    hf_model(tie=True).save_pretrained(tmp_path / "hf")
+    add_tokenizer(tmp_path / "hf")
+    convert_cli("--from", "hf", "--to", "ours", tmp_path / "hf", tmp_path / "ours")
+    convert_cli("--from", "ours", "--to", "hf", tmp_path / "ours", tmp_path / "out")
+    ours, _ = load_model(tmp_path / "ours")
+    assert ours.cfg.tie_embeddings
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(hf_logits(reference), our_logits(ours), rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cli_dirs(tmp_path_factory):
+    """An HF directory without a tokenizer, one with, and a converted run."""
+    root = tmp_path_factory.mktemp("cli")
+    hf_model().save_pretrained(root / "bare")
+    shutil.copytree(root / "bare", root / "hf")
+    add_tokenizer(root / "hf")
+    convert_cli("--from", "hf", "--to", "ours", root / "hf", root / "ours")
+    (root / "empty").mkdir()
+    return root
+
+
+def test_a_converted_checkpoint_generates_and_starts_a_run(cli_dirs, capsys):
+    from llama_jax import checkpoint, generate
+
+    assert generate.main(["--checkpoint", str(cli_dirs / "ours"), "--prompt", "def", "--max_new_tokens", "4"]) == 0
+    capsys.readouterr()
+    cfg = read_hf_config(cli_dirs / "hf")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = nnx.to_pure_dict(ModelDef(cfg).abstract_state)
+    started = checkpoint.load_pretrained(cli_dirs / "ours", cfg, jax.tree.map(lambda _: device, abstract))
+    expected = nnx.to_pure_dict(nnx.state(load_hf(cli_dirs / "hf"), nnx.Param))
+    for got, want in zip(jax.tree.leaves(started), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+CLI_ERRORS = {
+    "missing_source": (["--from", "hf", "--to", "ours", "{root}/nowhere", "{out}"], "checkpoint .*nowhere does not exist"),
+    "ours_is_hf": (["--from", "ours", "--to", "hf", "{root}/hf", "{out}"],
+                   r"hf is a Hugging Face directory \(config.json\), not a llama_jax workdir .*: pass --from hf"),
+    "hf_is_ours": (["--from", "hf", "--to", "meta", "{root}/ours", "{out}"], "ours is a llama_jax workdir .*: pass --from ours"),
+    "hf_without_config": (["--from", "hf", "--to", "ours", "{root}/empty", "{out}"], "empty has no config.json"),
+    "ours_without_steps": (["--from", "ours", "--to", "hf", "{root}/empty", "{out}"], "no checkpoint found at .*empty"),
+    "shards_for_hf": (["--from", "ours", "--to", "hf", "{root}/ours", "{out}", "--shards", "2"],
+                      "--shards 2 applies only to --to meta"),
+    "same_directory": (["--from", "hf", "--to", "hf", "{root}/hf", "{root}/hf"], "holds the checkpoint being read"),
+    "ours_needs_a_tokenizer": (["--from", "hf", "--to", "ours", "{root}/bare", "{out}"],
+                               "bare has no tokenizer .*: copy the model's tokenizer into it, or convert to hf"),
+    "ours_into_a_run": (["--from", "hf", "--to", "ours", "{root}/hf", "{root}/ours"],
+                        r"ours already holds checkpoints \(steps 0\): write to a new directory"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_ERRORS)
+def test_convert_cli_errors_name_the_problem_and_the_fix(cli_dirs, tmp_path, capsys, case):
+    from llama_jax.convert import main
+
+    args, expected = CLI_ERRORS[case]
+    assert main([arg.format(root=cli_dirs, out=tmp_path / "out") for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(expected, err), err

@@ -132,12 +132,16 @@ def test_pipelines_train_in_bfloat16(references, schedule):
     np.testing.assert_allclose(losses["pipelined"], losses["plain"], rtol=2e-4)
 
 
-def test_tensor_parallel_step_is_megatron_and_vocabulary_parallel(references):
+@pytest.mark.parametrize("loss_chunk_len", [0, 8])
+def test_tensor_parallel_step_is_megatron_and_vocabulary_parallel(references, loss_chunk_len):
     """On tensor=8 the compiled step never gathers weights or logits: its only collectives are all-reduces of the
     [batch, length, embed] activations after row-parallel matmuls (and their gradients), of per-token [batch,
-    length] statistics (the loss's max and sum over vocabulary shards), and of scalars."""
+    length] statistics (the loss's max and sum over vocabulary shards, per chunk of 8 positions when the loss is
+    chunked), and of scalars."""
     workdir, _ = references
-    run = setup_run(case_cfg("wide", dict(tensor=8), {}), workdir)
+    cfg = case_cfg("wide", dict(tensor=8), {})
+    cfg.objective.loss_chunk_len = loss_chunk_len
+    run = setup_run(cfg, workdir)
     harness = Harness(run)
     with jax.set_mesh(run.mesh):
         hlo = harness.step.lower(run.abstract_state, run.to_global(BATCHES[0])).compile().as_text()
@@ -145,7 +149,8 @@ def test_tensor_parallel_step_is_megatron_and_vocabulary_parallel(references):
     kinds = {kind for _, kind in collectives}
     assert kinds == {"all-reduce"}, kinds
     shapes = set(re.findall(r"f32\[([\d,]*)\]", " ".join(result for result, _ in collectives)))
-    assert shapes <= {"8,32,64", "8,32", "8,32,1", ""}, shapes  # no [.., 512] vocabulary-sized and no weight-sized result
+    chunks = {"8,8,64", "8,8", "8,8,1"} if loss_chunk_len else set()  # a chunk's hidden-state gradient and statistics
+    assert shapes <= {"8,32,64", "8,32", "8,32,1", "", *chunks}, shapes  # no vocabulary- or weight-sized result
 
 
 # ---------------------------------------------------------------------------------------------- context attention

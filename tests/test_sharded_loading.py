@@ -18,7 +18,7 @@ from test_convert import OURS, hf_model, our_logits
 
 from llama_jax import convert
 from llama_jax.checkpoint import Checkpointer, load_model
-from llama_jax.convert import _weights, load_hf, load_pretrained_params
+from llama_jax.convert import _weights, load_hf, load_hf_params
 from llama_jax.generate import generate, parse_mesh
 from llama_jax.parallel.mesh import make_mesh, param_shardings
 
@@ -62,10 +62,10 @@ def test_load_hf_reads_each_parameter_into_its_shards(hf_dir, whole, spec):
     np.testing.assert_allclose(our_logits(model), our_logits(whole), rtol=0, atol=1e-5)
 
 
-def test_load_pretrained_params_takes_the_train_state_shardings(hf_dir, whole):
+def test_load_hf_params_takes_the_train_state_shardings(hf_dir, whole):
     mesh = make_mesh(parse_mesh("fsdp=4,tensor=2"))
     shardings = param_shardings(nnx.state(whole), mesh)
-    loaded = load_pretrained_params(hf_dir, whole.cfg, shardings=shardings)
+    loaded = load_hf_params(hf_dir, whole.cfg, shardings=shardings)
     for got, sharding, reference in zip(*map(jax.tree.leaves, (loaded, shardings, params(whole))), strict=True):
         assert got.sharding == sharding
         np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))

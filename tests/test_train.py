@@ -7,7 +7,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,37 +16,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli_run import CLI_ENV, KILL_RUN, REPO, cache_dir, cli_command, read_metrics, run_cli  # noqa: F401 (a fixture)
+from cli_run import without_timing as _without_timing
 from config_files import load_config_file
 
 from llama_jax import checkpoint, generate, trainer
+from llama_jax import workdir as workdir_lib
 from llama_jax.config import default_config, model_config, model_section
 from llama_jax.errors import CheckpointError, ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One corpus + tokenizer build (about 20 s) shared by every test here."""
-    return tmp_path_factory.mktemp("corpus_cache")
-
-
-CLI_ENV = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's machine has
-
-
-def cli_command(workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
-            "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", *overrides]
-
-
-def run_cli(workdir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = cli_command(workdir, cache_dir, *overrides)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=CLI_ENV, cwd=REPO)
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
 
 QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.optim.warmup_steps=4",
          "--config.train.log_every=4", "--config.train.eval_every=8", "--config.checkpoint.every_steps=8",
@@ -162,11 +138,6 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert _without_timing(read_metrics(damaged)) == _without_timing(read_metrics(straight))
 
 
-def _without_timing(lines: list[dict]) -> list[dict]:
-    """Metrics lines without their wall-clock fields, which differ between any two runs."""
-    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")} for m in lines]
-
-
 def test_keep_policy_and_wall_clock_saves(tmp_path, cache_dir):
     cfg = small_config(cache_dir, 8)
     cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.keep_every = 1, 1, 4
@@ -181,7 +152,7 @@ def test_keep_policy_and_wall_clock_saves(tmp_path, cache_dir):
 def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cache_dir):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    holder = checkpoint.WorkdirLock(workdir)
+    holder = workdir_lib.lock(workdir_lib.resolve(workdir))
     with pytest.raises(CheckpointError, match=r"is in use by a running job \(pid \d+ on .*\): .*another --workdir"):
         trainer.train(small_config(cache_dir, 3), workdir)
     assert not (workdir / "checkpoints").exists(), "the refused run wrote nothing"
@@ -206,11 +177,6 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         checkpoint.load_model(tmp_path)
-
-
-KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.data.seq_len=64",
-            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.data.eval_batches=1",
-            "--config.checkpoint.every_steps=2", "--config.optim.warmup_steps=2")
 
 
 def test_killed_anywhere_and_restarted_equals_never_interrupted(tmp_path, cache_dir):
@@ -280,7 +246,7 @@ def test_a_trained_run_exports_to_a_complete_hugging_face_directory(tmp_path, ca
 
     workdir, out = tmp_path / "run", tmp_path / "hf"
     trainer.train(small_config(cache_dir, 3), workdir)
-    code = convert.main(["--from", "ours", "--to", "hf", "--source", str(workdir), "--out", str(out)])
+    code = convert.main(["--from", "ours", "--to", "hf", str(workdir), str(out)])
     assert code == 0, capsys.readouterr().err
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
                                                "tokenizer.json", "tokenizer_config.json"}

@@ -113,7 +113,8 @@ class Harness:
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
         self.step = jax.jit(
             trainer.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum,
-                                    self.run.layers_fn, self.run.scheduled_grads),
+                                    self.run.layers_fn, self.run.scheduled_grads,
+                                    loss_chunk_len=cfg.objective.loss_chunk_len),
             in_shardings=(self.run.state_shardings, self.run.batch_sharding),
             out_shardings=(self.run.state_shardings, mesh_lib.replicated(self.run.mesh)),
             donate_argnums=0,
@@ -307,6 +308,21 @@ def test_sharded_step_matches_single_device(reference, workdir, mesh):
     expected = leaves_with_sharding(run.state_shardings)
     for key, arr in leaves_with_sharding(device_state).items():
         assert arr.sharding == expected[key], key
+
+
+@pytest.mark.parametrize("mesh, schedule", [(dict(), "gpipe"), (dict(data=2, context=2, tensor=2), "gpipe"),
+                                             (dict(stage=2, fsdp=2, tensor=2), "gpipe"), (dict(stage=2, data=2, context=2), "1f1b")],
+                         ids=["one-device", "data,context,tensor", "stage,fsdp,tensor", "stage-1f1b"])
+def test_a_loss_in_chunks_trains_as_the_whole_loss(reference, workdir, mesh, schedule):
+    """objective.loss_chunk_len=8 (4 chunks of SEQ=32 positions, recomputed in the backward pass): the same steps as
+    the reference's unchunked loss, on one device and on meshes that split the chunks' rows, positions and vocab."""
+    cfg = make_cfg(**mesh)
+    cfg.objective.loss_chunk_len, cfg.pipeline.schedule = 8, schedule
+    harness = Harness(setup_run(cfg, workdir, devices=jax.devices()[:1] if not mesh else None))
+    states, metrics, _ = harness.train(reference["init"], BATCHES)
+    report(f"chunked loss, mesh {mesh}", states, metrics, reference)
+    assert_metrics_close(metrics, reference["metrics"], f"chunked loss, mesh {mesh}")
+    assert_states_close(states, reference["states"], f"chunked loss, mesh {mesh}")
 
 
 def test_sharded_init_matches_single_device(reference, workdir):

@@ -16,7 +16,7 @@ from llama_jax.parallel.context import context_attention
 from llama_jax.parallel.mesh import constrain
 from llama_jax.parallel.pipeline import pipeline_layers, scheduled_value_and_grad
 
-# (params, batch, loss(logits_btv, rows) -> summed loss) -> (loss, grads like params)
+# (params, batch, loss(model, h_btd, rows) -> summed loss) -> (loss, grads like params)
 ScheduledGrads = Callable[[dict, dict, Callable], tuple]
 
 

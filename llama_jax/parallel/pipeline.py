@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.model.llama import Block, ModelDef
+from llama_jax.model.llama import Block, Llama, ModelDef
 from llama_jax.parallel.schedules import pipeline_value_and_grad, schedule_stats
 
 TABLE_SCHEDULES = ("1f1b", "zb-h1")  # backward units placed by a table (config.SCHEDULED_PIPELINES)
@@ -106,10 +106,12 @@ def _merge_rows(x):
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def scheduled_value_and_grad(model_def: ModelDef, params: dict, batch: dict, loss: Callable[[jnp.ndarray, dict], jnp.ndarray],
-                             *, stages: int, microbatches: int, schedule: str, run_chunk: RunChunk):
-    """(loss, grads like params) of `loss(logits_btv, rows)` summed over the batch's M microbatches, with the
-    layer stack run as an S-stage pipeline whose forward and backward units follow `schedule` ("1f1b", "zb-h1").
+def scheduled_value_and_grad(model_def: ModelDef, params: dict, batch: dict,
+                             loss: Callable[[Llama, jnp.ndarray, dict], jnp.ndarray], *, stages: int, microbatches: int,
+                             schedule: str, run_chunk: RunChunk):
+    """(loss, grads like params) of `loss(head_model, h_btd, rows)` (h_btd: the final normalised hidden states)
+    summed over the batch's M microbatches, with the layer stack run as an S-stage pipeline whose forward and
+    backward units follow `schedule` ("1f1b", "zb-h1").
     The embedding is differentiated around the pipeline; the final norm and output projection (the "head") are
     the last stage's loss parameters."""
     model = model_def.merge(params)
@@ -129,7 +131,7 @@ def scheduled_value_and_grad(model_def: ModelDef, params: dict, batch: dict, los
 
     def head_loss(head, h_btd, rows):
         head_model = model_def.merge(head)
-        return loss(head_model.logits(head_model.norm(h_btd)), rows)
+        return loss(head_model, head_model.norm(h_btd), rows)
 
     split = functools.partial(_split_rows, microbatches=microbatches)
     aux = tuple(split(a) for a in (cos_btp, sin_btp, batch["segment_ids"]))

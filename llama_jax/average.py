@@ -1,0 +1,83 @@
+"""Checkpoint averaging: the element-wise mean of several checkpoints' parameters, as one of our checkpoints.
+
+    python -m llama_jax.average runs/anneal/checkpoints/9000 runs/anneal/checkpoints/9500 runs/anneal --out runs/avg
+
+Llama 3's final model is the average of the checkpoints saved while the learning rate anneals to zero (Polyak
+averaging): the mean of nearby points of one run lands nearer the basin's centre than any of them. The inputs are our
+workdirs or steps (a workdir means its latest step), or any checkpoint `convert` reads, of one model config. The mean
+is taken parameter by parameter, summed in float64 and stored in the first input's dtype (or `--dtype`), so memory
+holds one parameter's sum and one input's copy of it at a time, never a model. One input is allowed: a copy of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.convert import ParamSource, open_source
+from llama_jax.errors import CheckpointError, LlamaJaxError
+from llama_jax.ours_format import write_ours
+
+
+class _Mean(ParamSource):
+    """The mean of `sources`' parameters in `dtype` (default: the first one's), with the first one's files."""
+
+    def __init__(self, sources: list[ParamSource], dtype: str | None):
+        self._sources = sources
+        self.cfg = sources[0].cfg.replace(param_dtype=dtype or sources[0].cfg.param_dtype)
+        self.directory, self.tokenizer = sources[0].directory, sources[0].tokenizer
+
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        total = self._sources[0].read(path).astype(np.float64)  # exact for the sum of a few float32s
+        for source in self._sources[1:]:
+            total += source.read(path)
+        total /= len(self._sources)
+        return total.astype(jnp.dtype(self.cfg.param_dtype))
+
+
+def _check_same_model(paths: list[Path], sources: list[ParamSource]) -> None:
+    """Refuses checkpoints of different models (how they run, e.g. their compute dtype, may differ) or tokenizers."""
+    first = sources[0].cfg.replace(head_dim=sources[0].cfg.resolved_head_dim)  # 0 means dim / n_heads
+    for path, source in zip(paths[1:], sources[1:]):
+        differing = first.architecture_changes(source.cfg.replace(head_dim=source.cfg.resolved_head_dim))
+        if differing:
+            raise CheckpointError(f"{path} is a different model from {paths[0]} ({'; '.join(differing)}): average "
+                                  "checkpoints of one run")
+        tokenizers = [s.tokenizer.read_bytes() if s.tokenizer else None for s in (sources[0], source)]
+        if tokenizers[0] != tokenizers[1]:
+            raise CheckpointError(f"{path} has another tokenizer than {paths[0]}: average checkpoints of one run")
+
+
+def average(paths: list[str | Path], out: str | Path, dtype: str | None = None) -> None:
+    """Writes the mean of the checkpoints at `paths` to `out` as one of our checkpoints (step 0)."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average: pass one or more")
+    paths = [Path(path).expanduser().absolute() for path in paths]
+    sources = [open_source(path) for path in paths]
+    _check_same_model(paths, sources)
+    write_ours(_Mean(sources, dtype), Path(out).expanduser().absolute())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.average", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="+", help="our workdirs or steps, or Hugging Face directories")
+    parser.add_argument("--out", required=True, help="directory to write the average to, as step 0 of a run")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="parameter dtype of the average (default: the first checkpoint's)")
+    args = parser.parse_args(argv)
+    try:
+        average(args.checkpoints, args.out, args.dtype)
+    except LlamaJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    count = len(args.checkpoints)
+    print(f"wrote {args.out}: " + ("a copy of the one checkpoint given" if count == 1 else f"the mean of {count} checkpoints"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Running `python -m llama_jax.train` in a subprocess, as a user does: shared by the end-to-end tests."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_jax.goodput import GOODPUT
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_ENV = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's machine has
+
+# A short run that logs every step and saves every other one: quick to kill and restart.
+KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.data.seq_len=64",
+            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.data.eval_batches=1",
+            "--config.checkpoint.every_steps=2", "--config.optim.warmup_steps=2")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One corpus + tokenizer build (about 20 s) shared by every test here."""
+    return tmp_path_factory.mktemp("corpus_cache")
+
+
+def cli_command(workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+            "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", *overrides]
+
+
+def run_cli(workdir: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = cli_command(workdir, cache_dir, *overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=CLI_ENV, cwd=REPO)
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(lines: list[dict]) -> list[dict]:
+    """Metrics lines without their wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu") and not k.startswith(GOODPUT)}
+            for m in lines]
