@@ -126,8 +126,6 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 600
     cfg.train.log_every = 10
     cfg.train.eval_every = 100  # 0 = only at the end
-    # A step with a non-finite loss or gradient is skipped (no update); more than this many in a row stop the run.
-    cfg.train.max_skipped_steps = 10
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
@@ -182,7 +180,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _check_stage(cfg, "data.batch_size / data.seq_len" if index == 0 else f"data.ramp[{index - 1}]", stage)
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
-        "train.max_skipped_steps": cfg.train.max_skipped_steps,
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "optim.warmup_steps": cfg.optim.warmup_steps,

@@ -209,16 +209,9 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # A step whose loss or gradient is not finite changes nothing but the step count (its batch is skipped), so
-        # one overflow cannot poison the parameters and AdamW's moments for good; the loop stops a run that keeps
-        # doing it (train.max_skipped_steps).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-                                         (state.params, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": ~finite}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step_fn
@@ -375,7 +368,6 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
     peak = peak_flops_per_second() * jax.process_count()
     logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
     save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
-    divergence = _DivergenceGuard(cfg.train.max_skipped_steps, checkpointer.directory)
     goodput = Goodput(run.workdir, committed=_saved_goodput(checkpointer, start), dropped=logger.dropped,
                       writer=jax.process_index() == 0)
     window: list[dict] = []
@@ -397,9 +389,7 @@ def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatche
             watchdog.dispatched(step_metrics["loss"])
         is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total
         if done % cfg.train.log_every == 0 or is_eval:
-            host_window = jax.device_get(window or [step_metrics])
-            divergence.check(host_window, done)
-            logged = _summarise(host_window, plan.schedule.tokens_before(done))
+            logged = _summarise(window or [step_metrics], plan.schedule.tokens_before(done))
             if window:
                 seconds = time.perf_counter() - window_start
                 tokens, flops = _work(run.model_def.cfg, plan.schedule, window_first_step, done)
@@ -434,38 +424,14 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
     return json.loads(meta_file.read_text()).get("goodput") if step and meta_file.exists() else None
 
 
-def _summarise(host: list[dict], tokens_seen: int) -> dict[str, float]:
-    summary = {
+def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
+    host = jax.device_get(window)
+    return {
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
         "lr": float(host[-1]["lr"]),
         "tokens": float(tokens_seen),
     }
-    skipped = sum(bool(m["skipped"]) for m in host)
-    return {**summary, "skipped_steps": float(skipped)} if skipped else summary
-
-
-class Diverged(LlamaJaxError):
-    """The loss or gradient stayed non-finite: continuing would only skip batches."""
-
-
-class _DivergenceGuard:
-    """Counts steps in a row whose update was skipped (non-finite loss or gradient) and stops the run past
-    `limit`, before it saves: the newest checkpoint stays the last good state."""
-
-    def __init__(self, limit: int, checkpoints: epath.Path):
-        self.limit, self.checkpoints, self.in_a_row = limit, checkpoints, 0
-
-    def check(self, host: list[dict], last_step: int) -> None:
-        for m in host:
-            self.in_a_row = self.in_a_row + 1 if m["skipped"] else 0
-        if self.in_a_row > self.limit:
-            raise Diverged(
-                f"the loss or gradient was not finite for {self.in_a_row} steps in a row (up to step {last_step}; "
-                f"train.max_skipped_steps={self.limit}): the run diverged and stopped without saving, so the newest "
-                f"checkpoint in {self.checkpoints} is the last good state. Lower optim.lr, lengthen "
-                "optim.warmup_steps or set objective.z_loss, then rerun to resume from it"
-            )
 
 
 def _work(model_cfg, schedule: BatchSchedule, first_step: int, stop_step: int) -> tuple[int, float]:
