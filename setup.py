@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Pretrain and post-train Llama 3 models in JAX / Flax NNX.",
     packages=find_packages(include=["llama_jax", "llama_jax.*"]),
+    package_data={"llama_jax.data.tasks": ["*.jsonl"]},  # the built-in multiple-choice task
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -32,7 +33,11 @@ setup(
     extras_require={
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.
         # portpicker: the multi-host test's ports; gcp-storage-emulator: a local stand-in for a gs:// bucket.
-        "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs"],
+        # matplotlib: the scaling-law plots (llama_jax/scaling.py).
+        "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs",
+                 "matplotlib"],
+        # Running notebooks/scaling_laws.ipynb.
+        "notebook": ["matplotlib", "jupyter", "nbconvert", "ipykernel"],
         # gs:// workdirs without TensorFlow: epath reaches Cloud Storage through gcsfs (Orbax's arrays and TensorBoard
         # have their own clients).
         "gcs": ["gcsfs"],

@@ -7,20 +7,23 @@ averaging): the mean of nearby points of one run lands nearer the basin's centre
 workdirs or steps (a workdir means its latest step), or any checkpoint `convert` reads, of one model config. The mean
 is taken parameter by parameter, summed in float64 and stored in the first input's dtype (or `--dtype`), so memory
 holds one parameter's sum and one input's copy of it at a time, never a model. One input is allowed: a copy of it.
+Inputs and output may be URLs (gs://bucket/run/checkpoints/9000), read and written as `convert` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from llama_jax.convert import ParamSource, open_source
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.ours_format import write_ours
+from llama_jax.workdir import resolve
 
 
 class _Mean(ParamSource):
@@ -39,7 +42,7 @@ class _Mean(ParamSource):
         return total.astype(jnp.dtype(self.cfg.param_dtype))
 
 
-def _check_same_model(paths: list[Path], sources: list[ParamSource]) -> None:
+def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> None:
     """Refuses checkpoints of different models (how they run, e.g. their compute dtype, may differ) or tokenizers."""
     first = sources[0].cfg.replace(head_dim=sources[0].cfg.resolved_head_dim)  # 0 means dim / n_heads
     for path, source in zip(paths[1:], sources[1:]):
@@ -52,20 +55,23 @@ def _check_same_model(paths: list[Path], sources: list[ParamSource]) -> None:
             raise CheckpointError(f"{path} has another tokenizer than {paths[0]}: average checkpoints of one run")
 
 
-def average(paths: list[str | Path], out: str | Path, dtype: str | None = None) -> None:
-    """Writes the mean of the checkpoints at `paths` to `out` as one of our checkpoints (step 0)."""
+def average(paths: list[str | os.PathLike], out: str | os.PathLike, dtype: str | None = None) -> None:
+    """Writes the mean of the checkpoints at `paths` to `out` as one of our checkpoints (step 0); any of them may be
+    a URL."""
     if not paths:
         raise CheckpointError("no checkpoints to average: pass one or more")
-    paths = [Path(path).expanduser().absolute() for path in paths]
+    paths = [resolve(path) for path in paths]
     sources = [open_source(path) for path in paths]
     _check_same_model(paths, sources)
-    write_ours(_Mean(sources, dtype), Path(out).expanduser().absolute())
+    write_ours(_Mean(sources, dtype), resolve(out))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.average", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="our workdirs or steps, or Hugging Face directories")
-    parser.add_argument("--out", required=True, help="directory to write the average to, as step 0 of a run")
+    parser.add_argument("checkpoints", nargs="+", help="our workdirs or steps, or Hugging Face directories (local "
+                        "paths or URLs such as gs://bucket/run)")
+    parser.add_argument("--out", required=True, help="directory to write the average to, as step 0 of a run (local "
+                        "or a URL)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="parameter dtype of the average (default: the first checkpoint's)")
     args = parser.parse_args(argv)

@@ -27,6 +27,12 @@ ours about 2.5 P (tensorstore decodes beside the array); writing Hugging Face or
 beyond the parameter being written (a whole copy for lm_head, whose layout transposes), ours 3 to 4 P (tensorstore
 copies and compresses, with a peak that varies with its threads' timing). Measured totals: hf -> ours 3.0 to 5.0 P,
 ours -> meta 2.7 P, meta -> hf 1.7 P; averaging two (average.py, with its float64 sum) 4 to 5 P, once 7.9 P.
+
+Every path may be a URL (gs://bucket/...; see workdir.py), so a run trained into a bucket is exported, averaged and
+sampled from where it lies, in the same bounded memory. Tensors are read with one ranged read each (a sharded load
+reads whole rows, at most one layer's tensor per read), Hugging Face files are written as a stream, our checkpoints
+are read by Orbax in place, and only what needs a filesystem (Meta's files written at offsets, Orbax's partial saves,
+readers of tokenizer and generation files that take local paths) goes through a local temporary directory.
 """
 
 from __future__ import annotations
@@ -41,29 +47,33 @@ import json
 import math
 import operator
 import os
-import shutil
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
 from llama_jax import generation_config
 from llama_jax.data.chat import ChatFormat
-from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
+from llama_jax.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer, tokenizer_files
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.generation_config import GenerationSettings
 from llama_jax.model import Llama, LlamaConfig
 from llama_jax.parallel.mesh import param_shardings
+from llama_jax.workdir import is_remote, local_copy, local_output, read_array, resolve, write_array
 
 _ARCHITECTURE = "LlamaForCausalLM"
 _INDEX_FILE = "model.safetensors.index.json"
+# the files beside the weights that decide how text goes in and out (tokenizer framing, chat template, stop ids)
+_SIDE_FILES = ("config.json", generation_config.FILE_NAME, "tokenizer_config.json", "chat_template.jinja")
 _RENAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "ffn_dim": "intermediate_size", "vocab_size": "vocab_size"}  # required keys, ours -> config.json
 
@@ -260,7 +270,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh: Mesh | Non
     with one, each is read straight into its shards as `parallel.mesh.param_shardings` places it, so a model
     larger than one device (or than host memory) loads.
     """
-    path = Path(path).expanduser()
+    path = resolve(path)
     cfg = read_hf_config(path, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
     model = _abstract_model(cfg)
     _fill(model, path, param_shardings(nnx.state(model), mesh) if mesh is not None else None)
@@ -269,7 +279,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh: Mesh | Non
 
 def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
     """The `LlamaConfig` of a Hugging Face directory's config.json, with fields overridden."""
-    path = Path(path).expanduser()
+    path = resolve(path)
     if not path.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory {path} does not exist: pass the directory holding config.json")
     config_file = path / "config.json"
@@ -288,7 +298,7 @@ def load_hf_params(path: str | os.PathLike, cfg: LlamaConfig, *, shardings: dict
     `jax.sharding.Sharding` matching the parameters, e.g. the train state's) each parameter is read straight into
     its shards; without, all land on the default device."""
     model = _abstract_model(cfg)
-    _fill(model, Path(path).expanduser(), shardings)
+    _fill(model, resolve(path), shardings)
     return nnx.to_pure_dict(nnx.state(model))
 
 
@@ -297,7 +307,7 @@ def _abstract_model(cfg: LlamaConfig) -> Llama:
         return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
 
 
-def _fill(model: Llama, path: Path, shardings: dict | None) -> None:
+def _fill(model: Llama, path: epath.Path, shardings: dict | None) -> None:
     """Sets every parameter of the abstract `model` from the safetensors in `path`, placed as `shardings` (a dict
     matching the parameters) says, or whole on the default device when it is None."""
     with _open_safetensors(path) as tensors:
@@ -314,21 +324,26 @@ def _fill(model: Llama, path: Path, shardings: dict | None) -> None:
 
 
 @contextlib.contextmanager
-def _open_safetensors(path: Path) -> Iterator[dict[str, object]]:
-    """{tensor name: open safetensors file} over every *.safetensors file in `path`; reads only the headers."""
+def _open_safetensors(path: epath.Path) -> Iterator[dict[str, object]]:
+    """{tensor name: open safetensors file} over every *.safetensors file in `path`; reads only the headers. The files
+    of a bucket are read by ranges of rows instead (`_SafetensorsFiles.get_slice`), as safetensors maps local files."""
+    if is_remote(path):
+        files = _SafetensorsFiles(path)
+        yield dict.fromkeys(files.shapes, files)
+        return
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(file, framework="numpy")) for file in _safetensors_files(path)]
         yield {name: handle for handle in handles for name in handle.keys()}
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def _safetensors_files(path: epath.Path) -> list[epath.Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors files: save the model with safe_serialization (the default)")
     return files
 
 
-def _tensor_names(shapes: dict[str, tuple[int, ...]], weight: _Weight, n_layers: int, path: Path) -> list[str]:
+def _tensor_names(shapes: dict[str, tuple[int, ...]], weight: _Weight, n_layers: int, path: epath.Path) -> list[str]:
     """The HF tensors of `weight` (one per layer when stacked), checked to exist in `shapes` (name: shape) with the
     shape config.json implies."""
     names = [weight.hf_name.format(i=i) for i in range(n_layers)] if weight.stacked else [weight.hf_name]
@@ -403,7 +418,7 @@ def save_hf(
     Tensors are written one at a time, so host memory stays near one stacked parameter. Earlier model*.safetensors
     files in `path` are removed, since transformers would read a stale single file in preference to a new index.
     """
-    path = Path(path)
+    path = resolve(path)
     _save_weights(model.cfg, lambda param_path: np.asarray(_param(model, param_path)[...]), path, dtype, max_shard_bytes)
     if tokenizer is None:
         warnings.warn(f"save_hf wrote no tokenizer files to {path}: pass tokenizer= for a directory that "
@@ -414,9 +429,16 @@ def save_hf(
     _save_tokenizer(path, tokenizer, generation or GenerationSettings.for_tokenizer(tokenizer), chat_template)
 
 
-def _save_tokenizer(path: Path, tokenizer: Tokenizer, generation: GenerationSettings, chat_template: str | None) -> None:
+def _save_tokenizer(path: epath.Path, tokenizer: Tokenizer, generation: GenerationSettings,
+                    chat_template: str | None) -> None:
     (path / generation_config.FILE_NAME).write_text(json.dumps(generation.to_hf(), indent=2) + "\n")
-    tokenizer.save_hf(path, chat_template=chat_template)
+    if not is_remote(path):
+        tokenizer.save_hf(path, chat_template=chat_template)
+        return
+    for stale in HF_TOKENIZER_FILES:  # what save_hf removes from a local directory before writing
+        (path / stale).unlink(missing_ok=True)
+    with local_output(path) as local:
+        tokenizer.save_hf(local, chat_template=chat_template)
 
 
 def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray]
@@ -430,8 +452,8 @@ def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray]
         del value  # before the next read, or two parameters would be held at once
 
 
-def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], path: Path, dtype: str | None,
-                  max_shard_bytes: int) -> None:
+def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], path: epath.Path,
+                  dtype: str | None, max_shard_bytes: int) -> None:
     np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
@@ -458,13 +480,14 @@ def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def _write_safetensors(file: Path, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+def _write_safetensors(file: epath.Path, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
                        values: Iterator[np.ndarray]) -> None:
     """A safetensors file of the tensors `specs` names, written as `values` yields them, one at a time.
 
     The format is an 8-byte header length, a JSON header of names, dtypes, shapes and byte ranges, and the raw
     tensors in order; knowing every shape up front, the header goes first and no tensor waits for another (the
-    safetensors library's `save_file` needs all of a file's tensors in memory at once).
+    safetensors library's `save_file` needs all of a file's tensors in memory at once). Being written in order, the
+    file streams to a bucket as well as to a disk.
     """
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in specs:
@@ -474,10 +497,10 @@ def _write_safetensors(file: Path, specs: list[tuple[str, tuple[int, ...]]], dty
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the format asks
-    with open(file, "wb") as f:
+    with file.open("wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for value in values:
-            np.ascontiguousarray(value, dtype).tofile(f)
+            write_array(f, np.ascontiguousarray(value, dtype))
             del value  # it may be a view of a whole parameter, which must go before the next one is read
 
 
@@ -507,7 +530,7 @@ class OpenedCheckpoint:
     model: Llama
     tokenizer: Tokenizer
     generation: GenerationSettings
-    files: Path  # the directory holding its tokenizer and chat-template files
+    files: Path  # a local directory holding its tokenizer and chat-template files (a copy, for a remote checkpoint)
 
     @property
     def chat_template(self) -> str | None:
@@ -517,18 +540,26 @@ class OpenedCheckpoint:
 
 def open_checkpoint(checkpoint: str | os.PathLike, *, mesh: Mesh | None = None) -> OpenedCheckpoint:
     """A Hugging Face directory (it has config.json) or, for any other path, a llama_jax workdir or checkpoint;
-    with `mesh`, its parameters are read straight into their shards on that mesh."""
-    path = Path(checkpoint).expanduser()
+    with `mesh`, its parameters are read straight into their shards on that mesh. Either may be a URL (gs://...):
+    the weights are read from it directly, and its small side files are copied to a local directory that lives as
+    long as the returned object."""
+    path = resolve(checkpoint)
     if (path / "config.json").is_file():
         tokenizer = Tokenizer.from_file(path)
-        return OpenedCheckpoint(load_hf(path, mesh=mesh), tokenizer, GenerationSettings.from_directory(path, tokenizer), path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir")
-    from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
+        model, directory = load_hf(path, mesh=mesh), path
+    elif not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a Hugging Face directory or a llama_jax workdir"
+                              + (" (for a bucket, check the path with gsutil ls)" if is_remote(path) else ""))
+    else:
+        from llama_jax.checkpoint import load_model  # imported here: it pulls in Orbax, which HF loading never needs
 
-    model, tokenizer_path = load_model(path, mesh=mesh)
-    tokenizer, workdir = Tokenizer.from_file(tokenizer_path), Path(tokenizer_path).parent
-    return OpenedCheckpoint(model, tokenizer, GenerationSettings.from_directory(workdir, tokenizer), workdir)
+        model, tokenizer_path = load_model(path, mesh=mesh)
+        tokenizer, directory = Tokenizer.from_file(tokenizer_path), epath.Path(tokenizer_path).parent
+    copy = contextlib.ExitStack()
+    files = copy.enter_context(local_copy(directory, _side_files(directory)))
+    opened = OpenedCheckpoint(model, tokenizer, GenerationSettings.from_directory(files, tokenizer), files)
+    weakref.finalize(opened, copy.close)  # a remote checkpoint's local copy goes with the object
+    return opened
 
 
 # ------------------------------------------------------------------------------- conversion, one tensor at a time
@@ -543,8 +574,8 @@ class ParamSource(abc.ABC):
     """
 
     cfg: LlamaConfig
-    directory: Path  # holds the tokenizer, generation_config.json and chat-template files
-    tokenizer: Path | None  # the tokenizer file; None when the checkpoint has none
+    directory: epath.Path  # holds the tokenizer, generation_config.json and chat-template files
+    tokenizer: epath.Path | None  # the tokenizer file; None when the checkpoint has none
 
     @abc.abstractmethod
     def read(self, path: tuple[str, ...]) -> np.ndarray:
@@ -558,14 +589,15 @@ def param_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 class _SafetensorsFiles:
     """Where each tensor of a directory's *.safetensors files lies, from their headers (8 bytes of length, then
-    JSON), so that a tensor is read with one read call. Nothing is mapped: safetensors' own reader maps whole files,
-    and the pages a read touches stay resident while the file is open, so a conversion would come to hold the model."""
+    JSON), so that a tensor is read with one read call (one ranged read from a bucket). Nothing is mapped:
+    safetensors' own reader maps whole files, and the pages a read touches stay resident while the file is open, so
+    a conversion would come to hold the model."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: epath.Path):
         self._where = {}  # name: (file, dtype code, shape, byte offset)
         for file in _safetensors_files(path):
             try:
-                with open(file, "rb") as f:
+                with file.open("rb") as f:
                     size = int.from_bytes(f.read(8), "little")
                     header = json.loads(f.read(size))
             except ValueError as e:
@@ -584,11 +616,35 @@ class _SafetensorsFiles:
 
     def read(self, name: str) -> np.ndarray:
         file, _, shape, offset = self._where[name]
-        return np.fromfile(file, self.dtype(name), count=math.prod(shape), offset=offset).reshape(shape)
+        return read_array(file, self.dtype(name), math.prod(shape), offset).reshape(shape)
+
+    def get_slice(self, name: str) -> _TensorRows:
+        """What `safe_open(...).get_slice(name)` gives, for `_fill` to read the files of a bucket."""
+        return _TensorRows(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRows:
+    """One tensor of `_SafetensorsFiles`, indexed as safetensors' slices are (a slice per dimension) and read by
+    whole rows: the rows a block covers are contiguous in the file, so a block costs one ranged read of at most the
+    whole tensor (when it splits the columns), never more."""
+
+    files: _SafetensorsFiles
+    name: str
+
+    def get_shape(self) -> list[int]:
+        return list(self.files.shapes[self.name])
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        file, _, shape, offset = self.files._where[self.name]
+        rows, rest = range(shape[0])[index[0]], index[1:]
+        dtype, row_items = self.files.dtype(self.name), math.prod(shape[1:])
+        block = read_array(file, dtype, len(rows) * row_items, offset + rows.start * row_items * dtype.itemsize)
+        return block.reshape(len(rows), *shape[1:])[(slice(None), *rest)]
 
 
 class _HFSource(ParamSource):
-    def __init__(self, path: Path):
+    def __init__(self, path: epath.Path):
         cfg = read_hf_config(path)
         self._files = _SafetensorsFiles(path)
         embed = _tensor_names(self._files.shapes, _weights(cfg)[0], cfg.n_layers, path)[0]  # model.embed_tokens.weight
@@ -609,21 +665,30 @@ class _HFSource(ParamSource):
         return out
 
 
-def _tokenizer_in(directory: Path) -> Path | None:
+def _tokenizer_in(directory: epath.Path) -> epath.Path | None:
     try:
         return tokenizer_files(directory)[0]
     except DataError:
         return None
 
 
+def _side_files(directory: epath.Path) -> list[str]:
+    """The names (relative to `directory`) of the files beside a checkpoint's weights that its readers of tokenizer,
+    chat template and generation settings look at, for `local_copy` to bring down from a bucket."""
+    tokenizer = _tokenizer_in(directory)
+    relative = [os.path.relpath(os.fspath(tokenizer), os.fspath(directory))] if tokenizer else []
+    return [*relative, *_SIDE_FILES]
+
+
 FORMATS = {"hf": "a Hugging Face directory (config.json)", "meta": "a Meta checkpoint (params.json, consolidated.NN.pth)",
            "ours": "a llama_jax workdir or checkpoint step"}
 
 
-def detect_format(path: Path) -> str | None:
+def detect_format(path: epath.Path) -> str | None:
     """Which of FORMATS the checkpoint at `path` is, judged by its files alone; None when it is none of them."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass {' or '.join(FORMATS.values())}")
+        where = " (for a bucket, check the path with gsutil ls)" if is_remote(path) else ""
+        raise CheckpointError(f"checkpoint {path} does not exist{where}: pass {' or '.join(FORMATS.values())}")
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file() or any(path.glob("consolidated.*.pth")):
@@ -640,7 +705,7 @@ def detect_format(path: Path) -> str | None:
 def open_source(path: str | os.PathLike, kind: str | None = None) -> ParamSource:
     """The checkpoint at `path` as a `ParamSource`; `kind` (one of FORMATS) is checked against its files, and
     found from them when None."""
-    path = Path(path).expanduser().absolute()
+    path = resolve(path)
     found = detect_format(path)
     if kind is not None and found not in (None, kind):
         raise CheckpointError(f"{path} is {FORMATS[found]}, not {FORMATS[kind]}: pass --from {found}")
@@ -658,33 +723,39 @@ def open_source(path: str | os.PathLike, kind: str | None = None) -> ParamSource
     raise CheckpointError(f"{path} holds no checkpoint: pass {' or '.join(FORMATS.values())}")
 
 
-def write_hf(source: ParamSource, out: Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """`source` as a complete Hugging Face directory (as `save_hf` writes one), one tensor at a time."""
+def write_hf(source: ParamSource, out: str | os.PathLike, dtype: str | None = None,
+             max_shard_bytes: int = 5 * 2**30) -> None:
+    """`source` as a complete Hugging Face directory (as `save_hf` writes one), one tensor at a time; `out` may be a
+    URL, to which the weights stream without a local copy."""
+    out = resolve(out)
     _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes)
     if source.tokenizer is None:
         warnings.warn(f"{source.directory} has no tokenizer, so {out} has none: copy tokenizer.json or "
                       "tokenizer.model into it for a directory that AutoTokenizer can open", stacklevel=2)
         return
     tokenizer = Tokenizer.from_file(source.tokenizer)
-    _save_tokenizer(out, tokenizer, GenerationSettings.from_directory(source.directory, tokenizer),
-                    ChatFormat.template_in(source.directory, tokenizer))
+    with local_copy(source.directory, _SIDE_FILES) as files:  # the readers below take local directories
+        settings, template = GenerationSettings.from_directory(files, tokenizer), ChatFormat.template_in(files, tokenizer)
+    _save_tokenizer(out, tokenizer, settings, template)
 
 
-def copy_tokenizer_files(source: ParamSource, out: Path) -> list[str]:
-    """Copies the source's tokenizer files and generation_config.json into `out`; returns their names."""
+def copy_tokenizer_files(source: ParamSource, out: Path | epath.Path) -> list[str]:
+    """Copies the source's tokenizer files and generation_config.json into `out`; returns their names. Either side
+    may be remote: the files are small, and read and written whole."""
     if source.tokenizer is None:
         return []
     generation = source.directory / generation_config.FILE_NAME
     files = tokenizer_files(source.tokenizer) + ([generation] if generation.is_file() else [])
     out.mkdir(parents=True, exist_ok=True)
     for file in files:
-        shutil.copyfile(file, out / file.name)
+        (out / file.name).write_bytes(file.read_bytes())
     return [file.name for file in files]
 
 
-def convert(source: ParamSource, out: Path, to: str, *, dtype: str | None = None, shards: int = 1) -> None:
-    """Writes `source` to `out` in format `to` (one of FORMATS), tensors in `dtype` (default: as stored);
-    `shards` is the number of model-parallel ranks of a Meta checkpoint."""
+def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str | None = None,
+            shards: int = 1) -> None:
+    """Writes `source` to `out` (a local path or a URL) in format `to` (one of FORMATS), tensors in `dtype` (default:
+    as stored); `shards` is the number of model-parallel ranks of a Meta checkpoint."""
     if shards != 1 and to != "meta":
         raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
     if to == "hf":
@@ -705,14 +776,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source_format", choices=FORMATS, required=True,
                         help="; ".join(f"{name}: {what}" for name, what in FORMATS.items()))
     parser.add_argument("--to", dest="target_format", choices=FORMATS, required=True)
-    parser.add_argument("src", help="the checkpoint to read")
-    parser.add_argument("dst", help="directory to write (created; earlier weights in it are replaced)")
+    parser.add_argument("src", help="the checkpoint to read (a local path or a URL such as gs://bucket/run)")
+    parser.add_argument("dst", help="directory to write, local or a URL (created; earlier weights in it are replaced)")
     parser.add_argument("--dtype", choices=tuple(_SAFETENSORS_DTYPES), default=None,
                         help="tensor dtype in the output (default: as stored)")
     parser.add_argument("--shards", type=int, default=1,
                         help="--to meta: model-parallel ranks, one consolidated.NN.pth each (default 1)")
     args = parser.parse_args(argv)
-    src, dst = Path(args.src).expanduser().absolute(), Path(args.dst).expanduser().absolute()
+    src, dst = resolve(args.src), resolve(args.dst)
     try:
         if dst == src:
             raise CheckpointError(f"{dst} holds the checkpoint being read: choose another output directory")

@@ -14,6 +14,10 @@ page touched stays resident until the last tensor from it is released, so its pe
 Writing reserves each file first, `torch.save` of fake tensors under `torch.serialization.skip_data` (PyTorch's way to
 fill a checkpoint's bytes in a separate pass), then writes every slice at its offset. Either way host memory holds
 one of our stacked parameters plus one layer's tensor. torch is imported only here, on first use.
+
+In a bucket (gs://...) the same reads are ranged reads of the objects (torch reads the pickle through a file object,
+fetching only the zip directory and the pickle); writes, which land at offsets, go to a local temporary directory
+uploaded at the end, so disk holds the output meanwhile.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from llama_jax.convert import ParamSource, _tokenizer_in, _Weight, _weights, copy_tokenizer_files, hf_tensors
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import LlamaConfig
+from llama_jax.workdir import is_remote, local_output, read_array, resolve
 
 PARAMS_FILE = "params.json"
 _SHARD = "consolidated.{:02d}.pth"
@@ -188,10 +194,14 @@ def _numpy_dtype(torch_dtype) -> np.dtype:
 class _TorchFile:
     """One consolidated.NN.pth: its tensors' layout from the pickle, their bytes read on demand."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: epath.Path):
         self.path = path
         try:
-            self._tensors = _torch().load(path, map_location="meta", weights_only=True)
+            if is_remote(path):
+                with path.open("rb") as f:
+                    self._tensors = _torch().load(f, map_location="meta", weights_only=True)
+            else:
+                self._tensors = _torch().load(path, map_location="meta", weights_only=True)
         except Exception as e:  # torch raises anything from RuntimeError to UnpicklingError for a damaged file
             raise CheckpointError(f"{path} is not a readable torch checkpoint ({e}): re-download it") from None
 
@@ -215,12 +225,12 @@ class _TorchFile:
         dtype = _numpy_dtype(tensor.dtype)
         offset = tensor.untyped_storage()._checkpoint_offset + tensor.storage_offset() * dtype.itemsize
         span = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride())) if tensor.numel() else 0
-        data = np.fromfile(self.path, dtype, count=span, offset=offset)
+        data = read_array(self.path, dtype, span, offset)
         strides = [stride * dtype.itemsize for stride in tensor.stride()]
         return np.ascontiguousarray(np.lib.stride_tricks.as_strided(data, tuple(tensor.shape), strides))
 
 
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: epath.Path) -> list[epath.Path]:
     numbers = sorted(int(match.group(1)) for file in path.glob("consolidated.*.pth")
                      if (match := re.fullmatch(r"consolidated\.(\d+)\.pth", file.name)))
     if not numbers:
@@ -236,7 +246,7 @@ def _shard_files(path: Path) -> list[Path]:
 class MetaSource(ParamSource):
     """A directory with params.json and consolidated.00.pth ... consolidated.NN.pth (any number of ranks)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: epath.Path):
         params_file = path / PARAMS_FILE
         if not params_file.is_file():
             raise CheckpointError(f"{path} has no {PARAMS_FILE}: pass the directory holding params.json and "
@@ -291,17 +301,25 @@ class MetaSource(ParamSource):
 # ------------------------------------------------------------------------------------------------------ writing
 
 
-def write_meta(source: ParamSource, out: Path, dtype: str | None = None, shards: int = 1) -> None:
-    """`source` as Meta's layout in `out`: params.json, consolidated.00.pth ... one per model-parallel rank
-    (`shards`), and the tokenizer files. output.weight is written even for tied embeddings, as Meta's files have it."""
-    cfg = source.cfg
+def write_meta(source: ParamSource, out: str | os.PathLike, dtype: str | None = None, shards: int = 1) -> None:
+    """`source` as Meta's layout in `out` (a local path or a URL): params.json, consolidated.00.pth ... one per
+    model-parallel rank (`shards`), and the tokenizer files. output.weight is written even for tied embeddings, as
+    Meta's files have it."""
+    cfg, out = source.cfg, resolve(out)
     params = params_json(cfg)
     _check_ranks(cfg, shards)
-    torch = _torch()
+    _torch()  # refuses before any file changes when torch is missing
     np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("consolidated.*.pth"):
         stale.unlink()
+    with local_output(out) as local:
+        _write_files(source, local, np_dtype, shards, params)
+
+
+def _write_files(source: ParamSource, out: pathlib.Path, np_dtype: np.dtype, shards: int, params: dict) -> None:
+    """The files of `write_meta` in the local directory `out`."""
+    cfg, torch = source.cfg, _torch()
     targets = {hf_name: [weight] for hf_name, weight in _meta_weights(cfg).items()}  # what each HF tensor becomes
     if cfg.tie_embeddings:  # the embedding is written twice, also as output.weight
         targets["model.embed_tokens.weight"] += targets.pop("lm_head.weight")
@@ -339,7 +357,7 @@ def _check_ranks(cfg: LlamaConfig, ranks: int) -> None:
                           "that divides n_heads, ffn_dim and vocab_size, and divides or is a multiple of n_kv_heads")
 
 
-def _reserve(torch, file: Path, shapes: dict[str, tuple[int, ...]], dtype) -> dict[str, int]:
+def _reserve(torch, file: pathlib.Path, shapes: dict[str, tuple[int, ...]], dtype) -> dict[str, int]:
     """Writes `file` as torch.save would a state dict of these shapes, without the tensors' bytes; returns each
     tensor's byte offset in it."""
     from torch._subclasses.fake_tensor import FakeTensorMode

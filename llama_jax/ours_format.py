@@ -7,6 +7,10 @@ save takes its whole tree at once, so the parameters go through Orbax's partial 
 (`orbax.checkpoint.experimental.v1.partial`: each call adds leaves to a pending checkpoint, `finalize` merges them
 into one), one parameter per call. Orbax 0.12.8 marks that API experimental; the result is an ordinary params item.
 
+A checkpoint in a bucket (gs://...) is read in place, as Orbax reads any path. Written to a bucket, the step is
+built in a local temporary directory (partial saves and the final renames need a filesystem) and uploaded with
+meta/metadata last, so until it lands the step reads as incomplete; disk holds the checkpoint meanwhile.
+
 Memory, measured on a model of nine 64 MiB parameters (tests/test_convert_memory.py), whatever the model's size: a
 read peaks about 2.5 parameters above where it started (tensorstore decodes chunks beside the array it fills), a
 write about 3 to 4 (it copies the array into its chunks and compresses them).
@@ -31,6 +35,8 @@ import orbax.checkpoint.experimental.v1 as ocp_v1
 from llama_jax.checkpoint import SavedRun
 from llama_jax.convert import ParamSource, copy_tokenizer_files, param_shapes
 from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.model import LlamaConfig
+from llama_jax.workdir import local_output, resolve
 
 _CHUNK_BYTES = 64 * 2**20  # Orbax's chunks; smaller ones cut a write's peak but raise a read's (measured)
 
@@ -38,17 +44,17 @@ _CHUNK_BYTES = 64 * 2**20  # Orbax's chunks; smaller ones cut a write's peak but
 class OursSource(ParamSource):
     """A llama_jax workdir, its checkpoints/ directory, or one step (the latest step of a workdir)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | os.PathLike):
         saved = SavedRun.open(path)
         try:
             self.cfg = saved.model_config
         except (KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(f"{saved.step_dir}/meta/metadata holds no usable model config ({err}): the "
                                   "checkpoint is not from this version of llama_jax; use another step") from None
-        self.directory = Path(os.fspath(saved.step_dir)).parent.parent  # the workdir, with the tokenizer files
+        self.directory = saved.step_dir.parent.parent  # the workdir, with the tokenizer files
         tokenizer = self.directory / saved.meta.get("tokenizer_file", "")
         self.tokenizer = tokenizer if tokenizer.is_file() else None
-        self._params = Path(os.fspath(saved.step_dir)) / "params"
+        self._params = saved.step_dir / "params"
         self._handler = ocp.PyTreeCheckpointHandler()
         try:
             self._stored = self._handler.metadata(self._params).tree
@@ -83,13 +89,15 @@ def _nested(path: tuple[str, ...], value) -> dict:
     return functools.reduce(lambda tree, key: {key: tree}, reversed(path), value)
 
 
-def write_ours(source: ParamSource, out: Path, dtype: str | None = None) -> None:
-    """`source` as step 0 of a llama_jax run in `out`, parameters in `dtype` (default: as stored).
+def write_ours(source: ParamSource, out: str | os.PathLike, dtype: str | None = None) -> None:
+    """`source` as step 0 of a llama_jax run in `out` (a local path or a URL), parameters in `dtype` (default: as
+    stored).
 
     Refuses a directory that already holds checkpoints (a run's, or an earlier conversion's) rather than mixing steps,
     and a source without a tokenizer, since every reader of our checkpoints needs one. The step appears only when
-    complete: it is built under checkpoints/.0-converting and renamed.
+    complete: it is built under checkpoints/.0-converting and renamed (in a bucket, its meta/metadata lands last).
     """
+    out = resolve(out)
     if source.tokenizer is None:
         raise CheckpointError(f"{source.directory} has no tokenizer (tokenizer.model or tokenizer.json), which a "
                               "llama_jax checkpoint needs: copy the model's tokenizer into it, or convert to hf")
@@ -98,10 +106,17 @@ def write_ours(source: ParamSource, out: Path, dtype: str | None = None) -> None
     if steps:
         raise CheckpointError(f"{out} already holds checkpoints (steps {', '.join(steps)}): write to a new directory, "
                               "or delete them")
+    cfg = source.cfg.replace(param_dtype=jnp.dtype(dtype or source.cfg.param_dtype).name)
+    with local_output(out, last=("checkpoints/0/meta/metadata",)) as local:
+        _write_step(source, cfg, local)
+
+
+def _write_step(source: ParamSource, cfg: LlamaConfig, out: Path) -> None:
+    """Step 0 of `cfg`'s parameters from `source`, and the tokenizer files, in the local directory `out`."""
+    checkpoints = out / "checkpoints"
     staging = checkpoints / ".0-converting"
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted conversion left
     pending = staging / "params-pending"
-    cfg = source.cfg.replace(param_dtype=jnp.dtype(dtype or source.cfg.param_dtype).name)
     context = ocp_v1.Context()
     context.memory.deepcopy_host_arrays = False  # the array is ours alone until the save returns
     context.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES

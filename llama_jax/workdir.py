@@ -4,18 +4,30 @@ Every file the trainer writes goes through `etils.epath`, which Orbax uses too, 
 and logs straight to a bucket: no part of the run assumes a local filesystem. Buckets have no `flock`, so a remote
 workdir is held by a lease instead: a small `.lock` object its holder rewrites every `LEASE_REFRESH_S` seconds; a
 lease older than `LEASE_EXPIRY_S` belongs to a run that died, and the next run takes it over.
+
+The same paths carry the checkpoints a run is converted, averaged or sampled from, so the readers and writers of
+checkpoint files (convert.py and its formats) use the helpers here where a library wants a local file: `read_array`
+reads one tensor's bytes with a single ranged read (no download of the file around it), `local_copy` brings a few
+small files or one object to a temporary directory, and `local_output` lets a writer that needs a local filesystem
+(random-access writes, libraries that take file names) write to a temporary directory that is uploaded afterwards.
+For a local path each of them is the plain local operation, so local runs behave exactly as without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 from llama_jax.errors import CheckpointError
@@ -32,6 +44,99 @@ def resolve(path: str | os.PathLike) -> epath.Path:
     """A URL as it is; a local path expanded and made absolute (the checkpoints record where they are)."""
     text = os.fspath(path)
     return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def as_path(path: str | os.PathLike) -> Path | epath.Path:
+    """An `epath.Path` for a URL, the local path as a `pathlib.Path` otherwise (relative stays relative)."""
+    return epath.Path(path) if is_remote(path) else Path(path).expanduser()
+
+
+_COPY_CHUNK_BYTES = 64 * 2**20  # one request's worth when streaming to or from an object store
+
+
+def read_array(path: str | os.PathLike, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
+    """`count` items of `dtype` from byte `offset` of a file, in one read: `np.fromfile` for a local file (nothing
+    mapped), one ranged read of an object. Memory holds the array (and, for an object, one copy of its bytes)."""
+    if not is_remote(path):
+        return np.fromfile(path, dtype, count=count, offset=offset)
+    out = np.empty(count, dtype)
+    view, filled = memoryview(out.view(np.uint8)), 0
+    with epath.Path(path).open("rb") as f:
+        f.seek(offset)
+        while filled < len(view):
+            read = f.readinto(view[filled:])
+            if not read:
+                raise CheckpointError(f"{path} ends before byte {offset + len(view)}, where a tensor ends: the object "
+                                      "is truncated; upload it again")
+            filled += read
+    return out
+
+
+def write_array(file, array: np.ndarray) -> None:
+    """Writes `array`'s bytes to the open `file` in chunks, so that no object-store client buffers more than one."""
+    data = array.reshape(-1).view(np.uint8)
+    for start in range(0, data.size, _COPY_CHUNK_BYTES):
+        file.write(data[start:start + _COPY_CHUNK_BYTES])
+
+
+def _copy_file(src: Path | epath.Path, dst: Path | epath.Path) -> None:
+    """A file's bytes from `src` to `dst` (either side local or remote), streamed in chunks."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with src.open("rb") as reader, dst.open("wb") as writer:
+        while chunk := reader.read(_COPY_CHUNK_BYTES):
+            writer.write(chunk)
+
+
+def _files_under(directory: Path | epath.Path) -> Iterator[Path | epath.Path]:
+    """Every file below `directory`, by listing each directory (recursive globs are refused on buckets)."""
+    for child in sorted(directory.iterdir()):
+        if child.is_dir():
+            yield from _files_under(child)
+        else:
+            yield child
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike, names: Iterable[str] | None = None) -> Iterator[Path]:
+    """`path` as a local path: itself when it is local; a remote object, or directory, downloaded to a temporary
+    directory removed when the block ends. With `names` (paths relative to a directory) only those of them that
+    exist are copied: the small files beside a checkpoint's weights, for readers that take a local path."""
+    if not is_remote(path):
+        yield Path(path).expanduser()
+        return
+    remote = epath.Path(path)
+    if not remote.exists():
+        raise CheckpointError(f"{remote} does not exist: check the bucket and path (gsutil ls {remote.parent})")
+    with tempfile.TemporaryDirectory(prefix="llama_jax-") as tmp:
+        local = Path(tmp) / remote.name
+        if remote.is_file():
+            _copy_file(remote, local)
+        else:
+            local.mkdir()
+            wanted = [remote / name for name in names] if names is not None else _files_under(remote)
+            for file in wanted:
+                if names is None or file.is_file():
+                    _copy_file(file, local / os.path.relpath(os.fspath(file), os.fspath(remote)))
+        yield local
+
+
+@contextlib.contextmanager
+def local_output(path: str | os.PathLike, *, last: Sequence[str] = ()) -> Iterator[Path]:
+    """A local directory to write what belongs in the directory `path`: `path` itself (created) when local; for a
+    remote one a temporary directory whose files are uploaded into `path` once the block has succeeded (nothing is
+    uploaded after an error). `last` names files (relative paths) uploaded after all others: a checkpoint's marker
+    of completeness, so that a reader never takes a half-uploaded one for whole. Disk holds the whole output."""
+    if not is_remote(path):
+        local = Path(path).expanduser()
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    remote = epath.Path(path)
+    with tempfile.TemporaryDirectory(prefix="llama_jax-") as tmp:
+        yield Path(tmp)
+        files = sorted(_files_under(Path(tmp)), key=lambda file: os.path.relpath(file, tmp) in last)
+        for file in files:
+            _copy_file(file, remote / os.path.relpath(file, tmp))
 
 
 def _in_use(workdir: epath.Path, holder: str) -> CheckpointError:

@@ -3,7 +3,8 @@
 The stand-in is `gcp-storage-emulator`, an in-memory server speaking the Cloud Storage JSON API. Every client the run
 uses is pointed at it: Orbax's TensorStore (TENSORSTORE_GCS_HTTP_URL) and etils.epath through gcsfs
 (STORAGE_EMULATOR_HOST), which carries the logs, TensorBoard's events and the lease. So the same code paths as on a
-real bucket run here.
+real bucket run here. One local and one bucket run, trained alike, are shared by the tests: what a bucket path gives
+(conversion, averaging, generation) must equal what the same operation gives on the local run.
 """
 
 import json
@@ -19,9 +20,12 @@ from flax import nnx
 from cli_run import cache_dir, read_metrics  # noqa: F401 (a fixture)
 from test_train import small_config
 
-from llama_jax import checkpoint, trainer
+from llama_jax import average, checkpoint, convert, generate, trainer
 from llama_jax import workdir as workdir_lib
+from llama_jax.convert import open_checkpoint, open_source, param_shapes
 from llama_jax.errors import CheckpointError
+from llama_jax.generate import parse_mesh
+from llama_jax.parallel.mesh import make_mesh
 
 BUCKET = "runs"
 
@@ -68,13 +72,22 @@ def read_remote_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_in_a_bucket_saves_resumes_and_loads_as_a_local_one(bucket, tmp_path, cache_dir):
-    local = tmp_path / "local"
+@pytest.fixture(scope="module")
+def runs(bucket, tmp_path_factory, cache_dir):
+    """(local workdir, bucket workdir, the bucket's steps after its first part): 6 steps straight, and 3 then 6
+    resumed in the bucket; both keep checkpoints 3 and 6."""
+    local = tmp_path_factory.mktemp("runs") / "local"
     trainer.train(small_config(cache_dir, 6), local)
     remote = f"{bucket}/resumed"
     trainer.train(small_config(cache_dir, 3), remote)
-    assert sorted(p.name for p in (epath.Path(remote) / "checkpoints").iterdir()) == ["3"]
+    first_part = sorted(p.name for p in (epath.Path(remote) / "checkpoints").iterdir())
     trainer.train(small_config(cache_dir, 6), remote)
+    return local, remote, first_part
+
+
+def test_a_run_in_a_bucket_saves_resumes_and_loads_as_a_local_one(runs):
+    local, remote, first_part = runs
+    assert first_part == ["3"]
     expected = [m["loss"] for m in read_metrics(local)]
     assert [m["step"] for m in read_remote_metrics(remote)] == list(range(1, 7)), "every step logged once"
     assert [m["loss"] for m in read_remote_metrics(remote)] == expected
@@ -99,3 +112,110 @@ def test_a_held_bucket_workdir_refuses_a_second_run_until_its_lease_expires(buck
     (workdir / ".lock").write_text(json.dumps(stale))  # a run that died without releasing its lease
     trainer.train(small_config(cache_dir, 2), workdir)
     assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def remote_files(directory: str) -> dict[str, bytes]:
+    """{name: content} of the files directly in a bucket directory."""
+    return {p.name: p.read_bytes() for p in epath.Path(directory).iterdir() if p.is_file()}
+
+
+def local_files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def assert_same_params(a, b) -> None:
+    """Every parameter of two checkpoints (any format `convert` reads) bitwise equal, in the same dtype."""
+    a, b = open_source(a), open_source(b)
+    assert param_shapes(a.cfg) == param_shapes(b.cfg)
+    for path in param_shapes(a.cfg):
+        x, y = a.read(path), b.read(path)
+        assert x.dtype == y.dtype and np.array_equal(x, y), path
+
+
+@pytest.fixture(scope="module")
+def exported(runs, bucket, tmp_path_factory):
+    """Each run converted to Hugging Face by the CLI, the bucket run into the bucket: (local dir, bucket dir)."""
+    local, remote, _ = runs
+    local_hf, remote_hf = tmp_path_factory.mktemp("exported") / "hf", f"{bucket}/exported/hf"
+    assert convert.main(["--from", "ours", "--to", "hf", str(local), str(local_hf)]) == 0
+    assert convert.main(["--from", "ours", "--to", "hf", remote, remote_hf]) == 0
+    return local_hf, remote_hf
+
+
+def test_conversion_from_and_to_a_bucket_writes_what_it_writes_locally(runs, exported, bucket, tmp_path):
+    local_hf, remote_hf = exported
+    expected = local_files(local_hf)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= set(expected)
+    assert remote_files(remote_hf) == expected, "the same files, byte for byte"
+
+    assert convert.main(["--from", "hf", "--to", "ours", str(local_hf), str(tmp_path / "ours")]) == 0
+    assert convert.main(["--from", "hf", "--to", "ours", remote_hf, f"{bucket}/exported/ours"]) == 0
+    assert_same_params(tmp_path / "ours", f"{bucket}/exported/ours")
+    assert_same_params(f"{bucket}/exported/ours", runs[1])  # the round trip through the bucket loses nothing
+    assert remote_files(f"{bucket}/exported/ours") == local_files(tmp_path / "ours")  # the tokenizer files
+    meta = epath.Path(bucket) / "exported" / "ours" / "checkpoints" / "0" / "meta" / "metadata"
+    assert json.loads(meta.read_text()) == json.loads((tmp_path / "ours/checkpoints/0/meta/metadata").read_text())
+
+    # Meta's layout, written at offsets, goes through a local directory; it is read back with ranged reads
+    assert convert.main(["--from", "hf", "--to", "meta", "--shards", "2", str(local_hf), str(tmp_path / "meta")]) == 0
+    assert convert.main(["--from", "hf", "--to", "meta", "--shards", "2", remote_hf, f"{bucket}/exported/meta"]) == 0
+    assert remote_files(f"{bucket}/exported/meta") == local_files(tmp_path / "meta")
+    assert_same_params(f"{bucket}/exported/meta", tmp_path / "meta")
+
+
+def test_a_missing_bucket_path_is_named_with_the_fix(bucket, capsys):
+    missing = f"{bucket}/no/such/run"
+    assert convert.main(["--from", "ours", "--to", "hf", missing, f"{bucket}/out"]) == 2
+    assert f"error: checkpoint {missing} does not exist (for a bucket, check the path with gsutil ls)" in \
+        capsys.readouterr().err
+    assert average.main([missing, "--out", f"{bucket}/avg"]) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=f"checkpoint {missing} does not exist.*gsutil ls"):
+        open_checkpoint(missing)
+    assert not epath.Path(f"{bucket}/out").exists() and not epath.Path(f"{bucket}/avg").exists()
+
+
+def test_averaging_bucket_checkpoints_into_a_bucket_equals_averaging_local_ones(runs, bucket, tmp_path):
+    local, remote, _ = runs
+    steps = ("checkpoints/3", "checkpoints/6")
+    assert average.main([*(str(local / step) for step in steps), "--out", str(tmp_path / "avg")]) == 0
+    assert average.main([*(f"{remote}/{step}" for step in steps), "--out", f"{bucket}/avg"]) == 0
+    assert_same_params(f"{bucket}/avg", tmp_path / "avg")
+    a, b = (open_source(f"{remote}/{step}").read(("embed",)) for step in steps)
+    assert np.array_equal(open_source(f"{bucket}/avg").read(("embed",)), ((a.astype(np.float64) + b) / 2).astype(a.dtype))
+
+
+def assert_same_opened(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(nnx.state(a.model)), jax.tree.leaves(nnx.state(b.model)), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert a.generation == b.generation and a.chat_template == b.chat_template
+    assert a.tokenizer.encode("def main(x):", allow_special=True) == b.tokenizer.encode("def main(x):", allow_special=True)
+
+
+def test_opening_and_generating_from_a_bucket_equals_doing_it_locally(runs, exported, capsys):
+    local, remote, _ = runs
+    local_hf, remote_hf = exported
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (local_hf / "chat_template.jinja").write_text(template)  # read from a bucket only through the local copy
+    (epath.Path(remote_hf) / "chat_template.jinja").write_text(template)
+    for local_path, remote_path in ((local, remote), (local_hf, remote_hf)):
+        opened = open_checkpoint(remote_path)
+        assert_same_opened(opened, open_checkpoint(local_path))
+        assert opened.files.is_dir() and not workdir_lib.is_remote(opened.files)
+    assert open_checkpoint(remote_hf).chat_template == template
+
+    outputs = {}
+    for path in (local, remote, local_hf, remote_hf):
+        assert generate.main(["--checkpoint", str(path), "--prompt", "def main(", "--max_new_tokens", "6",
+                              "--chat"]) == 0, capsys.readouterr().err
+        outputs[str(path)] = capsys.readouterr().out
+    assert outputs[remote] == outputs[str(local)] and outputs[remote_hf] == outputs[str(local_hf)]
+
+
+def test_a_bucket_checkpoint_loads_straight_into_its_shards(exported):
+    local_hf, remote_hf = exported
+    mesh = make_mesh(parse_mesh("fsdp=4,tensor=2"))
+    a, b = convert.load_hf(local_hf, mesh=mesh), convert.load_hf(remote_hf, mesh=mesh)
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        assert x.sharding == y.sharding and np.array_equal(np.asarray(x), np.asarray(y))

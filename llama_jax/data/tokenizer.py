@@ -28,10 +28,12 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 import tokenizers
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
 from llama_jax.data import tiktoken_to_hf
 from llama_jax.errors import DataError
+from llama_jax.workdir import as_path
 
 # Meta's pre-tokenizer regex for Llama 3 (llama3/tokenizer.py), character for character.
 LLAMA3_SPLIT_PATTERN = (
@@ -45,7 +47,7 @@ _MAX_WHITESPACE_RUN = 25_000
 _LONG_WHITESPACE = re.compile(rf"(?<!\s)\s{{{_MAX_WHITESPACE_RUN},}}")
 _EIGHT_WHITESPACE = re.compile(r"\s{8}")
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 _USAGE = "pass data.tokenizer=PATH to a tokenizer.model (Llama 3 tiktoken), *.model (SentencePiece) or tokenizer.json"
 
 
@@ -115,7 +117,7 @@ class Tokenizer(abc.ABC):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in _HF_TOKENIZER_FILES:  # an earlier export's files would shadow these (chat_template.jinja would)
+        for stale in HF_TOKENIZER_FILES:  # an earlier export's files would shadow these (chat_template.jinja would)
             (directory / stale).unlink(missing_ok=True)
         config = self._write_hf_model(directory)
         config.update(
@@ -139,8 +141,9 @@ class Tokenizer(abc.ABC):
 
     @staticmethod
     def from_file(path: str | os.PathLike) -> Tokenizer:
-        """Loads any supported format; a directory is searched for the file names model repositories use."""
-        path = _resolve(Path(path))
+        """Loads any supported format; a directory is searched for the file names model repositories use. The path
+        may be a URL (gs://...): every format is read as bytes, so nothing is downloaded to a file first."""
+        path = _resolve(as_path(path))
         if path.suffix == ".json":
             return HFTokenizer(path)
         data = path.read_bytes()
@@ -215,9 +218,9 @@ class SentencePieceTokenizer(Tokenizer):
     loss, so the id only has to be a valid one.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | epath.Path):
         try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
         except Exception as e:
             raise DataError(
                 f"tokenizer file {path} is neither a Llama 3 tiktoken file (lines 'base64 rank') nor a SentencePiece "
@@ -281,7 +284,7 @@ class HFTokenizer(Tokenizer):
     every kind of post-processor (template, Roberta, sequences of them) without interpreting any.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | epath.Path):
         try:
             text = path.read_text(encoding="utf-8")
             self._tok = tokenizers.Tokenizer.from_str(text)
@@ -382,16 +385,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
     return Tokenizer.from_file(path)
 
 
-def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+def tokenizer_files(path: str | os.PathLike) -> list[Path | epath.Path]:
     """The files that make up the tokenizer at `path`: the model file first, then the `tokenizer_config.json` and
     `chat_template.jinja` beside it when present (they set framing, special tokens and the chat template), so that
-    copying them carries the tokenizer whole."""
-    model_file = _resolve(Path(path))
+    copying them carries the tokenizer whole. A URL gives `epath.Path`s."""
+    model_file = _resolve(as_path(path))
     siblings = [model_file.parent / name for name in ("tokenizer_config.json", "chat_template.jinja")]
     return [model_file, *(f for f in siblings if f.is_file())]
 
 
-def _resolve(path: Path) -> Path:
+def _resolve(path: Path | epath.Path) -> Path | epath.Path:
     """The tokenizer file of `path`. In a directory tokenizer.json comes first, since it is what transformers uses
     where a repository has both (Llama 2's ship a SentencePiece tokenizer.model beside it)."""
     if path.is_dir():
