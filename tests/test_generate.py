@@ -1,5 +1,7 @@
-"""Generation: greedy decoding against transformers, top-k / nucleus sampling, stop ids, and the CLI on Hugging Face
-directories whose tokenizer framing and generation_config.json it must honour."""
+"""Generation: KV-cache decoding against the uncached full-buffer decoder it replaced and against transformers (greedy,
+batched, left-padded), top-k / nucleus sampling with explicit keys, stop ids, one compilation per shape bucket, the
+cache sharded by logical axes on a mesh, and the CLI (batched prompts, FP8) on Hugging Face directories whose tokenizer
+framing and generation_config.json it must honour."""
 
 import json
 import shutil
@@ -16,12 +18,42 @@ import tokenizers
 import torch
 import transformers
 
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
 from llama_jax.convert import load_hf
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.generate import generate, keep_top_k, main, sample_top_p
+from llama_jax.generate import (_prefill, cache_shardings, generate, generate_timed, keep_top_k, main, parse_mesh,
+                                sample_top_p)
+from llama_jax.model.kv_cache import KVCache
+from llama_jax.parallel.mesh import make_mesh
+from llama_jax.quantize import logit_error, quantize_fp8
 
 PROMPTS = [[3, 17, 42, 9, 100], [250, 1, 77]]  # different lengths: each row keeps its own position
 NEW_TOKENS = 20
+# lengths 1 to 23: across the 16-token prompt bucket, so rows carry 0 to 22 slots of left padding
+RAGGED = [[5], [3, 17, 42, 9, 100], [250, 1, 77], list(range(30, 53)), [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
+
+
+def uncached_generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """The decoder the KV cache replaced, kept as the reference: every token re-runs the model over the whole
+    right-padded buffer and reads the logits at each row's last position; token i is drawn with fold_in(key, i)."""
+    graphdef, state = nnx.split(model)
+    hidden = jax.jit(lambda state, tokens_bt: nnx.merge(graphdef, state).hidden(tokens_bt))
+    lengths_b = np.array([len(p) for p in prompts])
+    tokens_bt = np.zeros((len(prompts), lengths_b.max() + max_new_tokens), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens_bt[row, : len(prompt)] = prompt
+    rows_b, key = np.arange(len(prompts)), jax.random.key(seed)
+    for step in range(max_new_tokens):
+        cur_b = lengths_b + step
+        logits_bv = model.logits(hidden(state, tokens_bt)[rows_b, cur_b - 1][:, None])[:, 0]
+        if temperature == 0:
+            next_b = jnp.argmax(logits_bv, axis=-1)
+        else:
+            next_b = sample_top_p(jax.random.fold_in(key, step), keep_top_k(logits_bv / temperature, top_k), top_p)
+        tokens_bt[rows_b, cur_b] = np.asarray(next_b)
+    return [tokens_bt[row, n: n + max_new_tokens].tolist() for row, n in enumerate(lengths_b)]
 
 
 def _train_tokenizer(path: Path) -> int:
@@ -74,6 +106,10 @@ def test_greedy_matches_transformers(hf_dir, greedy):
 
 def test_single_prompt_is_a_batch_of_one(model, greedy):
     assert generate(model, PROMPTS[1], NEW_TOKENS) == [greedy[1]]
+
+
+def test_no_new_tokens(model):
+    assert generate(model, PROMPTS, 0) == [[], []]
 
 
 def test_eos_stops_only_its_row(model, greedy):
@@ -223,3 +259,177 @@ def test_cli_names_the_problem_of_a_bad_mesh(hf_dir, capsys, spec, problem):
     assert main(["--checkpoint", str(hf_dir), "--prompt", "hi", "--mesh", spec]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and problem in err
+
+
+# ------------------------------------------------------------------------------------------ the KV cache
+
+
+def test_cached_greedy_equals_the_uncached_decoder_on_ragged_prompts(model):
+    assert generate(model, RAGGED, NEW_TOKENS) == uncached_generate(model, RAGGED, NEW_TOKENS)
+
+
+def test_each_greedy_token_is_the_argmax_of_a_full_forward_pass(model):
+    """Re-running the whole sequences (prompt + continuation, right-padded: causal attention ignores what follows)
+    without a cache picks every generated token again."""
+    generated = generate(model, RAGGED, NEW_TOKENS)
+    tokens_bt = np.zeros((len(RAGGED), max(map(len, RAGGED)) + NEW_TOKENS), np.int32)
+    for row, (prompt, new) in enumerate(zip(RAGGED, generated, strict=True)):
+        tokens_bt[row, : len(prompt) + NEW_TOKENS] = prompt + new
+    graphdef, state = nnx.split(model)
+    argmax_bt = np.asarray(jax.jit(lambda state, t: jnp.argmax(nnx.merge(graphdef, state)(t), axis=-1))(state, tokens_bt))
+    for row, (prompt, new) in enumerate(zip(RAGGED, generated, strict=True)):
+        assert argmax_bt[row, len(prompt) - 1: len(prompt) + NEW_TOKENS - 1].tolist() == new
+
+
+def test_batched_left_padded_greedy_matches_transformers(hf_dir, model):
+    """transformers' own batched generation: left padding, an attention mask, positions from the mask."""
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    width = max(len(p) for p in RAGGED)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in RAGGED])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in RAGGED])
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert generate(model, RAGGED, NEW_TOKENS) == expected[:, width:].tolist()
+
+
+def test_sampling_with_the_cache_draws_what_the_uncached_decoder_draws(model):
+    """Same keys (token i: fold_in(key(seed), i)) and the same logits up to rounding: the same samples."""
+    settings = dict(temperature=0.8, top_k=40, top_p=0.9, seed=5)
+    ours = generate(model, RAGGED, 12, **settings)
+    assert ours == uncached_generate(model, RAGGED, 12, **settings)
+    assert ours != generate(model, RAGGED, 12, temperature=0.0)
+
+
+def test_the_cache_holds_kv_heads_only_in_the_compute_dtype(hf_dir):
+    """bf16: a [layers, batch, slots, kv_heads, head_dim] bf16 cache; prefill + one decode step give the logits of a
+    full forward pass, and padding slots before a row's prompt change nothing."""
+    model = load_hf(hf_dir, "bfloat16")
+    cfg = model.cfg
+    cache = KVCache.create(cfg, jnp.array([0, 3]), 32)
+    assert cache.k_lbskh.shape == (cfg.n_layers, 2, 32, cfg.n_kv_heads, cfg.resolved_head_dim) == (2, 2, 32, 2, 16)
+    assert cache.k_lbskh.dtype == cache.v_lbskh.dtype == jnp.bfloat16
+    prompt = [3, 17, 42, 9, 100, 8, 1]
+    tokens_bt = jnp.array([prompt + [11], [0, 0, 0] + prompt[3:] + [11]])  # row 1: padding, then a shorter prompt
+
+    @jax.jit
+    def prefill_and_step(state, cache):
+        model = nnx.merge(graphdef, state)
+        h_btd, cache = model.extend(tokens_bt[:, :-1], cache)
+        step_btd, cache = model.extend(tokens_bt[:, -1:], cache)
+        return model.logits(jnp.concatenate([h_btd, step_btd], axis=1)), cache
+
+    graphdef, state = nnx.split(model)
+    logits_btv, cache = prefill_and_step(state, cache)
+    assert int(cache.end) == 8 and cache.k_lbskh.dtype == jnp.bfloat16
+    full = jax.jit(lambda state, tokens_bt: nnx.merge(graphdef, state)(tokens_bt))
+    for row, start in enumerate([0, 3]):
+        full_tv = np.asarray(full(state, tokens_bt[row:row + 1, start:])[0])
+        cached_tv = np.asarray(logits_btv[row, start:])
+        assert np.abs(cached_tv - full_tv).max() < 0.05 * np.abs(full_tv).max()  # bf16: matmul shapes differ
+
+
+def test_compiles_once_per_bucket(model):
+    """A batch of 6 (no other test uses one): prefill and decode compile once for the (6, 16, 64) bucket, again once
+    for sampling (a static switch), and never for other lengths, budgets or sampling settings in the bucket."""
+    prompts = [[1, 2, 3], [4, 5]] * 3
+    first = generate_timed(model, prompts, 10)
+    assert first.compiled == 2 and first.compile_seconds > 0
+    again = [
+        generate_timed(model, [[9, 8, 7, 6, 5, 4, 3], [2]] * 3, 30),  # other lengths and budget, same bucket
+        generate_timed(model, prompts, 10, temperature=0.7, top_k=5, top_p=0.5, seed=1),  # sampling
+        generate_timed(model, prompts, 10, temperature=0.9, top_p=0.8, seed=2),  # other sampling settings
+        generate_timed(model, [list(range(1, 17))] * 6, 48),  # the bucket's largest prompt and budget
+    ]
+    assert [g.compiled for g in again] == [0, 2, 0, 0]
+    longer = generate_timed(model, [list(range(1, 18))] * 6, 10)  # 17 tokens: the next prompt bucket, same cache
+    assert longer.compiled == 1  # a new prefill; the decode loop depends on batch and cache length only
+    assert first.prompt_tokens == 15 and first.new_tokens == 60 and first.prefill_seconds > 0 < first.decode_seconds
+
+
+def test_on_a_mesh_the_cache_is_sharded_by_logical_axes_and_tokens_match(hf_dir, model):
+    """Cache shardings come from the logical names (batch over data and fsdp where it divides, kv heads over tensor);
+    generation on the mesh, full precision and FP8, gives the single device's tokens."""
+    mesh = make_mesh(parse_mesh("data=2,fsdp=2,tensor=2"))
+    sharded = load_hf(hf_dir, mesh=mesh)
+    shardings = cache_shardings(sharded.cfg, 4, 64, mesh)
+    assert shardings.k_lbskh.spec == P("stage", ("data", "fsdp"), "context", "tensor", None)
+    assert shardings.start_b.spec == P(("data", "fsdp"))
+    assert cache_shardings(sharded.cfg, 2, 64, mesh).k_lbskh.spec == P("stage", None, "context", "tensor", None)
+    graphdef, state = nnx.split(sharded)
+    prefill = jax.jit(lambda state, tokens_bt, start_b: _prefill(
+        state, tokens_bt, start_b, jax.random.key(0), 1.0, 0, 1.0, jnp.array([-1]), graphdef=graphdef, greedy=True,
+        shardings=shardings, max_len=64))
+    with jax.set_mesh(mesh):
+        cache, _ = prefill(state, jnp.ones((4, 16), jnp.int32), jnp.zeros(4, jnp.int32))
+    assert cache.k_lbskh.sharding.is_equivalent_to(shardings.k_lbskh, 5)
+    assert cache.k_lbskh.addressable_shards[0].data.shape == (2, 1, 64, 1, 16)  # batch / 4, kv heads / 2
+
+    prompts = RAGGED[:4]
+    assert generate(sharded, prompts, NEW_TOKENS, mesh=mesh) == generate(model, prompts, NEW_TOKENS)
+    fp8_sharded, _ = quantize_fp8(sharded)
+    wq = fp8_sharded.layers.attn.wq[...]
+    assert wq.value.sharding.is_equivalent_to(sharded.layers.attn.wq[...].sharding, 4)  # FP8 stays where it was
+    assert generate(fp8_sharded, prompts, 8, mesh=mesh) == generate(quantize_fp8(model)[0], prompts, 8)
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def _cli_expected(hf_dir, model, texts, max_new_tokens):
+    tokenizer = Tokenizer.from_file(hf_dir / "tokenizer.json")
+    new = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens, stop_ids=[tokenizer.eos_id])
+    return [tokenizer.decode([i for i in ids if i != tokenizer.eos_id]) for ids in new]
+
+
+def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, capsys):
+    texts = ["def wrap(text):", "import", "class TextWrapper:\n"]
+    expected = [{"prompt": t, "completion": c} for t, c in zip(texts, _cli_expected(hf_dir, model, texts, 12))]
+    assert main(["--checkpoint", str(hf_dir), "--prompt", texts[0], "--prompt", texts[1], "--prompt", texts[2],
+                 "--max_new_tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == expected
+    assert "prefill: 12 tokens" not in err and "prefill: " in err and "tokens/s); decode: " in err
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts[1:]))
+    assert main(["--checkpoint", str(hf_dir), "--prompt", texts[0], "--prompts_file", str(tmp_path / "prompts.jsonl"),
+                 "--max_new_tokens", "12"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == expected
+
+    (tmp_path / "prompts.txt").write_text("def wrap(text):\n\nimport\n")  # one per line, blank lines skipped
+    assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(tmp_path / "prompts.txt"),
+                 "--max_new_tokens", "12"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == expected[:2]
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "does not exist"),
+    ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2 has no "prompt" string'),
+    ('{"prompt": "a"\n', "prompts.jsonl:1 is not valid JSON"),
+    ("\n\n", "holds no prompt"),
+])
+def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, content, problem):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and problem in err and err.count("\n") == 1
+
+
+def test_cli_needs_a_prompt(hf_dir, capsys):
+    assert main(["--checkpoint", str(hf_dir)]) == 2
+    assert "no prompt given" in capsys.readouterr().err
+
+
+def test_cli_fp8_reports_memory_and_logit_error(hf_dir, model, capsys):
+    """The error printed is the quantised model's on the prompt (about 0.08 here: this model's init std of 0.1 gives
+    its matrices a high gain that amplifies every rounding); its continuation is the FP8 model's."""
+    prompt = "def wrap(text):"
+    assert main(["--checkpoint", str(hf_dir), "--prompt", prompt, "--max_new_tokens", "8", "--fp8"]) == 0
+    out, err = capsys.readouterr()
+    report = next(line for line in err.splitlines() if line.startswith("fp8: "))
+    assert "7 weight matrices" in report and "x smaller" in report
+    prompt_ids = Tokenizer.from_file(hf_dir / "tokenizer.json").encode(prompt)
+    fp8_model, _ = quantize_fp8(model)
+    assert float(report.rsplit("= ", 1)[1]) == pytest.approx(logit_error(model, fp8_model, [prompt_ids]), abs=1e-4)
+    assert 0 < logit_error(model, fp8_model, [prompt_ids]) < 0.15
+    assert out == _cli_expected(hf_dir, fp8_model, [prompt], 8)[0] + "\n"

@@ -3,8 +3,12 @@
 Every parameter is declared once, in its module's constructor, with its shape, initializer and logical axis
 names; nothing here knows about devices or meshes (parallel/mesh.py maps the names to a mesh). Layers are
 created stacked along a leading `layers` axis and applied with `nnx.scan`, so compile time does not grow
-with depth. Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used;
+with depth. Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used (a
+weight's value may also be an array-like whose `astype` dequantises it, as `llama_jax.quantize` stores FP8 weights);
 normalisation, softmax, rotary math and logits are float32.
+
+Generation runs the same blocks through `Llama.extend`: the next tokens of every row against a `KVCache` of the keys
+and values seen so far, with the same parameters, projections and RoPE as training.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.model.attention import ATTENTION, AttentionFn
+from llama_jax.model.attention import ATTENTION, MASKED_ATTENTION, AttentionFn
 from llama_jax.model.config import LlamaConfig
+from llama_jax.model.kv_cache import KVCache
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
 
 REMAT = {
@@ -54,14 +59,26 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg.param_dtype)
 
     def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt, attention: AttentionFn):
+        q_btnh, k_btkh, v_btkh = self.project(x_btd, cos_btp, sin_btp)
+        return self.output(attention(q_btnh, k_btkh, v_btkh, segment_ids_bt))
+
+    def extend(self, x_btd, cos_btp, sin_btp, cache: KVCache, k_bskh, v_bskh, mask_bts, attention):
+        """Attention of the next tokens over this layer's cache with them written in; also returns their keys and
+        values [b, t, k, h] for the caller to append. `attention` is a masked kernel (`MASKED_ATTENTION`)."""
+        q_btnh, new_k_btkh, new_v_btkh = self.project(x_btd, cos_btp, sin_btp)
+        k_bskh, v_bskh = cache.layer_with(k_bskh, v_bskh, new_k_btkh, new_v_btkh)
+        return self.output(attention(q_btnh, k_bskh, v_bskh, mask_bts)), new_k_btkh, new_v_btkh
+
+    def project(self, x_btd, cos_btp, sin_btp):
+        """Queries [b, t, n, h] and keys, values [b, t, k, h] in x's dtype, queries and keys rotated."""
         dtype = x_btd.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dtype))
         v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...].astype(dtype))
-        q_btnh = apply_rotary(q_btnh, cos_btp, sin_btp)
-        k_btkh = apply_rotary(k_btkh, cos_btp, sin_btp)
-        out_btnh = attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(dtype))
+        return apply_rotary(q_btnh, cos_btp, sin_btp), apply_rotary(k_btkh, cos_btp, sin_btp), v_btkh
+
+    def output(self, out_btnh):
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(out_btnh.dtype))
 
 
 class MLP(nnx.Module):
@@ -91,6 +108,13 @@ class Block(nnx.Module):
     def __call__(self, x_btd, cos_btp, sin_btp, segment_ids_bt, attention: AttentionFn):
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btp, sin_btp, segment_ids_bt, attention)
         return x_btd + self.mlp(self.mlp_norm(x_btd))
+
+    def extend(self, x_btd, cos_btp, sin_btp, cache: KVCache, k_bskh, v_bskh, mask_bts, attention):
+        """The block on the next tokens against this layer's cache (see `Attention.extend`)."""
+        attn_btd, new_k_btkh, new_v_btkh = self.attn.extend(self.attn_norm(x_btd), cos_btp, sin_btp, cache, k_bskh,
+                                                            v_bskh, mask_bts, attention)
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), new_k_btkh, new_v_btkh
 
 
 # (stacked blocks, x, cos, sin, segment_ids) -> x: how the layer stack is run. The default is `apply_blocks` in
@@ -158,6 +182,26 @@ class Llama(nnx.Module):
         else:
             x_btd = layers_fn(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt)
         return self.norm(x_btd)
+
+    def extend(self, tokens_bt: jnp.ndarray, cache: KVCache) -> tuple[jnp.ndarray, KVCache]:
+        """The next `t` tokens of every row run against `cache`: their final normalised hidden states [b, t, dim]
+        and the cache with their keys and values appended.
+
+        Prefill is one call with the (left-padded) prompts, decoding one call per token; each token takes its
+        rotary position and attention mask from the cache, so rows of different lengths decode side by side."""
+        t = tokens_bt.shape[1]
+        cos_btp, sin_btp = self.rotary(cache.positions(t))
+        mask_bts = cache.mask(t)
+        attention = MASKED_ATTENTION[self.cfg.attention]
+
+        def apply_block(x_btd, block: Block, k_bskh, v_bskh):
+            x_btd, new_k_btkh, new_v_btkh = block.extend(x_btd, cos_btp, sin_btp, cache, k_bskh, v_bskh, mask_bts,
+                                                         attention)
+            return x_btd, (new_k_btkh, new_v_btkh)
+
+        x_btd, (new_k_lbtkh, new_v_lbtkh) = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+            self.embed_tokens(tokens_bt), self.layers, cache.k_lbskh, cache.v_lbskh)
+        return self.norm(x_btd), cache.appended(new_k_lbtkh, new_v_lbtkh)
 
     def embed_tokens(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
         return jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
