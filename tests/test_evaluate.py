@@ -1,0 +1,204 @@
+"""Multiple-choice evaluation: scores against a direct per-example computation and against transformers, sharded
+scoring, the file layouts and their error messages, and the CLI."""
+
+import inspect
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from hf_reference import random_hf_llama
+from llama_jax import evaluate as ev
+from llama_jax.convert import open_checkpoint
+from llama_jax.data.tokenizer import train_bpe
+from llama_jax.errors import DataError
+from llama_jax.model import Llama, LlamaConfig, ModelDef
+from llama_jax.parallel.mesh import make_mesh
+
+MAX_LEN = 48  # shorter than some stdlib_mc rows, so left truncation of the context is exercised
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [inspect.getdoc(inspect) or "", ev.BUILTIN_TASKS["stdlib_mc"].read_text()]
+    return train_bpe(texts, 1024, tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    # init_std 0.2 makes the logits far from uniform, so wrong positions or masks change the scores visibly
+    return LlamaConfig(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                       max_seq_len=256, rope_type="default", rope_theta=10000.0, dtype="float32", init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer):
+    """A transformers checkpoint (random weights, our tokenizer's files) as a user would download one."""
+    cfg = tiny_config(tokenizer.vocab_size)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        initializer_range=0.2, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("hf")
+    random_hf_llama(hf_cfg).save_pretrained(path)
+    tokenizer.save_hf(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task(tokenizer):
+    return ev.ChoiceTask.load("stdlib_mc", tokenizer, max_len=MAX_LEN)
+
+
+def direct_logprob(model: Llama, context: list[int], continuation: list[int]) -> float:
+    """One unpadded row through the model: the summed log-probability of the continuation tokens."""
+    seq = np.array(context + continuation)
+    logits = np.asarray(model(seq[None, :-1])[0], np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    k = len(continuation)
+    return float(sum(logp[len(seq) - 1 - k + i, tok] for i, tok in enumerate(continuation)))
+
+
+def test_scores_equal_a_direct_per_example_computation(tokenizer, task):
+    model = Llama(tiny_config(tokenizer.vocab_size), rngs=nnx.Rngs(0))
+    scores = ev.score_choices(model, task, batch_size=7)  # 192 rows: many batches, some filler rows, several buckets
+    full = [len(ev._encode_pair(tokenizer, q.context, " " + q.choices[0])[0]) for q in task.questions]
+    assert any(f > len(c) for f, c in zip(full, task.context_ids))  # some contexts were cut to fit MAX_LEN
+    for q in range(0, len(task.questions), 12):
+        expected = [direct_logprob(model, list(task.context_ids[q]), list(cont)) for cont in task.choice_ids[q]]
+        np.testing.assert_allclose(scores.logprobs[q], expected, rtol=2e-5, atol=2e-4)
+    metrics = ev.summarize("t", scores)
+    gold = scores.gold
+    raw = np.mean([np.argmax(lp) == g for lp, g in zip(scores.logprobs, gold)])
+    per_char = np.mean([np.argmax(lp / np.array([len(c) for c in q.choices])) == q.gold
+                        for lp, q in zip(scores.logprobs, task.questions)])
+    nll_norm = np.mean([-lp[q.gold] / len(q.choices[q.gold]) for lp, q in zip(scores.logprobs, task.questions)])
+    assert metrics["t/acc"] == pytest.approx(raw) and metrics["t/acc_norm"] == pytest.approx(per_char)
+    assert metrics["t/nll_norm"] == pytest.approx(nll_norm) and metrics["t/n"] == 48
+
+
+def test_long_contexts_lose_their_beginning(tokenizer):
+    question = ev.Question("word " * 200, ("alpha", "beta"), 0)
+    task = ev.ChoiceTask.from_questions("long", [question], tokenizer, max_len=32)
+    for cont in task.choice_ids[0]:
+        assert len(task.context_ids[0]) + len(cont) <= 33  # 32 inputs + the last target
+    full = ev._encode_pair(tokenizer, question.context, " alpha")[0]
+    assert list(task.context_ids[0]) == full[-len(task.context_ids[0]):]
+
+
+def test_summary_normalises_by_characters_and_tokens():
+    scores = ev.ChoiceScores(logprobs=(np.array([-3.0, -4.0]), np.array([-2.0, -9.0])),
+                             tokens=(np.array([1.0, 4.0]), np.array([1.0, 3.0])),
+                             chars=(np.array([2.0, 8.0]), np.array([1.0, 10.0])), gold=np.array([1, 1]))
+    m = ev.summarize("x", scores)
+    assert m["x/acc"] == 0.0  # raw: the short choice wins both times
+    assert m["x/acc_norm"] == 1.0  # -3/2 < -4/8 and -2/1 < -9/10
+    assert m["x/acc_per_token"] == 0.5  # -3/1 < -4/4, but -2/1 > -9/3
+    assert m["x/nll_norm"] == pytest.approx((4 / 8 + 9 / 10) / 2)
+    assert m["x/nll_per_token"] == pytest.approx((4 / 4 + 9 / 3) / 2)
+
+
+def test_scores_equal_transformers_scoring_of_the_same_checkpoint(hf_dir):
+    """lm-eval-harness's way with transformers: tokenizer(context) and tokenizer(context + continuation), the
+    continuation's tokens scored by LlamaForCausalLM."""
+    opened = open_checkpoint(hf_dir)
+    task = ev.ChoiceTask.load("stdlib_mc", opened.tokenizer, max_len=256)
+    ours = ev.score_choices(opened.model, task, batch_size=16)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    for q in range(0, len(task.questions), 4):
+        question = task.questions[q]
+        context_ids = hf_tok(question.context)["input_ids"]
+        for c, choice in enumerate(question.choices):
+            whole = hf_tok(question.context + " " + choice)["input_ids"]
+            continuation = whole[len(context_ids):]
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            expected = sum(float(logp[len(whole) - 1 - len(continuation) + i, t]) for i, t in enumerate(continuation))
+            assert ours.logprobs[q][c] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_sharded_scoring_matches_one_device(hf_dir, tokenizer):
+    mesh = make_mesh({"data": 2, "stage": 1, "fsdp": 2, "context": 1, "tensor": 2})
+    task = ev.ChoiceTask.load("stdlib_mc", tokenizer, max_len=MAX_LEN)
+    single = ev.evaluate_choices(open_checkpoint(hf_dir).model, task, batch_size=16)
+    sharded_model = open_checkpoint(hf_dir, mesh=mesh).model
+    assert len(sharded_model.layers.mlp.w_gate[...].sharding.device_set) == 8
+    sharded = ev.evaluate_choices(sharded_model, task, batch_size=6, mesh=mesh)  # rounded up to 8 rows per batch
+    params = nnx.to_pure_dict(nnx.state(sharded_model))
+    pair = ev.evaluate_choices((ModelDef(sharded_model.cfg), params), task, batch_size=8, mesh=mesh)
+    for key, value in single.items():
+        assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert pair[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"question": "Q?", "choices": ["a", "b"], "answer": 1}, ("Q?", ("a", "b"), 1)),
+    ({"query": "Q?", "endings": ["a", "b", "c"], "gold": "C"}, ("Q?", ("a", "b", "c"), 2)),
+    ({"context": "Q?", "options": ["a", "b"], "label": "0"}, ("Q?", ("a", "b"), 0)),
+    ({"activity_label": "Baking", "ctx_a": "She mixes flour.", "ctx_b": "then she", "endings": ["bakes [title] it", "x"],
+      "label": "0"}, ("Baking: She mixes flour. Then she", ("bakes. it", "x"), 0)),
+    ({"question": "Which?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}, "answerKey": "B"},
+     ("Question: Which?\nAnswer:", ("x", "y", "z"), 1)),
+    ({"question": "Which?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "2"},
+     ("Question: Which?\nAnswer:", ("x", "y"), 1)),
+    ({"goal": "Open a jar", "sol1": "twist", "sol2": "pull", "label": 0},
+     ("Question: Open a jar\nAnswer:", ("twist", "pull"), 0)),
+])
+def test_layouts(record, expected):
+    assert ev.parse_question(record, "f:1") == ev.Question(*expected)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"choices": ["a", "b"], "answer": 0}', r"bad\.jsonl:2: missing field 'question' / 'query' / 'context'"),
+    ('{"question": "Q", "answer": 0}', r"bad\.jsonl:2: missing field 'choices' / 'endings' / 'options'"),
+    ('{"question": "Q", "choices": ["a", "b"]}', r"bad\.jsonl:2: missing field 'answer' / 'label' / 'gold'"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": 2}', r"bad\.jsonl:2: field 'answer'=2 does not name one of"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": "E"}', r"bad\.jsonl:2: field 'answer'='E' does not name"),
+    ('{"question": "Q", "choices": ["a"], "answer": 0}', r"bad\.jsonl:2: field 'choices' must be a list of at least two"),
+    ('{"question": 3, "choices": ["a", "b"], "answer": 0}', r"bad\.jsonl:2: field 'question' must be a string"),
+    ('{"question": "Q", "choices": ["a", "b"], "answer": 0', r"bad\.jsonl:2: not valid JSON"),
+    ('["Q", ["a", "b"], 0]', r"bad\.jsonl:2: expected a JSON object, got list"),
+    ('{"goal": "G", "sol1": "a", "label": 0}', r"bad\.jsonl:2: missing field 'sol2'"),
+])
+def test_bad_lines_name_the_file_line_and_field(tmp_path, tokenizer, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "ok", "choices": ["a", "b"], "answer": 0}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        ev.ChoiceTask.load(path, tokenizer)
+
+
+def test_missing_and_empty_files(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"task file .*nope\.jsonl does not exist.*stdlib_mc"):
+        ev.ChoiceTask.load(tmp_path / "nope.jsonl", tokenizer)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no questions"):
+        ev.ChoiceTask.load(tmp_path / "empty.jsonl", tokenizer)
+    with pytest.raises(DataError, match="leaves no room for its context within max_len=4"):
+        ev.ChoiceTask.from_questions("t", [ev.Question("c", ("a long choice " * 4, "b"), 0)], tokenizer, max_len=4)
+
+
+def test_cli_prints_a_table_and_a_json_line(hf_dir, tmp_path, capsys):
+    extra = tmp_path / "piqa_like.jsonl"
+    extra.write_text("\n".join(json.dumps({"goal": f"Goal {i}", "sol1": "yes", "sol2": "no", "label": i % 2})
+                               for i in range(5)))
+    assert ev.main(["--checkpoint", str(hf_dir), "--tasks", f"stdlib_mc,{extra}", "--batch_size", "16"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["task", "n", "acc"]
+    assert lines[1].startswith("stdlib_mc") and lines[2].startswith("piqa_like")
+    metrics = json.loads(lines[-1])
+    assert metrics["stdlib_mc/n"] == 48 and metrics["piqa_like/n"] == 5
+    assert 0 <= metrics["piqa_like/acc"] <= 1 and metrics["stdlib_mc/nll_norm"] > 0
+
+
+def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
+    assert ev.main(["--checkpoint", str(hf_dir), "--tasks", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task file") and "Traceback" not in err
+    assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--tasks", "stdlib_mc"]) == 2
+    assert "does not exist" in capsys.readouterr().err
