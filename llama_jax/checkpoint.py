@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 import grain
 import jax
@@ -28,6 +28,16 @@ from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import resolve
 
+class RestoreTarget(NamedTuple):
+    """What a checkpoint is restored into: the model config it must have been written for, abstract arrays with the
+    shardings wanted, and the data iterator to move to its saved position."""
+
+    model: dict
+    abstract_params: Any
+    abstract_opt_state: Any
+    data_iter: grain.DatasetIterator
+
+
 class ModelMismatch(CheckpointError):
     """The checkpoint is intact but belongs to another model config."""
 
@@ -40,11 +50,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, keep_every: int = 0,
-                 async_save: bool = True):
+                 keep_steps: Sequence[int] = (), async_save: bool = True):
+        """`keep_steps`: steps kept whatever the policy (those a phase averages)."""
         self.directory = resolve(directory)
+        keep = [ocp.checkpoint_managers.LatestN(max_to_keep)]
+        keep += [ocp.checkpoint_managers.EveryNSteps(keep_every)] if keep_every else []
+        keep += [ocp.checkpoint_managers.CustomSteps(list(keep_steps))] if keep_steps else []
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            keep_period=keep_every or None,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
@@ -53,9 +66,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore_newest_valid(self, model: dict, abstract_params: Any, abstract_opt_state: Any,
-                             data_iter: grain.DatasetIterator) -> tuple[int, Any, Any] | None:
+    def restore_newest_valid(self, targets: Callable[[int], RestoreTarget]) -> tuple[int, Any, Any] | None:
         """(step, params, opt_state) of the newest checkpoint that restores, or None when there is none.
+        `targets(step)` says what a checkpoint of that step holds (a run's phases differ in model and data).
 
         A newest checkpoint that is incomplete or corrupt (a crash mid-save on a filesystem without atomic
         renames, a truncated file) is reported by name and the one before it is used: losing a few steps beats
@@ -64,8 +77,10 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for index, step in enumerate(steps):
             try:
-                self.check_model(step, model)
-                params, opt_state = self.restore(step, abstract_params, abstract_opt_state, data_iter)
+                target = targets(step)
+                self.check_model(step, target.model)
+                params, opt_state = self.restore(step, target.abstract_params, target.abstract_opt_state,
+                                                 target.data_iter)
             except CheckpointError as err:
                 if isinstance(err, ModelMismatch) or index + 1 == len(steps):
                     raise
@@ -116,13 +131,15 @@ class Checkpointer:
                 f"use a fresh --workdir, or the model config the run started with"
             )
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any, data_iter: grain.DatasetIterator):
-        """(params, opt_state) placed as the abstract targets say; `data_iter` is moved to the saved position."""
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-        )
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,
+                data_iter: grain.DatasetIterator | None):
+        """(params, opt_state) placed as the abstract targets say; `data_iter` (when given) is moved to the saved
+        position."""
+        items = dict(params=ocp.args.StandardRestore(abstract_params),
+                     opt_state=ocp.args.StandardRestore(abstract_opt_state))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        args = ocp.args.Composite(**items)
         try:
             restored = self.manager.restore(step, args=args)
         except (FileNotFoundError, ValueError, KeyError) as err:

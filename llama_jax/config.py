@@ -17,8 +17,11 @@ from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import ConfigError
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.presets import preset
+from llama_jax.phases import check_phases
 
 OBJECTIVES = ("lm", "sft", "reward", "dpo")
+STABILITY_POLICIES = ("rollback", "skip", "stop")
+SCHEDULE_UNITS = ("steps", "tokens")
 IMPLEMENTED_OBJECTIVES = ("lm",)
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b", "zb-h1")
 SCHEDULED_PIPELINES = ("1f1b", "zb-h1")  # backward units placed by a table, not by autodiff of the forward
@@ -111,7 +114,12 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.optim.schedule = "cosine"  # after the warmup: cosine | linear | constant | wsd (warmup-stable-decay)
     cfg.optim.min_lr_ratio = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
     cfg.optim.warmup_steps = 50  # linear warmup from 0
-    cfg.optim.decay_steps = 0  # length of the schedule after warmup; 0 = until train.steps
+    cfg.optim.decay_steps = 0  # length of the schedule after warmup; 0 = until the run's end (or its annealing phase)
+    # "tokens": warmup_tokens and decay_tokens replace warmup_steps and decay_steps, so that a batch-size ramp keeps
+    # the schedule's shape in tokens trained on (the learning rate at a given token count does not depend on the ramp)
+    cfg.optim.schedule_unit = "steps"
+    cfg.optim.warmup_tokens = 0
+    cfg.optim.decay_tokens = 0  # 0 = until the run's end (or its annealing phase)
     cfg.optim.wsd_decay_fraction = 0.2  # wsd: the last fraction of decay_steps decays linearly; before it, lr stays
     cfg.optim.b1 = 0.9
     cfg.optim.b2 = 0.95
@@ -123,9 +131,13 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.optim.grad_accum = 1  # microbatches per step (the batch is split, the gradient is exact)
 
     cfg.train = ml_collections.ConfigDict()
-    cfg.train.steps = 600
+    cfg.train.steps = 600  # the first phase's budget (see cfg.phases for the later ones)...
+    cfg.train.tokens = 0  # ...or this many tokens instead, when set
     cfg.train.log_every = 10
-    cfg.train.eval_every = 100  # 0 = only at the end
+    cfg.train.eval_every = 100  # 0 = only at the end (of each phase)
+    # MFU's denominator, FLOP/s per device; 0 = the published dense bf16 peak of the accelerator, or on a CPU a matmul
+    # rate measured once per workdir and kept in WORKDIR/peak_flops.json (so a resumed run is measured against it)
+    cfg.train.peak_flops = 0.0
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
@@ -150,6 +162,19 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.watchdog = ml_collections.ConfigDict()
     cfg.watchdog.multiple = 10.0  # the limit is this many median step times (evaluations and saves included)...
     cfg.watchdog.min_seconds = 300.0  # ...and never less than this
+
+    # What a step with a non-finite loss or gradient norm, or a loss spike, does (llama_jax/stability.py):
+    # "rollback": reload the newest checkpoint and go on with the batches after the bad one (they are skipped);
+    # "skip": that step's update is not applied (decided inside the step; costs a select over the update);
+    # "stop": end the run before it saves the bad state. Either way it is logged, and counted in metrics.jsonl.
+    cfg.stability = ml_collections.ConfigDict()
+    cfg.stability.policy = "rollback"
+    cfg.stability.spike_factor = 0.0  # a loss above this x the median of the last `window` losses is a spike; 0 = off
+    cfg.stability.window = 100  # steps in that median (spikes are looked for once it is full)
+    cfg.stability.max_events = 5  # more bad steps than this in one process (or in a row, with "skip") stop the run
+
+    # Later phases of the run (long-context extension, annealing, ...): llama_jax.phases.phase(...) entries, in order.
+    cfg.phases = ()
     return cfg
 
 
@@ -168,6 +193,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "train.steps": cfg.train.steps,
         "train.log_every": cfg.train.log_every,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "stability.window": cfg.stability.window,
         "optim.grad_accum": cfg.optim.grad_accum,
         "data.eval_batches": cfg.data.eval_batches,
     }
@@ -188,6 +214,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "objective.z_loss": cfg.objective.z_loss,
         "watchdog.multiple": cfg.watchdog.multiple,
         "watchdog.min_seconds": cfg.watchdog.min_seconds,
+        "train.tokens": cfg.train.tokens,
+        "train.peak_flops": cfg.train.peak_flops,
+        "optim.warmup_tokens": cfg.optim.warmup_tokens,
+        "optim.decay_tokens": cfg.optim.decay_tokens,
+        "stability.spike_factor": cfg.stability.spike_factor,
+        "stability.max_events": cfg.stability.max_events,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -196,12 +228,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             ("http://", "https://")):
         raise ConfigError(f"checkpoint.maintenance_url={cfg.checkpoint.maintenance_url!r} must be 'auto', '' (off) or "
                           "an http:// URL of a GCE maintenance-event metadata key")
+    if cfg.stability.policy not in STABILITY_POLICIES:
+        raise ConfigError(f"stability.policy={cfg.stability.policy!r} is not one of {STABILITY_POLICIES}")
+    if 0 < cfg.stability.spike_factor <= 1:
+        raise ConfigError(f"stability.spike_factor={cfg.stability.spike_factor} would call ordinary steps spikes: use a "
+                          "factor above 1 (e.g. 3), or 0 to look for non-finite losses only")
+    if cfg.optim.schedule_unit not in SCHEDULE_UNITS:
+        raise ConfigError(f"optim.schedule_unit={cfg.optim.schedule_unit!r} is not one of {SCHEDULE_UNITS}")
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
     if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:
         raise ConfigError(
             f"objective.name={cfg.objective.name!r} is not available yet in this version; use objective.name='lm'"
         )
+    if cfg.phases:
+        check_phases(cfg)
     if cfg.checkpoint.init_from and not cfg.data.tokenizer:
         raise ConfigError(
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} needs the tokenizer the checkpoint was trained with: "
@@ -275,6 +316,16 @@ def _check_stage(cfg: ml_collections.ConfigDict, where: str, stage: Stage) -> No
                           "use a chunk length that divides every seq_len, or 0 (no chunks)")
 
 
+def plain(value):
+    """A config (or any value in it) as plain dicts, lists and scalars: what JSON takes, phases included (a tuple of
+    sections, which `ConfigDict.to_dict` leaves as ConfigDicts)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain(item) for item in value]
+    return value
+
+
 def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
     """The frozen model config from the `model` section."""
     return LlamaConfig(**cfg.model.to_dict())
@@ -300,6 +351,9 @@ def _check_against_schema(cfg, schema, prefix: str) -> None:
                 _check_mixture(value)
             else:
                 _check_against_schema(value, expected, prefix=f"{path}.")
+        elif path == "phases":
+            if not isinstance(value, (tuple, list)):
+                raise ConfigError("config key 'phases' must be a tuple of llama_jax.phases.phase(...) entries")
         elif not _type_ok(value, expected):
             raise ConfigError(
                 f"config key {path!r} must be {type(expected).__name__}, got {value!r} ({type(value).__name__})"

@@ -1,7 +1,9 @@
 """Where training numbers go: the console (progress bar), TensorBoard, and WORKDIR/metrics.jsonl.
 
 Also the model-FLOPs utilisation: achieved training FLOPs over the hardware's peak. Accelerator peaks come
-from a table of published dense bf16 figures; on CPU the peak is measured with a large matmul at start-up.
+from a table of published dense bf16 figures (or `train.peak_flops`); on CPU the peak is measured with a large matmul
+once per workdir and kept there, so that the MFU of a resumed run, or of a run started on a busy machine, is
+measured against the same figure rather than against a peak re-timed under whatever load the machine had.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ PEAK_FLOPS = {
     "TPU v5e": 197e12,
     "TPU v4": 275e12,
 }
+
+
+def run_peak_flops(workdir: epath.Path, configured: float) -> float:
+    """Peak FLOP/s of all devices of the run: `configured` per device, or the table's figure, or the CPU peak
+    recorded in WORKDIR/peak_flops.json (measured by the run's first start: other devices, the CPU among them)."""
+    if configured:
+        return configured * jax.device_count()
+    record = workdir / "peak_flops.json"
+    if any(name in jax.local_devices()[0].device_kind for name in PEAK_FLOPS):
+        return peak_flops_per_second() * jax.process_count()
+    if record.exists():
+        return json.loads(record.read_text())["peak_flops"] * jax.process_count()
+    peak = _measured_cpu_peak()
+    if jax.process_index() == 0:
+        record.write_text(json.dumps({"peak_flops": peak, "how": "float32 2048^3 matmul, best of 5"}) + "\n")
+    return peak * jax.process_count()
 
 
 def peak_flops_per_second() -> float:
@@ -92,6 +110,19 @@ class MetricsLogger:
         kept = [line for line, record in lines if record["step"] <= step]
         self.path.write_text("".join(kept))
         return kept, [record for _, record in lines if record["step"] > step]
+
+    def rewind(self, step: int) -> None:
+        """Forgets what was logged past `step` (a rollback retrains from there), in the file and in TensorBoard."""
+        if not self.enabled:
+            return
+        if self.jsonl is not None:
+            self.jsonl.close()
+        self._lines, _ = self._truncate_after(step)
+        self.jsonl = None if self._remote else self.path.open("a")
+        self.tensorboard.close()
+        self.tensorboard = tensorboardX.SummaryWriter(str(self._local_events), purge_step=step + 1)
+        self.bar.n = step
+        self.bar.refresh()
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

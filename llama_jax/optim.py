@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from llama_jax.errors import ConfigError
+from llama_jax.phases import RunPlan
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 STATE_DTYPES = ("float32", "bfloat16")
@@ -26,11 +27,40 @@ def lr_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
     wsd: `lr` until the last `wsd_decay_fraction` of the decay span, then linearly down to `lr * min_lr_ratio`,
     so that a run can be extended (or branched into an annealing) from any checkpoint of its stable phase.
     """
+    warmup = optim_cfg.warmup_steps
+    return _warmup_then(optim_cfg, warmup, optim_cfg.decay_steps or max(total_steps - warmup, 1))
+
+
+def run_lr_schedule(optim_cfg: ml_collections.ConfigDict, plan: RunPlan) -> optax.Schedule:
+    """The whole run's learning rate by step: `lr_schedule` in steps or, with `optim.schedule_unit = "tokens"`, in
+    tokens trained on (`warmup_tokens`, `decay_tokens`), its decay by default spanning the run up to its first
+    annealing phase; a phase with lr="anneal" instead decays linearly from where the schedule stands to its `lr_end`."""
+    end = next((p.start_step for p in plan.phases if p.lr == "anneal"), plan.total_steps)
+    if optim_cfg.schedule_unit == "tokens":
+        tokens_fn, warmup = plan.tokens_fn(), optim_cfg.warmup_tokens
+        by_tokens = _warmup_then(optim_cfg, warmup, optim_cfg.decay_tokens or max(plan.tokens_before(end) - warmup, 1))
+
+        def base(step):
+            return by_tokens(tokens_fn(step))
+    else:
+        base = lr_schedule(optim_cfg, end)
+    segments, boundaries = [base], []
+    for p in plan.phases[1:]:
+        if p.lr == "anneal":
+            start_lr = float(optax.join_schedules(segments, boundaries)(p.start_step))
+            segments.append(optax.linear_schedule(start_lr, p.lr_end, max(p.num_steps, 1)))
+        else:
+            segments.append(lambda step, offset=p.start_step: base(step + offset))
+        boundaries.append(p.start_step)
+    return optax.join_schedules(segments, boundaries) if boundaries else base
+
+
+def _warmup_then(optim_cfg: ml_collections.ConfigDict, warmup: int, span: int) -> optax.Schedule:
+    """Linear warmup over `warmup` units (steps or tokens), then `optim.schedule` over `span` units."""
     if optim_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={optim_cfg.schedule!r} is not one of {SCHEDULES}")
-    peak, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+    peak = optim_cfg.lr
     floor = peak * optim_cfg.min_lr_ratio
-    span = optim_cfg.decay_steps or max(total_steps - warmup, 1)
     if optim_cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, span, alpha=optim_cfg.min_lr_ratio)
     elif optim_cfg.schedule == "linear":
@@ -74,11 +104,13 @@ def _state_in(dtype: str, inner: optax.GradientTransformation) -> optax.Gradient
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """AdamW (with clipping) following `schedule`, by default `lr_schedule(optim_cfg, total_steps)`."""
     if optim_cfg.state_dtype not in STATE_DTYPES:
         raise ConfigError(f"optim.state_dtype={optim_cfg.state_dtype!r} is not one of {STATE_DTYPES}")
     adamw = optax.adamw(
-        lr_schedule(optim_cfg, total_steps),
+        schedule or lr_schedule(optim_cfg, total_steps),
         b1=optim_cfg.b1,
         b2=optim_cfg.b2,
         eps=optim_cfg.eps,

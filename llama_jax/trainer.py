@@ -33,18 +33,20 @@ from llama_jax import generation_config
 from llama_jax import workdir as workdir_lib
 from llama_jax import maintenance, supervise
 from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
-                              pipeline_repeats, validate)
+                              pipeline_repeats, plain, validate)
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches, eval_batches
-from llama_jax.data.schedule import BatchSchedule
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
-from llama_jax.metrics import MetricsLogger, peak_flops_per_second
+from llama_jax.metrics import MetricsLogger, run_peak_flops
 from llama_jax.model import ModelDef, flops_per_token
 from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives import lm_loss_sum
-from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.average import average as average_checkpoints
+from llama_jax.optim import lr_schedule, make_optimizer, run_lr_schedule
+from llama_jax.phases import Phase, RunPlan
+from llama_jax.stability import Diverged, LossGuard
 from llama_jax.parallel import distributed
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import to_zigzag
@@ -140,6 +142,7 @@ class Run:
     batch_sharding: NamedSharding
     layers_fn: LayersFn  # the layer stack on this mesh: pipelined, context-parallel, activations pinned
     scheduled_grads: ScheduledGrads | None  # the gradient by a 1F1B / ZB-H1 pipeline schedule; None: autodiff
+    schedule: optax.Schedule  # the learning rate by step (the optimizer's)
 
     def init(self) -> TrainState:
         """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state."""
@@ -168,15 +171,17 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
                     layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None, *,
-                    loss_chunk_len: int = 0, z_loss: float = 0.0) -> Callable:
-    """(state, batch) -> (state, metrics). With grad_accum > 1 the batch is split into microbatches whose
+                    loss_chunk_len: int = 0, z_loss: float = 0.0, skip_bad: bool = False) -> Callable:
+    """(state, batch) -> (state, metrics); with `skip_bad`, (state, batch, max_loss) -> (state, metrics), where a
+    step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
+    were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is split into microbatches whose
     gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
     full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order.
     `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it)."""
 
-    def step_fn(state: TrainState, batch: Batch):
+    def step_fn(state: TrainState, batch: Batch, max_loss):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def token_loss(model: Llama, h_btd, rows: Batch):
@@ -209,12 +214,22 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        if skip_bad:
+            good = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= max_loss)
+            grads = jax.tree.map(lambda g: jnp.where(good, g, 0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if skip_bad:
+            updates = jax.tree.map(lambda u: jnp.where(good, u, 0), updates)
+            metrics["skipped"] = 1.0 - good.astype(jnp.float32)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics["param_norm"] = optax.tree.norm(params)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return step_fn
+    if skip_bad:
+        return step_fn
+    return lambda state, batch: step_fn(state, batch, jnp.inf)
 
 
 def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0) -> Callable:
@@ -227,8 +242,10 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
     return eval_fn
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None) -> Run:
-    """Everything the loop needs, on a mesh over all devices (or `devices`)."""
+def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None, *,
+          schedule: optax.Schedule | None = None) -> Run:
+    """Everything the loop needs, on a mesh over all devices (or `devices`). `schedule`: the learning rate by step
+    (default: `lr_schedule` over `train.steps`; a run with phases passes the whole run's)."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     for batch_size, seq_len in batch_schedule(cfg).shapes:
@@ -239,7 +256,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     if mesh.shape["stage"] > 1 and cfg.pipeline.schedule in SCHEDULED_PIPELINES:
         scheduled_grads = make_scheduled_grads(model_def, mesh, microbatches=pipeline_microbatches(cfg),
                                                schedule=cfg.pipeline.schedule)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    schedule = schedule or lr_schedule(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, schedule)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
     shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
     opt_sh = optax.tree_map_params(
@@ -249,7 +267,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
-               scheduled_grads)
+               scheduled_grads, schedule)
 
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
@@ -270,8 +288,8 @@ def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_siz
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir` (a local path or a URL such as gs://bucket/run); returns the last
-    logged metrics."""
+    """Trains (or resumes) the run in `workdir` (a local path or a URL such as gs://bucket/run), phase after phase;
+    returns the last logged metrics."""
     workdir = workdir_lib.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
@@ -282,16 +300,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             lock.release()
 
 
+@dataclasses.dataclass
+class PhaseData:
+    """A phase's training batches and held-out sets, built for every phase when the run starts, so that a missing
+    source of a late phase stops the run at once rather than days later."""
+
+    batches: TrainBatches
+    eval_sets: dict[str, list[dict[str, np.ndarray]]]  # source name -> this process's held-out batches
+
+    def iterator(self) -> grain.DatasetIterator:
+        processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        return iter(self.batches.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
+
+
 def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
-    run = setup(cfg, workdir)
-    model_cfg = run.model_def.cfg
-    if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
-        stages, microbatches, repeats = run.mesh.shape["stage"], pipeline_microbatches(cfg), pipeline_repeats(cfg)
-        schedule = cfg.pipeline.schedule
-        print(f"Pipeline: {stages} stages, {microbatches} microbatches, {schedule} schedule ({repeats} layer chunk(s) "
-              f"per stage): bubble {bubble_fraction(stages, microbatches, repeats, schedule):.1%} of each step; "
-              f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage",
-              flush=True)
+    validate(cfg)
+    plan = RunPlan(cfg)
+    schedule = run_lr_schedule(cfg.optim, plan)
+    model_cfg = model_config(cfg)
     corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")
     tokenizer = Tokenizer.from_file(corpus.tokenizer_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -299,45 +325,87 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}: "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
+    data = [_phase_data(p, corpus, tokenizer.pad_id) for p in plan.phases]
     tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
 
-    plan = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], batch_schedule(cfg),
-                        seed=cfg.seed, shuffle_window=cfg.data.shuffle_window, names=[s.name for s in corpus.sources],
-                        pad_id=tokenizer.pad_id)
-    processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(plan.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
-    eval_sets = {
-        source.name: [run.to_global(b) for b in eval_batches(
-            source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-            max_batches=cfg.data.eval_batches, pad_id=tokenizer.pad_id, **processes)]
-        for source in corpus.sources
-    }
-
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
-                                     keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+                                     keep_every=cfg.checkpoint.keep_every, keep_steps=plan.keep_steps(),
+                                     async_save=cfg.checkpoint.async_save)
     preemption = _PreemptionFlag(cfg.checkpoint.maintenance_url)
     watchdog = Watchdog(cfg.watchdog.multiple, cfg.watchdog.min_seconds, workdir)
+    runs: dict[int, Run] = {}
+    restored_iterators: dict[int, grain.DatasetIterator] = {}
+
+    def run_of(p: Phase) -> Run:
+        if p.index not in runs:
+            runs[p.index] = setup(p.cfg, workdir, schedule=schedule)
+        return runs[p.index]
+
+    def target(step: int) -> ckpt.RestoreTarget:
+        p = plan.phase_of_checkpoint(step)
+        abstract = run_of(p).abstract_state
+        restored_iterators[step] = data[p.index].iterator()
+        return ckpt.RestoreTarget(p.cfg.model.to_dict(), abstract.params, abstract.opt_state, restored_iterators[step])
+
     try:
-        with jax.set_mesh(run.mesh):
-            abstract = run.abstract_state
-            restored = checkpointer.restore_newest_valid(cfg.model.to_dict(), abstract.params, abstract.opt_state,
-                                                         train_iter)
-            if restored is None:
-                start, state = 0, run.init()
-            else:
-                start, params, opt_state = restored
-                state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
-                if jax.process_index() == 0:
-                    print(f"Resumed from {checkpointer.directory / str(start)}", flush=True)
-            if start >= cfg.train.steps and jax.process_index() == 0:
-                print(f"{workdir} is already at step {start} (train.steps={cfg.train.steps}): nothing to do; "
-                      f"raise --config.train.steps to train further", flush=True)
-            return _loop(run, state, start, train_iter, plan, eval_sets, checkpointer, preemption, watchdog,
-                         meta={"config": cfg.to_dict(), "tokenizer_file": tokenizer_file})
+        restored = checkpointer.restore_newest_valid(target)
+        state, start = None, 0
+        if restored is not None:
+            start, params, opt_state = restored
+            state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
+            if jax.process_index() == 0:
+                print(f"Resumed from {checkpointer.directory / str(start)} ({plan.phase_at(start).name} phase)",
+                      flush=True)
+        if start >= plan.total_steps and jax.process_index() == 0:
+            print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
+                  f"raise --config.train.steps (or a phase's budget) to train further", flush=True)
+        loop = _Loop(cfg, plan, workdir, checkpointer, preemption, watchdog, start,
+                     meta={"run_config": plain(cfg), "tokenizer_file": tokenizer_file})
+        logged: dict[str, float] = {}
+        try:
+            for p in plan.phases:
+                trains = start < p.stop_step
+                if not trains and not (p.average and p.stop_step == start):
+                    continue
+                run = run_of(p)
+                with jax.set_mesh(run.mesh):
+                    # A new phase's mesh may split the state differently (e.g. a larger context axis).
+                    state = run.init() if state is None else jax.device_put(state, run.state_shardings)
+                    if trains:
+                        resumed_here = start in restored_iterators and plan.phase_of_checkpoint(start) is p
+                        train_iter = restored_iterators[start] if resumed_here else data[p.index].iterator()
+                        state, logged = loop.run_phase(run, p, data[p.index], state, train_iter)
+                    if p.average:
+                        logged.update(loop.average(run, p, data[p.index]))
+                start = p.stop_step
+        finally:
+            loop.close()
+        return logged
     finally:
         watchdog.stop()
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
+
+
+def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
+    """The first phase reads the corpus already loaded; a later one its own sources, with the run's tokenizer."""
+    cfg = p.cfg
+    if p.index == 0:
+        corpus = first_corpus
+    else:
+        data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+        data_cfg.tokenizer = str(first_corpus.tokenizer_path)
+        corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size), "corpus cache")
+    processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], p.batches,
+                           seed=cfg.seed + p.index, shuffle_window=cfg.data.shuffle_window,
+                           names=[s.name for s in corpus.sources], pad_id=pad_id)
+    eval_sets = {
+        source.name: list(eval_batches(source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                       max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))
+        for source in corpus.sources
+    }
+    return PhaseData(batches, eval_sets)
 
 
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:
@@ -352,70 +420,202 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     return files[0].name
 
 
-def _loop(run: Run, state: TrainState, start: int, train_iter, plan: TrainBatches, eval_sets: dict[str, list[Batch]],
-          checkpointer, preemption, watchdog: Watchdog, meta: dict) -> dict:
-    cfg = run.cfg
-    total = cfg.train.steps
-    schedule = lr_schedule(cfg.optim, total)
-    step_fn = jax.jit(
-        make_train_step(run.model_def, run.tx, schedule, cfg.optim.grad_accum, run.layers_fn, run.scheduled_grads,
-                        loss_chunk_len=cfg.objective.loss_chunk_len, z_loss=cfg.objective.z_loss),
-        in_shardings=(run.state_shardings, run.batch_sharding),
-        out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len))
-    peak = peak_flops_per_second() * jax.process_count()
-    logger = MetricsLogger(run.workdir, start_step=start, total_steps=total, enabled=jax.process_index() == 0)
-    save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
-    goodput = Goodput(run.workdir, committed=_saved_goodput(checkpointer, start), dropped=logger.dropped,
-                      writer=jax.process_index() == 0)
-    window: list[dict] = []
-    window_start, window_first_step = None, start
-    logged: dict[str, float] = {}
-    for step in range(start, total):
-        watchdog.stall_if_asked(step + 1)
-        state, step_metrics = step_fn(state, run.to_global(next(train_iter)))
-        done = step + 1
-        logger.advance()
-        if window_start is None:  # the first step compiles: time from its end
-            jax.block_until_ready(step_metrics)
-            goodput.charge(COMPILE)
-            watchdog.start()
-            supervise.report_first_step(done)
-            window_start, window_first_step = time.perf_counter(), done
+class _Loop:
+    """The training loop's run-wide parts (logs, goodput, saves, stability), and the loop over one phase's steps."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, plan: RunPlan, workdir: epath.Path, checkpointer, preemption,
+                 watchdog: Watchdog, start: int, meta: dict):
+        self.cfg, self.plan, self.workdir, self.meta = cfg, plan, workdir, meta
+        self.checkpointer, self.preemption, self.watchdog = checkpointer, preemption, watchdog
+        self.peak = run_peak_flops(workdir, cfg.train.peak_flops)
+        self.logger = MetricsLogger(workdir, start_step=start, total_steps=plan.total_steps,
+                                    enabled=jax.process_index() == 0)
+        self.save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
+        self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
+                               writer=jax.process_index() == 0)
+        self.guard = LossGuard(cfg.stability.spike_factor, cfg.stability.window)
+        self.bad_steps = 0  # seen by this process
+        self.skipped_in_a_row = 0
+        self.compiled = False
+
+    def run_phase(self, run: Run, p: Phase, data: PhaseData, state: TrainState,
+                  train_iter: grain.DatasetIterator) -> tuple[TrainState, dict]:
+        """Trains from `state` to the phase's last step; returns the state and the last logged metrics."""
+        cfg, policy = run.cfg, self.cfg.stability.policy
+        skip = policy == "skip"
+        step_fn = jax.jit(
+            make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
+                            run.scheduled_grads, loss_chunk_len=cfg.objective.loss_chunk_len,
+                            z_loss=cfg.objective.z_loss, skip_bad=skip),
+            in_shardings=(run.state_shardings, run.batch_sharding) + ((mesh_lib.replicated(run.mesh),) if skip else ()),
+            out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len))
+        eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
+        self.meta.update(config=plain(cfg), phase=p.name)
+        done = int(state.step)
+        if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
+            _describe_pipeline(cfg, run.mesh)
+        if jax.process_index() == 0 and len(self.plan.phases) > 1:
+            print(f"Phase {p.index + 1}/{len(self.plan.phases)} {p.name!r}: steps {done} to {p.stop_step}, batch "
+                  f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens, mesh {dict(run.mesh.shape)}", flush=True)
+        window: list[dict] = []
+        pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
+        window_start, window_first_step, compiled_here = None, done, False
+        logged: dict[str, float] = {}
+        while done < p.stop_step:
+            self.watchdog.stall_if_asked(done + 1)
+            batch = run.to_global(next(train_iter))
+            args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
+            state, step_metrics = step_fn(*args)
+            done += 1
+            self.logger.advance()
+            if not compiled_here:  # the first step of a phase compiles: time from its end
+                jax.block_until_ready(step_metrics)
+                self.goodput.charge(COMPILE)
+                compiled_here = True
+                if not self.compiled:
+                    self.watchdog.start()
+                    supervise.report_first_step(done)
+                    self.compiled = True
+                window_start, window_first_step = time.perf_counter(), done
+            else:
+                window.append(step_metrics)
+                self.watchdog.dispatched(step_metrics["loss"])
+            pending.append((done, step_metrics))
+            is_last = done == p.stop_step
+            preempted = self.preemption.raised or self.checkpointer.manager.reached_preemption(done)
+            wants_save = done % cfg.checkpoint.every_steps == 0 or is_last or preempted or self.save_clock.due()
+            bad = self._judge(pending if wants_save else pending[:-1])
+            pending = [] if wants_save else pending[-1:]
+            if bad is not None:
+                state, done = self._recover(run, bad, done)
+                window, pending, window_start, window_first_step = [], [], time.perf_counter(), done
+                continue
+            is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last
+            if done % cfg.train.log_every == 0 or is_eval:
+                logged = _summarise(window or [step_metrics], self.plan.tokens_before(done))
+                if window:
+                    seconds = time.perf_counter() - window_start
+                    tokens, flops = _work(run.model_def.cfg, p, window_first_step, done)
+                    logged["tokens_per_s"] = tokens / seconds
+                    logged["step_time"] = seconds / (done - window_first_step)
+                    logged["mfu"] = flops / seconds / self.peak
+                if len(data.batches.names) > 1:
+                    logged.update(_realised_mixture(data.batches, done - p.start_step))
+                if self.bad_steps:
+                    logged["bad_steps"] = float(self.bad_steps)
+                if is_eval:
+                    with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
+                        logged.update(_evaluate(eval_fn, state.params, eval_sets, data.batches))
+                logged.update(self.goodput.summary())
+                self.logger.log(done, logged)
+                window, window_start, window_first_step = [], time.perf_counter(), done
+            if wants_save:
+                self._save(done, state, train_iter)
+            if preempted and done < self.plan.total_steps:
+                raise Preempted(done, self.checkpointer.directory)
+        return state, logged
+
+    def _judge(self, steps: list[tuple[int, dict]]) -> tuple[int, str] | None:
+        """The first bad step among `steps` (fetching their losses waits for them), with what is wrong with it."""
+        policy = self.cfg.stability.policy
+        for step, metrics in steps:
+            loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+            if policy == "skip":
+                skipped = bool(jax.device_get(metrics["skipped"]))
+                self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+                if skipped:
+                    self.bad_steps += 1
+                    self._warn(f"step {step}: loss {loss}, gradient norm {grad_norm}: its update was skipped "
+                               f"(stability.policy='skip')")
+                    if self.skipped_in_a_row > self.cfg.stability.max_events:
+                        raise Diverged(f"{self.skipped_in_a_row} steps in a row up to step {step} were skipped (more "
+                                       f"than stability.max_events={self.cfg.stability.max_events}): the run has "
+                                       "diverged; lower optim.lr or resume from an earlier checkpoint")
+                else:
+                    self.guard.problem(loss, grad_norm)
+                continue
+            problem = self.guard.problem(loss, grad_norm)
+            if problem is not None:
+                return step, problem
+        return None
+
+    def _recover(self, run: Run, bad: tuple[int, str], done: int) -> tuple[TrainState, int]:
+        """The rollback (or stop) for a bad step: returns the state and step to go on from."""
+        step, problem = bad
+        self.bad_steps += 1
+        self.checkpointer.wait()
+        last = self.checkpointer.latest_step()
+        if self.cfg.stability.policy == "stop" or self.bad_steps > self.cfg.stability.max_events:
+            why = ("stability.policy='stop'" if self.cfg.stability.policy == "stop" else
+                   f"more than stability.max_events={self.cfg.stability.max_events} bad steps")
+            raise Diverged(f"step {step}: {problem}. Stopped ({why}) before saving it; the newest checkpoint is "
+                           f"step {last}. Lower optim.lr, or set stability.policy='rollback', and rerun to resume")
+        if last is None:
+            state, back_to = run.init(), 0
         else:
-            window.append(step_metrics)
-            watchdog.dispatched(step_metrics["loss"])
-        is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total
-        if done % cfg.train.log_every == 0 or is_eval:
-            logged = _summarise(window or [step_metrics], plan.schedule.tokens_before(done))
-            if window:
-                seconds = time.perf_counter() - window_start
-                tokens, flops = _work(run.model_def.cfg, plan.schedule, window_first_step, done)
-                logged["tokens_per_s"] = tokens / seconds
-                logged["mfu"] = flops / seconds / peak
-            if len(plan.names) > 1:
-                logged.update(_realised_mixture(plan, done))
-            if is_eval:
-                with goodput.lost(EVAL), watchdog.phase("evaluation"):
-                    logged.update(_evaluate(eval_fn, state.params, eval_sets, plan))
-            logged.update(goodput.summary())
-            logger.log(done, logged)
-            window, window_start, window_first_step = [], time.perf_counter(), done
-        preempted = preemption.raised or checkpointer.manager.reached_preemption(done)
-        if done % cfg.checkpoint.every_steps == 0 or done == total or preempted or save_clock.due():
-            jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
-            saved_meta = {**meta, "goodput": goodput.ledger()}
-            with goodput.lost(CHECKPOINT), watchdog.phase("checkpoint save"):
-                logger.flush()  # every line up to this step exists before the step can be restored
-                checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
-            save_clock.reset()
-        if preempted and done < total:
-            logger.close()
-            raise Preempted(done, checkpointer.directory)
-    logger.close()
-    return logged
+            abstract = run.abstract_state
+            params, opt_state = self.checkpointer.restore(last, abstract.params, abstract.opt_state, None)
+            state, back_to = TrainState(jnp.asarray(last, jnp.int32), params, opt_state), last
+        self._warn(f"step {step}: {problem}. Rolled back to step {back_to}; the {done - back_to} batches drawn since "
+                   "are skipped (stability.policy='rollback')")
+        self.logger.rewind(back_to)
+        self.guard.forget()
+        return state, back_to
+
+    def _warn(self, message: str) -> None:
+        if jax.process_index() == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _save(self, done: int, state: TrainState, train_iter) -> None:
+        """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs) and the
+        whole run's."""
+        jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
+        saved_meta = {**self.meta, "goodput": self.goodput.ledger()}
+        with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint save"):
+            self.logger.flush()  # every line up to this step exists before the step can be restored
+            self.checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
+        self.save_clock.reset()
+
+    def average(self, run: Run, p: Phase, data: PhaseData) -> dict[str, float]:
+        """Averages the phase's checkpoints into WORKDIR/averaged (once) and evaluates the average there."""
+        out = self.workdir / "averaged"
+        record = out / "eval.json"
+        if record.exists():
+            return {k: v for k, v in json.loads(record.read_text()).items() if k.startswith("averaged/")}
+        self.checkpointer.wait()
+        saved = set(self.checkpointer.manager.all_steps())
+        steps = [s for s in p.save_steps() if s in saved]
+        with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint averaging"):
+            if jax.process_index() == 0:
+                average_checkpoints([self.checkpointer.directory / str(s) for s in steps], out)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("checkpoint average written")
+            params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg, run.state_shardings.params)
+        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=run.cfg.objective.loss_chunk_len))
+        eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
+        with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
+            losses = _evaluate(eval_fn, params, eval_sets, data.batches)
+        result = {f"averaged/{key}": value for key, value in losses.items()}
+        result["averaged/checkpoints"] = float(len(steps))
+        if jax.process_index() == 0:
+            record.write_text(json.dumps({**result, "steps": steps}) + "\n")
+            print(f"Averaged the {p.name!r} phase's checkpoints {steps} into {out}: eval_loss "
+                  f"{result['averaged/eval_loss']:.4f}", flush=True)
+        return result
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _describe_pipeline(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    stages, microbatches, repeats = mesh.shape["stage"], pipeline_microbatches(cfg), pipeline_repeats(cfg)
+    schedule = cfg.pipeline.schedule
+    print(f"Pipeline: {stages} stages, {microbatches} microbatches, {schedule} schedule ({repeats} layer chunk(s) "
+          f"per stage): bubble {bubble_fraction(stages, microbatches, repeats, schedule):.1%} of each step; "
+          f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage", flush=True)
 
 
 def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
@@ -430,14 +630,17 @@ def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
         "lr": float(host[-1]["lr"]),
+        "param_norm": float(host[-1]["param_norm"]),
         "tokens": float(tokens_seen),
     }
 
 
-def _work(model_cfg, schedule: BatchSchedule, first_step: int, stop_step: int) -> tuple[int, float]:
-    """Tokens and training FLOPs of steps [first_step, stop_step), stage by stage (attention cost grows with seq_len)."""
+def _work(model_cfg, p: Phase, first_step: int, stop_step: int) -> tuple[int, float]:
+    """Tokens and training FLOPs of the run's steps [first_step, stop_step) within phase `p`, stage by stage
+    (attention cost grows with seq_len)."""
+    first_step, stop_step = first_step - p.start_step, stop_step - p.start_step
     tokens, flops = 0, 0.0
-    for stage in schedule.stages:
+    for stage in p.batches.stages:
         end = stop_step if stage.stop_step is None else min(stop_step, stage.stop_step)
         steps = max(0, end - max(first_step, stage.start_step))
         tokens += steps * stage.tokens_per_step

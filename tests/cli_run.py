@@ -41,5 +41,5 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 def without_timing(lines: list[dict]) -> list[dict]:
     """Metrics lines without their wall-clock fields, which differ between any two runs."""
-    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu") and not k.startswith(GOODPUT)}
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu", "step_time") and not k.startswith(GOODPUT)}
             for m in lines]

@@ -67,6 +67,14 @@ class BatchSchedule:
         stage = self.stage(step)
         return stage.start_tokens + (step - stage.start_step) * stage.tokens_per_step
 
+    def steps_for_tokens(self, tokens: int) -> int:
+        """The fewest steps whose batches hold at least `tokens` tokens."""
+        for stage in self.stages:
+            end_tokens = None if stage.stop_step is None else stage.start_tokens + stage.num_steps * stage.tokens_per_step
+            if end_tokens is None or tokens <= end_tokens:
+                return stage.start_step + max(0, -(-(tokens - stage.start_tokens) // stage.tokens_per_step))
+        raise AssertionError("the last stage has no end")
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """The distinct (batch_size, seq_len) of the stages that have steps."""

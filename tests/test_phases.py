@@ -1,0 +1,250 @@
+"""Phases, the Llama 3 recipe as config data, token-based schedules, and what a bad step does."""
+
+import math
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli_run import CLI_ENV, REPO, cache_dir, read_metrics  # noqa: F401 (a fixture)
+from cli_run import without_timing
+from config_files import load_config_file
+
+from llama_jax import checkpoint, trainer
+from llama_jax.config import default_config, model_section, validate
+from llama_jax.errors import ConfigError
+from llama_jax.optim import lr_schedule, run_lr_schedule
+from llama_jax.phases import RunPlan, phase
+from llama_jax.stability import Diverged, LossGuard
+
+RECIPE = "llama3_recipe_tiny.py"
+
+
+def test_phases_split_the_run_by_budget_and_count_tokens_across_them():
+    cfg = load_config_file(RECIPE, "scale=0.05")
+    plan = RunPlan(cfg)
+    assert [p.name for p in plan.phases] == ["pretrain", "pretrain_2x", "pretrain_4x", "long_context_256",
+                                            "long_context_512", "anneal"]
+    for before, after in zip(plan.phases, plan.phases[1:]):
+        assert before.stop_step == after.start_step
+        assert after.start_tokens == before.tokens_before(before.stop_step)
+    # A budget in tokens ends at the first step that reaches it.
+    first = plan.phases[0]
+    assert first.tokens_before(first.stop_step) >= 5000 > first.tokens_before(first.stop_step - 1)
+    tokens_fn = jax.jit(plan.tokens_fn())
+    for step in range(plan.total_steps + 1):
+        assert float(tokens_fn(step)) == plan.tokens_before(step)
+        if step < plan.total_steps:
+            p = plan.phase_at(step)
+            assert p.start_step <= step < p.stop_step
+    assert plan.phase_of_checkpoint(plan.phases[1].start_step) is plan.phases[0]
+    anneal = plan.phases[-1]
+    assert anneal.average and plan.keep_steps() == anneal.save_steps() and anneal.save_steps()[-1] == plan.total_steps
+    long_context = plan.phases[3].cfg
+    assert long_context.model.rope_type == "llama3" and plan.phases[0].cfg.model.rope_type == "default"
+    assert load_config_file(RECIPE, "devices=2").phases[2].overrides.mesh.context == 2
+
+
+@pytest.mark.parametrize("entry, message", [
+    (phase("x", steps=5, train=dict(steps=3)), "section 'train' cannot change in a phase"),
+    (phase("x", steps=5, optim=dict(lr=1.0)), "optim.lr belongs to the whole run"),
+    (phase("x", steps=5, model=dict(dim=128)), "changes the architecture (model.dim=128 (first phase: 256))"),
+    (phase("x", steps=5, data=dict(seq_lenn=8)), "unknown key data.seq_lenn"),
+    (phase("x", steps=5, data=dict(seq_len=100_000)), "exceeds model.max_seq_len"),
+    (phase("x"), "give a budget in steps or in tokens"),
+    (phase("x", steps=5, tokens=5), "give a budget in steps or in tokens"),
+    (phase("pretrain", steps=5), "phase name 'pretrain' is used twice"),
+    (phase("x", steps=5, lr="cosine"), "lr='cosine' is not one of"),
+])
+def test_bad_phases_are_refused_with_the_fix(entry, message):
+    cfg = default_config()
+    cfg.phases = (entry,)
+    with pytest.raises(ConfigError, match="phases") as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_405b_recipe_gives_the_published_schedule_and_batch_ramp():
+    cfg = load_config_file("llama3_405b.py")
+    plan = RunPlan(cfg)
+    schedule = run_lr_schedule(cfg.optim, plan)
+    assert float(schedule(8000)) == pytest.approx(8e-5, rel=1e-6)  # peak after 8,000 warmup steps
+    assert float(schedule(4000)) == pytest.approx(4e-5, rel=1e-6)
+    # Cosine to 8e-7 at step 1.2M (the base schedule: annealing takes over before the run gets there).
+    assert float(lr_schedule(cfg.optim, plan.total_steps)(1_200_000)) == pytest.approx(8e-7, rel=1e-4)
+    names = [p.name for p in plan.phases]
+    by_name = dict(zip(names, plan.phases))
+    tokens_per_step = {name: p.cfg.data.batch_size * p.cfg.data.seq_len for name, p in by_name.items()}
+    assert tokens_per_step["pretrain"] == 4_194_304 and by_name["pretrain"].cfg.data.seq_len == 4096
+    assert tokens_per_step["pretrain_2x"] == 8_388_608 and by_name["pretrain_2x"].cfg.data.seq_len == 8192
+    assert tokens_per_step["pretrain_4x"] == 16_777_216
+    # Each batch doubling happens at the first step past the published token count.
+    assert 0 <= by_name["pretrain_2x"].start_tokens - 252_000_000 < 4_194_304
+    assert 0 <= by_name["pretrain_4x"].start_tokens - 2_870_000_000_000 < 8_388_608
+    long_stages = [p for p in plan.phases if p.name.startswith("long_context")]
+    assert [p.cfg.data.seq_len for p in long_stages] == [16384, 32768, 65536, 131072]
+    assert sum(p.tokens_before(p.stop_step) - p.start_tokens for p in long_stages) == pytest.approx(800e9, rel=1e-3)
+    anneal = by_name["anneal"]
+    assert anneal.cfg.data.seq_len == 131072 and anneal.lr == "anneal" and anneal.average
+    assert 40_000_000 <= anneal.tokens_before(anneal.stop_step) - anneal.start_tokens < 40_000_000 + 16_777_216
+    assert float(schedule(anneal.stop_step)) == 0.0
+    assert plan.tokens_before(plan.total_steps) == pytest.approx(15.6e12, rel=1e-3)
+    final = plan.phases[-1].cfg.model
+    assert (final.rope_type, final.rope_factor, final.rope_original_max_len) == ("llama3", 8.0, 8192)
+
+
+def test_a_token_schedule_gives_the_same_learning_rate_at_the_same_token_count_whatever_the_ramp():
+    def plan_and_schedule(ramp):
+        cfg = default_config()
+        cfg.data.batch_size, cfg.data.seq_len, cfg.data.ramp = 8, 64, ramp
+        cfg.optim.schedule_unit, cfg.optim.warmup_tokens, cfg.optim.decay_tokens = "tokens", 5_120, 40_960
+        cfg.train.tokens = 51_200
+        validate(cfg)
+        plan = RunPlan(cfg)
+        return plan, run_lr_schedule(cfg.optim, plan)
+
+    flat, flat_lr = plan_and_schedule(())
+    ramped, ramped_lr = plan_and_schedule(((10_240, 16, 64), (20_480, 32, 64)))
+    assert ramped.total_steps < flat.total_steps
+    for step in range(ramped.total_steps):
+        tokens = ramped.tokens_before(step)
+        flat_step = tokens // 512
+        assert flat.tokens_before(flat_step) == tokens
+        assert float(ramped_lr(step)) == pytest.approx(float(flat_lr(flat_step)), rel=1e-5, abs=1e-9)
+
+
+def test_an_annealing_phase_decays_linearly_from_where_the_schedule_stands():
+    cfg = default_config()
+    cfg.train.steps, cfg.optim.warmup_steps = 40, 10
+    cfg.phases = (phase("more", steps=20), phase("anneal", steps=10, lr="anneal", lr_end=0.0))
+    validate(cfg)
+    plan = RunPlan(cfg)
+    schedule = run_lr_schedule(cfg.optim, plan)
+    base = lr_schedule(cfg.optim, 60)  # the decay spans the run up to the annealing phase
+    for step in range(61):
+        expected = float(base(step)) if step <= 60 else None
+        if step >= 60:
+            expected = float(base(60)) * (1 - (step - 60) / 10)
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10)
+    assert float(schedule(70)) == 0.0
+
+
+def test_the_loss_guard_knows_non_finite_steps_and_spikes():
+    guard = LossGuard(spike_factor=2.0, window=3)
+    assert guard.problem(float("nan"), 1.0).startswith("non-finite")
+    assert guard.problem(1.0, float("inf")).startswith("non-finite")
+    assert guard.threshold() == math.inf
+    for loss in (3.0, 2.0, 2.5):
+        assert guard.problem(loss, 1.0) is None
+    assert guard.threshold() == 5.0
+    assert "loss spike" in guard.problem(5.5, 1.0)
+    assert guard.problem(4.9, 1.0) is None
+    guard.forget()
+    assert guard.threshold() == math.inf
+    assert LossGuard(0.0, 3).threshold() == math.inf
+
+
+def _poisoned_run(tmp_path, cache_dir, monkeypatch, policy: str, bad_steps: set[int]):
+    """A short in-process run whose batches at `bad_steps` (counted in batches drawn) give a NaN loss."""
+    cfg = load_config_file("tiny.py")
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = 10, 1, 0
+    cfg.checkpoint.every_steps, cfg.optim.warmup_steps = 4, 2
+    cfg.stability.policy = policy
+    drawn = []
+    to_global = trainer.Run.to_global
+
+    def poisoning(self, local_batch):
+        drawn.append(len(drawn) + 1)
+        if len(drawn) in bad_steps:
+            local_batch = dict(local_batch, loss_mask=np.full_like(local_batch["loss_mask"], np.nan))
+        return to_global(self, local_batch)
+
+    monkeypatch.setattr(trainer.Run, "to_global", poisoning)
+    workdir = tmp_path / policy
+    return workdir, lambda: trainer.train(cfg, workdir)
+
+
+def test_a_nan_step_is_rolled_back_and_its_batches_skipped(tmp_path, cache_dir, monkeypatch, capsys):
+    eval_batches = 1  # the held-out batches are drawn through to_global too, once per phase, before training
+    workdir, run = _poisoned_run(tmp_path, cache_dir, monkeypatch, "rollback", {eval_batches + 6})
+    logged = run()
+    err = capsys.readouterr().err
+    assert "step 6: non-finite loss nan" in err and "Rolled back to step 4" in err
+    lines = read_metrics(workdir)
+    assert [m["step"] for m in lines] == list(range(1, 11)), "every step logged once, the rolled-back ones redone"
+    assert all(math.isfinite(m["loss"]) for m in lines) and logged["bad_steps"] == 1.0
+    model, _ = checkpoint.load_model(workdir)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_a_nan_step_is_skipped_inside_the_step(tmp_path, cache_dir, monkeypatch, capsys):
+    workdir, run = _poisoned_run(tmp_path, cache_dir, monkeypatch, "skip", {1 + 6})
+    run()
+    assert "step 6: loss nan" in capsys.readouterr().err
+    lines = read_metrics(workdir)
+    assert [m["step"] for m in lines] == list(range(1, 11))
+    assert lines[5]["param_norm"] == lines[4]["param_norm"], "the skipped step left the parameters as they were"
+    assert lines[-1]["bad_steps"] == 1.0 and math.isfinite(lines[-1]["loss"])
+
+
+def test_a_nan_step_stops_the_run_before_it_is_saved(tmp_path, cache_dir, monkeypatch):
+    workdir, run = _poisoned_run(tmp_path, cache_dir, monkeypatch, "stop", {1 + 6})
+    with pytest.raises(Diverged, match="step 6: non-finite loss nan.*newest checkpoint is step 4"):
+        run()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+
+
+def test_too_many_bad_steps_stop_a_rolling_back_run(tmp_path, cache_dir, monkeypatch):
+    workdir, run = _poisoned_run(tmp_path, cache_dir, monkeypatch, "rollback", set(range(2, 40)))
+    with pytest.raises(Diverged, match="more than stability.max_events=5 bad steps"):
+        run()
+
+
+def _recipe_command(workdir, cache_dir):
+    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / RECIPE) + ":devices=2,scale=0.05",
+            "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", "--config.checkpoint.every_steps=2",
+            "--config.train.log_every=1", "--config.data.eval_batches=1"]
+
+
+def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_there(tmp_path, cache_dir):
+    env = dict(CLI_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    straight = tmp_path / "straight"
+    done = subprocess.run(_recipe_command(straight, cache_dir), capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = RunPlan(load_config_file(RECIPE, "devices=2,scale=0.05"))
+    for p in plan.phases:
+        assert f"Phase {p.index + 1}/6 {p.name!r}" in done.stdout + done.stderr
+    averaged = (straight / "averaged" / "eval.json")
+    assert averaged.exists() and (straight / "averaged" / "checkpoints").is_dir()
+    lines = read_metrics(straight)
+    assert [m["step"] for m in lines] == list(range(1, plan.total_steps + 1))
+    anneal = plan.phases[-1]  # a step's logged lr is the one it trained with: linear from the phase's first to 0
+    assert lines[-1]["lr"] == pytest.approx(lines[anneal.start_step]["lr"] / anneal.num_steps, rel=1e-4)
+
+    killed = tmp_path / "killed"
+    long_context = plan.phases[3]
+    proc = subprocess.Popen(_recipe_command(killed, cache_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    deadline = time.monotonic() + 900
+    while not ((killed / "metrics.jsonl").exists() and read_metrics(killed)
+               and read_metrics(killed)[-1]["step"] > long_context.start_step + 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before long context"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    resumed = subprocess.run(_recipe_command(killed, cache_dir), capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"({long_context.name} phase)" in resumed.stdout + resumed.stderr
+    assert without_timing(read_metrics(killed)) == without_timing(lines), "the same run as never interrupted"
+    model_a, _ = checkpoint.load_model(straight)
+    model_b, _ = checkpoint.load_model(killed)
+    for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
