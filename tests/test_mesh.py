@@ -235,3 +235,23 @@ def test_a_dimension_its_mesh_axes_do_not_divide_stays_whole():
     shardings = flatten(mesh_lib.param_shardings(ModelDef(cfg).abstract_state, make_mesh(mesh_cfg(data=2, tensor=4))))
     assert shardings[("layers", "attn", "wk")].spec == P("stage", "fsdp", None, None)
     assert shardings[("layers", "attn", "wq")].spec == P("stage", "fsdp", "tensor", None)
+
+
+def test_a_multislice_mesh_puts_the_data_axis_across_slices():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class SliceDevice:  # what the hybrid layout reads of a TPU device
+        id: int
+        slice_index: int
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+        process_index: int = 0
+
+    devices = [SliceDevice(i, i // 4) for i in range(8)]
+    grid = mesh_lib.multislice_grid((2, 1, 2, 1, 2), devices, slices=2)
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    assert slice_of.shape == (2, 1, 2, 1, 2)
+    assert (slice_of[0] == 0).all() and (slice_of[1] == 1).all(), "each data index lies within one slice"
+    with pytest.raises(ConfigError, match=r"mesh.data \(1\) must be a multiple of 2"):
+        mesh_lib.multislice_grid((1, 1, 4, 1, 2), devices, slices=2)

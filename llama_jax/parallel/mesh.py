@@ -11,7 +11,9 @@ import math
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import ConfigError
@@ -62,12 +64,28 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: list | None = None) -> Mesh:
-    """A mesh over all devices (or `devices`) with automatic (GSPMD) sharding propagation."""
+    """A mesh over all devices (or `devices`) with automatic (GSPMD) sharding propagation. Devices of several TPU
+    slices (multislice) are laid out with the data axis across slices, so that only data parallelism's gradient
+    reduction crosses the slower data-centre network."""
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(multislice_grid(shape, devices, slices), MESH_AXES, axis_types=auto)
+
+
+def multislice_grid(shape: tuple[int, ...], devices: list, slices: int) -> np.ndarray:
+    """The device array of a mesh of `shape` (axes MESH_AXES) over `slices` slices: data split across them."""
+    if shape[0] % slices:
+        raise ConfigError(f"the devices span {slices} TPU slices, and data parallelism runs across slices: mesh.data "
+                          f"({shape[0]}) must be a multiple of {slices}; e.g. mesh.data={slices} and the other axes "
+                          "within a slice")
+    within = (shape[0] // slices, *shape[1:])
+    across = (slices, *(1 for _ in shape[1:]))
+    return mesh_utils.create_hybrid_device_mesh(within, across, devices)
 
 
 def logical_to_spec(names: tuple[str | None, ...], rules=LOGICAL_RULES) -> PartitionSpec:
