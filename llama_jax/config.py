@@ -135,6 +135,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.tokens = 0  # ...or this many tokens instead, when set
     cfg.train.log_every = 10
     cfg.train.eval_every = 100  # 0 = only at the end (of each phase)
+    # Multiple-choice tasks scored at each evaluation (llama_jax/evaluate.py), comma-separated: built-in names
+    # ("stdlib_mc") or JSON Lines files; logged as <task>/acc, <task>/acc_norm, <task>/nll_norm, ...
+    cfg.train.eval_tasks = ""
     # MFU's denominator, FLOP/s per device; 0 = the published dense bf16 peak of the accelerator, or on a CPU a matmul
     # rate measured once per workdir and kept in WORKDIR/peak_flops.json (so a resumed run is measured against it)
     cfg.train.peak_flops = 0.0

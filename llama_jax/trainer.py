@@ -38,6 +38,7 @@ from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches, eval_batches
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, run_peak_flops
 from llama_jax.model import ModelDef, flops_per_token
@@ -360,7 +361,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
                   f"raise --config.train.steps (or a phase's budget) to train further", flush=True)
         loop = _Loop(cfg, plan, workdir, checkpointer, preemption, watchdog, start,
-                     meta={"run_config": plain(cfg), "tokenizer_file": tokenizer_file})
+                     meta={"run_config": plain(cfg), "tokenizer_file": tokenizer_file},
+                     tasks=[ChoiceTask.load(task.strip(), tokenizer, max_len=cfg.data.seq_len)
+                            for task in cfg.train.eval_tasks.split(",") if task.strip()])
         logged: dict[str, float] = {}
         try:
             for p in plan.phases:
@@ -424,8 +427,8 @@ class _Loop:
     """The training loop's run-wide parts (logs, goodput, saves, stability), and the loop over one phase's steps."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, plan: RunPlan, workdir: epath.Path, checkpointer, preemption,
-                 watchdog: Watchdog, start: int, meta: dict):
-        self.cfg, self.plan, self.workdir, self.meta = cfg, plan, workdir, meta
+                 watchdog: Watchdog, start: int, meta: dict, tasks: list[ChoiceTask]):
+        self.cfg, self.plan, self.workdir, self.meta, self.tasks = cfg, plan, workdir, meta, tasks
         self.checkpointer, self.preemption, self.watchdog = checkpointer, preemption, watchdog
         self.peak = run_peak_flops(workdir, cfg.train.peak_flops)
         self.logger = MetricsLogger(workdir, start_step=start, total_steps=plan.total_steps,
@@ -509,6 +512,8 @@ class _Loop:
                 if is_eval:
                     with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
                         logged.update(_evaluate(eval_fn, state.params, eval_sets, data.batches))
+                        logged.update(evaluate_tasks((run.model_def, state.params), self.tasks,
+                                                     batch_size=cfg.data.batch_size, mesh=run.mesh))
                 logged.update(self.goodput.summary())
                 self.logger.log(done, logged)
                 window, window_start, window_first_step = [], time.perf_counter(), done

@@ -202,3 +202,21 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     assert err.startswith("error: task file") and "Traceback" not in err
     assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--tasks", "stdlib_mc"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_training_loop_scores_tasks_as_the_standalone_cli_does(tmp_path, capsys):
+    """`train.eval_tasks` scores at each evaluation, under the training mesh; the last one (the final parameters)
+    equals `python -m llama_jax.evaluate` on the saved checkpoint."""
+    from cli_run import run_cli, read_metrics
+
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, tmp_path / "cache", "--config.train.steps=4", "--config.data.batch_size=8",
+                     "--config.data.seq_len=64", "--config.train.log_every=2", "--config.train.eval_every=2",
+                     "--config.data.eval_batches=1", "--config.train.eval_tasks=stdlib_mc")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = read_metrics(workdir)
+    assert all({"stdlib_mc/acc", "stdlib_mc/acc_norm", "stdlib_mc/nll_norm"} <= m.keys() for m in lines)
+    assert ev.main(["--checkpoint", str(workdir), "--tasks", "stdlib_mc", "--batch_size", "8"]) == 0
+    standalone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("stdlib_mc/acc", "stdlib_mc/acc_norm", "stdlib_mc/nll_norm", "stdlib_mc/nll_per_token"):
+        assert lines[-1][key] == pytest.approx(standalone[key], rel=1e-4), key
