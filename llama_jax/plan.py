@@ -28,6 +28,7 @@ from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config,
                               pipeline_repeats, validate)
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import LlamaConfig, ModelDef, flops_per_token, param_count
+from llama_jax.model.flash import BLOCK as FLASH_BLOCK
 from llama_jax.optim import make_optimizer
 from llama_jax.parallel.mesh import MESH_AXES, mesh_shape, param_shardings
 from llama_jax.parallel.pipeline import bubble_fraction
@@ -197,17 +198,24 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     Notation: T = `tokens`; S = seq_len (keys per query: the whole sequence, also under context parallelism); d, h
     the model width and head size; n, k, f, v the query heads, KV heads, MLP width and vocabulary of one device's
     weights (split over tensor); c the compute dtype's size, and c' = c when that is not float32, else 0 (the copy
-    made where a float32 result is cast to it). Parameters are float32. The attention implementations materialise
-    the [heads, T, S] scores. P stages, M microbatches, R layer chunks per stage (circular), L layers.
+    made where a float32 result is cast to it). Parameters are float32. K is the width of the attention scores a
+    query holds at once: the reference and xla implementations materialise the [heads, T, S] scores (K = S); flash
+    attention (model/flash.py) holds one block of keys at a time (K = its block, 512, or S when shorter). P stages,
+    M microbatches, R layer chunks per stage (circular), L layers.
 
     Kept for the backward pass, per layer and token, by remat policy:
       full: d·c (the layer's input); dots_no_batch: (2d + (n + 2k)·h + 2f)·c (input, q/k/v, the attention output
       projection, gate, up); dots: that + n·h·c + 4·n·S (the batched dots too: attention values and scores);
       none: everything the layer computes, B + (4 + c')·n·S with B = 24·d + (2d + (2n + 2k)·h + 6f)·c.
+      Flash attention keeps no scores (its backward recomputes them from its output and two float32 statistics
+      per query and head): dots keeps 8·n in place of 4·n·S, none 8·n + n·h·c in place of (4 + c')·n·S.
     Transients, on t tokens:
-      one layer's backward, t·(B + (16 + c')·n·S) + (c + c')·(the layer's weights): its recomputed activations;
-      scores, probabilities and their gradients in float32 (what XLA holds at once, measured on CPU); its weights
-      gathered over fsdp and cast, and their gradient;
+      one layer's backward, t·(B + X·n·K) + (c + c')·(the layer's weights): its recomputed activations; scores,
+      probabilities and their gradients over K keys, X = 16 + c' for the dense kernels (float32, and a cast copy:
+      what XLA holds at once, measured on CPU) and X = 8 + 2c for flash (float32 probabilities and their gradient,
+      and the two in the compute dtype for the matmuls; XLA fuses the rest); its weights gathered over fsdp and
+      cast, and their gradient; flash attention adds t·F, F = 8·n·h + 12·n: its float32 running output and query
+      gradient, and the per-query statistics;
       the output layer and loss, t·(12·d + c·d + (8 + c')·v) + (c + c')·v·d: the final norm's float32
       intermediates, the logits' float32 exp and gradient (and its copy), the weight gathered and cast, and its
       gradient.
@@ -230,12 +238,17 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     v, embed_d = local["embed"]
     rest = 24 * d + (2 * d + (2 * n + 2 * k) * h + 6 * f) * c
     no_batch = (2 * d + (n + 2 * k) * h + 2 * f) * c
-    per_layer = {"full": d * c, "dots_no_batch": no_batch, "dots": no_batch + n * h * c + 4 * n * s,
-                 "none": rest + (4 + narrow) * n * s}[m.remat]
+    flash = m.attention == "flash"
+    keys = min(FLASH_BLOCK, s) if flash else s
+    kept_attention = ({"dots": 8 * n, "none": 8 * n + n * h * c} if flash
+                      else {"dots": 4 * n * s, "none": (4 + narrow) * n * s})
+    per_layer = {"full": d * c, "dots_no_batch": no_batch, "dots": no_batch + n * h * c + kept_attention["dots"],
+                 "none": rest + kept_attention["none"]}[m.remat]
     layer_weights = sum(math.prod(shape[1:]) for shape in jax.tree.leaves(local["layers"], is_leaf=_is_shape))
+    scores = (8 + 2 * c if flash else 16 + narrow) * n * keys + (8 * n * h + 12 * n if flash else 0)
 
     def one_layer(t: int) -> int:
-        return t * (rest + (16 + narrow) * n * s) + (c + narrow) * layer_weights
+        return t * (rest + scores) + (c + narrow) * layer_weights
 
     def head(t: int) -> int:
         return t * (12 * d + c * d + (8 + narrow) * v) + (c + narrow) * v * embed_d

@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.flash import flash_masked, flash_segment_attention
+
 AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
@@ -44,7 +46,7 @@ def xla_masked(q_btnh, k_bskh, v_bskh, mask_bts):
     return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None])
 
 
-MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked}
+MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked, "flash": flash_masked}
 
 
 def reference_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
@@ -55,4 +57,5 @@ def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
     return xla_masked(q_btnh, k_bskh, v_bskh, document_causal_mask(segment_ids_bt))
 
 
-ATTENTION: dict[str, AttentionFn] = {"reference": reference_attention, "xla": xla_attention}
+ATTENTION: dict[str, AttentionFn] = {"reference": reference_attention, "xla": xla_attention,
+                                     "flash": flash_segment_attention}

@@ -9,7 +9,7 @@ import dataclasses
 
 from llama_jax.errors import ConfigError
 
-ATTENTION_IMPLS = ("reference", "xla")
+ATTENTION_IMPLS = ("reference", "xla", "flash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "llama3")
 # How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.

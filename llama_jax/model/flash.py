@@ -1,0 +1,207 @@
+"""Memory-efficient attention (FlashAttention-2) in pure JAX, so that 128K-token sequences fit.
+
+The other kernels materialise each head's [t, s] scores, and their backward passes keep the probabilities and
+their gradients too: tens of GiB for one 128K-token sequence. Here the forward pass walks over blocks of `block`
+keys with an online softmax (a float32 running max and sum per query) and keeps only the output and those two
+statistics; the backward pass (a `jax.custom_vjp`) recomputes each block's probabilities from them. Neither pass
+holds more than one [t, block] tile of scores per head, plus O(t) statistics, so memory grows linearly in s.
+
+Masks are computed per block, never as a [t, s] array: `flash_attention` takes the positions and segment ids of
+queries and keys (query i sees key j when they share a segment id and position_j <= position_i), which also
+describes context parallelism's permuted sequence; `flash_masked` reads blocks of a boolean [b, t, s] mask given by
+the caller (the KV cache's decoding mask, small there). Segment id 0 (padding) is a document like any other, as in
+`attention.document_causal_mask`.
+
+The loop runs over key blocks with every query in each tile: the query axis stays a plain array axis, which
+context parallelism shards over devices (a loop over query blocks would walk a sharded axis). So blocks that causal
+order masks entirely are computed and masked, not skipped. It is a `lax.while_loop`, not a scan: the model's remat
+policies would otherwise split a scan and keep per-block masks (and under "dots" the scores) for every block.
+
+Masked scores take float32's lowest value, as in `attention.reference_masked`, so a query that sees no key averages
+all the values exactly as the reference does (no NaN); keys that only fill up the last block get -inf and count for
+nothing. Shapes and grouped-query attention as in `attention`: query head i reads KV head i // (n // k).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.errors import ConfigError
+
+BLOCK = 512  # keys per tile: the plan's memory model (plan.py) uses it
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+# (query info, one block of key info) -> boolean [b, t, block]: which keys of the block each query sees
+MaskFn = Callable[[Any, Any], jnp.ndarray]
+
+
+def flash_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, q_segment_bt: jnp.ndarray,
+                    k_segment_bs: jnp.ndarray, q_position_bt: jnp.ndarray, k_position_bs: jnp.ndarray, *,
+                    block: int = BLOCK) -> jnp.ndarray:
+    """Attention [b, t, n, h] where query i sees key j when their segment ids are equal and k_position_j <=
+    q_position_i. `block` need not divide s (the last block is filled with keys that count for nothing)."""
+    _check_block(block)
+    return _flash(q_btnh, k_bskh, v_bskh, (q_segment_bt, q_position_bt), (k_segment_bs, k_position_bs),
+                  _document_causal, min(block, k_bskh.shape[1]))
+
+
+def flash_masked(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, mask_bts: jnp.ndarray, *,
+                 block: int = BLOCK) -> jnp.ndarray:
+    """The masked form (`attention.MASKED_ATTENTION`): the caller's boolean [b, t, s] mask, read a block at a time."""
+    _check_block(block)
+    return _flash(q_btnh, k_bskh, v_bskh, (), jnp.swapaxes(mask_bts, 1, 2), _given_mask, min(block, k_bskh.shape[1]))
+
+
+def flash_segment_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
+                            segment_ids_bt: jnp.ndarray) -> jnp.ndarray:
+    """The `attention.ATTENTION` form: causal by index within a row (as `document_causal_mask`), same document."""
+    positions_bt = jnp.broadcast_to(jnp.arange(segment_ids_bt.shape[1], dtype=jnp.int32), segment_ids_bt.shape)
+    return flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, segment_ids_bt, positions_bt, positions_bt)
+
+
+def _check_block(block: int) -> None:
+    if not isinstance(block, int) or block <= 0:
+        raise ConfigError(f"flash attention block={block!r} must be a positive number of keys, e.g. {BLOCK}")
+
+
+def _document_causal(q_info, k_info_block) -> jnp.ndarray:
+    (q_segment_bt, q_position_bt), (k_segment_bc, k_position_bc) = q_info, k_info_block
+    same_doc_btc = q_segment_bt[:, :, None] == k_segment_bc[:, None, :]
+    return same_doc_btc & (q_position_bt[:, :, None] >= k_position_bc[:, None, :])
+
+
+def _given_mask(q_info, mask_bct) -> jnp.ndarray:
+    return jnp.swapaxes(mask_bct, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- the kernel
+# Inside, queries are grouped by the KV head they read: q [b, t, k, g, h] with g = n // k; scores and statistics
+# are [b, k, g, t, (c)] with c the keys of one block.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn: MaskFn, block: int):
+    return _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block)[0]
+
+
+def _flash_fwd(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
+    out_btnh, max_bkgt, sum_bkgt = _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block)
+    return out_btnh, (q_btnh, k_bskh, v_bskh, q_info, k_info, out_btnh, max_bkgt, sum_bkgt)
+
+
+def _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
+    """Output, and each query's running max and sum of exp(score - max) over all keys (float32)."""
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    count, keys = _padded(k_bskh, v_bskh, k_info, block)
+
+    def step(index, carry):
+        max_bkgt, sum_bkgt, acc_bkgth = carry
+        k_bckh, v_bckh, k_info_block = _block(keys, index, block)
+        scores_bkgtc, _ = _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn, index, block, k_bskh.shape[1])
+        new_max_bkgt = jnp.maximum(max_bkgt, scores_bkgtc.max(axis=-1))
+        probs_bkgtc = jnp.exp(scores_bkgtc - new_max_bkgt[..., None])
+        rescale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
+        sum_bkgt = sum_bkgt * rescale_bkgt + probs_bkgtc.sum(axis=-1)
+        acc_bkgth = acc_bkgth * rescale_bkgt[..., None] + jnp.einsum(
+            "bkgtc,bckh->bkgth", probs_bkgtc.astype(v_bskh.dtype), v_bckh, preferred_element_type=jnp.float32)
+        return new_max_bkgt, sum_bkgt, acc_bkgth
+
+    stats_shape = (b, kv, n // kv, t)
+    init = _varying_like((jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                          jnp.zeros((*stats_shape, h), jnp.float32)), (q_btnh, k_bskh, v_bskh, q_info, k_info))
+    max_bkgt, sum_bkgt, acc_bkgth = _over_blocks(count, step, init)
+    out_bkgth = acc_bkgth / sum_bkgt[..., None]
+    out_btnh = jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)
+    return out_btnh, max_bkgt, sum_bkgt
+
+
+def _flash_bwd(mask_fn, block, residuals, dout_btnh):
+    """FlashAttention-2's backward: per key block, probabilities from the saved statistics, then the gradients of
+    that block's keys and values and this block's share of the queries' gradient."""
+    q_btnh, k_bskh, v_bskh, q_info, k_info, out_btnh, max_bkgt, sum_bkgt = residuals
+    b, t, n, h = q_btnh.shape
+    s, kv = k_bskh.shape[1], k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    dout_btkgh = dout_btnh.reshape(b, t, kv, n // kv, h).astype(q_btnh.dtype)
+    # softmax's backward: dscore = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = dout . out per query
+    delta_bkgt = jnp.einsum("btkgh,btkgh->bkgt", dout_btkgh.astype(jnp.float32),
+                            out_btnh.reshape(b, t, kv, n // kv, h).astype(jnp.float32))
+    inv_sum_bkgt = 1.0 / sum_bkgt
+    scale = h**-0.5
+    count, keys = _padded(k_bskh, v_bskh, k_info, block)
+
+    def step(index, carry):
+        dq_btkgh, dk_bskh, dv_bskh = carry
+        k_bckh, v_bckh, k_info_block = _block(keys, index, block)
+        scores_bkgtc, mask_btc = _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn, index, block, s)
+        probs_bkgtc = jnp.exp(scores_bkgtc - max_bkgt[..., None]) * inv_sum_bkgt[..., None]
+        dv_bckh = jnp.einsum("bkgtc,btkgh->bckh", probs_bkgtc.astype(v_bskh.dtype), dout_btkgh,
+                             preferred_element_type=jnp.float32)
+        dprobs_bkgtc = jnp.einsum("btkgh,bckh->bkgtc", dout_btkgh, v_bckh, preferred_element_type=jnp.float32)
+        dscores_bkgtc = probs_bkgtc * (dprobs_bkgtc - delta_bkgt[..., None])
+        dscores_bkgtc = (jnp.where(mask_btc[:, None, None], dscores_bkgtc, 0.0) * scale).astype(q_btnh.dtype)
+        dq_btkgh = dq_btkgh + jnp.einsum("bkgtc,bckh->btkgh", dscores_bkgtc, k_bckh,
+                                         preferred_element_type=jnp.float32)
+        dk_bckh = jnp.einsum("bkgtc,btkgh->bckh", dscores_bkgtc, q_btkgh, preferred_element_type=jnp.float32)
+        dk_bskh = jax.lax.dynamic_update_slice_in_dim(dk_bskh, dk_bckh.astype(dk_bskh.dtype), index * block, axis=1)
+        dv_bskh = jax.lax.dynamic_update_slice_in_dim(dv_bskh, dv_bckh.astype(dv_bskh.dtype), index * block, axis=1)
+        return dq_btkgh, dk_bskh, dv_bskh
+
+    init = _varying_like((jnp.zeros(q_btkgh.shape, jnp.float32), jnp.zeros_like(keys[0]), jnp.zeros_like(keys[1])),
+                         (residuals, dout_btnh))
+    dq_btkgh, dk_bskh, dv_bskh = _over_blocks(count, step, init)
+    no_cotangent = jax.tree.map(lambda _: None, (q_info, k_info))
+    return (dq_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype), dk_bskh[:, :s], dv_bskh[:, :s], *no_cotangent)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _over_blocks(count: int, step, init):
+    """`init` through `step(index, carry)` for each key block: a while loop, not a scan, so that no remat policy
+    around the model's layers can split it and stack a per-block value into [blocks, t, block] residuals (autodiff
+    never enters it: the custom_vjp is its derivative)."""
+    def body(carry):
+        index, state = carry
+        return index + 1, step(index, state)
+
+    return jax.lax.while_loop(lambda carry: carry[0] < count, body, (jnp.int32(0), init))[1]
+
+
+def _varying_like(init, inputs):
+    """`init` typed as varying over the manual mesh axes that `inputs` vary over: inside a `jax.shard_map` (the
+    pipeline's, over stage) a loop's carry must keep one type, and the carries computed from the inputs vary."""
+    zero = sum(jnp.zeros_like(x, shape=(), dtype=jnp.float32) for x in jax.tree.leaves(inputs))
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), init)
+
+
+def _padded(k_bskh, v_bskh, k_info, block: int):
+    """The number of key blocks, and keys, values and key info filled up along s to that many whole blocks."""
+    s = k_bskh.shape[1]
+    count = -(-s // block)
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0), (0, count * block - s)] + [(0, 0)] * (x.ndim - 2))
+
+    return count, (pad(k_bskh), pad(v_bskh), jax.tree.map(pad, k_info))
+
+
+def _block(keys, index, block: int):
+    """Block `index` of (keys, values, key info): [b, block, ...] each."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=1), keys)
+
+
+def _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn: MaskFn, index, block: int, s: int):
+    """Scaled float32 scores [b, k, g, t, c] of key block `index`, masked, and the mask [b, t, c]."""
+    scores_bkgtc = jnp.einsum("btkgh,bckh->bkgtc", q_btkgh, k_bckh, preferred_element_type=jnp.float32)
+    scores_bkgtc = scores_bkgtc * (q_btkgh.shape[-1] ** -0.5)
+    mask_btc = mask_fn(q_info, k_info_block)
+    scores_bkgtc = jnp.where(mask_btc[:, None, None], scores_bkgtc, _MASKED)
+    real_c = index * block + jnp.arange(block) < s
+    return jnp.where(real_c, scores_bkgtc, -jnp.inf), mask_btc
