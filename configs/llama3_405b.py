@@ -11,8 +11,10 @@ of 0, whose checkpoints are averaged. Peak learning rate 8e-5, 8,000 warmup step
 The paper trained on 16,384 H100s as TP 8, CP 1, PP 16, DP 128. Here the pipeline's stages must hold equal shares of
 the 126 layers, so 16 stages are impossible; 7 stages of 18 layers run as the circular schedule (6 chunks of 3 layers,
 bubble 11%). Tensor 8 stays within a node, on NVLink. The other 256 GPUs of each stage-and-tensor group split the batch
-(fsdp) and the sequence (context): our attention materialises each head's scores over the whole sequence, so the
-longer the sequence, the fewer tokens each GPU can hold, and the context axis grows from 2 (8K) to 256 (128K: 512 tokens a GPU).
+(fsdp) and the sequence (context): each GPU holds 4,096 tokens of one sequence per microbatch, so the context axis
+grows with the sequence, from 2 (8K) to 32 (128K), and sequences longer than 8K use the block-wise (flash)
+attention, which never holds a whole sequence's scores (the 128K phases plan at 44 GiB a GPU; with the dense
+attention, 188 GiB).
 """
 
 from llama_jax.config import model_section
@@ -29,12 +31,15 @@ GPUS_PER_STAGE_AND_TENSOR_RANK = 256
 
 
 def layout(seq_len: int, batch_size: int) -> dict:
-    """Each GPU holds half an 8K sequence per microbatch (fewer tokens for longer ones); 8 pipeline microbatches."""
-    context = {4096: 2, 8192: 2, 16384: 8, 32768: 16, 65536: 64, 131072: 256}[seq_len]
+    """Each GPU holds 4,096 tokens of a sequence per microbatch (2,048 at sequence 4,096); 8 pipeline microbatches."""
+    context = max(2, seq_len // 4096)
     fsdp = GPUS_PER_STAGE_AND_TENSOR_RANK // context
-    return {"mesh": {"data": 1, "stage": 7, "fsdp": fsdp, "context": context, "tensor": 8},
-            "pipeline": {"schedule": "circular", "repeats": 6, "microbatches": 8},
-            "optim": {"grad_accum": max(1, batch_size // (8 * fsdp))}}
+    sections = {"mesh": {"data": 1, "stage": 7, "fsdp": fsdp, "context": context, "tensor": 8},
+                "pipeline": {"schedule": "circular", "repeats": 6, "microbatches": 8},
+                "optim": {"grad_accum": max(1, batch_size // (8 * fsdp))}}
+    if seq_len > 8192:
+        sections["model"] = {"attention": "flash"}
+    return sections
 
 
 def get_config():

@@ -1,15 +1,22 @@
-"""Llama 3.1 70B pretraining (Llama 3 paper recipe) on 1,024 H100 GPUs: tensor parallel 8 within each node, FSDP 128.
+"""Llama 3.1 70B, the whole Llama 3 pretraining recipe, on 1,024 H100 GPUs: tensor parallel 8 within each node, the
+128 nodes shared by FSDP and context parallelism.
 
-    python -m llama_jax.plan --config configs/llama3_70b.py      # fits: ~43 GiB of 80 GB per GPU
+    python -m llama_jax.plan --config configs/llama3_70b.py      # every phase, and whether it fits
     python -m llama_jax.train --config configs/llama3_70b.py --workdir /shared/runs/llama3_70b
 
-128 nodes of 8 H100s. Tensor parallelism stays inside a node, on NVLink, as in the paper: it splits heads, the MLP and
-the vocabulary 8 ways, and with them the activations that dominate memory (one sequence's attention scores). FSDP
-over the 128 nodes splits the parameters, gradients and AdamW moments (16 bytes a parameter, 1.1 TB in all) to about
-1.3 GiB a GPU. Each GPU sees 8 sequences a step, one per microbatch (grad_accum 8).
+The recipe (llama_jax/recipe.py) as for 405B: 4M-token steps of 4,096-token sequences, 8M of 8,192 after 252M tokens,
+16M after 2.87T; long-context stages at 16K, 32K, 64K and 128K tokens (800B tokens); 40M tokens of annealing to a
+learning rate of 0, whose checkpoints are averaged. Peak learning rate 1.5e-4 (the paper gives only the 405B's), 8,000
+warmup steps, cosine to lr / 100 at step 1.2M.
+
+Tensor parallelism stays inside a node, on NVLink, as in the paper: it splits heads, the MLP and the vocabulary 8 ways,
+and with them the activations. FSDP over the nodes splits the parameters, gradients and AdamW moments (16 bytes a
+parameter, 1.1 TB in all). Each GPU holds 8,192 tokens of one sequence per microbatch (gradient accumulation makes up
+the batch); longer sequences are split over a context-parallel axis of nodes and use the block-wise (flash) attention.
 """
 
-from llama_jax.config import default_config, model_section
+from llama_jax.config import model_section
+from llama_jax.recipe import llama3_pretraining
 
 # Placeholders to replace: your tokenized pretraining mix, a directory written by
 # `python -m llama_jax.data.prepare --tokenizer TOKENIZER ...` (see the README's data section; the paper's mix, about
@@ -18,31 +25,21 @@ from llama_jax.config import default_config, model_section
 # unchanged stops at once with an error naming the missing path.
 DATA = "/path/to/prepared/llama3_pretraining_mix"
 TOKENIZER = "/path/to/Llama-3.1-70B/original/tokenizer.model"
+NODES = 128
+TOKENS_PER_GPU = 8192  # per microbatch
+
+
+def layout(seq_len: int, batch_size: int) -> dict:
+    context = max(1, seq_len // TOKENS_PER_GPU)
+    fsdp = NODES // context
+    sections = {"mesh": {"data": 1, "stage": 1, "fsdp": fsdp, "context": context, "tensor": 8},
+                "optim": {"grad_accum": max(1, batch_size // fsdp)}}
+    if seq_len > TOKENS_PER_GPU:
+        sections["model"] = {"attention": "flash"}
+    return sections
 
 
 def get_config():
-    cfg = default_config()
-    # dim 8192, 80 layers, 64 heads / 8 KV heads, SwiGLU 28672, vocabulary 128,256, RoPE theta 500,000 (llama3 scaling).
-    cfg.model = model_section("llama3.1-70b", remat="dots_no_batch")
-
-    cfg.mesh.data = 1
-    cfg.mesh.stage = 1
-    cfg.mesh.fsdp = 128  # across the 128 nodes
-    cfg.mesh.context = 1
-    cfg.mesh.tensor = 8  # within a node: the 8 GPUs on NVLink
-
-    cfg.data.source = DATA
-    cfg.data.tokenizer = TOKENIZER
-    cfg.data.seq_len = 8192
-    cfg.data.batch_size = 1024  # 8.4M tokens a step: 8 sequences per FSDP shard...
-    cfg.optim.grad_accum = 8  # ...one at a time
-
-    cfg.optim.lr = 1.5e-4
-    cfg.optim.warmup_steps = 8000
-    cfg.optim.min_lr_ratio = 0.01  # cosine to lr / 100, as the paper's 405B schedule (8e-5 to 8e-7)
-    cfg.train.steps = 1_800_000  # about 15T tokens, the Llama 3 pretraining budget
-    cfg.train.log_every = 10
-    cfg.train.eval_every = 1000
-    cfg.checkpoint.every_steps = 1000
-    cfg.checkpoint.every_minutes = 30.0  # bounds the work lost to a preemption
-    return cfg
+    # dim 8192, 80 layers, 64 heads / 8 KV heads, SwiGLU 28672, vocabulary 128,256, RoPE theta 500,000.
+    model = model_section("llama3.1-70b", remat="dots_no_batch")
+    return llama3_pretraining(model, lr=1.5e-4, data=DATA, tokenizer=TOKENIZER, layout=layout)

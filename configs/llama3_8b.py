@@ -1,17 +1,23 @@
-"""Llama 3.1 8B pretraining (Llama 3 paper recipe) on a TPU v5p-512 slice: 256 chips, FSDP over all of them.
+"""Llama 3.1 8B, the whole Llama 3 pretraining recipe, on a TPU v5p-512 slice: 256 chips, FSDP over all of them.
 
-    python -m llama_jax.plan --config configs/llama3_8b.py --accelerator v5p     # fits: ~61 GiB of 95 GiB per chip
+    python -m llama_jax.plan --config configs/llama3_8b.py --accelerator v5p     # every phase, and whether it fits
     python -m llama_jax.train --config configs/llama3_8b.py --workdir gs://BUCKET/runs/llama3_8b
 
+The recipe (llama_jax/recipe.py) as for 405B: 4M-token steps of 4,096-token sequences, 8M of 8,192 after 252M tokens,
+16M after 2.87T; long-context stages at 16K, 32K, 64K and 128K tokens (800B tokens); 40M tokens of annealing to a
+learning rate of 0, whose checkpoints are averaged. Peak learning rate 3e-4 (the paper gives only the 405B's), 8,000
+warmup steps, cosine to lr / 100 at step 1.2M.
+
 v5p slice names count TensorCores, two per chip: v5p-512 is 256 chips (64 hosts of 4), and JAX sees 256 devices.
-An 8B model's parameters, gradients and AdamW moments (16 bytes a parameter, 128 GB in all) are 0.6 GiB a chip when
-FSDP splits them 256 ways, so no tensor parallelism is needed; the activations decide the rest. The attention
-implementations materialise each head's [8192, 8192] scores, so one sequence's attention backward alone takes about
-39 GiB: hence one sequence per chip per microbatch (grad_accum 4). On v6e chips (32 GiB) the plan says this does not
-fit; there split the heads too (19 GiB): --config.mesh.fsdp=64 --config.mesh.tensor=4 --config.optim.grad_accum=16.
+An 8B model's parameters, gradients and AdamW moments (16 bytes a parameter, 128 GB in all) are 0.5 GiB a chip when
+FSDP splits them 256 ways, so no tensor parallelism is needed; the activations decide the rest: each chip holds one
+sequence of up to 8,192 tokens per microbatch (gradient accumulation makes up the batch), and longer sequences are
+split over a context-parallel axis and use the block-wise (flash) attention, which never holds a whole sequence's
+scores.
 """
 
-from llama_jax.config import default_config, model_section
+from llama_jax.config import model_section
+from llama_jax.recipe import llama3_pretraining
 
 # Placeholders to replace: your tokenized pretraining mix, a directory written by
 # `python -m llama_jax.data.prepare --tokenizer TOKENIZER ...` (see the README's data section; the paper's mix, about
@@ -20,32 +26,22 @@ from llama_jax.config import default_config, model_section
 # unchanged stops at once with an error naming the missing path.
 DATA = "/path/to/prepared/llama3_pretraining_mix"
 TOKENIZER = "/path/to/Llama-3.1-8B/original/tokenizer.model"
+CHIPS = 256
+TOKENS_PER_CHIP = 8192  # per microbatch
+
+
+def layout(seq_len: int, batch_size: int) -> dict:
+    context = max(1, seq_len // TOKENS_PER_CHIP)
+    fsdp = CHIPS // context
+    sections = {"mesh": {"data": 1, "stage": 1, "fsdp": fsdp, "context": context, "tensor": 1},
+                "optim": {"grad_accum": max(1, batch_size // fsdp)}}
+    if seq_len > TOKENS_PER_CHIP:
+        sections["model"] = {"attention": "flash"}
+    return sections
 
 
 def get_config():
-    cfg = default_config()
-    # dim 4096, 32 layers, 32 heads / 8 KV heads, SwiGLU 14336, vocabulary 128,256, RoPE theta 500,000 (llama3 scaling).
+    # dim 4096, 32 layers, 32 heads / 8 KV heads, SwiGLU 14336, vocabulary 128,256, RoPE theta 500,000.
     # dots_no_batch keeps every projection's output and recomputes only attention and the elementwise ops.
-    cfg.model = model_section("llama3.1-8b", remat="dots_no_batch")
-
-    cfg.mesh.data = 1
-    cfg.mesh.stage = 1
-    cfg.mesh.fsdp = 256  # all 256 chips: parameters, gradients and optimizer state split 256 ways
-    cfg.mesh.context = 1
-    cfg.mesh.tensor = 1
-
-    cfg.data.source = DATA
-    cfg.data.tokenizer = TOKENIZER
-    cfg.data.seq_len = 8192
-    cfg.data.batch_size = 1024  # 8.4M tokens a step: 4 sequences a chip...
-    cfg.optim.grad_accum = 4  # ...one at a time
-
-    cfg.optim.lr = 3e-4
-    cfg.optim.warmup_steps = 8000
-    cfg.optim.min_lr_ratio = 0.01  # cosine to lr / 100, as the paper's 405B schedule (8e-5 to 8e-7)
-    cfg.train.steps = 1_800_000  # about 15T tokens, the Llama 3 pretraining budget
-    cfg.train.log_every = 10
-    cfg.train.eval_every = 1000
-    cfg.checkpoint.every_steps = 1000
-    cfg.checkpoint.every_minutes = 30.0  # bounds the work lost to a preemption
-    return cfg
+    model = model_section("llama3.1-8b", remat="dots_no_batch")
+    return llama3_pretraining(model, lr=3e-4, data=DATA, tokenizer=TOKENIZER, layout=layout)

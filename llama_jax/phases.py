@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 
 import jax.numpy as jnp
 import ml_collections
 
 from llama_jax.data.schedule import BatchSchedule
 from llama_jax.errors import ConfigError
+from llama_jax.parallel.mesh import MESH_AXES
 
 # Sections a phase may override; `train`, `watchdog`, `stability`, `seed` and the optimizer belong to the whole run,
 # except `optim.grad_accum`: a new batch shape on a new mesh may need its own accumulation.
@@ -178,7 +180,13 @@ def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
             raise ConfigError(f"{where}: lr_end must be zero or positive, got {entry.lr_end}")
     plan = RunPlan(cfg)
     base = model_config(cfg)
+    devices = math.prod(cfg.mesh[axis] for axis in MESH_AXES)
     for p in plan.phases[1:]:
+        phase_devices = math.prod(p.cfg.mesh[axis] for axis in MESH_AXES)
+        if min(devices, phase_devices) > 0 and devices != phase_devices:
+            raise ConfigError(f"phases[{p.index - 1}] ({p.name!r}) has a mesh of {phase_devices} devices, the run "
+                              f"{devices}: a phase reshapes the mesh over the same devices (set one axis to -1 to "
+                              "take the rest)")
         changed = [c.replace("(checkpoint:", "(first phase:") for c in model_config(p.cfg).architecture_changes(base)
                    if not c.startswith("model.rope_")]
         if changed:

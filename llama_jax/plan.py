@@ -33,6 +33,7 @@ from llama_jax.optim import make_optimizer
 from llama_jax.parallel.mesh import MESH_AXES, mesh_shape, param_shardings
 from llama_jax.parallel.pipeline import bubble_fraction
 from llama_jax.parallel.schedules import make_tables, schedule_stats
+from llama_jax.phases import RunPlan
 
 GiB = 2**30
 
@@ -296,15 +297,36 @@ _DEVICES = flags.DEFINE_integer("devices", None, "Device count, for a mesh with 
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time (Llama 3 paper: 0.38-0.43).")
 
 
+def plan_phases(cfg: ml_collections.ConfigDict, **options) -> list[tuple[str, Plan]]:
+    """(phase name, plan) for every phase of the run (`cfg.phases`; one phase without them): each phase has its own
+    batch shape, mesh and attention, and all of them have to fit."""
+    validate(cfg)
+    phases = RunPlan(cfg).phases
+    return [(p.name, plan(p.cfg, **options)) for p in phases]
+
+
+def phases_table(planned: list[tuple[str, Plan]]) -> str:
+    lines = [f"{'phase':<20} {'batch x seq_len':>17} {'mesh (data stage fsdp context tensor)':>38} {'per device':>11}  fits"]
+    for name, p in planned:
+        mesh = " x ".join(str(p.mesh[axis]) for axis in MESH_AXES)
+        lines.append(f"{name:<20} {p.batch_size:>8,} x {p.seq_len:<7,} {mesh:>38} {_gib(p.total_bytes):>11}  "
+                     f"{'yes' if p.fits else 'NO'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # JAX logs its search for accelerators at INFO
     try:
-        result = plan(_CONFIG.value, devices=_DEVICES.value, accelerator=_ACCELERATOR.value, mfu=_MFU.value)
+        planned = plan_phases(_CONFIG.value, devices=_DEVICES.value, accelerator=_ACCELERATOR.value, mfu=_MFU.value)
     except LlamaJaxError as err:
         _fail(str(err))
-    print(f"{flags.FLAGS['config'].config_filename}\n{result.report()}")
+    name, largest = max(planned, key=lambda entry: entry[1].total_bytes)
+    header = flags.FLAGS["config"].config_filename
+    if len(planned) > 1:
+        header += f"\n{phases_table(planned)}\n\nthe phase that needs the most memory: {name}"
+    print(f"{header}\n{largest.report()}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

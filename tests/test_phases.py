@@ -248,3 +248,13 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
     model_b, _ = checkpoint.load_model(killed)
     for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_phase_mesh_over_other_devices_is_refused():
+    cfg = default_config()
+    cfg.mesh.data, cfg.mesh.fsdp = 1, 8
+    cfg.phases = (phase("long", steps=5, mesh=dict(fsdp=2, context=2)),)
+    with pytest.raises(ConfigError, match=r"phases\[0\] \('long'\) has a mesh of 4 devices, the run 8"):
+        validate(cfg)
+    cfg.phases = (phase("long", steps=5, data=dict(seq_len=512), mesh=dict(fsdp=4, context=2)),)
+    validate(cfg)

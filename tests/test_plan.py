@@ -119,11 +119,14 @@ def test_405b_parameters_and_shards_by_hand():
 
 @pytest.mark.parametrize("name, accelerator", [("llama3_8b.py", "v5p"), ("llama3_70b.py", "h100"),
                                                ("llama3_405b.py", "h100")])
-def test_pod_configs_validate_and_fit_their_pods(name, accelerator):
+def test_pod_configs_validate_and_fit_their_pods_in_every_phase(name, accelerator):
     cfg = load_config_file(name)
     validate(cfg)
-    planned = plan_lib.plan(cfg, accelerator=accelerator)
-    assert planned.fits and planned.total_bytes < 0.85 * planned.accelerator.memory_bytes  # within the margin
+    planned = plan_lib.plan_phases(cfg, accelerator=accelerator)
+    assert [phase for phase, _ in planned][-1] == "anneal" and len(planned) == 8
+    for phase, p in planned:  # within the margin
+        assert p.fits and p.total_bytes < 0.85 * p.accelerator.memory_bytes, (phase, p.total_bytes)
+    assert planned[-1][1].seq_len == 131072
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
@@ -135,6 +138,8 @@ def test_cli_plans_the_405b():
     result = run_plan("--config", "configs/llama3_405b.py")
     assert result.returncode == 0, result.stderr
     assert "405.85B" in result.stdout and "verdict       fits" in result.stdout
+    assert "long_context_128k         128 x 131,072" in result.stdout
+    assert "the phase that needs the most memory: long_context_128k" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
