@@ -1,5 +1,6 @@
 """Phases, the Llama 3 recipe as config data, token-based schedules, and what a bad step does."""
 
+import json
 import math
 import subprocess
 import sys
@@ -227,6 +228,14 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
     assert [m["step"] for m in lines] == list(range(1, plan.total_steps + 1))
     anneal = plan.phases[-1]  # a step's logged lr is the one it trained with: linear from the phase's first to 0
     assert lines[-1]["lr"] == pytest.approx(lines[anneal.start_step]["lr"] / anneal.num_steps, rel=1e-4)
+    # The average is the element-wise mean of the annealing checkpoints, all of which the keep policy kept.
+    averaged_model, _ = checkpoint.load_model(straight / "averaged")
+    annealed = [checkpoint.load_model(straight / "checkpoints" / str(step))[0] for step in anneal.save_steps()]
+    assert len(annealed) >= 3
+    for mean, *parts in zip(*(jax.tree.leaves(nnx.state(m)) for m in [averaged_model, *annealed])):
+        expected = np.mean([np.asarray(x, np.float64) for x in parts], axis=0)
+        np.testing.assert_allclose(np.asarray(mean), expected, rtol=1e-6, atol=1e-7)
+    assert math.isfinite(json.loads(averaged.read_text())["averaged/eval_loss"])
 
     killed = tmp_path / "killed"
     long_context = plan.phases[3]
