@@ -18,7 +18,7 @@ attention, 188 GiB).
 """
 
 from llama_jax.config import model_section
-from llama_jax.recipe import llama3_pretraining
+from llama_jax.recipe import llama3_pretraining, sequence_layout
 
 # Placeholders to replace: your tokenized pretraining mix, a directory written by
 # `python -m llama_jax.data.prepare --tokenizer TOKENIZER ...` (see the README's data section; the paper's mix, about
@@ -27,23 +27,14 @@ from llama_jax.recipe import llama3_pretraining
 # unchanged stops at once with an error naming the missing path.
 DATA = "/path/to/prepared/llama3_pretraining_mix"
 TOKENIZER = "/path/to/Llama-3.1-405B/original/tokenizer.model"
-GPUS_PER_STAGE_AND_TENSOR_RANK = 256
-
-
-def layout(seq_len: int, batch_size: int) -> dict:
-    """Each GPU holds 4,096 tokens of a sequence per microbatch (2,048 at sequence 4,096); 8 pipeline microbatches."""
-    context = max(2, seq_len // 4096)
-    fsdp = GPUS_PER_STAGE_AND_TENSOR_RANK // context
-    sections = {"mesh": {"data": 1, "stage": 7, "fsdp": fsdp, "context": context, "tensor": 8},
-                "pipeline": {"schedule": "circular", "repeats": 6, "microbatches": 8},
-                "optim": {"grad_accum": max(1, batch_size // (8 * fsdp))}}
-    if seq_len > 8192:
-        sections["model"] = {"attention": "flash"}
-    return sections
 
 
 def get_config():
     # dim 16384, 126 layers, 128 heads / 8 KV heads, SwiGLU 53248, vocabulary 128,256, RoPE theta 500,000.
     # Full remat keeps only each layer's input: the pipeline holds 54 ticks x 3 layers of them.
     model = model_section("llama3.1-405b", remat="full")
+    # 7 stages x tensor 8 x 256: 4,096 tokens of a sequence per GPU per microbatch (2,048 at sequence 4,096, where the
+    # context axis stays 2), 8 pipeline microbatches of 6 chunks a stage.
+    layout = sequence_layout(devices=256, tensor=8, stage=7, min_context=2, tokens_per_device=4096,
+                             pipeline={"schedule": "circular", "repeats": 6, "microbatches": 8})
     return llama3_pretraining(model, lr=8e-5, data=DATA, tokenizer=TOKENIZER, layout=layout)

@@ -16,7 +16,7 @@ the batch); longer sequences are split over a context-parallel axis of nodes and
 """
 
 from llama_jax.config import model_section
-from llama_jax.recipe import llama3_pretraining
+from llama_jax.recipe import llama3_pretraining, sequence_layout
 
 # Placeholders to replace: your tokenized pretraining mix, a directory written by
 # `python -m llama_jax.data.prepare --tokenizer TOKENIZER ...` (see the README's data section; the paper's mix, about
@@ -25,21 +25,11 @@ from llama_jax.recipe import llama3_pretraining
 # unchanged stops at once with an error naming the missing path.
 DATA = "/path/to/prepared/llama3_pretraining_mix"
 TOKENIZER = "/path/to/Llama-3.1-70B/original/tokenizer.model"
-NODES = 128
-TOKENS_PER_GPU = 8192  # per microbatch
-
-
-def layout(seq_len: int, batch_size: int) -> dict:
-    context = max(1, seq_len // TOKENS_PER_GPU)
-    fsdp = NODES // context
-    sections = {"mesh": {"data": 1, "stage": 1, "fsdp": fsdp, "context": context, "tensor": 8},
-                "optim": {"grad_accum": max(1, batch_size // fsdp)}}
-    if seq_len > TOKENS_PER_GPU:
-        sections["model"] = {"attention": "flash"}
-    return sections
 
 
 def get_config():
     # dim 8192, 80 layers, 64 heads / 8 KV heads, SwiGLU 28672, vocabulary 128,256, RoPE theta 500,000.
     model = model_section("llama3.1-70b", remat="dots_no_batch")
+    # 128 nodes of 8 GPUs: tensor 8 within a node; 8,192 tokens of a sequence per GPU per microbatch.
+    layout = sequence_layout(devices=128, tensor=8, tokens_per_device=8192)
     return llama3_pretraining(model, lr=1.5e-4, data=DATA, tokenizer=TOKENIZER, layout=layout)

@@ -17,7 +17,7 @@ scores.
 """
 
 from llama_jax.config import model_section
-from llama_jax.recipe import llama3_pretraining
+from llama_jax.recipe import llama3_pretraining, sequence_layout
 
 # Placeholders to replace: your tokenized pretraining mix, a directory written by
 # `python -m llama_jax.data.prepare --tokenizer TOKENIZER ...` (see the README's data section; the paper's mix, about
@@ -26,22 +26,12 @@ from llama_jax.recipe import llama3_pretraining
 # unchanged stops at once with an error naming the missing path.
 DATA = "/path/to/prepared/llama3_pretraining_mix"
 TOKENIZER = "/path/to/Llama-3.1-8B/original/tokenizer.model"
-CHIPS = 256
-TOKENS_PER_CHIP = 8192  # per microbatch
-
-
-def layout(seq_len: int, batch_size: int) -> dict:
-    context = max(1, seq_len // TOKENS_PER_CHIP)
-    fsdp = CHIPS // context
-    sections = {"mesh": {"data": 1, "stage": 1, "fsdp": fsdp, "context": context, "tensor": 1},
-                "optim": {"grad_accum": max(1, batch_size // fsdp)}}
-    if seq_len > TOKENS_PER_CHIP:
-        sections["model"] = {"attention": "flash"}
-    return sections
 
 
 def get_config():
     # dim 4096, 32 layers, 32 heads / 8 KV heads, SwiGLU 14336, vocabulary 128,256, RoPE theta 500,000.
     # dots_no_batch keeps every projection's output and recomputes only attention and the elementwise ops.
     model = model_section("llama3.1-8b", remat="dots_no_batch")
+    # 256 chips; one sequence of up to 8,192 tokens per chip per microbatch.
+    layout = sequence_layout(devices=256, tokens_per_device=8192)
     return llama3_pretraining(model, lr=3e-4, data=DATA, tokenizer=TOKENIZER, layout=layout)

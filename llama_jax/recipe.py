@@ -35,6 +35,28 @@ class Stage:
     anneal: bool = False  # learning rate linearly to 0, checkpoints averaged, `anneal_mixture` data
 
 
+def sequence_layout(*, devices: int, tokens_per_device: int, tensor: int = 1, stage: int = 1, min_context: int = 1,
+                    flash_above: int = 8192, pipeline: dict | None = None) -> Layout:
+    """The usual pod layout for a recipe: `devices` (per pipeline stage and tensor rank) shared by FSDP and context
+    parallelism, each device holding `tokens_per_device` tokens of one sequence per microbatch, so the context axis
+    grows with the sequence (at least `min_context`) and gradient accumulation makes up the batch; sequences longer
+    than `flash_above` use the block-wise attention."""
+    microbatches = (pipeline or {}).get("microbatches", 1)
+
+    def layout(seq_len: int, batch_size: int) -> dict:
+        context = max(min_context, seq_len // tokens_per_device)
+        fsdp = devices // context
+        sections = {"mesh": {"data": 1, "stage": stage, "fsdp": fsdp, "context": context, "tensor": tensor},
+                    "optim": {"grad_accum": max(1, batch_size // (microbatches * fsdp))}}
+        if pipeline:
+            sections["pipeline"] = dict(pipeline)
+        if seq_len > flash_above:
+            sections["model"] = {"attention": "flash"}
+        return sections
+
+    return layout
+
+
 def llama3_stages(*, total_tokens: int = 15_600_000_000_000, long_context_lengths: Sequence[int] = (16384, 32768, 65536, 131072),
                   long_context_tokens: int = 800_000_000_000, anneal_tokens: int = 40_000_000,
                   ramp_tokens: tuple[int, int] = (252_000_000, 2_870_000_000_000),
