@@ -145,7 +145,7 @@ def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path,
                             timeout=900, env={**CLI_ENV, STALL_ENV: "7"}, cwd=REPO)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "watchdog: no progress in training steps" in result.stderr
-    assert "in _stall_forever_for_test" in result.stderr and "in _loop" in result.stderr, result.stderr[-5000:]
+    assert "in _stall_forever_for_test" in result.stderr and "in run_phase" in result.stderr, result.stderr[-5000:]
     assert "Resumed from" in result.stdout and "checkpoints/4" in result.stdout
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == list(range(1, 15)), "every step logged exactly once"
