@@ -22,7 +22,7 @@ from llama_jax.phases import check_phases
 OBJECTIVES = ("lm", "sft", "reward", "dpo")
 STABILITY_POLICIES = ("rollback", "skip", "stop")
 SCHEDULE_UNITS = ("steps", "tokens")
-IMPLEMENTED_OBJECTIVES = ("lm",)
+PAIR_OBJECTIVES = ("reward", "dpo")  # trained on (chosen, rejected) pairs
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b", "zb-h1")
 SCHEDULED_PIPELINES = ("1f1b", "zb-h1")  # backward units placed by a table, not by autodiff of the forward
 
@@ -159,6 +159,10 @@ def default_config() -> ml_collections.ConfigDict:
     # 0 = all at once. Must divide every data.seq_len longer than it.
     cfg.objective.loss_chunk_len = 1024
     cfg.objective.z_loss = 0.0  # coefficient of log(Z)^2 per token (PaLM used 1e-4); in the training loss, not eval_loss
+    # Post-training (sft, reward, dpo) starts from checkpoint.init_from. sft trains on chat data (prepare --chat);
+    # reward and dpo on preference pairs (python -m llama_jax.data.preferences). Llama 3: optim.lr = 1e-5.
+    cfg.objective.dpo_beta = 0.1  # DPO's beta: how far the policy may move from the reference (Llama 3: 0.1)
+    cfg.objective.dpo_nll = 0.2  # coefficient of the chosen responses' NLL per token added to DPO (Llama 3: 0.2)
 
     # A hung process (no step finished for this long) prints every thread's stack and exits 76, for a supervisor to
     # restart it (llama_jax/watchdog.py). 0 in either key turns the watchdog off.
@@ -240,10 +244,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.schedule_unit={cfg.optim.schedule_unit!r} is not one of {SCHEDULE_UNITS}")
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
-    if cfg.objective.name not in IMPLEMENTED_OBJECTIVES:
-        raise ConfigError(
-            f"objective.name={cfg.objective.name!r} is not available yet in this version; use objective.name='lm'"
-        )
+    _check_objective(cfg)
     if cfg.phases:
         check_phases(cfg)
     if cfg.checkpoint.init_from and not cfg.data.tokenizer:
@@ -251,6 +252,30 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} needs the tokenizer the checkpoint was trained with: "
             "set data.tokenizer to the same directory"
         )
+
+
+def _check_objective(cfg: ml_collections.ConfigDict) -> None:
+    """Post-training objectives start from trained weights; the pair objectives read one preference source in
+    rows of one length."""
+    name = cfg.objective.name
+    if name == "lm":
+        return
+    if not cfg.checkpoint.init_from:
+        raise ConfigError(f"objective.name={name!r} fine-tunes a trained model: set checkpoint.init_from to a Hugging "
+                          "Face directory or a llama_jax run (see configs/sft_tiny.py and configs/dpo_tiny.py)")
+    if cfg.objective.dpo_beta <= 0 or cfg.objective.dpo_nll < 0:
+        raise ConfigError(f"objective.dpo_beta must be positive and objective.dpo_nll zero or positive, got "
+                          f"{cfg.objective.dpo_beta} and {cfg.objective.dpo_nll} (Llama 3: 0.1 and 0.2)")
+    if name not in PAIR_OBJECTIVES:
+        return
+    if cfg.data.mixture:
+        raise ConfigError(f"objective.name={name!r} trains on one preference source: set data.source to a directory "
+                          "written by python -m llama_jax.data.preferences and leave data.mixture empty")
+    if cfg.data.ramp:
+        raise ConfigError(f"objective.name={name!r} keeps one batch size and seq_len: set data.ramp = ()")
+    if cfg.mesh.stage > 1 and cfg.pipeline.schedule in SCHEDULED_PIPELINES:
+        raise ConfigError(f"objective.name={name!r} needs the layer stack run by autodiff: use pipeline.schedule="
+                          "'gpipe' or 'circular' with mesh.stage > 1")
 
 
 def pipeline_repeats(cfg: ml_collections.ConfigDict) -> int:

@@ -53,6 +53,14 @@ class Goodput:
         finally:
             self.charge(cause)
 
+    def rolled_back(self, committed: dict | None) -> None:
+        """The run went back to a checkpoint whose counters are `committed` (None: to its start): the productive
+        time since then trained steps that no longer count, so it becomes `redone`."""
+        self._add(PRODUCTIVE)
+        kept = float((committed or {}).get(PRODUCTIVE, 0.0))
+        self.seconds[LOST + REDONE] += self.seconds[PRODUCTIVE] - kept
+        self.seconds[PRODUCTIVE] = kept
+
     def ledger(self) -> dict[str, float]:
         """The counters up to now: what a checkpoint's meta stores."""
         self._add(PRODUCTIVE)

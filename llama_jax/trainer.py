@@ -32,10 +32,11 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
 from llama_jax import workdir as workdir_lib
 from llama_jax import maintenance, supervise
-from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
+from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, plain, validate)
 from llama_jax.data.corpus import load_corpus
-from llama_jax.data.pipeline import TrainBatches, eval_batches
+from llama_jax.data.pipeline import PreferenceBatches, TrainBatches, eval_batches, eval_pair_batches
+from llama_jax.data.preferences import is_preference_store
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
@@ -43,7 +44,10 @@ from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, run_peak_flops
 from llama_jax.model import ModelDef, flops_per_token
 from llama_jax.model.llama import LayersFn, Llama
-from llama_jax.objectives import lm_loss_sum
+from llama_jax.objectives import lm_loss_sum, pair_objective
+from llama_jax.objectives import dpo as dpo_objective
+from llama_jax.objectives import reward as reward_objective
+from llama_jax.objectives.pairs import valid_pairs
 from llama_jax.average import average as average_checkpoints
 from llama_jax.optim import lr_schedule, make_optimizer, run_lr_schedule
 from llama_jax.phases import Phase, RunPlan
@@ -150,9 +154,11 @@ class Run:
         if not self.cfg.checkpoint.init_from:
             fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
             return jax.jit(fn, out_shardings=self.state_shardings)()
-        params = ckpt.load_pretrained(self.cfg.checkpoint.init_from, self.model_def.cfg, self.state_shardings.params)
+        base_shardings, _ = _split_objective_params(self.cfg, self.state_shardings.params)
+        params = ckpt.load_pretrained(self.cfg.checkpoint.init_from, self.model_def.cfg, base_shardings)
 
         def from_params(params: dict) -> TrainState:
+            params = _with_objective_params(self.cfg, params)
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
         return jax.jit(from_params, out_shardings=self.state_shardings)(params)
@@ -172,7 +178,8 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
                     layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None, *,
-                    loss_chunk_len: int = 0, z_loss: float = 0.0, skip_bad: bool = False) -> Callable:
+                    loss_chunk_len: int = 0, z_loss: float = 0.0, skip_bad: bool = False,
+                    objective: ml_collections.ConfigDict | None = None) -> Callable:
     """(state, batch) -> (state, metrics); with `skip_bad`, (state, batch, max_loss) -> (state, metrics), where a
     step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
     were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is split into microbatches whose
@@ -180,9 +187,31 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order.
     `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
-    coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it)."""
+    coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
+    "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`
+    (pretraining, and SFT, whose masks cover the assistant's tokens only)."""
+    pairs = objective is not None and objective.name in PAIR_OBJECTIVES
+    pair_loss = pair_objective(model_def, objective, layers_fn, loss_chunk_len) if pairs else None
 
     def step_fn(state: TrainState, batch: Batch, max_loss):
+        if pairs:
+            loss, grads, extra = _pair_loss_and_grads(pair_loss, grad_accum, state, batch)
+        else:
+            loss, grads, extra = (*lm_loss_and_grads(state, batch), {})
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **extra}
+        if skip_bad:
+            good = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= max_loss)
+            grads = jax.tree.map(lambda g: jnp.where(good, g, 0), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if skip_bad:
+            updates = jax.tree.map(lambda u: jnp.where(good, u, 0), updates)
+            metrics["skipped"] = 1.0 - good.astype(jnp.float32)
+        params = optax.apply_updates(state.params, updates)
+        metrics["param_norm"] = optax.tree.norm(params)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def lm_loss_and_grads(state: TrainState, batch: Batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def token_loss(model: Llama, h_btd, rows: Batch):
@@ -204,10 +233,7 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, batch)
         else:
-            # Microbatch j takes rows j, j + A, j + 2A, ...: each device keeps its own rows in every microbatch.
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
-            )
+            micro = _microbatches(batch, grad_accum)
 
             def accumulate(carry, mb):
                 loss, grads = grad_fn(state.params, mb)
@@ -215,30 +241,57 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
-        if skip_bad:
-            good = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= max_loss)
-            grads = jax.tree.map(lambda g: jnp.where(good, g, 0), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        if skip_bad:
-            updates = jax.tree.map(lambda u: jnp.where(good, u, 0), updates)
-            metrics["skipped"] = 1.0 - good.astype(jnp.float32)
-        params = optax.apply_updates(state.params, updates)
-        metrics["param_norm"] = optax.tree.norm(params)
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return loss, grads
 
     if skip_bad:
         return step_fn
     return lambda state, batch: step_fn(state, batch, jnp.inf)
 
 
-def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0) -> Callable:
+def _microbatches(batch: Batch, grad_accum: int) -> Batch:
+    """[A, B / A, ...] arrays: microbatch j takes rows j, j + A, j + 2A, ..., so each device keeps its own rows."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: Batch):
+    """(loss, gradient, metrics) of a pair objective (`objectives.pair_objective`), its microbatches' values summed:
+    each is already divided by the whole batch's counts."""
+    counts, loss_fn = pair_loss
+    totals = counts(batch)
+    grad_fn = jax.value_and_grad(lambda params, mb: loss_fn(params, state.opt_state, mb, totals), has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(state.params, batch)
+        return loss, grads, metrics
+
+    def accumulate(carry, mb):
+        (loss, metrics), grads = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum))
+    return loss, grads, metrics
+
+
+def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0,
+                   objective: ml_collections.ConfigDict | None = None) -> Callable:
+    """params, batch -> (loss sum, count). DPO: the chosen responses' NLL (with end tokens); reward: the pairwise loss
+    over pairs; otherwise the LM loss over `loss_mask`."""
+    if objective is not None and objective.name == "reward":
+        def reward_eval(params, batch: Batch):
+            base, head = reward_objective.split_params(params)
+            totals = {"pairs": jnp.ones((), jnp.float32)}
+            loss, _ = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
+            return loss, jnp.sum(valid_pairs(batch))
+
+        return reward_eval
+    mask_key = "nll_mask" if objective is not None and objective.name == "dpo" else "loss_mask"
+
     def eval_fn(params, batch: Batch):
         model = model_def.merge(params)
         h_btd = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                              layers_fn=layers_fn)
-        return lm_loss_sum(model.logits, h_btd, batch["targets"], batch["loss_mask"], chunk_len=loss_chunk_len)
+        return lm_loss_sum(model.logits, h_btd, batch["targets"], batch[mask_key], chunk_len=loss_chunk_len)
 
     return eval_fn
 
@@ -259,8 +312,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
                                                schedule=cfg.pipeline.schedule)
     schedule = schedule or lr_schedule(cfg.optim, cfg.train.steps)
     tx = make_optimizer(cfg.optim, cfg.train.steps, schedule)
+    if cfg.objective.name == "dpo":
+        tx = dpo_objective.keep_reference(tx)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    shapes = jax.eval_shape(functools.partial(init_state, model_def, tx, cfg.seed))
+    if cfg.objective.name == "reward":
+        params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
+
+    def initial_state() -> TrainState:
+        params = _with_objective_params(cfg, model_def.init(cfg.seed))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    shapes = jax.eval_shape(initial_state)
     opt_sh = optax.tree_map_params(
         tx, lambda _, sharding: sharding, shapes.opt_state, params_sh,
         transform_non_params=lambda _: mesh_lib.replicated(mesh),
@@ -269,6 +331,19 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
                scheduled_grads, schedule)
+
+
+def _with_objective_params(cfg: ml_collections.ConfigDict, params: dict) -> dict:
+    """The model's parameters plus the objective's own: the reward model's head."""
+    if cfg.objective.name == "reward":
+        return {**params, reward_objective.HEAD: reward_objective.init_head(cfg.model.dim)}
+    return params
+
+
+def _split_objective_params(cfg: ml_collections.ConfigDict, tree: dict) -> tuple[dict, dict]:
+    """(the model's entries, the objective's own entries) of a params-shaped tree."""
+    own = (reward_objective.HEAD,) if cfg.objective.name == "reward" else ()
+    return {k: v for k, v in tree.items() if k not in own}, {k: v for k, v in tree.items() if k in own}
 
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
@@ -400,6 +475,10 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
         data_cfg.tokenizer = str(first_corpus.tokenizer_path)
         corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size), "corpus cache")
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.objective.name in PAIR_OBJECTIVES:
+        return _pair_data(p, corpus, pad_id, processes)
+    if cfg.objective.name == "sft":
+        _check_chat_sources(cfg, corpus)
     batches = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], p.batches,
                            seed=cfg.seed + p.index, shuffle_window=cfg.data.shuffle_window,
                            names=[s.name for s in corpus.sources], pad_id=pad_id)
@@ -409,6 +488,33 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
         for source in corpus.sources
     }
     return PhaseData(batches, eval_sets)
+
+
+def _check_chat_sources(cfg: ml_collections.ConfigDict, corpus) -> None:
+    """SFT learns the assistant's turns only: every source must carry the chat loss masks."""
+    plain_text = [source.name for source in corpus.sources if not source.train.has_loss_mask]
+    if plain_text:
+        raise ConfigError(
+            f"objective.name='sft' trains on chat data, but source(s) {plain_text} are plain text (no loss mask): "
+            "prepare conversations with python -m llama_jax.data.prepare --chat --source CHATS.jsonl --tokenizer T "
+            "--out DIR and set data.source=DIR (or objective.name='lm' to train on every token)"
+        )
+
+
+def _pair_data(p: Phase, corpus, pad_id: int, processes: dict) -> PhaseData:
+    """Preference pairs (objective reward / dpo): one source prepared by `python -m llama_jax.data.preferences`."""
+    cfg = p.cfg
+    source = corpus.sources[0]
+    if not is_preference_store(source.train):
+        raise ConfigError(
+            f"objective.name={cfg.objective.name!r} trains on preference pairs, but data.source={cfg.data.source!r} "
+            "is not a preference corpus: prepare it with python -m llama_jax.data.preferences --source PAIRS.jsonl "
+            "--tokenizer T --out DIR and set data.source=DIR"
+        )
+    batches = PreferenceBatches(source.train, p.batches, seed=cfg.seed + p.index, pad_id=pad_id, name=source.name)
+    held_out = eval_pair_batches(source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                 max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes)
+    return PhaseData(batches, {source.name: held_out})
 
 
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:
@@ -449,12 +555,13 @@ class _Loop:
         step_fn = jax.jit(
             make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
                             run.scheduled_grads, loss_chunk_len=cfg.objective.loss_chunk_len,
-                            z_loss=cfg.objective.z_loss, skip_bad=skip),
+                            z_loss=cfg.objective.z_loss, skip_bad=skip, objective=cfg.objective),
             in_shardings=(run.state_shardings, run.batch_sharding) + ((mesh_lib.replicated(run.mesh),) if skip else ()),
             out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
             donate_argnums=0,
         )
-        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len))
+        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len,
+                                         objective=cfg.objective))
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         self.meta.update(config=plain(cfg), phase=p.name)
         done = int(state.step)
@@ -567,6 +674,7 @@ class _Loop:
         self._warn(f"step {step}: {problem}. Rolled back to step {back_to}; the {done - back_to} batches drawn since "
                    "are skipped (stability.policy='rollback')")
         self.logger.rewind(back_to)
+        self.goodput.rolled_back(_saved_goodput(self.checkpointer, back_to))
         self.guard.forget()
         return state, back_to
 
@@ -599,7 +707,8 @@ class _Loop:
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("checkpoint average written")
             params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg, run.state_shardings.params)
-        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=run.cfg.objective.loss_chunk_len))
+        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=run.cfg.objective.loss_chunk_len,
+                                         objective=run.cfg.objective))
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
             losses = _evaluate(eval_fn, params, eval_sets, data.batches)
@@ -630,13 +739,17 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
 
 
 def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
+    """Means over the window, the learning rate and parameter norm of its last step, and what an objective adds
+    (DPO's reward accuracy and margin, ...), averaged too."""
     host = jax.device_get(window)
+    own = ("loss", "grad_norm", "lr", "param_norm", "skipped")
     return {
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
         "lr": float(host[-1]["lr"]),
         "param_norm": float(host[-1]["param_norm"]),
         "tokens": float(tokens_seen),
+        **{key: float(np.mean([m[key] for m in host])) for key in host[-1] if key not in own},
     }
 
 

@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from config_files import load_config_file
+from posttrain_fixtures import tiny_base
 
 from llama_jax.config import (
     OBJECTIVES,
@@ -90,7 +91,8 @@ def test_every_config_file_validates(tmp_path):
     files = sorted(p.name for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
     assert "tiny.py" in files
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug"), "float32")))
-    arguments = {"finetune.py": [str(tmp_path)]}  # config files that read a checkpoint directory
+    base = str(tiny_base(tmp_path / "base"))  # a Hugging Face directory with Llama 3's chat tokens
+    arguments = {"finetune.py": [str(tmp_path)], "sft_tiny.py": [base], "dpo_tiny.py": [base]}  # they read a checkpoint
     for name in files:
         cfg = load_config_file(name, *arguments.get(name, []))
         try:
@@ -232,10 +234,11 @@ def test_objective_not_in_list():
     assert_config_error(cfg, "objective.name", "'ppo'", "lm")
 
 
-def test_listed_but_unimplemented_objective_says_so():
+@pytest.mark.parametrize("objective", ["sft", "dpo", "reward"])
+def test_post_training_objectives_need_the_weights_to_start_from(objective):
     cfg = default_config()
-    cfg.objective.name = "dpo"
-    assert_config_error(cfg, "objective.name", "not available yet")
+    cfg.objective.name = objective
+    assert_config_error(cfg, "checkpoint.init_from")
 
 
 @pytest.mark.parametrize("changes, fragments", [

@@ -180,6 +180,7 @@ def test_a_nan_step_is_rolled_back_and_its_batches_skipped(tmp_path, cache_dir, 
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == list(range(1, 11)), "every step logged once, the rolled-back ones redone"
     assert all(math.isfinite(m["loss"]) for m in lines) and logged["bad_steps"] == 1.0
+    assert logged["goodput/lost_seconds/redone"] > 0, "the rolled-back steps' time is lost"
     model, _ = checkpoint.load_model(workdir)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 

@@ -60,6 +60,7 @@ class PreferenceExample:
     chosen_mask: np.ndarray  # uint8 [c]: the chosen response's assistant contents
     rejected_mask: np.ndarray  # uint8 [r]: the rejected response's assistant contents
     chosen_nll_mask: np.ndarray  # uint8 [c]: the chosen response's assistant contents and end tokens
+    rejected_nll_mask: np.ndarray  # uint8 [r]: the same for the rejected response (what a prepared store keeps)
 
 
 @dataclasses.dataclass
@@ -140,9 +141,10 @@ def preference_example(
         prompt_tokens=np.asarray(prompt_ids, np.uint32),
         chosen_tokens=np.asarray(chosen_ids, np.uint32),
         rejected_tokens=np.asarray(rejected_ids, np.uint32),
-        chosen_mask=_without_end_tokens(chosen_nll),
-        rejected_mask=_without_end_tokens(rejected_nll),
+        chosen_mask=without_end_tokens(chosen_nll),
+        rejected_mask=without_end_tokens(rejected_nll),
         chosen_nll_mask=chosen_nll,
+        rejected_nll_mask=rejected_nll,
     )
 
 
@@ -292,7 +294,7 @@ def _response(
     return ids, response_mask
 
 
-def _without_end_tokens(mask: np.ndarray) -> np.ndarray:
+def without_end_tokens(mask: np.ndarray) -> np.ndarray:
     """The mask without the last token of each run: `render_with_mask` ends every assistant turn with its end token."""
     run_ends = (mask == 1) & (np.append(mask[1:], 0) == 0)
     return np.where(run_ends, 0, mask).astype(np.uint8)

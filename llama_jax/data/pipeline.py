@@ -35,6 +35,7 @@ from typing import Protocol
 import grain
 import numpy as np
 
+from llama_jax.data.conversations import without_end_tokens
 from llama_jax.data.mixture import Mixture
 from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import DataError
@@ -375,3 +376,97 @@ def _local_rows(batch_size: int, process_index: int, process_count: int) -> rang
         )
     per_process = batch_size // process_count
     return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class PreferenceBatches:
+    """Batches of preference pairs, as a pure function of (seed, step) like `TrainBatches`.
+
+    The store holds pair i as documents 2i (prompt + chosen) and 2i + 1 (prompt + rejected), each with a mask of its
+    response's tokens and end tokens (`python -m llama_jax.data.preferences` writes it). Row r of a batch is one
+    pair: the chosen sequence under the usual keys, with `loss_mask` its response without the end tokens (the DPO
+    log-probabilities') and `nll_mask` with them (the NLL term's), and the rejected one under `rejected_` keys; both
+    padded to seq_len. One pair per row keeps each pair's two log-probabilities in one row of one device. Pairs whose
+    longer sequence exceeds seq_len are left out, counted, never cut. Epochs visit the pairs in an order drawn from
+    (seed, epoch).
+    """
+
+    def __init__(self, store: DocumentStore, schedule: BatchSchedule, *, seed: int, pad_id: int = 0,
+                 name: str = "data"):
+        if len(schedule.stages) > 1:
+            raise DataError("preference pairs are batched at one batch size and seq_len: set data.ramp = ()")
+        self.store, self.schedule, self.seed, self.pad_id = store, schedule, seed, pad_id
+        self.names = [name]
+        self.pairs = preference_pairs(store, schedule.stages[0].seq_len, name)
+
+    def local_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+        """Rows [p·B/P, (p+1)·B/P) of global batch `step`."""
+        stage = self.schedule.stages[0]
+        local = _local_rows(stage.batch_size, process_index, process_count)
+        first = step * stage.batch_size + local.start
+        rows = [pair_row(self.store, int(self._pair(g)), stage.seq_len, self.pad_id)
+                for g in range(first, first + len(local))]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def dataset(self, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+        """Step i -> this process's share of global batch i, endless."""
+        _local_rows(self.schedule.stages[0].batch_size, process_index, process_count)
+        build = functools.partial(self.local_batch, process_index=process_index, process_count=process_count)
+        return grain.MapDataset.range(2**62).map(build)
+
+    def rows_per_source(self, stop_step: int) -> np.ndarray:
+        return np.asarray([stop_step * self.schedule.stages[0].batch_size], np.int64)
+
+    def _pair(self, index: int) -> int:
+        epoch, k = divmod(index, len(self.pairs))
+        return self.pairs[self._order(epoch)[k]]
+
+    @functools.lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(len(self.pairs))
+
+
+def preference_pairs(store: DocumentStore, seq_len: int, name: str = "data") -> np.ndarray:
+    """Indices of the store's pairs whose chosen and rejected sequences both fit a row of seq_len pairs."""
+    if not store.has_loss_mask or len(store.lengths) % 2:
+        raise DataError(f"source {name!r} is not a preference store (pairs of masked documents): prepare it with "
+                        "python -m llama_jax.data.preferences --source PAIRS.jsonl --tokenizer T --out DIR")
+    lengths = np.asarray(store.lengths, np.int64).reshape(-1, 2)
+    fits = np.flatnonzero(lengths.max(axis=1) - 1 <= seq_len)
+    if len(fits) == 0:
+        raise DataError(f"source {name!r}: none of its {len(lengths)} pairs fits a row of {seq_len} tokens. Fix: raise "
+                        "data.seq_len, or prepare the pairs with a lower --max_tokens.")
+    if len(fits) < len(lengths):
+        print(f"source {name!r}: {len(lengths) - len(fits)} preference pairs longer than seq_len {seq_len} are left "
+              "out (never truncated).", file=sys.stderr, flush=True)
+    return fits
+
+
+def pair_row(store: DocumentStore, pair: int, seq_len: int, pad_id: int) -> Batch:
+    """Pair `pair` as one row of a pair batch (see `PreferenceBatches`)."""
+    row: Batch = {}
+    for prefix, document in (("", 2 * pair), ("rejected_", 2 * pair + 1)):
+        tokens = np.asarray(store.read(document), np.int32)
+        response = np.asarray(store.read_loss_mask(document), np.uint8)
+        n = len(tokens) - 1
+        sequence = {"tokens": tokens[:-1], "targets": tokens[1:], "segment_ids": np.ones(n, np.int32),
+                    "positions": np.arange(n, dtype=np.int32),
+                    "loss_mask": without_end_tokens(response)[1:].astype(np.float32)}
+        sequence = _padded(sequence, seq_len, pad_id)
+        row.update({prefix + key: value for key, value in sequence.items()})
+        if not prefix:
+            row["nll_mask"] = np.pad(response[1:].astype(np.float32), (0, seq_len - n))
+    return row
+
+
+def eval_pair_batches(store: DocumentStore, *, seq_len: int, batch_size: int, max_batches: int,
+                      process_index: int = 0, process_count: int = 1, pad_id: int = 0) -> list[Batch]:
+    """A fixed held-out set of pairs, in stored order, as in `eval_batches`: padding rows have empty masks."""
+    local = _local_rows(batch_size, process_index, process_count)
+    pairs = preference_pairs(store, seq_len, "eval")[: max_batches * batch_size]
+    empty = {key: np.zeros_like(value) for key, value in pair_row(store, int(pairs[0]), seq_len, pad_id).items()}
+    batches = []
+    for first in range(0, len(pairs), batch_size):
+        rows = [pair_row(store, int(pairs[i]), seq_len, pad_id) if i < len(pairs) else empty
+                for i in range(first + local.start, first + local.stop)]
+        batches.append({key: np.stack([row[key] for row in rows]) for key in rows[0]})
+    return batches

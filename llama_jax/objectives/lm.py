@@ -1,5 +1,6 @@
-"""Training objectives. Each returns the summed loss and the token count, so that gradient accumulation and
-data-parallel reduction divide once, by the whole batch's count, and match full-batch training exactly.
+"""The causal-LM loss (pretraining, and SFT over assistant-only loss masks). It returns the summed loss and the token
+count, so that gradient accumulation and data-parallel reduction divide once, by the whole batch's count, and match
+full-batch training exactly.
 
 The causal-LM loss starts from the final hidden states, not from logits: at a 128K vocabulary and 8K positions the
 float32 logits are the largest activation of a step (4 GiB per sequence), so they are made `chunk_len` positions at

@@ -1,0 +1,89 @@
+"""Chat and preference data built from the Python standard library's docstrings, for the post-training recipes
+that run on any machine with no download (configs/sft_tiny.py, configs/dpo_tiny.py).
+
+A question is "What does `json.dumps` do?"; the true answer is the first paragraph of its docstring. A preference
+pair prefers the true answer to another function's (a fluent but wrong one), which is separable from the question's
+name alone, so even a tiny model learns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+
+from llama_jax.data import documents
+from llama_jax.data.conversations import read_conversations
+from llama_jax.data.prepare import prepare_chat
+from llama_jax.data.preferences import prepare_preferences
+from llama_jax.data.tokenizer import tokenizer_files
+
+MODULES = ("os.path", "json", "math", "itertools", "functools", "textwrap", "shlex", "string", "random",
+           "statistics", "collections", "heapq", "bisect", "base64", "fnmatch", "glob", "shutil", "difflib")
+MAX_ANSWER_CHARS = 300
+
+
+def docstring_answers() -> list[tuple[str, str]]:
+    """(qualified name, first docstring paragraph) of the public functions of `MODULES`, sorted, deduplicated."""
+    answers = {}
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        for name, value in sorted(vars(module).items()):
+            if name.startswith("_") or not callable(value) or not inspect.getdoc(value):
+                continue
+            paragraph = " ".join(inspect.getdoc(value).split("\n\n")[0].split())
+            if 20 <= len(paragraph) <= MAX_ANSWER_CHARS and paragraph not in answers.values():
+                answers[f"{module_name}.{name}"] = paragraph
+    return sorted(answers.items())
+
+
+def question(name: str) -> str:
+    return f"What does `{name}` do?"
+
+
+def conversations(turns: int = 2) -> list[dict]:
+    """{"messages": [...]} records: one question each, and every third one with a follow-up question (multi-turn)."""
+    qa = docstring_answers()
+    records = []
+    for i, (name, answer) in enumerate(qa):
+        messages = [{"role": "user", "content": question(name)}, {"role": "assistant", "content": answer}]
+        if i % 3 == 0 and turns > 1:
+            other, other_answer = qa[(i + 1) % len(qa)]
+            messages += [{"role": "user", "content": question(other)}, {"role": "assistant", "content": other_answer}]
+        records.append({"messages": messages})
+    return records
+
+
+def preferences() -> list[dict]:
+    """{"prompt", "chosen", "rejected"} records: the true docstring over that of a function half the list away."""
+    qa = docstring_answers()
+    return [{"prompt": question(name), "chosen": answer, "rejected": qa[(i + len(qa) // 2) % len(qa)][1]}
+            for i, (name, answer) in enumerate(qa)]
+
+
+def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """A prepared corpus of `kind` ("sft" or "preferences") for `tokenizer`, built in `cache_dir` on first use and
+    keyed by the tokenizer's files and the records, so it is never stale; returns its directory (data.source)."""
+    records = conversations() if kind == "sft" else preferences()
+    digest = hashlib.sha256(json.dumps(records).encode())
+    for file in tokenizer_files(Path(tokenizer).expanduser()):
+        digest.update(documents.file_digest(file).encode())
+    out = Path(cache_dir).expanduser() / f"stdlib-{kind}-{digest.hexdigest()[:16]}"
+    if not (out / "train" / "manifest.json").is_file():
+        source = write_jsonl(records, out.with_name(out.name + ".jsonl"))
+        if kind == "sft":
+            prepare_chat(read_conversations(source), tokenizer, out, eval_fraction=0.1, workers=1)
+        else:
+            prepare_preferences(source, tokenizer, out, eval_fraction=0.1)
+    return str(out)
+

@@ -1,0 +1,35 @@
+"""Training objectives, chosen by `objective.name`: each a pure loss over a batch.
+
+- `lm.py`: causal LM (pretraining), and SFT, which is the same loss over chat rows whose `loss_mask` covers only
+  the assistant's tokens (the prompt is context, not text to learn).
+- `dpo.py`: direct preference optimisation against a frozen reference, Llama 3's variant (+ NLL on the chosen).
+- `reward.py`: a scalar-head reward model trained on preference pairs (Bradley-Terry).
+
+Every loss divides by counts of the *whole* batch (tokens, pairs), given to it from outside, so that gradient
+accumulation over microbatches and data-parallel reduction give exactly the full-batch gradient.
+"""
+
+from llama_jax.objectives.lm import LogitsFn, lm_loss_sum, token_nll
+
+__all__ = ["LogitsFn", "lm_loss_sum", "token_nll"]
+
+
+def pair_objective(model_def, objective_cfg, layers_fn=None, chunk_len: int = 0):
+    """For `reward` and `dpo`: (counts(batch) -> the whole batch's denominators,
+    loss(params, opt_state, microbatch, totals) -> (loss, metrics)), the loss differentiable in params."""
+    from llama_jax.objectives import dpo, reward
+
+    if objective_cfg.name == "dpo":
+        def dpo_loss(params, opt_state, mb, totals):
+            return dpo.dpo_loss(model_def.merge(params), model_def.merge(dpo.reference_of(opt_state)), mb, totals,
+                                beta=objective_cfg.dpo_beta, nll_coef=objective_cfg.dpo_nll, layers_fn=layers_fn,
+                                chunk_len=chunk_len)
+
+        return dpo.counts, dpo_loss
+    if objective_cfg.name == "reward":
+        def reward_loss(params, opt_state, mb, totals):
+            base, head = reward.split_params(params)
+            return reward.reward_loss(model_def.merge(base), head, mb, totals, layers_fn=layers_fn)
+
+        return reward.counts, reward_loss
+    raise ValueError(f"{objective_cfg.name!r} is not a pair objective")

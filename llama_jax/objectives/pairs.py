@@ -1,0 +1,56 @@
+"""What the preference objectives (DPO, reward model) share: the layout of a batch of pairs and its counts.
+
+A pair batch holds, row for row, a chosen sequence under the usual keys (`tokens`, `targets`, `segment_ids`,
+`positions`, `loss_mask`) and its rejected sequence under the same keys prefixed `rejected_`; `nll_mask` marks the
+chosen response's tokens with their end tokens (DPO's NLL term). Every key is a [batch, seq_len] array, so the
+trainer shards, splits into microbatches and lays out for context parallelism a pair batch exactly as a text batch,
+and a pair never straddles two microbatches or devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.model.llama import LayersFn, Llama
+
+ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+REJECTED = "rejected_"
+PAIR_KEYS = ROW_KEYS + ("nll_mask",) + tuple(REJECTED + key for key in ROW_KEYS)
+
+Batch = dict[str, jax.Array]
+
+
+def rejected_rows(batch: Batch) -> Batch:
+    """The rejected sequences under the plain row keys."""
+    return {key: batch[REJECTED + key] for key in ROW_KEYS}
+
+
+def valid_pairs(batch: Batch) -> jax.Array:
+    """1.0 for rows holding a pair, 0.0 for padding rows (evaluation pads its last batch)."""
+    return (jnp.sum(batch["loss_mask"], axis=1) > 0).astype(jnp.float32)
+
+
+def pair_count(batch: Batch) -> jax.Array:
+    """Pairs in the whole batch, at least 1 (the denominator of every per-pair mean)."""
+    return jnp.maximum(jnp.sum(valid_pairs(batch)), 1.0)
+
+
+def hidden(model: Llama, rows: Batch, layers_fn: LayersFn | None) -> jax.Array:
+    return model.hidden(rows["tokens"], segment_ids=rows["segment_ids"], positions=rows["positions"],
+                        layers_fn=layers_fn)
+
+
+def strided_row_sums(fn, arrays: tuple[jax.Array, ...], chunk_len: int) -> tuple[jax.Array, ...]:
+    """`fn(*arrays)` -> per-row sums ([b] arrays), computed `chunk_len` positions at a time as `lm_loss_sum` does
+    (strided chunks, recomputed in the backward pass), so that no [b, t, vocab] array ever exists whole."""
+    b, t = arrays[0].shape[:2]
+    if not chunk_len or chunk_len >= t:
+        return fn(*arrays)
+    n = t // chunk_len
+
+    def strided(x):  # [b, t, ...] -> [n, b, chunk_len, ...]
+        return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
+
+    sums = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), tuple(strided(x) for x in arrays))
+    return tuple(jnp.sum(s, axis=0) for s in sums)

@@ -1,0 +1,141 @@
+"""Rejection sampling (Llama 3's post-training rounds): for each prompt, K samples from the policy, scored by a reward
+model; the best is kept and written as SFT data.
+
+    python -m llama_jax.rejection_sample --policy runs/sft_tiny --reward runs/reward_tiny \
+        --prompts prompts.jsonl --samples 10 --out best.jsonl [--temperature 0.7 --top_p 0.9 --max_new_tokens 128]
+
+Prompts are JSON Lines {"prompt": "..."} (a string is one user message) or {"prompt": [messages]}. Each output line is
+{"messages": [...the prompt, {"role": "assistant", "content": best}], "score": s, "scores": [all K]}: the format
+`read_conversations` and `python -m llama_jax.data.prepare --chat` read, so the next SFT round trains on it. Samples
+are drawn for `--batch_size` prompts x K at once through the KV-cache generator, each prompt rendered with the
+policy's chat template; the reward model scores the rendered conversation as it was trained to (the hidden state at
+the last position before the end token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.convert import open_checkpoint
+from llama_jax.data.chat import ChatFormat, Message
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError, DataError, LlamaJaxError
+from llama_jax.generate import generate, parse_mesh
+from llama_jax.objectives import reward
+from llama_jax.parallel.mesh import make_mesh
+
+Scorer = Callable[[list[list[Message]]], np.ndarray]  # conversations -> one score each
+
+
+def read_prompts(path: str | Path) -> list[list[Message]]:
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{number} is not a JSON object with a 'prompt': write lines like "
+                            '{"prompt": "..."}') from None
+        prompts.append([{"role": "user", "content": value}] if isinstance(value, str) else value)
+    if not prompts:
+        raise DataError(f"{path} holds no prompt: write one JSON object {{\"prompt\": ...}} per line")
+    return prompts
+
+
+def best_of(prompts: list[list[Message]], samples: list[list[str]], scorer: Scorer) -> list[dict]:
+    """For each prompt, its highest-scoring sample as an SFT record (with every sample's score)."""
+    records = []
+    for prompt, texts in zip(prompts, samples):
+        conversations = [[*prompt, {"role": "assistant", "content": text}] for text in texts]
+        scores = np.asarray(scorer(conversations), np.float64)
+        best = int(np.argmax(scores))
+        records.append({"messages": conversations[best], "score": float(scores[best]),
+                        "scores": [float(s) for s in scores]})
+    return records
+
+
+def reward_scorer(model, head, fmt: ChatFormat, *, bucket: int = 64) -> Scorer:
+    """Scores conversations with a reward model, in one padded batch per call (lengths rounded up to `bucket`, so
+    few shapes compile)."""
+    graphdef, state = nnx.split(model)  # a module is rebuilt inside jit from its arrays, never closed over
+    score_fn = jax.jit(lambda state, head, rows: reward.scores(nnx.merge(graphdef, state), head, rows))
+
+    def scorer(conversations: list[list[Message]]) -> np.ndarray:
+        sequences = [fmt.render_ids(c)[:-1] for c in conversations]  # inputs: the end token is only predicted
+        length = -(-max(len(s) for s in sequences) // bucket) * bucket
+        rows = {"tokens": np.zeros((len(sequences), length), np.int32),
+                "segment_ids": np.zeros((len(sequences), length), np.int32),
+                "positions": np.zeros((len(sequences), length), np.int32)}
+        for i, s in enumerate(sequences):
+            rows["tokens"][i, : len(s)] = s
+            rows["segment_ids"][i, : len(s)] = 1
+            rows["positions"][i, : len(s)] = np.arange(len(s))
+        return np.asarray(score_fn(state, head, {k: jnp.asarray(v) for k, v in rows.items()}))
+
+    return scorer
+
+
+def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_tokens: int, temperature: float,
+           top_p: float, seed: int, batch_size: int, mesh=None) -> list[list[str]]:
+    """K completions per prompt from the policy, `batch_size` prompts (x K rows) per generation call."""
+    opened = open_checkpoint(policy_path, mesh=mesh)
+    fmt = ChatFormat.from_directory(opened.files, opened.tokenizer)
+    stop_ids = opened.generation.stop_ids
+    samples = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first : first + batch_size]
+        ids = [fmt.render_ids(p, add_generation_prompt=True) for p in chunk for _ in range(k)]
+        new = generate(opened.model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + first,
+                       stop_ids=stop_ids, mesh=mesh)
+        texts = [opened.tokenizer.decode([t for t in tokens if t not in stop_ids]) for tokens in new]
+        samples += [texts[i * k : (i + 1) * k] for i in range(len(chunk))]
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.rejection_sample", description=__doc__.splitlines()[0])
+    p.add_argument("--policy", required=True, help="the model to sample from (llama_jax run or Hugging Face dir)")
+    p.add_argument("--reward", required=True, help="a reward-model run (objective.name='reward')")
+    p.add_argument("--prompts", required=True, help='JSON Lines of {"prompt": ...}')
+    p.add_argument("--samples", type=int, default=10, help="K samples per prompt (Llama 3: 10-30)")
+    p.add_argument("--out", required=True, help="output JSON Lines (SFT conversations)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per generation call (x K rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help="shard both models over a mesh, e.g. tensor=2,fsdp=4")
+    args = p.parse_args(argv)
+    try:
+        if args.samples < 1 or args.batch_size < 1 or args.temperature <= 0:
+            raise ConfigError("--samples and --batch_size must be positive and --temperature above 0 (greedy samples "
+                              "would all be the same)")
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        prompts = read_prompts(args.prompts)
+        samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                         mesh=mesh)
+        model, head, tokenizer_path = reward.load_reward_model(args.reward, mesh=mesh)
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        records = best_of(prompts, samples, reward_scorer(model, head, ChatFormat.from_directory(tokenizer_path,
+                                                                                                  tokenizer)))
+    except LlamaJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"wrote the best of {args.samples} samples for {len(records)} prompts to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Rejection sampling: the best-scoring sample is kept, and the CLI runs end to end on tiny random models, writing
+conversations that `read_conversations` reads back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from posttrain_fixtures import tiny_base
+from test_dpo import dpo_config
+
+from llama_jax import rejection_sample, trainer
+from llama_jax.data.conversations import read_conversations
+
+
+def test_the_highest_scoring_sample_is_kept():
+    prompts = [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]]
+    samples = [["x", "yyy", "zz"], ["long answer", "s"]]
+    records = rejection_sample.best_of(prompts, samples, lambda convs: np.array([len(c[-1]["content"]) for c in convs]))
+    assert [r["messages"][-1]["content"] for r in records] == ["yyy", "long answer"]
+    assert records[0]["messages"][:-1] == prompts[0] and records[0]["scores"] == [1.0, 3.0, 2.0]
+
+
+def save_reward_run(cfg, base, workdir):
+    """A reward-model run directory as the trainer writes one (params, meta, the tokenizer), after a few steps."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from llama_jax.config import plain
+    from llama_jax.data.tokenizer import tokenizer_files
+    from test_dpo import data_of, jitted_step
+
+    run = trainer.setup(cfg, workdir)
+    data = data_of(cfg, workdir)
+    with jax.set_mesh(run.mesh):
+        step, state = jitted_step(run, cfg), run.init()
+        for i in range(4):
+            state, _ = step(state, run.to_global(data.batches.local_batch(i)))
+    step_dir = workdir / "checkpoints" / "4"
+    ocp.StandardCheckpointer().save(step_dir / "params", jax.tree.map(np.asarray, state.params))
+    ocp.StandardCheckpointer().wait_until_finished()
+    files = tokenizer_files(base)
+    for file in files:
+        (workdir / file.name).write_bytes(file.read_bytes())
+    (step_dir / "meta").mkdir()
+    (step_dir / "meta" / "metadata").write_text(json.dumps({"config": plain(cfg), "tokenizer_file": files[0].name}))
+
+
+def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
+    base = tiny_base(tmp_path / "base")
+    save_reward_run(dpo_config(base, objective__name="reward", optim__lr=3e-3, optim__warmup_steps=0), base,
+                    tmp_path / "reward")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What does `json.dumps` do?"}\n{"prompt": [{"role": "user", "content": "Hi"}]}\n')
+    out = tmp_path / "best.jsonl"
+    code = rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts",
+                                  str(prompts), "--samples", "3", "--max_new_tokens", "8", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["scores"]) == 3 for r in records)
+    assert all(r["score"] == max(r["scores"]) for r in records)
+    assert [c[0]["content"] for c in read_conversations(out)] == ["What does `json.dumps` do?", "Hi"]
+    assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(prompts), "--out",
+                                  str(out), "--samples", "0"]) == 2

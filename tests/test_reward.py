@@ -1,0 +1,69 @@
+"""Reward model (objective "reward"): a scalar head on the last hidden state, the Bradley-Terry loss, training that
+separates the pairs, and the held-out evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from posttrain_fixtures import tiny_base
+from test_dpo import data_of, dpo_config, jitted_step
+
+from llama_jax import trainer
+from llama_jax.config import model_config
+from llama_jax.model import ModelDef
+from llama_jax.objectives import reward
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+def reward_config(base, **changes):
+    return dpo_config(base, objective__name="reward", **changes)
+
+
+def test_the_loss_equals_the_formula(base, tmp_path):
+    cfg = reward_config(base)
+    batch = data_of(cfg, tmp_path).batches.local_batch(0)
+    model_def = ModelDef(model_config(cfg))
+    with nnx.use_eager_sharding(False):
+        model = model_def.merge(model_def.init(1))
+    head = np.random.default_rng(0).normal(size=cfg.model.dim).astype(np.float32)
+    loss, metrics = reward.reward_loss(model, head, batch, reward.counts(batch))
+
+    def score(prefix):
+        h = np.asarray(model.hidden(batch[prefix + "tokens"], segment_ids=batch[prefix + "segment_ids"],
+                                    positions=batch[prefix + "positions"]), np.float64)
+        last = (batch[prefix + "segment_ids"] > 0).sum(1) - 1  # one sequence per row, then padding
+        return h[np.arange(len(h)), last] @ head
+
+    margin = score("") - score("rejected_")
+    np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp(-margin))), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["pairwise_accuracy"]), np.mean(margin > 0))
+
+
+def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tmp_path):
+    cfg = reward_config(base, optim__lr=3e-3, optim__warmup_steps=0)
+    run = trainer.setup(cfg, tmp_path)
+    data = data_of(cfg, tmp_path)
+    assert run.abstract_state.params[reward.HEAD].shape == (cfg.model.dim,)
+    held = run.to_global(data.batches.local_batch(0))
+    with jax.set_mesh(run.mesh):
+        step = jitted_step(run, cfg)
+        eval_fn = jax.jit(trainer.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective))
+        state = run.init()
+        assert not np.any(np.asarray(state.params[reward.HEAD]))
+        state, first = step(state, held)
+        for i in range(1, 12):
+            state, _ = step(state, held if i % 2 == 0 else run.to_global(data.batches.local_batch(i)))
+        state, last = step(state, held)
+        loss_sum, pairs = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
+    np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)  # a zero head ties every pair
+    assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
+    assert float(pairs) > 0 and np.isfinite(float(loss_sum))

@@ -1,0 +1,92 @@
+"""SFT (objective "sft"): the loss counts the assistant's tokens only, and the tiny SFT recipe learns them."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from config_files import load_config_file
+from posttrain_fixtures import tiny_base
+
+from llama_jax import trainer
+from llama_jax.config import validate
+from llama_jax.data.chat import ChatFormat
+from llama_jax.data.conversations import sft_example
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError
+from llama_jax.model import ModelDef
+from llama_jax.objectives import lm_loss_sum
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+
+
+def chat_row(base):
+    tokenizer = Tokenizer.from_file(base)
+    fmt = ChatFormat.from_directory(base, tokenizer)
+    example = sft_example(fmt, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"},
+                                {"role": "assistant", "content": "Because."}])
+    tokens = example.tokens.astype(np.int32)
+    return tokens[None, :-1], tokens[None, 1:], example.loss_mask[None, 1:].astype(np.float32)
+
+
+def test_prompt_tokens_neither_change_the_loss_nor_get_gradient(base):
+    cfg = load_config_file("sft_tiny.py", str(base))
+    model_def = ModelDef(trainer.model_config(cfg))
+    with nnx.use_eager_sharding(False):
+        params = model_def.init(0)
+    tokens, targets, mask = chat_row(base)
+    assert 0 < mask.sum() < mask.size, "both prompt and assistant tokens in the row"
+
+    def loss_of_logits(logits_btv, targets_bt):
+        return lm_loss_sum(lambda x: x, logits_btv, targets_bt, mask)[0]
+
+    logits = model_def.merge(params)(jnp.asarray(tokens)).astype(jnp.float32)
+    base_loss = loss_of_logits(logits, targets)
+    prompt, answer = np.flatnonzero(mask[0] == 0), np.flatnonzero(mask[0] == 1)
+    changed_prompt = targets.copy()
+    changed_prompt[0, prompt] = (targets[0, prompt] + 1) % 1000
+    assert float(loss_of_logits(logits, changed_prompt)) == float(base_loss)
+    changed_answer = targets.copy()
+    changed_answer[0, answer[0]] = (targets[0, answer[0]] + 1) % 1000
+    assert float(loss_of_logits(logits, changed_answer)) != float(base_loss)
+    grads = np.asarray(jax.grad(loss_of_logits)(logits, targets))
+    assert np.all(grads[0, prompt] == 0) and np.all(np.abs(grads[0, answer]).sum(-1) > 0)
+
+
+def test_the_tiny_sft_recipe_lowers_the_assistant_loss(base, tmp_path):
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.seq_len, cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = 128, 24, 8, 8
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.checkpoint.every_steps = 1e-3, 2, 24
+    cfg.checkpoint.maintenance_url = ""
+    trainer.train(cfg, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line["eval_loss"] for line in lines if "eval_loss" in line]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.3, evals
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.5
+
+
+def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path):
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.checkpoint.init_from = ""
+    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+        validate(cfg)
+    cfg = load_config_file("sft_tiny.py", str(base))
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"plain text document number {i} " * 20)
+    cfg.data.source, cfg.data.cache_dir = str(tmp_path / "docs" / "*.txt"), str(tmp_path / "cache")
+    cfg.data.seq_len, cfg.checkpoint.maintenance_url = 64, ""
+    with pytest.raises(ConfigError, match=r"prepare --chat"):
+        trainer.train(cfg, tmp_path / "run")
