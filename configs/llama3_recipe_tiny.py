@@ -1,18 +1,18 @@
-"""Every phase of the Llama 3 pretraining recipe, scaled down to the tiny model and the built-in text: about 10 minutes
-on a 2-core CPU, no download.
+"""Every phase of the Llama 3 pretraining recipe, scaled down to the tiny model and the built-in text (1.5M tokens, no
+download; its time and losses on a 2-core CPU are in the README).
 
     python -m llama_jax.train --config configs/llama3_recipe_tiny.py
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \
         python -m llama_jax.train --config configs/llama3_recipe_tiny.py:devices=2   # long context over 2 devices
-    python -m llama_jax.train --config configs/llama3_recipe_tiny.py:scale=0.05      # every phase, in 2 minutes
+    python -m llama_jax.train --config configs/llama3_recipe_tiny.py:scale=0.08      # every phase, in 2 minutes
 
 The same phases as configs/llama3_405b.py (llama_jax/recipe.py), with the paper's numbers scaled down:
 - pretraining on the stdlib mixture, 1K-token steps of 64-token sequences, 2K of 128 after 100K tokens, 4K after 400K,
-  warmup then cosine;
+  1.06M tokens in all, warmup then cosine;
 - long context: 256, then 512-token sequences (4K-token steps), with the llama3 RoPE scaling (factor 4 over the
   128-token pretraining context) and, given devices > 1, a context-parallel axis of 2;
 - annealing: 40K tokens on the prose-heavy part of the mixture (docstrings and documentation topics), the learning
-  rate linearly to 0, a checkpoint every step, their average written to WORKDIR/averaged and evaluated.
+  rate linearly to 0, a checkpoint every other step, their average written to WORKDIR/averaged and evaluated.
 """
 
 import ml_collections
@@ -38,7 +38,7 @@ def get_config(options: str = ""):
     cfg.train.log_every = 20
     cfg.train.eval_every = 100
     cfg.checkpoint.every_steps = 100
-    stages = llama3_stages(total_tokens=int(2_000_000 * scale), long_context_lengths=(256, 512),
+    stages = llama3_stages(total_tokens=int(1_500_000 * scale), long_context_lengths=(256, 512),
                            long_context_tokens=int(400_000 * scale), anneal_tokens=40_960,
                            ramp_tokens=(int(100_000 * scale), int(400_000 * scale)), tokens_per_step=(1024, 2048, 4096),
                            seq_lens=(64, 128))

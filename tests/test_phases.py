@@ -26,7 +26,7 @@ RECIPE = "llama3_recipe_tiny.py"
 
 
 def test_phases_split_the_run_by_budget_and_count_tokens_across_them():
-    cfg = load_config_file(RECIPE, "scale=0.05")
+    cfg = load_config_file(RECIPE, "scale=0.08")
     plan = RunPlan(cfg)
     assert [p.name for p in plan.phases] == ["pretrain", "pretrain_2x", "pretrain_4x", "long_context_256",
                                             "long_context_512", "anneal"]
@@ -35,7 +35,7 @@ def test_phases_split_the_run_by_budget_and_count_tokens_across_them():
         assert after.start_tokens == before.tokens_before(before.stop_step)
     # A budget in tokens ends at the first step that reaches it.
     first = plan.phases[0]
-    assert first.tokens_before(first.stop_step) >= 5000 > first.tokens_before(first.stop_step - 1)
+    assert first.tokens_before(first.stop_step) >= 8000 > first.tokens_before(first.stop_step - 1)
     tokens_fn = jax.jit(plan.tokens_fn())
     for step in range(plan.total_steps + 1):
         assert float(tokens_fn(step)) == plan.tokens_before(step)
@@ -209,7 +209,7 @@ def test_too_many_bad_steps_stop_a_rolling_back_run(tmp_path, cache_dir, monkeyp
 
 
 def _recipe_command(workdir, cache_dir):
-    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / RECIPE) + ":devices=2,scale=0.05",
+    return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / RECIPE) + ":devices=2,scale=0.08",
             "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", "--config.checkpoint.every_steps=2",
             "--config.train.log_every=1", "--config.data.eval_batches=1"]
 
@@ -220,7 +220,7 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
     done = subprocess.run(_recipe_command(straight, cache_dir), capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    plan = RunPlan(load_config_file(RECIPE, "devices=2,scale=0.05"))
+    plan = RunPlan(load_config_file(RECIPE, "devices=2,scale=0.08"))
     for p in plan.phases:
         assert f"Phase {p.index + 1}/6 {p.name!r}" in done.stdout + done.stderr
     averaged = (straight / "averaged" / "eval.json")
