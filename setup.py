@@ -34,8 +34,9 @@ setup(
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.
         # portpicker: the multi-host test's ports; gcp-storage-emulator: a local stand-in for a gs:// bucket.
         # matplotlib: the scaling-law plots (llama_jax/scaling.py).
+        # nbclient, nbformat, ipykernel: the notebook's test runs it; scipy: the accuracy fit of the scaling laws.
         "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs",
-                 "matplotlib"],
+                 "matplotlib", "scipy", "nbclient", "nbformat", "ipykernel"],
         # Running notebooks/scaling_laws.ipynb.
         "notebook": ["matplotlib", "jupyter", "nbconvert", "ipykernel"],
         # gs:// workdirs without TensorFlow: epath reaches Cloud Storage through gcsfs (Orbax's arrays and TensorBoard

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import json
 import math
@@ -300,16 +301,21 @@ def _tuples(tree):
 
 
 def run_sweep(sweep: Sweep, *, tasks: Sequence[str] = (), env: dict | None = None,
-              log: Callable[[str], None] = print) -> None:
+              log: Callable[[str], None] = print, in_process: bool = False) -> None:
     """Trains every run of the sweep (the prediction too, once planned) that has not finished, one after another,
     each in its own `python -m llama_jax.train` process (environment `env`); then, with `tasks`, evaluates the runs
-    on them (`evaluate_runs`). A failed run stops the sweep with its log's tail."""
+    on them (`evaluate_runs`). A failed run stops the sweep with its log's tail. `in_process` trains in this process
+    instead (`llama_jax.trainer.train`, on its devices, output in WORKDIR/train.log all the same): a run of a few
+    seconds' compute spends most of a new process's time starting Python and importing JAX."""
     for point in sweep.all_points():
         workdir = sweep.workdir(point)
         if final_eval_loss(workdir, point.steps) is None:
             workdir.mkdir(parents=True, exist_ok=True)
             log(f"training {point.name}: {point.params:,} parameters, {point.steps} steps, {point.compute:.3g} FLOPs")
-            _run(sweep.command(point), workdir / "train.log", env)
+            if in_process:
+                _train_here(sweep.config(point), workdir)
+            else:
+                _run(sweep.command(point), workdir / "train.log", env)
     if tasks:
         evaluate_runs(sweep, tasks, log=log)
 
@@ -338,6 +344,15 @@ def _run(command: list[str], log_file: Path, env: dict | None) -> None:
     if result.returncode:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise DataError(f"`{shlex.join(command)}` exited with {result.returncode}; see {log_file}:\n{tail}")
+
+
+def _train_here(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
+    """`llama_jax.trainer.train` with its output (progress bars, metrics lines) in WORKDIR/train.log, as `_run` keeps it."""
+    from llama_jax import trainer  # imported here so that planning and fitting need no training stack
+
+    with open(workdir / "train.log", "w") as log_file, contextlib.redirect_stdout(log_file), \
+            contextlib.redirect_stderr(log_file):
+        trainer.train(cfg, workdir)
 
 
 def final_eval_loss(workdir: Path, steps: int) -> float | None:
