@@ -164,6 +164,14 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.objective.dpo_beta = 0.1  # DPO's beta: how far the policy may move from the reference (Llama 3: 0.1)
     cfg.objective.dpo_nll = 0.2  # coefficient of the chosen responses' NLL per token added to DPO (Llama 3: 0.2)
 
+    # LoRA (llama_jax/lora.py): low-rank adapters on a frozen checkpoint.init_from; only they train and are saved.
+    cfg.lora = ml_collections.ConfigDict()
+    cfg.lora.rank = 0  # adapters' rank; 0 = off (every parameter trains)
+    cfg.lora.alpha = 16.0  # the adapters' product A·B is scaled by alpha / rank
+    cfg.lora.dropout = 0.0  # adapter dropout is not implemented: must stay 0
+    cfg.lora.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"  # the projections that get adapters, comma-separated
+    cfg.lora.base_dtype = "float32"  # the frozen base in memory: float32 | bfloat16 (half the memory)
+
     # A hung process (no step finished for this long) prints every thread's stack and exits 76, for a supervisor to
     # restart it (llama_jax/watchdog.py). 0 in either key turns the watchdog off.
     cfg.watchdog = ml_collections.ConfigDict()
@@ -245,6 +253,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
     _check_objective(cfg)
+    from llama_jax import lora  # here, so that loading a config stays cheap
+
+    lora.check(cfg)
     if cfg.phases:
         check_phases(cfg)
     if cfg.checkpoint.init_from and not cfg.data.tokenizer:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
+from llama_jax import lora as lora_lib
 from llama_jax import workdir as workdir_lib
 from llama_jax import maintenance, supervise
 from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
@@ -148,9 +149,18 @@ class Run:
     layers_fn: LayersFn  # the layer stack on this mesh: pipelined, context-parallel, activations pinned
     scheduled_grads: ScheduledGrads | None  # the gradient by a 1F1B / ZB-H1 pipeline schedule; None: autodiff
     schedule: optax.Schedule  # the learning rate by step (the optimizer's)
+    base: dict | None = None  # LoRA (lora.rank > 0): the frozen model, an argument of the step; params are adapters
+    base_shardings: dict | None = None
 
     def init(self) -> TrainState:
-        """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state."""
+        """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state.
+        With LoRA: fresh adapters (the base is `self.base`)."""
+        if self.base is not None:
+            def fresh() -> TrainState:
+                adapters = lora_lib.init(self.model_def, self.cfg.lora, self.cfg.seed)
+                return TrainState(jnp.zeros((), jnp.int32), adapters, self.tx.init(adapters))
+
+            return jax.jit(fresh, out_shardings=self.state_shardings)()
         if not self.cfg.checkpoint.init_from:
             fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
             return jax.jit(fn, out_shardings=self.state_shardings)()
@@ -163,12 +173,23 @@ class Run:
 
         return jax.jit(from_params, out_shardings=self.state_shardings)(params)
 
+    def model_params(self, params: dict) -> dict:
+        """The model's parameters of a train state's `params`: with LoRA, the base with the adapters merged in."""
+        if self.base is None:
+            return params
+        return _merge_adapters(self.base, params, lora_lib.scale(self.cfg.lora))
+
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """This process's rows, laid out along the sequence as context parallelism wants, as global arrays."""
         local_batch = to_zigzag(local_batch, self.mesh.shape["context"])
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
         }
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _merge_adapters(base: dict, adapters: dict, scale: float) -> dict:
+    return lora_lib.merged(base, adapters, scale)
 
 
 def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -179,7 +200,7 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
                     layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None, *,
                     loss_chunk_len: int = 0, z_loss: float = 0.0, skip_bad: bool = False,
-                    objective: ml_collections.ConfigDict | None = None) -> Callable:
+                    objective: ml_collections.ConfigDict | None = None, lora_scale: float | None = None) -> Callable:
     """(state, batch) -> (state, metrics); with `skip_bad`, (state, batch, max_loss) -> (state, metrics), where a
     step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
     were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is split into microbatches whose
@@ -189,15 +210,20 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
     "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`
-    (pretraining, and SFT, whose masks cover the assistant's tokens only)."""
+    (pretraining, and SFT, whose masks cover the assistant's tokens only). `lora_scale` (LoRA): state.params are
+    adapters, and the step takes the frozen base as its last argument; the model runs on base + scale·A·B."""
     pairs = objective is not None and objective.name in PAIR_OBJECTIVES
     pair_loss = pair_objective(model_def, objective, layers_fn, loss_chunk_len) if pairs else None
 
-    def step_fn(state: TrainState, batch: Batch, max_loss):
+    def step_fn(state: TrainState, batch: Batch, max_loss, base: dict | None = None):
         if pairs:
-            loss, grads, extra = _pair_loss_and_grads(pair_loss, grad_accum, state, batch)
+            objective_loss = pair_loss if base is None else _lora_dpo_loss(model_def, objective, layers_fn,
+                                                                           loss_chunk_len, base, lora_scale)
+            loss, grads, extra = _pair_loss_and_grads(objective_loss, grad_accum, state, batch)
         else:
-            loss, grads, extra = (*lm_loss_and_grads(state, batch), {})
+            merge = model_def.merge if base is None else (
+                lambda adapters: model_def.merge(lora_lib.merged(base, adapters, lora_scale)))
+            loss, grads, extra = (*lm_loss_and_grads(state, batch, merge), {})
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **extra}
         if skip_bad:
@@ -211,7 +237,7 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
         metrics["param_norm"] = optax.tree.norm(params)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    def lm_loss_and_grads(state: TrainState, batch: Batch):
+    def lm_loss_and_grads(state: TrainState, batch: Batch, merge: Callable[[dict], Llama]):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def token_loss(model: Llama, h_btd, rows: Batch):
@@ -220,7 +246,7 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
             return nll_sum / n_tokens
 
         def loss_fn(params, mb: Batch):
-            model = model_def.merge(params)
+            model = merge(params)
             h_btd = model.hidden(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
                                  layers_fn=layers_fn)
             return token_loss(model, h_btd, mb)
@@ -245,12 +271,25 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
 
     if skip_bad:
         return step_fn
-    return lambda state, batch: step_fn(state, batch, jnp.inf)
+    return lambda state, batch, *base: step_fn(state, batch, jnp.inf, *base)
 
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     """[A, B / A, ...] arrays: microbatch j takes rows j, j + A, j + 2A, ..., so each device keeps its own rows."""
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _lora_dpo_loss(model_def: ModelDef, objective: ml_collections.ConfigDict, layers_fn: LayersFn | None,
+                   chunk_len: int, base: dict, scale: float):
+    """DPO on LoRA adapters (as `objectives.pair_objective` gives it): the policy is the base with the adapters, the
+    reference the base alone, so no second copy of the weights exists."""
+    def loss_fn(adapters, opt_state, mb, totals):
+        reference = model_def.merge(jax.tree.map(lambda w: w.astype(jnp.float32), base))
+        return dpo_objective.dpo_loss(model_def.merge(lora_lib.merged(base, adapters, scale)), reference, mb, totals,
+                                      beta=objective.dpo_beta, nll_coef=objective.dpo_nll, layers_fn=layers_fn,
+                                      chunk_len=chunk_len)
+
+    return dpo_objective.counts, loss_fn
 
 
 def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: Batch):
@@ -312,13 +351,22 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
                                                schedule=cfg.pipeline.schedule)
     schedule = schedule or lr_schedule(cfg.optim, cfg.train.steps)
     tx = make_optimizer(cfg.optim, cfg.train.steps, schedule)
-    if cfg.objective.name == "dpo":
+    if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
         tx = dpo_objective.keep_reference(tx)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
     if cfg.objective.name == "reward":
         params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
+    base, base_sh = None, None
+    if cfg.lora.rank:  # the train state holds adapters only; the frozen base is loaded once and passed to each step
+        base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
+        loaded = ckpt.load_pretrained(cfg.checkpoint.init_from, model_def.cfg, base_sh)
+        base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
+                       out_shardings=base_sh)(loaded)
 
     def initial_state() -> TrainState:
+        if base is not None:
+            adapters = lora_lib.init(model_def, cfg.lora, cfg.seed)
+            return TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters))
         params = _with_objective_params(cfg, model_def.init(cfg.seed))
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
@@ -330,7 +378,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
-               scheduled_grads, schedule)
+               scheduled_grads, schedule, base, base_sh)
 
 
 def _with_objective_params(cfg: ml_collections.ConfigDict, params: dict) -> dict:
@@ -552,11 +600,14 @@ class _Loop:
         """Trains from `state` to the phase's last step; returns the state and the last logged metrics."""
         cfg, policy = run.cfg, self.cfg.stability.policy
         skip = policy == "skip"
+        lora_args = () if run.base is None else (run.base,)  # LoRA: the frozen base, never donated
         step_fn = jax.jit(
             make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
                             run.scheduled_grads, loss_chunk_len=cfg.objective.loss_chunk_len,
-                            z_loss=cfg.objective.z_loss, skip_bad=skip, objective=cfg.objective),
-            in_shardings=(run.state_shardings, run.batch_sharding) + ((mesh_lib.replicated(run.mesh),) if skip else ()),
+                            z_loss=cfg.objective.z_loss, skip_bad=skip, objective=cfg.objective,
+                            lora_scale=lora_lib.scale(cfg.lora) if lora_args else None),
+            in_shardings=(run.state_shardings, run.batch_sharding) + ((mesh_lib.replicated(run.mesh),) if skip else ())
+            + ((run.base_shardings,) if lora_args else ()),
             out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
             donate_argnums=0,
         )
@@ -578,7 +629,7 @@ class _Loop:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
-            state, step_metrics = step_fn(*args)
+            state, step_metrics = step_fn(*args, *lora_args)
             done += 1
             self.logger.advance()
             if not compiled_here:  # the first step of a phase compiles: time from its end
@@ -618,8 +669,9 @@ class _Loop:
                     logged["bad_steps"] = float(self.bad_steps)
                 if is_eval:
                     with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
-                        logged.update(_evaluate(eval_fn, state.params, eval_sets, data.batches))
-                        logged.update(evaluate_tasks((run.model_def, state.params), self.tasks,
+                        model_params = run.model_params(state.params)
+                        logged.update(_evaluate(eval_fn, model_params, eval_sets, data.batches))
+                        logged.update(evaluate_tasks((run.model_def, model_params), self.tasks,
                                                      batch_size=cfg.data.batch_size, mesh=run.mesh))
                 logged.update(self.goodput.summary())
                 self.logger.log(done, logged)

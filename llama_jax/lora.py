@@ -1,0 +1,211 @@
+"""LoRA: low-rank adapters on the attention and MLP projections of a frozen base model.
+
+Each target weight W (stacked over layers, [L, *in, *out]) gains A [L, *in, r] (normal init) and B [L, r, *out]
+(zero init); the model runs on W + (alpha / r) · A·B, computed inside the jitted step from the frozen base and the
+adapters, so the model code knows nothing of LoRA. Training keeps only the adapters in the train state: the
+optimizer state and the checkpoints are adapter-sized, and the base is an argument of the step, never donated.
+
+Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory:
+
+    python -m llama_jax.lora merge RUN --out DIR [--to hf] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama_jax.model import ModelDef
+from llama_jax.parallel.mesh import logical_to_spec
+
+# target name -> (its path in the params, how many of its axes after the layer axis are inputs)
+TARGETS: dict[str, tuple[tuple[str, ...], int]] = {
+    "wq": (("layers", "attn", "wq"), 1),
+    "wk": (("layers", "attn", "wk"), 1),
+    "wv": (("layers", "attn", "wv"), 1),
+    "wo": (("layers", "attn", "wo"), 2),
+    "w_gate": (("layers", "mlp", "w_gate"), 1),
+    "w_up": (("layers", "mlp", "w_up"), 1),
+    "w_down": (("layers", "mlp", "w_down"), 1),
+}
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+def target_names(lora_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in lora_cfg.targets.split(",") if name.strip())
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"lora.targets={lora_cfg.targets!r}: {unknown or 'empty'}; give a comma-separated subset of "
+                          f"{', '.join(TARGETS)}")
+    return names
+
+
+def check(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a LoRA setting this version cannot train."""
+    lora_cfg = cfg.lora
+    if lora_cfg.rank < 0:
+        raise ConfigError(f"lora.rank must be zero (off) or positive, got {lora_cfg.rank}")
+    if lora_cfg.rank == 0:
+        return
+    target_names(lora_cfg)
+    if lora_cfg.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lora_cfg.alpha} (a common choice: 2 x lora.rank)")
+    if lora_cfg.dropout != 0:
+        raise ConfigError(f"lora.dropout={lora_cfg.dropout}: adapter dropout is not implemented; set lora.dropout=0")
+    if lora_cfg.base_dtype not in BASE_DTYPES:
+        raise ConfigError(f"lora.base_dtype={lora_cfg.base_dtype!r} is not one of {BASE_DTYPES}")
+    if not cfg.checkpoint.init_from:
+        raise ConfigError("lora.rank > 0 trains adapters on a trained model: set checkpoint.init_from to a Hugging "
+                          "Face directory or a llama_jax run")
+    if cfg.objective.name == "reward":
+        raise ConfigError("lora.rank > 0 with objective.name='reward' is not supported (the reward head is not an "
+                          "adapter); set lora.rank=0")
+    if cfg.mesh.stage > 1 and cfg.pipeline.schedule in ("1f1b", "zb-h1"):
+        raise ConfigError("lora.rank > 0 needs the layer stack run by autodiff: use pipeline.schedule='gpipe' or "
+                          "'circular' with mesh.stage > 1")
+    if cfg.phases:
+        raise ConfigError("lora.rank > 0 trains one phase: set cfg.phases = ()")
+
+
+def scale(lora_cfg: ml_collections.ConfigDict) -> float:
+    return lora_cfg.alpha / lora_cfg.rank
+
+
+def _variable(model_def: ModelDef, path: tuple[str, ...]):
+    node = model_def.abstract_state
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _layouts(model_def: ModelDef, lora_cfg: ml_collections.ConfigDict) -> dict:
+    """{target: {"a": (shape, logical names), "b": (shape, logical names)}} from each target's own shape and names."""
+    layouts = {}
+    for name in target_names(lora_cfg):
+        path, n_in = TARGETS[name]
+        variable = _variable(model_def, path)
+        shape, names = variable.shape, tuple(variable.get_metadata().get("out_sharding") or (None,) * variable.ndim)
+        split = 1 + n_in
+        layouts[name] = {
+            "a": ((*shape[:split], lora_cfg.rank), (*names[:split], None)),
+            "b": ((shape[0], lora_cfg.rank, *shape[split:]), (names[0], None, *names[split:])),
+        }
+    return layouts
+
+
+def init(model_def: ModelDef, lora_cfg: ml_collections.ConfigDict, seed: int) -> dict:
+    """Adapters for a fresh run: A ~ N(0, 1/fan_in), B = 0, so the model starts as the base exactly."""
+    key = jax.random.key(seed)
+    adapters = {}
+    for index, (name, layout) in enumerate(_layouts(model_def, lora_cfg).items()):
+        (a_shape, _), (b_shape, _) = layout["a"], layout["b"]
+        fan_in = math.prod(a_shape[1:-1])
+        a = jax.random.normal(jax.random.fold_in(key, index), a_shape, jnp.float32) / math.sqrt(fan_in)
+        adapters[name] = {"a": a, "b": jnp.zeros(b_shape, jnp.float32)}
+    return adapters
+
+
+def shardings(model_def: ModelDef, lora_cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """The adapters' NamedShardings, from their targets' logical names (the rank axis whole); a dimension its mesh
+    axes do not divide is kept whole, as for the model's parameters."""
+    def sharding(shape, names) -> NamedSharding:
+        spec = logical_to_spec(names)
+        sizes = [math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())) for axes in spec]
+        return NamedSharding(mesh, PartitionSpec(*(axes if dim % size == 0 else None
+                                                   for dim, axes, size in zip(shape, spec, sizes))))
+
+    return {name: {part: sharding(*layout[part]) for part in ("a", "b")}
+            for name, layout in _layouts(model_def, lora_cfg).items()}
+
+
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale · A·B in A's dtype, layer by layer."""
+    layers, rank = a.shape[0], a.shape[-1]
+    delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank), b.reshape(layers, rank, -1))
+    return w.astype(a.dtype) + scale * delta.reshape(w.shape)
+
+
+def merged(base: dict, adapters: dict, scale: float) -> dict:
+    """The model's parameters: the base (all of it in the adapters' dtype) with each target's adapters merged in."""
+    dtype = jnp.result_type(*(part.dtype for pair in adapters.values() for part in pair.values()))
+    params = jax.tree.map(lambda w: w.astype(dtype), base)
+    for name, pair in adapters.items():
+        *parents, leaf = TARGETS[name][0]
+        node = params
+        for key in parents:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[leaf] = merged_weight(node[leaf], pair["a"], pair["b"], scale)
+    return params
+
+
+def _lora_section(meta: dict, where) -> ml_collections.ConfigDict:
+    section = meta.get("config", {}).get("lora")
+    if not section or not section.get("rank"):
+        raise CheckpointError(f"{where} is not a LoRA run (its config has lora.rank = 0): convert it with "
+                              "python -m llama_jax.convert --from ours")
+    return ml_collections.ConfigDict(section)
+
+
+def merged_source(run: str):
+    """A LoRA run's newest checkpoint (or the step given) as a conversion source of the merged model: the base it
+    was trained on (`checkpoint.init_from`, as recorded in the checkpoint) with the adapters merged in."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.checkpoint import SavedRun
+    from llama_jax.convert import ParamSource, open_source
+
+    saved = SavedRun.open(run)
+    lora_cfg = _lora_section(saved.meta, saved.step_dir)
+    base = open_source(saved.meta["config"]["checkpoint"]["init_from"])
+    try:
+        adapters = ocp.StandardCheckpointer().restore(saved.step_dir / "params")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
+    paths = {TARGETS[name][0]: adapters[name] for name in target_names(lora_cfg)}
+    merge = jax.jit(merged_weight, static_argnums=3)
+
+    class Merged(ParamSource):
+        cfg = base.cfg.replace(param_dtype="float32")
+        directory, tokenizer = base.directory, base.tokenizer
+
+        def read(self, path: tuple[str, ...]) -> np.ndarray:
+            w = base.read(path)
+            if path not in paths:
+                return w.astype(np.float32)
+            pair = paths[path]
+            return np.asarray(merge(jnp.asarray(w), jnp.asarray(pair["a"]), jnp.asarray(pair["b"]), scale(lora_cfg)))
+
+    return Merged()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.lora", description="LoRA runs' tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="writes a LoRA run's base with its adapters merged in")
+    merge.add_argument("run", help="the LoRA run's workdir, its checkpoints/ directory, or one step")
+    merge.add_argument("--out", required=True, help="directory to write")
+    merge.add_argument("--to", choices=("ours", "hf"), default="ours", help="our checkpoint (default) or Hugging Face")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32")
+    args = parser.parse_args(argv)
+    from llama_jax.convert import convert
+
+    try:
+        convert(merged_source(args.run), args.out, args.to, dtype=args.dtype)
+    except LlamaJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (the merged model, {args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""LoRA (llama_jax/lora.py): zero-initialised adapters leave the base model exact, only adapters train and are saved,
+and the merged export equals the adapter model."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from config_files import load_config_file
+from posttrain_fixtures import VOCAB, tiny_base
+
+from llama_jax import checkpoint as ckpt
+from llama_jax import lora, trainer
+from llama_jax.config import default_config, validate
+from llama_jax.convert import load_hf
+from llama_jax.data.corpus import load_corpus
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError
+from llama_jax.model import ModelDef
+from llama_jax.phases import RunPlan
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+def lora_config(base, targets: str = "wq,wk,wv,wo,w_gate,w_up,w_down"):
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets = 4, 8.0, targets
+    cfg.data.seq_len, cfg.checkpoint.maintenance_url = 64, ""
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 0
+    return cfg
+
+
+def tokens(n: int = 8, t: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (n, t + 1)).astype(np.int32)
+
+
+def logits(model_def: ModelDef, params: dict, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(lambda p, t: model_def.merge(p)(t))(params, jnp.asarray(rows)))
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_zero_adapters_give_the_base_model_exactly(base, tmp_path, base_dtype):
+    cfg = lora_config(base)
+    cfg.lora.base_dtype = base_dtype
+    run = trainer.setup(cfg, tmp_path)
+    assert {x.dtype for x in jax.tree.leaves(run.base)} == {np.dtype(base_dtype)}
+    with jax.set_mesh(run.mesh):
+        state = run.init()
+        assert all(not np.any(np.asarray(pair["b"])) for pair in state.params.values())
+        assert any(np.any(np.asarray(pair["a"])) for pair in state.params.values())
+        rows = tokens()[:, :-1]
+        np.testing.assert_array_equal(logits(run.model_def, run.model_params(state.params), rows),
+                                      logits(run.model_def, run.base, rows))
+
+
+def test_merged_weights_are_base_plus_scaled_product(base, tmp_path):
+    cfg = lora_config(base, targets="wk,wo,w_down")
+    run = trainer.setup(cfg, tmp_path)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(run.mesh):
+        adapters = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), run.init().params)
+        merged = jax.device_get(run.model_params(adapters))
+    base_np = jax.device_get(run.base)
+    s = cfg.lora.alpha / cfg.lora.rank
+    assert s == lora.scale(cfg.lora) == 2.0
+    for name, (path, n_in) in lora.TARGETS.items():
+        w, got = base_np, merged
+        for key in path:
+            w, got = w[key], got[key]
+        if name not in adapters:
+            np.testing.assert_array_equal(got, w)
+            continue
+        a, b = (adapters[name][part].astype(np.float64) for part in ("a", "b"))
+        layers, rank = a.shape[0], a.shape[-1]
+        delta = np.stack([a[i].reshape(-1, rank) @ b[i].reshape(rank, -1) for i in range(layers)]).reshape(w.shape)
+        np.testing.assert_allclose(got, w + s * delta, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(got, w)
+    np.testing.assert_array_equal(merged["embed"], base_np["embed"])
+
+
+def test_steps_train_only_the_adapters_and_lower_the_loss(base, tmp_path):
+    cfg = lora_config(base)
+    run = trainer.setup(cfg, tmp_path)
+    full = trainer.setup(_full_config(base), tmp_path / "full")
+    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
+                                           lora_scale=lora.scale(cfg.lora)),
+                   in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
+                   out_shardings=(run.state_shardings, None), donate_argnums=0)
+    rows = tokens()
+    batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": np.ones((8, 64), np.float32),
+             "segment_ids": np.ones((8, 64), np.int32), "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1))}
+    base_before = jax.device_get(run.base)
+    with jax.set_mesh(run.mesh):
+        state = run.init()
+        batch = run.to_global(batch)
+        step = step.lower(state, batch, run.base).compile(FAST_COMPILE)
+        losses = []
+        for _ in range(8):
+            state, metrics = step(state, batch, run.base)
+            losses.append(float(metrics["loss"]))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.15, losses
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.base), base_before)
+    assert all(np.any(np.asarray(pair["b"])) for pair in state.params.values())
+    # The optimizer state holds adapter-sized arrays only: here under a tenth of full fine-tuning's.
+    lora_leaves = jax.tree.leaves(run.abstract_state.opt_state)
+    full_leaves = jax.tree.leaves(full.abstract_state.opt_state)
+    adapter_shapes = {x.shape for x in jax.tree.leaves(state.params)}
+    assert {x.shape for x in lora_leaves if x.ndim} == adapter_shapes
+    lora_bytes, full_bytes = (sum(x.size * x.dtype.itemsize for x in leaves) for leaves in (lora_leaves, full_leaves))
+    assert lora_bytes < full_bytes / 10, (lora_bytes, full_bytes)
+
+
+def _full_config(base):
+    cfg = lora_config(base)
+    cfg.lora.rank = 0
+    return cfg
+
+
+def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(base, tmp_path):
+    cfg = lora_config(base)
+    cfg.train.steps, cfg.train.eval_every, cfg.train.log_every, cfg.checkpoint.every_steps = 4, 4, 2, 4
+    cfg.data.eval_batches = 1
+    trainer.train(cfg, tmp_path / "run")
+    cfg.train.steps = 6  # a resumed run reloads the base and goes on training the saved adapters
+    trainer.train(cfg, tmp_path / "run")
+    step_dir = ckpt.find_step_dir(tmp_path / "run")
+    assert step_dir.name == "6"
+    saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "params").tree
+    assert set(saved) == set(lora.TARGETS) and all(set(pair) == {"a", "b"} for pair in saved.values())
+    assert ckpt.SavedRun.open(tmp_path / "run").meta["config"]["checkpoint"]["init_from"] == str(base)
+
+    run = trainer.setup(cfg, tmp_path / "again")
+    checkpointer = ckpt.Checkpointer(tmp_path / "run" / "checkpoints")
+    adapters, _ = checkpointer.restore(6, run.abstract_state.params, run.abstract_state.opt_state, None)
+    checkpointer.close()
+    assert all(np.any(np.asarray(pair["b"])) for pair in adapters.values()), "the adapters trained"
+    rows = tokens(2, 32)[:, :-1]
+    f32 = ModelDef(run.model_def.cfg.replace(dtype="float32"))  # the exports compute in float32 (as the base does)
+    with jax.set_mesh(run.mesh):
+        expected = logits(f32, run.model_params(adapters), rows)
+        base_logits = logits(f32, run.base, rows)
+    assert not np.allclose(expected, base_logits, atol=1e-4)
+
+    assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "ours")]) == 0
+    assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    ours, _ = ckpt.load_model(tmp_path / "ours")
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(rows))), expected, rtol=1e-5, atol=1e-5)
+    hf = load_hf(tmp_path / "hf")
+    np.testing.assert_allclose(np.asarray(hf(jnp.asarray(rows))), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_run_without_adapters(base, tmp_path, capsys):
+    assert lora.main(["merge", str(base), "--out", str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda cfg: None, "checkpoint.init_from"),
+    (lambda cfg: setattr(cfg.lora, "targets", "wq,w_in"), "w_in"),
+    (lambda cfg: setattr(cfg.lora, "dropout", 0.1), "lora.dropout"),
+    (lambda cfg: setattr(cfg.lora, "base_dtype", "float16"), "lora.base_dtype"),
+])
+def test_bad_lora_configs_are_refused(change, words):
+    cfg = default_config()
+    cfg.lora.rank = 4
+    change(cfg)
+    if words != "checkpoint.init_from":
+        cfg.checkpoint.init_from, cfg.data.tokenizer = "somewhere", "somewhere"
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_lora_with_the_reward_model_is_refused(base):
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.objective.name, cfg.lora.rank = "reward", 4
+    with pytest.raises(ConfigError, match="lora.rank > 0 with objective.name='reward'"):
+        validate(cfg)
+
+
+def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):
+    cfg = load_config_file("dpo_tiny.py", str(base))
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    cfg.data.seq_len, cfg.data.batch_size, cfg.objective.loss_chunk_len = 128, 8, 32
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.checkpoint.maintenance_url = 1e-2, 0, ""
+    run = trainer.setup(cfg, tmp_path)
+    corpus = load_corpus(cfg.data, cfg.model.vocab_size)
+    batches = trainer._phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
+    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
+                                           loss_chunk_len=32, objective=cfg.objective, lora_scale=lora.scale(cfg.lora)),
+                   in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
+                   out_shardings=(run.state_shardings, None), donate_argnums=0)
+    held = run.to_global(batches.batches.local_batch(0))
+    with jax.set_mesh(run.mesh):
+        state = run.init()
+        assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim} == \
+            {x.shape for x in jax.tree.leaves(state.params)}, "no copy of the model in the optimizer state"
+        step = step.lower(state, held, run.base).compile(FAST_COMPILE)
+        state, first = step(state, held, run.base)
+        for _ in range(6):
+            state, last = step(state, held, run.base)
+    first, last = jax.device_get((first, last))
+    np.testing.assert_allclose(first["dpo_loss"], math.log(2), rtol=1e-6)
+    assert abs(first["reward_margin"]) < 1e-6 and abs(first["kl"]) < 1e-6
+    assert last["reward_margin"] > 0 and last["dpo_loss"] < first["dpo_loss"], last
