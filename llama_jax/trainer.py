@@ -314,14 +314,15 @@ def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: B
 
 def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0,
                    objective: ml_collections.ConfigDict | None = None) -> Callable:
-    """params, batch -> (loss sum, count). DPO: the chosen responses' NLL (with end tokens); reward: the pairwise loss
-    over pairs; otherwise the LM loss over `loss_mask`."""
+    """params, batch -> (loss sum, count), or (loss sum, count, {name: sum}) for other held-out figures. DPO: the
+    chosen responses' NLL (with end tokens); reward: the pairwise loss over pairs, and the correctly ordered pairs;
+    otherwise the LM loss over `loss_mask`."""
     if objective is not None and objective.name == "reward":
         def reward_eval(params, batch: Batch):
             base, head = reward_objective.split_params(params)
             totals = {"pairs": jnp.ones((), jnp.float32)}
-            loss, _ = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
-            return loss, jnp.sum(valid_pairs(batch))
+            loss, metrics = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
+            return loss, jnp.sum(valid_pairs(batch)), {"pairwise_accuracy": metrics["pairwise_accuracy"]}
 
         return reward_eval
     mask_key = "nll_mask" if objective is not None and objective.name == "dpo" else "loss_mask"
@@ -825,13 +826,21 @@ def _realised_mixture(plan: TrainBatches, step: int) -> dict[str, float]:
 
 
 def _evaluate(eval_fn, params, eval_sets: dict[str, list[Batch]], plan: TrainBatches) -> dict[str, float]:
-    """`eval_loss` (per token) of each source's held-out set; over several sources, their mixture-weighted mean."""
-    losses = {}
+    """`eval_loss` (per token, or per pair) of each source's held-out set; over several sources, their mixture-weighted
+    mean. Other figures an objective's evaluation returns (the reward model's pairwise accuracy) come as
+    `eval_<name>`, over all the held-out sets."""
+    losses, extras, total = {}, {}, 0.0
     for name, batches in eval_sets.items():
-        sums = jax.device_get([eval_fn(params, batch) for batch in batches])
-        losses[name] = sum(float(s) for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0)
+        results = jax.device_get([eval_fn(params, batch) for batch in batches])
+        count = sum(float(result[1]) for result in results)
+        losses[name] = sum(float(result[0]) for result in results) / max(count, 1.0)
+        total += count
+        for result in results:
+            for key, value in (result[2] if len(result) > 2 else {}).items():
+                extras[f"eval_{key}"] = extras.get(f"eval_{key}", 0.0) + float(value)
+    extras = {key: value / max(total, 1.0) for key, value in extras.items()}
     if len(losses) == 1:
-        return {"eval_loss": next(iter(losses.values()))}
+        return {"eval_loss": next(iter(losses.values())), **extras}
     weights = plan.mixtures[0].weights
     mean = float(sum(w * losses[name] for w, name in zip(weights, plan.names)))
-    return {"eval_loss": mean, **{f"eval_loss/{name}": loss for name, loss in losses.items()}}
+    return {"eval_loss": mean, **{f"eval_loss/{name}": loss for name, loss in losses.items()}, **extras}

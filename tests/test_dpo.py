@@ -186,3 +186,5 @@ def test_the_trainer_runs_dpo_and_the_reward_model_end_to_end(base, tmp_path, ob
     for key in keys:
         assert all(math.isfinite(m[key]) for m in lines), key
     assert math.isfinite(logged["eval_loss"])
+    if objective == "reward":  # held out: the share of pairs the model orders right
+        assert 0.0 <= logged["eval_pairwise_accuracy"] <= 1.0

@@ -63,7 +63,8 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
         for i in range(1, 12):
             state, _ = step(state, held if i % 2 == 0 else run.to_global(data.batches.local_batch(i)))
         state, last = step(state, held)
-        loss_sum, pairs = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
+        loss_sum, pairs, held_out = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
     np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)  # a zero head ties every pair
     assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
     assert float(pairs) > 0 and np.isfinite(float(loss_sum))
+    assert 0 <= float(held_out["pairwise_accuracy"]) <= float(pairs)  # correctly ordered pairs, summed
