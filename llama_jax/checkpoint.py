@@ -196,6 +196,14 @@ class SavedRun:
     def model_config(self) -> LlamaConfig:
         return LlamaConfig(**self.meta["config"]["model"])
 
+    def require_whole_model(self) -> None:
+        """Raises CheckpointError for a LoRA run, whose checkpoints hold adapters, not a model."""
+        if self.meta.get("config", {}).get("lora", {}).get("rank"):
+            run = self.step_dir.parent.parent
+            raise CheckpointError(f"{self.step_dir} is from a LoRA run: it holds the adapters only, not a model. Merge "
+                                  f"them into their base first, python -m llama_jax.lora merge {run} --out DIR "
+                                  "(add --to hf for a Hugging Face directory), and use DIR")
+
     @property
     def tokenizer(self) -> epath.Path:
         """The tokenizer file the trainer copied into the workdir beside checkpoints/."""
@@ -204,6 +212,7 @@ class SavedRun:
     def restore_params(self, model_cfg: LlamaConfig, shardings: dict) -> dict:
         """The parameters alone (never the optimizer state), as `model_cfg`'s dtypes and `shardings` say: Orbax reads
         for each device only the stored chunks its shard covers, whatever mesh the run was saved from."""
+        self.require_whole_model()
         with jax.set_mesh(None):  # shapes only: `shardings` alone decides where the arrays go
             abstract = nnx.to_pure_dict(ModelDef(model_cfg).abstract_state)
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)

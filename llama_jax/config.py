@@ -168,7 +168,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.lora = ml_collections.ConfigDict()
     cfg.lora.rank = 0  # adapters' rank; 0 = off (every parameter trains)
     cfg.lora.alpha = 16.0  # the adapters' product A·B is scaled by alpha / rank
-    cfg.lora.dropout = 0.0  # adapter dropout is not implemented: must stay 0
+    cfg.lora.dropout = 0.0  # dropout rate on the adapters' input in training steps (not with objective "dpo")
     cfg.lora.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"  # the projections that get adapters, comma-separated
     cfg.lora.base_dtype = "float32"  # the frozen base in memory: float32 | bfloat16 (half the memory)
 

@@ -2,7 +2,10 @@
 
 Each target weight W (stacked over layers, [L, *in, *out]) gains A [L, *in, r] (normal init) and B [L, r, *out]
 (zero init); the model runs on W + (alpha / r) · A·B, computed inside the jitted step from the frozen base and the
-adapters, so the model code knows nothing of LoRA. Training keeps only the adapters in the train state: the
+adapters, so the model code knows nothing of LoRA. With `lora.dropout` > 0 the adapters' input is dropped out, which
+no merged matrix can express: each target's weight is then an `AdapterWeight`, whose product with the input is
+x·W + (alpha / r) · dropout(x)·A·B (the model asks a weight for `linear` where it has one), in training steps only;
+evaluation and export use the merged weights. Training keeps only the adapters in the train state: the
 optimizer state and the checkpoints are adapter-sized, and the base is an argument of the step, never donated.
 
 Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory:
@@ -13,6 +16,8 @@ Export writes the merged model, one tensor at a time, as our checkpoint or a Hug
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import sys
 
@@ -20,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
-from llama_jax.model import ModelDef
+from llama_jax.model import Llama, ModelDef
 from llama_jax.parallel.mesh import logical_to_spec
 
 # target name -> (its path in the params, how many of its axes after the layer axis are inputs)
@@ -58,8 +64,12 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     target_names(lora_cfg)
     if lora_cfg.alpha <= 0:
         raise ConfigError(f"lora.alpha must be positive, got {lora_cfg.alpha} (a common choice: 2 x lora.rank)")
-    if lora_cfg.dropout != 0:
-        raise ConfigError(f"lora.dropout={lora_cfg.dropout}: adapter dropout is not implemented; set lora.dropout=0")
+    if not 0 <= lora_cfg.dropout < 1:
+        raise ConfigError(f"lora.dropout={lora_cfg.dropout}: the adapters' dropout rate must be in [0, 1)")
+    if lora_cfg.dropout and cfg.objective.name == "dpo":
+        raise ConfigError(f"lora.dropout={lora_cfg.dropout} with objective.name='dpo': DPO compares the policy's "
+                          "log-probabilities with the reference's, and dropout would add noise to that ratio (TRL "
+                          "turns dropout off for DPO too); set lora.dropout=0")
     if lora_cfg.base_dtype not in BASE_DTYPES:
         raise ConfigError(f"lora.base_dtype={lora_cfg.base_dtype!r} is not one of {BASE_DTYPES}")
     if not cfg.checkpoint.init_from:
@@ -77,6 +87,82 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 def scale(lora_cfg: ml_collections.ConfigDict) -> float:
     return lora_cfg.alpha / lora_cfg.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraStep:
+    """What a training step needs of `cfg.lora` (and the run's seed, from which each step's dropout masks come)."""
+
+    scale: float
+    dropout: float
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: ml_collections.ConfigDict) -> "LoraStep":
+        return cls(scale(cfg.lora), float(cfg.lora.dropout), int(cfg.seed))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "a", "b", "key"],
+                   meta_fields=["scale", "rate"])
+@dataclasses.dataclass(frozen=True)
+class AdapterWeight:
+    """A target's base weight W with its adapters A, B kept apart, for a training step with adapter dropout: the
+    model reads it as `param[...]` and calls `linear`. Its arrays carry the leading layers axis like W, and `key` is
+    one dropout key per layer, so the layer scan (and a pipeline's reshaping) slices it as any other parameter."""
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array
+    scale: float
+    rate: float
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("an AdapterWeight is read whole (weight[...])")
+        return self
+
+    def linear(self, equation: str, x: jax.Array) -> jax.Array:
+        """x·W + scale · dropout(x)·A·B for an einsum `equation` "x,w->out" whose output ends with W's output
+        axes; in x's dtype. The dropout is inverted (kept entries scaled by 1 / (1 - rate)), as torch's."""
+        dtype = x.dtype
+        inputs, out = equation.split("->")
+        x_sub, w_sub = inputs.split(",")
+        n_in = self.a.ndim - 1
+        in_sub, out_sub = w_sub[:n_in], w_sub[n_in:]
+        rows, r = out[:len(out) - len(out_sub)], next(c for c in "rzyxqp" if c not in equation)
+        keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+        dropped = jnp.where(keep, x / (1.0 - self.rate), 0).astype(dtype)
+        down = jnp.einsum(f"{x_sub},{in_sub}{r}->{rows}{r}", dropped, self.a.astype(dtype))
+        up = jnp.einsum(f"{rows}{r},{r}{out_sub}->{out}", down, self.b.astype(dtype))
+        return jnp.einsum(equation, x, self.w.astype(dtype)) + (self.scale * up).astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+
+def training_model(model_def: ModelDef, base: dict, adapters: dict, lora: LoraStep, step: jax.Array,
+                   microbatch: jax.Array | int = 0) -> Llama:
+    """The model a training step differentiates: the merged weights, or with dropout each target an
+    `AdapterWeight` whose masks depend only on (seed, step, microbatch, target, layer), so a resumed run draws the
+    same masks as an uninterrupted one."""
+    if not lora.dropout:
+        return model_def.merge(merged(base, adapters, lora.scale))
+    dtype = jnp.result_type(*(part.dtype for pair in adapters.values() for part in pair.values()))
+    graphdef, state = nnx.split(model_def.merge(jax.tree.map(lambda w: w.astype(dtype), base)))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(lora.seed), step), microbatch)
+    for name, pair in adapters.items():
+        path = TARGETS[name][0]
+        w = functools.reduce(lambda node, k: node[k], path, base)
+        keys = jax.random.split(jax.random.fold_in(key, list(TARGETS).index(name)), w.shape[0])
+        functools.reduce(lambda node, k: node[k], path, state).set_value(
+            AdapterWeight(w, pair["a"], pair["b"], keys, lora.scale, lora.dropout))
+    return nnx.merge(graphdef, state)
 
 
 def _variable(model_def: ModelDef, path: tuple[str, ...]):

@@ -46,6 +46,7 @@ class OursSource(ParamSource):
 
     def __init__(self, path: str | os.PathLike):
         saved = SavedRun.open(path)
+        saved.require_whole_model()
         try:
             self.cfg = saved.model_config
         except (KeyError, TypeError, ConfigError) as err:

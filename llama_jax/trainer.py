@@ -200,7 +200,8 @@ def init_state(model_def: ModelDef, tx: optax.GradientTransformation, seed: int)
 def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accum: int,
                     layers_fn: LayersFn | None = None, scheduled_grads: ScheduledGrads | None = None, *,
                     loss_chunk_len: int = 0, z_loss: float = 0.0, skip_bad: bool = False,
-                    objective: ml_collections.ConfigDict | None = None, lora_scale: float | None = None) -> Callable:
+                    objective: ml_collections.ConfigDict | None = None,
+                    lora: lora_lib.LoraStep | None = None) -> Callable:
     """(state, batch) -> (state, metrics); with `skip_bad`, (state, batch, max_loss) -> (state, metrics), where a
     step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
     were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is split into microbatches whose
@@ -210,19 +211,23 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
     "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`
-    (pretraining, and SFT, whose masks cover the assistant's tokens only). `lora_scale` (LoRA): state.params are
-    adapters, and the step takes the frozen base as its last argument; the model runs on base + scale·A·B."""
+    (pretraining, and SFT, whose masks cover the assistant's tokens only). `lora` (LoRA): state.params are
+    adapters, and the step takes the frozen base as its last argument; the model runs on base + scale·A·B
+    (`lora_lib.training_model`, with its dropout)."""
     pairs = objective is not None and objective.name in PAIR_OBJECTIVES
     pair_loss = pair_objective(model_def, objective, layers_fn, loss_chunk_len) if pairs else None
 
     def step_fn(state: TrainState, batch: Batch, max_loss, base: dict | None = None):
         if pairs:
             objective_loss = pair_loss if base is None else _lora_dpo_loss(model_def, objective, layers_fn,
-                                                                           loss_chunk_len, base, lora_scale)
+                                                                           loss_chunk_len, base, lora.scale)
             loss, grads, extra = _pair_loss_and_grads(objective_loss, grad_accum, state, batch)
         else:
-            merge = model_def.merge if base is None else (
-                lambda adapters: model_def.merge(lora_lib.merged(base, adapters, lora_scale)))
+            def merge(params: dict, microbatch) -> Llama:
+                if base is None:
+                    return model_def.merge(params)
+                return lora_lib.training_model(model_def, base, params, lora, state.step, microbatch)
+
             loss, grads, extra = (*lm_loss_and_grads(state, batch, merge), {})
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **extra}
@@ -237,7 +242,7 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
         metrics["param_norm"] = optax.tree.norm(params)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    def lm_loss_and_grads(state: TrainState, batch: Batch, merge: Callable[[dict], Llama]):
+    def lm_loss_and_grads(state: TrainState, batch: Batch, merge: Callable[[dict, jax.Array | int], Llama]):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def token_loss(model: Llama, h_btd, rows: Batch):
@@ -245,15 +250,15 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
                                      z_loss=z_loss)
             return nll_sum / n_tokens
 
-        def loss_fn(params, mb: Batch):
-            model = merge(params)
+        def loss_fn(params, mb: Batch, microbatch):
+            model = merge(params, microbatch)
             h_btd = model.hidden(mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
                                  layers_fn=layers_fn)
             return token_loss(model, h_btd, mb)
 
-        def grad_fn(params, mb: Batch):
+        def grad_fn(params, mb: Batch, microbatch=0):
             if scheduled_grads is None:
-                return jax.value_and_grad(loss_fn)(params, mb)
+                return jax.value_and_grad(loss_fn)(params, mb, microbatch)
             return scheduled_grads(params, mb, token_loss)
 
         if grad_accum == 1:
@@ -261,12 +266,12 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
         else:
             micro = _microbatches(batch, grad_accum)
 
-            def accumulate(carry, mb):
-                loss, grads = grad_fn(state.params, mb)
+            def accumulate(carry, indexed_mb):
+                loss, grads = grad_fn(state.params, *indexed_mb)
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
         return loss, grads
 
     if skip_bad:
@@ -606,7 +611,7 @@ class _Loop:
             make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
                             run.scheduled_grads, loss_chunk_len=cfg.objective.loss_chunk_len,
                             z_loss=cfg.objective.z_loss, skip_bad=skip, objective=cfg.objective,
-                            lora_scale=lora_lib.scale(cfg.lora) if lora_args else None),
+                            lora=lora_lib.LoraStep.of(cfg) if lora_args else None),
             in_shardings=(run.state_shardings, run.batch_sharding) + ((mesh_lib.replicated(run.mesh),) if skip else ())
             + ((run.base_shardings,) if lora_args else ()),
             out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),

@@ -92,7 +92,8 @@ def test_every_config_file_validates(tmp_path):
     assert "tiny.py" in files
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug"), "float32")))
     base = str(tiny_base(tmp_path / "base"))  # a Hugging Face directory with Llama 3's chat tokens
-    arguments = {"finetune.py": [str(tmp_path)], "sft_tiny.py": [base], "dpo_tiny.py": [base]}  # they read a checkpoint
+    arguments = {"finetune.py": [str(tmp_path)], "sft_tiny.py": [base], "dpo_tiny.py": [base],
+                 "reward_tiny.py": [base]}  # they read a checkpoint
     for name in files:
         cfg = load_config_file(name, *arguments.get(name, []))
         try:

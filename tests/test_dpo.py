@@ -1,11 +1,13 @@
-"""DPO (objective "dpo"): the loss is the Llama 3 formula, policy == reference gives log 2 and a zero margin, the
-microbatched step equals the full batch, and training on separable pairs raises the reward accuracy."""
+"""DPO (objective "dpo"): the loss and its gradient are the Llama 3 formula, policy == reference gives log 2 and a
+zero margin, the microbatched step equals the full batch, and training on separable pairs raises the reward
+accuracy."""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -188,3 +190,64 @@ def test_the_trainer_runs_dpo_and_the_reward_model_end_to_end(base, tmp_path, ob
     assert math.isfinite(logged["eval_loss"])
     if objective == "reward":  # held out: the share of pairs the model orders right
         assert 0.0 <= logged["eval_pairwise_accuracy"] <= 1.0
+
+
+class Bigram:
+    """A stand-in model whose logits at a position are a table's row for the token there: its parameters are logits
+    themselves, so float64 NumPy can differentiate the DPO loss by hand."""
+
+    def __init__(self, table_vv):
+        self.table_vv = table_vv
+
+    def hidden(self, tokens_bt, **_):
+        return self.table_vv[tokens_bt]
+
+    def logits(self, h_btv):
+        return h_btv
+
+
+@pytest.mark.parametrize("chunk_len", [0, 2])
+def test_the_gradient_equals_the_formula_in_float64(chunk_len):
+    rng = np.random.default_rng(0)
+    v, b, t, beta, nll_coef = 7, 3, 6, 0.1, 0.2
+    response = np.zeros((b, t), np.float32)
+    response[:2, 2:5] = 1  # the responses' content tokens; row 2 is padding (no pair)
+    end = np.zeros((b, t), np.float32)
+    end[:2, 5] = 1  # the end token: in the NLL term, not in the log-probabilities
+    batch = {"nll_mask": response + end}
+    for prefix in ("", "rejected_"):
+        batch.update({prefix + "tokens": rng.integers(0, v, (b, t)).astype(np.int32),
+                      prefix + "targets": rng.integers(0, v, (b, t)).astype(np.int32),
+                      prefix + "loss_mask": response, prefix + "segment_ids": np.ones((b, t), np.int32),
+                      prefix + "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
+    policy_vv, reference_vv = rng.normal(size=(v, v)), rng.normal(size=(v, v))
+
+    def loss_of(table_vv):
+        return dpo.dpo_loss(Bigram(table_vv), Bigram(jnp.asarray(reference_vv, jnp.float32)), batch, dpo.counts(batch),
+                            beta=beta, nll_coef=nll_coef, chunk_len=chunk_len)[0]
+
+    loss, grad_vv = jax.value_and_grad(loss_of)(jnp.asarray(policy_vv, jnp.float32))
+
+    def token_logps(table_vv, prefix):
+        logp_btv = log_softmax64(table_vv[batch[prefix + "tokens"]])
+        return logp_btv, np.take_along_axis(logp_btv, batch[prefix + "targets"][..., None], -1)[..., 0]
+
+    (lp_c, tok_c), (_, ref_tok_c) = token_logps(policy_vv, ""), token_logps(reference_vv, "")
+    (lp_r, tok_r), (_, ref_tok_r) = token_logps(policy_vv, "rejected_"), token_logps(reference_vv, "rejected_")
+    valid = (response.sum(1) > 0).astype(np.float64)
+    margin = beta * (((tok_c - ref_tok_c) * response).sum(1) - ((tok_r - ref_tok_r) * response).sum(1))
+    nll_tokens = batch["nll_mask"].sum()
+    expected = np.sum(valid * np.log1p(np.exp(-margin))) / valid.sum() \
+        - nll_coef * (tok_c * batch["nll_mask"]).sum() / nll_tokens
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+    # d(-log sigmoid(m))/dm = -sigmoid(-m); d log p(target)/d logits = onehot(target) - softmax.
+    d_margin = -valid / (1 + np.exp(margin)) / valid.sum()
+    d_tok_c = beta * d_margin[:, None] * response - nll_coef * batch["nll_mask"] / nll_tokens
+    d_tok_r = -beta * d_margin[:, None] * response
+    expected_grad = np.zeros((v, v))
+    for prefix, lp, d_tok in (("", lp_c, d_tok_c), ("rejected_", lp_r, d_tok_r)):
+        d_logits = d_tok[..., None] * (np.eye(v)[batch[prefix + "targets"]] - np.exp(lp))
+        np.add.at(expected_grad, batch[prefix + "tokens"], d_logits)
+    assert np.abs(expected_grad).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(grad_vv), expected_grad, rtol=1e-4, atol=1e-6)

@@ -4,6 +4,7 @@ and the merged export equals the adapter model."""
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,10 @@ from posttrain_fixtures import VOCAB, tiny_base
 from llama_jax import checkpoint as ckpt
 from llama_jax import lora, trainer
 from llama_jax.config import default_config, validate
-from llama_jax.convert import load_hf
+from llama_jax.convert import load_hf, open_source
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import ConfigError
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import ModelDef
 from llama_jax.phases import RunPlan
 
@@ -94,7 +95,7 @@ def test_steps_train_only_the_adapters_and_lower_the_loss(base, tmp_path):
     run = trainer.setup(cfg, tmp_path)
     full = trainer.setup(_full_config(base), tmp_path / "full")
     step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
-                                           lora_scale=lora.scale(cfg.lora)),
+                                           lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
                    out_shardings=(run.state_shardings, None), donate_argnums=0)
     rows = tokens()
@@ -139,6 +140,9 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
     saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "params").tree
     assert set(saved) == set(lora.TARGETS) and all(set(pair) == {"a", "b"} for pair in saved.values())
     assert ckpt.SavedRun.open(tmp_path / "run").meta["config"]["checkpoint"]["init_from"] == str(base)
+    for load in (ckpt.load_model, open_source):  # generate, evaluate, convert and init_from: merge first
+        with pytest.raises(CheckpointError, match="from a LoRA run.*python -m llama_jax.lora merge"):
+            load(tmp_path / "run")
 
     run = trainer.setup(cfg, tmp_path / "again")
     checkpointer = ckpt.Checkpointer(tmp_path / "run" / "checkpoints")
@@ -168,7 +172,8 @@ def test_merge_refuses_a_run_without_adapters(base, tmp_path, capsys):
 @pytest.mark.parametrize("change, words", [
     (lambda cfg: None, "checkpoint.init_from"),
     (lambda cfg: setattr(cfg.lora, "targets", "wq,w_in"), "w_in"),
-    (lambda cfg: setattr(cfg.lora, "dropout", 0.1), "lora.dropout"),
+    (lambda cfg: setattr(cfg.lora, "dropout", 1.0), "lora.dropout"),
+    (lambda cfg: (setattr(cfg.lora, "dropout", 0.1), setattr(cfg.objective, "name", "dpo")), "objective.name='dpo'"),
     (lambda cfg: setattr(cfg.lora, "base_dtype", "float16"), "lora.base_dtype"),
 ])
 def test_bad_lora_configs_are_refused(change, words):
@@ -177,7 +182,7 @@ def test_bad_lora_configs_are_refused(change, words):
     change(cfg)
     if words != "checkpoint.init_from":
         cfg.checkpoint.init_from, cfg.data.tokenizer = "somewhere", "somewhere"
-    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(words)):
         validate(cfg)
 
 
@@ -197,7 +202,7 @@ def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):
     corpus = load_corpus(cfg.data, cfg.model.vocab_size)
     batches = trainer._phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
     step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
-                                           loss_chunk_len=32, objective=cfg.objective, lora_scale=lora.scale(cfg.lora)),
+                                           loss_chunk_len=32, objective=cfg.objective, lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
                    out_shardings=(run.state_shardings, None), donate_argnums=0)
     held = run.to_global(batches.batches.local_batch(0))
@@ -213,3 +218,67 @@ def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):
     np.testing.assert_allclose(first["dpo_loss"], math.log(2), rtol=1e-6)
     assert abs(first["reward_margin"]) < 1e-6 and abs(first["kl"]) < 1e-6
     assert last["reward_margin"] > 0 and last["dpo_loss"] < first["dpo_loss"], last
+
+
+@pytest.mark.parametrize("equation, n_in", [("btd,dnh->btnh", 1), ("btnh,nhd->btd", 2), ("btf,fd->btd", 1)])
+def test_adapter_dropout_is_the_dropped_out_low_rank_product_and_unbiased(equation, n_in):
+    rng = np.random.default_rng(0)
+    letters = dict(b=2, t=3, d=6, n=2, h=3, f=5)
+    x_sub, w_sub = equation.split("->")[0].split(",")
+    x, w = (rng.normal(size=[letters[c] for c in sub]).astype(np.float32) for sub in (x_sub, w_sub))
+    a = rng.normal(size=(*w.shape[:n_in], 2)).astype(np.float32)
+    b = rng.normal(size=(2, *w.shape[n_in:])).astype(np.float32)
+    key, rate, s = jax.random.key(3), 0.25, 2.0
+    weight = lora.AdapterWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), key, s, rate)
+    keep = np.asarray(jax.random.bernoulli(key, 1 - rate, x.shape), np.float64)
+    delta = (a.reshape(-1, 2).astype(np.float64) @ b.reshape(2, -1)).reshape(w.shape)
+    expected = np.einsum(equation, x, w) + s * np.einsum(equation, x * keep / (1 - rate), delta)
+    np.testing.assert_allclose(np.asarray(weight.linear(equation, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
+    # Over many masks the mean is the merged product: inverted dropout keeps the adapters' expected output.
+    keys = jax.random.split(jax.random.key(4), 4000)
+    outputs = jax.vmap(lambda k: lora.AdapterWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), k, s, rate)
+                       .linear(equation, jnp.asarray(x)))(keys)
+    merged = np.einsum(equation, x, w + s * delta)
+    spread = np.asarray(outputs).std(axis=0) / math.sqrt(len(keys))
+    assert np.all(np.abs(np.asarray(outputs).mean(axis=0) - merged) < 5 * spread + 1e-5)
+
+
+def test_adapter_dropout_in_training_steps(base, tmp_path):
+    """At B = 0 dropout changes nothing; once the adapters are trained, the masks depend on (seed, step, microbatch)
+    alone: a step repeated from the same state is bitwise equal, the next step's masks differ, evaluation has none."""
+    cfg = lora_config(base, targets="wq,wo,w_down")
+    cfg.lora.dropout = 0.3
+    run = trainer.setup(cfg, tmp_path)
+    rows = tokens()
+    batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": np.ones((8, 64), np.float32),
+             "segment_ids": np.ones((8, 64), np.int32), "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1))}
+
+    def compiled_step(cfg, grad_accum=1):
+        step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, grad_accum, run.layers_fn,
+                                               lora=lora.LoraStep.of(cfg)),
+                       in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
+                       out_shardings=(run.state_shardings, None))
+        return step.lower(state, batch, run.base).compile(FAST_COMPILE)
+
+    no_dropout = lora_config(base, targets="wq,wo,w_down")
+    with jax.set_mesh(run.mesh):
+        state = run.init()
+        batch = run.to_global(batch)
+        step, plain_step = compiled_step(cfg), compiled_step(no_dropout)
+        (first, m1), (_, m0) = step(state, batch, run.base), plain_step(state, batch, run.base)
+        np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
+        second, m2 = step(first, batch, run.base)
+        again, m2_again = step(first, batch, run.base)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.params), jax.device_get(again.params))
+        assert float(m2["loss"]) == float(m2_again["loss"])
+        _, plain = plain_step(first, batch, run.base)
+        assert abs(float(m2["loss"]) - float(plain["loss"])) > 1e-4, "dropout must change a trained adapter's output"
+        other_seed = cfg.copy_and_resolve_references()
+        other_seed.seed += 1
+        _, m2_other = compiled_step(other_seed)(first, batch, run.base)
+        assert float(m2_other["loss"]) != float(m2["loss"])
+        # Microbatches draw their own masks: two microbatches of the same rows give two different halves.
+        forward = jax.jit(lambda params, base, microbatch, tokens: lora.training_model(
+            run.model_def, base, params, lora.LoraStep.of(cfg), first.step, microbatch)(tokens))
+        assert not np.allclose(np.asarray(forward(first.params, run.base, 0, batch["tokens"])),
+                               np.asarray(forward(first.params, run.base, 1, batch["tokens"])))

@@ -12,6 +12,7 @@ from posttrain_fixtures import tiny_base
 from test_dpo import dpo_config
 
 from llama_jax import rejection_sample, trainer
+from llama_jax.data import stdlib_chat
 from llama_jax.data.conversations import read_conversations
 
 
@@ -62,5 +63,21 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
     assert len(records) == 2 and all(len(r["scores"]) == 3 for r in records)
     assert all(r["score"] == max(r["scores"]) for r in records)
     assert [c[0]["content"] for c in read_conversations(out)] == ["What does `json.dumps` do?", "Hi"]
+    sharded = tmp_path / "sharded.jsonl"  # both models sharded over 8 devices: the same samples and scores
+    assert rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts", str(prompts),
+                                  "--samples", "3", "--max_new_tokens", "8", "--out", str(sharded),
+                                  "--mesh", "data=2,fsdp=2,tensor=2"]) == 0, capsys.readouterr().err
+    sharded_records = [json.loads(line) for line in sharded.read_text().splitlines()]
+    for got, want in zip(sharded_records, records, strict=True):
+        assert got["messages"] == want["messages"]
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=5e-3)  # bfloat16 matmuls, summed in shards
     assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(prompts), "--out",
                                   str(out), "--samples", "0"]) == 2
+
+
+def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
+    out = tmp_path / "prompts.jsonl"
+    assert stdlib_chat.main(["prompts", "--out", str(out), "--limit", "5"]) == 0
+    prompts = rejection_sample.read_prompts(out)
+    assert [p[0]["content"] for p in prompts] == [r["prompt"] for r in stdlib_chat.preferences()[:5]]
+    assert all(len(p) == 1 and p[0]["role"] == "user" for p in prompts)

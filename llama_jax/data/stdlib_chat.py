@@ -1,18 +1,22 @@
 """Chat and preference data built from the Python standard library's docstrings, for the post-training recipes
-that run on any machine with no download (configs/sft_tiny.py, configs/dpo_tiny.py).
+that run on any machine with no download (configs/sft_tiny.py, configs/reward_tiny.py, configs/dpo_tiny.py).
 
 A question is "What does `json.dumps` do?"; the true answer is the first paragraph of its docstring. A preference
 pair prefers the true answer to another function's (a fluent but wrong one), which is separable from the question's
-name alone, so even a tiny model learns it.
+name alone, so even a tiny model learns it. The questions alone are rejection sampling's prompts:
+
+    python -m llama_jax.data.stdlib_chat prompts --out prompts.jsonl [--limit N]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 
 from llama_jax.data import documents
@@ -64,6 +68,11 @@ def preferences() -> list[dict]:
             for i, (name, answer) in enumerate(qa)]
 
 
+def prompts(limit: int | None = None) -> list[dict]:
+    """{"prompt"} records: the questions of `conversations` and `preferences`, the first `limit` of them."""
+    return [{"prompt": question(name)} for name, _ in docstring_answers()][:limit]
+
+
 def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +96,21 @@ def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLi
             prepare_preferences(source, tokenizer, out, eval_fraction=0.1)
     return str(out)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.data.stdlib_chat",
+                                     description="Writes the built-in questions as JSON Lines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("prompts", help='{"prompt": ...} records, for python -m llama_jax.rejection_sample')
+    command.add_argument("--out", required=True)
+    command.add_argument("--limit", type=int, default=None, help="at most this many (default: all)")
+    args = parser.parse_args(argv)
+    records = prompts(args.limit)
+    write_jsonl(records, args.out)
+    print(f"wrote {len(records)} prompts to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

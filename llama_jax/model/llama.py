@@ -4,7 +4,8 @@ Every parameter is declared once, in its module's constructor, with its shape, i
 names; nothing here knows about devices or meshes (parallel/mesh.py maps the names to a mesh). Layers are
 created stacked along a leading `layers` axis and applied with `nnx.scan`, so compile time does not grow
 with depth. Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used (a
-weight's value may also be an array-like whose `astype` dequantises it, as `llama_jax.quantize` stores FP8 weights);
+weight's value may also be an array-like whose `astype` dequantises it, as `llama_jax.quantize` stores FP8 weights,
+or one that computes its own product with the input, as `llama_jax.lora` does for adapter dropout);
 normalisation, softmax, rotary math and logits are float32.
 
 Generation runs the same blocks through `Llama.extend`: the next tokens of every row against a `KVCache` of the keys
@@ -34,6 +35,15 @@ REMAT = {
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
     """A parameter that carries its logical axis names; placement on devices is applied from outside."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def _linear(equation: str, x, weight: nnx.Param) -> jnp.ndarray:
+    """`x` times `weight` in x's dtype. A weight whose value computes the product itself (`linear`) does so: LoRA's
+    adapters with dropout act on the input, so they cannot be folded into the matrix (`llama_jax.lora`)."""
+    w = weight[...]
+    if hasattr(w, "linear"):
+        return w.linear(equation, x)
+    return jnp.einsum(equation, x, w.astype(x.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -71,14 +81,13 @@ class Attention(nnx.Module):
 
     def project(self, x_btd, cos_btp, sin_btp):
         """Queries [b, t, n, h] and keys, values [b, t, k, h] in x's dtype, queries and keys rotated."""
-        dtype = x_btd.dtype
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dtype))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dtype))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv[...].astype(dtype))
+        q_btnh = _linear("btd,dnh->btnh", x_btd, self.wq)
+        k_btkh = _linear("btd,dkh->btkh", x_btd, self.wk)
+        v_btkh = _linear("btd,dkh->btkh", x_btd, self.wv)
         return apply_rotary(q_btnh, cos_btp, sin_btp), apply_rotary(k_btkh, cos_btp, sin_btp), v_btkh
 
     def output(self, out_btnh):
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo[...].astype(out_btnh.dtype))
+        return _linear("btnh,nhd->btd", out_btnh, self.wo)
 
 
 class MLP(nnx.Module):
@@ -92,10 +101,9 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, out_init, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), cfg.param_dtype)
 
     def __call__(self, x_btd):
-        dtype = x_btd.dtype
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate[...].astype(dtype))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up[...].astype(dtype))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.w_down[...].astype(dtype))
+        gate_btf = _linear("btd,df->btf", x_btd, self.w_gate)
+        up_btf = _linear("btd,df->btf", x_btd, self.w_up)
+        return _linear("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.w_down)
 
 
 class Block(nnx.Module):
