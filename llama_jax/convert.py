@@ -128,8 +128,10 @@ class _Weight:
         return hf_block.reshape([len(r) for r in unflattened]).transpose(self.perm)
 
 
-def _weights(cfg: LlamaConfig) -> list[_Weight]:
-    """The whole correspondence between our parameters and a Hugging Face LlamaForCausalLM state dict."""
+def _weights(cfg: LlamaConfig, *, score: bool = False) -> list[_Weight]:
+    """The whole correspondence between our parameters and a Hugging Face LlamaForCausalLM state dict; with `score`,
+    a LlamaForSequenceClassification's (a reward model: `score.weight` [1, dim] in place of the output projection,
+    read from our path ("score",), which a reward source gives as [1, dim])."""
     d, n, k, h, f, v = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.ffn_dim, cfg.vocab_size
     layer = "model.layers.{i}."
 
@@ -158,7 +160,9 @@ def _weights(cfg: LlamaConfig) -> list[_Weight]:
         same(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", d),
         same(("norm", "scale"), "model.norm.weight", d),
     ]
-    if not cfg.tie_embeddings:  # a tied model reads its output projection from embed_tokens
+    if score:
+        weights.append(same(("score",), "score.weight", 1, d))
+    elif not cfg.tie_embeddings:  # a tied model reads its output projection from embed_tokens
         weights.append(matrix(("lm_head",), "lm_head.weight", v, d))
     return weights
 
@@ -441,11 +445,11 @@ def _save_tokenizer(path: epath.Path, tokenizer: Tokenizer, generation: Generati
         tokenizer.save_hf(local, chat_template=chat_template)
 
 
-def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray]
+def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], *, score: bool = False
                ) -> Iterator[tuple[_Weight, int | None, np.ndarray]]:
     """(weight, layer or None, tensor in Hugging Face's layout) for every HF tensor of the model, weight by weight,
     from `read(path)`, which gives one of our parameters whole. Only one parameter is held at a time."""
-    for weight in _weights(cfg):
+    for weight in _weights(cfg, score=score):
         value = read(weight.path)
         for i in range(cfg.n_layers) if weight.stacked else [None]:
             yield weight, i, weight.to_hf(value if i is None else value[i])
@@ -453,18 +457,22 @@ def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray]
 
 
 def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], path: epath.Path,
-                  dtype: str | None, max_shard_bytes: int) -> None:
+                  dtype: str | None, max_shard_bytes: int, classifier: dict | None = None) -> None:
+    """The safetensors and config.json; `classifier` (config.json entries of a LlamaForSequenceClassification) writes a
+    reward model's score layer instead of the output projection."""
     np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
         stale.unlink(missing_ok=True)
 
-    entries = [(weight, i) for weight in _weights(cfg) for i in (range(cfg.n_layers) if weight.stacked else [None])]
+    score = classifier is not None
+    entries = [(weight, i) for weight in _weights(cfg, score=score)
+               for i in (range(cfg.n_layers) if weight.stacked else [None])]
     shards = _plan_shards(entries, np_dtype.itemsize, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
     ]
-    tensors = hf_tensors(cfg, read)
+    tensors = hf_tensors(cfg, read, score=score)
     weight_map = {}
     for name, shard in zip(names, shards):
         specs = [(weight.hf_name.format(i=i), weight.hf_shape) for weight, i in shard]
@@ -474,7 +482,8 @@ def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray
         total = sum(np.prod(weight.hf_shape) * np_dtype.itemsize for weight, _ in entries)
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (path / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, np_dtype.name), indent=2) + "\n")
+    config = {**config_to_hf(cfg, np_dtype.name), **(classifier or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -576,6 +585,7 @@ class ParamSource(abc.ABC):
     cfg: LlamaConfig
     directory: epath.Path  # holds the tokenizer, generation_config.json and chat-template files
     tokenizer: epath.Path | None  # the tokenizer file; None when the checkpoint has none
+    reward_model: bool = False  # a reward model: read(("score",)) gives its head as [1, dim]
 
     @abc.abstractmethod
     def read(self, path: tuple[str, ...]) -> np.ndarray:
@@ -726,14 +736,20 @@ def open_source(path: str | os.PathLike, kind: str | None = None) -> ParamSource
 def write_hf(source: ParamSource, out: str | os.PathLike, dtype: str | None = None,
              max_shard_bytes: int = 5 * 2**30) -> None:
     """`source` as a complete Hugging Face directory (as `save_hf` writes one), one tensor at a time; `out` may be a
-    URL, to which the weights stream without a local copy."""
+    URL, to which the weights stream without a local copy. A reward model is written as a
+    LlamaForSequenceClassification with one label, its pad token set so that transformers scores the last token that
+    is not padding: the position our reward model reads."""
     out = resolve(out)
-    _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes)
-    if source.tokenizer is None:
+    tokenizer = None if source.tokenizer is None else Tokenizer.from_file(source.tokenizer)
+    classifier = None
+    if source.reward_model:
+        classifier = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"},
+                      "label2id": {"LABEL_0": 0}, "pad_token_id": None if tokenizer is None else tokenizer.pad_id}
+    _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes, classifier)
+    if tokenizer is None:
         warnings.warn(f"{source.directory} has no tokenizer, so {out} has none: copy tokenizer.json or "
                       "tokenizer.model into it for a directory that AutoTokenizer can open", stacklevel=2)
         return
-    tokenizer = Tokenizer.from_file(source.tokenizer)
     with local_copy(source.directory, _SIDE_FILES) as files:  # the readers below take local directories
         settings, template = GenerationSettings.from_directory(files, tokenizer), ChatFormat.template_in(files, tokenizer)
     _save_tokenizer(out, tokenizer, settings, template)
@@ -758,6 +774,9 @@ def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str 
     as stored); `shards` is the number of model-parallel ranks of a Meta checkpoint."""
     if shards != 1 and to != "meta":
         raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
+    if source.reward_model and to != "hf":
+        raise ConfigError(f"{source.directory} is a reward model, whose score head has no place in {FORMATS[to]}: "
+                          "convert it with --to hf (a LlamaForSequenceClassification)")
     if to == "hf":
         write_hf(source, out, dtype)
     elif to == "meta":

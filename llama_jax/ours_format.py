@@ -36,6 +36,7 @@ from llama_jax.checkpoint import SavedRun
 from llama_jax.convert import ParamSource, copy_tokenizer_files, param_shapes
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import LlamaConfig
+from llama_jax.objectives import reward
 from llama_jax.workdir import local_output, resolve
 
 _CHUNK_BYTES = 64 * 2**20  # Orbax's chunks; smaller ones cut a write's peak but raise a read's (measured)
@@ -67,8 +68,11 @@ class OursSource(ParamSource):
             raise CheckpointError(f"{self._params} does not hold the parameters its meta/metadata's model has "
                                   f"({', '.join(wrong)}): the checkpoint is damaged; use another step")
         self.cfg = self.cfg.replace(param_dtype=jnp.dtype(self._stored["embed"].dtype).name)
+        self.reward_model = saved.meta["config"].get("objective", {}).get("name") == "reward"
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
+        if self.reward_model and path == ("score",):
+            return self.read((reward.HEAD,))[None, :]
         leaf = functools.reduce(operator.getitem, path, self._stored)
         item = _nested(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         restore_args = _nested(path, ocp.RestoreArgs(restore_type=np.ndarray))

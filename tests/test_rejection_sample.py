@@ -40,8 +40,9 @@ def save_reward_run(cfg, base, workdir):
         for i in range(4):
             state, _ = step(state, run.to_global(data.batches.local_batch(i)))
     step_dir = workdir / "checkpoints" / "4"
-    ocp.StandardCheckpointer().save(step_dir / "params", jax.tree.map(np.asarray, state.params))
-    ocp.StandardCheckpointer().wait_until_finished()
+    checkpointer = ocp.StandardCheckpointer()  # saves in the background: wait on the same one
+    checkpointer.save(step_dir / "params", jax.tree.map(np.asarray, state.params))
+    checkpointer.wait_until_finished()
     files = tokenizer_files(base)
     for file in files:
         (workdir / file.name).write_bytes(file.read_bytes())

@@ -68,3 +68,34 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
     assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
     assert float(pairs) > 0 and np.isfinite(float(loss_sum))
     assert 0 <= float(held_out["pairwise_accuracy"]) <= float(pairs)  # correctly ordered pairs, summed
+
+
+def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(base, tmp_path, capsys):
+    import torch
+    import transformers
+    from test_rejection_sample import save_reward_run
+
+    from llama_jax import convert
+
+    save_reward_run(reward_config(base, optim__lr=3e-3, optim__warmup_steps=0), base, tmp_path / "reward")
+    assert convert.main(["--from", "ours", "--to", "hf", str(tmp_path / "reward"), str(tmp_path / "hf")]) == 0
+    assert convert.main(["--from", "ours", "--to", "ours", str(tmp_path / "reward"), str(tmp_path / "ours")]) == 2
+    assert "reward model" in capsys.readouterr().err
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+
+    model, head, _ = reward.load_reward_model(tmp_path / "reward")
+    f32 = ModelDef(model.cfg.replace(dtype="float32")).merge(nnx.to_pure_dict(nnx.state(model)))
+    rng = np.random.default_rng(0)
+    pad = hf.config.pad_token_id
+    lengths = (9, 17, 5)
+    rows = {key: np.zeros((3, 17), np.int32) for key in ("tokens", "segment_ids", "positions")}
+    padded = np.full((3, 17), pad, np.int64)  # transformers scores the last token that is not padding
+    for i, n in enumerate(lengths):
+        rows["tokens"][i, :n] = padded[i, :n] = rng.integers(0, 1000, n)
+        rows["segment_ids"][i, :n], rows["positions"][i, :n] = 1, np.arange(n)
+    ours = np.asarray(reward.scores(f32, head, rows))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
+    assert np.abs(ours).max() > 1e-3, "the head trained"
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
