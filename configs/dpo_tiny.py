@@ -1,7 +1,7 @@
 """Direct preference optimisation (objective "dpo") of a chat checkpoint, Llama 3's variant: beta 0.1, the header
 and end tokens masked out of the log-probabilities, 0.2 x NLL on the chosen response, the reference the frozen
-starting weights. The pairs prefer a standard-library function's docstring to another function's, as the answer to
-"What does `X` do?".
+starting weights. The pairs prefer a standard-library function's docstring to another function's with its words
+shuffled, as the answer to "What does `X` do?".
 
     python -m llama_jax.train --config configs/dpo_tiny.py:runs/sft_tiny --workdir runs/dpo_tiny
 

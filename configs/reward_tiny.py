@@ -1,7 +1,7 @@
 """A reward model (objective "reward") trained from a chat checkpoint on preference pairs: the model plus a scalar
 head on the final hidden state of the response's last token, the Bradley-Terry loss -log sigmoid(r_chosen -
 r_rejected). The pairs are configs/dpo_tiny.py's: a standard-library function's true docstring preferred to another
-function's, as the answer to "What does `X` do?".
+function's with its words shuffled, as the answer to "What does `X` do?".
 
     python -m llama_jax.train --config configs/reward_tiny.py:runs/sft_tiny --workdir runs/reward_tiny
 

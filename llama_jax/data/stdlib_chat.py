@@ -2,8 +2,11 @@
 that run on any machine with no download (configs/sft_tiny.py, configs/reward_tiny.py, configs/dpo_tiny.py).
 
 A question is "What does `json.dumps` do?"; the true answer is the first paragraph of its docstring. A preference
-pair prefers the true answer to another function's (a fluent but wrong one), which is separable from the question's
-name alone, so even a tiny model learns it. The questions alone are rejection sampling's prompts:
+pair prefers the true answer to another function's docstring with its words shuffled: wrong in content and in form.
+A fluent wrong answer alone (another function's docstring as written) asks the model to tie the answer to the name in
+the question, which a model of a few million parameters trained on a few hundred pairs does not learn (measured: the
+reward model's held-out accuracy stayed near chance); the shuffled order is a signal it does learn, so the tiny chain
+shows the preference metrics move. The questions alone are rejection sampling's prompts:
 
     python -m llama_jax.data.stdlib_chat prompts --out prompts.jsonl [--limit N]
 """
@@ -16,6 +19,7 @@ import importlib
 import inspect
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -62,9 +66,17 @@ def conversations(turns: int = 2) -> list[dict]:
 
 
 def preferences() -> list[dict]:
-    """{"prompt", "chosen", "rejected"} records: the true docstring over that of a function half the list away."""
+    """{"prompt", "chosen", "rejected"} records: the true docstring over that of a function half the list away, its
+    words shuffled (the same shuffle on every machine)."""
     qa = docstring_answers()
-    return [{"prompt": question(name), "chosen": answer, "rejected": qa[(i + len(qa) // 2) % len(qa)][1]}
+    rng = random.Random(0)
+
+    def shuffled(text: str) -> str:
+        words = text.split()
+        rng.shuffle(words)
+        return " ".join(words)
+
+    return [{"prompt": question(name), "chosen": answer, "rejected": shuffled(qa[(i + len(qa) // 2) % len(qa)][1])}
             for i, (name, answer) in enumerate(qa)]
 
 
