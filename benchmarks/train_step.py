@@ -8,11 +8,14 @@ process of its own (so each gets a clean thread pool and its own peak memory):
   llama_jax: jitted, donated step, bfloat16 compute (its default);
   PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, the faster one reported;
   PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes (skipped with --no-compile).
-The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it.
+The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it. It also
+times a 2048^3 matmul in float32 and bfloat16 in XLA and in PyTorch, since the ratio follows them: on a CPU with AMX,
+PyTorch's oneDNN runs bfloat16 matmuls on it while XLA computes bfloat16 dots in float32.
 Per size it prints tokens/s, ratios (> 1: llama_jax is faster), MFU, the first step's extra time (compilation) and
 each process's peak resident memory. The last line is one JSON object:
-{"peak_gflops", "sizes": [{"name", "params", "tokens_per_s", "torch_tokens_per_s", "torch_compile_tokens_per_s",
-"ratio", "mfu", "compile_s", ...}]}, `ratio` = llama_jax / PyTorch eager.
+{"peak_gflops", "matmul_gflops": {"xla_float32", "xla_bfloat16", "torch_float32", "torch_bfloat16"}, "sizes": [{"name",
+"params", "tokens_per_s", "torch_tokens_per_s", "torch_compile_tokens_per_s", "ratio", "mfu", "compile_s", ...}]},
+`ratio` = llama_jax / PyTorch eager.
 """
 
 from __future__ import annotations
@@ -125,13 +128,22 @@ def run_torch(size: str, steps: int, dtype: str, compiled: bool) -> dict:
     return {"seconds": seconds, "compile_s": compile_s}
 
 
-def measure_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+def measure_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((n, n), jnp.float32)
+    x = jnp.ones((n, n), dtype)
     matmul = jax.jit(lambda a: a @ a)
     seconds, _ = time_steps(lambda: matmul(x).block_until_ready(), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def measure_torch_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    x = torch.ones((n, n), dtype=getattr(torch, dtype))
+    seconds, _ = time_steps(lambda: x @ x, repeats)
     return 2 * n**3 / seconds / 1e9
 
 
@@ -148,7 +160,9 @@ def in_subprocess(*args: str, timeout: float = 3600) -> dict | None:
 def child(args: list[str]) -> None:
     kind, size, steps = args[0], args[1], int(args[2])
     if kind == "peak":
-        result = {"peak_gflops": measure_peak_gflops()}
+        result = {f"xla_{dtype}": measure_peak_gflops(dtype) for dtype in ("float32", "bfloat16")}
+    elif kind == "torch_peak":
+        result = {f"torch_{dtype}": measure_torch_gflops(dtype) for dtype in ("float32", "bfloat16")}
     elif kind == "jax":
         result = run_llama_jax(size, steps)
     else:
@@ -169,8 +183,11 @@ def main() -> None:
     from llama_jax.config import model_config
     from llama_jax.model import flops_per_token, param_count
 
-    peak = in_subprocess("peak", "-", "0")["peak_gflops"]
-    print(f"XLA float32 matmul peak: {peak:.0f} GFLOP/s")
+    matmuls = {**in_subprocess("peak", "-", "0"), **(in_subprocess("torch_peak", "-", "0") or {})}
+    matmuls.pop("peak_rss_mb", None)
+    peak = matmuls["xla_float32"]
+    print(f"XLA float32 matmul peak: {peak:.0f} GFLOP/s; 2048^3 matmuls: "
+          + ", ".join(f"{name.replace('_', ' ')} {gflops:.0f}" for name, gflops in matmuls.items()) + " GFLOP/s")
     rows = []
     for size in args.sizes.split(","):
         cfg = model_cfg(size)
@@ -196,7 +213,7 @@ def main() -> None:
               f"{row['tokens_per_s']:,.0f} tok/s (MFU {row['mfu']:.0%}, compile {row['compile_s']:.1f} s, "
               f"{row['peak_rss_mb']:,.0f} MB) | torch eager {best_dtype} {row['torch_tokens_per_s']:,.0f} "
               f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_text} | ratio {row['ratio']:.2f}x")
-    print(json.dumps({"peak_gflops": peak, "sizes": rows}))
+    print(json.dumps({"peak_gflops": peak, "matmul_gflops": matmuls, "sizes": rows}))
 
 
 if __name__ == "__main__":
