@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
+from llama_jax.model.matmul import project
 from llama_jax.parallel.mesh import logical_to_spec
 
 # target name -> (its path in the params, how many of its axes after the layer axis are inputs)
@@ -133,9 +134,9 @@ class AdapterWeight:
         rows, r = out[:len(out) - len(out_sub)], next(c for c in "rzyxqp" if c not in equation)
         keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
         dropped = jnp.where(keep, x / (1.0 - self.rate), 0).astype(dtype)
-        down = jnp.einsum(f"{x_sub},{in_sub}{r}->{rows}{r}", dropped, self.a.astype(dtype))
-        up = jnp.einsum(f"{rows}{r},{r}{out_sub}->{out}", down, self.b.astype(dtype))
-        return jnp.einsum(equation, x, self.w.astype(dtype)) + (self.scale * up).astype(dtype)
+        down = project(f"{x_sub},{in_sub}{r}->{rows}{r}", dropped, self.a)
+        up = project(f"{rows}{r},{r}{out_sub}->{out}", down, self.b)
+        return project(equation, x, self.w) + (self.scale * up).astype(dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -15,13 +15,13 @@ from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 GOLDEN_OVERRIDES = ("--config.train.steps=30", "--config.optim.warmup_steps=10", "--config.train.log_every=1",
                     "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000")
 GOLDEN = [
-    9.05938, 9.04391, 8.93040, 8.63798, 8.42920, 8.27300,
-    8.16870, 7.79819, 7.67007, 7.39440, 7.20840, 7.04280,
-    7.20918, 7.19869, 7.15074, 6.77219, 6.88274, 7.00260,
-    6.74416, 7.02282, 6.92267, 6.92342, 6.97902, 6.72468,
-    6.78048, 6.78301, 6.86009, 6.73574, 6.56077, 6.79250,
+    9.05940, 9.04394, 8.93052, 8.63799, 8.42922, 8.27306,
+    8.16875, 7.79832, 7.67015, 7.39458, 7.20845, 7.04290,
+    7.20936, 7.19923, 7.15046, 6.77215, 6.88223, 7.00251,
+    6.74423, 7.02301, 6.92917, 6.92031, 6.98386, 6.72124,
+    6.77696, 6.78052, 6.85675, 6.73341, 6.55743, 6.79339,
 ]
-GOLDEN_EVAL_LOSS = 6.82866
+GOLDEN_EVAL_LOSS = 6.82836
 
 
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):

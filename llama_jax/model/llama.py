@@ -23,6 +23,7 @@ from flax import nnx
 from llama_jax.model.attention import ATTENTION, MASKED_ATTENTION, AttentionFn
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.kv_cache import KVCache
+from llama_jax.model.matmul import project
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
 
 REMAT = {
@@ -38,12 +39,13 @@ def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...],
 
 
 def _linear(equation: str, x, weight: nnx.Param) -> jnp.ndarray:
-    """`x` times `weight` in x's dtype. A weight whose value computes the product itself (`linear`) does so: LoRA's
-    adapters with dropout act on the input, so they cannot be folded into the matrix (`llama_jax.lora`)."""
+    """`x` times `weight` in x's dtype (`matmul.project`). A weight whose value computes the product itself (`linear`)
+    does so: LoRA's adapters with dropout act on the input, so they cannot be folded into the matrix
+    (`llama_jax.lora`)."""
     w = weight[...]
     if hasattr(w, "linear"):
         return w.linear(equation, x)
-    return jnp.einsum(equation, x, w.astype(x.dtype))
+    return project(equation, x, w)
 
 
 class RMSNorm(nnx.Module):

@@ -1,0 +1,74 @@
+"""`matmul.project`: the model's projections with a hand-written derivative whose dots all have float32 results.
+
+Its value and both gradients must be the float64 products rounded once to bfloat16, as `jnp.einsum` on bfloat16
+operands computes them (it too accumulates in float32 on every backend), for each equation shape the model uses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.model.matmul import contracted_axes, project
+
+# (equation, x shape, w shape): the model's projections (q/k/v, output, MLP in and out) and LoRA's adapters
+EQUATIONS = [
+    ("btd,dnh->btnh", (2, 24, 16), (16, 4, 8)),
+    ("btnh,nhd->btd", (2, 24, 4, 8), (4, 8, 16)),
+    ("btd,df->btf", (2, 24, 16), (16, 40)),
+    ("btf,fd->btd", (3, 8, 40), (40, 16)),
+    ("btd,dr->btr", (2, 24, 16), (16, 4)),
+]
+
+
+def bf16(rng, shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+
+def as_bf16_of_f64(value: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(value.astype(np.float32), jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", EQUATIONS)
+def test_bfloat16_value_and_gradients_are_the_exact_products_rounded_once(equation, x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x, w = bf16(rng, x_shape), bf16(rng, w_shape)
+    y, pullback = jax.vjp(lambda x, w: project(equation, x, w), x, w)
+    dy = bf16(rng, y.shape)
+    dx, dw = pullback(dy)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
+    inputs, out = equation.split("->")
+    x_sub, w_sub = inputs.split(",")
+    expected = {
+        "y": np.einsum(equation, x64, w64),
+        "dx": np.einsum(f"{out},{w_sub}->{x_sub}", dy64, w64),
+        "dw": np.einsum(f"{x_sub},{out}->{w_sub}", x64, dy64),
+    }
+    # float32 accumulation in another order may land on the neighbouring bfloat16 value: one ulp (2^-7 relative)
+    for name, actual in {"y": y, "dx": dx, "dw": dw}.items():
+        want = expected[name]
+        np.testing.assert_allclose(np.asarray(actual, np.float32), as_bf16_of_f64(want), rtol=2**-7,
+                                   atol=2**-7 * np.abs(want).max() * 1e-2, err_msg=name)
+        exact = np.mean(np.asarray(actual, np.float32) == as_bf16_of_f64(want))
+        assert exact > 0.95, (name, exact)
+
+
+def test_float32_is_the_plain_einsum_bit_for_bit():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, 40)), jnp.float32)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1)))(x, w)
+
+    ours = loss(lambda x, w: project("btd,df->btf", x, w))
+    plain = loss(lambda x, w: jnp.einsum("btd,df->btf", x, w))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_equation_that_is_not_a_projection_is_refused():
+    assert contracted_axes("btnh,nhd->btd") == 2
+    with pytest.raises(ValueError, match="not a projection"):
+        contracted_axes("btd,fd->btf")
