@@ -25,7 +25,7 @@ from llama_jax.config import default_config, model_section, validate
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef, preset
 from llama_jax.model.attention import ATTENTION, document_causal_mask, reference_attention, reference_masked
-from llama_jax.model.flash import flash_attention, flash_masked
+from llama_jax.model.flash import flash_attention, flash_masked, flash_segment_attention
 from llama_jax.objectives import token_nll
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.parallel.context import context_attention, zigzag_order
@@ -92,6 +92,20 @@ def test_registered_flash_equals_reference_without_gqa_and_in_bfloat16():
     assert_close(out, expected, BF16_ATOL_OF_MAX * np.abs(np.asarray(expected, np.float32)).max())
     for got, want in zip(got_grads, expected_grads):
         assert_close(got, want, BF16_ATOL_OF_MAX * np.abs(np.asarray(want, np.float32)).max())
+
+
+@pytest.mark.parametrize("block", [8, 7, 13, 40])  # 5, 6 and 4 blocks in 4 query chunks; one block, one chunk
+def test_self_attention_in_query_chunks_equals_reference(block):
+    """`flash_segment_attention` skips the key blocks after each query chunk: outputs and gradients still equal the
+    reference's, for chunks of unequal sizes and a block that does not divide the sequence."""
+    q, k, v = qkv(seed=3)
+    expected, expected_grads = jax.jit(grads, static_argnums=0)(
+        lambda q, k, v: reference_attention(q, k, v, SEGMENTS), q, k, v)
+    out, got_grads = jax.jit(grads, static_argnums=0)(
+        lambda q, k, v: flash_segment_attention(q, k, v, SEGMENTS, block=block), q, k, v)
+    assert_close(out, expected, F32_ATOL)
+    for got, want in zip(got_grads, expected_grads):
+        assert_close(got, want, F32_ATOL)
 
 
 def test_masking_follows_positions_and_segments_not_indices():
@@ -233,7 +247,8 @@ def attention_temp_bytes(name: str, t: int, n: int = 2, k: int = 1, h: int = 16)
 def test_flash_memory_stays_linear_inside_remat_layers(policy):
     """The model runs attention inside `jax.checkpoint` inside a scan over layers. A remat policy must not split
     flash's loop over key blocks and stack per-block values (a scan there kept [blocks, t, 512] masks and, under
-    "dots", the scores): the temporaries of two such layers' forward and backward still double with the sequence."""
+    "dots", the scores): the temporaries of two such layers' forward and backward still double with the sequence.
+    [measured: 52 -> 104 MiB from 4K to 8K tokens; below 4K a fixed part of about 38 MiB dominates]"""
     rule = None if policy == "full" else jax.checkpoint_policies.checkpoint_dots
 
     def temp_bytes(t: int) -> int:
@@ -249,7 +264,7 @@ def test_flash_memory_stays_linear_inside_remat_layers(policy):
         shapes = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32), jax.ShapeDtypeStruct((2, 4, 16), jnp.float32)
         return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
-    small, large = temp_bytes(2048), temp_bytes(4096)
+    small, large = temp_bytes(4096), temp_bytes(8192)
     assert 1.8 < large / small < 2.2, (small, large)
 
 
