@@ -15,13 +15,13 @@ from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 GOLDEN_OVERRIDES = ("--config.train.steps=30", "--config.optim.warmup_steps=10", "--config.train.log_every=1",
                     "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000")
 GOLDEN = [
-    9.05940, 9.04394, 8.93052, 8.63799, 8.42922, 8.27306,
-    8.16875, 7.79832, 7.67015, 7.39458, 7.20845, 7.04290,
-    7.20936, 7.19923, 7.15046, 6.77215, 6.88223, 7.00251,
-    6.74423, 7.02301, 6.92917, 6.92031, 6.98386, 6.72124,
-    6.77696, 6.78052, 6.85675, 6.73341, 6.55743, 6.79339,
+    9.05940, 9.04394, 8.93046, 8.63800, 8.42920, 8.27305,
+    8.16865, 7.79819, 7.67022, 7.39452, 7.20844, 7.04276,
+    7.20909, 7.19852, 7.15130, 6.77260, 6.88269, 7.00296,
+    6.74361, 7.02163, 6.92249, 6.92402, 6.97996, 6.72601,
+    6.78055, 6.78462, 6.86145, 6.73581, 6.56089, 6.79309,
 ]
-GOLDEN_EVAL_LOSS = 6.82836
+GOLDEN_EVAL_LOSS = 6.82993
 
 
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):

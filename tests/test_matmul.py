@@ -36,7 +36,25 @@ def test_bfloat16_value_and_gradients_are_the_exact_products_rounded_once(equati
     dy = bf16(rng, y.shape)
     dx, dw = pullback(dy)
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+    assert_exact_products_rounded(equation, x, w, dy, {"y": y, "dx": dx, "dw": dw})
 
+
+def test_a_float32_result_is_exact_and_its_cotangent_is_rounded_to_bfloat16():
+    """The vocabulary head: float32 logits of bfloat16 operands; the backward products take the float32 cotangent
+    rounded to bfloat16, as every other projection's cotangent is."""
+    rng = np.random.default_rng(2)
+    x, w = bf16(rng, (2, 24, 16)), bf16(rng, (16, 64))
+    y, pullback = jax.vjp(lambda x, w: project("btd,dv->btv", x, w, jnp.float32), x, w)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    dx, dw = pullback(dy)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+    exact = np.einsum("btd,dv->btv", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(y, exact, rtol=1e-6, atol=1e-6)
+    assert_exact_products_rounded("btd,dv->btv", x, w, dy.astype(jnp.bfloat16), {"dx": dx, "dw": dw})
+
+
+def assert_exact_products_rounded(equation, x, w, dy, actual: dict):
+    """Each of `actual` (y, dx, dw) is the float64 product rounded to bfloat16, up to one ulp."""
     x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
     inputs, out = equation.split("->")
     x_sub, w_sub = inputs.split(",")
@@ -46,11 +64,11 @@ def test_bfloat16_value_and_gradients_are_the_exact_products_rounded_once(equati
         "dw": np.einsum(f"{x_sub},{out}->{w_sub}", x64, dy64),
     }
     # float32 accumulation in another order may land on the neighbouring bfloat16 value: one ulp (2^-7 relative)
-    for name, actual in {"y": y, "dx": dx, "dw": dw}.items():
+    for name, got in actual.items():
         want = expected[name]
-        np.testing.assert_allclose(np.asarray(actual, np.float32), as_bf16_of_f64(want), rtol=2**-7,
+        np.testing.assert_allclose(np.asarray(got, np.float32), as_bf16_of_f64(want), rtol=2**-7,
                                    atol=2**-7 * np.abs(want).max() * 1e-2, err_msg=name)
-        exact = np.mean(np.asarray(actual, np.float32) == as_bf16_of_f64(want))
+        exact = np.mean(np.asarray(got, np.float32) == as_bf16_of_f64(want))
         assert exact > 0.95, (name, exact)
 
 

@@ -223,8 +223,10 @@ class Llama(nnx.Module):
     def logits(self, h_btd: jnp.ndarray) -> jnp.ndarray:
         """Output projection with float32 accumulation and result."""
         if self.cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", h_btd, self.embed[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", h_btd, self.lm_head[...].astype(h_btd.dtype), preferred_element_type=jnp.float32)
+            w_dv = self.embed[...].astype(h_btd.dtype).T
+        else:
+            w_dv = self.lm_head[...]
+        return project("btd,dv->btv", h_btd, w_dv, jnp.float32)
 
 
 class ModelDef:

@@ -6,6 +6,9 @@ that `jnp.einsum` on bfloat16 operands asks for and that JAX's autodiff asks for
 about 220 (README "Performance"). Here the forward product and both products of the backward pass ask for float32
 and round to the operands' dtype afterwards, which is also what a bfloat16 dot computes inside: the results are the
 same up to the summation order. On GPU and TPU a float32 result of bfloat16 operands is the native form too.
+The vocabulary head keeps its float32 logits; its float32 cotangent is rounded to bfloat16 for the backward
+products (as under PyTorch's autocast), which halves the largest gradient of the step and lets both products run
+on the fast path (10m step 4.7 -> 3.9 s).
 
 Float32 operands keep the plain einsum: their dots already have a float32 result, and the float32 equivalence
 tests (sharded == single device) stay bit-for-bit what they were.
@@ -19,13 +22,15 @@ import jax
 import jax.numpy as jnp
 
 
-def project(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The einsum "x,w->out" of a projection, in x's dtype: x's last axes meet W's first ones, as in "btd,df->btf"
-    or "btnh,nhd->btd"."""
+def project(equation: str, x: jax.Array, w: jax.Array, result_dtype=None) -> jax.Array:
+    """The einsum "x,w->out" of a projection, in `result_dtype` (default x's dtype): x's last axes meet W's first
+    ones, as in "btd,df->btf" or "btnh,nhd->btd". A float32 result (the vocabulary head's logits) gets its
+    cotangent rounded to x's dtype before the backward products, as those of the other projections are."""
     w = w.astype(x.dtype)
+    result_dtype = jnp.dtype(result_dtype or x.dtype)
     if x.dtype == jnp.float32:
-        return jnp.einsum(equation, x, w)
-    return linear(x, w, contracted_axes(equation))
+        return jnp.einsum(equation, x, w, preferred_element_type=result_dtype)
+    return linear(x, w, contracted_axes(equation), result_dtype)
 
 
 def contracted_axes(equation: str) -> int:
@@ -38,27 +43,28 @@ def contracted_axes(equation: str) -> int:
     return n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def linear(x: jax.Array, w: jax.Array, n_contract: int) -> jax.Array:
-    """x·W in x's dtype, accumulated and computed with a float32 result."""
-    return _product(x, w, n_contract)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def linear(x: jax.Array, w: jax.Array, n_contract: int, result_dtype) -> jax.Array:
+    """x·W in `result_dtype`, accumulated and computed with a float32 result."""
+    return _product(x, w, n_contract, result_dtype)
 
 
-def _product(x, w, n_contract):
+def _product(x, w, n_contract, result_dtype):
     x_axes = tuple(range(x.ndim - n_contract, x.ndim))
-    return _dot(x, w, x_axes, tuple(range(n_contract))).astype(x.dtype)
+    return _dot(x, w, x_axes, tuple(range(n_contract))).astype(result_dtype)
 
 
 def _dot(a, b, a_axes, b_axes):
     return jax.lax.dot_general(a, b, ((a_axes, b_axes), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _linear_fwd(x, w, n_contract):
-    return _product(x, w, n_contract), (x, w)
+def _linear_fwd(x, w, n_contract, result_dtype):
+    return _product(x, w, n_contract, result_dtype), (x, w)
 
 
-def _linear_bwd(n_contract, residuals, dy):
+def _linear_bwd(n_contract, result_dtype, residuals, dy):
     x, w = residuals
+    dy = dy.astype(x.dtype)
     rows = tuple(range(x.ndim - n_contract))
     dx = _dot(dy, w, tuple(range(len(rows), dy.ndim)), tuple(range(n_contract, w.ndim))).astype(x.dtype)
     dw = _dot(x, dy, rows, rows).astype(w.dtype)
