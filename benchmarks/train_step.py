@@ -11,12 +11,13 @@ process of its own (so each gets a clean thread pool and its own peak memory):
   PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes (skipped with --no-compile).
 The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it. It also
 times a 2048^3 matmul in float32 and bfloat16 in XLA and in PyTorch, since the ratio follows them: on a CPU with AMX,
-PyTorch's oneDNN runs bfloat16 matmuls on it while XLA computes bfloat16 dots in float32.
+PyTorch's oneDNN runs bfloat16 matmuls on it, while XLA does so only for bfloat16 operands with a float32 result
+(timed too, "xla_bfloat16_to_float32": the form llama_jax's projections use, `model/matmul.py`).
 Per size it prints tokens/s, ratios (> 1: llama_jax is faster), MFU, the first step's extra time (compilation) and
 each process's peak resident memory. The last line is one JSON object:
-{"peak_gflops", "matmul_gflops": {"xla_float32", "xla_bfloat16", "torch_float32", "torch_bfloat16"}, "sizes": [{"name",
-"params", "tokens_per_s", "torch_tokens_per_s", "torch_compile_tokens_per_s", "ratio", "mfu", "compile_s", ...}]},
-`ratio` = llama_jax / PyTorch eager.
+{"peak_gflops", "matmul_gflops": {"xla_float32", "xla_bfloat16", "xla_bfloat16_to_float32", "torch_float32",
+"torch_bfloat16"}, "sizes": [{"name", "params", "tokens_per_s", "torch_tokens_per_s", "torch_compile_tokens_per_s",
+"ratio", "mfu", "compile_s", ...}]}, `ratio` = llama_jax / PyTorch eager.
 """
 
 from __future__ import annotations
@@ -130,12 +131,12 @@ def run_torch(size: str, steps: int, dtype: str, compiled: bool) -> dict:
     return {"seconds": seconds, "compile_s": compile_s}
 
 
-def measure_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+def measure_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10, result_dtype=None) -> float:
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda a: a @ a)
+    matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=result_dtype))
     seconds, _ = time_steps(lambda: matmul(x).block_until_ready(), repeats)
     return 2 * n**3 / seconds / 1e9
 
@@ -163,6 +164,7 @@ def child(args: list[str]) -> None:
     kind, size, steps = args[0], args[1], int(args[2])
     if kind == "peak":
         result = {f"xla_{dtype}": measure_peak_gflops(dtype) for dtype in ("float32", "bfloat16")}
+        result["xla_bfloat16_to_float32"] = measure_peak_gflops("bfloat16", result_dtype="float32")
     elif kind == "torch_peak":
         result = {f"torch_{dtype}": measure_torch_gflops(dtype) for dtype in ("float32", "bfloat16")}
     elif kind == "jax":

@@ -201,7 +201,7 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     weights (split over tensor); c the compute dtype's size, and c' = c when that is not float32, else 0 (the copy
     made where a float32 result is cast to it). Parameters are float32. K is the width of the attention scores a
     query holds at once: the reference and xla implementations materialise the [heads, T, S] scores (K = S); flash
-    attention (model/flash.py) holds one block of keys at a time (K = its block, 512, or S when shorter). P stages,
+    attention (model/flash.py) holds one block of keys at a time (K = its block, 256, or S when shorter). P stages,
     M microbatches, R layer chunks per stage (circular), L layers.
 
     Kept for the backward pass, per layer and token, by remat policy:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from llama_jax.errors import ConfigError
 
-BLOCK = 512  # keys per tile: the plan's memory model (plan.py) uses it
+BLOCK = 256  # keys per tile: the plan's memory model (plan.py) uses it
 CAUSAL_CHUNKS = 4  # query chunks of causal self-attention (`flash_segment_attention`)
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
