@@ -5,8 +5,8 @@
 Per size, the full step (forward, backward, AdamW update with clipping) of a Llama 3-architecture model with float32
 parameters and a 32,000-token vocabulary, on the same batch and with the same thread count, each framework in a
 process of its own (so each gets a clean thread pool and its own peak memory):
-  llama_jax: jitted, donated step, bfloat16 compute (its default), flash attention (on this CPU 1.6x faster than
-    XLA's attention at 150m, sequence 2,048; the same at 10m);
+  llama_jax: jitted, donated step, bfloat16 compute (its default), flash attention (on this CPU 1.3x faster than
+    XLA's attention at 10m, more at longer sequences, and linear in memory);
   PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, the faster one reported;
   PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes (skipped with --no-compile).
 The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it. It also
