@@ -15,8 +15,9 @@ the caller (the KV cache's decoding mask, small there). Segment id 0 (padding) i
 The loop runs over key blocks with every query in each tile: the query axis stays a plain array axis, which
 context parallelism shards over devices (a loop over query blocks would walk a sharded axis). So within one call,
 blocks that causal order masks entirely are computed and masked, not skipped; the self-attention form
-(`flash_segment_attention`) calls it per chunk of queries with only the keys up to the chunk's end. It is a `lax.while_loop`, not a scan: the model's remat
-policies would otherwise split a scan and keep per-block masks (and under "dots" the scores) for every block.
+(`flash_segment_attention`) calls it per chunk of queries with only the keys up to the chunk's end. It is a
+`lax.while_loop`, not a scan: the model's remat policies would otherwise split a scan and keep per-block masks (and
+under "dots" the scores) for every block.
 
 Masked scores take float32's lowest value, as in `attention.reference_masked`, so a query that sees no key averages
 all the values exactly as the reference does (no NaN); keys that only fill up the last block get -inf and count for
