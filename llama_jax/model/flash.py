@@ -38,7 +38,7 @@ BLOCK = 256  # keys per tile: the plan's memory model (plan.py) uses it
 CAUSAL_CHUNKS = 4  # query chunks of causal self-attention (`flash_segment_attention`)
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
-# (query info, one block of key info) -> boolean [b, t, block]: which keys of the block each query sees
+# (query info, one block of key info) -> boolean [b, block, t]: which queries see each key of the block
 MaskFn = Callable[[Any, Any], jnp.ndarray]
 
 
@@ -88,17 +88,23 @@ def _check_block(block: int) -> None:
 
 def _document_causal(q_info, k_info_block) -> jnp.ndarray:
     (q_segment_bt, q_position_bt), (k_segment_bc, k_position_bc) = q_info, k_info_block
-    same_doc_btc = q_segment_bt[:, :, None] == k_segment_bc[:, None, :]
-    return same_doc_btc & (q_position_bt[:, :, None] >= k_position_bc[:, None, :])
+    same_doc_bct = k_segment_bc[:, :, None] == q_segment_bt[:, None, :]
+    return same_doc_bct & (k_position_bc[:, :, None] <= q_position_bt[:, None, :])
 
 
 def _given_mask(q_info, mask_bct) -> jnp.ndarray:
-    return jnp.swapaxes(mask_bct, 1, 2)
+    return mask_bct
 
 
 # ---------------------------------------------------------------------------------------------- the kernel
-# Inside, queries are grouped by the KV head they read: q [b, t, k, g, h] with g = n // k; scores and statistics
-# are [b, k, g, t, (c)] with c the keys of one block.
+# Inside, queries are grouped by the KV head they read: q [b, k, g, t, h] with g = n // k. Each tile of scores is
+# [b, k, c, g, t], keys c of one block by queries: the queries are the minor axes. Every product then contracts
+# its left operand's last axes (the form XLA's CPU backend runs fastest, see matmul.py), and the softmax's passes
+# over a tile read it in order; with the keys minor, XLA transposed each float32 tile between the product and the
+# softmax. Statistics are [b, k, g, t]; the output and the queries' gradient accumulate as [b, k, h, g, t].
+# Probabilities are rounded to the inputs' dtype as soon as they are computed, and that rounded tile is what the
+# sums, the products and the softmax's backward read: in bfloat16 a tile is then written and read at half the
+# bytes, and the normaliser sums exactly the weights the values are multiplied by.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -115,27 +121,27 @@ def _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
     """Output, and each query's running max and sum of exp(score - max) over all keys (float32)."""
     b, t, n, h = q_btnh.shape
     kv = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-    count, keys = _padded(k_bskh, v_bskh, k_info, block)
+    q_bkgth = _by_kv_head(q_btnh, kv)
+    count, (k_bksh, v_bksh, k_info) = _padded(k_bskh, v_bskh, k_info, block)
+    v_bkhs = jnp.swapaxes(v_bksh, 2, 3)
 
     def step(index, carry):
-        max_bkgt, sum_bkgt, acc_bkgth = carry
-        k_bckh, v_bckh, k_info_block = _block(keys, index, block)
-        scores_bkgtc, _ = _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn, index, block, k_bskh.shape[1])
-        new_max_bkgt = jnp.maximum(max_bkgt, scores_bkgtc.max(axis=-1))
-        probs_bkgtc = jnp.exp(scores_bkgtc - new_max_bkgt[..., None])
+        max_bkgt, sum_bkgt, acc_bkhgt = carry
+        scores_bkcgt, _ = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, k_bskh.shape[1])
+        new_max_bkgt = jnp.maximum(max_bkgt, scores_bkcgt.max(axis=2))
+        probs_bkcgt = jnp.exp(scores_bkcgt - new_max_bkgt[:, :, None]).astype(v_bskh.dtype)
         rescale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
-        sum_bkgt = sum_bkgt * rescale_bkgt + probs_bkgtc.sum(axis=-1)
-        acc_bkgth = acc_bkgth * rescale_bkgt[..., None] + jnp.einsum(
-            "bkgtc,bckh->bkgth", probs_bkgtc.astype(v_bskh.dtype), v_bckh, preferred_element_type=jnp.float32)
-        return new_max_bkgt, sum_bkgt, acc_bkgth
+        sum_bkgt = sum_bkgt * rescale_bkgt + probs_bkcgt.sum(axis=2, dtype=jnp.float32)
+        acc_bkhgt = acc_bkhgt * rescale_bkgt[:, :, None] + jnp.einsum(
+            "bkhc,bkcgt->bkhgt", _slice(v_bkhs, index, block, 3), probs_bkcgt, preferred_element_type=jnp.float32)
+        return new_max_bkgt, sum_bkgt, acc_bkhgt
 
     stats_shape = (b, kv, n // kv, t)
     init = _varying_like((jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                          jnp.zeros((*stats_shape, h), jnp.float32)), (q_btnh, k_bskh, v_bskh, q_info, k_info))
-    max_bkgt, sum_bkgt, acc_bkgth = _over_blocks(count, step, init)
-    out_bkgth = acc_bkgth / sum_bkgt[..., None]
-    out_btnh = jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)
+                          jnp.zeros((b, kv, h, n // kv, t), jnp.float32)), (q_btnh, k_bskh, v_bskh, q_info, k_info))
+    max_bkgt, sum_bkgt, acc_bkhgt = _over_blocks(count, step, init)
+    out_bkhgt = acc_bkhgt / sum_bkgt[:, :, None]
+    out_btnh = jnp.transpose(out_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, n, h).astype(q_btnh.dtype)
     return out_btnh, max_bkgt, sum_bkgt
 
 
@@ -145,37 +151,39 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
     q_btnh, k_bskh, v_bskh, q_info, k_info, out_btnh, max_bkgt, sum_bkgt = residuals
     b, t, n, h = q_btnh.shape
     s, kv = k_bskh.shape[1], k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-    dout_btkgh = dout_btnh.reshape(b, t, kv, n // kv, h).astype(q_btnh.dtype)
+    q_bkgth = _by_kv_head(q_btnh, kv)
+    dout_bkgth = _by_kv_head(dout_btnh.astype(q_btnh.dtype), kv)
     # softmax's backward: dscore = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = dout . out per query
-    delta_bkgt = jnp.einsum("btkgh,btkgh->bkgt", dout_btkgh.astype(jnp.float32),
-                            out_btnh.reshape(b, t, kv, n // kv, h).astype(jnp.float32))
+    delta_bkgt = jnp.einsum("bkgth,bkgth->bkgt", dout_bkgth.astype(jnp.float32),
+                            _by_kv_head(out_btnh, kv).astype(jnp.float32))
     inv_sum_bkgt = 1.0 / sum_bkgt
     scale = h**-0.5
-    count, keys = _padded(k_bskh, v_bskh, k_info, block)
+    count, (k_bksh, v_bksh, k_info) = _padded(k_bskh, v_bskh, k_info, block)
+    k_bkhs = jnp.swapaxes(k_bksh, 2, 3)
 
     def step(index, carry):
-        dq_btkgh, dk_bskh, dv_bskh = carry
-        k_bckh, v_bckh, k_info_block = _block(keys, index, block)
-        scores_bkgtc, mask_btc = _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn, index, block, s)
-        probs_bkgtc = jnp.exp(scores_bkgtc - max_bkgt[..., None]) * inv_sum_bkgt[..., None]
-        dv_bckh = jnp.einsum("bkgtc,btkgh->bckh", probs_bkgtc.astype(v_bskh.dtype), dout_btkgh,
+        dq_bkhgt, dk_bksh, dv_bksh = carry
+        scores_bkcgt, mask_bct = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
+        probs_bkcgt = (jnp.exp(scores_bkcgt - max_bkgt[:, :, None]) * inv_sum_bkgt[:, :, None]).astype(v_bskh.dtype)
+        dv_bkch = jnp.einsum("bkcgt,bkgth->bkch", probs_bkcgt, dout_bkgth,
                              preferred_element_type=jnp.float32)
-        dprobs_bkgtc = jnp.einsum("btkgh,bckh->bkgtc", dout_btkgh, v_bckh, preferred_element_type=jnp.float32)
-        dscores_bkgtc = probs_bkgtc * (dprobs_bkgtc - delta_bkgt[..., None])
-        dscores_bkgtc = (jnp.where(mask_btc[:, None, None], dscores_bkgtc, 0.0) * scale).astype(q_btnh.dtype)
-        dq_btkgh = dq_btkgh + jnp.einsum("bkgtc,bckh->btkgh", dscores_bkgtc, k_bckh,
+        dprobs_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(v_bksh, index, block, 2), dout_bkgth,
+                                  preferred_element_type=jnp.float32)
+        dscores_bkcgt = probs_bkcgt * (dprobs_bkcgt - delta_bkgt[:, :, None])
+        dscores_bkcgt = (jnp.where(mask_bct[:, None, :, None], dscores_bkcgt, 0.0) * scale).astype(q_btnh.dtype)
+        dq_bkhgt = dq_bkhgt + jnp.einsum("bkhc,bkcgt->bkhgt", _slice(k_bkhs, index, block, 3), dscores_bkcgt,
                                          preferred_element_type=jnp.float32)
-        dk_bckh = jnp.einsum("bkgtc,btkgh->bckh", dscores_bkgtc, q_btkgh, preferred_element_type=jnp.float32)
-        dk_bskh = jax.lax.dynamic_update_slice_in_dim(dk_bskh, dk_bckh.astype(dk_bskh.dtype), index * block, axis=1)
-        dv_bskh = jax.lax.dynamic_update_slice_in_dim(dv_bskh, dv_bckh.astype(dv_bskh.dtype), index * block, axis=1)
-        return dq_btkgh, dk_bskh, dv_bskh
+        dk_bkch = jnp.einsum("bkcgt,bkgth->bkch", dscores_bkcgt, q_bkgth, preferred_element_type=jnp.float32)
+        dk_bksh = jax.lax.dynamic_update_slice_in_dim(dk_bksh, dk_bkch.astype(dk_bksh.dtype), index * block, axis=2)
+        dv_bksh = jax.lax.dynamic_update_slice_in_dim(dv_bksh, dv_bkch.astype(dv_bksh.dtype), index * block, axis=2)
+        return dq_bkhgt, dk_bksh, dv_bksh
 
-    init = _varying_like((jnp.zeros(q_btkgh.shape, jnp.float32), jnp.zeros_like(keys[0]), jnp.zeros_like(keys[1])),
-                         (residuals, dout_btnh))
-    dq_btkgh, dk_bskh, dv_bskh = _over_blocks(count, step, init)
+    init = _varying_like((jnp.zeros((b, kv, h, n // kv, t), jnp.float32), jnp.zeros_like(k_bksh),
+                          jnp.zeros_like(v_bksh)), (residuals, dout_btnh))
+    dq_bkhgt, dk_bksh, dv_bksh = _over_blocks(count, step, init)
     no_cotangent = jax.tree.map(lambda _: None, (q_info, k_info))
-    return (dq_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype), dk_bskh[:, :s], dv_bskh[:, :s], *no_cotangent)
+    dq_btnh = jnp.transpose(dq_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, n, h).astype(q_btnh.dtype)
+    return (dq_btnh, jnp.swapaxes(dk_bksh, 1, 2)[:, :s], jnp.swapaxes(dv_bksh, 1, 2)[:, :s], *no_cotangent)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -199,27 +207,35 @@ def _varying_like(init, inputs):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), init)
 
 
+def _by_kv_head(x_btnh: jnp.ndarray, kv: int) -> jnp.ndarray:
+    """[b, t, n, h] -> [b, k, g, t, h]: the heads grouped by the KV head they read, queries before features."""
+    b, t, n, h = x_btnh.shape
+    return jnp.transpose(x_btnh.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
+
+
 def _padded(k_bskh, v_bskh, k_info, block: int):
-    """The number of key blocks, and keys, values and key info filled up along s to that many whole blocks."""
+    """The number of key blocks; keys and values [b, k, s', h] and key info [b, s', ...], filled up along s to that
+    many whole blocks."""
     s = k_bskh.shape[1]
     count = -(-s // block)
 
     def pad(x):
         return jnp.pad(x, [(0, 0), (0, count * block - s)] + [(0, 0)] * (x.ndim - 2))
 
-    return count, (pad(k_bskh), pad(v_bskh), jax.tree.map(pad, k_info))
+    return count, (jnp.swapaxes(pad(k_bskh), 1, 2), jnp.swapaxes(pad(v_bskh), 1, 2), jax.tree.map(pad, k_info))
 
 
-def _block(keys, index, block: int):
-    """Block `index` of (keys, values, key info): [b, block, ...] each."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=1), keys)
+def _slice(x: jnp.ndarray, index, block: int, axis: int) -> jnp.ndarray:
+    """Key block `index` of `x`, whose keys run along `axis`."""
+    return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
 
 
-def _block_scores(q_btkgh, k_bckh, q_info, k_info_block, mask_fn: MaskFn, index, block: int, s: int):
-    """Scaled float32 scores [b, k, g, t, c] of key block `index`, masked, and the mask [b, t, c]."""
-    scores_bkgtc = jnp.einsum("btkgh,bckh->bkgtc", q_btkgh, k_bckh, preferred_element_type=jnp.float32)
-    scores_bkgtc = scores_bkgtc * (q_btkgh.shape[-1] ** -0.5)
-    mask_btc = mask_fn(q_info, k_info_block)
-    scores_bkgtc = jnp.where(mask_btc[:, None, None], scores_bkgtc, _MASKED)
+def _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn: MaskFn, index, block: int, s: int):
+    """Scaled float32 scores [b, k, c, g, t] of key block `index`, masked, and the mask [b, c, t]."""
+    scores_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(k_bksh, index, block, 2), q_bkgth,
+                              preferred_element_type=jnp.float32)
+    scores_bkcgt = scores_bkcgt * (q_bkgth.shape[-1] ** -0.5)
+    mask_bct = mask_fn(q_info, jax.tree.map(lambda x: _slice(x, index, block, 1), k_info))
+    scores_bkcgt = jnp.where(mask_bct[:, None, :, None], scores_bkcgt, _MASKED)
     real_c = index * block + jnp.arange(block) < s
-    return jnp.where(real_c, scores_bkgtc, -jnp.inf), mask_btc
+    return jnp.where(real_c[:, None, None], scores_bkcgt, -jnp.inf), mask_bct
