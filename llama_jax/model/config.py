@@ -13,7 +13,7 @@ ATTENTION_IMPLS = ("reference", "xla", "flash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "llama3")
 # How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "init_std", "max_seq_len")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "init_std", "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # one of ATTENTION_IMPLS
     remat: str = "dots_no_batch"  # one of REMAT_POLICIES
+    scan_layers: bool = True  # False: the layers unrolled (compile time grows with depth; see llama.apply_blocks)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -60,6 +61,9 @@ class LlamaConfig:
         for name, allowed in (("attention", ATTENTION_IMPLS), ("remat", REMAT_POLICIES), ("rope_type", ROPE_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"model.scan_layers={self.scan_layers!r} must be True (scan over the layers) or False "
+                              "(unrolled)")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")

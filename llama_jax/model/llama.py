@@ -134,9 +134,12 @@ LayersFn = Callable[[Block, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray],
 
 
 def apply_blocks(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, remat: str, attention: AttentionFn,
-                 after_block: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
-    """Runs stacked blocks (a leading layers axis) in order with `nnx.scan`, so compile time does not grow with
-    depth. `after_block` sees each block's output: the parallel code pins activations' sharding there."""
+                 scan: bool = True, after_block: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
+    """Runs stacked blocks (a leading layers axis) in order: with `nnx.scan`, so that compile time does not grow
+    with depth, or (`scan=False`) one layer after another, compiled once per layer. Unrolled, XLA keeps what the
+    backward pass needs of each layer in buffers of its own instead of writing it into stacked arrays; on CPU it
+    rewrites a whole stacked bfloat16 array for each layer's slice of it. `after_block` sees each block's output:
+    the parallel code pins activations' sharding there."""
 
     def apply_block(x_btd, block: Block):
         x_btd = block(x_btd, cos_btp, sin_btp, segment_ids_bt, attention)
@@ -144,7 +147,12 @@ def apply_blocks(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, rema
 
     if remat != "none":
         apply_block = nnx.remat(apply_block, policy=REMAT[remat])
-    return nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, blocks)
+    if scan:
+        return nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, blocks)
+    graphdef, stacked = nnx.split(blocks)
+    for layer in range(jax.tree.leaves(stacked)[0].shape[0]):
+        x_btd = apply_block(x_btd, nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], stacked)))
+    return x_btd
 
 
 class Llama(nnx.Module):
@@ -188,7 +196,7 @@ class Llama(nnx.Module):
         x_btd = self.embed_tokens(tokens_bt)
         if layers_fn is None:
             x_btd = apply_blocks(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt, remat=self.cfg.remat,
-                                 attention=ATTENTION[self.cfg.attention])
+                                 attention=ATTENTION[self.cfg.attention], scan=self.cfg.scan_layers)
         else:
             x_btd = layers_fn(self.layers, x_btd, cos_btp, sin_btp, segment_ids_bt)
         return self.norm(x_btd)

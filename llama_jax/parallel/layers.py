@@ -52,5 +52,5 @@ def _run_blocks(model_cfg: LlamaConfig, mesh: Mesh) -> LayersFn:
     reduced there)."""
     context = mesh.shape["context"]
     attention = context_attention(model_cfg.attention, context) if context > 1 else ATTENTION[model_cfg.attention]
-    return functools.partial(apply_blocks, remat=model_cfg.remat, attention=attention,
+    return functools.partial(apply_blocks, remat=model_cfg.remat, scan=model_cfg.scan_layers, attention=attention,
                              after_block=lambda x_btd: constrain(x_btd, ("batch", "length", None)))
