@@ -150,8 +150,14 @@ def apply_blocks(blocks: Block, x_btd, cos_btp, sin_btp, segment_ids_bt, *, rema
     if scan:
         return nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_btd, blocks)
     graphdef, stacked = nnx.split(blocks)
-    for layer in range(jax.tree.leaves(stacked)[0].shape[0]):
-        x_btd = apply_block(x_btd, nnx.merge(graphdef, jax.tree.map(lambda w: w[layer], stacked)))
+    leaves, treedef = jax.tree.flatten(stacked)
+    n_layers = leaves[0].shape[0]
+    # split, not indexing: the gradient of a split is one concatenation, that of each index a pad and an add
+    # over the whole stack
+    per_leaf = [jnp.split(leaf, n_layers) for leaf in leaves]
+    for layer in range(n_layers):
+        block = nnx.merge(graphdef, jax.tree.unflatten(treedef, [parts[layer][0] for parts in per_leaf]))
+        x_btd = apply_block(x_btd, block)
     return x_btd
 
 
