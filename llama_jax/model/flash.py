@@ -165,8 +165,7 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
         dq_bkhgt, dk_bksh, dv_bksh = carry
         scores_bkcgt, mask_bct = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
         probs_bkcgt = (jnp.exp(scores_bkcgt - max_bkgt[:, :, None]) * inv_sum_bkgt[:, :, None]).astype(v_bskh.dtype)
-        dv_bkch = jnp.einsum("bkcgt,bkgth->bkch", probs_bkcgt, dout_bkgth,
-                             preferred_element_type=jnp.float32)
+        dv_bkch = jnp.einsum("bkcgt,bkgth->bkch", probs_bkcgt, dout_bkgth, preferred_element_type=jnp.float32)
         dprobs_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(v_bksh, index, block, 2), dout_bkgth,
                                   preferred_element_type=jnp.float32)
         dscores_bkcgt = probs_bkcgt * (dprobs_bkcgt - delta_bkgt[:, :, None])
@@ -174,16 +173,20 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
         dq_bkhgt = dq_bkhgt + jnp.einsum("bkhc,bkcgt->bkhgt", _slice(k_bkhs, index, block, 3), dscores_bkcgt,
                                          preferred_element_type=jnp.float32)
         dk_bkch = jnp.einsum("bkcgt,bkgth->bkch", dscores_bkcgt, q_bkgth, preferred_element_type=jnp.float32)
-        dk_bksh = jax.lax.dynamic_update_slice_in_dim(dk_bksh, dk_bkch.astype(dk_bksh.dtype), index * block, axis=2)
-        dv_bksh = jax.lax.dynamic_update_slice_in_dim(dv_bksh, dv_bkch.astype(dv_bksh.dtype), index * block, axis=2)
+        dk_bksh = jax.lax.dynamic_update_slice_in_dim(dk_bksh, dk_bkch, index * block, axis=2)
+        dv_bksh = jax.lax.dynamic_update_slice_in_dim(dv_bksh, dv_bkch, index * block, axis=2)
         return dq_bkhgt, dk_bksh, dv_bksh
 
-    init = _varying_like((jnp.zeros((b, kv, h, n // kv, t), jnp.float32), jnp.zeros_like(k_bksh),
-                          jnp.zeros_like(v_bksh)), (residuals, dout_btnh))
+    # The key and value gradients are gathered in float32 and rounded once at the end: XLA's CPU backend writes a
+    # block into a bfloat16 array by converting the whole array to float32 and back, every block.
+    init = _varying_like((jnp.zeros((b, kv, h, n // kv, t), jnp.float32), jnp.zeros(k_bksh.shape, jnp.float32),
+                          jnp.zeros(v_bksh.shape, jnp.float32)), (residuals, dout_btnh))
     dq_bkhgt, dk_bksh, dv_bksh = _over_blocks(count, step, init)
     no_cotangent = jax.tree.map(lambda _: None, (q_info, k_info))
     dq_btnh = jnp.transpose(dq_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, n, h).astype(q_btnh.dtype)
-    return (dq_btnh, jnp.swapaxes(dk_bksh, 1, 2)[:, :s], jnp.swapaxes(dv_bksh, 1, 2)[:, :s], *no_cotangent)
+    dk_bskh = jnp.swapaxes(dk_bksh, 1, 2)[:, :s].astype(k_bskh.dtype)
+    dv_bskh = jnp.swapaxes(dv_bksh, 1, 2)[:, :s].astype(v_bskh.dtype)
+    return (dq_btnh, dk_bskh, dv_bskh, *no_cotangent)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
