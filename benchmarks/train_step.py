@@ -74,6 +74,11 @@ def tokens_for(size: str) -> np.ndarray:
 
 
 def run_llama_jax(size: str, steps: int) -> dict:
+    return time_llama_jax(model_cfg(size), tokens_for(size), steps)
+
+
+def time_llama_jax(cfg, tokens: np.ndarray, steps: int) -> dict:
+    """Our jitted, donated training step on one device for one batch of `tokens` [b, t], as `time_steps` gives."""
     import tempfile
 
     import jax
@@ -81,8 +86,6 @@ def run_llama_jax(size: str, steps: int) -> dict:
     from llama_jax import trainer
     from llama_jax.optim import lr_schedule
 
-    cfg = model_cfg(size)
-    tokens = tokens_for(size)
     b, t = tokens.shape
     run = trainer.setup(cfg, tempfile.mkdtemp(), devices=jax.devices()[:1])
     batch = run.to_global(dict(
@@ -105,28 +108,39 @@ def run_llama_jax(size: str, steps: int) -> dict:
 
 def run_torch(size: str, steps: int, dtype: str, compiled: bool) -> dict:
     import torch
+
+    torch.set_num_threads(os.cpu_count())
+    return time_torch(model_cfg(size).model, tokens_for(size), steps, dtype, compiled)
+
+
+def time_torch(m, tokens: np.ndarray, steps: int, dtype: str, compiled: bool, device: str = "cpu") -> dict:
+    """transformers' `LlamaForCausalLM` of our model section `m`, float32 parameters (under bfloat16 autocast when
+    `dtype` is bfloat16) and `torch.optim.AdamW`, one training step on `tokens`, as `time_steps` gives."""
+    import torch
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(os.cpu_count())
-    m = model_cfg(size).model
     hf_cfg = HFConfig(
         vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.ffn_dim, num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim or m.dim // m.n_heads,
         tie_word_embeddings=m.tie_embeddings, rms_norm_eps=m.norm_eps, max_position_embeddings=m.max_seq_len,
+        attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(hf_cfg).train()
+    model = LlamaForCausalLM(hf_cfg).to(device).train()
     forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    inputs = torch.tensor(tokens_for(size), dtype=torch.long)
+    # the fused (one-kernel) AdamW on a GPU, PyTorch's default elsewhere
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                  fused=True if device.startswith("cuda") else None)
+    inputs = torch.tensor(tokens, dtype=torch.long, device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = forward(input_ids=inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device
 
     seconds, compile_s = time_steps(step, steps)
     return {"seconds": seconds, "compile_s": compile_s}
@@ -151,12 +165,14 @@ def measure_torch_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def in_subprocess(*args: str, timeout: float = 3600) -> dict | None:
-    """One measurement in a fresh process; its result and peak resident memory, or None when it failed."""
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, timeout=timeout,
+def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__) -> dict | None:
+    """One measurement in a fresh process running `script --child ARGS`; its result and peak resident memory, or
+    None when it failed (its last lines of errors printed)."""
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, XLA_FLAGS="", TOKENIZERS_PARALLELISM="false"))
     if proc.returncode != 0:
-        print(f"  ({' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
+        errors = "\n    ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit status {proc.returncode}"
+        print(f"  ({' '.join(args)} failed:\n    {errors})")
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

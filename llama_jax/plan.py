@@ -239,14 +239,19 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     v, embed_d = local["embed"]
     rest = 24 * d + (2 * d + (2 * n + 2 * k) * h + 6 * f) * c
     no_batch = (2 * d + (n + 2 * k) * h + 2 * f) * c
-    flash = m.attention == "flash"
-    keys = min(FLASH_BLOCK, s) if flash else s
+    # The GPU kernels keep, like flash, O(t) statistics per head and no [t, s] probabilities, and their score tiles
+    # stay on chip. While a layer runs, cuDNN's same-document mask is a dense [t, s] bias (and its boolean source),
+    # and Triton's keys and values are repeated to one head per query head.
+    on_chip = m.attention in ("cudnn", "triton")
+    flash = m.attention == "flash" or on_chip
+    keys = 0 if on_chip else min(FLASH_BLOCK, s) if flash else s
+    kernel_inputs = {"cudnn": (c + 1) * s, "triton": 2 * n * h * c}.get(m.attention, 0)
     kept_attention = ({"dots": 8 * n, "none": 8 * n + n * h * c} if flash
                       else {"dots": 4 * n * s, "none": (4 + narrow) * n * s})
     per_layer = {"full": d * c, "dots_no_batch": no_batch, "dots": no_batch + n * h * c + kept_attention["dots"],
                  "none": rest + kept_attention["none"]}[m.remat]
     layer_weights = sum(math.prod(shape[1:]) for shape in jax.tree.leaves(local["layers"], is_leaf=_is_shape))
-    scores = (8 + 2 * c if flash else 16 + narrow) * n * keys + (8 * n * h + 12 * n if flash else 0)
+    scores = (8 + 2 * c if flash else 16 + narrow) * n * keys + (8 * n * h + 12 * n if flash else 0) + kernel_inputs
 
     def one_layer(t: int) -> int:
         return t * (rest + scores) + (c + narrow) * layer_weights

@@ -5,7 +5,9 @@ reads kv head i // (n // k), as in Llama's repeat_kv). Causal within a document:
 key j only when j <= i and both carry the same segment id.
 
 Each kernel also exists in a masked form (`MASKED_ATTENTION`) that takes the boolean [b, t, s] mask itself:
-context-parallel attention (parallel/context.py) builds its own mask over a permuted, gathered sequence.
+context-parallel attention (parallel/context.py) builds its own mask over a permuted, gathered sequence, and KV-cache
+decoding masks by the cache. The GPU kernels (gpu_attention.py) take segment ids only; their masked form is XLA's,
+which XLA's GPU backend fuses itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.model.flash import flash_masked, flash_segment_attention
+from llama_jax.model.gpu_attention import cudnn_attention, triton_attention
 
 AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -46,7 +49,8 @@ def xla_masked(q_btnh, k_bskh, v_bskh, mask_bts):
     return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None])
 
 
-MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked, "flash": flash_masked}
+MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked, "flash": flash_masked, "cudnn": xla_masked,
+                    "triton": xla_masked}
 
 
 def reference_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
@@ -58,4 +62,5 @@ def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
 
 
 ATTENTION: dict[str, AttentionFn] = {"reference": reference_attention, "xla": xla_attention,
-                                     "flash": flash_segment_attention}
+                                     "flash": flash_segment_attention, "cudnn": cudnn_attention,
+                                     "triton": triton_attention}

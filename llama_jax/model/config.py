@@ -9,7 +9,7 @@ import dataclasses
 
 from llama_jax.errors import ConfigError
 
-ATTENTION_IMPLS = ("reference", "xla", "flash")
+ATTENTION_IMPLS = ("reference", "xla", "flash", "cudnn", "triton")  # the last two: NVIDIA GPUs only
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "llama3")
 # How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.
@@ -67,6 +67,9 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention='cudnn' computes in bfloat16 or float16 only, and model.dtype is "
+                              "float32: set model.dtype='bfloat16' or choose another attention")
 
     @property
     def resolved_head_dim(self) -> int:

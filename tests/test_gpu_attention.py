@@ -1,0 +1,82 @@
+"""The NVIDIA GPU attention kernels (model/gpu_attention.py) on a machine without one.
+
+- Triton: the Pallas kernel, run through Pallas's interpreter, gives the reference attention's outputs and
+  gradients on packed rows (several documents, padding with segment id 0) under grouped-query attention, for a
+  sequence its block does not divide, in float32 and bfloat16.
+- Off a GPU, choosing either kernel is a ConfigError that names the fix, raised from the model's own forward pass;
+  cuDNN with float32 compute is one on construction.
+- The fit plan counts both without [t, t] scores, like flash, and cuDNN's dense same-document bias.
+cuDNN itself cannot be traced without a GPU; benchmarks/gpu.py checks it against the reference on one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from test_flash import BF16_ATOL_OF_MAX, F32_ATOL, SEGMENTS, assert_close, grads, qkv
+
+from llama_jax import plan as plan_lib
+from llama_jax.config import default_config, model_section
+from llama_jax.errors import ConfigError
+from llama_jax.model import Llama, preset
+from llama_jax.model.attention import ATTENTION, reference_attention
+from llama_jax.model.gpu_attention import triton_attention
+
+
+def reference_and_triton(q, k, v, block):
+    expected = jax.jit(grads, static_argnums=0)(lambda q, k, v: reference_attention(q, k, v, SEGMENTS), q, k, v)
+    got = jax.jit(grads, static_argnums=0)(
+        lambda q, k, v: triton_attention(q, k, v, SEGMENTS, interpret=True, block=block), q, k, v)
+    return expected, got
+
+
+@pytest.mark.parametrize("block", [16, 128])  # 40 tokens padded to 3 blocks of 16, or to one of 128
+def test_triton_equals_reference_in_float32(block):
+    q, k, v = qkv()
+    (expected, expected_grads), (out, got_grads) = reference_and_triton(q, k, v, block)
+    assert out.shape == expected.shape and out.dtype == jnp.float32
+    assert_close(out, expected, F32_ATOL)
+    for name, got, want in zip("qkv", got_grads, expected_grads):
+        assert np.abs(np.asarray(want)).max() > 0.1, name  # a gradient that could show an error
+        assert_close(got, want, F32_ATOL)
+
+
+def test_triton_equals_reference_in_bfloat16():
+    q, k, v = qkv(jnp.bfloat16, seed=1)
+    (expected, expected_grads), (out, got_grads) = reference_and_triton(q, k, v, 16)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got_grads)
+    assert_close(out, expected, BF16_ATOL_OF_MAX * np.abs(np.asarray(expected, np.float32)).max())
+    for got, want in zip(got_grads, expected_grads):
+        assert_close(got, want, BF16_ATOL_OF_MAX * np.abs(np.asarray(want, np.float32)).max())
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "triton"])
+def test_gpu_kernels_off_a_gpu_are_a_config_error_from_the_model(attention):
+    model = Llama(preset("debug", attention=attention), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=f"model.attention='{attention}' runs on NVIDIA GPUs only.*'flash'"):
+        model(jnp.zeros((1, 8), jnp.int32))
+
+
+def test_cudnn_with_float32_compute_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.attention='cudnn' computes in bfloat16 or float16 only"):
+        preset("debug", attention="cudnn", dtype="float32")
+
+
+def test_plan_counts_the_gpu_kernels_linear_in_the_sequence():
+    def activations(attention: str, seq: int) -> int:
+        cfg = default_config()
+        # a small vocabulary, so that the layers' activations outweigh the output layer's
+        cfg.model = model_section("llama3.2-1b", attention=attention, remat="full", vocab_size=8192)
+        cfg.data.batch_size, cfg.data.seq_len = 8, seq
+        cfg.mesh.data, cfg.mesh.fsdp = 1, 8
+        return plan_lib.plan(cfg, accelerator="h100").activation_bytes
+
+    for name in ("flash", "triton"):  # 4x the tokens: linear, less the fixed output-layer weights
+        assert 3.5 < activations(name, 32768) / activations(name, 8192) < 4.0, name
+    long = {name: activations(name, 131072) for name in ("flash", "triton", "cudnn", "xla")}
+    # no tiles of scores off chip; cuDNN's [t, t] bias; the reference's [n, t, t] scores
+    assert long["triton"] < long["flash"] < long["cudnn"] < long["xla"] / 4
