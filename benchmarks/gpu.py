@@ -1,6 +1,6 @@
 """Training-step throughput and MFU on one NVIDIA GPU: llama_jax against transformers + PyTorch on the same GPU.
 
-    python benchmarks/gpu.py [--sizes 1b,8b-4l] [--attention cudnn,triton] [--steps 10] [--remat dots_no_batch]
+    python benchmarks/gpu.py [--sizes 1b,8b-4l] [--attention cudnn[,triton]] [--steps 10] [--remat dots_no_batch]
 
 Sizes (bfloat16 compute; float32 parameters and AdamW state, as in training):
   1b     Llama 3.2-1B, 2 x 8,192 tokens;
@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from train_step import in_subprocess, time_llama_jax, time_steps, time_torch
+from train_step import in_subprocess, markdown_table, time_llama_jax, time_steps, time_torch
 
 # name: (preset, overrides, batch, seq_len)
 SIZES = {
@@ -161,17 +161,18 @@ def main() -> None:
         return child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1b,8b-4l")
-    parser.add_argument("--attention", default="cudnn,triton", help="llama_jax attention kernels to time")
+    parser.add_argument("--attention", default="cudnn", help="llama_jax attention kernels to time (e.g. cudnn,triton)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--remat", default="dots_no_batch", help="llama_jax's model.remat")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bfloat16 peak, when not in the table")
+    parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for llama_jax's processes")
     args = parser.parse_args()
     from llama_jax.config import model_config
     from llama_jax.model import flops_per_token, param_count
 
     def run(*child_args: str) -> dict | None:
-        return in_subprocess(*child_args, script=__file__)
+        return in_subprocess(*child_args, script=__file__, xla_flags=args.xla_flags)
 
     info = run("device", "-", "0")
     peak = args.peak_tflops or next((tflops for kind, tflops in sorted(PUBLISHED_PEAK.items(), key=lambda i: -len(i[0]))
@@ -219,10 +220,25 @@ def main() -> None:
             print(f"{size} ({row['params'] / 1e9:.2f}B, {row['batch']}x{row['seq']}) {attention}: llama_jax "
                   f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}, compile {row['compile_s']:.1f} s | "
                   f"{torch_text}" + (f" | ours / compile {row['ratio_vs_compile']:.2f}x" if compiled else ""))
+    print("\nThe table for README.md's Performance section:\n" + readme_table(rows))
     print(json.dumps({"device": info["device"], "peak_tflops": peak, "matmul_tflops": info["matmul_tflops"],
                       "checks": checks, "sizes": rows}))
     if failed:
         sys.exit(f"attention kernels that disagree with the reference: {', '.join(failed)}")
+
+
+def readme_table(rows: list[dict]) -> str:
+    def figure(value, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else format(value, spec) + suffix
+
+    return markdown_table(
+        ["size", "params", "batch x seq", "attention", "llama_jax tokens/s", "MFU", "compile", "peak memory",
+         "PyTorch eager", "torch.compile", "torch.compile MFU", "ours / compile"],
+        [[row["name"], f"{row['params'] / 1e9:.2f}B", f"{row['batch']} x {row['seq']:,}", row["attention"],
+          f"{row['tokens_per_s']:,.0f}", f"{row['mfu']:.1%}", f"{row['compile_s']:.1f} s",
+          figure(row["peak_memory_gb"], ".1f", " GB"), figure(row["torch_tokens_per_s"], ",.0f"),
+          figure(row["torch_compile_tokens_per_s"], ",.0f"), figure(row["torch_mfu"], ".1%"),
+          figure(row["ratio_vs_compile"], ".2f", "x")] for row in rows], "lrllrrrrrrrr")
 
 
 if __name__ == "__main__":

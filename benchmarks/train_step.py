@@ -165,11 +165,12 @@ def measure_torch_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__) -> dict | None:
-    """One measurement in a fresh process running `script --child ARGS`; its result and peak resident memory, or
-    None when it failed (its last lines of errors printed)."""
+def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__, xla_flags: str = "") -> dict | None:
+    """One measurement in a fresh process running `script --child ARGS` with `xla_flags` only (not the caller's:
+    the test suite's fake devices); its result and peak resident memory, or None when it failed (its last lines of
+    errors printed)."""
     proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, XLA_FLAGS="", TOKENIZERS_PARALLELISM="false"))
+                          env=dict(os.environ, XLA_FLAGS=xla_flags, TOKENIZERS_PARALLELISM="false"))
     if proc.returncode != 0:
         errors = "\n    ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit status {proc.returncode}"
         print(f"  ({' '.join(args)} failed:\n    {errors})")
@@ -234,7 +235,28 @@ def main() -> None:
               f"{row['tokens_per_s']:,.0f} tok/s (MFU {row['mfu']:.0%}, compile {row['compile_s']:.1f} s, "
               f"{row['peak_rss_mb']:,.0f} MB) | torch eager {best_dtype} {row['torch_tokens_per_s']:,.0f} "
               f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_text} | ratio {row['ratio']:.2f}x")
+    print("\nThe table for README.md's Performance section:\n" + readme_table(rows))
     print(json.dumps({"peak_gflops": peak, "matmul_gflops": matmuls, "sizes": rows}))
+
+
+def readme_table(rows: list[dict]) -> str:
+    def figure(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    return markdown_table(
+        ["size", "params", "batch x seq", "llama_jax tokens/s", "MFU", "compile", "peak RSS", "PyTorch eager",
+         "torch.compile", "ours / eager", "ours / compile"],
+        [[row["name"], f"{row['params'] / 1e6:.0f}M", f"{row['batch']} x {row['seq']:,}", f"{row['tokens_per_s']:,.0f}",
+          f"{row['mfu']:.0%}", f"{row['compile_s']:.1f} s", f"{row['peak_rss_mb'] / 1e3:.1f} GB",
+          f"{row['torch_tokens_per_s']:,.0f} ({row['torch_dtype']})", figure(row["torch_compile_tokens_per_s"], ",.0f"),
+          f"{row['ratio']:.2f}x", figure(row["ratio_vs_compile"], ".2f") + ("x" if row["ratio_vs_compile"] else "")]
+         for row in rows], "lrlrrrrrrrr")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]], align: str) -> str:
+    """A Markdown table; `align` has one letter per column, l(eft) or r(ight)."""
+    lines = [headers, ["---:" if a == "r" else "---" for a in align], *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """benchmarks/gpu.py runs end to end off a GPU (its "smoke" size), so that it still works when a GPU is lent.
 
 Its figures mean nothing here; what is checked is that each stage ran: the kernel checks (the Triton kernel through
-Pallas's interpreter within the bound, cuDNN skipped with the reason), our step and PyTorch's, and the JSON line.
+Pallas's interpreter within the bound, cuDNN skipped with the reason), our step and PyTorch's, the README table and the JSON line.
 """
 
 from __future__ import annotations
@@ -28,3 +28,4 @@ def test_gpu_benchmark_smoke_runs_every_stage_off_a_gpu():
     assert (row["name"], row["attention"], row["batch"], row["seq"]) == ("smoke", "flash", 2, 256)
     assert row["tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and row["mfu"] > 0
     assert row["ratio"] == row["tokens_per_s"] / row["torch_tokens_per_s"]
+    assert "| smoke | 0.00B | 2 x 256 | flash |" in proc.stdout  # the README's table
