@@ -11,6 +11,8 @@ cuDNN itself cannot be traced without a GPU; benchmarks/gpu.py checks it against
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +20,11 @@ import pytest
 from flax import nnx
 
 from test_flash import BF16_ATOL_OF_MAX, F32_ATOL, SEGMENTS, assert_close, grads, qkv
+from test_parallel import case_cfg, references  # noqa: F401 (a fixture)
+from test_trainer_step import BATCHES, Harness, assert_metrics_close, assert_states_close, setup_run
 
 from llama_jax import plan as plan_lib
-from llama_jax.config import default_config, model_section
+from llama_jax.config import default_config, model_section, validate
 from llama_jax.errors import ConfigError
 from llama_jax.model import Llama, preset
 from llama_jax.model.attention import ATTENTION, reference_attention
@@ -80,3 +84,31 @@ def test_plan_counts_the_gpu_kernels_linear_in_the_sequence():
     long = {name: activations(name, 131072) for name in ("flash", "triton", "cudnn", "xla")}
     # no tiles of scores off chip; cuDNN's [t, t] bias; the reference's [n, t, t] scores
     assert long["triton"] < long["flash"] < long["cudnn"] < long["xla"] / 4
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2)])
+def test_triton_on_a_mesh_runs_per_device_and_matches_one_device(references, mesh, monkeypatch):
+    """A Pallas call is opaque to XLA's partitioner, so parallel/layers.py runs it per device under a shard_map
+    (rows over data x fsdp, heads over tensor): the sharded step, through Pallas's interpreter, equals the
+    single-device step with XLA's attention."""
+    monkeypatch.setitem(ATTENTION, "triton", functools.partial(triton_attention, interpret=True, block=16))
+    workdir, get = references
+    reference = get("gqa")
+    cfg = case_cfg("gqa", mesh, {})
+    cfg.model.attention = "triton"
+    run = setup_run(cfg, workdir)
+    with jax.set_mesh(run.mesh):
+        jaxpr = str(jax.make_jaxpr(lambda params: run.model_def.merge(params).hidden(
+            jnp.zeros((8, 32), jnp.int32), layers_fn=run.layers_fn))(reference["init"].params))
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    states, metrics, _ = Harness(run).train(reference["init"], BATCHES)
+    assert_metrics_close(metrics, reference["metrics"], "triton")
+    assert_states_close(states, reference["states"], "triton")
+
+
+def test_triton_in_a_pipeline_is_a_config_error():
+    cfg = case_cfg("gqa", {}, {})
+    cfg.model.attention = "triton"
+    cfg.mesh.stage = 2
+    with pytest.raises(ConfigError, match="model.attention='triton' does not run inside the pipeline"):
+        validate(cfg)

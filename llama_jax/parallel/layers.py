@@ -4,13 +4,14 @@ the activations' sharding at block boundaries into the `LayersFn` the model is c
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from llama_jax.model import LlamaConfig
-from llama_jax.model.attention import ATTENTION
+from llama_jax.model.attention import ATTENTION, AttentionFn
 from llama_jax.model.llama import LayersFn, ModelDef, apply_blocks
 from llama_jax.parallel.context import context_attention
 from llama_jax.parallel.mesh import constrain
@@ -51,6 +52,42 @@ def _run_blocks(model_cfg: LlamaConfig, mesh: Mesh) -> LayersFn:
     never split over tensor (each tensor-parallel block ends in a row-parallel matmul whose partial sums are
     reduced there)."""
     context = mesh.shape["context"]
-    attention = context_attention(model_cfg.attention, context) if context > 1 else ATTENTION[model_cfg.attention]
+    if context > 1:
+        attention = context_attention(model_cfg.attention, context)
+    elif model_cfg.attention in PER_DEVICE_KERNELS:
+        attention = _per_device(ATTENTION[model_cfg.attention], model_cfg, mesh)
+    else:
+        attention = ATTENTION[model_cfg.attention]
     return functools.partial(apply_blocks, remat=model_cfg.remat, scan=model_cfg.scan_layers, attention=attention,
                              after_block=lambda x_btd: constrain(x_btd, ("batch", "length", None)))
+
+
+# Attention kernels that XLA's partitioner cannot split: a Pallas call is opaque to it, so on a mesh it would gather
+# every operand and compute all rows and heads on every device. They run per device under a shard_map instead.
+# (cuDNN's call carries its own partitioning rules in JAX.)
+PER_DEVICE_KERNELS = ("triton",)
+
+
+def _per_device(kernel: AttentionFn, model_cfg: LlamaConfig, mesh: Mesh) -> AttentionFn:
+    """`kernel` on each device's rows (split over data and fsdp) and heads (over tensor, when it divides both the
+    query and the KV heads; otherwise every tensor device computes all heads, as with fewer KV heads than devices
+    the projections already keep them all)."""
+    tensor = mesh.shape["tensor"]
+    heads = "tensor" if tensor > 1 and model_cfg.n_heads % tensor == 0 and model_cfg.n_kv_heads % tensor == 0 else None
+
+    def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
+        rows = tuple(axis for axis in ("data", "fsdp") if mesh.shape[axis] > 1)
+        if q_btnh.shape[0] % math.prod(mesh.shape[axis] for axis in rows):
+            rows = ()  # rows that do not split evenly: each device takes them all
+        manual = frozenset(rows + ((heads,) if heads else ()))
+        if not manual:
+            return kernel(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+        rows_spec = rows or None
+        heads_spec = P(rows_spec, None, heads, None)
+        # check_vma=False: a Pallas call does not say how its outputs vary over the manual axes
+        return jax.shard_map(kernel, in_specs=(heads_spec, heads_spec, heads_spec, P(rows_spec, None)),
+                             out_specs=heads_spec, axis_names=manual, check_vma=False)(q_btnh, k_bskh, v_bskh,
+                                                                                       segment_ids_bt)
+
+    return attention
+
