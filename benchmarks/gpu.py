@@ -71,7 +71,7 @@ def check_kernels() -> dict:
 
     from llama_jax.errors import ConfigError
     from llama_jax.model.attention import ATTENTION, reference_attention
-    from llama_jax.model.gpu_attention import triton_attention
+    from llama_jax.model.fused_attention import triton_attention
 
     on_gpu = jax.default_backend() == "gpu"
     b, t, n, k, h = 2, 1024 if on_gpu else 256, 8, 2, 64

@@ -15,7 +15,7 @@ import ml_collections
 
 from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import ConfigError
-from llama_jax.model.config import LlamaConfig
+from llama_jax.model.config import PALLAS_ATTENTION, LlamaConfig
 from llama_jax.model.presets import preset
 from llama_jax.phases import check_phases
 
@@ -318,10 +318,10 @@ def _check_mesh_fits_model(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"pipeline.schedule={cfg.pipeline.schedule!r} does not combine with mesh.tensor > 1 yet "
                               "(XLA cannot partition tensor-parallel collectives inside a stage's choice of unit): use "
                               "pipeline.schedule='gpipe' or 'circular' with tensor parallelism")
-        if model.attention == "triton":
-            raise ConfigError("model.attention='triton' does not run inside the pipeline (the Pallas kernel's "
-                              "gradients are not typed as varying over the pipeline's manual stage axis): use "
-                              "model.attention='cudnn' or 'flash' with mesh.stage > 1")
+        if model.attention in PALLAS_ATTENTION:
+            raise ConfigError(f"model.attention={model.attention!r} does not run inside the pipeline (the Pallas "
+                              "kernel's gradients are not typed as varying over the pipeline's manual stage axis): "
+                              "use model.attention='flash' (or 'cudnn' on GPUs) with mesh.stage > 1")
         microbatches = pipeline_microbatches(cfg)
         if cfg.pipeline.schedule == "circular" and microbatches < mesh.stage:
             raise ConfigError(f"the circular pipeline needs pipeline.microbatches >= mesh.stage ({mesh.stage}), got "

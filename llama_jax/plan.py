@@ -239,10 +239,10 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     v, embed_d = local["embed"]
     rest = 24 * d + (2 * d + (2 * n + 2 * k) * h + 6 * f) * c
     no_batch = (2 * d + (n + 2 * k) * h + 2 * f) * c
-    # The GPU kernels keep, like flash, O(t) statistics per head and no [t, s] probabilities, and their score tiles
-    # stay on chip. While a layer runs, cuDNN's same-document mask is a dense [t, s] bias (and its boolean source),
-    # and Triton's keys and values are repeated to one head per query head.
-    on_chip = m.attention in ("cudnn", "triton")
+    # The fused kernels keep, like flash, O(t) statistics per head and no [t, s] probabilities, and their score
+    # tiles stay on chip. While a layer runs, cuDNN's same-document mask is a dense [t, s] bias (and its boolean
+    # source), and Triton's keys and values are repeated to one head per query head.
+    on_chip = m.attention in ("cudnn", "triton", "splash")
     flash = m.attention == "flash" or on_chip
     keys = 0 if on_chip else min(FLASH_BLOCK, s) if flash else s
     kernel_inputs = {"cudnn": (c + 1) * s, "triton": 2 * n * h * c}.get(m.attention, 0)

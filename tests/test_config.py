@@ -263,8 +263,8 @@ def test_impossible_meshes_are_named(changes, fragments):
 
 def test_bad_model_choice_names_key():
     cfg = default_config()
-    cfg.model.attention = "splash"
-    assert_config_error(cfg, "model.attention", "'splash'")
+    cfg.model.attention = "ring"
+    assert_config_error(cfg, "model.attention", "'ring'")
 
 
 def test_config_error_is_the_cli_error_type():

@@ -6,8 +6,8 @@ key j only when j <= i and both carry the same segment id.
 
 Each kernel also exists in a masked form (`MASKED_ATTENTION`) that takes the boolean [b, t, s] mask itself:
 context-parallel attention (parallel/context.py) builds its own mask over a permuted, gathered sequence, and KV-cache
-decoding masks by the cache. The GPU kernels (gpu_attention.py) take segment ids only; their masked form is XLA's,
-which XLA's GPU backend fuses itself.
+decoding masks by the cache. The accelerators' fused kernels (fused_attention.py) take segment ids only; their masked
+form is XLA's, which XLA fuses itself on those backends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.model.flash import flash_masked, flash_segment_attention
-from llama_jax.model.gpu_attention import cudnn_attention, triton_attention
+from llama_jax.model.fused_attention import cudnn_attention, splash_attention, triton_attention
 
 AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -50,7 +50,7 @@ def xla_masked(q_btnh, k_bskh, v_bskh, mask_bts):
 
 
 MASKED_ATTENTION = {"reference": reference_masked, "xla": xla_masked, "flash": flash_masked, "cudnn": xla_masked,
-                    "triton": xla_masked}
+                    "triton": xla_masked, "splash": xla_masked}
 
 
 def reference_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
@@ -63,4 +63,4 @@ def xla_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt):
 
 ATTENTION: dict[str, AttentionFn] = {"reference": reference_attention, "xla": xla_attention,
                                      "flash": flash_segment_attention, "cudnn": cudnn_attention,
-                                     "triton": triton_attention}
+                                     "triton": triton_attention, "splash": splash_attention}

@@ -9,7 +9,9 @@ import dataclasses
 
 from llama_jax.errors import ConfigError
 
-ATTENTION_IMPLS = ("reference", "xla", "flash", "cudnn", "triton")  # the last two: NVIDIA GPUs only
+# cudnn and triton: NVIDIA GPUs only; splash: TPUs only (model/fused_attention.py)
+ATTENTION_IMPLS = ("reference", "xla", "flash", "cudnn", "triton", "splash")
+PALLAS_ATTENTION = ("triton", "splash")  # Pallas calls: opaque to XLA's partitioner (see parallel/layers.py)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "llama3")
 # How a model runs, not what it computes: a run may choose these freely when it starts from a checkpoint.

@@ -11,6 +11,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from llama_jax.model import LlamaConfig
+from llama_jax.model.config import PALLAS_ATTENTION
 from llama_jax.model.attention import ATTENTION, AttentionFn
 from llama_jax.model.llama import LayersFn, ModelDef, apply_blocks
 from llama_jax.parallel.context import context_attention
@@ -54,7 +55,7 @@ def _run_blocks(model_cfg: LlamaConfig, mesh: Mesh) -> LayersFn:
     context = mesh.shape["context"]
     if context > 1:
         attention = context_attention(model_cfg.attention, context)
-    elif model_cfg.attention in PER_DEVICE_KERNELS:
+    elif model_cfg.attention in PALLAS_ATTENTION:
         attention = _per_device(ATTENTION[model_cfg.attention], model_cfg, mesh)
     else:
         attention = ATTENTION[model_cfg.attention]
@@ -62,14 +63,10 @@ def _run_blocks(model_cfg: LlamaConfig, mesh: Mesh) -> LayersFn:
                              after_block=lambda x_btd: constrain(x_btd, ("batch", "length", None)))
 
 
-# Attention kernels that XLA's partitioner cannot split: a Pallas call is opaque to it, so on a mesh it would gather
-# every operand and compute all rows and heads on every device. They run per device under a shard_map instead.
-# (cuDNN's call carries its own partitioning rules in JAX.)
-PER_DEVICE_KERNELS = ("triton",)
-
-
 def _per_device(kernel: AttentionFn, model_cfg: LlamaConfig, mesh: Mesh) -> AttentionFn:
-    """`kernel` on each device's rows (split over data and fsdp) and heads (over tensor, when it divides both the
+    """A Pallas kernel is opaque to XLA's partitioner, so on a mesh XLA would gather every operand and compute all
+    rows and heads on every device (cuDNN's call carries its own partitioning rules in JAX). It runs instead as
+    `kernel` on each device's rows (split over data and fsdp) and heads (over tensor, when it divides both the
     query and the KV heads; otherwise every tensor device computes all heads, as with fewer KV heads than devices
     the projections already keep them all)."""
     tensor = mesh.shape["tensor"]
