@@ -175,6 +175,8 @@ def main() -> None:
         return in_subprocess(*child_args, script=__file__, xla_flags=args.xla_flags)
 
     info = run("device", "-", "0")
+    if info is None:
+        sys.exit("could not start JAX on this machine (its error is above)")
     peak = args.peak_tflops or next((tflops for kind, tflops in sorted(PUBLISHED_PEAK.items(), key=lambda i: -len(i[0]))
                                      if kind in info["device"]), None)
     if peak is None:
@@ -214,9 +216,8 @@ def main() -> None:
             row["ratio_vs_compile"] = row["tokens_per_s"] / row["torch_compile_tokens_per_s"] if compiled else None
             row["ratio"] = row["tokens_per_s"] / row["torch_tokens_per_s"] if eager else None
             rows.append(row)
-            torch_text = " | ".join(f"{label} {row[key]:,.0f} tok/s" for label, key in
-                                    (("torch eager", "torch_tokens_per_s"), ("torch.compile", "torch_compile_tokens_per_s"))
-                                    if row[key])
+            torch_runs = (("torch eager", "torch_tokens_per_s"), ("torch.compile", "torch_compile_tokens_per_s"))
+            torch_text = " | ".join(f"{label} {row[key]:,.0f} tok/s" for label, key in torch_runs if row[key])
             print(f"{size} ({row['params'] / 1e9:.2f}B, {row['batch']}x{row['seq']}) {attention}: llama_jax "
                   f"{row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}, compile {row['compile_s']:.1f} s | "
                   f"{torch_text}" + (f" | ours / compile {row['ratio_vs_compile']:.2f}x" if compiled else ""))

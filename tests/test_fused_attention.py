@@ -98,8 +98,8 @@ def test_plan_counts_the_fused_kernels_linear_in_the_sequence():
     assert long["splash"] < long["triton"] < long["flash"] < long["cudnn"] < long["xla"] / 4
 
 
-@pytest.mark.parametrize("kernel,mesh", [("triton", dict(data=2, fsdp=2, tensor=2)),
-                                         ("triton", dict(fsdp=4, tensor=2)), ("splash", dict(data=2, fsdp=2, tensor=2))])
+@pytest.mark.parametrize("kernel,mesh", [("triton", dict(data=2, fsdp=2, tensor=2)), ("triton", dict(fsdp=4, tensor=2)),
+                                         ("splash", dict(data=2, fsdp=2, tensor=2))])
 def test_pallas_kernel_on_a_mesh_runs_per_device_and_matches_one_device(references, kernel, mesh, monkeypatch):
     """A Pallas call is opaque to XLA's partitioner, so parallel/layers.py runs it per device under a shard_map
     (rows over data x fsdp, heads over tensor): the sharded step, through Pallas's interpreter, equals the

@@ -1,7 +1,8 @@
 """benchmarks/gpu.py runs end to end off a GPU (its "smoke" size), so that it still works when a GPU is lent.
 
 Its figures mean nothing here; what is checked is that each stage ran: the kernel checks (the Triton kernel through
-Pallas's interpreter within the bound, cuDNN skipped with the reason), our step and PyTorch's, the README table and the JSON line.
+Pallas's interpreter within the bound, cuDNN skipped with the reason), our step and PyTorch's, the README table and
+the JSON line.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from config_files import REPO
 
 def test_gpu_benchmark_smoke_runs_every_stage_off_a_gpu():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--sizes", "smoke", "--attention", "flash", "--steps", "1",
-         "--no-compile"], capture_output=True, text=True, timeout=600, cwd=REPO)
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--sizes", "smoke", "--attention", "flash",
+         "--steps", "1", "--no-compile"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["checks"]["cudnn"].startswith("skipped: model.attention='cudnn' runs on NVIDIA GPUs only")
