@@ -1,15 +1,14 @@
 """Attention forward + backward on this machine: time and XLA's compiled temporary memory of the reference, xla and
-flash implementations at a few sequence lengths, with flash's ratios to the others.
+flash implementations (and the machine's fused kernels: cudnn and triton on an NVIDIA GPU, splash on a TPU) at a few
+sequence lengths, with flash's ratios to the others.
 
     python benchmarks/attention.py [--seqs 1024,2048,4096] [--heads 8] [--kv_heads 2] [--head_dim 64] \
-        [--dtype bfloat16] [--repeats 3]
+        [--dtype bfloat16] [--repeats 3] [--impls reference,xla,flash,...]
 
 One packed row of the given length (four documents) with grouped-query attention. Memory is what XLA's buffer
 assignment reserves for temporaries (nothing is allocated to measure it), so the quadratic growth of the dense
-kernels' [t, t] scores and the linear growth of flash's [t, 512] tiles show at any length; times are the best of
-`--repeats` runs after one compile-and-warm-up run. Flash does the dense kernels' FLOPs (it skips no causally masked
-block), so its time differs from theirs by memory traffic and loop overhead; its point is memory. Ends with one JSON
-line of the figures.
+kernels' [t, t] scores and the linear growth of flash's [t, 256] tiles show at any length; times are the best of
+`--repeats` runs after one compile-and-warm-up run. Ends with one JSON line of the figures.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import numpy as np
 from llama_jax.model.attention import ATTENTION
 from llama_jax.model.flash import BLOCK
 
-IMPLEMENTATIONS = ("reference", "xla", "flash")
+FUSED = {"gpu": ("cudnn", "triton"), "tpu": ("splash",)}  # model/fused_attention.py, by backend
 
 
 def forward_backward(name: str):
@@ -67,7 +66,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", help="comma-separated kernels (default: reference, xla, flash and this machine's "
+                                        "fused ones)")
     args = parser.parse_args(argv)
+    default = ("reference", "xla", "flash", *FUSED.get(jax.default_backend(), ()))
+    implementations = tuple(args.impls.split(",")) if args.impls else default
+    if "flash" not in implementations or any(name not in ATTENTION for name in implementations):
+        parser.error(f"--impls={args.impls!r}: name kernels among {sorted(ATTENTION)}, flash included (the base of "
+                     "the ratios)")
+    elsewhere = [name for backend, names in FUSED.items() for name in names
+                 if name in implementations and backend != jax.default_backend()]
+    if elsewhere:
+        parser.error(f"--impls: {', '.join(elsewhere)} cannot run on this {jax.default_backend()} backend")
     try:
         seqs = [int(s) for s in args.seqs.split(",")]
     except ValueError:
@@ -81,17 +91,17 @@ def main(argv: list[str]) -> None:
     results = []
     for t in seqs:
         batch = inputs(t, args.heads, args.kv_heads, args.head_dim, jnp.dtype(args.dtype))
-        row = {name: measure(name, batch, args.repeats) for name in IMPLEMENTATIONS}
-        for name in IMPLEMENTATIONS:
+        row = {name: measure(name, batch, args.repeats) for name in implementations}
+        for name in implementations:
             figures = row[name]
             time_ratio = row["flash"]["seconds"] / figures["seconds"]
             memory_ratio = row["flash"]["temp_mib"] / figures["temp_mib"]
             print(f"{t:>6} {name:>9} {figures['seconds'] * 1e3:>9.1f} {figures['temp_mib']:>9.1f} "
                   f"{time_ratio:>10.2f}x {memory_ratio:>9.3f}x")
-        results.append({"seq": t, **{f"{name}_{key}": round(value, 4) for name in IMPLEMENTATIONS
+        results.append({"seq": t, **{f"{name}_{key}": round(value, 4) for name in implementations
                                      for key, value in row[name].items()}})
     growth = {name: round(results[-1][f"{name}_temp_mib"] / results[0][f"{name}_temp_mib"], 2)
-              for name in IMPLEMENTATIONS}
+              for name in implementations}
     print(f"temp memory growth from {seqs[0]} to {seqs[-1]} tokens ({seqs[-1] / seqs[0]:g}x): "
           + ", ".join(f"{name} {value}x" for name, value in growth.items()))
     print(json.dumps({"benchmark": "attention", "heads": args.heads, "kv_heads": args.kv_heads,
