@@ -127,7 +127,7 @@ def _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
 
     def step(index, carry):
         max_bkgt, sum_bkgt, acc_bkhgt = carry
-        scores_bkcgt, _ = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, k_bskh.shape[1])
+        scores_bkcgt = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, k_bskh.shape[1])
         new_max_bkgt = jnp.maximum(max_bkgt, scores_bkcgt.max(axis=2))
         probs_bkcgt = jnp.exp(scores_bkcgt - new_max_bkgt[:, :, None]).astype(v_bskh.dtype)
         rescale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
@@ -157,19 +157,22 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
     delta_bkgt = jnp.einsum("bkgth,bkgth->bkgt", dout_bkgth.astype(jnp.float32),
                             _by_kv_head(out_btnh, kv).astype(jnp.float32))
     inv_sum_bkgt = 1.0 / sum_bkgt
-    scale = h**-0.5
+    # A masked score's probability is exactly 0 in a row that sees some key, so its gradient is 0 without a mask.
+    # A row that sees no key (its max is still the masked value) averages all values uniformly, as the reference
+    # does; the reference's mask then stops every score gradient of that row, which its scale of 0 does here.
+    scale_bkgt = jnp.where(max_bkgt > _MASKED, h**-0.5, 0.0)
     count, (k_bksh, v_bksh, k_info) = _padded(k_bskh, v_bskh, k_info, block)
     k_bkhs = jnp.swapaxes(k_bksh, 2, 3)
 
     def step(index, carry):
         dq_bkhgt, dk_bksh, dv_bksh = carry
-        scores_bkcgt, mask_bct = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
+        scores_bkcgt = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
         probs_bkcgt = (jnp.exp(scores_bkcgt - max_bkgt[:, :, None]) * inv_sum_bkgt[:, :, None]).astype(v_bskh.dtype)
         dv_bkch = jnp.einsum("bkcgt,bkgth->bkch", probs_bkcgt, dout_bkgth, preferred_element_type=jnp.float32)
         dprobs_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(v_bksh, index, block, 2), dout_bkgth,
                                   preferred_element_type=jnp.float32)
-        dscores_bkcgt = probs_bkcgt * (dprobs_bkcgt - delta_bkgt[:, :, None])
-        dscores_bkcgt = (jnp.where(mask_bct[:, None, :, None], dscores_bkcgt, 0.0) * scale).astype(q_btnh.dtype)
+        dscores_bkcgt = probs_bkcgt * (dprobs_bkcgt - delta_bkgt[:, :, None]) * scale_bkgt[:, :, None]
+        dscores_bkcgt = dscores_bkcgt.astype(q_btnh.dtype)
         dq_bkhgt = dq_bkhgt + jnp.einsum("bkhc,bkcgt->bkhgt", _slice(k_bkhs, index, block, 3), dscores_bkcgt,
                                          preferred_element_type=jnp.float32)
         dk_bkch = jnp.einsum("bkcgt,bkgth->bkch", dscores_bkcgt, q_bkgth, preferred_element_type=jnp.float32)
@@ -234,11 +237,11 @@ def _slice(x: jnp.ndarray, index, block: int, axis: int) -> jnp.ndarray:
 
 
 def _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn: MaskFn, index, block: int, s: int):
-    """Scaled float32 scores [b, k, c, g, t] of key block `index`, masked, and the mask [b, c, t]."""
+    """Scaled float32 scores [b, k, c, g, t] of key block `index`, masked."""
     scores_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(k_bksh, index, block, 2), q_bkgth,
                               preferred_element_type=jnp.float32)
     scores_bkcgt = scores_bkcgt * (q_bkgth.shape[-1] ** -0.5)
     mask_bct = mask_fn(q_info, jax.tree.map(lambda x: _slice(x, index, block, 1), k_info))
     scores_bkcgt = jnp.where(mask_bct[:, None, :, None], scores_bkcgt, _MASKED)
     real_c = index * block + jnp.arange(block) < s
-    return jnp.where(real_c[:, None, None], scores_bkcgt, -jnp.inf), mask_bct
+    return jnp.where(real_c[:, None, None], scores_bkcgt, -jnp.inf)
