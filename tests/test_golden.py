@@ -15,13 +15,13 @@ from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 GOLDEN_OVERRIDES = ("--config.train.steps=30", "--config.optim.warmup_steps=10", "--config.train.log_every=1",
                     "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000")
 GOLDEN = [
-    9.05941, 9.04395, 8.93048, 8.63797, 8.42915, 8.27299,
-    8.16869, 7.79815, 7.67017, 7.39449, 7.20846, 7.04281,
-    7.20920, 7.19865, 7.15069, 6.77271, 6.88286, 7.00301,
-    6.74403, 7.02213, 6.92372, 6.92336, 6.97998, 6.72489,
-    6.77984, 6.78326, 6.86064, 6.73604, 6.56061, 6.79295,
+    9.05941, 9.04395, 8.93051, 8.63798, 8.42913, 8.27299,
+    8.16870, 7.79819, 7.67012, 7.39444, 7.20842, 7.04282,
+    7.20918, 7.19868, 7.15075, 6.77240, 6.88284, 7.00283,
+    6.74406, 7.02262, 6.92387, 6.92267, 6.98166, 6.72488,
+    6.78142, 6.78449, 6.85986, 6.73472, 6.56038, 6.79271,
 ]
-GOLDEN_EVAL_LOSS = 6.82932
+GOLDEN_EVAL_LOSS = 6.82975
 
 
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):

@@ -12,7 +12,7 @@ from llama_jax import trainer
 from llama_jax.config import default_config, model_section
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
-from llama_jax.objectives import lm_loss_sum
+from llama_jax.objectives import lm_loss_sum, token_nll
 from llama_jax.optim import lr_schedule, make_optimizer
 
 
@@ -89,3 +89,24 @@ def test_z_loss_adds_the_squared_log_normaliser_in_whole_and_in_chunks():
         np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     plain, _ = lm_loss_sum(lambda x: x @ w_dv, h_btd, targets_bt, mask_bt)
     assert float(total) - float(plain) > 1e-2  # the z term is there and not negligible here
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_token_nll_gradient_is_autodiffs_of_its_formula(z_loss):
+    """`token_nll` writes its gradient out (softmax x (1 + 2 z log Z) - onehot: one pass over the logits); values and
+    gradients under a random cotangent equal autodiff's of log Z - logit[target] + z log Z^2."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    logits = jax.random.normal(keys[0], (3, 24, 50)) * 3
+    targets = jax.random.randint(keys[1], (3, 24), 0, 50)
+    cotangent = jax.random.normal(keys[2], (3, 24))
+
+    def formula(logits):
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] + z_loss * log_z**2
+
+    expected, expected_vjp = jax.vjp(formula, logits)
+    got, got_vjp = jax.vjp(lambda logits: token_nll(logits, targets, z_loss), logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    (want,), (have,) = expected_vjp(cotangent), got_vjp(cotangent)
+    assert float(jnp.abs(want).max()) > 0.1
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
