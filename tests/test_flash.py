@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from test_trainer_step import BATCHES, Harness, assert_metrics_close, assert_states_close, make_cfg, setup_run
+from test_trainer_step import BATCHES, Harness, assert_steps_match, make_cfg, setup_run
 
 from llama_jax import plan as plan_lib
 from llama_jax.config import default_config, model_section, validate
@@ -222,9 +222,7 @@ def test_context_parallel_flash_step_equals_single_device_reference_step(single_
     init, expected_states, expected_metrics = single_device_reference
     run = setup_run(step_cfg("flash", mesh), tmp_path)
     assert {axis: size for axis, size in run.mesh.shape.items() if size > 1} == mesh
-    states, metrics, _ = Harness(run).train(init, BATCHES)
-    assert_metrics_close(metrics, expected_metrics, "flash")
-    assert_states_close(states, expected_states, "flash")
+    assert_steps_match(Harness(run), init, expected_states, expected_metrics, "flash")
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -23,7 +23,7 @@ from flax import nnx
 
 from test_flash import BF16_ATOL_OF_MAX, F32_ATOL, SEGMENTS, assert_close, grads, qkv
 from test_parallel import case_cfg, references  # noqa: F401 (a fixture)
-from test_trainer_step import BATCHES, Harness, assert_metrics_close, assert_states_close, setup_run
+from test_trainer_step import Harness, assert_steps_match, setup_run
 
 from llama_jax import plan as plan_lib
 from llama_jax.config import default_config, model_section, validate
@@ -115,9 +115,7 @@ def test_pallas_kernel_on_a_mesh_runs_per_device_and_matches_one_device(referenc
         jaxpr = str(jax.make_jaxpr(lambda params: run.model_def.merge(params).hidden(
             jnp.zeros((8, 32), jnp.int32), layers_fn=run.layers_fn))(reference["init"].params))
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr
-    states, metrics, _ = Harness(run).train(reference["init"], BATCHES)
-    assert_metrics_close(metrics, reference["metrics"], kernel)
-    assert_states_close(states, reference["states"], kernel)
+    assert_steps_match(Harness(run), reference["init"], reference["states"], reference["metrics"], kernel)
 
 
 @pytest.mark.parametrize("kernel", PALLAS)

@@ -33,16 +33,18 @@ LR = 1e-3
 # Tolerances (float32 everywhere), with the largest differences measured on 8 fake CPU devices in brackets.
 # Loss and gradient norm: reductions summed in another order. [loss 2.3e-7, grad_norm 1.1e-7 relative]
 LOSS_RTOL = 2e-6
-# AdamW moments: after step 0 they are the gradient itself (mu = 0.1 g, nu = 0.05 g^2), so this is a gradient
-# comparison, with an absolute part relative to each tensor's largest entry (a sum's rounding error scales with
-# its largest terms, not with the small result). Step 1's gradient is taken at parameters that already differ by
-# the amount below, hence its looser bound. [up to 1.2e-6 after step 0, 2.3e-5 after step 1]
-OPT_RTOL, OPT_ATOL_OF_MAX = [1e-5, 1e-5], [1e-5, 1e-4]
-# Parameters: AdamW's update m / (sqrt(v) + eps) is about lr * sign(g) and scale-free, so a gradient entry
-# near eps (1e-8) whose last bits differ moves the update by a fraction of lr. The bound is relative to lr: a
-# real error (a missing all-reduce, a wrong microbatch) moves parameters by ~lr = 1e-3 and a gradient scale
-# error shows in grad_norm and the moments above. [up to 5.8e-6 absolute, i.e. 5.8e-3 * lr]
-PARAM_RTOL, PARAM_ATOL = [1e-5, 1e-5], [2e-2 * LR, 2e-2 * LR]
+# AdamW moments: each step is also run from the reference's own state before it, so that its moments compare one
+# step's gradient at equal parameters (after step 0 mu = 0.1 g and nu = 0.05 g^2, later steps fold in the same
+# previous moments). An absolute part is relative to each tensor's largest entry: a sum's rounding error scales with
+# its largest terms, not with the small result. [up to 1.2e-6]
+# (Chained from step 0, step 1's gradient is taken at parameters that already differ by the amount below: AdamW
+# amplifies rounding there, and the moments' difference measures that chaos (9e-5 to 1.1e-4), not the step.)
+OPT_RTOL, OPT_ATOL_OF_MAX = 1e-5, 1e-5
+# Parameters, chained over the steps as training runs them: AdamW's update m / (sqrt(v) + eps) is about lr * sign(g)
+# and scale-free, so a gradient entry near eps (1e-8) whose last bits differ moves the update by a fraction of lr.
+# The bound is relative to lr: a real error (a missing all-reduce, a wrong microbatch) moves parameters by ~lr = 1e-3
+# and a gradient scale error shows in grad_norm and the moments above. [up to 1.1e-5 absolute, i.e. 1.1e-2 * lr]
+PARAM_RTOL, PARAM_ATOL = 1e-5, 2e-2 * LR
 
 # LLVM at -O0 halves the CPU compile time of each step (the tests compile eight); the program, its shardings and
 # the SPMD partitioning are the ones trainer._loop compiles.
@@ -166,12 +168,23 @@ def assert_trees_close(actual, expected, rtol: float, atol: float, what: str, *,
                                    err_msg=f"{what}: {key}")
 
 
-def assert_states_close(states: list, expected_states: list, what: str):
-    """Parameters and AdamW moments after each step, with the per-step tolerances above."""
-    for i, (state, expected) in enumerate(zip(states, expected_states, strict=True)):
-        assert_trees_close(state.params, expected.params, PARAM_RTOL[i], PARAM_ATOL[i], f"{what}: params after step {i}")
-        assert_trees_close(state.opt_state, expected.opt_state, OPT_RTOL[i], 0, f"{what}: opt_state after step {i}",
-                           atol_of_max=OPT_ATOL_OF_MAX[i])
+def assert_steps_match(harness: Harness, init, expected_states: list, expected_metrics: list, what: str):
+    """BATCHES' steps chained from `init`, as training runs them: losses, gradient norms, learning rates and parameters
+    against the reference's; and every step from the reference's state before it: AdamW moments (see the tolerances
+    above). Returns the chained run's last state, on its devices."""
+    states, metrics, device_state = harness.train(init, BATCHES)
+    assert_metrics_close(metrics, expected_metrics, what)
+    befores = [init, *expected_states[:-1]]
+    for i, (state, before, batch, expected) in enumerate(zip(states, befores, BATCHES, expected_states, strict=True)):
+        one_step = state if i == 0 else harness.train(before, [batch])[0][0]
+        print(f"\n{what} step {i}: loss rel {abs(float(metrics[i]['loss']) / float(expected_metrics[i]['loss']) - 1):.1e}, "
+              f"grad_norm rel {abs(float(metrics[i]['grad_norm']) / float(expected_metrics[i]['grad_norm']) - 1):.1e}, "
+              f"params abs {max_abs_diff(state.params, expected.params):.1e}, "
+              f"opt_state (of leaf max) {max_diff_of_max(one_step.opt_state, expected.opt_state):.1e}", end="")
+        assert_trees_close(state.params, expected.params, PARAM_RTOL, PARAM_ATOL, f"{what}: params after step {i}")
+        assert_trees_close(one_step.opt_state, expected.opt_state, OPT_RTOL, 0, f"{what}: opt_state after step {i}",
+                           atol_of_max=OPT_ATOL_OF_MAX)
+    return device_state
 
 
 def assert_metrics_close(actual: list[dict], expected: list[dict], what: str):
@@ -179,15 +192,6 @@ def assert_metrics_close(actual: list[dict], expected: list[dict], what: str):
         np.testing.assert_allclose(a["loss"], e["loss"], rtol=LOSS_RTOL, err_msg=f"{what}: loss at step {i}")
         np.testing.assert_allclose(a["grad_norm"], e["grad_norm"], rtol=LOSS_RTOL, err_msg=f"{what}: grad_norm {i}")
         np.testing.assert_allclose(a["lr"], e["lr"], rtol=1e-7, err_msg=f"{what}: lr at step {i}")
-
-
-def report(what, states, metrics, reference):
-    """Largest differences from the reference per step (shown with pytest -s; used to pick the tolerances)."""
-    for i, (state, m, expected, e) in enumerate(zip(states, metrics, reference["states"], reference["metrics"])):
-        print(f"\n{what} step {i}: loss rel {abs(float(m['loss']) / float(e['loss']) - 1):.1e}, "
-              f"grad_norm rel {abs(float(m['grad_norm']) / float(e['grad_norm']) - 1):.1e}, "
-              f"params abs {max_abs_diff(state.params, expected.params):.1e}, "
-              f"opt_state (of leaf max) {max_diff_of_max(state.opt_state, expected.opt_state):.1e}", end="")
 
 
 def leaves_with_sharding(tree) -> dict:
@@ -288,11 +292,8 @@ def test_sharded_step_matches_single_device(reference, workdir, mesh):
     run = harness.run
     assert run.mesh.devices.size == 8
     assert {k: v for k, v in run.mesh.shape.items() if v > 1} == {k: v for k, v in mesh.items() if v > 1}
-    states, metrics, device_state = harness.train(reference["init"], BATCHES)
-
-    report(f"mesh {mesh}", states, metrics, reference)
-    assert_metrics_close(metrics, reference["metrics"], f"mesh {mesh}")
-    assert_states_close(states, reference["states"], f"mesh {mesh}")
+    device_state = assert_steps_match(harness, reference["init"], reference["states"], reference["metrics"],
+                                      f"mesh {mesh}")
 
     # the updated state really is laid out as the rules say: wq [layers, embed, heads, head_dim]
     fsdp, tensor = run.mesh.shape["fsdp"], run.mesh.shape["tensor"]
@@ -319,10 +320,8 @@ def test_a_loss_in_chunks_trains_as_the_whole_loss(reference, workdir, mesh, sch
     cfg = make_cfg(**mesh)
     cfg.objective.loss_chunk_len, cfg.pipeline.schedule = 8, schedule
     harness = Harness(setup_run(cfg, workdir, devices=jax.devices()[:1] if not mesh else None))
-    states, metrics, _ = harness.train(reference["init"], BATCHES)
-    report(f"chunked loss, mesh {mesh}", states, metrics, reference)
-    assert_metrics_close(metrics, reference["metrics"], f"chunked loss, mesh {mesh}")
-    assert_states_close(states, reference["states"], f"chunked loss, mesh {mesh}")
+    assert_steps_match(harness, reference["init"], reference["states"], reference["metrics"],
+                       f"chunked loss, mesh {mesh}")
 
 
 def test_sharded_init_matches_single_device(reference, workdir):
@@ -354,10 +353,8 @@ def test_naive_mean_of_microbatch_means_would_differ(reference, init_logits):
 def test_grad_accum_matches_full_batch(reference, workdir, grad_accum, mesh):
     cfg = make_cfg(grad_accum=grad_accum, **(mesh or {}))
     run = setup_run(cfg, workdir, devices=None if mesh else jax.devices()[:1])
-    states, metrics, _ = Harness(run).train(reference["init"], BATCHES)
-    report(f"grad_accum={grad_accum} mesh {mesh}", states, metrics, reference)
-    assert_metrics_close(metrics, reference["metrics"], f"grad_accum={grad_accum}")
-    assert_states_close(states, reference["states"], f"grad_accum={grad_accum}")
+    assert_steps_match(Harness(run), reference["init"], reference["states"], reference["metrics"],
+                       f"grad_accum={grad_accum} mesh {mesh}")
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

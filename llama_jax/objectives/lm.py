@@ -39,13 +39,14 @@ def _token_nll_fwd(logits_btv, targets_bt, z_loss):
 
 def _token_nll_bwd(z_loss, residuals, g_bt):
     """softmax x (1 + 2 z log Z) - onehot(target), times the cotangent: written out so that it is one pass over the
-    [tokens, vocabulary] logits (autodiff's form writes the float32 softmax and reads it back twice)."""
+    [tokens, vocabulary] logits (autodiff's form writes the float32 softmax and reads it back twice). The one-hot
+    part is a scatter into that pass's output, in place: as a select over the vocabulary XLA fuses it into both of
+    the gradient's consumers (the two matmuls) and keeps the softmax as a third [tokens, vocabulary] buffer."""
     logits_btv, targets_bt, log_z_bt = residuals
     weight_bt = g_bt * (1.0 + 2.0 * z_loss * log_z_bt)
-    vocab_v = jnp.arange(logits_btv.shape[-1], dtype=targets_bt.dtype)
-    dlogits_btv = (jnp.exp(logits_btv - log_z_bt[..., None]) * weight_bt[..., None]
-                   - jnp.where(vocab_v == targets_bt[..., None], g_bt[..., None], 0.0))
-    return dlogits_btv, None
+    dlogits_btv = jnp.exp(logits_btv - log_z_bt[..., None]) * weight_bt[..., None]
+    rows = tuple(jnp.indices(targets_bt.shape, sparse=True))
+    return dlogits_btv.at[(*rows, targets_bt)].add(-g_bt), None
 
 
 _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
