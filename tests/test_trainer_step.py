@@ -124,13 +124,17 @@ class Harness:
         )
 
     def train(self, host_state: trainer.TrainState, batches):
-        """Steps from a host copy of the state; returns (host states after each step, host metrics, device state)."""
+        """Steps from a host copy of the state; returns (host states after each step, host metrics, device state).
+
+        Host states are numpy copies: on CPU, jax.device_get returns views of the device buffers and device_put aliases
+        numpy memory, so without copies a state that later steps donate would share memory with the host states the
+        tests keep and feed back in."""
         states, metrics = [], []
         with jax.set_mesh(self.run.mesh):
-            state = jax.device_put(host_state, self.run.state_shardings)
+            state = jax.device_put(jax.tree.map(np.array, host_state), self.run.state_shardings)
             for batch in batches:
                 state, step_metrics = self.step(state, self.run.to_global(batch))
-                states.append(jax.device_get(state))
+                states.append(jax.tree.map(np.array, jax.device_get(state)))
                 metrics.append(jax.device_get(step_metrics))
         return states, metrics, state
 
