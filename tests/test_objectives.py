@@ -110,3 +110,20 @@ def test_token_nll_gradient_is_autodiffs_of_its_formula(z_loss):
     (want,), (have,) = expected_vjp(cotangent), got_vjp(cotangent)
     assert float(jnp.abs(want).max()) > 0.1
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_gradient_holds_two_logits_sized_buffers():
+    """The loss's forward and backward over [2,048 x 8,192] float32 logits (64 MiB): the logits, then their gradient
+    and its transposed copy for the weight gradient; XLA's CPU backend needs nothing else that size. (The one-hot
+    written as a select over the vocabulary made it keep the softmax as a third: 192 MiB.)"""
+    t, d, v = 2048, 64, 8192
+
+    def loss(w_dv, h_btd, targets_bt, mask_bt):
+        return lm_loss_sum(lambda x: x @ w_dv, h_btd, targets_bt, mask_bt)[0]
+
+    args = (jax.ShapeDtypeStruct((d, v), jnp.float32), jax.ShapeDtypeStruct((1, t, d), jnp.float32),
+            jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1, t), jnp.float32))
+    temp = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    logits_bytes = t * v * 4
+    print(f"\nscratch {temp / 2**20:.0f} MiB, logits {logits_bytes / 2**20:.0f} MiB")
+    assert temp < 2.25 * logits_bytes
