@@ -217,9 +217,10 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
       and the two in the compute dtype for the matmuls; XLA fuses the rest); its weights gathered over fsdp and
       cast, and their gradient; flash attention adds t·F, F = 8·n·h + 12·n: its float32 running output and query
       gradient, and the per-query statistics;
-      the output layer and loss, t·(12·d + c·d + (8 + c')·v) + (c + c')·v·d: the final norm's float32
-      intermediates, the logits' float32 exp and gradient (and its copy), the weight gathered and cast, and its
-      gradient.
+      the output layer and loss, t·(12·d + c·d + 8·v) + (c + c')·v·d: the final norm's float32 intermediates; the
+      float32 logits, their gradient rounded to the compute dtype (objectives/lm.py writes it once) and its copy
+      transposed for the weight gradient, 4 + 2c = 8 bytes (in float32 the gradient takes the logits' buffer: 2c);
+      the weight gathered and cast, and its gradient.
     No pipeline: kept = L·T·per_layer; working = the larger transient on T tokens.
     GPipe and circular (autodiff of a loop of R·M + P - 1 ticks, each L / (P·R) layers on T / M tokens; the bubble
     ticks keep residuals too): kept = ticks · L / (P·R) · T / M · per_layer + 2·T·d·c (the microbatch buffer and its
@@ -257,7 +258,7 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
         return t * (rest + scores) + (c + narrow) * layer_weights
 
     def head(t: int) -> int:
-        return t * (12 * d + c * d + (8 + narrow) * v) + (c + narrow) * v * embed_d
+        return t * (12 * d + c * d + 8 * v) + (c + narrow) * v * embed_d
 
     micro_tokens, chunk = tokens // microbatches, m.n_layers // (stages * repeats)
     if schedule in SCHEDULED_PIPELINES:
