@@ -181,8 +181,9 @@ def assert_steps_match(harness: Harness, init, expected_states: list, expected_m
     befores = [init, *expected_states[:-1]]
     for i, (state, before, batch, expected) in enumerate(zip(states, befores, BATCHES, expected_states, strict=True)):
         one_step = state if i == 0 else harness.train(before, [batch])[0][0]
-        print(f"\n{what} step {i}: loss rel {abs(float(metrics[i]['loss']) / float(expected_metrics[i]['loss']) - 1):.1e}, "
-              f"grad_norm rel {abs(float(metrics[i]['grad_norm']) / float(expected_metrics[i]['grad_norm']) - 1):.1e}, "
+        loss_rel, norm_rel = (abs(float(metrics[i][key]) / float(expected_metrics[i][key]) - 1)
+                              for key in ("loss", "grad_norm"))
+        print(f"\n{what} step {i}: loss rel {loss_rel:.1e}, grad_norm rel {norm_rel:.1e}, "
               f"params abs {max_abs_diff(state.params, expected.params):.1e}, "
               f"opt_state (of leaf max) {max_diff_of_max(one_step.opt_state, expected.opt_state):.1e}", end="")
         assert_trees_close(state.params, expected.params, PARAM_RTOL, PARAM_ATOL, f"{what}: params after step {i}")
