@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -110,7 +109,7 @@ class Supervisor:
         self.log_path = self.workdir / LOG_FILE
         self.child: subprocess.Popen | None = None
         self._signals = 0
-        self._stop = threading.Event()
+        self._stopped = False  # set by the signal handler
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -126,7 +125,7 @@ class Supervisor:
             started = time.time()
             code = self._run_child(first_step_file, pending)
             died = time.time()
-            if code in (exit_codes.FINISHED, exit_codes.CONFIG) or self._stop.is_set():
+            if code in (exit_codes.FINISHED, exit_codes.CONFIG) or self._stopped:
                 return self._end(code, interruptions)
             if newest_checkpoint(self.workdir) > newest_before:
                 failures = 0
@@ -138,7 +137,7 @@ class Supervisor:
             failures += 1
             interruptions += 1
             pending = _Interruption(self._describe(code, died - started, delay, interruptions), died)
-            if self._stop.wait(delay):
+            if self._stopped_within(delay):
                 self._log(pending.record)
                 return self._end(exit_codes.PREEMPTED, interruptions)
 
@@ -188,9 +187,18 @@ class Supervisor:
                    "interruptions": interruptions, **(figures or {})})
         return code
 
+    def _stopped_within(self, seconds: float) -> bool:
+        """Waits up to `seconds` for a signal. A plain flag polled between short sleeps, not a threading.Event: the
+        handler runs on this thread, and an Event's set() there deadlocks when the signal lands while this thread
+        holds the Event's lock inside wait()."""
+        deadline = time.monotonic() + seconds
+        while not self._stopped and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self._stopped
+
     def _on_signal(self, signum: int, frame) -> None:
         self._signals += 1
-        self._stop.set()
+        self._stopped = True
         if self.child is not None:
             self.child.send_signal(signal.SIGTERM if self._signals == 1 else signal.SIGKILL)
 
