@@ -15,6 +15,10 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from llama_jax.parallel.cpu_threads import reserve_collective_threads  # noqa: E402
+
+reserve_collective_threads()
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402

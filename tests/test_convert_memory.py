@@ -6,6 +6,7 @@ parameter and every bound is lower, so a conversion that held the model would fa
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ def peak_mib(*args) -> float:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """The model as a Hugging Face directory, one safetensors file per layer, written without building a model."""
+    """The model as a Hugging Face directory, one safetensors file per layer, written without building a model;
+    deleted after this module's tests (576 MiB)."""
     path = tmp_path_factory.mktemp("big_hf")
     rng = np.random.default_rng(0)
     files = {}
@@ -72,7 +74,8 @@ def hf_dir(tmp_path_factory):
         save_file(tensors, path / f"model-{'top' if i is None else i}.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(CFG, "float32")))
     add_tokenizer(path)
-    return path
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures with Linux's /proc/self")
