@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from cli_run import CLI_ENV
+
 from llama_jax import scaling
 from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError, DataError
@@ -189,8 +191,7 @@ def test_a_real_two_run_sweep_end_to_end(tmp_path, text_corpus):
     base.data.eval_batches = 1
     base.data.shuffle_window = 64
     sweep = scaling.Sweep.create(tmp_path / "sweep", points, family, base, {"train.log_every": 5})
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device per run, as on a user's machine
-    scaling.run_sweep(sweep, tasks=["stdlib_mc"], env=env, log=lambda line: None)
+    scaling.run_sweep(sweep, tasks=["stdlib_mc"], env=CLI_ENV, log=lambda line: None)
     results = scaling.collect_results(sweep)
     assert [r.point.size for r in results] == [1, 2]
     for r in results:
@@ -198,6 +199,6 @@ def test_a_real_two_run_sweep_end_to_end(tmp_path, text_corpus):
     log = (sweep.workdir(points[0]) / "train.log").read_text()
     assert f"step {points[0].steps}" in log
     mtime = (sweep.workdir(points[0]) / "metrics.jsonl").stat().st_mtime
-    scaling.run_sweep(sweep, env=env, log=lambda line: None)  # finished runs are not trained again
+    scaling.run_sweep(sweep, env=CLI_ENV, log=lambda line: None)  # finished runs are not trained again
     assert (sweep.workdir(points[0]) / "metrics.jsonl").stat().st_mtime == mtime
     assert sys.executable in " ".join(sweep.command(points[0]))
