@@ -4,7 +4,8 @@ full-batch training exactly.
 
 The causal-LM loss starts from the final hidden states, not from logits: at a 128K vocabulary and 8K positions the
 float32 logits are the largest activation of a step (4 GiB per sequence), so they are made `chunk_len` positions at
-a time and recomputed in the backward pass instead of being kept (`jax.checkpoint` inside a `lax.map`).
+a time, and each chunk's gradients are made right after its logits (`lm_loss_sum`): no logits are kept for the
+backward pass, and none are recomputed for it.
 """
 
 from __future__ import annotations
@@ -69,27 +70,75 @@ def lm_loss_sum(logits_fn: LogitsFn, h_btd: jnp.ndarray, targets_bt: jnp.ndarray
     """Causal LM: (sum of masked token NLL (+ z-loss, see `token_nll`), number of counted tokens) of
     `logits_fn(h_btd)`.
 
-    With 0 < `chunk_len` < t, the logits of only `chunk_len` positions per row exist at a time, in the forward and
-    the backward pass. Chunk j holds positions j, j + n, j + 2n, ... (n = t / chunk_len): strided rather than
-    contiguous, so that a sequence split over the context-parallel axis stays split the same way in every chunk.
+    With 0 < `chunk_len` < t, the logits of only `chunk_len` positions per row exist at a time. Chunk j holds
+    positions j, j + n, j + 2n, ... (n = t / chunk_len): strided rather than contiguous, so that a sequence split
+    over the context-parallel axis stays split the same way in every chunk.
+
+    Under differentiation, each chunk's gradients (of `h_btd` and of the arrays `logits_fn` closes over, the head's
+    weights) are made in the forward pass, right after its logits, as for a cotangent of 1: the sum is linear in its
+    cotangent, so the backward pass only scales them. No logits are kept or recomputed for the backward pass, and
+    the head's three products run once each.
     """
     mask_bt = loss_mask_bt.astype(jnp.float32)
-    count = jnp.sum(mask_bt)
-    b, t = targets_bt.shape
-    if not chunk_len or chunk_len >= t:
-        return jnp.sum(token_nll(logits_fn(h_btd), targets_bt, z_loss, h_btd.dtype) * mask_bt), count
-    if t % chunk_len:
+    t = targets_bt.shape[1]
+    if 0 < chunk_len < t and t % chunk_len:
         raise ConfigError(f"sequence length {t} is not a multiple of objective.loss_chunk_len={chunk_len}: use a "
                           f"chunk length that divides every data.seq_len (or 0 for no chunking)")
-    n = t // chunk_len
+    n = t // chunk_len if 0 < chunk_len < t else 1
+    head_fn, head_params = jax.closure_convert(logits_fn, h_btd[:, :t // n])
+    total = _head_nll_sum(head_fn, n, float(z_loss), h_btd, targets_bt, mask_bt, *head_params)
+    return total, jnp.sum(mask_bt)
 
-    def strided(x):  # [b, t, ...] -> [n, b, chunk_len, ...]
-        return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
 
-    @jax.checkpoint
+def strided_chunks(n: int, x: jax.Array) -> jax.Array:
+    """[b, t, ...] -> [n, b, t / n, ...], chunk j holding positions j, j + n, j + 2n, ..."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, t // n, n, *x.shape[2:]), 2, 0)
+
+
+def _unstrided(x: jnp.ndarray) -> jnp.ndarray:
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(b, c * n, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _head_nll_sum(head_fn, n, z_loss, h_btd, targets_bt, mask_bt, *head_params):
     def chunk_sum(chunk):
         h_bcd, targets_bc, mask_bc = chunk
-        return jnp.sum(token_nll(logits_fn(h_bcd), targets_bc, z_loss, h_bcd.dtype) * mask_bc)
+        return jnp.sum(token_nll(head_fn(h_bcd, *head_params), targets_bc, z_loss, h_bcd.dtype) * mask_bc)
 
-    sums = jax.lax.map(chunk_sum, (strided(h_btd), strided(targets_bt), strided(mask_bt)))
-    return jnp.sum(sums), count
+    return jnp.sum(jax.lax.map(chunk_sum, tuple(strided_chunks(n, x) for x in (h_btd, targets_bt, mask_bt))))
+
+
+def _head_nll_sum_fwd(head_fn, n, z_loss, h_btd, targets_bt, mask_bt, *head_params):
+    scatter_target = jnp.dtype(h_btd.dtype) == jnp.float32
+
+    def sum_and_grads(chunk):
+        """The chunk's loss sum, and its gradients for a cotangent of 1: of the head's arrays (in float32) and of
+        its hidden states."""
+        h_bcd, targets_bc, mask_bc = chunk
+        logits_bcv, pull = jax.vjp(head_fn, h_bcd, *head_params)
+        nll_bc, residuals = _token_nll_fwd(logits_bcv.astype(jnp.float32), targets_bc, z_loss, scatter_target)
+        dlogits_bcv, _ = _token_nll_bwd(z_loss, scatter_target, residuals, mask_bc)
+        dh_bcd, *dparams = pull(dlogits_bcv.astype(logits_bcv.dtype))
+        return (jnp.sum(nll_bc * mask_bc), [d.astype(jnp.promote_types(d.dtype, jnp.float32)) for d in dparams]), dh_bcd
+
+    def accumulate(sums, chunk):
+        (total, param_grads), dh_bcd = sum_and_grads(chunk)
+        return (sums[0] + total, [acc + d for acc, d in zip(sums[1], param_grads)]), dh_bcd
+
+    # The first chunk outside the loop starts the sums with its own values (not zeros), so that under shard_map
+    # they vary over the same mesh axes as what is added to them.
+    chunks = tuple(strided_chunks(n, x) for x in (h_btd, targets_bt, mask_bt))
+    first, dh_bcd = sum_and_grads(tuple(x[0] for x in chunks))
+    (total, param_grads), dh_nbcd = jax.lax.scan(accumulate, first, tuple(x[1:] for x in chunks))
+    dh_nbcd = jnp.concatenate([dh_bcd[None], dh_nbcd])
+    return total, (_unstrided(dh_nbcd), [g.astype(p.dtype) for g, p in zip(param_grads, head_params)])
+
+
+def _head_nll_sum_bwd(head_fn, n, z_loss, residuals, g):
+    dh_btd, param_grads = residuals
+    return ((dh_btd * g).astype(dh_btd.dtype), None, None, *((d * g).astype(d.dtype) for d in param_grads))
+
+
+_head_nll_sum.defvjp(_head_nll_sum_fwd, _head_nll_sum_bwd)

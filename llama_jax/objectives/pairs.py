@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.model.llama import LayersFn, Llama
+from llama_jax.objectives.lm import strided_chunks
 
 ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 REJECTED = "rejected_"
@@ -42,15 +43,11 @@ def hidden(model: Llama, rows: Batch, layers_fn: LayersFn | None) -> jax.Array:
 
 
 def strided_row_sums(fn, arrays: tuple[jax.Array, ...], chunk_len: int) -> tuple[jax.Array, ...]:
-    """`fn(*arrays)` -> per-row sums ([b] arrays), computed `chunk_len` positions at a time as `lm_loss_sum` does
-    (strided chunks, recomputed in the backward pass), so that no [b, t, vocab] array ever exists whole."""
-    b, t = arrays[0].shape[:2]
+    """`fn(*arrays)` -> per-row sums ([b] arrays), computed `chunk_len` positions at a time in the strided chunks
+    `lm_loss_sum` takes, and recomputed in the backward pass, so that no [b, t, vocab] array ever exists whole."""
+    t = arrays[0].shape[1]
     if not chunk_len or chunk_len >= t:
         return fn(*arrays)
-    n = t // chunk_len
-
-    def strided(x):  # [b, t, ...] -> [n, b, chunk_len, ...]
-        return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
-
-    sums = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), tuple(strided(x) for x in arrays))
+    chunks = tuple(strided_chunks(t // chunk_len, x) for x in arrays)
+    sums = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), chunks)
     return tuple(jnp.sum(s, axis=0) for s in sums)
