@@ -81,10 +81,11 @@ def lm_loss_sum(logits_fn: LogitsFn, h_btd: jnp.ndarray, targets_bt: jnp.ndarray
     """
     mask_bt = loss_mask_bt.astype(jnp.float32)
     t = targets_bt.shape[1]
-    if 0 < chunk_len < t and t % chunk_len:
+    chunked = 0 < chunk_len < t
+    if chunked and t % chunk_len:
         raise ConfigError(f"sequence length {t} is not a multiple of objective.loss_chunk_len={chunk_len}: use a "
                           f"chunk length that divides every data.seq_len (or 0 for no chunking)")
-    n = t // chunk_len if 0 < chunk_len < t else 1
+    n = t // chunk_len if chunked else 1
     head_fn, head_params = jax.closure_convert(logits_fn, h_btd[:, :t // n])
     total = _head_nll_sum(head_fn, n, float(z_loss), h_btd, targets_bt, mask_bt, *head_params)
     return total, jnp.sum(mask_bt)
