@@ -141,6 +141,10 @@ def default_config() -> ml_collections.ConfigDict:
     # MFU's denominator, FLOP/s per device; 0 = the published dense bf16 peak of the accelerator, or on a CPU a matmul
     # rate measured once per workdir and kept in WORKDIR/peak_flops.json (so a resumed run is measured against it)
     cfg.train.peak_flops = 0.0
+    # Compiled steps are kept here and loaded by any later process that compiles the same program (a restart after
+    # preemption or a crash, a rerun, another run of the same shapes), so it skips XLA's compilation; a gs:// path
+    # serves every host of a pod (process 0 writes). "" = off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.
+    cfg.train.compilation_cache_dir = "~/.cache/llama_jax/xla"
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step

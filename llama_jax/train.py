@@ -13,6 +13,7 @@ other (TPU pods and SLURM by themselves, or LLAMA_JAX_* variables). Process 0 wr
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> None:
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)
+    _use_compilation_cache(_CONFIG.value.train.compilation_cache_dir)
     try:
         trainer.train(_CONFIG.value, workdir)
     except trainer.Preempted as err:
@@ -50,6 +52,15 @@ def main(argv: list[str]) -> None:
     except LlamaJaxError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+
+
+def _use_compilation_cache(directory: str) -> None:
+    """Points JAX's persistent compilation cache at `directory` (`train.compilation_cache_dir`) unless it is off ("")
+    or JAX_COMPILATION_CACHE_DIR chose one. It must happen before the first compilation, which fixes the cache."""
+    import jax
+
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory if "://" in directory else os.path.expanduser(directory))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

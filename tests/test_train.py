@@ -209,6 +209,34 @@ def test_killed_anywhere_and_restarted_equals_never_interrupted(tmp_path, cache_
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_second_process_loads_its_compiled_programs_from_the_compilation_cache(tmp_path, cache_dir):
+    """`train.compilation_cache_dir`: the first process writes its compiled programs there, a second one of the same
+    job finds every one (it writes none) and trains exactly the same; a truncated entry, as a process killed while
+    writing it leaves, is compiled again with a warning."""
+    xla = tmp_path / "xla"
+    env = {k: v for k, v in CLI_ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def run(workdir):
+        done = subprocess.run(cli_command(workdir, cache_dir, *KILL_RUN[1:], "--config.train.steps=2",
+                                          f"--config.train.compilation_cache_dir={xla}"),
+                              capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run(tmp_path / "first")
+    entries = sorted(xla.iterdir())
+    assert entries, "nothing was written to the compilation cache"
+    run(tmp_path / "second")
+    assert sorted(xla.iterdir()) == entries, "the second process compiled a program the first had cached"
+    assert _without_timing(read_metrics(tmp_path / "second")) == _without_timing(read_metrics(tmp_path / "first"))
+
+    largest = max(entries, key=lambda path: path.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+    third = run(tmp_path / "third")
+    assert "Error reading persistent compilation cache entry" in third.stderr
+    assert _without_timing(read_metrics(tmp_path / "third")) == _without_timing(read_metrics(tmp_path / "first"))
+
+
 def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
     workdir = tmp_path / "run"
     overrides = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
