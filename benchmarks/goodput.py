@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     parser.add_argument("--workdir", default="", help="default: a new temporary directory")
     parser.add_argument("--cache-dir", default="~/.cache/llama_jax", help="the corpus cache (built on first use)")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="every process compiles (default: a compilation cache new to this run, so its first "
+                             "process compiles and the restarts load what it compiled)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="goodput_")) / "run"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,8 @@ def main() -> None:
              "--workdir", str(workdir), f"--config.data.cache_dir={args.cache_dir}",
              f"--config.train.steps={args.steps}", "--config.data.batch_size=8", "--config.data.seq_len=128",
              "--config.train.log_every=5", "--config.train.eval_every=60",
-             f"--config.checkpoint.every_steps={args.checkpoint_every}"]
+             f"--config.checkpoint.every_steps={args.checkpoint_every}",
+             f"--config.train.compilation_cache_dir={'' if args.no_compilation_cache else workdir.parent / 'xla'}"]
     log = workdir.parent / "supervise.log"
     kills = f"SIGKILL every {args.kill_every:g} s" if args.kill_every else "no SIGKILL (the baseline)"
     print(f"supervising {args.steps} steps of configs/tiny.py (8 x 128 tokens each) in {workdir}, {kills}; output in "
