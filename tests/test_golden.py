@@ -15,13 +15,13 @@ from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 GOLDEN_OVERRIDES = ("--config.train.steps=30", "--config.optim.warmup_steps=10", "--config.train.log_every=1",
                     "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000")
 GOLDEN = [
-    9.05941, 9.04395, 8.93051, 8.63798, 8.42913, 8.27299,
-    8.16870, 7.79819, 7.67012, 7.39444, 7.20842, 7.04282,
-    7.20918, 7.19868, 7.15075, 6.77240, 6.88284, 7.00283,
-    6.74406, 7.02262, 6.92387, 6.92267, 6.98166, 6.72488,
-    6.78142, 6.78449, 6.85986, 6.73472, 6.56038, 6.79271,
+    9.05941, 9.04395, 8.93051, 8.63797, 8.42914, 8.27299,
+    8.16871, 7.79827, 7.67002, 7.39448, 7.20835, 7.04280,
+    7.20925, 7.19893, 7.15102, 6.77175, 6.88278, 7.00232,
+    6.74325, 7.02287, 6.92125, 6.92440, 6.97758, 6.72572,
+    6.78151, 6.78377, 6.86175, 6.73701, 6.56225, 6.79294,
 ]
-GOLDEN_EVAL_LOSS = 6.82975
+GOLDEN_EVAL_LOSS = 6.82842
 
 
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):
