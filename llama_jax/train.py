@@ -60,7 +60,7 @@ def _use_compilation_cache(directory: str) -> None:
     import jax
 
     if directory and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", directory if "://" in directory else os.path.expanduser(directory))
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// stays as it is
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
