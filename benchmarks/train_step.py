@@ -9,8 +9,13 @@ process of its own (so each gets a clean thread pool and its own peak memory):
     attention (on this CPU 1.3x faster than XLA's attention at 10m, more at longer sequences, and linear in
     memory), the layers unrolled (`model.scan_layers=False`: 9-23% faster than the layer scan here, compiling up
     to twice as long);
-  PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, the faster one reported;
-  PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes (skipped with --no-compile).
+  PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, and the faster of the two
+    again with huge pages (below); the fastest of the three reported;
+  PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes, with and without huge pages,
+    the faster reported (skipped with --no-compile).
+llama_jax runs as its command line does, with glibc's `glibc.malloc.hugetlb=1` tunable (llama_jax/huge_pages.py:
+each step's large host buffers get transparent huge pages). PyTorch's large tensors come from malloc too, so it is
+offered the same.
 The same run measures XLA's float32 matmul peak on this machine; MFU is the model FLOPs per second over it. It also
 times a 2048^3 matmul in float32 and bfloat16 in XLA and in PyTorch, since the ratio follows them: on a CPU with AMX,
 PyTorch's oneDNN runs bfloat16 matmuls on it, while XLA does so only for bfloat16 operands with a float32 result
@@ -33,6 +38,8 @@ import sys
 import time
 
 import numpy as np
+
+from llama_jax.huge_pages import environ_with_huge_pages
 
 # name: (model shape, batch, seq_len); about 10M, 50M and 150M parameters at vocabulary 32,000.
 SIZES = {
@@ -169,12 +176,18 @@ def measure_torch_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__, xla_flags: str = "") -> dict | None:
+def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__, xla_flags: str = "",
+                  huge_pages: bool = False) -> dict | None:
     """One measurement in a fresh process running `script --child ARGS` with `xla_flags` only (not the caller's:
-    the test suite's fake devices); its result and peak resident memory, or None when it failed (its last lines of
-    errors printed)."""
+    the test suite's fake devices), and with glibc's huge-pages tunable if `huge_pages` (where this C library has
+    it); its result and peak resident memory, or None when it failed (its last lines of errors printed)."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags, TOKENIZERS_PARALLELISM="false")
+    if huge_pages:
+        env = environ_with_huge_pages(env) or env
+    else:
+        env.pop("GLIBC_TUNABLES", None)
     proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, XLA_FLAGS=xla_flags, TOKENIZERS_PARALLELISM="false"))
+                          env=env)
     if proc.returncode != 0:
         errors = "\n    ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit status {proc.returncode}"
         print(f"  ({' '.join(args)} failed:\n    {errors})")
@@ -218,29 +231,50 @@ def main() -> None:
     for size in args.sizes.split(","):
         cfg = model_cfg(size)
         tokens = cfg.data.batch_size * cfg.data.seq_len
-        ours = in_subprocess("jax", size, str(args.steps))
-        eager = {dtype: in_subprocess(f"torch:{dtype}:eager", size, str(args.steps)) for dtype in ("float32", "bfloat16")}
-        best_dtype = min((d for d in eager if eager[d]), key=lambda d: eager[d]["seconds"])
-        compiled = None if args.no_compile else in_subprocess(f"torch:{best_dtype}:compile", size, str(args.steps))
+        ours = in_subprocess("jax", size, str(args.steps), huge_pages=True)
+        eager = {(dtype, False): in_subprocess(f"torch:{dtype}:eager", size, str(args.steps))
+                 for dtype in ("float32", "bfloat16")}
+        best_dtype = fastest(eager)[0][0]
+        eager[best_dtype, True] = in_subprocess(f"torch:{best_dtype}:eager", size, str(args.steps), huge_pages=True)
+        compiled = None if args.no_compile else fastest(
+            {(best_dtype, huge): in_subprocess(f"torch:{best_dtype}:compile", size, str(args.steps), huge_pages=huge)
+             for huge in (False, True)})
+        eager_setting, eager_run = fastest(eager)
         row = {
             "name": size, "params": param_count(model_config(cfg)), "batch": cfg.data.batch_size,
             "seq": cfg.data.seq_len, "tokens_per_s": tokens / ours["seconds"],
-            "torch_tokens_per_s": tokens / eager[best_dtype]["seconds"], "torch_dtype": best_dtype,
-            "torch_compile_tokens_per_s": tokens / compiled["seconds"] if compiled else None,
+            "torch_tokens_per_s": tokens / eager_run["seconds"], "torch_dtype": best_dtype,
+            "torch_huge_pages": eager_setting[1], "torch_compile_huge_pages": compiled[0][1] if compiled else None,
+            "torch_compile_tokens_per_s": tokens / compiled[1]["seconds"] if compiled else None,
             "mfu": tokens / ours["seconds"] * flops_per_token(model_config(cfg), cfg.data.seq_len) / (peak * 1e9),
-            "compile_s": ours["compile_s"], "torch_compile_s": compiled["compile_s"] if compiled else None,
-            "peak_rss_mb": ours["peak_rss_mb"], "torch_peak_rss_mb": eager[best_dtype]["peak_rss_mb"],
+            "compile_s": ours["compile_s"], "torch_compile_s": compiled[1]["compile_s"] if compiled else None,
+            "peak_rss_mb": ours["peak_rss_mb"], "torch_peak_rss_mb": eager_run["peak_rss_mb"],
         }
         row["ratio"] = row["tokens_per_s"] / row["torch_tokens_per_s"]
         row["ratio_vs_compile"] = row["tokens_per_s"] / row["torch_compile_tokens_per_s"] if compiled else None
         rows.append(row)
-        compiled_text = f"{row['torch_compile_tokens_per_s']:,.0f}" if compiled else "-"
         print(f"{size}: {row['params'] / 1e6:.0f}M params, {row['batch']}x{row['seq']} tokens | llama_jax "
               f"{row['tokens_per_s']:,.0f} tok/s (MFU {row['mfu']:.0%}, compile {row['compile_s']:.1f} s, "
-              f"{row['peak_rss_mb']:,.0f} MB) | torch eager {best_dtype} {row['torch_tokens_per_s']:,.0f} "
-              f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_text} | ratio {row['ratio']:.2f}x")
+              f"{row['peak_rss_mb']:,.0f} MB) | torch eager {torch_setting(row)} {row['torch_tokens_per_s']:,.0f} "
+              f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_figure(row)} | ratio {row['ratio']:.2f}x")
     print("\nThe table for README.md's Performance section:\n" + readme_table(rows))
     print(json.dumps({"peak_gflops": peak, "matmul_gflops": matmuls, "sizes": rows}))
+
+
+def fastest(runs: dict[tuple[str, bool], dict | None]) -> tuple[tuple[str, bool], dict] | None:
+    """The (dtype, huge pages) setting of the fastest run that succeeded, and its result (None: none did)."""
+    return min(((setting, run) for setting, run in runs.items() if run), key=lambda item: item[1]["seconds"],
+               default=None)
+
+
+def torch_setting(row: dict) -> str:
+    return row["torch_dtype"] + (", huge pages" if row["torch_huge_pages"] else "")
+
+
+def compiled_figure(row: dict) -> str:
+    if row["torch_compile_tokens_per_s"] is None:
+        return "-"
+    return f"{row['torch_compile_tokens_per_s']:,.0f}" + (" (huge pages)" if row["torch_compile_huge_pages"] else "")
 
 
 def readme_table(rows: list[dict]) -> str:
@@ -252,7 +286,7 @@ def readme_table(rows: list[dict]) -> str:
          "torch.compile", "ours / eager", "ours / compile"],
         [[row["name"], f"{row['params'] / 1e6:.0f}M", f"{row['batch']} x {row['seq']:,}", f"{row['tokens_per_s']:,.0f}",
           f"{row['mfu']:.0%}", f"{row['compile_s']:.1f} s", f"{row['peak_rss_mb'] / 1e3:.1f} GB",
-          f"{row['torch_tokens_per_s']:,.0f} ({row['torch_dtype']})", figure(row["torch_compile_tokens_per_s"], ",.0f"),
+          f"{row['torch_tokens_per_s']:,.0f} ({torch_setting(row)})", compiled_figure(row),
           f"{row['ratio']:.2f}x", figure(row["ratio_vs_compile"], ".2f") + ("x" if row["ratio_vs_compile"] else "")]
          for row in rows], "lrlrrrrrrrr")
 

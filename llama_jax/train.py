@@ -82,8 +82,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from llama_jax.huge_pages import reexec_with_huge_pages
     from llama_jax.parallel.cpu_threads import reserve_collective_threads
 
+    reexec_with_huge_pages()  # first: the process starts again with the tunable
     reserve_collective_threads()  # before the config file, which may start JAX's backend
     flags.mark_flag_as_required("config")
     app.run(main, flags_parser=_parse_flags)
