@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -208,19 +209,30 @@ def test_too_many_bad_steps_stop_a_rolling_back_run(tmp_path, cache_dir, monkeyp
         run()
 
 
-def _recipe_command(workdir, cache_dir):
+def _recipe_command(workdir, cache_dir, keep_every):
     return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / RECIPE) + ":devices=2,scale=0.08",
             "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", "--config.checkpoint.every_steps=2",
-            "--config.train.log_every=1", "--config.data.eval_batches=1"]
+            f"--config.checkpoint.keep_every={keep_every}", "--config.train.log_every=1", "--config.data.eval_batches=1"]
+
+
+def _workdir_as_of(source, step, dest):
+    """A copy of the finished run `source` as it was when it had saved `step` (a checkpoint it kept), and no later."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("averaged"))
+    for saved in (dest / "checkpoints").iterdir():
+        if saved.name != str(step):
+            shutil.rmtree(saved)
+    lines = (dest / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (dest / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_there(tmp_path, cache_dir):
     env = dict(CLI_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    straight = tmp_path / "straight"
-    done = subprocess.run(_recipe_command(straight, cache_dir), capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
     plan = RunPlan(load_config_file(RECIPE, "devices=2,scale=0.08"))
+    long_context = plan.phases[3]
+    straight = tmp_path / "straight"
+    done = subprocess.run(_recipe_command(straight, cache_dir, long_context.start_step), capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
     for p in plan.phases:
         assert f"Phase {p.index + 1}/6 {p.name!r}" in done.stdout + done.stderr
     averaged = (straight / "averaged" / "eval.json")
@@ -238,9 +250,11 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
         np.testing.assert_allclose(np.asarray(mean), expected, rtol=1e-6, atol=1e-7)
     assert math.isfinite(json.loads(averaged.read_text())["averaged/eval_loss"])
 
+    # The interrupted run starts from the straight run's checkpoint at the start of long context (kept by keep_every),
+    # so that only the phases from there on run twice; its first process is killed a few steps into long context.
     killed = tmp_path / "killed"
-    long_context = plan.phases[3]
-    proc = subprocess.Popen(_recipe_command(killed, cache_dir), stdout=subprocess.DEVNULL,
+    _workdir_as_of(straight, long_context.start_step, killed)
+    proc = subprocess.Popen(_recipe_command(killed, cache_dir, long_context.start_step), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     deadline = time.monotonic() + 900
     while not ((killed / "metrics.jsonl").exists() and read_metrics(killed)
@@ -249,8 +263,8 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    resumed = subprocess.run(_recipe_command(killed, cache_dir), capture_output=True, text=True, env=env, cwd=REPO,
-                             timeout=1200)
+    resumed = subprocess.run(_recipe_command(killed, cache_dir, long_context.start_step), capture_output=True,
+                             text=True, env=env, cwd=REPO, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({long_context.name} phase)" in resumed.stdout + resumed.stderr
     assert without_timing(read_metrics(killed)) == without_timing(lines), "the same run as never interrupted"
