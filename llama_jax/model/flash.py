@@ -48,15 +48,17 @@ def flash_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarra
     """Attention [b, t, n, h] where query i sees key j when their segment ids are equal and k_position_j <=
     q_position_i. `block` need not divide s (the last block is filled with keys that count for nothing)."""
     _check_block(block)
-    return _flash(q_btnh, k_bskh, v_bskh, (q_segment_bt, q_position_bt), (k_segment_bs, k_position_bs),
-                  _document_causal, min(block, k_bskh.shape[1]))
+    return _from_kernel_layout(_flash(_kernel_layout(q_btnh, k_bskh.shape[2]), k_bskh, v_bskh,
+                                      (q_segment_bt, q_position_bt), (k_segment_bs, k_position_bs), _document_causal,
+                                      min(block, k_bskh.shape[1])))
 
 
 def flash_masked(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray, mask_bts: jnp.ndarray, *,
                  block: int = BLOCK) -> jnp.ndarray:
     """The masked form (`attention.MASKED_ATTENTION`): the caller's boolean [b, t, s] mask, read a block at a time."""
     _check_block(block)
-    return _flash(q_btnh, k_bskh, v_bskh, (), jnp.swapaxes(mask_bts, 1, 2), _given_mask, min(block, k_bskh.shape[1]))
+    return _from_kernel_layout(_flash(_kernel_layout(q_btnh, k_bskh.shape[2]), k_bskh, v_bskh, (),
+                                      jnp.swapaxes(mask_bts, 1, 2), _given_mask, min(block, k_bskh.shape[1])))
 
 
 def flash_segment_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
@@ -66,19 +68,26 @@ def flash_segment_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jn
     Queries and keys are one sequence here, so the queries are taken in up to `CAUSAL_CHUNKS` chunks of whole key
     blocks, each attending only to the keys up to its own end: the key blocks after it are masked for all of its
     queries, and skipping them leaves every sum as it was (they add exact zeros). At 4 chunks that is 10/16 of the
-    tiles; more chunks would save little more and compile one more loop each."""
+    tiles; more chunks would save little more and compile one more loop each. The chunks share one transposition
+    of the queries into the kernel's layout and one of the output out of it (on the CPU each costs about as much as
+    one block's softmax)."""
+    _check_block(block)
     t = q_btnh.shape[1]
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
     blocks = -(-t // block)
     chunks = min(blocks, CAUSAL_CHUNKS)
     ends = [min(t, (c + 1) * blocks // chunks * block) for c in range(chunks)]
+    q_bkgth = _kernel_layout(q_btnh, k_bskh.shape[2])
+    # split, not sliced: the queries' gradient is then one concatenation of the chunks' (slices' gradients are
+    # padded to the whole sequence and added, which XLA fused with the transposition out of the kernel's layout)
+    q_chunks = jnp.split(q_bkgth, ends[:-1], axis=3)
     outs = []
-    for start, end in zip([0] + ends[:-1], ends):
+    for q_chunk, start, end in zip(q_chunks, [0] + ends[:-1], ends):
         rows, keys = slice(start, end), slice(0, end)
-        outs.append(flash_attention(q_btnh[:, rows], k_bskh[:, keys], v_bskh[:, keys], segment_ids_bt[:, rows],
-                                    segment_ids_bt[:, keys], positions_bt[:, rows], positions_bt[:, keys],
-                                    block=block))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_flash(q_chunk, k_bskh[:, keys], v_bskh[:, keys],
+                           (segment_ids_bt[:, rows], positions_bt[:, rows]),
+                           (segment_ids_bt[:, keys], positions_bt[:, keys]), _document_causal, min(block, end)))
+    return _from_kernel_layout(jnp.concatenate(outs, axis=4))
 
 
 def _check_block(block: int) -> None:
@@ -96,6 +105,18 @@ def _given_mask(q_info, mask_bct) -> jnp.ndarray:
     return mask_bct
 
 
+def _kernel_layout(q_btnh, kv: int):
+    """[b, t, n, h] -> [b, k, g, t, h]: the query heads grouped by the KV head they read (g = n // k)."""
+    b, t, n, h = q_btnh.shape
+    return jnp.transpose(q_btnh.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
+
+
+def _from_kernel_layout(out_bkhgt):
+    """The kernel's output [b, k, h, g, t] -> [b, t, n, h]."""
+    b, kv, h, g, t = out_bkhgt.shape
+    return jnp.transpose(out_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, kv * g, h)
+
+
 # ---------------------------------------------------------------------------------------------- the kernel
 # Inside, queries are grouped by the KV head they read: q [b, k, g, t, h] with g = n // k. Each tile of scores is
 # [b, k, c, g, t], keys c of one block by queries: the queries are the minor axes. Every product then contracts
@@ -108,54 +129,50 @@ def _given_mask(q_info, mask_bct) -> jnp.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn: MaskFn, block: int):
-    return _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block)[0]
+def _flash(q_bkgth, k_bskh, v_bskh, q_info, k_info, mask_fn: MaskFn, block: int):
+    return _forward(q_bkgth, k_bskh, v_bskh, q_info, k_info, mask_fn, block)[0]
 
 
-def _flash_fwd(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
-    out_btnh, max_bkgt, sum_bkgt = _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block)
-    return out_btnh, (q_btnh, k_bskh, v_bskh, q_info, k_info, out_btnh, max_bkgt, sum_bkgt)
+def _flash_fwd(q_bkgth, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
+    out_bkhgt, max_bkgt, sum_bkgt = _forward(q_bkgth, k_bskh, v_bskh, q_info, k_info, mask_fn, block)
+    return out_bkhgt, (q_bkgth, k_bskh, v_bskh, q_info, k_info, out_bkhgt, max_bkgt, sum_bkgt)
 
 
-def _forward(q_btnh, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
-    """Output, and each query's running max and sum of exp(score - max) over all keys (float32)."""
-    b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
-    q_bkgth = _by_kv_head(q_btnh, kv)
+def _forward(q_bkgth, k_bskh, v_bskh, q_info, k_info, mask_fn, block):
+    """Output [b, k, h, g, t], and each query's running max and sum of exp(score - max) over all keys (float32)."""
+    b, kv, g, t, h = q_bkgth.shape
+    s = k_bskh.shape[1]
     count, (k_bksh, v_bksh, k_info) = _padded(k_bskh, v_bskh, k_info, block)
     v_bkhs = jnp.swapaxes(v_bksh, 2, 3)
 
     def step(index, carry):
         max_bkgt, sum_bkgt, acc_bkhgt = carry
-        scores_bkcgt = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, k_bskh.shape[1])
+        scores_bkcgt = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
         new_max_bkgt = jnp.maximum(max_bkgt, scores_bkcgt.max(axis=2))
-        probs_bkcgt = jnp.exp(scores_bkcgt - new_max_bkgt[:, :, None]).astype(v_bskh.dtype)
+        probs_bkcgt = jnp.exp(scores_bkcgt - new_max_bkgt[:, :, None]).astype(v_bksh.dtype)
         rescale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
         sum_bkgt = sum_bkgt * rescale_bkgt + probs_bkcgt.sum(axis=2, dtype=jnp.float32)
         acc_bkhgt = acc_bkhgt * rescale_bkgt[:, :, None] + jnp.einsum(
             "bkhc,bkcgt->bkhgt", _slice(v_bkhs, index, block, 3), probs_bkcgt, preferred_element_type=jnp.float32)
         return new_max_bkgt, sum_bkgt, acc_bkhgt
 
-    stats_shape = (b, kv, n // kv, t)
+    stats_shape = (b, kv, g, t)
     init = _varying_like((jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                          jnp.zeros((b, kv, h, n // kv, t), jnp.float32)), (q_btnh, k_bskh, v_bskh, q_info, k_info))
+                          jnp.zeros((b, kv, h, g, t), jnp.float32)), (q_bkgth, k_bskh, v_bskh, q_info, k_info))
     max_bkgt, sum_bkgt, acc_bkhgt = _over_blocks(count, step, init)
     out_bkhgt = acc_bkhgt / sum_bkgt[:, :, None]
-    out_btnh = jnp.transpose(out_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, n, h).astype(q_btnh.dtype)
-    return out_btnh, max_bkgt, sum_bkgt
+    return out_bkhgt.astype(q_bkgth.dtype), max_bkgt, sum_bkgt
 
 
-def _flash_bwd(mask_fn, block, residuals, dout_btnh):
+def _flash_bwd(mask_fn, block, residuals, dout_bkhgt):
     """FlashAttention-2's backward: per key block, probabilities from the saved statistics, then the gradients of
     that block's keys and values and this block's share of the queries' gradient."""
-    q_btnh, k_bskh, v_bskh, q_info, k_info, out_btnh, max_bkgt, sum_bkgt = residuals
-    b, t, n, h = q_btnh.shape
-    s, kv = k_bskh.shape[1], k_bskh.shape[2]
-    q_bkgth = _by_kv_head(q_btnh, kv)
-    dout_bkgth = _by_kv_head(dout_btnh.astype(q_btnh.dtype), kv)
+    q_bkgth, k_bskh, v_bskh, q_info, k_info, out_bkhgt, max_bkgt, sum_bkgt = residuals
+    b, kv, g, t, h = q_bkgth.shape
+    s = k_bskh.shape[1]
+    dout_bkgth = jnp.transpose(dout_bkhgt, (0, 1, 3, 4, 2)).astype(q_bkgth.dtype)
     # softmax's backward: dscore = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = dout . out per query
-    delta_bkgt = jnp.einsum("bkgth,bkgth->bkgt", dout_bkgth.astype(jnp.float32),
-                            _by_kv_head(out_btnh, kv).astype(jnp.float32))
+    delta_bkgt = jnp.einsum("bkhgt,bkhgt->bkgt", dout_bkhgt.astype(jnp.float32), out_bkhgt.astype(jnp.float32))
     inv_sum_bkgt = 1.0 / sum_bkgt
     # A masked score's probability is exactly 0 in a row that sees some key, so its gradient is 0 without a mask.
     # A row that sees no key (its max is still the masked value) averages all values uniformly, as the reference
@@ -167,12 +184,12 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
     def step(index, carry):
         dq_bkhgt, dk_bksh, dv_bksh = carry
         scores_bkcgt = _block_scores(q_bkgth, k_bksh, q_info, k_info, mask_fn, index, block, s)
-        probs_bkcgt = (jnp.exp(scores_bkcgt - max_bkgt[:, :, None]) * inv_sum_bkgt[:, :, None]).astype(v_bskh.dtype)
+        probs_bkcgt = (jnp.exp(scores_bkcgt - max_bkgt[:, :, None]) * inv_sum_bkgt[:, :, None]).astype(v_bksh.dtype)
         dv_bkch = jnp.einsum("bkcgt,bkgth->bkch", probs_bkcgt, dout_bkgth, preferred_element_type=jnp.float32)
         dprobs_bkcgt = jnp.einsum("bkch,bkgth->bkcgt", _slice(v_bksh, index, block, 2), dout_bkgth,
                                   preferred_element_type=jnp.float32)
         dscores_bkcgt = probs_bkcgt * (dprobs_bkcgt - delta_bkgt[:, :, None]) * scale_bkgt[:, :, None]
-        dscores_bkcgt = dscores_bkcgt.astype(q_btnh.dtype)
+        dscores_bkcgt = dscores_bkcgt.astype(q_bkgth.dtype)
         dq_bkhgt = dq_bkhgt + jnp.einsum("bkhc,bkcgt->bkhgt", _slice(k_bkhs, index, block, 3), dscores_bkcgt,
                                          preferred_element_type=jnp.float32)
         dk_bkch = jnp.einsum("bkcgt,bkgth->bkch", dscores_bkcgt, q_bkgth, preferred_element_type=jnp.float32)
@@ -182,14 +199,14 @@ def _flash_bwd(mask_fn, block, residuals, dout_btnh):
 
     # The key and value gradients are gathered in float32 and rounded once at the end: XLA's CPU backend writes a
     # block into a bfloat16 array by converting the whole array to float32 and back, every block.
-    init = _varying_like((jnp.zeros((b, kv, h, n // kv, t), jnp.float32), jnp.zeros(k_bksh.shape, jnp.float32),
-                          jnp.zeros(v_bksh.shape, jnp.float32)), (residuals, dout_btnh))
+    init = _varying_like((jnp.zeros((b, kv, h, g, t), jnp.float32), jnp.zeros(k_bksh.shape, jnp.float32),
+                          jnp.zeros(v_bksh.shape, jnp.float32)), (residuals, dout_bkhgt))
     dq_bkhgt, dk_bksh, dv_bksh = _over_blocks(count, step, init)
     no_cotangent = jax.tree.map(lambda _: None, (q_info, k_info))
-    dq_btnh = jnp.transpose(dq_bkhgt, (0, 4, 1, 3, 2)).reshape(b, t, n, h).astype(q_btnh.dtype)
+    dq_bkgth = jnp.transpose(dq_bkhgt, (0, 1, 3, 4, 2)).astype(q_bkgth.dtype)
     dk_bskh = jnp.swapaxes(dk_bksh, 1, 2)[:, :s].astype(k_bskh.dtype)
     dv_bskh = jnp.swapaxes(dv_bksh, 1, 2)[:, :s].astype(v_bskh.dtype)
-    return (dq_btnh, dk_bskh, dv_bskh, *no_cotangent)
+    return (dq_bkgth, dk_bskh, dv_bskh, *no_cotangent)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -213,12 +230,6 @@ def _varying_like(init, inputs):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), init)
 
 
-def _by_kv_head(x_btnh: jnp.ndarray, kv: int) -> jnp.ndarray:
-    """[b, t, n, h] -> [b, k, g, t, h]: the heads grouped by the KV head they read, queries before features."""
-    b, t, n, h = x_btnh.shape
-    return jnp.transpose(x_btnh.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
-
-
 def _padded(k_bskh, v_bskh, k_info, block: int):
     """The number of key blocks; keys and values [b, k, s', h] and key info [b, s', ...], filled up along s to that
     many whole blocks."""
@@ -233,6 +244,10 @@ def _padded(k_bskh, v_bskh, k_info, block: int):
 
 def _slice(x: jnp.ndarray, index, block: int, axis: int) -> jnp.ndarray:
     """Key block `index` of `x`, whose keys run along `axis`."""
+    if x.dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+        return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, index * block, block, axis=axis),
+                                            jnp.bfloat16)
     return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
 
 
