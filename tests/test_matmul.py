@@ -1,7 +1,10 @@
 """`matmul.project`: the model's projections with a hand-written derivative whose dots all have float32 results.
 
 Its value and both gradients must be the float64 products rounded once to bfloat16, as `jnp.einsum` on bfloat16
-operands computes them (it too accumulates in float32 on every backend), for each equation shape the model uses."""
+operands computes them (it too accumulates in float32 on every backend), for each equation shape the model uses.
+And every product of a compiled bfloat16 training step must stay on the CPU path that runs that form."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +93,44 @@ def test_an_equation_that_is_not_a_projection_is_refused():
     assert contracted_axes("btnh,nhd->btd") == 2
     with pytest.raises(ValueError, match="not a projection"):
         contracted_axes("btd,fd->btf")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_product_of_a_bfloat16_training_step_stays_in_a_ynnpack_fusion(tmp_path, scan_layers):
+    """XLA's CPU backend runs a bfloat16 x bfloat16 dot with a float32 result only inside a YNNPACK fusion: a dot
+    left outside one (after XLA folded a transposition into it, say) fails when the step runs, with "Unsupported
+    element type for DotThunk::Execute: BF16 x BF16 = F32". The step is compiled at a length whose causal flash
+    chunks hold one key block each, so that XLA inlines their loops (where a first version of flash's layout change
+    lost a product)."""
+    from llama_jax import trainer
+    from llama_jax.config import default_config, model_section
+    from llama_jax.model.flash import BLOCK, CAUSAL_CHUNKS
+    from llama_jax.optim import lr_schedule
+
+    cfg = default_config()
+    seq = BLOCK * CAUSAL_CHUNKS
+    # heads of 64 features and two rows: at the debug preset's heads of 16 and one row XLA kept the product in place
+    cfg.model = model_section("debug", max_seq_len=seq, remat="none", attention="flash", scan_layers=scan_layers,
+                              dim=256, n_layers=1, ffn_dim=256)
+    cfg.data.batch_size, cfg.data.seq_len = 2, seq
+    cfg.mesh.data = 1
+    run = trainer.setup(cfg, str(tmp_path), devices=jax.devices()[:1])
+    tokens = np.arange(2 * seq, dtype=np.int32).reshape(2, seq) % cfg.model.vocab_size
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), tokens.shape).copy()
+    batch = run.to_global(dict(tokens=tokens, targets=tokens, segment_ids=np.ones_like(tokens), positions=positions,
+                               loss_mask=np.ones(tokens.shape, np.float32)))
+    with jax.set_mesh(run.mesh):
+        step = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 10), 1,
+                                               loss_chunk_len=seq // 2))
+        hlo = step.lower(run.init(), batch).compile().as_text()
+    ynn = set(re.findall(r'calls=%([\w.\-]+), [^\n]*"kind":"__ynn_fusion"', hlo))
+    computation, stray, inside = None, [], 0
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line):
+            computation = header.group(1)
+        elif re.search(r"= \w+\[[\d,]*\]\S* dot\(", line):
+            if computation in ynn:
+                inside += 1
+            else:
+                stray.append(line.strip()[:200])
+    assert inside >= 10 and not stray, stray
