@@ -29,9 +29,8 @@ process's peak resident memory. The last line is one JSON object:
 {"machine": {"processor", "cores", "bfloat16_units"}, "peak_gflops", "matmul_gflops": {"xla_float32", "xla_bfloat16",
 "xla_bfloat16_to_float32", "torch_float32", "torch_bfloat16"}, "sizes": [{"name", "params", "tokens_per_s",
 "torch_tokens_per_s", "torch_compile_tokens_per_s", "ratio", "mfu", "compile_s", "first_step_s", ...}]}, `ratio` =
-llama_jax / PyTorch eager. The machine is printed first: the ratios follow its bfloat16 matmul units (with AMX,
-PyTorch's bfloat16 products ran 1.6-2.3x as fast as XLA's best form here; with AVX-512 BF16 alone,
-1.08x), so a table means little without it.
+llama_jax / PyTorch eager. The machine is printed first (`llama_jax/cpu_info.py`): the ratios follow its bfloat16
+matmul units, so a table means little without it.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,6 +45,7 @@ import time
 
 import numpy as np
 
+from llama_jax.cpu_info import describe_cpu
 from llama_jax.huge_pages import environ_with_huge_pages
 
 # name: (model shape, batch, seq_len); about 10M, 50M and 150M parameters at vocabulary 32,000.
@@ -56,8 +55,6 @@ SIZES = {
     "150m": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, tie_embeddings=False), 2, 2048),
 }
 VOCAB = 32000
-# x86 flags of the units that multiply bfloat16 (AMX tiles, AVX-512 dot products), fastest first
-BFLOAT16_UNITS = ("amx_bf16", "avx512_bf16")
 
 
 def time_steps(step, steps: int) -> tuple[float, float]:
@@ -174,24 +171,6 @@ def time_torch(m, tokens: np.ndarray, steps: int, dtype: str, compiled: bool, de
     return {"seconds": seconds, "compile_s": compile_s}
 
 
-def describe_machine(cpuinfo: str | None = None) -> dict:
-    """The processor, its core count and the bfloat16 matmul units among its flags, from `cpuinfo` (the text of
-    Linux's /proc/cpuinfo, read when not given; elsewhere the processor's name is what `platform` knows)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {"processor": fields.get("model name") or platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "bfloat16_units": [unit for unit in BFLOAT16_UNITS if unit in flags]}
-
-
 def measure_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10, result_dtype=None) -> float:
     import jax
     import jax.numpy as jnp
@@ -259,7 +238,7 @@ def main() -> None:
     from llama_jax.config import model_config
     from llama_jax.model import flops_per_token, param_count
 
-    machine = describe_machine()
+    machine = describe_cpu()
     print(f"Machine: {machine['processor']}, {machine['cores']} cores, bfloat16 matmul units: "
           f"{', '.join(machine['bfloat16_units']) or 'none'}")
     matmuls = {**in_subprocess("peak", "-", "0"), **(in_subprocess("torch_peak", "-", "0") or {})}

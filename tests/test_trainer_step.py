@@ -43,8 +43,9 @@ OPT_RTOL, OPT_ATOL_OF_MAX = 1e-5, 1e-5
 # Parameters, chained over the steps as training runs them: AdamW's update m / (sqrt(v) + eps) is about lr * sign(g)
 # and scale-free, so a gradient entry near eps (1e-8) whose last bits differ moves the update by a fraction of lr.
 # The bound is relative to lr: a real error (a missing all-reduce, a wrong microbatch) moves parameters by ~lr = 1e-3
-# and a gradient scale error shows in grad_norm and the moments above. [up to 1.1e-5 absolute, i.e. 1.1e-2 * lr]
-PARAM_RTOL, PARAM_ATOL = 1e-5, 2e-2 * LR
+# and a gradient scale error shows in grad_norm and the moments above. [up to 1.1e-5 absolute, i.e. 1.1e-2 * lr, on an
+# Intel Xeon; 2.6e-5 on an AMD EPYC, one entry of 16,384 of the tensor-parallel run's value projection after step 0]
+PARAM_RTOL, PARAM_ATOL = 1e-5, 5e-2 * LR
 
 # LLVM at -O0 halves the CPU compile time of each step (the tests compile eight); the program, its shardings and
 # the SPMD partitioning are the ones trainer._loop compiles.
