@@ -196,9 +196,14 @@ class SavedRun:
     def model_config(self) -> LlamaConfig:
         return LlamaConfig(**self.meta["config"]["model"])
 
+    @property
+    def is_lora(self) -> bool:
+        """Whether the run trained LoRA adapters (its checkpoints hold them, not a model)."""
+        return bool(self.meta.get("config", {}).get("lora", {}).get("rank"))
+
     def require_whole_model(self) -> None:
         """Raises CheckpointError for a LoRA run, whose checkpoints hold adapters, not a model."""
-        if self.meta.get("config", {}).get("lora", {}).get("rank"):
+        if self.is_lora:
             run = self.step_dir.parent.parent
             raise CheckpointError(f"{self.step_dir} is from a LoRA run: it holds the adapters only, not a model. Merge "
                                   f"them into their base first, python -m llama_jax.lora merge {run} --out DIR "

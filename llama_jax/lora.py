@@ -6,9 +6,11 @@ adapters, so the model code knows nothing of LoRA. With `lora.dropout` > 0 the a
 no merged matrix can express: each target's weight is then an `AdapterWeight`, whose product with the input is
 x·W + (alpha / r) · dropout(x)·A·B (the model asks a weight for `linear` where it has one), in training steps only;
 evaluation and export use the merged weights. Training keeps only the adapters in the train state: the
-optimizer state and the checkpoints are adapter-sized, and the base is an argument of the step, never donated.
+optimizer state and the checkpoints are adapter-sized, and the base is an argument of the step, never donated. A
+reward model (objective "reward") trains its head whole beside the adapters: it is new, so there is no base to adapt.
 
-Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory:
+Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory (a reward model:
+Hugging Face only, as a sequence classifier with its head):
 
     python -m llama_jax.lora merge RUN --out DIR [--to hf] [--dtype bfloat16]
 """
@@ -76,9 +78,6 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     if not cfg.checkpoint.init_from:
         raise ConfigError("lora.rank > 0 trains adapters on a trained model: set checkpoint.init_from to a Hugging "
                           "Face directory or a llama_jax run")
-    if cfg.objective.name == "reward":
-        raise ConfigError("lora.rank > 0 with objective.name='reward' is not supported (the reward head is not an "
-                          "adapter); set lora.rank=0")
     if cfg.mesh.stage > 1 and cfg.pipeline.schedule in ("1f1b", "zb-h1"):
         raise ConfigError("lora.rank > 0 needs the layer stack run by autodiff: use pipeline.schedule='gpipe' or "
                           "'circular' with mesh.stage > 1")
@@ -242,29 +241,55 @@ def _lora_section(meta: dict, where) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(section)
 
 
-def merged_source(run: str):
-    """A LoRA run's newest checkpoint (or the step given) as a conversion source of the merged model: the base it
-    was trained on (`checkpoint.init_from`, as recorded in the checkpoint) with the adapters merged in."""
+def _restore_saved(saved) -> dict:
+    """What a LoRA run's checkpoint holds as params: the adapters (and the reward head), as host arrays."""
     import orbax.checkpoint as ocp
 
+    try:
+        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(saved.step_dir / "params"))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
+
+
+def restore_merged(saved, shardings: dict) -> dict:
+    """A LoRA run's step (`checkpoint.SavedRun`) as a whole model's parameters, placed as `shardings` says: the base
+    it trained on (`checkpoint.init_from`, as recorded in the checkpoint) with the adapters merged in, and what its
+    objective trains beside them (the reward head) as saved."""
+    from llama_jax.checkpoint import load_pretrained
+
+    lora_cfg = _lora_section(saved.meta, saved.step_dir)
+    stored = _restore_saved(saved)
+    adapters = {name: stored[name] for name in target_names(lora_cfg)}
+    own = {key: value for key, value in stored.items() if key not in adapters}
+    model_sh = {key: where for key, where in shardings.items() if key not in own}
+    base = load_pretrained(saved.meta["config"]["checkpoint"]["init_from"], saved.model_config, model_sh)
+    params = jax.jit(merged, static_argnums=2, out_shardings=model_sh)(base, adapters, scale(lora_cfg))
+    return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items()}}
+
+
+def merged_source(run: str):
+    """A LoRA run's newest checkpoint (or the step given) as a conversion source of the merged model: the base it
+    was trained on (`checkpoint.init_from`, as recorded in the checkpoint) with the adapters merged in; a reward
+    model's with its head (the `score` that Hugging Face's sequence classifier reads)."""
     from llama_jax.checkpoint import SavedRun
     from llama_jax.convert import ParamSource, open_source
+    from llama_jax.objectives import reward
 
     saved = SavedRun.open(run)
     lora_cfg = _lora_section(saved.meta, saved.step_dir)
     base = open_source(saved.meta["config"]["checkpoint"]["init_from"])
-    try:
-        adapters = ocp.StandardCheckpointer().restore(saved.step_dir / "params")
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
-    paths = {TARGETS[name][0]: adapters[name] for name in target_names(lora_cfg)}
+    stored = _restore_saved(saved)
+    paths = {TARGETS[name][0]: stored[name] for name in target_names(lora_cfg)}
     merge = jax.jit(merged_weight, static_argnums=3)
 
     class Merged(ParamSource):
         cfg = base.cfg.replace(param_dtype="float32")
         directory, tokenizer = base.directory, base.tokenizer
+        reward_model = saved.meta["config"].get("objective", {}).get("name") == "reward"
 
         def read(self, path: tuple[str, ...]) -> np.ndarray:
+            if self.reward_model and path == ("score",):
+                return np.asarray(stored[reward.HEAD], np.float32)[None, :]
             w = base.read(path)
             if path not in paths:
                 return w.astype(np.float32)

@@ -157,8 +157,8 @@ class Run:
         With LoRA: fresh adapters (the base is `self.base`)."""
         if self.base is not None:
             def fresh() -> TrainState:
-                adapters = lora_lib.init(self.model_def, self.cfg.lora, self.cfg.seed)
-                return TrainState(jnp.zeros((), jnp.int32), adapters, self.tx.init(adapters))
+                params = _with_objective_params(self.cfg, lora_lib.init(self.model_def, self.cfg.lora, self.cfg.seed))
+                return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
             return jax.jit(fresh, out_shardings=self.state_shardings)()
         if not self.cfg.checkpoint.init_from:
@@ -174,10 +174,12 @@ class Run:
         return jax.jit(from_params, out_shardings=self.state_shardings)(params)
 
     def model_params(self, params: dict) -> dict:
-        """The model's parameters of a train state's `params`: with LoRA, the base with the adapters merged in."""
+        """The model's parameters of a train state's `params` (and the objective's own, the reward head): with LoRA,
+        the base with the adapters merged in."""
         if self.base is None:
             return params
-        return _merge_adapters(self.base, params, lora_lib.scale(self.cfg.lora))
+        adapters, own = _split_objective_params(self.cfg, params)
+        return {**_merge_adapters(self.base, adapters, lora_lib.scale(self.cfg.lora)), **own}
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """This process's rows, laid out along the sequence as context parallelism wants, as global arrays."""
@@ -212,22 +214,25 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
     "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`
     (pretraining, and SFT, whose masks cover the assistant's tokens only). `lora` (LoRA): state.params are
-    adapters, and the step takes the frozen base as its last argument; the model runs on base + scale·A·B
-    (`lora_lib.training_model`, with its dropout)."""
+    adapters (and the reward head), and the step takes the frozen base as its last argument; the model runs on
+    base + scale·A·B (`lora_lib.training_model`, with its dropout), and DPO's reference is the base."""
     pairs = objective is not None and objective.name in PAIR_OBJECTIVES
-    pair_loss = pair_objective(model_def, objective, layers_fn, loss_chunk_len) if pairs else None
 
     def step_fn(state: TrainState, batch: Batch, max_loss, base: dict | None = None):
-        if pairs:
-            objective_loss = pair_loss if base is None else _lora_dpo_loss(model_def, objective, layers_fn,
-                                                                           loss_chunk_len, base, lora.scale)
-            loss, grads, extra = _pair_loss_and_grads(objective_loss, grad_accum, state, batch)
-        else:
-            def merge(params: dict, microbatch) -> Llama:
-                if base is None:
-                    return model_def.merge(params)
-                return lora_lib.training_model(model_def, base, params, lora, state.step, microbatch)
+        def merge(params: dict, microbatch) -> Llama:
+            if base is None:
+                return model_def.merge(params)
+            return lora_lib.training_model(model_def, base, params, lora, state.step, microbatch)
 
+        def reference(opt_state) -> Llama:  # DPO's; with LoRA the frozen base itself, so no second copy exists
+            if base is None:
+                return model_def.merge(dpo_objective.reference_of(opt_state))
+            return model_def.merge(jax.tree.map(lambda w: w.astype(jnp.float32), base))
+
+        if pairs:
+            pair_loss = pair_objective(objective, merge, reference, layers_fn, loss_chunk_len)
+            loss, grads, extra = _pair_loss_and_grads(pair_loss, grad_accum, state, batch)
+        else:
             loss, grads, extra = (*lm_loss_and_grads(state, batch, merge), {})
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **extra}
@@ -284,36 +289,25 @@ def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _lora_dpo_loss(model_def: ModelDef, objective: ml_collections.ConfigDict, layers_fn: LayersFn | None,
-                   chunk_len: int, base: dict, scale: float):
-    """DPO on LoRA adapters (as `objectives.pair_objective` gives it): the policy is the base with the adapters, the
-    reference the base alone, so no second copy of the weights exists."""
-    def loss_fn(adapters, opt_state, mb, totals):
-        reference = model_def.merge(jax.tree.map(lambda w: w.astype(jnp.float32), base))
-        return dpo_objective.dpo_loss(model_def.merge(lora_lib.merged(base, adapters, scale)), reference, mb, totals,
-                                      beta=objective.dpo_beta, nll_coef=objective.dpo_nll, layers_fn=layers_fn,
-                                      chunk_len=chunk_len)
-
-    return dpo_objective.counts, loss_fn
-
-
 def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: Batch):
     """(loss, gradient, metrics) of a pair objective (`objectives.pair_objective`), its microbatches' values summed:
     each is already divided by the whole batch's counts."""
     counts, loss_fn = pair_loss
     totals = counts(batch)
-    grad_fn = jax.value_and_grad(lambda params, mb: loss_fn(params, state.opt_state, mb, totals), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, mb, index: loss_fn(params, state.opt_state, mb, totals, index),
+                                 has_aux=True)
     if grad_accum == 1:
-        (loss, metrics), grads = grad_fn(state.params, batch)
+        (loss, metrics), grads = grad_fn(state.params, batch, 0)
         return loss, grads, metrics
 
-    def accumulate(carry, mb):
-        (loss, metrics), grads = grad_fn(state.params, mb)
+    def accumulate(carry, indexed_mb):
+        (loss, metrics), grads = grad_fn(state.params, *indexed_mb)
         return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum)))
+    micro = (_microbatches(batch, grad_accum), jnp.arange(grad_accum))
+    shapes = jax.eval_shape(grad_fn, state.params, *jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
-    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum))
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, micro)
     return loss, grads, metrics
 
 
@@ -360,20 +354,18 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
         tx = dpo_objective.keep_reference(tx)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    if cfg.objective.name == "reward":
-        params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
     base, base_sh = None, None
     if cfg.lora.rank:  # the train state holds adapters only; the frozen base is loaded once and passed to each step
         base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
         loaded = ckpt.load_pretrained(cfg.checkpoint.init_from, model_def.cfg, base_sh)
         base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
                        out_shardings=base_sh)(loaded)
+    if cfg.objective.name == "reward":  # the head trains whole, with LoRA too
+        params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
 
     def initial_state() -> TrainState:
-        if base is not None:
-            adapters = lora_lib.init(model_def, cfg.lora, cfg.seed)
-            return TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters))
-        params = _with_objective_params(cfg, model_def.init(cfg.seed))
+        trained = model_def.init(cfg.seed) if base is None else lora_lib.init(model_def, cfg.lora, cfg.seed)
+        params = _with_objective_params(cfg, trained)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     shapes = jax.eval_shape(initial_state)

@@ -59,4 +59,3 @@ def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):
     for losses, eval_loss, rtol in expected_curves():
         np.testing.assert_allclose([m["loss"] for m in lines], losses, rtol=rtol)
         np.testing.assert_allclose(lines[-1]["eval_loss"], eval_loss, rtol=rtol)
-

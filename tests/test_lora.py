@@ -23,6 +23,7 @@ from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import ModelDef
+from llama_jax.objectives import reward
 from llama_jax.phases import RunPlan
 
 
@@ -143,6 +144,8 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
     for load in (ckpt.load_model, open_source):  # generate, evaluate, convert and init_from: merge first
         with pytest.raises(CheckpointError, match="from a LoRA run.*python -m llama_jax.lora merge"):
             load(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="not a reward model: it was trained with objective.name='sft'"):
+        reward.load_reward_model(tmp_path / "run")
 
     run = trainer.setup(cfg, tmp_path / "again")
     checkpointer = ckpt.Checkpointer(tmp_path / "run" / "checkpoints")
@@ -186,11 +189,117 @@ def test_bad_lora_configs_are_refused(change, words):
         validate(cfg)
 
 
-def test_lora_with_the_reward_model_is_refused(base):
-    cfg = load_config_file("sft_tiny.py", str(base))
-    cfg.objective.name, cfg.lora.rank = "reward", 4
-    with pytest.raises(ConfigError, match="lora.rank > 0 with objective.name='reward'"):
-        validate(cfg)
+def lora_reward_config(base, **changes):
+    from test_reward import reward_config
+
+    cfg = reward_config(base, optim__lr=1e-2, optim__warmup_steps=0, **changes)
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    return cfg
+
+
+def pair_step(run, cfg, batch):
+    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
+                                           loss_chunk_len=cfg.objective.loss_chunk_len, objective=cfg.objective,
+                                           lora=lora.LoraStep.of(cfg)),
+                   in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
+                   out_shardings=(run.state_shardings, None))
+    return step.lower(run.abstract_state, batch, run.base).compile(FAST_COMPILE)
+
+
+def test_a_reward_model_trains_adapters_and_its_whole_head(base, tmp_path):
+    """The train state holds the adapters and the head; a zero head ties every pair; a few steps order the pairs; two
+    microbatches give the whole batch's step."""
+    from test_dpo import data_of
+
+    results = []
+    for grad_accum in (1, 2):
+        # float32 compute: B's first gradients pass through a head one step old, so they are small enough for
+        # bfloat16's rounding to move AdamW's first step of them (lr · g / (|g| + eps)) by a few percent of lr
+        cfg = lora_reward_config(base, optim__grad_accum=grad_accum, model__dtype="float32")
+        run = trainer.setup(cfg, tmp_path / str(grad_accum))
+        assert set(run.abstract_state.params) == set(lora.TARGETS) | {reward.HEAD}
+        assert run.abstract_state.params[reward.HEAD].shape == (cfg.model.dim,)
+        data = data_of(cfg, tmp_path)
+        held = run.to_global(data.batches.local_batch(0))
+        with jax.set_mesh(run.mesh):
+            step, state = pair_step(run, cfg, held), run.init()
+            assert not np.any(np.asarray(state.params[reward.HEAD]))
+            state, first = step(state, held, run.base)
+            state, second = step(state, held, run.base)  # the first moves the head alone: a zero head passes no gradient
+            results.append(jax.device_get((second, state.params)))
+            if grad_accum == 2:
+                break
+            for i in range(2, 12):
+                state, _ = step(state, held if i % 2 == 0 else run.to_global(data.batches.local_batch(i)), run.base)
+            state, last = step(state, held, run.base)
+            trained = jax.device_get(state.params)
+    np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)
+    assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
+    assert all(np.any(pair["b"]) for name, pair in trained.items() if name != reward.HEAD)
+    (full, full_params), (accumulated, accumulated_params) = results
+    assert all(np.any(pair["b"]) for name, pair in full_params.items() if name != reward.HEAD)
+    for key in ("loss", "grad_norm", "pairwise_accuracy", "score_margin"):
+        np.testing.assert_allclose(accumulated[key], full[key], rtol=2e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(accumulated_params)):
+        np.testing.assert_allclose(a, b, atol=1e-3 * cfg.optim.lr)
+
+
+def test_a_lora_reward_run_loads_merged_and_exports_as_a_sequence_classifier(base, tmp_path, capsys):
+    """Through `trainer.train` (with adapter dropout): the checkpoint holds adapters and head; the reward model that
+    rejection sampling loads is the base with the adapters merged in, on one device or sharded; the Hugging Face
+    export scores as it does."""
+    import torch
+    import transformers
+    from test_reward import float32_scores, scored_rows
+
+    from llama_jax.parallel.mesh import make_mesh
+
+    cfg = lora_reward_config(base, train__steps=4, train__log_every=2, train__eval_every=4, checkpoint__every_steps=4)
+    cfg.lora.dropout = 0.1
+    logged = trainer.train(cfg, tmp_path / "run")
+    assert math.isfinite(logged["eval_loss"]) and 0 <= logged["eval_pairwise_accuracy"] <= 1
+    step_dir = ckpt.find_step_dir(tmp_path / "run")
+    assert set(ocp.PyTreeCheckpointHandler().metadata(step_dir / "params").tree) == set(lora.TARGETS) | {reward.HEAD}
+
+    run = trainer.setup(cfg, tmp_path / "again")
+    checkpointer = ckpt.Checkpointer(tmp_path / "run" / "checkpoints")
+    saved, _ = checkpointer.restore(4, run.abstract_state.params, run.abstract_state.opt_state, None)
+    checkpointer.close()
+    with jax.set_mesh(run.mesh):
+        params = jax.device_get(run.model_params(saved))
+    body, head = reward.split_params(params)
+    assert np.abs(head).max() > 0 and not np.allclose(body["layers"]["attn"]["wq"], jax.device_get(run.base)["layers"]
+                                                      ["attn"]["wq"]), "the head and the adapters trained"
+    rows, padded = scored_rows(Tokenizer.from_file(base).pad_id)
+    expected = float32_scores(run.model_def.merge(body), head, rows)
+    model, loaded_head, _ = reward.load_reward_model(tmp_path / "run")
+    np.testing.assert_allclose(float32_scores(model, loaded_head, rows), expected, rtol=1e-5, atol=1e-6)
+    sharded, sharded_head, _ = reward.load_reward_model(tmp_path / "run", mesh=make_mesh(cfg.mesh))
+    np.testing.assert_allclose(float32_scores(sharded, sharded_head, rows), expected, rtol=1e-5, atol=1e-6)
+
+    assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "ours")]) == 2
+    assert "reward model" in capsys.readouterr().err
+    assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
+    np.testing.assert_allclose(theirs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pair_objectives_give_each_microbatch_its_index():
+    """The index is what draws a microbatch's own adapter-dropout masks (`lora.training_model`)."""
+    def counts(batch):
+        return {"pairs": jnp.ones(())}
+
+    def loss_fn(params, opt_state, mb, totals, index):
+        return jnp.sum(params["w"]) * index, {}
+
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(3)}, ())
+    batch = {"tokens": jnp.zeros((6, 2), jnp.int32)}
+    for grad_accum, indices in ((1, [0]), (3, [0, 1, 2])):
+        _, grads, _ = trainer._pair_loss_and_grads((counts, loss_fn), grad_accum, state, batch)
+        np.testing.assert_array_equal(grads["w"], np.full(3, sum(indices), np.float32))
 
 
 def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):

@@ -85,17 +85,27 @@ def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(ba
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
 
     model, head, _ = reward.load_reward_model(tmp_path / "reward")
-    f32 = ModelDef(model.cfg.replace(dtype="float32")).merge(nnx.to_pure_dict(nnx.state(model)))
-    rng = np.random.default_rng(0)
-    pad = hf.config.pad_token_id
-    lengths = (9, 17, 5)
-    rows = {key: np.zeros((3, 17), np.int32) for key in ("tokens", "segment_ids", "positions")}
-    padded = np.full((3, 17), pad, np.int64)  # transformers scores the last token that is not padding
-    for i, n in enumerate(lengths):
-        rows["tokens"][i, :n] = padded[i, :n] = rng.integers(0, 1000, n)
-        rows["segment_ids"][i, :n], rows["positions"][i, :n] = 1, np.arange(n)
-    ours = np.asarray(reward.scores(f32, head, rows))
+    rows, padded = scored_rows(hf.config.pad_token_id)
+    ours = float32_scores(model, head, rows)
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
     assert np.abs(ours).max() > 1e-3, "the head trained"
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def scored_rows(pad: int) -> tuple[dict, np.ndarray]:
+    """Three rows of 9, 17 and 5 random tokens as our reward model reads them (segment ids and positions), and as
+    transformers' sequence classifier does: padded with `pad`, so that it scores the last token that is not padding."""
+    rng = np.random.default_rng(0)
+    rows = {key: np.zeros((3, 17), np.int32) for key in ("tokens", "segment_ids", "positions")}
+    padded = np.full((3, 17), pad, np.int64)
+    for i, n in enumerate((9, 17, 5)):
+        rows["tokens"][i, :n] = padded[i, :n] = rng.integers(0, 1000, n)
+        rows["segment_ids"][i, :n], rows["positions"][i, :n] = 1, np.arange(n)
+    return rows, padded
+
+
+def float32_scores(model, head, rows: dict) -> np.ndarray:
+    """`reward.scores` with the model computing in float32, as the exports do."""
+    f32 = ModelDef(model.cfg.replace(dtype="float32")).merge(nnx.to_pure_dict(nnx.state(model)))
+    return np.asarray(reward.scores(f32, head, rows))

@@ -14,22 +14,25 @@ from llama_jax.objectives.lm import LogitsFn, lm_loss_sum, token_nll
 __all__ = ["LogitsFn", "lm_loss_sum", "token_nll"]
 
 
-def pair_objective(model_def, objective_cfg, layers_fn=None, chunk_len: int = 0):
+def pair_objective(objective_cfg, model_of, reference_of, layers_fn=None, chunk_len: int = 0):
     """For `reward` and `dpo`: (counts(batch) -> the whole batch's denominators,
-    loss(params, opt_state, microbatch, totals) -> (loss, metrics)), the loss differentiable in params."""
+    loss(params, opt_state, microbatch, totals, index) -> (loss, metrics)), the loss differentiable in params.
+    `model_of(params, index)` is the model being trained from its parameters (the reward head taken out) and the
+    microbatch's index (LoRA: the base with the adapters, whose dropout masks depend on it); `reference_of(opt_state)`
+    is DPO's frozen reference model."""
     from llama_jax.objectives import dpo, reward
 
     if objective_cfg.name == "dpo":
-        def dpo_loss(params, opt_state, mb, totals):
-            return dpo.dpo_loss(model_def.merge(params), model_def.merge(dpo.reference_of(opt_state)), mb, totals,
+        def dpo_loss(params, opt_state, mb, totals, index):
+            return dpo.dpo_loss(model_of(params, index), reference_of(opt_state), mb, totals,
                                 beta=objective_cfg.dpo_beta, nll_coef=objective_cfg.dpo_nll, layers_fn=layers_fn,
                                 chunk_len=chunk_len)
 
         return dpo.counts, dpo_loss
     if objective_cfg.name == "reward":
-        def reward_loss(params, opt_state, mb, totals):
-            base, head = reward.split_params(params)
-            return reward.reward_loss(model_def.merge(base), head, mb, totals, layers_fn=layers_fn)
+        def reward_loss(params, opt_state, mb, totals, index):
+            body, head = reward.split_params(params)
+            return reward.reward_loss(model_of(body, index), head, mb, totals, layers_fn=layers_fn)
 
         return reward.counts, reward_loss
     raise ValueError(f"{objective_cfg.name!r} is not a pair objective")

@@ -55,16 +55,21 @@ def reward_loss(model: Llama, head_d: jax.Array, batch: Batch, totals: dict[str,
 
 def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
     """(model, head, tokenizer path) of a reward-model run (objective "reward"): its parameters with the head, on the
-    default device or sharded over `mesh` (the head replicated)."""
+    default device or sharded over `mesh` (the head replicated). A LoRA run's adapters are merged into its base."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from llama_jax import lora
     from llama_jax.checkpoint import SavedRun
     from llama_jax.errors import CheckpointError
     from llama_jax.model import ModelDef
     from llama_jax.parallel.mesh import param_shardings, replicated
 
     saved = SavedRun.open(path)
+    objective = saved.meta.get("config", {}).get("objective", {}).get("name")
+    if objective != "reward":
+        raise CheckpointError(f"{path} is not a reward model: it was trained with objective.name={objective!r}; train "
+                              "one with objective.name='reward' (configs/reward_tiny.py)")
     model_def = ModelDef(saved.model_config)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -72,12 +77,17 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
         shardings[HEAD] = device
     else:
         shardings = {**param_shardings(model_def.abstract_state, mesh), HEAD: replicated(mesh)}
-    abstract = {**nnx.to_pure_dict(model_def.abstract_state),
-                HEAD: jax.ShapeDtypeStruct((model_def.cfg.dim,), jnp.float32)}
-    target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
-    try:
-        params = ocp.StandardCheckpointer().restore(saved.step_dir / "params", target)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path} is not a reward model (objective.name='reward') checkpoint: {err}") from err
+    if saved.is_lora:
+        params = lora.restore_merged(saved, shardings)
+    else:
+        abstract = {**nnx.to_pure_dict(model_def.abstract_state),
+                    HEAD: jax.ShapeDtypeStruct((model_def.cfg.dim,), jnp.float32)}
+        target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract,
+                              shardings)
+        try:
+            params = ocp.StandardCheckpointer().restore(saved.step_dir / "params", target)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{saved.step_dir}: the reward model's parameters could not be restored ({err}); "
+                                  "use another step") from err
     base, head = split_params(params)
     return model_def.merge(base), head, str(saved.tokenizer)
