@@ -81,8 +81,11 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     if cfg.mesh.stage > 1 and cfg.pipeline.schedule in ("1f1b", "zb-h1"):
         raise ConfigError("lora.rank > 0 needs the layer stack run by autodiff: use pipeline.schedule='gpipe' or "
                           "'circular' with mesh.stage > 1")
-    if cfg.phases:
-        raise ConfigError("lora.rank > 0 trains one phase: set cfg.phases = ()")
+    for index, entry in enumerate(cfg.phases):
+        where = f"phases[{index}] ({entry.name!r})"
+        if "init_from" in entry.overrides.get("checkpoint", {}):
+            raise ConfigError(f"{where} sets checkpoint.init_from: with lora.rank > 0 every phase trains adapters on "
+                              "the run's one base; set it in the run's config only")
 
 
 def scale(lora_cfg: ml_collections.ConfigDict) -> float:

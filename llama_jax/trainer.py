@@ -336,9 +336,10 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None, *,
-          schedule: optax.Schedule | None = None) -> Run:
+          schedule: optax.Schedule | None = None, base: dict | None = None) -> Run:
     """Everything the loop needs, on a mesh over all devices (or `devices`). `schedule`: the learning rate by step
-    (default: `lr_schedule` over `train.steps`; a run with phases passes the whole run's)."""
+    (default: `lr_schedule` over `train.steps`; a run with phases passes the whole run's). `base` (LoRA): the frozen
+    model as an earlier phase's Run holds it, placed on this mesh rather than read from `checkpoint.init_from` again."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     for batch_size, seq_len in batch_schedule(cfg).shapes:
@@ -354,12 +355,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
         tx = dpo_objective.keep_reference(tx)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    base, base_sh = None, None
+    base_sh = None
     if cfg.lora.rank:  # the train state holds adapters only; the frozen base is loaded once and passed to each step
         base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
-        loaded = ckpt.load_pretrained(cfg.checkpoint.init_from, model_def.cfg, base_sh)
-        base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
-                       out_shardings=base_sh)(loaded)
+        if base is None:
+            loaded = ckpt.load_pretrained(cfg.checkpoint.init_from, model_def.cfg, base_sh)
+            base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
+                           out_shardings=base_sh)(loaded)
+        else:
+            base = jax.device_put(base, base_sh)
     if cfg.objective.name == "reward":  # the head trains whole, with LoRA too
         params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
 
@@ -459,8 +463,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
     restored_iterators: dict[int, grain.DatasetIterator] = {}
 
     def run_of(p: Phase) -> Run:
-        if p.index not in runs:
-            runs[p.index] = setup(p.cfg, workdir, schedule=schedule)
+        if p.index not in runs:  # LoRA: the base comes from a phase already set up, read from disk once per run
+            base = next((run.base for run in runs.values()), None)
+            runs[p.index] = setup(p.cfg, workdir, schedule=schedule, base=base)
         return runs[p.index]
 
     def target(step: int) -> ckpt.RestoreTarget:
@@ -502,6 +507,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
                     if p.average:
                         logged.update(loop.average(run, p, data[p.index]))
                 start = p.stop_step
+                if p.index + 1 < len(plan.phases):  # the next phase's Run takes over (and LoRA's base, resharded)
+                    run_of(plan.phases[p.index + 1])
+                    runs.pop(p.index)
         finally:
             loop.close()
         return logged
@@ -756,7 +764,9 @@ class _Loop:
                 average_checkpoints([self.checkpointer.directory / str(s) for s in steps], out)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("checkpoint average written")
-            params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg, run.state_shardings.params)
+            # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py)
+            params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg,
+                                                            run.base_shardings or run.state_shardings.params)
         eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=run.cfg.objective.loss_chunk_len,
                                          objective=run.cfg.objective))
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}

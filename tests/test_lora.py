@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from config_files import load_config_file
 from posttrain_fixtures import VOCAB, tiny_base
@@ -24,7 +25,7 @@ from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import ModelDef
 from llama_jax.objectives import reward
-from llama_jax.phases import RunPlan
+from llama_jax.phases import RunPlan, phase
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -285,6 +286,52 @@ def test_a_lora_reward_run_loads_merged_and_exports_as_a_sequence_classifier(bas
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
     np.testing.assert_allclose(theirs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_trains_through_phases_on_one_read_of_the_base_and_resumes_in_a_later_phase(base, tmp_path,
+                                                                                         monkeypatch):
+    """Two phases, the second on longer rows and another mesh (the base resharded onto it, not read again), averaging
+    its checkpoints as merged models; a run restarted from a checkpoint in the second phase ends bitwise where the
+    uninterrupted one does."""
+    from cli_run import read_metrics, without_timing
+    from test_phases import _workdir_as_of
+
+    cfg = lora_config(base)
+    cfg.phases = (phase("long", steps=3, average=True, data=dict(seq_len=128), mesh=dict(data=2, fsdp=4)),)
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.data.eval_batches = 3, 1, 0, 1
+    cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep = 1, 10
+    reads = []
+    load_pretrained = ckpt.load_pretrained
+    monkeypatch.setattr(ckpt, "load_pretrained", lambda *args: reads.append(args[0]) or load_pretrained(*args))
+    logged = trainer.train(cfg, tmp_path / "straight")
+    assert reads == [str(base)], "the base is read once for both phases"
+    assert math.isfinite(logged["averaged/eval_loss"])
+    lines = read_metrics(tmp_path / "straight")
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    _workdir_as_of(tmp_path / "straight", 4, tmp_path / "resumed")
+    trainer.train(cfg, tmp_path / "resumed")
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(lines)
+    straight, resumed = ({step: ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / str(step) / "params")
+                          for step in (4, 5, 6)} for run in ("straight", "resumed"))
+    assert set(straight[6]) == set(lora.TARGETS)
+    for a, b in zip(jax.tree.leaves(straight[6]), jax.tree.leaves(resumed[6])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    # The average is the mean of the models (base + scale · A·B) at the phase's checkpoints, not of the adapters.
+    frozen = jax.device_get(trainer.setup(lora_config(base), tmp_path / "base").base)
+    merged = [jax.device_get(lora.merged(frozen, adapters, lora.scale(cfg.lora))) for adapters in straight.values()]
+    for run_name in ("straight", "resumed"):
+        averaged, _ = ckpt.load_model(tmp_path / run_name / "averaged")
+        for got, *parts in zip(jax.tree.leaves(nnx.state(averaged)), *(jax.tree.leaves(m) for m in merged)):
+            expected = np.mean([np.asarray(x, np.float64) for x in parts], axis=0)
+            np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_phase_changing_the_base_is_refused(base):
+    cfg = lora_config(base)
+    cfg.phases = (phase("other", steps=3, checkpoint=dict(init_from="elsewhere")),)
+    with pytest.raises(ConfigError, match="every phase trains adapters on the run's one base"):
+        validate(cfg)
 
 
 def test_pair_objectives_give_each_microbatch_its_index():
