@@ -8,7 +8,7 @@ workdirs or steps (a workdir means its latest step), or any checkpoint `convert`
 is taken parameter by parameter, summed in float64 and stored in the first input's dtype (or `--dtype`), so memory
 holds one parameter's sum and one input's copy of it at a time, never a model. One input is allowed: a copy of it.
 Inputs and output may be URLs (gs://bucket/run/checkpoints/9000), read and written as `convert` does. A LoRA run's
-step counts as its merged model (`lora.merged_source`): the mean of the models, base + scale · mean(A·B), which no
+step counts as its merged model (`convert.open_source`): the mean of the models, base + scale · mean(A·B), which no
 mean of the adapters themselves gives.
 """
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llama_jax.convert import ParamSource, detect_format, open_source
+from llama_jax.convert import ParamSource, open_source
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.ours_format import write_ours
 from llama_jax.workdir import resolve
@@ -44,16 +44,6 @@ class _Mean(ParamSource):
         return total.astype(jnp.dtype(self.cfg.param_dtype))
 
 
-def _open(path: epath.Path) -> ParamSource:
-    """The checkpoint at `path` as a source of its whole model: a LoRA run's step merged into its base."""
-    from llama_jax import lora
-    from llama_jax.checkpoint import SavedRun
-
-    if detect_format(path) == "ours" and SavedRun.open(path).is_lora:
-        return lora.merged_source(path)
-    return open_source(path)
-
-
 def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> None:
     """Refuses checkpoints of different models (how they run, e.g. their compute dtype, may differ) or tokenizers."""
     first = sources[0].cfg.replace(head_dim=sources[0].cfg.resolved_head_dim)  # 0 means dim / n_heads
@@ -73,7 +63,7 @@ def average(paths: list[str | os.PathLike], out: str | os.PathLike, dtype: str |
     if not paths:
         raise CheckpointError("no checkpoints to average: pass one or more")
     paths = [resolve(path) for path in paths]
-    sources = [_open(path) for path in paths]
+    sources = [open_source(path) for path in paths]
     _check_same_model(paths, sources)
     write_ours(_Mean(sources, dtype), resolve(out))
 

@@ -216,10 +216,15 @@ class SavedRun:
 
     def restore_params(self, model_cfg: LlamaConfig, shardings: dict) -> dict:
         """The parameters alone (never the optimizer state), as `model_cfg`'s dtypes and `shardings` say: Orbax reads
-        for each device only the stored chunks its shard covers, whatever mesh the run was saved from."""
-        self.require_whole_model()
+        for each device only the stored chunks its shard covers, whatever mesh the run was saved from. A LoRA run's
+        are its base with the adapters merged in (`lora.restore_merged`)."""
         with jax.set_mesh(None):  # shapes only: `shardings` alone decides where the arrays go
             abstract = nnx.to_pure_dict(ModelDef(model_cfg).abstract_state)
+        if self.is_lora:
+            from llama_jax import lora
+
+            merged = lora.restore_merged(self, shardings)
+            return jax.tree.map(lambda x, like: x.astype(like.dtype), merged, abstract)
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
         try:
             return ocp.StandardCheckpointer().restore(self.step_dir / "params", target)

@@ -727,9 +727,11 @@ def open_source(path: str | os.PathLike, kind: str | None = None) -> ParamSource
 
         return MetaSource(path)
     if kind == "ours":
+        from llama_jax import lora
+        from llama_jax.checkpoint import SavedRun
         from llama_jax.ours_format import OursSource
 
-        return OursSource(path)
+        return lora.merged_source(path) if SavedRun.open(path).is_lora else OursSource(path)
     raise CheckpointError(f"{path} holds no checkpoint: pass {' or '.join(FORMATS.values())}")
 
 

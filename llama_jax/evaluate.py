@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError, LlamaJaxError

@@ -254,10 +254,22 @@ def _restore_saved(saved) -> dict:
         raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
 
 
+def _base_of(saved) -> str:
+    """The base a LoRA run's step trained on (`checkpoint.init_from`, as recorded in it), checked to be there."""
+    from llama_jax.workdir import resolve
+
+    base = saved.meta["config"]["checkpoint"]["init_from"]
+    if not resolve(base).exists():
+        raise CheckpointError(f"{saved.step_dir} holds LoRA adapters on the base {base}, which is gone: put the base "
+                              "back there, or use a merged copy written while it was there (python -m llama_jax.lora "
+                              "merge)")
+    return base
+
+
 def restore_merged(saved, shardings: dict) -> dict:
     """A LoRA run's step (`checkpoint.SavedRun`) as a whole model's parameters, placed as `shardings` says: the base
-    it trained on (`checkpoint.init_from`, as recorded in the checkpoint) with the adapters merged in, and what its
-    objective trains beside them (the reward head) as saved."""
+    it trained on with the adapters merged in, and what its objective trains beside them (the reward head) where
+    `shardings` has a place for it."""
     from llama_jax.checkpoint import load_pretrained
 
     lora_cfg = _lora_section(saved.meta, saved.step_dir)
@@ -265,9 +277,9 @@ def restore_merged(saved, shardings: dict) -> dict:
     adapters = {name: stored[name] for name in target_names(lora_cfg)}
     own = {key: value for key, value in stored.items() if key not in adapters}
     model_sh = {key: where for key, where in shardings.items() if key not in own}
-    base = load_pretrained(saved.meta["config"]["checkpoint"]["init_from"], saved.model_config, model_sh)
+    base = load_pretrained(_base_of(saved), saved.model_config, model_sh)
     params = jax.jit(merged, static_argnums=2, out_shardings=model_sh)(base, adapters, scale(lora_cfg))
-    return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items()}}
+    return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items() if key in shardings}}
 
 
 def merged_source(run: str):
@@ -280,7 +292,7 @@ def merged_source(run: str):
 
     saved = SavedRun.open(run)
     lora_cfg = _lora_section(saved.meta, saved.step_dir)
-    base = open_source(saved.meta["config"]["checkpoint"]["init_from"])
+    base = open_source(_base_of(saved))
     stored = _restore_saved(saved)
     paths = {TARGETS[name][0]: stored[name] for name in target_names(lora_cfg)}
     merge = jax.jit(merged_weight, static_argnums=3)

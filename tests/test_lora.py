@@ -3,8 +3,10 @@ and the merged export equals the adapter model."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +144,6 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
     saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "params").tree
     assert set(saved) == set(lora.TARGETS) and all(set(pair) == {"a", "b"} for pair in saved.values())
     assert ckpt.SavedRun.open(tmp_path / "run").meta["config"]["checkpoint"]["init_from"] == str(base)
-    for load in (ckpt.load_model, open_source):  # generate, evaluate, convert and init_from: merge first
-        with pytest.raises(CheckpointError, match="from a LoRA run.*python -m llama_jax.lora merge"):
-            load(tmp_path / "run")
     with pytest.raises(CheckpointError, match="not a reward model: it was trained with objective.name='sft'"):
         reward.load_reward_model(tmp_path / "run")
 
@@ -166,6 +165,26 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(rows))), expected, rtol=1e-5, atol=1e-5)
     hf = load_hf(tmp_path / "hf")
     np.testing.assert_allclose(np.asarray(hf(jnp.asarray(rows))), expected, rtol=1e-5, atol=1e-5)
+
+    # The run itself loads as the merged model: generate, evaluate, init_from (load_model, load_pretrained) and
+    # convert, average (open_source), with the adapters merged in as they read it.
+    direct, _ = ckpt.load_model(tmp_path / "run")  # computes in the run's bfloat16: compared in float32
+    np.testing.assert_allclose(logits(f32, nnx.to_pure_dict(nnx.state(direct)), rows), expected, rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(run.mesh):
+        started = ckpt.load_pretrained(tmp_path / "run", run.model_def.cfg, run.base_shardings)
+        np.testing.assert_allclose(logits(f32, started, rows), expected, rtol=1e-5, atol=1e-5)
+    source = open_source(tmp_path / "run")
+    merged_ours = ckpt.load_model(tmp_path / "ours")[0]
+    np.testing.assert_array_equal(source.read(("layers", "attn", "wq")), np.asarray(merged_ours.layers.attn.wq[...]))
+    moved = tmp_path / "moved"  # a run whose base is gone says so
+    shutil.copytree(tmp_path / "run", moved)
+    meta_file = ckpt.find_step_dir(moved) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["checkpoint"]["init_from"] = str(tmp_path / "nowhere")
+    meta_file.write_text(json.dumps(meta))
+    for load in (ckpt.load_model, open_source):
+        with pytest.raises(CheckpointError, match="holds LoRA adapters on the base .*nowhere, which is gone"):
+            load(moved)
 
 
 def test_merge_refuses_a_run_without_adapters(base, tmp_path, capsys):
