@@ -35,7 +35,8 @@ setup(
         # portpicker: the multi-host test's ports; gcp-storage-emulator: a local stand-in for a gs:// bucket.
         # matplotlib: the scaling-law plots (llama_jax/scaling.py).
         # nbclient, nbformat, ipykernel: the notebook's test runs it; scipy: the accuracy fit of the scaling laws.
-        "test": ["pytest", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs",
+        # pytest-xdist: pytest.ini runs the suite in two processes.
+        "test": ["pytest", "pytest-xdist>=3.2", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs",
                  "matplotlib", "scipy", "nbclient", "nbformat", "ipykernel"],
         # Running notebooks/scaling_laws.ipynb.
         "notebook": ["matplotlib", "jupyter", "nbconvert", "ipykernel"],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-import jax
 from flax import nnx
 
 from llama_jax.config import model_section

@@ -1,6 +1,5 @@
 """Tests for llama_jax.data.sources: the stdlib corpus, the token store, local text files, the entropy baseline."""
 
-import importlib.util
 import math
 import sys
 import types
@@ -175,7 +174,25 @@ def test_prepare_stdlib_corpus_reports_a_damaged_cache(tmp_path, small_stdlib, f
         prepare_stdlib_corpus(tmp_path, 1000)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_jax.data.tokenizer") is None, reason="tokenizer not written yet")
+def test_a_cache_entry_another_process_published_during_our_build_is_kept(tmp_path, small_stdlib, monkeypatch):
+    """Processes on one host (one per GPU) build the same entry at once: the first published copy stays, since a
+    process may already be reading it, and the later builds are dropped without a trace."""
+    built = []
+
+    def train_bpe(texts, vocab_size, path):
+        built.append(path)
+        number = len(built)
+        if number == 1:
+            prepare_stdlib_corpus(tmp_path, vocab_size)  # another process builds and publishes the same entry first
+        path.write_text(f"tokenizer of build {number}")
+        return ByteTokenizer()
+
+    monkeypatch.setitem(sys.modules, "llama_jax.data.tokenizer", types.SimpleNamespace(train_bpe=train_bpe))
+    ours = prepare_stdlib_corpus(tmp_path, 1000)
+    assert len(built) == 2 and ours.tokenizer_path.read_text() == "tokenizer of build 2"
+    assert [p.name for p in tmp_path.iterdir()] == [ours.tokenizer_path.parent.name]
+
+
 def test_prepare_stdlib_corpus_with_the_real_tokenizer(tmp_path, small_stdlib):
     from llama_jax.data.tokenizer import Tokenizer
 

@@ -131,7 +131,7 @@ def _build(specs: list[SourceSpec], tokenizer_path: Path | None, vocab_size: int
     print(f"Preparing {', '.join(repr(s.source) for s in specs)} in {root} (first use only)...", file=sys.stderr,
           flush=True)
     splits = {spec.name: _split_documents(spec) for spec in specs}
-    with atomic_directory(root) as tmp:
+    with atomic_directory(root, replace=False) as tmp:
         if tokenizer_path is not None:
             tokenizer = Tokenizer.from_file(tokenizer_path)
         else:

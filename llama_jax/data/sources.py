@@ -193,10 +193,15 @@ def _layout_problem(tokens: np.ndarray, offsets: np.ndarray) -> str | None:
 
 
 class atomic_directory:
-    """Context manager yielding a temporary directory that replaces `target` only if the block succeeds."""
+    """Context manager yielding a temporary directory that replaces `target` only if the block succeeds.
 
-    def __init__(self, target: Path):
-        self.target = target
+    `replace=False` is for cache entries named by a digest of what they are built from: several processes on a host
+    (one per GPU) may build the same entry at once, and deleting the copy another one published first could pull it
+    from under a reader, so the first published copy is kept and the others are dropped.
+    """
+
+    def __init__(self, target: Path, *, replace: bool = True):
+        self.target, self.replace = target, replace
         self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
@@ -208,6 +213,9 @@ class atomic_directory:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         if self.target.exists():
+            if not self.replace:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
             shutil.rmtree(self.target)
         try:
             os.rename(self.tmp, self.target)
@@ -265,7 +273,7 @@ def _build_stdlib_cache(root: Path, vocab_size: int) -> None:
 
     print(f"Preparing the standard-library corpus in {root} (first use only, some seconds)...", file=sys.stderr, flush=True)
     train_texts, eval_texts = stdlib_documents()
-    with atomic_directory(root) as tmp:
+    with atomic_directory(root, replace=False) as tmp:
         tokenizer = train_bpe(train_texts, vocab_size, tmp / "tokenizer.model")
         train = TokenizedCorpus.build(train_texts, tokenizer, tmp / "train")
         eval_ = TokenizedCorpus.build(eval_texts, tokenizer, tmp / "eval")

@@ -21,12 +21,14 @@ import json
 import os
 import random
 import sys
+import uuid
 from pathlib import Path
 
 from llama_jax.data import documents
 from llama_jax.data.conversations import read_conversations
 from llama_jax.data.prepare import prepare_chat
 from llama_jax.data.preferences import prepare_preferences
+from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import tokenizer_files
 
 MODULES = ("os.path", "json", "math", "itertools", "functools", "textwrap", "shlex", "string", "random",
@@ -86,9 +88,13 @@ def prompts(limit: int | None = None) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
+    """Written beside and renamed into place, so a process reading `path` never sees another one's half-written
+    copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(partial, path)
     return path
 
 
@@ -102,10 +108,11 @@ def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLi
     out = Path(cache_dir).expanduser() / f"stdlib-{kind}-{digest.hexdigest()[:16]}"
     if not (out / "train" / "manifest.json").is_file():
         source = write_jsonl(records, out.with_name(out.name + ".jsonl"))
-        if kind == "sft":
-            prepare_chat(read_conversations(source), tokenizer, out, eval_fraction=0.1, workers=1)
-        else:
-            prepare_preferences(source, tokenizer, out, eval_fraction=0.1)
+        with atomic_directory(out, replace=False) as tmp:  # another process may be building the same entry
+            if kind == "sft":
+                prepare_chat(read_conversations(source), tokenizer, tmp, eval_fraction=0.1, workers=1)
+            else:
+                prepare_preferences(source, tokenizer, tmp, eval_fraction=0.1)
     return str(out)
 
 
