@@ -245,6 +245,14 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Ll
     return model_def.merge(saved.restore_params(model_def.cfg, shardings)), str(saved.tokenizer)
 
 
+def pinned_path(path: str | os.PathLike) -> str:
+    """`path` (a `checkpoint.init_from`) as the files it reads now: a llama_jax workdir or checkpoints/ directory as
+    its newest step, which stays when the workdir saves newer ones; a step or a Hugging Face directory as it is."""
+    if (resolve(path) / "config.json").is_file():
+        return str(path)
+    return str(SavedRun.open(path).step_dir)
+
+
 def load_pretrained(path: str | os.PathLike, model_cfg: LlamaConfig, shardings: dict) -> dict:
     """The parameters that start a new run (`checkpoint.init_from`): from a Hugging Face directory or from a llama_jax
     workdir or step, placed as `shardings` says; the optimizer, step and data position start afresh. A checkpoint

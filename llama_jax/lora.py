@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import math
 import sys
 
@@ -254,11 +255,63 @@ def _restore_saved(saved) -> dict:
         raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
 
 
+def fingerprint(base: dict) -> str:
+    """A digest of a base model's values, the same on any mesh: each array's bits summed as unsigned integers, which
+    no order of summation changes. A run records its base's (`base_source`) and checks it wherever it reads the base
+    again, so that its adapters are never merged into another model, such as a newer step of the same workdir."""
+    named = jax.tree_util.tree_flatten_with_path(base)[0]
+    sums = _bit_sums([w for _, w in named])
+    return _digest({tuple(k.key for k in path): (w.shape, w.dtype, int(total))
+                    for (path, w), total in zip(named, sums)})
+
+
+def source_fingerprint(source, param_dtype: str) -> str:
+    """`fingerprint` of a conversion source's parameters (`convert.ParamSource`), read one at a time, as loading them
+    in `param_dtype` gives them."""
+    from llama_jax.convert import param_shapes
+
+    dtype = np.dtype(jnp.dtype(param_dtype))
+    entries = {}
+    for path in param_shapes(source.cfg):
+        w = source.read(path).astype(dtype)
+        entries[path] = (w.shape, w.dtype, int(np.sum(w.astype(np.float32).view(np.uint32), dtype=np.uint32)))
+    return _digest(entries)
+
+
+def _digest(entries: dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype, int]]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(entries):
+        shape, dtype, total = entries[path]
+        digest.update(f"{'/'.join(path)}|{tuple(shape)}|{np.dtype(dtype).name}|{total}|".encode())
+    return digest.hexdigest()[:16]
+
+
+@jax.jit
+def _bit_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.sum(jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.uint32), dtype=jnp.uint32)
+            for w in arrays]
+
+
+def base_source(path: str, base: dict) -> dict:
+    """What a LoRA run records of its base: the exact files it read and their `fingerprint`."""
+    return {"path": path, "fingerprint": fingerprint(base)}
+
+
+def check_base(recorded: dict | None, loaded: dict, where: str, fix: str) -> None:
+    """Raises CheckpointError when `loaded` (a `base_source`) is not the base `recorded` says the adapters in `where`
+    trained on. Checkpoints from before bases were recorded (None) are taken as they are."""
+    if recorded is not None and recorded["fingerprint"] != loaded["fingerprint"]:
+        raise CheckpointError(f"{where} holds LoRA adapters trained on the base {recorded['path']}, but "
+                              f"{loaded['path']} holds another model now (fingerprint {loaded['fingerprint']}, the "
+                              f"run's {recorded['fingerprint']}). Fix: {fix}")
+
+
 def _base_of(saved) -> str:
-    """The base a LoRA run's step trained on (`checkpoint.init_from`, as recorded in it), checked to be there."""
+    """The base a LoRA run's step trained on (as recorded in it: the step it pinned, else `checkpoint.init_from`),
+    checked to be there."""
     from llama_jax.workdir import resolve
 
-    base = saved.meta["config"]["checkpoint"]["init_from"]
+    base = saved.meta.get("lora_base", {}).get("path") or saved.meta["config"]["checkpoint"]["init_from"]
     if not resolve(base).exists():
         raise CheckpointError(f"{saved.step_dir} holds LoRA adapters on the base {base}, which is gone: put the base "
                               "back there, or use a merged copy written while it was there (python -m llama_jax.lora "
@@ -277,7 +330,10 @@ def restore_merged(saved, shardings: dict) -> dict:
     adapters = {name: stored[name] for name in target_names(lora_cfg)}
     own = {key: value for key, value in stored.items() if key not in adapters}
     model_sh = {key: where for key, where in shardings.items() if key not in own}
-    base = load_pretrained(_base_of(saved), saved.model_config, model_sh)
+    base_path = _base_of(saved)
+    base = load_pretrained(base_path, saved.model_config, model_sh)
+    check_base(saved.meta.get("lora_base"), base_source(base_path, base), str(saved.step_dir),
+               "put that base back, or use a merged copy written while it was there (python -m llama_jax.lora merge)")
     params = jax.jit(merged, static_argnums=2, out_shardings=model_sh)(base, adapters, scale(lora_cfg))
     return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items() if key in shardings}}
 
@@ -292,7 +348,13 @@ def merged_source(run: str):
 
     saved = SavedRun.open(run)
     lora_cfg = _lora_section(saved.meta, saved.step_dir)
-    base = open_source(_base_of(saved))
+    base_path = _base_of(saved)
+    base = open_source(base_path)
+    recorded = saved.meta.get("lora_base")
+    if recorded is not None:  # a second read of the base, so that nothing is written from another one
+        read = {"path": base_path, "fingerprint": source_fingerprint(base, saved.model_config.param_dtype)}
+        check_base(recorded, read, str(saved.step_dir),
+                   "put that base back")
     stored = _restore_saved(saved)
     paths = {TARGETS[name][0]: stored[name] for name in target_names(lora_cfg)}
     merge = jax.jit(merged_weight, static_argnums=3)

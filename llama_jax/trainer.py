@@ -151,6 +151,7 @@ class Run:
     schedule: optax.Schedule  # the learning rate by step (the optimizer's)
     base: dict | None = None  # LoRA (lora.rank > 0): the frozen model, an argument of the step; params are adapters
     base_shardings: dict | None = None
+    base_source: dict | None = None  # LoRA: where the base was read and its fingerprint (lora.base_source)
 
     def init(self) -> TrainState:
         """Step 0: random parameters, or those of `checkpoint.init_from` (fine-tuning); a fresh optimizer state.
@@ -336,10 +337,12 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None, *,
-          schedule: optax.Schedule | None = None, base: dict | None = None) -> Run:
+          schedule: optax.Schedule | None = None, base_of: Run | None = None) -> Run:
     """Everything the loop needs, on a mesh over all devices (or `devices`). `schedule`: the learning rate by step
-    (default: `lr_schedule` over `train.steps`; a run with phases passes the whole run's). `base` (LoRA): the frozen
-    model as an earlier phase's Run holds it, placed on this mesh rather than read from `checkpoint.init_from` again."""
+    (default: `lr_schedule` over `train.steps`; a run with phases passes the whole run's). `base_of` (LoRA): an
+    earlier phase's Run, whose frozen model is placed on this mesh rather than read from `checkpoint.init_from` again.
+    A base read from a llama_jax workdir is read from its newest step, and that step is what the run records: the
+    workdir may train on and save newer ones."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     for batch_size, seq_len in batch_schedule(cfg).shapes:
@@ -355,15 +358,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
         tx = dpo_objective.keep_reference(tx)
     params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    base_sh = None
+    base = base_sh = base_source = None
     if cfg.lora.rank:  # the train state holds adapters only; the frozen base is loaded once and passed to each step
         base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
-        if base is None:
-            loaded = ckpt.load_pretrained(cfg.checkpoint.init_from, model_def.cfg, base_sh)
+        if base_of is None:
+            base_path = ckpt.pinned_path(cfg.checkpoint.init_from)
+            loaded = ckpt.load_pretrained(base_path, model_def.cfg, base_sh)
+            base_source = lora_lib.base_source(base_path, loaded)
             base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
                            out_shardings=base_sh)(loaded)
         else:
-            base = jax.device_put(base, base_sh)
+            base, base_source = jax.device_put(base_of.base, base_sh), base_of.base_source
     if cfg.objective.name == "reward":  # the head trains whole, with LoRA too
         params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
 
@@ -380,7 +385,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
-               scheduled_grads, schedule, base, base_sh)
+               scheduled_grads, schedule, base, base_sh, base_source)
 
 
 def _with_objective_params(cfg: ml_collections.ConfigDict, params: dict) -> dict:
@@ -464,8 +469,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
 
     def run_of(p: Phase) -> Run:
         if p.index not in runs:  # LoRA: the base comes from a phase already set up, read from disk once per run
-            base = next((run.base for run in runs.values()), None)
-            runs[p.index] = setup(p.cfg, workdir, schedule=schedule, base=base)
+            runs[p.index] = setup(p.cfg, workdir, schedule=schedule, base_of=next(iter(runs.values()), None))
         return runs[p.index]
 
     def target(step: int) -> ckpt.RestoreTarget:
@@ -480,6 +484,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         if restored is not None:
             start, params, opt_state = restored
             state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
+            _check_lora_base(run_of(plan.phase_of_checkpoint(start)), checkpointer.directory / str(start))
             if jax.process_index() == 0:
                 print(f"Resumed from {checkpointer.directory / str(start)} ({plan.phase_at(start).name} phase)",
                       flush=True)
@@ -517,6 +522,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         watchdog.stop()
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
+
+
+def _check_lora_base(run: Run, step_dir: epath.Path) -> None:
+    """A resumed LoRA run must go on with the base its adapters trained on, which `checkpoint.init_from` may no longer
+    give: a workdir given there has saved newer steps since, say."""
+    recorded = ckpt.SavedRun.open(step_dir).meta.get("lora_base")
+    if run.base_source is not None and recorded is not None:
+        lora_lib.check_base(recorded, run.base_source, str(step_dir),
+                            f"resume with --config.checkpoint.init_from={recorded['path']}")
 
 
 def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
@@ -620,7 +634,7 @@ class _Loop:
         eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len,
                                          objective=cfg.objective))
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
-        self.meta.update(config=plain(cfg), phase=p.name)
+        self.meta.update(config=plain(cfg), phase=p.name, **({"lora_base": run.base_source} if run.base_source else {}))
         done = int(state.step)
         if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
             _describe_pipeline(cfg, run.mesh)

@@ -4,7 +4,6 @@ scoring, the file layouts and their error messages, and the CLI."""
 import inspect
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch

@@ -20,7 +20,7 @@ from posttrain_fixtures import VOCAB, tiny_base
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import lora, trainer
-from llama_jax.config import default_config, validate
+from llama_jax.config import default_config, model_config, validate
 from llama_jax.convert import load_hf, open_source
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
@@ -180,11 +180,65 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
     shutil.copytree(tmp_path / "run", moved)
     meta_file = ckpt.find_step_dir(moved) / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
-    meta["config"]["checkpoint"]["init_from"] = str(tmp_path / "nowhere")
+    assert meta["lora_base"]["path"] == str(base)
+    meta["lora_base"]["path"] = str(tmp_path / "nowhere")
     meta_file.write_text(json.dumps(meta))
     for load in (ckpt.load_model, open_source):
         with pytest.raises(CheckpointError, match="holds LoRA adapters on the base .*nowhere, which is gone"):
             load(moved)
+
+
+def test_the_fingerprint_of_a_base_is_the_same_on_any_mesh_and_tells_one_ulp(base):
+    cfg = lora_config(base)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    model_def = ModelDef(model_config(cfg))
+    one_device = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                              nnx.to_pure_dict(model_def.abstract_state))
+    alone = ckpt.load_pretrained(base, model_def.cfg, one_device)
+    run = trainer.setup(cfg, None)
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(run.base_shardings))
+    with jax.set_mesh(run.mesh):
+        on_the_mesh = lora.fingerprint(ckpt.load_pretrained(base, model_def.cfg, run.base_shardings))
+    assert lora.fingerprint(alone) == on_the_mesh == run.base_source["fingerprint"]
+    assert lora.source_fingerprint(open_source(base), model_def.cfg.param_dtype) == on_the_mesh
+    wq = np.asarray(alone["layers"]["attn"]["wq"])
+    nudged = {**alone, "layers": {**alone["layers"], "attn": {**alone["layers"]["attn"],
+                                                                "wq": jnp.asarray(wq).at[1, 2, 3].set(np.nextafter(wq[1, 2, 3], 1))}}}
+    assert lora.fingerprint(nudged) != lora.fingerprint(alone)
+
+
+def test_a_lora_run_keeps_the_step_of_its_base_workdir_when_that_trains_on(base, tmp_path):
+    """A base given as a llama_jax workdir is pinned to the step it was read from: when the workdir saves newer
+    steps, the run still loads as before, a resume through the workdir is refused with the step to give, and a base
+    changed in place is refused where the run is read."""
+    full = _full_config(base)
+    full.train.steps, full.train.eval_every, full.checkpoint.every_steps, full.checkpoint.max_to_keep = 2, 0, 2, 5
+    full.data.eval_batches = 1
+    trainer.train(full, tmp_path / "sft")
+    cfg = lora_config(base)
+    cfg.checkpoint.init_from = str(tmp_path / "sft")
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps, cfg.data.eval_batches = 2, 0, 2, 1
+    trainer.train(cfg, tmp_path / "run")
+    step_2 = str(tmp_path / "sft" / "checkpoints" / "2")
+    assert ckpt.SavedRun.open(tmp_path / "run").meta["lora_base"]["path"] == step_2
+    rows = jnp.asarray(tokens(2, 32)[:, :-1])
+    before = np.asarray(ckpt.load_model(tmp_path / "run")[0](rows))
+
+    full.train.steps = 4
+    trainer.train(full, tmp_path / "sft")  # the base's workdir trains on: its newest step is 4
+    np.testing.assert_array_equal(np.asarray(ckpt.load_model(tmp_path / "run")[0](rows)), before)
+    cfg.train.steps = 3
+    with pytest.raises(CheckpointError, match=re.escape(f"--config.checkpoint.init_from={step_2}")):
+        trainer.train(cfg, tmp_path / "run")
+    cfg.checkpoint.init_from = step_2
+    trainer.train(cfg, tmp_path / "run")
+    assert ckpt.find_step_dir(tmp_path / "run").name == "3"
+
+    shutil.rmtree(step_2)  # the pinned step replaced by another model
+    shutil.copytree(tmp_path / "sft" / "checkpoints" / "4", step_2)
+    for load in (ckpt.load_model, open_source):
+        with pytest.raises(CheckpointError, match="holds another model now"):
+            load(tmp_path / "run")
 
 
 def test_merge_refuses_a_run_without_adapters(base, tmp_path, capsys):

@@ -17,7 +17,7 @@ from cli_run import without_timing
 from config_files import load_config_file
 
 from llama_jax import checkpoint, trainer
-from llama_jax.config import default_config, model_section, validate
+from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError
 from llama_jax.optim import lr_schedule, run_lr_schedule
 from llama_jax.phases import RunPlan, phase

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from posttrain_fixtures import tiny_base
 from test_dpo import dpo_config
