@@ -226,7 +226,10 @@ def test_a_lora_run_keeps_the_step_of_its_base_workdir_when_that_trains_on(base,
 
     full.train.steps = 4
     trainer.train(full, tmp_path / "sft")  # the base's workdir trains on: its newest step is 4
-    np.testing.assert_array_equal(np.asarray(ckpt.load_model(tmp_path / "run")[0](rows)), before)
+    direct = ckpt.load_model(tmp_path / "run")[0]
+    np.testing.assert_array_equal(np.asarray(direct(rows)), before)
+    np.testing.assert_array_equal(open_source(tmp_path / "run").read(("layers", "attn", "wq")),
+                                  np.asarray(direct.layers.attn.wq[...], np.float32))
     cfg.train.steps = 3
     with pytest.raises(CheckpointError, match=re.escape(f"--config.checkpoint.init_from={step_2}")):
         trainer.train(cfg, tmp_path / "run")
