@@ -297,7 +297,10 @@ def base_source(path: str, base: dict) -> dict:
     return {"path": path, "fingerprint": fingerprint(base)}
 
 
-def check_base(recorded: dict | None, loaded: dict, where: str, fix: str) -> None:
+_PUT_BACK = "put that base back, or use a merged copy written while it was there (python -m llama_jax.lora merge)"
+
+
+def check_base(recorded: dict | None, loaded: dict, where: str, fix: str = _PUT_BACK) -> None:
     """Raises CheckpointError when `loaded` (a `base_source`) is not the base `recorded` says the adapters in `where`
     trained on. Checkpoints from before bases were recorded (None) are taken as they are."""
     if recorded is not None and recorded["fingerprint"] != loaded["fingerprint"]:
@@ -332,8 +335,7 @@ def restore_merged(saved, shardings: dict) -> dict:
     model_sh = {key: where for key, where in shardings.items() if key not in own}
     base_path = _base_of(saved)
     base = load_pretrained(base_path, saved.model_config, model_sh)
-    check_base(saved.meta.get("lora_base"), base_source(base_path, base), str(saved.step_dir),
-               "put that base back, or use a merged copy written while it was there (python -m llama_jax.lora merge)")
+    check_base(saved.meta.get("lora_base"), base_source(base_path, base), str(saved.step_dir))
     params = jax.jit(merged, static_argnums=2, out_shardings=model_sh)(base, adapters, scale(lora_cfg))
     return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items() if key in shardings}}
 
@@ -353,8 +355,7 @@ def merged_source(run: str):
     recorded = saved.meta.get("lora_base")
     if recorded is not None:  # a second read of the base, so that nothing is written from another one
         read = {"path": base_path, "fingerprint": source_fingerprint(base, saved.model_config.param_dtype)}
-        check_base(recorded, read, str(saved.step_dir),
-                   "put that base back")
+        check_base(recorded, read, str(saved.step_dir))
     stored = _restore_saved(saved)
     paths = {TARGETS[name][0]: stored[name] for name in target_names(lora_cfg)}
     merge = jax.jit(merged_weight, static_argnums=3)
