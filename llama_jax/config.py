@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from pathlib import Path
 
 import ml_collections
 
@@ -60,8 +59,11 @@ def pretrained_tokenizer(path: str) -> str:
 
 
 def _is_hugging_face(path: str) -> bool:
-    """A directory with config.json, or a path that does not exist (reading it then says what is missing)."""
-    directory = Path(path).expanduser()
+    """A directory with config.json, or a path that does not exist (reading it then says what is missing). The path
+    may be a URL (gs://...), as `checkpoint.init_from` may."""
+    from llama_jax.workdir import as_path
+
+    directory = as_path(path)
     return (directory / "config.json").is_file() or not directory.exists()
 
 

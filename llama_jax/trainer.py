@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import grain
@@ -590,7 +589,7 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
     file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir."""
     files = tokenizer_files(tokenizer_path)
-    generation = Path(cfg.checkpoint.init_from).expanduser() / generation_config.FILE_NAME
+    generation = workdir_lib.as_path(cfg.checkpoint.init_from) / generation_config.FILE_NAME
     if jax.process_index() == 0:
         for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
             epath.Path(file).copy(workdir / file.name, overwrite=True)

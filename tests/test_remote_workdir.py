@@ -8,8 +8,10 @@ real bucket run here. One local and one bucket run, trained alike, are shared by
 """
 
 import json
+import os
 import socket
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -219,3 +221,26 @@ def test_a_bucket_checkpoint_loads_straight_into_its_shards(exported):
     a, b = convert.load_hf(local_hf, mesh=mesh), convert.load_hf(remote_hf, mesh=mesh)
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         assert x.sharding == y.sharding and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_finetuning_from_a_bucket_checkpoint_equals_finetuning_from_a_local_one(runs, exported, cache_dir, tmp_path):
+    """configs/finetune.py on a gs:// checkpoint (Hugging Face, or a llama_jax workdir): the same weights, tokenizer
+    and generation settings as from the local copy of it."""
+    from test_train import finetune_config
+
+    source = tmp_path / "docs"
+    source.mkdir()
+    for name in ("argparse.py", "csv.py", "glob.py"):
+        (source / name).write_bytes((Path(os.__file__).parent / name).read_bytes())
+    (local_hf, remote_hf), (local_run, remote_run, _) = exported, runs
+    for kind, local, remote in (("hf", local_hf, remote_hf), ("ours", local_run, remote_run)):
+        for where, checkpoint_path in (("local", local), ("remote", remote)):
+            cfg = finetune_config(checkpoint_path, cache_dir, source, lr=0.0, weight_decay=0.0)
+            trainer.train(cfg, tmp_path / kind / where)
+        kept = {name for name in local_files(tmp_path / kind / "local")
+                if name.startswith("tokenizer") or name == "generation_config.json"}
+        assert kept >= ({"tokenizer.json", "generation_config.json"} if kind == "hf" else {"tokenizer.model"}), kept
+        for name in kept:
+            assert (tmp_path / kind / "remote" / name).read_bytes() == (tmp_path / kind / "local" / name).read_bytes()
+        assert_same_params(tmp_path / kind / "remote", tmp_path / kind / "local")
+        assert_same_params(tmp_path / kind / "remote", local)  # lr 0: the checkpoint's weights

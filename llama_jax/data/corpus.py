@@ -25,6 +25,7 @@ from llama_jax.data.sources import (
 )
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files, train_bpe
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.workdir import as_path
 
 EVAL_FRACTION = 0.02
 # Part of every raw-text cache key; bumped whenever what a cached document holds changes
@@ -70,7 +71,7 @@ def source_specs(data_cfg: ml_collections.ConfigDict) -> list[SourceSpec]:
 def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
     """The tokenizer and every source's train/eval stores, building raw-text caches on first use."""
     specs = source_specs(data_cfg)
-    tokenizer = Path(data_cfg.tokenizer).expanduser() if data_cfg.tokenizer else None
+    tokenizer = as_path(data_cfg.tokenizer) if data_cfg.tokenizer else None  # a URL too: a bucket's checkpoint
     if tokenizer is not None and not tokenizer.exists():
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
     if tokenizer is None and any(spec.prepared for spec in specs):

@@ -103,7 +103,7 @@ def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLi
     keyed by the tokenizer's files and the records, so it is never stale; returns its directory (data.source)."""
     records = conversations() if kind == "sft" else preferences()
     digest = hashlib.sha256(json.dumps(records).encode())
-    for file in tokenizer_files(Path(tokenizer).expanduser()):
+    for file in tokenizer_files(tokenizer):
         digest.update(documents.file_digest(file).encode())
     out = Path(cache_dir).expanduser() / f"stdlib-{kind}-{digest.hexdigest()[:16]}"
     if not (out / "train" / "manifest.json").is_file():
