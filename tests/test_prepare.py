@@ -360,3 +360,22 @@ def test_cli_chat_refuses_text_filters(capsys):
             prepare_module.main(["--chat", "--source", "x.jsonl", "--tokenizer", "t", "--out", "o", *flag])
         assert exit_.value.code == 2
         assert f"{flag[0]} apply to text documents, not to --chat conversations" in capsys.readouterr().err
+
+
+def test_a_corpus_in_a_bucket_is_refused_with_the_gcsfuse_fix(tmp_path, monkeypatch, capsys):
+    """ArrayRecord opens local files only. A gs:// --out was read as the relative path gs:/bucket/..., so the corpus
+    went into a local directory named gs: while the user looked for it in the bucket."""
+    from llama_jax.data import preferences
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text")
+    for module, argv in ((prepare_module, ["--source", "a.txt", "--tokenizer", "t", "--out", "gs://bucket/prepared"]),
+                         (prepare_module, ["--verify", "gs://bucket/prepared"]),
+                         (preferences, ["--source", "p.jsonl", "--tokenizer", "t", "--out", "gs://bucket/pairs"])):
+        assert module.main(argv) == 2
+        error = capsys.readouterr().err
+        assert "gs://bucket/" in error and "is a URL, but a prepared corpus is ArrayRecord files" in error, error
+        assert "gcsfuse --implicit-dirs BUCKET /mnt/BUCKET" in error
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"], "nothing written where the URL was taken for a path"
+    with pytest.raises(DataError, match="mount the bucket with gcsfuse"):
+        ShardedCorpus.open("gs://bucket/prepared/train")

@@ -25,7 +25,7 @@ from test_train import small_config
 from llama_jax import average, checkpoint, convert, generate, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.convert import open_checkpoint, open_source, param_shapes
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, DataError
 from llama_jax.generate import parse_mesh
 from llama_jax.parallel.mesh import make_mesh
 
@@ -244,3 +244,22 @@ def test_finetuning_from_a_bucket_checkpoint_equals_finetuning_from_a_local_one(
             assert (tmp_path / kind / "remote" / name).read_bytes() == (tmp_path / kind / "local" / name).read_bytes()
         assert_same_params(tmp_path / kind / "remote", tmp_path / kind / "local")
         assert_same_params(tmp_path / kind / "remote", local)  # lr 0: the checkpoint's weights
+
+
+def test_a_prepared_corpus_in_a_bucket_is_refused_with_the_gcsfuse_fix(bucket, cache_dir, tmp_path):
+    """Searched for raw text, a bucket's prepared directory (ArrayRecord, which reads local files only) gave "no files
+    match"; the error now says to mount the bucket."""
+    from llama_jax.data.prepare import prepare
+    from llama_jax.data.tokenizer import train_bpe
+
+    texts = [(Path(os.__file__).parent / name).read_text() for name in ("argparse.py", "csv.py", "glob.py")]
+    train_bpe(texts, 1024, tmp_path / "tokenizer.model")
+    prepare(texts, tmp_path / "tokenizer.model", tmp_path / "prepared", workers=1, eval_fraction=0)
+    for file in (tmp_path / "prepared").rglob("*"):
+        if file.is_file():
+            (epath.Path(bucket) / "prepared" / file.relative_to(tmp_path / "prepared")).write_bytes(file.read_bytes())
+    cfg = small_config(cache_dir, 2)
+    cfg.data.source, cfg.data.tokenizer = f"{bucket}/prepared", str(tmp_path / "tokenizer.model")
+    with pytest.raises(DataError, match=r"source 'data' gs://runs/prepared is a URL, .* mount the bucket with gcsfuse"):
+        trainer.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,15 +8,17 @@ a BPE tokenizer is trained on the raw sources' train splits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import sys
 from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from llama_jax.data import documents
 from llama_jax.data.pipeline import DocumentStore
-from llama_jax.data.shards import ShardedCorpus, tokenizer_hash
+from llama_jax.data.shards import ShardedCorpus, local_directory, tokenizer_hash
 from llama_jax.data.sources import (
     TokenizedCorpus,
     atomic_directory,
@@ -25,7 +27,7 @@ from llama_jax.data.sources import (
 )
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files, train_bpe
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, is_remote
 
 EVAL_FRACTION = 0.02
 # Part of every raw-text cache key; bumped whenever what a cached document holds changes
@@ -41,10 +43,22 @@ class SourceSpec:
     weight: float
     text_field: str
 
-    @property
+    @functools.cached_property
     def prepared(self) -> bool:
-        """A directory written by the preparation CLI (it holds train/ and eval/ shard directories)."""
-        return "://" not in self.source and (Path(self.source).expanduser() / "train" / _MANIFEST).is_file()
+        """A directory written by the preparation CLI (it holds train/ and eval/ shard directories). One in a bucket is
+        refused with the fix (`shards.local_directory`): searched for raw text, it would give none."""
+        if not is_remote(self.source):
+            return (Path(self.source).expanduser() / "train" / _MANIFEST).is_file()
+        if _holds_manifest(self.source):
+            local_directory(self.source, f"source {self.name!r}")
+        return False
+
+
+def _holds_manifest(url: str) -> bool:
+    try:
+        return (epath.Path(url) / "train" / _MANIFEST).is_file()
+    except (KeyError, OSError, ImportError):  # an unknown scheme, no gcsfs: reading the source says so, with the fix
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,12 +16,11 @@ import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
 from llama_jax.data.chat import ChatFormat
 from llama_jax.data.conversations import SkipReport, preference_example, read_preferences
 from llama_jax.data.prepare import DEFAULT_EVAL_FRACTION, in_eval_split
-from llama_jax.data.shards import ShardWriter, tokenizer_hash
+from llama_jax.data.shards import ShardWriter, local_directory, tokenizer_hash
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError, LlamaJaxError
@@ -33,6 +32,7 @@ def prepare_preferences(pattern: str | os.PathLike, tokenizer_path: str | os.Pat
                         *, eval_fraction: float = DEFAULT_EVAL_FRACTION, max_tokens: int | None = None) -> dict[str, int]:
     """Writes the pairs of the JSON Lines files matching `pattern`; returns the pairs written per split. A pair one
     of whose sequences has more than `max_tokens` tokens is skipped and counted (never cut)."""
+    out_dir = local_directory(out_dir, "--out")
     tokenizer = Tokenizer.from_file(tokenizer_path)
     fmt = ChatFormat.from_directory(tokenizer_path, tokenizer)
     report = SkipReport()
@@ -40,7 +40,7 @@ def prepare_preferences(pattern: str | os.PathLike, tokenizer_path: str | os.Pat
                 MARKER: {"source": str(pattern), "max_tokens": max_tokens, "layout": "2i chosen, 2i+1 rejected"}}
     splits = ("train", "eval") if eval_fraction > 0 else ("train",)
     written = dict.fromkeys(splits, 0)
-    with atomic_directory(Path(out_dir)) as tmp, contextlib.ExitStack() as stack:
+    with atomic_directory(out_dir) as tmp, contextlib.ExitStack() as stack:
         writers = {split: stack.enter_context(ShardWriter(tmp / split, loss_mask=True,
                                                           metadata={"split": split, **metadata}))
                    for split in splits}

@@ -52,6 +52,7 @@ from llama_jax.data.shards import (
     MANIFEST_FILE,
     ShardedCorpus,
     ShardWriter,
+    local_directory,
     tokenizer_hash,
 )
 from llama_jax.data.sources import atomic_directory
@@ -88,7 +89,7 @@ def prepare(
     [{path, bytes, sha256}]} per source) and `read_report` go into the manifests as provenance. `out_dir` is
     replaced as a whole, and only once everything is written.
     """
-    _check_output(Path(out_dir), eval_fraction)
+    _check_output(local_directory(out_dir, "--out"), eval_fraction)
     Tokenizer.from_file(tokenizer_path)  # a missing or broken tokenizer fails here, not in every worker
     filters = filters or Filters()
     read = collections.Counter()
@@ -135,7 +136,7 @@ def prepare_chat(
     `read_conversations`): the conversations over `max_tokens`, and with `dedup` the repeats of an earlier
     conversation, are added to it, and the whole report goes into the manifests. Output is as in `prepare`.
     """
-    _check_output(Path(out_dir), eval_fraction)
+    _check_output(local_directory(out_dir, "--out"), eval_fraction)
     if max_tokens is not None and max_tokens < 1:
         raise DataError(f"max_tokens must be at least 1, got {max_tokens}: it is the longest conversation kept")
     fmt = _chat_format(tokenizer_path)  # fails here, not in every worker
@@ -495,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in verify(args.verify):
                 print(line)
         else:
+            local_directory(args.out, "--out")  # before the sources' digests, which can take long
             for line in (_run_chat if args.chat else _run)(args):
                 print(line, file=sys.stderr)
     except DataError as e:
@@ -519,7 +521,7 @@ def _check_chat_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def verify(directory: str | os.PathLike) -> list[str]:
     """Checks every digest of a prepared corpus (DIR with train/eval, or one split); one line per split checked."""
-    directory = Path(directory)
+    directory = local_directory(directory, "--verify")
     splits = [directory / s for s in SPLITS if (directory / s / MANIFEST_FILE).is_file()] or [directory]
     lines = []
     for split in splits:

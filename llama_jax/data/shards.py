@@ -30,6 +30,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import tokenizer_files
 from llama_jax.errors import DataError
+from llama_jax.workdir import is_remote
 
 FORMAT = "llama_jax.sharded_corpus"
 FORMAT_VERSION = 1
@@ -41,6 +42,19 @@ _WRITER_OPTIONS = "group_size:1"  # one record per compressed chunk: random read
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's setting for random access
 _LENGTHS_FLUSH = 1 << 20
 _FIX_PREPARE = "re-run `python -m llama_jax.data.prepare` with --out {directory}"
+
+
+def local_directory(path: str | os.PathLike, what: str) -> Path:
+    """`path`, a prepared corpus's directory, as a local path. ArrayRecord opens its files on a file system only (the
+    library has no Cloud Storage support), so a URL is refused with what works instead: the bucket mounted with
+    gcsfuse, as MaxText reads ArrayRecord from buckets."""
+    if is_remote(path):
+        raise DataError(
+            f"{what} {os.fspath(path)} is a URL, but a prepared corpus is ArrayRecord files, which are written and read "
+            "on a file system only: mount the bucket with gcsfuse (gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and "
+            "give the path under the mount, or use a local disk"
+        )
+    return Path(path).expanduser()
 
 
 def tokenizer_hash(path: str | os.PathLike) -> str:
@@ -216,7 +230,7 @@ class ShardedCorpus:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, tokenizer_hash: str | None = None) -> ShardedCorpus:
-        directory = Path(directory)
+        directory = local_directory(directory, "prepared corpus")
         manifest = _read_manifest(directory)
         if tokenizer_hash is not None and manifest.get("tokenizer", {}).get("tokenizer_hash") != tokenizer_hash:
             prepared_with = manifest.get("tokenizer", {}).get("path", "an unrecorded tokenizer")
