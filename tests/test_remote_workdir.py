@@ -25,6 +25,7 @@ from test_train import small_config
 from llama_jax import average, checkpoint, convert, generate, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.convert import open_checkpoint, open_source, param_shapes
+from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, DataError
 from llama_jax.generate import parse_mesh
 from llama_jax.parallel.mesh import make_mesh
@@ -263,3 +264,32 @@ def test_a_prepared_corpus_in_a_bucket_is_refused_with_the_gcsfuse_fix(bucket, c
     with pytest.raises(DataError, match=r"source 'data' gs://runs/prepared is a URL, .* mount the bucket with gcsfuse"):
         trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_chat_data_and_its_tokenizer_in_a_bucket_prepare_as_local_copies_do(exported, bucket, tmp_path):
+    """prepare --chat with the conversations and the tokenizer (its chat template too) in a bucket: the same examples
+    as from local copies. The conversations were globbed on the local disk only, and the template looked for there."""
+    from llama_jax.data import prepare as prepare_module
+    from llama_jax.data.shards import ShardedCorpus
+
+    local_hf, _ = exported
+    template = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+    chats = "".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                             {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+                    for i in range(12))
+    files = {"tokenizer/chat_template.jinja": template, "chats/a.jsonl": chats,
+             **{f"tokenizer/{name}": (local_hf / name).read_text() for name in ("tokenizer.json", "tokenizer_config.json")}}
+    examples = {}
+    for where, root in (("local", str(tmp_path / "in")), ("remote", f"{bucket}/chat_inputs")):
+        for name, text in files.items():
+            target = epath.Path(root) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        out = tmp_path / where
+        assert prepare_module.main(["--chat", "--source", f"{root}/chats/*.jsonl", "--tokenizer", f"{root}/tokenizer",
+                                    "--out", str(out), "--workers", "1", "--eval_fraction", "0"]) == 0
+        corpus = ShardedCorpus.open(out / "train")
+        examples[where] = [(corpus.read(i).tolist(), corpus.read_loss_mask(i).tolist()) for i in range(len(corpus))]
+    assert len(examples["local"]) == 12 and examples["remote"] == examples["local"]
+    tokenizer = Tokenizer.from_file(tmp_path / "in" / "tokenizer")
+    assert tokenizer.decode(examples["remote"][0][0]).startswith("<<user>> Question"), "the bucket's own template"

@@ -27,9 +27,11 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.sandbox
 import jinja2.utils
+from etils import epath
 
 from llama_jax.data.tokenizer import Tokenizer, read_tokenizer_config
 from llama_jax.errors import DataError
+from llama_jax.workdir import as_path
 
 Message = dict  # {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}
 
@@ -198,8 +200,10 @@ class ChatFormat:
         return self._tokenizer.encode(text, add_special_tokens=False, allow_special=False)
 
 
-def _directory(path: str | os.PathLike) -> Path:
-    return Path(path) if Path(path).is_dir() else Path(path).parent
+def _directory(path: str | os.PathLike) -> Path | epath.Path:
+    """The checkpoint directory of a tokenizer file or directory, local or a URL (a tokenizer in a bucket)."""
+    path = as_path(path)
+    return path if path.is_dir() else path.parent
 
 
 def _find_template(directory: Path) -> tuple[str | None, str, dict]:

@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import numpy as np
+from etils import epath
 
 from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
+from llama_jax.data.documents import list_files
 from llama_jax.errors import DataError
+from llama_jax.workdir import is_remote
 
 _MESSAGES_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
@@ -181,8 +184,11 @@ def sft_examples(
         _print_skips(report)
 
 
-def _files(path_or_pattern: str | os.PathLike) -> list[Path]:
+def _files(path_or_pattern: str | os.PathLike) -> list[Path | epath.Path]:
+    """A gs:// (or other etils.epath) URL is listed as a raw-text source is, the local glob by Python's."""
     pattern = os.fspath(path_or_pattern)
+    if is_remote(pattern):
+        return list_files(pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
         raise DataError(
@@ -193,7 +199,7 @@ def _files(path_or_pattern: str | os.PathLike) -> list[Path]:
 
 
 def _read(
-    paths: list[Path], parse: Callable[[dict], _Record], example: str, report: SkipReport | None
+    paths: list[Path | epath.Path], parse: Callable[[dict], _Record], example: str, report: SkipReport | None
 ) -> Iterator[_Record]:
     own_report = report is None
     report = SkipReport() if report is None else report
@@ -203,7 +209,7 @@ def _read(
         _print_skips(report)
 
 
-def _read_file(path: Path, parse: Callable[[dict], _Record], example: str, report: SkipReport) -> Iterator[_Record]:
+def _read_file(path: Path | epath.Path, parse: Callable[[dict], _Record], example: str, report: SkipReport) -> Iterator[_Record]:
     """The records of one file. A file with none is an error even beside good files: it is in the wrong format."""
     kept, first_bad = 0, None
     for where, line in _lines(path):
@@ -220,7 +226,7 @@ def _read_file(path: Path, parse: Callable[[dict], _Record], example: str, repor
         raise DataError(f"{path} holds no usable record ({found}): write one JSON object per line, like {example}")
 
 
-def _lines(path: Path) -> Iterator[tuple[str, bytes]]:
+def _lines(path: Path | epath.Path) -> Iterator[tuple[str, bytes]]:
     """("file:line", line) of each non-blank line. Blank lines hold no data to lose, and editors leave them."""
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
