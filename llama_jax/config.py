@@ -223,6 +223,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.data.shuffle_window <= 0:
         raise ConfigError(f"data.shuffle_window must be positive (rows), got {cfg.data.shuffle_window}")
+    if "://" in cfg.data.cache_dir:  # as a path it would name a local directory called gs: in the working directory
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r} is a URL, but the tokenized cache is read as local "
+                          "files: give a local directory (default ~/.cache/llama_jax); sources and the workdir may be "
+                          "gs:// URLs")
     for index, stage in enumerate(batch_schedule(cfg).stages):
         _check_stage(cfg, "data.batch_size / data.seq_len" if index == 0 else f"data.ramp[{index - 1}]", stage)
     non_negative = {

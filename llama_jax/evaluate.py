@@ -42,6 +42,7 @@ from llama_jax.errors import DataError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
 from llama_jax.objectives import token_nll
 from llama_jax.parallel.mesh import logical_to_spec, replicated
+from llama_jax.workdir import as_path
 
 TASKS_DIR = Path(__file__).resolve().parent / "data" / "tasks"
 BUILTIN_TASKS = {"stdlib_mc": TASKS_DIR / "stdlib_mc.jsonl"}  # shipped with the package; no download
@@ -77,9 +78,9 @@ class ChoiceTask:
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Tokenizer, max_len: int = 2048, name: str | None = None) -> ChoiceTask:
-        """A JSON Lines file, or a built-in task's name (`BUILTIN_TASKS`). `max_len`: the longest row scored (the
-        model's context); longer contexts lose their beginning, as in lm-eval-harness."""
-        path = BUILTIN_TASKS.get(str(path), Path(path).expanduser())
+        """A JSON Lines file (local or a URL), or a built-in task's name (`BUILTIN_TASKS`). `max_len`: the longest row
+        scored (the model's context); longer contexts lose their beginning, as in lm-eval-harness."""
+        path = BUILTIN_TASKS.get(str(path), as_path(path))
         return cls.from_questions(name or path.stem, read_questions(path), tokenizer, max_len, source=str(path))
 
     @classmethod
@@ -104,7 +105,7 @@ class ChoiceTask:
 
 
 def read_questions(path: str | Path) -> list[Question]:
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist: pass a .jsonl file or one of {sorted(BUILTIN_TASKS)}")
     questions = []

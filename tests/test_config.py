@@ -358,3 +358,11 @@ def test_the_ramp_is_checked_stage_by_stage():
     cfg.data.ramp = ()
     cfg.data.shuffle_window = 0
     assert_config_error(cfg, "data.shuffle_window")
+
+
+def test_a_url_cache_dir_is_refused():
+    """The tokenized cache is local files: gs://b/cache was read as the relative path gs:/b/cache."""
+    cfg = default_config()
+    cfg.data.cache_dir = "gs://bucket/cache"
+    with pytest.raises(ConfigError, match=r"data.cache_dir='gs://bucket/cache' is a URL, .* give a local directory"):
+        validate(cfg)

@@ -293,3 +293,14 @@ def test_chat_data_and_its_tokenizer_in_a_bucket_prepare_as_local_copies_do(expo
     assert len(examples["local"]) == 12 and examples["remote"] == examples["local"]
     tokenizer = Tokenizer.from_file(tmp_path / "in" / "tokenizer")
     assert tokenizer.decode(examples["remote"][0][0]).startswith("<<user>> Question"), "the bucket's own template"
+
+
+def test_an_evaluation_task_file_in_a_bucket_loads_as_a_local_one(exported, bucket):
+    """train.eval_tasks / evaluate --tasks: a gs:// JSON Lines file was read as the local path gs:/..., not found."""
+    from llama_jax.evaluate import BUILTIN_TASKS, ChoiceTask
+
+    local_hf, _ = exported
+    tokenizer = Tokenizer.from_file(local_hf)
+    remote = epath.Path(bucket) / "tasks" / "stdlib_mc.jsonl"
+    remote.write_bytes(BUILTIN_TASKS["stdlib_mc"].read_bytes())
+    assert ChoiceTask.load(str(remote), tokenizer, max_len=256) == ChoiceTask.load("stdlib_mc", tokenizer, max_len=256)
