@@ -32,13 +32,18 @@ from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.generate import generate, parse_mesh
 from llama_jax.objectives import reward
 from llama_jax.parallel.mesh import make_mesh
+from llama_jax.workdir import as_path
 
 Scorer = Callable[[list[list[Message]]], np.ndarray]  # conversations -> one score each
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
+    """The prompts of a JSON Lines file (local or a URL)."""
+    path = as_path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist: write one JSON object {{\"prompt\": ...}} per line")
     prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -122,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "would all be the same)")
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
         prompts = read_prompts(args.prompts)
+        out = as_path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)  # now, not after hours of sampling
         samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          mesh=mesh)
@@ -132,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"wrote the best of {args.samples} samples for {len(records)} prompts to {args.out}")
     return 0
 

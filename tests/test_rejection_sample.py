@@ -55,7 +55,7 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
                     tmp_path / "reward")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What does `json.dumps` do?"}\n{"prompt": [{"role": "user", "content": "Hi"}]}\n')
-    out = tmp_path / "best.jsonl"
+    out = tmp_path / "new" / "best.jsonl"  # the directory is made
     code = rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts",
                                   str(prompts), "--samples", "3", "--max_new_tokens", "8", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -73,6 +73,11 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
         np.testing.assert_allclose(got["scores"], want["scores"], rtol=5e-3)  # bfloat16 matmuls, summed in shards
     assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(prompts), "--out",
                                   str(out), "--samples", "0"]) == 2
+    capsys.readouterr()
+    assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(tmp_path / "none.jsonl"),
+                                  "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: prompts file ") and "none.jsonl does not exist" in error, error
 
 
 def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
