@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
+from llama_jax import command_line
 from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, validate)
 from llama_jax.errors import ConfigError, LlamaJaxError
@@ -327,7 +327,7 @@ def main(argv: list[str]) -> None:
     try:
         planned = plan_phases(_CONFIG.value, devices=_DEVICES.value, accelerator=_ACCELERATOR.value, mfu=_MFU.value)
     except LlamaJaxError as err:
-        _fail(str(err))
+        command_line.fail(str(err))
     name, largest = max(planned, key=lambda entry: entry[1].total_bytes)
     header = flags.FLAGS["config"].config_filename
     if len(planned) > 1:
@@ -335,23 +335,6 @@ def main(argv: list[str]) -> None:
     print(f"{header}\n{largest.report()}")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad flag, a failing config file or an unknown --config.KEY in one line (exit 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, LlamaJaxError) as err:
-        _fail(str(err))
-    except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
-        while isinstance(err, BaseException) and err.args:  # ml_collections nests the KeyError's message
-            err = err.args[0]
-        _fail(f"unknown config override: {err}")
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=command_line.parse)

@@ -20,8 +20,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llama_jax import command_line
 from llama_jax.errors import LlamaJaxError
-from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
 from llama_jax.exit_codes import PREEMPTED as EXIT_PREEMPTED
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
@@ -37,8 +37,7 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize()  # before anything touches a device: joins the other hosts of a multi-host run
     except LlamaJaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        command_line.fail(str(err))
     from llama_jax import trainer  # imported after flag parsing so --help stays fast
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
@@ -50,8 +49,7 @@ def main(argv: list[str]) -> None:
         print(str(err), file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except LlamaJaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        command_line.fail(str(err))
 
 
 def _use_compilation_cache(directory: str) -> None:
@@ -63,24 +61,6 @@ def _use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// stays as it is
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or an unknown --config.KEY reported in one line (exit code 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:  # unknown flag, or a value of the wrong type
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except LlamaJaxError as err:  # raised by the config file's get_config (e.g. a checkpoint it reads is missing)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
-        message = err
-        while isinstance(message, BaseException) and message.args:
-            message = message.args[0]
-        print(f"error: unknown config override: {message}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-
-
 if __name__ == "__main__":
     from llama_jax.huge_pages import reexec_with_huge_pages
     from llama_jax.parallel.cpu_threads import reserve_collective_threads
@@ -88,4 +68,4 @@ if __name__ == "__main__":
     reexec_with_huge_pages()  # first: the process starts again with the tunable
     reserve_collective_threads()  # before the config file, which may start JAX's backend
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=command_line.parse)

@@ -421,6 +421,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     """Trains (or resumes) the run in `workdir` (a local path or a URL such as gs://bucket/run), phase after phase;
     returns the last logged metrics."""
     workdir = workdir_lib.resolve(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"the workdir {workdir} is a file: give a directory (a new one starts a run; a run's own "
+                          "resumes it)")
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
     try:

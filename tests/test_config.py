@@ -366,3 +366,29 @@ def test_a_url_cache_dir_is_refused():
     cfg.data.cache_dir = "gs://bucket/cache"
     with pytest.raises(ConfigError, match=r"data.cache_dir='gs://bucket/cache' is a URL, .* give a local directory"):
         validate(cfg)
+
+
+def run_command(tmp_path: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"llama_jax.{command}", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=dict(os.environ))
+
+
+def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error_line(tmp_path):
+    """Each was a traceback: ml_collections' deferred load error, the file's SyntaxError, os.makedirs'
+    FileExistsError. The train and plan commands parse their flags alike (llama_jax/command_line.py)."""
+    (tmp_path / "broken.py").write_text("def get_config():\n    return (\n")
+    (tmp_path / "afile").write_text("")
+    tiny = str(REPO / "configs" / "tiny.py")
+    cases = [
+        (command, message, args) for command in ("train", "plan") for message, args in (
+            ("config file missing.py does not exist: pass one of configs/*.py", ["--config", "missing.py"]),
+            ("config file missing.py does not exist", ["--config=missing.py:arg", "--config.train.steps=3"]),
+            ("config file broken.py, line 2: '(' was never closed: fix the file", ["--config", "broken.py"]),
+        )
+    ] + [("train", f"the workdir {tmp_path / 'afile'} is a file: give a directory",
+          ["--config", tiny, "--workdir", "afile", f"--config.data.cache_dir={tmp_path / 'cache'}"])]
+    for command, message, args in cases:
+        result = run_command(tmp_path, command, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, result.stderr
