@@ -67,6 +67,8 @@ class Generation:
 
     def describe(self) -> str:
         """One line of token rates for the console (compilation excluded, reported apart)."""
+        if not self.new_tokens:
+            return f"nothing generated (max_new_tokens 0): the {self.prompt_tokens} prompt tokens were not run"
         decoded = self.new_tokens - len(self.tokens)
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_seconds:.3f} s "
                 f"({self.prompt_tokens / max(self.prefill_seconds, 1e-9):.1f} tokens/s); decode: {decoded} tokens in "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
 
 FILE_NAME = "generation_config.json"
 _TURN_ENDS = ("<|eom_id|>", "<|eot_id|>")
@@ -60,8 +60,12 @@ class GenerationSettings:
         return dataclasses.replace(settings, extra={k: v for k, v in generation.items() if k not in known})
 
     def override(self, **flags: Any) -> GenerationSettings:
-        """Command-line values; None leaves a setting as it is. A temperature of 0 means greedy, above 0 sampling."""
+        """Command-line values; None leaves a setting as it is. A temperature of 0 means greedy, above 0 sampling.
+        A value out of range is refused even where greedy decoding would not use it: a typo is never ignored."""
         given = {name: value for name, value in flags.items() if value is not None}
+        if given.get("temperature", 0) < 0 or given.get("top_k", 0) < 0 or not 0 < given.get("top_p", 1) <= 1:
+            raise ConfigError(f"need --temperature >= 0 (0 = greedy), --top_k >= 0 and 0 < --top_p <= 1; got "
+                              f"{given.get('temperature')}, {given.get('top_k')}, {given.get('top_p')}")
         if "temperature" in given:
             given["do_sample"] = given["temperature"] > 0
             if not given["do_sample"]:

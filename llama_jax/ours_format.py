@@ -98,14 +98,17 @@ def write_ours(source: ParamSource, out: str | os.PathLike, dtype: str | None = 
     """`source` as step 0 of a llama_jax run in `out` (a local path or a URL), parameters in `dtype` (default: as
     stored).
 
-    Refuses a directory that already holds checkpoints (a run's, or an earlier conversion's) rather than mixing steps,
-    and a source without a tokenizer, since every reader of our checkpoints needs one. The step appears only when
+    Refuses a directory that already holds checkpoints (a run's, or an earlier conversion's), or is one step of a
+    run, rather than mixing steps, and a source without a tokenizer, since every reader of our checkpoints needs one. The step appears only when
     complete: it is built under checkpoints/.0-converting and renamed (in a bucket, its meta/metadata lands last).
     """
     out = resolve(out)
     if source.tokenizer is None:
         raise CheckpointError(f"{source.directory} has no tokenizer (tokenizer.model or tokenizer.json), which a "
                               "llama_jax checkpoint needs: copy the model's tokenizer into it, or convert to hf")
+    if (out / "meta" / "metadata").exists() or (out / "_CHECKPOINT_METADATA").exists():
+        raise CheckpointError(f"{out} is a checkpoint step of a run (writing there would mix a new step into it): "
+                              "write to a new directory")
     checkpoints = out / "checkpoints"
     steps = sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
     if steps:

@@ -116,6 +116,8 @@ ERRORS = {
     "other_tokenizer": (["{runs}/a", "{runs}/other_tokenizer"], "other_tokenizer has another tokenizer than .*a"),
     "missing": (["{runs}/a", "{runs}/nowhere"], "nowhere does not exist"),
     "into_a_run": (["{runs}/a", "--out", "{runs}/a"], r"a already holds checkpoints \(steps 1\)"),
+    "into_a_step": (["{runs}/a", "--out", "{runs}/a/checkpoints/1"],
+                    r"a/checkpoints/1 is a checkpoint step of a run .*: write to a new directory"),
 }
 
 

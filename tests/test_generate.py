@@ -110,6 +110,9 @@ def test_single_prompt_is_a_batch_of_one(model, greedy):
 
 def test_no_new_tokens(model):
     assert generate(model, PROMPTS, 0) == [[], []]
+    prompt_tokens = sum(map(len, PROMPTS))  # its console line had a decode of -2 tokens at -2e9 tokens/s
+    assert generate_timed(model, PROMPTS, 0).describe() == (
+        f"nothing generated (max_new_tokens 0): the {prompt_tokens} prompt tokens were not run")
 
 
 def test_eos_stops_only_its_row(model, greedy):

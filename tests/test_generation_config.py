@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from llama_jax.data.tokenizer import train_bpe
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.generation_config import GenerationSettings
 
 
@@ -65,6 +65,9 @@ def test_command_line_overrides(tokenizer, tmp_path):
     assert hotter.sampling == {"temperature": 1.2, "top_p": 0.5, "top_k": 20}
     assert hotter.origin["temperature"] == hotter.origin["top_p"] == "command line"
     assert hotter.origin["top_k"] == "generation_config.json"
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(temperature=0.0, top_p=2.0)):
+        with pytest.raises(ConfigError, match=r"need --temperature >= 0 \(0 = greedy\), --top_k >= 0 and 0 < --top_p"):
+            settings.override(**{"temperature": None, "top_k": None, "top_p": None, **bad})
 
 
 def test_to_hf_round_trips_and_keeps_other_keys(tokenizer, tmp_path):
