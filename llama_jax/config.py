@@ -245,10 +245,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "optim.decay_tokens": cfg.optim.decay_tokens,
         "stability.spike_factor": cfg.stability.spike_factor,
         "stability.max_events": cfg.stability.max_events,
+        "optim.lr": cfg.optim.lr,
+        "optim.eps": cfg.optim.eps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    for key in ("b1", "b2"):
+        if not 0 <= cfg.optim[key] < 1:
+            raise ConfigError(f"optim.{key}={cfg.optim[key]} must be in [0, 1): it is the decay of Adam's moment "
+                              "estimates (Llama 3: b1 0.9, b2 0.95)")
+    for key in ("min_lr_ratio", "wsd_decay_fraction"):
+        if not 0 <= cfg.optim[key] <= 1:
+            raise ConfigError(f"optim.{key}={cfg.optim[key]} must be in [0, 1]")
+    if cfg.checkpoint.max_to_keep < 1:
+        raise ConfigError(f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be at least 1: the newest "
+                          "checkpoint is what a restart resumes from")
     if cfg.checkpoint.maintenance_url not in ("auto", "") and not cfg.checkpoint.maintenance_url.startswith(
             ("http://", "https://")):
         raise ConfigError(f"checkpoint.maintenance_url={cfg.checkpoint.maintenance_url!r} must be 'auto', '' (off) or "

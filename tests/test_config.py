@@ -392,3 +392,24 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, result.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.lr", -1e-3, "optim.lr must be zero or positive"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay must be zero or positive"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip must be zero or positive"),
+    ("optim.b1", 1.0, r"optim.b1=1.0 must be in \[0, 1\)"),
+    ("optim.b2", -0.5, r"optim.b2=-0.5 must be in \[0, 1\)"),
+    ("optim.min_lr_ratio", 2.0, r"optim.min_lr_ratio=2.0 must be in \[0, 1\]"),
+    ("optim.wsd_decay_fraction", 1.5, r"optim.wsd_decay_fraction=1.5 must be in \[0, 1\]"),
+    ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be at least 1"),
+    ("model.rope_theta", 0.0, "model.rope_theta must be positive"),
+    ("model.norm_eps", -1e-5, "model.norm_eps must be positive"),
+])
+def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
+    """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from."""
+    cfg = default_config()
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

@@ -48,6 +48,9 @@ class LlamaConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads}) "
