@@ -269,6 +269,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           "an http:// URL of a GCE maintenance-event metadata key")
     if cfg.stability.policy not in STABILITY_POLICIES:
         raise ConfigError(f"stability.policy={cfg.stability.policy!r} is not one of {STABILITY_POLICIES}")
+    if 0 < cfg.watchdog.multiple <= 1:
+        raise ConfigError(f"watchdog.multiple={cfg.watchdog.multiple} would call half of all ordinary steps hung (the "
+                          "limit is this many median step times): use a multiple well above 1 (default 10), or 0 to "
+                          "turn the watchdog off")
     if 0 < cfg.stability.spike_factor <= 1:
         raise ConfigError(f"stability.spike_factor={cfg.stability.spike_factor} would call ordinary steps spikes: use a "
                           "factor above 1 (e.g. 3), or 0 to look for non-finite losses only")

@@ -405,9 +405,12 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be at least 1"),
     ("model.rope_theta", 0.0, "model.rope_theta must be positive"),
     ("model.norm_eps", -1e-5, "model.norm_eps must be positive"),
+    ("model.init_std", -0.02, "model.init_std must be zero or positive"),
+    ("watchdog.multiple", 0.5, r"watchdog.multiple=0.5 would call half of all ordinary steps hung"),
 ])
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
-    """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from."""
+    """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a
+    watchdog multiple below 1 stops a healthy run."""
     cfg = default_config()
     section, name = key.split(".")
     cfg[section][name] = value
