@@ -304,3 +304,17 @@ def test_an_evaluation_task_file_in_a_bucket_loads_as_a_local_one(exported, buck
     remote = epath.Path(bucket) / "tasks" / "stdlib_mc.jsonl"
     remote.write_bytes(BUILTIN_TASKS["stdlib_mc"].read_bytes())
     assert ChoiceTask.load(str(remote), tokenizer, max_len=256) == ChoiceTask.load("stdlib_mc", tokenizer, max_len=256)
+
+
+def test_prompt_files_in_a_bucket_read_as_local_ones(bucket, tmp_path):
+    """generate --prompts_file and rejection_sample --prompts / --out take URLs (they were local paths only)."""
+    from llama_jax import rejection_sample
+
+    for name, text in (("prompts.txt", "def main(\nclass A:\n"), ("prompts.jsonl", '{"prompt": "Hi"}\n')):
+        (tmp_path / name).write_text(text)
+        (epath.Path(bucket) / "prompts" / name).write_text(text)
+    assert generate.read_prompts(f"{bucket}/prompts/prompts.txt") == generate.read_prompts(tmp_path / "prompts.txt")
+    assert (rejection_sample.read_prompts(f"{bucket}/prompts/prompts.jsonl")
+            == rejection_sample.read_prompts(tmp_path / "prompts.jsonl") == [[{"role": "user", "content": "Hi"}]])
+    with pytest.raises(DataError, match="prompts file gs://runs/prompts/none.jsonl does not exist"):
+        rejection_sample.read_prompts(f"{bucket}/prompts/none.jsonl")
