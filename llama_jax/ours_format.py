@@ -99,8 +99,9 @@ def write_ours(source: ParamSource, out: str | os.PathLike, dtype: str | None = 
     stored).
 
     Refuses a directory that already holds checkpoints (a run's, or an earlier conversion's), or is one step of a
-    run, rather than mixing steps, and a source without a tokenizer, since every reader of our checkpoints needs one. The step appears only when
-    complete: it is built under checkpoints/.0-converting and renamed (in a bucket, its meta/metadata lands last).
+    run, rather than mixing steps, and a source without a tokenizer, since every reader of our checkpoints needs one.
+    The step appears only when complete: it is built under checkpoints/.0-converting and renamed (in a bucket, its
+    meta/metadata lands last).
     """
     out = resolve(out)
     if source.tokenizer is None:

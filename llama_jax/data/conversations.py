@@ -209,7 +209,9 @@ def _read(
         _print_skips(report)
 
 
-def _read_file(path: Path | epath.Path, parse: Callable[[dict], _Record], example: str, report: SkipReport) -> Iterator[_Record]:
+def _read_file(
+    path: Path | epath.Path, parse: Callable[[dict], _Record], example: str, report: SkipReport
+) -> Iterator[_Record]:
     """The records of one file. A file with none is an error even beside good files: it is in the wrong format."""
     kept, first_bad = 0, None
     for where, line in _lines(path):
