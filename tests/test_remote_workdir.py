@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -46,29 +47,34 @@ def _with_generation_header(download):
     return answer
 
 
-@pytest.fixture(scope="module")
-def bucket(monkeypatch_module):
+@pytest.fixture(scope="session")
+def emulator():
+    """The stand-in's URL. One per test process: its clients (gcsfs through epath, TensorStore) are made once per
+    process and keep the endpoint they were made with."""
     from gcp_storage_emulator.handlers import objects
     from gcp_storage_emulator.server import create_server
 
-    monkeypatch_module.setattr(objects, "download", _with_generation_header(objects.download))
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    for key, value in dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test").items():
-        monkeypatch_module.setenv(key, value)
-    yield f"gs://{BUCKET}"
-    server.stop()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(objects, "download", _with_generation_header(objects.download))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+        server.start()
+        url = f"http://127.0.0.1:{port}"
+        for key, value in dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                               GOOGLE_AUTH_TOKEN_FOR_TESTING="test").items():
+            patch.setenv(key, value)
+        yield url
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+def bucket(emulator):
+    """A directory of the stand-in's bucket new to each setup of this module's fixtures: pytest-xdist may set them
+    up twice in one process (when its tests are split between workers), and the second setup must find nothing of the
+    first, not even in gcsfs's cached listings."""
+    return f"gs://{BUCKET}/{uuid.uuid4().hex[:8]}"
 
 
 def read_remote_metrics(workdir: str) -> list[dict]:
@@ -261,7 +267,7 @@ def test_a_prepared_corpus_in_a_bucket_is_refused_with_the_gcsfuse_fix(bucket, c
             (epath.Path(bucket) / "prepared" / file.relative_to(tmp_path / "prepared")).write_bytes(file.read_bytes())
     cfg = small_config(cache_dir, 2)
     cfg.data.source, cfg.data.tokenizer = f"{bucket}/prepared", str(tmp_path / "tokenizer.model")
-    with pytest.raises(DataError, match=r"source 'data' gs://runs/prepared is a URL, .* mount the bucket with gcsfuse"):
+    with pytest.raises(DataError, match=rf"source 'data' {bucket}/prepared is a URL, .* mount the bucket with gcsfuse"):
         trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -316,5 +322,5 @@ def test_prompt_files_in_a_bucket_read_as_local_ones(bucket, tmp_path):
     assert generate.read_prompts(f"{bucket}/prompts/prompts.txt") == generate.read_prompts(tmp_path / "prompts.txt")
     assert (rejection_sample.read_prompts(f"{bucket}/prompts/prompts.jsonl")
             == rejection_sample.read_prompts(tmp_path / "prompts.jsonl") == [[{"role": "user", "content": "Hi"}]])
-    with pytest.raises(DataError, match="prompts file gs://runs/prompts/none.jsonl does not exist"):
+    with pytest.raises(DataError, match=f"prompts file {bucket}/prompts/none.jsonl does not exist"):
         rejection_sample.read_prompts(f"{bucket}/prompts/none.jsonl")
