@@ -147,6 +147,11 @@ def default_config() -> ml_collections.ConfigDict:
     # preemption or a crash, a rerun, another run of the same shapes), so it skips XLA's compilation; a gs:// path
     # serves every host of a pod (process 0 writes). "" = off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.
     cfg.train.compilation_cache_dir = "~/.cache/llama_jax/xla"
+    # A jax.profiler trace of this many steps (0 = none) into WORKDIR/profile, for TensorBoard's profile plugin (and
+    # ui.perfetto.dev), starting after the first profile_skip steps of the process (the first compiles the step, the
+    # second is the first to reuse its memory); see llama_jax/profiling.py
+    cfg.train.profile_steps = 0
+    cfg.train.profile_skip = 2
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
@@ -241,6 +246,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "watchdog.min_seconds": cfg.watchdog.min_seconds,
         "train.tokens": cfg.train.tokens,
         "train.peak_flops": cfg.train.peak_flops,
+        "train.profile_steps": cfg.train.profile_steps,
+        "train.profile_skip": cfg.train.profile_skip,
         "optim.warmup_tokens": cfg.optim.warmup_tokens,
         "optim.decay_tokens": cfg.optim.decay_tokens,
         "stability.spike_factor": cfg.stability.spike_factor,

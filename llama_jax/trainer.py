@@ -51,6 +51,7 @@ from llama_jax.objectives.pairs import valid_pairs
 from llama_jax.average import average as average_checkpoints
 from llama_jax.optim import lr_schedule, make_optimizer, run_lr_schedule
 from llama_jax.phases import Phase, RunPlan
+from llama_jax.profiling import StepProfiler
 from llama_jax.stability import Diverged, LossGuard
 from llama_jax.parallel import distributed
 from llama_jax.parallel import mesh as mesh_lib
@@ -613,6 +614,7 @@ class _Loop:
         self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)
         self.guard = LossGuard(cfg.stability.spike_factor, cfg.stability.window)
+        self.profiler = StepProfiler(workdir / "profile", cfg.train.profile_skip, cfg.train.profile_steps)
         self.bad_steps = 0  # seen by this process
         self.skipped_in_a_row = 0
         self.compiled = False
@@ -651,7 +653,7 @@ class _Loop:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
-            state, step_metrics = step_fn(*args, *lora_args)
+            state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()
             if not compiled_here:  # the first step of a phase compiles: time from its end
@@ -797,6 +799,7 @@ class _Loop:
         return result
 
     def close(self) -> None:
+        self.profiler.close()
         self.logger.close()
 
 

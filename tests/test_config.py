@@ -407,6 +407,8 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
     ("model.norm_eps", -1e-5, "model.norm_eps must be positive"),
     ("model.init_std", -0.02, "model.init_std must be zero or positive"),
     ("watchdog.multiple", 0.5, r"watchdog.multiple=0.5 would call half of all ordinary steps hung"),
+    ("train.profile_steps", -1, "train.profile_steps must be zero or positive"),
+    ("train.profile_skip", -2, "train.profile_skip must be zero or positive"),
 ])
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
     """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a

@@ -107,12 +107,17 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def test_two_processes_train_resume_and_match_one_process(tmp_path, job):
-    """Steps 1-4 and, resumed from checkpoint 4, steps 5-8 on two processes; the same 8 steps in one process."""
+    """Steps 1-4 and, resumed from checkpoint 4, steps 5-8 on two processes; the same 8 steps in one process. The
+    second part is profiled: process 0 alone writes the trace, and the steps stay the same."""
     cache, workdir = tmp_path / "cache", tmp_path / "two"
     first = run_two_processes(job, workdir, cache, "--config.train.steps=4")
     assert "Preparing" in first[0] and "Preparing" not in first[1], "process 0 builds the corpus cache, 1 reuses it"
-    second = run_two_processes(job, workdir, cache, "--config.train.steps=8")
+    second = run_two_processes(job, workdir, cache, "--config.train.steps=8", "--config.train.profile_skip=1",
+                               "--config.train.profile_steps=2")
     assert "Resumed from" in second[0] and f"checkpoints{os.sep}4" in second[0]
+    assert "profile: tracing steps 6-7" in second[0] and "profile:" not in second[1]
+    session, = (workdir / "profile" / "plugins" / "profile").iterdir()
+    assert len(list(session.glob("*.xplane.pb"))) == 1
     assert not any("Resumed from" in out or "step 1 |" in out for out in first[1:] + second[1:]), "process 1 logs nothing"
     two = read_metrics(workdir)
     assert [m["step"] for m in two] == list(range(1, 9)), "process 0 alone writes metrics.jsonl, each step once"

@@ -84,13 +84,16 @@ def read_remote_metrics(workdir: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(bucket, tmp_path_factory, cache_dir):
     """(local workdir, bucket workdir, the bucket's steps after its first part): 6 steps straight, and 3 then 6
-    resumed in the bucket; both keep checkpoints 3 and 6."""
+    resumed in the bucket; both keep checkpoints 3 and 6. The resumed part is profiled from its second step (5) on,
+    for more steps than it has left, which must change nothing in its training."""
     local = tmp_path_factory.mktemp("runs") / "local"
     trainer.train(small_config(cache_dir, 6), local)
     remote = f"{bucket}/resumed"
     trainer.train(small_config(cache_dir, 3), remote)
     first_part = sorted(p.name for p in (epath.Path(remote) / "checkpoints").iterdir())
-    trainer.train(small_config(cache_dir, 6), remote)
+    profiled = small_config(cache_dir, 6)
+    profiled.train.profile_skip, profiled.train.profile_steps = 1, 10
+    trainer.train(profiled, remote)
     return local, remote, first_part
 
 
@@ -106,6 +109,15 @@ def test_a_run_in_a_bucket_saves_resumes_and_loads_as_a_local_one(runs):
     assert tokenizer.startswith(remote)
     for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_profile_of_a_bucket_run_is_written_to_the_bucket(runs):
+    """The trace is written locally and copied up when the run ends inside it."""
+    _, remote, _ = runs
+    session, = (epath.Path(remote) / "profile" / "plugins" / "profile").iterdir()
+    names = {p.name for p in session.iterdir()}
+    assert {f"{socket.gethostname()}.xplane.pb", "perfetto_trace.json.gz"} <= names, names
+    assert (session / f"{socket.gethostname()}.xplane.pb").stat().length > 10_000
 
 
 def test_a_held_bucket_workdir_refuses_a_second_run_until_its_lease_expires(bucket, cache_dir):

@@ -1,9 +1,11 @@
 """End to end: the README's default job, resuming, and bad checkpoints."""
 
+import gzip
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -86,6 +88,47 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, 
 
     assert generate.main(["--checkpoint", str(interrupted), "--prompt", "def main(", "--max_new_tokens", "8"]) == 0
     assert capsys.readouterr().out.strip(), "generation from our own checkpoint printed nothing"
+
+
+def traced_ops(session: Path) -> dict[int, set[str]]:
+    """The XLA operations (fusions, products, collectives) a Perfetto trace saw run in each traced step, by the step
+    annotations' times: every operation of the step program runs in every step."""
+    with gzip.open(session / "perfetto_trace.json.gz") as f:
+        events = json.load(f)["traceEvents"]
+    starts = sorted((e["ts"], int(e["args"]["step_num"])) for e in events if e.get("name") == "train")
+    xla_threads = {(e["pid"], e["tid"]) for e in events
+                   if e.get("name") == "thread_name" and e["args"]["name"].startswith("tf_XLA")}
+    ops = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in xla_threads
+           and re.fullmatch(r"[\w.-]+", e["name"])]
+    return {step: {e["name"] for e in ops if start <= e["ts"] < (starts + [(math.inf, 0)])[i + 1][0]}
+            for i, (start, step) in enumerate(starts)}
+
+
+def test_a_profiled_run_traces_the_steps_asked_for_and_waits_for_the_last(tmp_path, cache_dir, capsys):
+    cfg = small_config(cache_dir, 4)
+    cfg.train.profile_skip, cfg.train.profile_steps = 1, 2
+    trainer.train(cfg, tmp_path / "run")
+    session, = (tmp_path / "run" / "profile" / "plugins" / "profile").iterdir()
+    assert list(session.glob("*.xplane.pb")), "TensorBoard's profile plugin reads the xplane file"
+    ops = traced_ops(session)
+    assert list(ops) == [2, 3]
+    assert ops[3] == ops[2] and len(ops[2]) > 50, "the last traced step's XLA work is all in the trace"
+    out = capsys.readouterr().out
+    assert f"profile: tracing steps 2-3 into {tmp_path / 'run' / 'profile'}" in out and "profile: written to" in out
+
+
+def test_a_trace_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_path, cache_dir, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "profile").write_text("a file where the trace should go")
+    cfg = small_config(cache_dir, 3)
+    cfg.train.profile_skip, cfg.train.profile_steps = 1, 1
+    trainer.train(cfg, tmp_path / "run")
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    err = capsys.readouterr().err
+    assert f"warning: profile: the trace could not be written to {tmp_path / 'run' / 'profile'}" in err, err
+    trainer.train(cfg, tmp_path / "next")  # JAX's profiler is left able to trace again in this process
+    assert list((tmp_path / "next" / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
 def test_resuming_on_another_data_parallel_layout_continues_with_the_same_batches(tmp_path, cache_dir):
