@@ -57,8 +57,12 @@ class StepProfiler:
         return outputs
 
     def close(self) -> None:
-        """Stops an open trace (the window's end, or the run's when it ends inside it) and copies it out."""
+        """Stops an open trace (the window's end, or the run's when it ends inside it) and copies it out; at the
+        run's end, says so when the run ended before the window."""
         if self.local is None:
+            if self.steps and self.started <= self.skip:
+                print(f"profile: nothing traced: this process ran {self.started} step(s), and the trace starts after "
+                      f"train.profile_skip={self.skip}", flush=True)
             return
         try:
             jax.profiler.stop_trace()

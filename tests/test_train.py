@@ -116,6 +116,13 @@ def test_a_profiled_run_traces_the_steps_asked_for_and_waits_for_the_last(tmp_pa
     out = capsys.readouterr().out
     assert f"profile: tracing steps 2-3 into {tmp_path / 'run' / 'profile'}" in out and "profile: written to" in out
 
+    cfg.train.steps = 5  # one more step, after a skip of 1: it ends before the window
+    cfg.train.profile_skip = 1
+    trainer.train(cfg, tmp_path / "run")
+    assert "profile: nothing traced: this process ran 1 step(s), and the trace starts after train.profile_skip=1" \
+        in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "profile" / "plugins" / "profile").iterdir())) == 1
+
 
 def test_a_trace_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_path, cache_dir, capsys):
     (tmp_path / "run").mkdir()
