@@ -3,12 +3,14 @@
 Also the model-FLOPs utilisation: achieved training FLOPs over the hardware's peak. Accelerator peaks come
 from a table of published dense bf16 figures (or `train.peak_flops`); on CPU the peak is measured with a large matmul
 once per workdir and kept there, so that the MFU of a resumed run, or of a run started on a busy machine, is
-measured against the same figure rather than against a peak re-timed under whatever load the machine had.
+measured against the same figure rather than against a peak re-timed under whatever load the machine had. And the
+peak memory every logged line reports, to hold against the fit plan (plan.py).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 import time
 
@@ -73,6 +75,16 @@ def _measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
         matmul(x).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def peak_memory_gib(devices: list | None = None) -> float:
+    """The most memory this process's run has held so far, in GiB, as logged (`peak_memory_gib`): on accelerators,
+    the busiest local device's peak bytes in use (their memory is what a model's fit is about); on a CPU, whose
+    devices keep no statistics (or any device without that one), the process's peak resident memory."""
+    stats = [device.memory_stats() for device in (jax.local_devices() if devices is None else devices)]
+    if all(s and "peak_bytes_in_use" in s for s in stats):
+        return max(s["peak_bytes_in_use"] for s in stats) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
 
 
 class MetricsLogger:

@@ -41,7 +41,7 @@ from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
-from llama_jax.metrics import MetricsLogger, run_peak_flops
+from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
 from llama_jax.model import ModelDef, flops_per_token
 from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives import lm_loss_sum, pair_objective
@@ -687,6 +687,7 @@ class _Loop:
                     logged["tokens_per_s"] = tokens / seconds
                     logged["step_time"] = seconds / (done - window_first_step)
                     logged["mfu"] = flops / seconds / self.peak
+                logged["peak_memory_gib"] = peak_memory_gib()
                 if len(data.batches.names) > 1:
                     logged.update(_realised_mixture(data.batches, done - p.start_step))
                 if self.bad_steps:

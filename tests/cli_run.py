@@ -51,6 +51,6 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def without_timing(lines: list[dict]) -> list[dict]:
-    """Metrics lines without their wall-clock fields, which differ between any two runs."""
-    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu", "step_time") and not k.startswith(GOODPUT)}
-            for m in lines]
+    """Metrics lines without their wall-clock and memory fields, which differ between any two runs."""
+    varying = ("tokens_per_s", "mfu", "step_time", "peak_memory_gib")
+    return [{k: v for k, v in m.items() if k not in varying and not k.startswith(GOODPUT)} for m in lines]

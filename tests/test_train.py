@@ -39,7 +39,9 @@ def test_default_job_learns_logs_and_resumes(tmp_path, cache_dir):
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == [4, 8, 12, 16]
     for m in lines:
-        assert {"step", "loss", "lr", "tokens", "grad_norm", "tokens_per_s", "mfu"} <= m.keys()
+        assert {"step", "loss", "lr", "tokens", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib"} <= m.keys()
+    peaks = [m["peak_memory_gib"] for m in lines]
+    assert 0.2 < peaks[0] and peaks == sorted(peaks) and peaks[-1] < 24, peaks  # one process's high-water mark
     assert lines[-1]["tokens"] == 16 * 8 * 128
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, [m["loss"] for m in lines]
     evals = [m["eval_loss"] for m in lines if "eval_loss" in m]
