@@ -2,9 +2,11 @@
 
 The trace starts after the first `train.profile_skip` steps this process runs, since the first compiles the step and
 the next is the first to use its memory (see README "Performance"), so that it shows steady steps. Each traced step
-is marked as one (`StepTraceAnnotation`, with its step number), so that the viewers can tell the steps apart. The
-steps are not waited for, as in an untraced run, except the last: the trace stops once its work is done, so that
-the trace holds all of it.
+is marked as one (`StepTraceAnnotation`, with its step number), and waited for inside that mark: a step's dispatch
+returns before its work is done (on a CPU too), so the mark would otherwise hold the dispatch only, and XProf's
+step times would be dispatch times. So in the trace the loop's work for the next step (taking its batch, placing it
+on the devices) no longer overlaps this step's; it shows as the gap between the marks. The last step's work is all
+in the trace.
 
 Only process 0 traces (MaxText, too, keeps only the first host's trace unless told otherwise): every process runs
 the same program, and processes that share a host would write files of the same name (a trace's are named after
@@ -50,9 +52,8 @@ class StepProfiler:
         if self.local is None:
             return dispatch()
         with jax.profiler.StepTraceAnnotation("train", step_num=step_num):
-            outputs = dispatch()
+            outputs = jax.block_until_ready(dispatch())
         if self.started == self.skip + self.steps:
-            jax.block_until_ready(outputs)
             self.close()
         return outputs
 
