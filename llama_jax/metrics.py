@@ -156,6 +156,11 @@ class MetricsLogger:
         shown = {k: v for k, v in metrics.items() if not k.startswith(_DETAIL)}
         self.bar.write(" | ".join([f"step {step}"] + [_format(k, v) for k, v in shown.items()]))
 
+    def write(self, text: str) -> None:
+        """A line on the console above the progress bar (process 0's)."""
+        if self.enabled:
+            self.bar.write(text)
+
     def flush(self) -> None:
         """Makes every line and event logged so far durable."""
         if not self.enabled:

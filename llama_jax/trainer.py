@@ -42,7 +42,7 @@ from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
-from llama_jax.model import ModelDef, flops_per_token
+from llama_jax.model import ModelDef, flops_per_token, param_count
 from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives import lm_loss_sum, pair_objective
 from llama_jax.objectives import dpo as dpo_objective
@@ -642,9 +642,10 @@ class _Loop:
         done = int(state.step)
         if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
             _describe_pipeline(cfg, run.mesh)
-        if jax.process_index() == 0 and len(self.plan.phases) > 1:
-            print(f"Phase {p.index + 1}/{len(self.plan.phases)} {p.name!r}: steps {done} to {p.stop_step}, batch "
-                  f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens, mesh {dict(run.mesh.shape)}", flush=True)
+        what = f"Phase {p.index + 1}/{len(self.plan.phases)} {p.name!r}" if len(self.plan.phases) > 1 else "Training"
+        self.logger.write(f"{what}: steps {done} to {p.stop_step}, batch {cfg.data.batch_size} x {cfg.data.seq_len} "
+                          f"tokens, {param_count(run.model_def.cfg):,} parameters on {run.mesh.size} "
+                          f"{run.mesh.devices.flat[0].platform} device(s), mesh {dict(run.mesh.shape)}")
         window: list[dict] = []
         pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
         window_start, window_first_step, compiled_here = None, done, False

@@ -25,6 +25,7 @@ from config_files import load_config_file
 from llama_jax import checkpoint, generate, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.config import default_config, model_config, model_section
+from llama_jax.model import param_count
 from llama_jax.errors import CheckpointError, ConfigError
 
 QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.optim.warmup_steps=4",
@@ -49,10 +50,14 @@ def test_default_job_learns_logs_and_resumes(tmp_path, cache_dir):
     assert (workdir / "checkpoints" / "16").is_dir()
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "tokenizer.model").is_file()
+    cfg = load_config_file("tiny.py")
+    assert (f"Training: steps 0 to 16, batch 8 x 128 tokens, {param_count(model_config(cfg)):,} parameters on 1 cpu "
+            "device(s), mesh {'data': 1, 'stage': 1, 'fsdp': 1, 'context': 1, 'tensor': 1}") in first.stdout
 
     second = run_cli(workdir, cache_dir, "--config.train.steps=24", *QUICK)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from" in second.stdout + second.stderr and "checkpoints/16" in second.stdout + second.stderr
+    assert "Training: steps 16 to 24, batch 8 x 128 tokens" in second.stdout
     resumed = read_metrics(workdir)
     assert resumed[:4] == lines, "the first run's lines must be kept as they were"
     assert [m["step"] for m in resumed[4:]] == [20, 24]
