@@ -35,8 +35,9 @@ class StepProfiler:
     """Traces steps `skip + 1` to `skip + steps` of this process's run into `directory` (no trace when `steps` is
     0, or in a process other than 0)."""
 
-    def __init__(self, directory: epath.Path, skip: int, steps: int):
-        self.directory, self.skip = directory, skip
+    def __init__(self, directory: epath.Path, skip: int, steps: int, say: Callable[[str], None] = print):
+        """`say` prints a line of news (the training loop's goes above its progress bar)."""
+        self.directory, self.skip, self.say = directory, skip, say
         self.steps = steps if jax.process_index() == 0 else 0
         self.started = 0  # steps this process has dispatched
         self.local: Path | None = None  # where the open trace is being written
@@ -47,7 +48,7 @@ class StepProfiler:
         if self.steps and self.started == self.skip:
             self.local = Path(tempfile.mkdtemp(prefix="llama_jax_profile_"))
             jax.profiler.start_trace(self.local, create_perfetto_trace=True)
-            print(f"profile: tracing steps {step_num}-{step_num + self.steps - 1} into {self.directory}", flush=True)
+            self.say(f"profile: tracing steps {step_num}-{step_num + self.steps - 1} into {self.directory}")
         self.started += 1
         if self.local is None:
             return dispatch()
@@ -62,8 +63,8 @@ class StepProfiler:
         run's end, says so when the run ended before the window."""
         if self.local is None:
             if self.steps and self.started <= self.skip:
-                print(f"profile: nothing traced: this process ran {self.started} step(s), and the trace starts after "
-                      f"train.profile_skip={self.skip}", flush=True)
+                self.say(f"profile: nothing traced: this process ran {self.started} step(s), and the trace starts "
+                         f"after train.profile_skip={self.skip}")
             return
         try:
             jax.profiler.stop_trace()
@@ -76,8 +77,8 @@ class StepProfiler:
             print(f"warning: profile: the trace could not be written to {self.directory} ({e}); training goes on",
                   file=sys.stderr, flush=True)
         else:
-            print(f"profile: written to {self.directory} (view it with TensorBoard's profile plugin: pip install "
-                  f"tensorboard-plugin-profile; tensorboard --logdir {self.directory})", flush=True)
+            self.say(f"profile: written to {self.directory} (view it with TensorBoard's profile plugin: pip install "
+                     f"tensorboard-plugin-profile; tensorboard --logdir {self.directory})")
         finally:
             shutil.rmtree(self.local, ignore_errors=True)
             self.local = None

@@ -614,7 +614,8 @@ class _Loop:
         self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)
         self.guard = LossGuard(cfg.stability.spike_factor, cfg.stability.window)
-        self.profiler = StepProfiler(workdir / "profile", cfg.train.profile_skip, cfg.train.profile_steps)
+        self.profiler = StepProfiler(workdir / "profile", cfg.train.profile_skip, cfg.train.profile_steps,
+                                     say=self.logger.write)
         self.bad_steps = 0  # seen by this process
         self.skipped_in_a_row = 0
         self.compiled = False
