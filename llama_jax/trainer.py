@@ -641,8 +641,8 @@ class _Loop:
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         self.meta.update(config=plain(cfg), phase=p.name, **({"lora_base": run.base_source} if run.base_source else {}))
         done = int(state.step)
-        if run.mesh.shape["stage"] > 1 and jax.process_index() == 0:
-            _describe_pipeline(cfg, run.mesh)
+        if run.mesh.shape["stage"] > 1:
+            self.logger.write(_describe_pipeline(cfg, run.mesh))
         what = f"Phase {p.index + 1}/{len(self.plan.phases)} {p.name!r}" if len(self.plan.phases) > 1 else "Training"
         self.logger.write(f"{what}: steps {done} to {p.stop_step}, batch {cfg.data.batch_size} x {cfg.data.seq_len} "
                           f"tokens, {param_count(run.model_def.cfg):,} parameters on {run.mesh.size} "
@@ -806,12 +806,12 @@ class _Loop:
         self.logger.close()
 
 
-def _describe_pipeline(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
+def _describe_pipeline(cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
     stages, microbatches, repeats = mesh.shape["stage"], pipeline_microbatches(cfg), pipeline_repeats(cfg)
     schedule = cfg.pipeline.schedule
-    print(f"Pipeline: {stages} stages, {microbatches} microbatches, {schedule} schedule ({repeats} layer chunk(s) "
-          f"per stage): bubble {bubble_fraction(stages, microbatches, repeats, schedule):.1%} of each step; "
-          f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage", flush=True)
+    return (f"Pipeline: {stages} stages, {microbatches} microbatches, {schedule} schedule ({repeats} layer chunk(s) "
+            f"per stage): bubble {bubble_fraction(stages, microbatches, repeats, schedule):.1%} of each step; "
+            f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage")
 
 
 def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
