@@ -31,7 +31,7 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
 from llama_jax import lora as lora_lib
 from llama_jax import workdir as workdir_lib
-from llama_jax import maintenance, supervise
+from llama_jax import maintenance, rewind, supervise
 from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, plain, validate)
 from llama_jax.data.corpus import load_corpus
@@ -491,6 +491,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             if jax.process_index() == 0:
                 print(f"Resumed from {checkpointer.directory / str(start)} ({plan.phase_at(start).name} phase)",
                       flush=True)
+        skip = rewind.batches_to_skip(workdir, start) if restored is not None else 0
         if start >= plan.total_steps and jax.process_index() == 0:
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
                   f"raise --config.train.steps (or a phase's budget) to train further", flush=True)
@@ -511,6 +512,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
                     if trains:
                         resumed_here = start in restored_iterators and plan.phase_of_checkpoint(start) is p
                         train_iter = restored_iterators[start] if resumed_here else data[p.index].iterator()
+                        if skip:
+                            _skip_batches(train_iter, skip, start, workdir)
+                            skip = 0
                         state, logged = loop.run_phase(run, p, data[p.index], state, train_iter)
                     if p.average:
                         logged.update(loop.average(run, p, data[p.index]))
@@ -525,6 +529,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         watchdog.stop()
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
+
+
+def _skip_batches(train_iter: grain.DatasetIterator, count: int, step: int, workdir: epath.Path) -> None:
+    """Draws and discards the `count` batches after checkpoint `step`, as a rewind asked (llama_jax/rewind.py)."""
+    if jax.process_index() == 0:
+        print(f"Skipping the {count} batches after step {step} ({workdir / rewind.SKIPS_FILE}, written by python -m "
+              "llama_jax.rewind)", flush=True)
+    for _ in range(count):
+        next(train_iter)
 
 
 def _check_lora_base(run: Run, step_dir: epath.Path) -> None:

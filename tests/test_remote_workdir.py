@@ -23,7 +23,7 @@ from flax import nnx
 from cli_run import cache_dir, read_metrics  # noqa: F401 (a fixture)
 from test_train import small_config
 
-from llama_jax import average, checkpoint, convert, generate, trainer
+from llama_jax import average, checkpoint, convert, generate, rewind, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.convert import open_checkpoint, open_source, param_shapes
 from llama_jax.data.tokenizer import Tokenizer
@@ -336,3 +336,20 @@ def test_prompt_files_in_a_bucket_read_as_local_ones(bucket, tmp_path):
             == rejection_sample.read_prompts(tmp_path / "prompts.jsonl") == [[{"role": "user", "content": "Hi"}]])
     with pytest.raises(DataError, match=f"prompts file {bucket}/prompts/none.jsonl does not exist"):
         rejection_sample.read_prompts(f"{bucket}/prompts/none.jsonl")
+
+
+def test_a_bucket_run_rewinds_and_retrains_as_a_local_one(runs, bucket, cache_dir, capsys):
+    local, _, _ = runs
+    workdir = f"{bucket}/rewound"
+    trainer.train(small_config(cache_dir, 6), workdir)  # checkpoints 3 and 6
+    assert rewind.main([workdir, "--step", "3", "--skip_batches", "1"]) == 0
+    assert "moved checkpoints [6] to" in capsys.readouterr().out
+    assert sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir()) == ["3"]
+    [aside] = (epath.Path(workdir) / "rewound").iterdir()
+    assert (aside / "6" / "meta" / "metadata").exists()
+    assert len(read_remote_metrics(str(aside))) == 6
+    assert rewind.main([workdir, "--step", "3"]) == 0  # and no skip after all
+    trainer.train(small_config(cache_dir, 6), workdir)
+    assert "Skipping" not in capsys.readouterr().out
+    assert [m["step"] for m in read_remote_metrics(workdir)] == list(range(1, 7)), "every step logged once"
+    assert [m["loss"] for m in read_remote_metrics(workdir)] == [m["loss"] for m in read_metrics(local)]
