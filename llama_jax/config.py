@@ -294,6 +294,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.phases:
         check_phases(cfg)
     if cfg.checkpoint.init_from and not cfg.data.tokenizer:
+        from llama_jax.workdir import as_path
+
+        if not as_path(cfg.checkpoint.init_from).exists():
+            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist: give a Hugging Face "
+                              "directory or a llama_jax workdir (or one of its steps), e.g. with "
+                              "--config configs/finetune.py:PATH, which also takes the tokenizer from there")
         raise ConfigError(
             f"checkpoint.init_from={cfg.checkpoint.init_from!r} needs the tokenizer the checkpoint was trained with: "
             "set data.tokenizer to the same directory"

@@ -242,6 +242,14 @@ def test_post_training_objectives_need_the_weights_to_start_from(objective):
     assert_config_error(cfg, "checkpoint.init_from")
 
 
+def test_weights_to_start_from_that_do_not_exist_are_named(tmp_path):
+    cfg = default_config()
+    cfg.checkpoint.init_from = str(tmp_path / "nowhere")
+    assert_config_error(cfg, "nowhere' does not exist", "configs/finetune.py:PATH")
+    cfg.checkpoint.init_from = str(tmp_path)
+    assert_config_error(cfg, "needs the tokenizer the checkpoint was trained with")
+
+
 @pytest.mark.parametrize("changes, fragments", [
     (dict(tensor=16), ("mesh.tensor=16", "model.n_heads=8")),  # tensor > heads
     (dict(tensor=3), ("mesh.tensor=3", "divide")),
