@@ -72,6 +72,11 @@ def mixture_source(source: str, weight: float, text_field: str = "text") -> ml_c
     return ml_collections.ConfigDict({"source": source, "weight": float(weight), "text_field": text_field})
 
 
+def eval_source(source: str, text_field: str = "text") -> ml_collections.ConfigDict:
+    """An entry of `cfg.data.eval_sources`: a source (as `data.source` takes) that is evaluated, never trained on."""
+    return ml_collections.ConfigDict({"source": source, "text_field": text_field})
+
+
 def default_config() -> ml_collections.ConfigDict:
     """All keys with their defaults: a small model on the embedded Python-stdlib corpus, on CPU."""
     cfg = ml_collections.ConfigDict()
@@ -110,6 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data.ramp = ()
     cfg.data.shuffle_window = 4096  # rows shuffled together, so that a long document's rows spread over batches
     cfg.data.eval_batches = 8  # batches in the fixed held-out evaluation set
+    # Held-out sets besides the training sources' own, by name: cfg.data.eval_sources.wiki = eval_source(PATH), logged
+    # as eval_loss/wiki at each evaluation (outside eval_loss). Every document of raw text counts; of a prepared
+    # directory, its eval split. Objective "lm" only.
+    cfg.data.eval_sources = ml_collections.ConfigDict()
 
     cfg.optim = ml_collections.ConfigDict()
     cfg.optim.lr = 3e-3  # peak learning rate
@@ -288,6 +297,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={cfg.objective.name!r} is not one of {OBJECTIVES}")
     _check_objective(cfg)
+    _check_held_out_names(cfg)
     from llama_jax import lora  # here, so that loading a config stays cheap
 
     lora.check(cfg)
@@ -433,6 +443,8 @@ def _check_against_schema(cfg, schema, prefix: str) -> None:
                 raise ConfigError(f"config key {path!r} must be a section (ConfigDict), got {type(value).__name__}")
             if path == "data.mixture":
                 _check_mixture(value)
+            elif path == "data.eval_sources":
+                _check_eval_sources(value)
             else:
                 _check_against_schema(value, expected, prefix=f"{path}.")
         elif path == "phases":
@@ -456,6 +468,32 @@ def _check_mixture(mixture: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.mixture.{name}.weight must be positive, got {entry.weight}")
         if not entry.source:
             raise ConfigError(f"data.mixture.{name}.source is empty: give a path, glob, prepared directory or built-in name")
+
+
+def _check_eval_sources(eval_sources: ml_collections.ConfigDict) -> None:
+    """Entry names are the user's; each entry has the fields of `eval_source`."""
+    for name, entry in eval_sources.items():
+        if not isinstance(entry, ml_collections.ConfigDict):
+            raise ConfigError(f"data.eval_sources.{name} must be a section: write data.eval_sources.{name} = "
+                              "eval_source(SOURCE)")
+        _check_against_schema(entry, eval_source(""), prefix=f"data.eval_sources.{name}.")
+        if not entry.source:
+            raise ConfigError(f"data.eval_sources.{name}.source is empty: give a path, glob, prepared directory or "
+                              "built-in name")
+
+
+def _check_held_out_names(cfg: ml_collections.ConfigDict) -> None:
+    """An evaluation-only set's name must not be a training source's: both are logged as eval_loss/<name>."""
+    if not cfg.data.eval_sources:
+        return
+    if cfg.objective.name != "lm":
+        raise ConfigError(f"data.eval_sources is for objective 'lm' (plain text), not {cfg.objective.name!r}: the "
+                          "training sources' own held-out sets are evaluated")
+    training = list(cfg.data.mixture.keys()) or ["data"]
+    taken = sorted(set(training) & set(cfg.data.eval_sources.keys()))
+    if taken:
+        raise ConfigError(f"data.eval_sources {taken} has the name of a training source ({training}): both would be "
+                          "logged as eval_loss/<name>; rename it")
 
 
 def _type_ok(value, expected) -> bool:

@@ -185,7 +185,7 @@ class MetricsLogger:
 
 
 def _format(key: str, value: float) -> str:
-    if key in ("loss", "eval_loss", "grad_norm"):
+    if key in ("loss", "grad_norm") or key.startswith("eval_loss"):
         return f"{key} {value:.4f}"
     if key in ("mfu", "goodput"):
         return f"{key} {100 * value:.1f}%"

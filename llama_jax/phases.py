@@ -149,7 +149,7 @@ def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDic
                                   "phase may change optim.grad_accum only, and its learning rate with lr='anneal'")
             if key not in phase_cfg[section]:
                 raise ConfigError(f"{where}: unknown key {section}.{key}; a phase overrides keys the config has")
-            if section == "data" and key == "mixture":
+            if section == "data" and key in ("mixture", "eval_sources"):
                 value = ml_collections.ConfigDict(value)
             phase_cfg[section][key] = value
     try:

@@ -440,7 +440,8 @@ class PhaseData:
     source of a late phase stops the run at once rather than days later."""
 
     batches: TrainBatches
-    eval_sets: dict[str, list[dict[str, np.ndarray]]]  # source name -> this process's held-out batches
+    # source name -> this process's held-out batches; the training sources' first, then data.eval_sources'
+    eval_sets: dict[str, list[dict[str, np.ndarray]]]
 
     def iterator(self) -> grain.DatasetIterator:
         processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -571,6 +572,9 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
                                        max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))
         for source in corpus.sources
     }
+    for name, store in corpus.held_out.items():  # data.eval_sources
+        eval_sets[name] = list(eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                            max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))
     return PhaseData(batches, eval_sets)
 
 
@@ -868,8 +872,9 @@ def _realised_mixture(plan: TrainBatches, step: int) -> dict[str, float]:
 
 
 def _evaluate(eval_fn, params, eval_sets: dict[str, list[Batch]], plan: TrainBatches) -> dict[str, float]:
-    """`eval_loss` (per token, or per pair) of each source's held-out set; over several sources, their mixture-weighted
-    mean. Other figures an objective's evaluation returns (the reward model's pairwise accuracy) come as
+    """`eval_loss` (per token, or per pair) of each training source's held-out set; over several sources, their
+    mixture-weighted mean. `eval_loss/<name>` for each evaluation-only set (`data.eval_sources`), and for each source
+    of a mixture. Other figures an objective's evaluation returns (the reward model's pairwise accuracy) come as
     `eval_<name>`, over all the held-out sets."""
     losses, extras, total = {}, {}, 0.0
     for name, batches in eval_sets.items():
@@ -881,8 +886,9 @@ def _evaluate(eval_fn, params, eval_sets: dict[str, list[Batch]], plan: TrainBat
             for key, value in (result[2] if len(result) > 2 else {}).items():
                 extras[f"eval_{key}"] = extras.get(f"eval_{key}", 0.0) + float(value)
     extras = {key: value / max(total, 1.0) for key, value in extras.items()}
-    if len(losses) == 1:
-        return {"eval_loss": next(iter(losses.values())), **extras}
-    weights = plan.mixtures[0].weights
-    mean = float(sum(w * losses[name] for w, name in zip(weights, plan.names)))
-    return {"eval_loss": mean, **{f"eval_loss/{name}": loss for name, loss in losses.items()}, **extras}
+    each = {f"eval_loss/{name}": loss for name, loss in losses.items() if len(plan.names) > 1 or name not in plan.names}
+    if len(plan.names) == 1:
+        mean = losses[plan.names[0]]
+    else:
+        mean = float(sum(w * losses[name] for w, name in zip(plan.mixtures[0].weights, plan.names)))
+    return {"eval_loss": mean, **each, **extras}

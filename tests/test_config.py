@@ -20,6 +20,7 @@ from llama_jax.config import (
     OBJECTIVES,
     batch_schedule,
     default_config,
+    eval_source,
     pretrained_model_section,
     mixture_source,
     model_config,
@@ -345,6 +346,29 @@ def test_mixture_entries_are_checked_by_name():
     assert_config_error(cfg, "data.mixture.docs.wieght", "did you mean data.mixture.docs.weight")
     cfg.data.mixture.bad = "pydoc_topics"
     assert_config_error(cfg, "data.mixture.bad", "mixture_source")
+
+
+def test_evaluation_only_sources_are_checked_by_name():
+    cfg = default_config()
+    cfg.data.eval_sources.docs = eval_source("pydoc_topics")
+    validate(cfg)
+    cfg.data.eval_sources.docs = eval_source("")
+    assert_config_error(cfg, "data.eval_sources.docs.source", "empty")
+    cfg.data.eval_sources.docs = eval_source("pydoc_topics")
+    cfg.data.eval_sources.docs.weight = 1.0
+    assert_config_error(cfg, "unknown config key 'data.eval_sources.docs.weight'")
+    del cfg.data.eval_sources.docs.weight
+    cfg.data.eval_sources.bad = "pydoc_topics"
+    assert_config_error(cfg, "data.eval_sources.bad", "eval_source(SOURCE)")
+    del cfg.data.eval_sources.bad
+    cfg.data.eval_sources.data = eval_source("stdlib_docstrings")
+    assert_config_error(cfg, "data.eval_sources ['data'] has the name of a training source (['data'])", "rename it")
+    del cfg.data.eval_sources.data
+    cfg.data.mixture.docs = mixture_source("pydoc_topics", weight=1.0)
+    assert_config_error(cfg, "data.eval_sources ['docs'] has the name of a training source (['docs'])")
+    del cfg.data.mixture.docs
+    cfg.objective.name, cfg.checkpoint.init_from, cfg.data.tokenizer = "dpo", "/some/run", "/some/run"
+    assert_config_error(cfg, "data.eval_sources is for objective 'lm'", "'dpo'")
 
 
 def test_the_ramp_is_checked_stage_by_stage():

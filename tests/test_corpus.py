@@ -5,11 +5,14 @@ import math
 import sysconfig
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from llama_jax import trainer
-from llama_jax.config import default_config, mixture_source, model_section
+from cli_run import without_timing
+from llama_jax import checkpoint, trainer
+from llama_jax.config import default_config, eval_source, mixture_source, model_section
 from llama_jax.data import corpus
 from llama_jax.data.pipeline import TrainBatches
 from llama_jax.data.prepare import in_eval_split, prepare, prepare_chat
@@ -198,3 +201,58 @@ def test_prepared_chat_examples_reach_the_batches_with_their_masks(tmp_path, tex
         learned = tokenizer.decode(batch["targets"][row][batch["loss_mask"][row] == 1].tolist())
         asked = tokenizer.decode(batch["targets"][row][(batch["loss_mask"][row] == 0) & (batch["segment_ids"][row] > 0)].tolist())
         assert "answer" in learned and "question" not in learned and "answer" not in asked
+
+
+def test_evaluation_only_sources_are_held_out_whole_tokenized_by_the_run_and_cached(tmp_path, text_dir, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(5)]
+    for i, text in enumerate(texts):
+        (other / f"{i}.txt").write_text(text)
+    data = data_section(tmp_path, str(text_dir / "*.txt"))
+    data.eval_sources.other = eval_source(str(other))
+    loaded = corpus.load_corpus(data, vocab_size=1024)
+    tokenizer = Tokenizer.from_file(loaded.tokenizer_path)  # the one trained on the training source
+    held_out = loaded.held_out["other"]
+    assert [held_out[i].tolist() for i in range(len(held_out))] == tokenizer.encode_documents(texts), "every document"
+    assert len(loaded.sources[0].train) + len(loaded.sources[0].eval) == 60, "the training source is unchanged"
+
+    monkeypatch.setattr(corpus.documents, "read_documents", lambda *a, **k: pytest.fail("a cached set is not re-read"))
+    assert len(corpus.load_corpus(data, vocab_size=1024).held_out["other"]) == 5
+    monkeypatch.undo()
+
+    prepare(texts * 4, loaded.tokenizer_path, tmp_path / "prepared", workers=1, eval_fraction=0.5)
+    data.eval_sources.other = eval_source(str(tmp_path / "prepared"))
+    data.tokenizer = str(loaded.tokenizer_path)
+    from_prepared = corpus.load_corpus(data, vocab_size=1024).held_out["other"]
+    assert len(from_prepared) == len(ShardedCorpus.open(tmp_path / "prepared" / "eval")), "a prepared set's eval split"
+
+
+def test_an_evaluation_only_source_is_logged_apart_and_changes_nothing_else(tmp_path, text_dir):
+    one = tmp_path / "one"
+    one.mkdir()
+    text = "def add(a, b):\n    return a + b\n"
+    (one / "add.txt").write_text(text)
+
+    def run(name: str, **eval_sources):
+        cfg = default_config()
+        cfg.model = model_section("debug", vocab_size=1024)
+        cfg.data = data_section(tmp_path, str(text_dir / "*.txt"))
+        for key, value in eval_sources.items():
+            cfg.data.eval_sources[key] = value
+        cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+        cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.optim.warmup_steps = 6, 3, 3, 1
+        trainer.train(cfg, tmp_path / name)
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run("plain")
+    with_set = run("with_set", add=eval_source(str(one)))
+    assert [{k: v for k, v in m.items() if k != "eval_loss/add"} for m in without_timing(with_set)] == \
+        without_timing(plain), "the training and its own eval_loss are bitwise those of a run without the set"
+    assert [("eval_loss/add" in m) for m in with_set] == [True, True]
+
+    model, tokenizer_path = checkpoint.load_model(tmp_path / "with_set")
+    tokens = jnp.asarray(Tokenizer.from_file(tokenizer_path).encode_documents([text])[0])
+    logits = model(tokens[None, :-1])[0].astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[1:, None], axis=-1).mean()
+    assert with_set[-1]["eval_loss/add"] == pytest.approx(float(nll), rel=1e-4), "the document's loss under the model"

@@ -17,7 +17,7 @@ from cli_run import without_timing
 from config_files import load_config_file
 
 from llama_jax import checkpoint, trainer
-from llama_jax.config import default_config, validate
+from llama_jax.config import default_config, eval_source, validate
 from llama_jax.errors import ConfigError
 from llama_jax.optim import lr_schedule, run_lr_schedule
 from llama_jax.phases import RunPlan, phase
@@ -51,6 +51,14 @@ def test_phases_split_the_run_by_budget_and_count_tokens_across_them():
     assert load_config_file(RECIPE, "devices=2").phases[2].overrides.mesh.context == 2
 
 
+def test_a_phase_may_evaluate_on_its_own_sets():
+    cfg = default_config()
+    cfg.phases = (phase("long", steps=5, data=dict(eval_sources=dict(books=eval_source("pydoc_topics")))),)
+    validate(cfg)
+    first, long = RunPlan(cfg).phases
+    assert not first.cfg.data.eval_sources and long.cfg.data.eval_sources.books.source == "pydoc_topics"
+
+
 @pytest.mark.parametrize("entry, message", [
     (phase("x", steps=5, train=dict(steps=3)), "section 'train' cannot change in a phase"),
     (phase("x", steps=5, optim=dict(lr=1.0)), "optim.lr belongs to the whole run"),
@@ -61,6 +69,8 @@ def test_phases_split_the_run_by_budget_and_count_tokens_across_them():
     (phase("x", steps=5, tokens=5), "give a budget in steps or in tokens"),
     (phase("pretrain", steps=5), "phase name 'pretrain' is used twice"),
     (phase("x", steps=5, lr="cosine"), "lr='cosine' is not one of"),
+    (phase("x", steps=5, data=dict(eval_sources=dict(data=eval_source("pydoc_topics")))),
+     "data.eval_sources ['data'] has the name of a training source"),
 ])
 def test_bad_phases_are_refused_with_the_fix(entry, message):
     cfg = default_config()

@@ -1,8 +1,10 @@
-"""From `cfg.data` to the training sources: each a named, weighted pair of train and eval document stores.
+"""From `cfg.data` to the training sources: each a named, weighted pair of train and eval document stores; and the
+evaluation-only sets of `data.eval_sources`.
 
 A source is raw text (files, globs, remote paths, built-in names) tokenized on first use into a cache keyed by
 content, or a directory written by `python -m llama_jax.data.prepare`, read in place. Without `data.tokenizer`
-a BPE tokenizer is trained on the raw sources' train splits.
+a BPE tokenizer is trained on the raw sources' train splits. An evaluation-only source is held out whole (raw text:
+every document; a prepared directory: its eval split) and tokenized with the run's tokenizer.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Source:
 class Corpus:
     tokenizer_path: Path
     sources: list[Source]
+    held_out: dict[str, DocumentStore] = dataclasses.field(default_factory=dict)  # data.eval_sources, by name
 
 
 def source_specs(data_cfg: ml_collections.ConfigDict) -> list[SourceSpec]:
@@ -97,7 +100,16 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
     cache_dir = Path(data_cfg.cache_dir).expanduser()
     if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
         default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
-        return Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
+        corpus = Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
+    else:
+        corpus = _training_corpus(specs, tokenizer, vocab_size, cache_dir)
+    held_out = {name: _held_out(SourceSpec(name, entry.source, 0.0, entry.text_field), corpus.tokenizer_path, cache_dir)
+                for name, entry in data_cfg.eval_sources.items()}
+    return dataclasses.replace(corpus, held_out=held_out)
+
+
+def _training_corpus(specs: list[SourceSpec], tokenizer: Path | epath.Path | None, vocab_size: int,
+                     cache_dir: Path) -> Corpus:
     raw = [spec for spec in specs if not spec.prepared]
     root = cache_dir / f"corpus-{_cache_key(raw, tokenizer, vocab_size)}"
     if raw and not root.exists():
@@ -113,6 +125,20 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
             train, eval_ = (TokenizedCorpus.load(root / spec.name / split) for split in ("train", "eval"))
         sources.append(Source(spec.name, spec.weight, train, eval_))
     return Corpus(tokenizer_path, sources)
+
+
+def _held_out(spec: SourceSpec, tokenizer_path: Path, cache_dir: Path) -> DocumentStore:
+    """An evaluation-only source's documents, tokenized on first use into a cache keyed by content and tokenizer."""
+    if spec.prepared:
+        return _open_prepared(spec, Path(spec.source).expanduser() / "eval", tokenizer_hash(tokenizer_path))
+    root = cache_dir / f"heldout-{_cache_key([spec], tokenizer_path, 0)}"
+    if not root.exists():
+        print(f"Preparing the evaluation set {spec.name!r} ({spec.source!r}) in {root} (first use only)...",
+              file=sys.stderr, flush=True)
+        texts = list(documents.read_documents(spec.source, text_field=spec.text_field))
+        with atomic_directory(root, replace=False) as tmp:
+            TokenizedCorpus.build(texts, Tokenizer.from_file(tokenizer_path), tmp / "eval")
+    return TokenizedCorpus.load(root / "eval")
 
 
 def _open_prepared(spec: SourceSpec, directory: Path, expected_hash: str) -> ShardedCorpus:
