@@ -7,12 +7,13 @@ asynchronous and atomic: a process killed mid-save leaves a temporary directory 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
 import jax
@@ -110,7 +111,8 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, force=True)
+        with self._writing():
+            self.manager.save(step, args=args, force=True)
 
     def check_model(self, step: int, model: dict) -> None:
         """Refuses, before reading any array, a checkpoint written for another model config."""
@@ -151,11 +153,33 @@ class Checkpointer:
         return restored.params, restored.opt_state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            with self._writing():
+                self.manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A save that fails (a full disk, a lost permission, a bucket's quota) ends the run with what is left to
+        resume from. Orbax raises the failure from the save itself or, when the save ran in the background, from the
+        next save or wait, as whatever its storage layer raised."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 (anything a save raises means the checkpoint was not written)
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
+                if self.directory.exists() else []
+            left = f"the newest complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete yet"
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = cause if len(cause) <= 300 else f"{cause[:150]} ... {cause[-150:]}"  # the OS's reason is last
+            raise CheckpointError(f"a checkpoint could not be written to {self.directory} ({cause}); {left}. Fix the "
+                                  "cause (free space, permissions, quota) and rerun to resume from there") from err
 
 
 def find_step_dir(path: epath.Path) -> epath.Path:

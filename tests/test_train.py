@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,35 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         checkpoint.load_model(tmp_path)
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_saying_what_is_left(tmp_path, cache_dir):
+    """A full disk or a quota, as the OS reports it to the writer: here a file-size limit (EFBIG) on the process."""
+    quick = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
+             "--config.train.eval_every=0", "--config.data.eval_batches=1", "--config.checkpoint.every_steps=2",
+             "--config.optim.warmup_steps=2")
+    straight = tmp_path / "straight"
+    assert run_cli(straight, cache_dir, "--config.train.steps=4", *quick).returncode == 0
+    workdir = tmp_path / "run"
+    assert run_cli(workdir, cache_dir, "--config.train.steps=2", *quick).returncode == 0
+
+    def small_files_only():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the parameters' data file is larger
+
+    env = {k: v for k, v in CLI_ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the shared cache is left alone
+    full = subprocess.run(cli_command(workdir, cache_dir, "--config.train.steps=4", "--config.train.compilation_cache_dir=",
+                                      *quick), capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+                          preexec_fn=small_files_only)
+    assert full.returncode == 2, full.stderr[-3000:]
+    # Orbax's background threads print their own tracebacks too, before and after it
+    [said] = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(r"error: a checkpoint could not be written to .*/run/checkpoints \(.+File too large.+\); the "
+                        r"newest complete checkpoint is step 2\. Fix the cause \(free space, permissions, quota\) and "
+                        r"rerun to resume from there", said), said
+
+    assert run_cli(workdir, cache_dir, "--config.train.steps=4", *quick).returncode == 0
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3, 4]
+    assert [m["loss"] for m in read_metrics(workdir)] == [m["loss"] for m in read_metrics(straight)]
 
 
 def test_killed_anywhere_and_restarted_equals_never_interrupted(tmp_path, cache_dir):
