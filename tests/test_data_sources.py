@@ -1,6 +1,7 @@
 """Tests for llama_jax.data.sources: the stdlib corpus, the token store, local text files, the entropy baseline."""
 
 import math
+import resource
 import sys
 import types
 
@@ -93,6 +94,19 @@ def test_build_that_fails_midway_leaves_nothing(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         TokenizedCorpus.build(["a"], FailingTokenizer(), tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_that_does_not_fit_on_disk_is_a_data_error_that_leaves_nothing(tmp_path):
+    """A full disk, as the OS reports it to the writer: here a file-size limit (EFBIG) on this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+        with pytest.raises(DataError, match=r"could not write 800,0\d\d bytes of tokens into .*/c \(.+\): free space "
+                                            r"there, or set data.cache_dir to a directory with room"):
+            TokenizedCorpus.build(["x" * 100_000, "y" * 100_000], ByteTokenizer(), tmp_path / "c")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -145,9 +145,13 @@ class TokenizedCorpus:
         """
         directory = Path(directory)
         tokens, offsets = _tokenize(texts, tokenizer)
-        with atomic_directory(directory) as tmp:
-            np.save(tmp / _TOKENS_FILE, tokens)
-            np.save(tmp / _OFFSETS_FILE, offsets)
+        try:
+            with atomic_directory(directory) as tmp:
+                np.save(tmp / _TOKENS_FILE, tokens)
+                np.save(tmp / _OFFSETS_FILE, offsets)
+        except OSError as e:  # a full disk or a quota: numpy's short write names neither the file nor the reason
+            raise DataError(f"could not write {tokens.nbytes + offsets.nbytes:,} bytes of tokens into {directory} ({e}): "
+                            "free space there, or set data.cache_dir to a directory with room") from e
         return cls.load(directory)
 
     @classmethod
