@@ -1,4 +1,5 @@
-"""Multiple-choice evaluation by log-likelihood, as lm-eval-harness scores HellaSwag, ARC or PIQA.
+"""Multiple-choice evaluation by log-likelihood, as lm-eval-harness scores HellaSwag, ARC or PIQA; and the held-out
+loss and perplexity of text.
 
 Each question is a context and several choices; the model scores each choice's continuation (" " + choice) by the
 summed log-probability of its tokens given the context, and picks the highest. Reported per task:
@@ -17,6 +18,14 @@ compiles a handful of times. Rows are left-padded, so every continuation ends at
 few positions go through the vocabulary projection.
 
     python -m llama_jax.evaluate --checkpoint PATH --tasks stdlib_mc[,FILE.jsonl ...] [--batch_size 32] [--mesh data=8]
+
+Text (`--data [NAME=]SOURCE`, `evaluate_text`) is scored as the training loop scores its held-out sets: the documents
+in stored order, packed into rows of `--max_len` tokens, each document attending to itself only, every token after
+a document's first predicted; reported as `<name>/loss` (nats per token), `<name>/perplexity` and `<name>/tokens`.
+A document longer than a row goes on in the next row without the context before it (lm-eval-harness's rolling
+windows keep some), so a long document's perplexity comes out somewhat higher than there.
+
+    python -m llama_jax.evaluate --checkpoint PATH --data val=/data/val.jsonl [--data pydoc_topics] [--max_len 2048]
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -37,10 +47,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llama_jax.data.pipeline import DocumentStore, eval_batches
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
-from llama_jax.objectives import token_nll
+from llama_jax.objectives import lm_loss_sum, token_nll
 from llama_jax.parallel.mesh import logical_to_spec, replicated
 from llama_jax.workdir import as_path
 
@@ -358,16 +369,65 @@ def _scorer(mesh: Mesh | None):
     return jax.jit(score, static_argnames=("graphdef", "window"), out_shardings=out)
 
 
+# ------------------------------------------------------------------------------------------- the loss of text
+
+_TEXT_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+_LOSS_CHUNK = 1024  # positions whose float32 logits exist at a time, when it divides the row length
+
+
+def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len: int, batch_size: int = 8,
+                  mesh: Mesh | None = None, pad_id: int = 0, max_batches: int = 0) -> dict[str, float]:
+    """`<name>/tokens`, `<name>/loss` and `<name>/perplexity` of the documents in `store` (see the module's
+    docstring), over all of them or the first `max_batches` batches of `batch_size` rows."""
+    every = -(-int(store.lengths.sum()) // (seq_len * batch_size)) + len(store.lengths)  # more than they fill
+    batches = eval_batches(store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or every,
+                           pad_id=pad_id)
+    graphdef, state = nnx.split(_as_module(model))
+    total = _text_loss(mesh)
+    chunk = _LOSS_CHUNK if seq_len > _LOSS_CHUNK and seq_len % _LOSS_CHUNK == 0 else 0
+    sums = [total(graphdef, state, *(batch[k] if mesh is None else _place(batch[k], mesh) for k in _TEXT_KEYS),
+                  chunk_len=chunk) for batch in batches]
+    loss_sum, count = (float(sum(values)) for values in zip(*jax.device_get(sums)))
+    if not count:
+        raise DataError(f"{name}: no token to predict (every document is a single token)")
+    loss = loss_sum / count
+    return {f"{name}/tokens": count, f"{name}/loss": loss, f"{name}/perplexity": math.exp(loss)}
+
+
+@functools.lru_cache(maxsize=None)
+def _text_loss(mesh: Mesh | None):
+    """The jitted (loss sum, token count) of a batch of rows; with a mesh, replicated."""
+
+    def total(graphdef, state, tokens_bt, targets_bt, segment_ids_bt, positions_bt, mask_bt, *, chunk_len: int):
+        model = nnx.merge(graphdef, state)
+        h_btd = model.hidden(tokens_bt, segment_ids=segment_ids_bt, positions=positions_bt)
+        return lm_loss_sum(model.logits, h_btd, targets_bt, mask_bt, chunk_len=chunk_len)
+
+    out = replicated(mesh) if mesh is not None else None
+    return jax.jit(total, static_argnames=("graphdef", "chunk_len"), out_shardings=out)
+
+
+def _named_source(entry: str) -> tuple[str, str]:
+    """`NAME=SOURCE`, or a SOURCE named by its file's stem (a built-in source by its name)."""
+    name, sep, source = entry.partition("=")
+    if sep and name and "/" not in name:
+        return name, source
+    return (Path(entry.rstrip("/")).stem or entry), entry
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    columns = ("n", "acc", "acc_norm", "acc_per_token", "nll_norm", "nll_per_token")
+def format_table(metrics: dict[str, float], columns: Sequence[str] = ("n", "acc", "acc_norm", "acc_per_token",
+                                                                       "nll_norm", "nll_per_token"),
+                 label: str = "task") -> str:
+    """One row per name in `metrics` (`<name>/<column>` keys), the first column a count."""
     names = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in metrics))
-    width = max(len("task"), *(len(n) for n in names))
-    lines = [f"{'task':<{width}}  " + "  ".join(f"{c:>13}" for c in columns)]
+    width = max(len(label), *(len(n) for n in names))
+    lines = [f"{label:<{width}}  " + "  ".join(f"{c:>13}" for c in columns)]
     for name in names:
-        cells = [f"{int(metrics[f'{name}/n']):>13d}"] + [f"{metrics[f'{name}/{c}']:>13.4f}" for c in columns[1:]]
+        cells = [f"{int(metrics[f'{name}/{columns[0]}']):>13d}"] + [f"{metrics[f'{name}/{c}']:>13.4f}"
+                                                                    for c in columns[1:]]
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 
@@ -375,31 +435,47 @@ def format_table(metrics: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
-    parser.add_argument("--tasks", default="stdlib_mc",
-                        help=f"comma-separated .jsonl files or built-in tasks ({', '.join(BUILTIN_TASKS)})")
-    parser.add_argument("--batch_size", type=int, default=32, help="(context, choice) rows per forward pass")
-    parser.add_argument("--max_len", type=int, default=0, help="longest row in tokens; 0 = min(model.max_seq_len, 2048)")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl files or built-in tasks "
+                        f"({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")
+    parser.add_argument("--data", action="append", default=[], metavar="[NAME=]SOURCE",
+                        help="the loss and perplexity of a text source: a path, glob or built-in name as data.source "
+                        "takes (every document), or a prepared directory (its eval split); repeatable")
+    parser.add_argument("--text_field", default="text", help="the .jsonl field / Parquet column of --data's text")
+    parser.add_argument("--cache_dir", default="~/.cache/llama_jax", help="where --data's tokens are kept")
+    parser.add_argument("--batch_size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument("--max_len", type=int, default=0,
+                        help="longest row in tokens (--data: every row's length); 0 = min(model.max_seq_len, 2048)")
     parser.add_argument("--mesh", default=None, help="shard the model over a device mesh, e.g. data=4,tensor=2 "
                                                      "(as python -m llama_jax.generate); default: one device")
     args = parser.parse_args(argv)
     from llama_jax.convert import open_checkpoint  # the checkpoint readers are needed by the CLI only
+    from llama_jax.data.corpus import held_out_store
     from llama_jax.generate import parse_mesh
     from llama_jax.parallel.mesh import make_mesh
 
     try:
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-        files = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not files:
+        tasks_arg = args.tasks if args.tasks is not None else ("" if args.data else "stdlib_mc")
+        files = [t.strip() for t in tasks_arg.split(",") if t.strip()]
+        if not files and not args.data:
             raise DataError("--tasks is empty: give .jsonl files or built-in task names, comma-separated")
         opened = open_checkpoint(args.checkpoint, mesh=mesh)
         max_len = args.max_len or min(opened.model.cfg.max_seq_len, 2048)
         tasks = [ChoiceTask.load(f, opened.tokenizer, max_len) for f in files]
         metrics = evaluate_tasks(opened.model, tasks, args.batch_size, mesh)
+        text = {}
+        for name, source in map(_named_source, args.data):
+            store = held_out_store(name, source, opened.files, Path(args.cache_dir).expanduser(), args.text_field)
+            text.update(evaluate_text(opened.model, store, name, seq_len=max_len, batch_size=args.batch_size,
+                                      mesh=mesh, pad_id=opened.tokenizer.pad_id))
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(metrics))
-    print(json.dumps(metrics))
+    if metrics:
+        print(format_table(metrics))
+    if text:
+        print(format_table(text, ("tokens", "loss", "perplexity"), label="data"))
+    print(json.dumps({**metrics, **text}))
     return 0
 
 

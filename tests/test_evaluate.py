@@ -3,6 +3,7 @@ scoring, the file layouts and their error messages, and the CLI."""
 
 import inspect
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from flax import nnx
 from hf_reference import random_hf_llama
 from llama_jax import evaluate as ev
 from llama_jax.convert import open_checkpoint
+from llama_jax.data.corpus import held_out_store
 from llama_jax.data.tokenizer import train_bpe
 from llama_jax.errors import DataError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
@@ -134,6 +136,58 @@ def test_sharded_scoring_matches_one_device(hf_dir, tokenizer):
     for key, value in single.items():
         assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
         assert pair[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+DOCS = ("def add(a, b):\n    return a + b\n", "A second document, of prose rather than code.",
+        "class Point:\n    x: int = 0\n    y: int = 0\n")
+
+
+def docs_dir(tmp_path) -> str:
+    directory = tmp_path / "docs"
+    directory.mkdir()
+    for i, text in enumerate(DOCS):
+        (directory / f"{i}.txt").write_text(text)
+    return str(directory)
+
+
+def test_text_loss_equals_transformers_on_each_document(hf_dir, tmp_path):
+    """The documents share one row of 128 tokens, so each must attend to itself only."""
+    opened = open_checkpoint(hf_dir)
+    store = held_out_store("docs", docs_dir(tmp_path), opened.files, tmp_path / "cache")
+    ours = ev.evaluate_text(opened.model, store, "docs", seq_len=128, batch_size=2, pad_id=opened.tokenizer.pad_id)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    sums, count = 0.0, 0
+    for ids in opened.tokenizer.encode_documents(list(DOCS)):
+        with torch.no_grad():
+            sums += float(hf_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss) * (len(ids) - 1)
+        count += len(ids) - 1
+    assert count < 128, "no document is cut at the end of a row, where it would lose its context"
+    assert ours["docs/tokens"] == count
+    assert ours["docs/loss"] == pytest.approx(sums / count, rel=1e-5)
+    assert ours["docs/perplexity"] == pytest.approx(math.exp(sums / count), rel=1e-5)
+
+    mesh = make_mesh({"data": 2, "stage": 1, "fsdp": 2, "context": 1, "tensor": 2})
+    sharded = ev.evaluate_text(open_checkpoint(hf_dir, mesh=mesh).model, store, "docs", seq_len=128, batch_size=4,
+                               mesh=mesh, pad_id=opened.tokenizer.pad_id)
+    assert sharded == pytest.approx(ours, rel=1e-5)
+
+
+def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys):
+    docs = docs_dir(tmp_path)
+    cache = str(tmp_path / "cache")
+    assert ev.main(["--checkpoint", str(hf_dir), "--data", f"mine={docs}", "--data", docs, "--cache_dir", cache,
+                    "--max_len", "48", "--batch_size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["data", "tokens", "loss", "perplexity"]
+    assert lines[1].startswith("mine ") and lines[2].startswith("docs ")
+    metrics = json.loads(lines[-1])
+    assert sorted(metrics) == ["docs/loss", "docs/perplexity", "docs/tokens", "mine/loss", "mine/perplexity",
+                               "mine/tokens"], "no task unless asked for"
+    assert metrics["mine/loss"] == metrics["docs/loss"] > 0
+    assert ev.main(["--checkpoint", str(hf_dir), "--tasks", "stdlib_mc", "--data", docs, "--cache_dir", cache]) == 0
+    assert {"stdlib_mc/acc", "docs/loss"} <= json.loads(capsys.readouterr().out.strip().splitlines()[-1]).keys()
+    assert ev.main(["--checkpoint", str(hf_dir), "--data", str(tmp_path / "nothing"), "--cache_dir", cache]) == 2
+    assert capsys.readouterr().err.startswith("error: No files match")
 
 
 @pytest.mark.parametrize("record, expected", [

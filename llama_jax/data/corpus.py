@@ -103,7 +103,7 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
         corpus = Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
     else:
         corpus = _training_corpus(specs, tokenizer, vocab_size, cache_dir)
-    held_out = {name: _held_out(SourceSpec(name, entry.source, 0.0, entry.text_field), corpus.tokenizer_path, cache_dir)
+    held_out = {name: held_out_store(name, entry.source, corpus.tokenizer_path, cache_dir, entry.text_field)
                 for name, entry in data_cfg.eval_sources.items()}
     return dataclasses.replace(corpus, held_out=held_out)
 
@@ -127,8 +127,11 @@ def _training_corpus(specs: list[SourceSpec], tokenizer: Path | epath.Path | Non
     return Corpus(tokenizer_path, sources)
 
 
-def _held_out(spec: SourceSpec, tokenizer_path: Path, cache_dir: Path) -> DocumentStore:
-    """An evaluation-only source's documents, tokenized on first use into a cache keyed by content and tokenizer."""
+def held_out_store(name: str, source: str, tokenizer_path: Path, cache_dir: Path, text_field: str = "text"
+                   ) -> DocumentStore:
+    """An evaluation-only source's documents (raw text: all of them; a prepared directory: its eval split), tokenized
+    by `tokenizer_path` on first use into a cache keyed by content and tokenizer."""
+    spec = SourceSpec(name, source, 0.0, text_field)
     if spec.prepared:
         return _open_prepared(spec, Path(spec.source).expanduser() / "eval", tokenizer_hash(tokenizer_path))
     root = cache_dir / f"heldout-{_cache_key([spec], tokenizer_path, 0)}"
