@@ -26,6 +26,7 @@ from flax import nnx
 from llama_jax.convert import load_hf_params, read_hf_config
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import Llama, LlamaConfig, ModelDef
+from llama_jax.model.config import RUNTIME_FIELDS
 from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import resolve
 
@@ -37,6 +38,11 @@ class RestoreTarget(NamedTuple):
     abstract_params: Any
     abstract_opt_state: Any
     data_iter: grain.DatasetIterator
+
+
+# Model fields a resumed run may set differently from its checkpoint: they change how the step computes, not the
+# stored state's shapes or dtypes (model.RUNTIME_FIELDS but param_dtype, which is the state's dtype).
+RESUMABLE_CHANGES = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
 
 
 class ModelMismatch(CheckpointError):
@@ -115,7 +121,8 @@ class Checkpointer:
             self.manager.save(step, args=args, force=True)
 
     def check_model(self, step: int, model: dict) -> None:
-        """Refuses, before reading any array, a checkpoint written for another model config."""
+        """Refuses, before reading any array, a checkpoint written for another model config. How the model runs may
+        change on resume (a remat policy that saves memory, another attention kernel), not what it stores."""
         meta_file = self.directory / str(step) / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(
@@ -127,6 +134,11 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint {meta_file.parent.parent} has an unreadable meta/metadata ({err})") from err
         changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items() if saved.get(k) != v]
+        runs_otherwise = [c for c in changed if c.split(":")[0].removeprefix("model.") in RESUMABLE_CHANGES]
+        if runs_otherwise and jax.process_index() == 0:
+            print(f"Resuming checkpoint {step} with {'; '.join(runs_otherwise)} (how the model runs, not what it "
+                  "computes)", flush=True)
+        changed = [c for c in changed if c not in runs_otherwise]
         if changed:
             raise ModelMismatch(
                 f"checkpoint {meta_file.parent.parent} was written for a different model ({'; '.join(changed)}): "

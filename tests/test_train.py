@@ -238,6 +238,26 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path)
 
 
+def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir, capsys):
+    """A remat policy that saves memory, unrolled layers, another attention kernel: the same training, rounded
+    differently (bfloat16), from the same state."""
+    straight = tmp_path / "straight"
+    trainer.train(small_config(cache_dir, 6), straight)
+    workdir = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 3), workdir)
+    other = small_config(cache_dir, 6)
+    other.model.remat, other.model.scan_layers, other.model.attention = "full", False, "flash"
+    trainer.train(other, workdir)
+    said = capsys.readouterr().out
+    assert ("Resuming checkpoint 3 with model.attention: 'xla' -> 'flash'; model.remat: 'dots_no_batch' -> 'full'; "
+            "model.scan_layers: True -> False (how the model runs, not what it computes)") in said
+    resumed, expected = ([m["loss"] for m in read_metrics(w)] for w in (workdir, straight))
+    assert resumed[:3] == expected[:3] and np.allclose(resumed[3:], expected[3:], rtol=1e-4), (resumed, expected)
+    other.model.param_dtype = "bfloat16"  # the stored state's dtype is what a checkpoint holds
+    with pytest.raises(CheckpointError, match=r"model.param_dtype: 'float32' -> 'bfloat16'"):
+        trainer.train(other, workdir)
+
+
 def test_a_checkpoint_that_cannot_be_written_ends_the_run_saying_what_is_left(tmp_path, cache_dir):
     """A full disk or a quota, as the OS reports it to the writer: here a file-size limit (EFBIG) on the process."""
     quick = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
