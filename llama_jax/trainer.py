@@ -75,7 +75,8 @@ class Preempted(LlamaJaxError):
 
 class _PreemptionFlag:
     """Turns SIGTERM, or a GCE host-maintenance notice (`checkpoint.maintenance_url`), into a flag the loop checks
-    between steps, so the step in flight finishes and is saved.
+    between steps, so the step in flight finishes and is saved. In one process, so does a first Ctrl-C (SIGINT: an
+    interactive run, a notebook's interrupt); a second one stops at once, without saving.
 
     With several processes the handler is left to JAX's preemption service: it catches SIGTERM on any host and
     makes every host agree on the step to save at (`reached_preemption`), where flags of their own would let the
@@ -87,11 +88,19 @@ class _PreemptionFlag:
         self._installed = jax.process_count() == 1
         if self._installed:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
         url = maintenance.maintenance_url(maintenance_url)
         self._watch = maintenance.MaintenanceWatch(url, self._notice) if url else None
 
     def _handle(self, signum, frame):
         self.raised = True
+
+    def _interrupt(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        print("\nCtrl-C: the current step finishes and is saved, then the run exits (Ctrl-C again: stop now, without "
+              "saving)", file=sys.stderr, flush=True)
 
     def _notice(self, event: str) -> None:
         print(f"host maintenance notice ({event}): saving at the end of the current step, then exiting",
@@ -106,6 +115,7 @@ class _PreemptionFlag:
             self._watch.stop()
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGINT, self._previous_interrupt)
 
 
 class _SaveClock:

@@ -348,7 +348,8 @@ def test_a_second_process_loads_its_compiled_programs_from_the_compilation_cache
     assert _without_timing(read_metrics(tmp_path / "third")) == _without_timing(read_metrics(tmp_path / "first"))
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir, signum):
     workdir = tmp_path / "run"
     overrides = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
                  "--config.data.eval_batches=1", "--config.checkpoint.every_steps=1000")
@@ -359,9 +360,10 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
     while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(timeout=300) == 75
     stderr = (tmp_path / "stderr.txt").read_text()
+    assert ("Ctrl-C: the current step finishes and is saved" in stderr) == (signum == signal.SIGINT)
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1 and saved[0] >= 2, saved  # no periodic save was due: this is the preemption save
     assert f"preempted: checkpoint saved at step {saved[0]}" in stderr
@@ -370,6 +372,19 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, cache_dir):
     resumed = run_cli(workdir, cache_dir, f"--config.train.steps={saved[0] + 2}", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoints/{saved[0]}" in resumed.stdout
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_given_back():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    flag = trainer._PreemptionFlag("")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # the handler runs in this thread at its next instruction
+    assert flag.raised
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    flag.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_trained_run_exports_to_a_complete_hugging_face_directory(tmp_path, cache_dir, capsys):
