@@ -158,7 +158,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.compilation_cache_dir = "~/.cache/llama_jax/xla"
     # A jax.profiler trace of this many steps (0 = none) into WORKDIR/profile, for TensorBoard's profile plugin (and
     # ui.perfetto.dev), starting after the first profile_skip steps of the process (the first compiles the step, the
-    # second is the first to reuse its memory); see llama_jax/profiling.py
+    # second is the first to reuse its memory); in each phase of a multi-phase run (WORKDIR/profile/<phase>); see
+    # llama_jax/profiling.py
     cfg.train.profile_steps = 0
     cfg.train.profile_skip = 2
 

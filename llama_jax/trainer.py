@@ -641,8 +641,7 @@ class _Loop:
         self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)
         self.guard = LossGuard(cfg.stability.spike_factor, cfg.stability.window)
-        self.profiler = StepProfiler(workdir / "profile", cfg.train.profile_skip, cfg.train.profile_steps,
-                                     say=self.logger.write)
+        self.profiler: StepProfiler | None = None  # the current phase's
         self.bad_steps = 0  # seen by this process
         self.skipped_in_a_row = 0
         self.compiled = False
@@ -674,6 +673,10 @@ class _Loop:
         self.logger.write(f"{what}: steps {done} to {p.stop_step}, batch {cfg.data.batch_size} x {cfg.data.seq_len} "
                           f"tokens, {param_count(run.model_def.cfg):,} parameters on {run.mesh.size} "
                           f"{run.mesh.devices.flat[0].platform} device(s), mesh {dict(run.mesh.shape)}")
+        # each phase compiles its own step, so each skips its own first steps; several phases trace into subfolders
+        profile_dir = self.workdir / "profile" / (p.name if len(self.plan.phases) > 1 else "")
+        self.profiler = StepProfiler(profile_dir, self.cfg.train.profile_skip, self.cfg.train.profile_steps,
+                                     say=self.logger.write)
         window: list[dict] = []
         pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
         window_start, window_first_step, compiled_here = None, done, False
@@ -734,6 +737,7 @@ class _Loop:
                 self._save(done, state, train_iter)
             if preempted and done < self.plan.total_steps:
                 raise Preempted(done, self.checkpointer.directory)
+        self._close_profile()
         return state, logged
 
     def _judge(self, steps: list[tuple[int, dict]]) -> tuple[int, str] | None:
@@ -828,8 +832,13 @@ class _Loop:
                   f"{result['averaged/eval_loss']:.4f}", flush=True)
         return result
 
+    def _close_profile(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
+            self.profiler = None
+
     def close(self) -> None:
-        self.profiler.close()
+        self._close_profile()
         self.logger.close()
 
 

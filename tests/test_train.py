@@ -27,6 +27,7 @@ from llama_jax import checkpoint, generate, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.config import default_config, model_config, model_section
 from llama_jax.model import param_count
+from llama_jax.phases import phase
 from llama_jax.errors import CheckpointError, ConfigError
 
 QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.optim.warmup_steps=4",
@@ -128,9 +129,19 @@ def test_a_profiled_run_traces_the_steps_asked_for_each_with_its_work(tmp_path, 
     cfg.train.steps = 5  # one more step, after a skip of 1: it ends before the window
     cfg.train.profile_skip = 1
     trainer.train(cfg, tmp_path / "run")
-    assert "profile: nothing traced: this process ran 1 step(s), and the trace starts after train.profile_skip=1" \
+    assert "profile: nothing traced: this process ran 1 step(s) here, and the trace starts after train.profile_skip=1" \
         in capsys.readouterr().out
     assert len(list((tmp_path / "run" / "profile" / "plugins" / "profile").iterdir())) == 1
+
+
+def test_each_phase_is_traced_after_its_own_compilation(tmp_path, cache_dir):
+    cfg = small_config(cache_dir, 3)
+    cfg.phases = (phase("second", steps=3, data=dict(seq_len=32)),)  # a new shape: the step compiles again
+    cfg.train.profile_skip, cfg.train.profile_steps = 1, 1
+    trainer.train(cfg, tmp_path / "run")
+    for name, step in (("pretrain", 2), ("second", 5)):
+        session, = (tmp_path / "run" / "profile" / name / "plugins" / "profile").iterdir()
+        assert list(traced_ops(session)) == [step], name
 
 
 def test_a_trace_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_path, cache_dir, capsys):
