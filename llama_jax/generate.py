@@ -121,6 +121,7 @@ def generate_timed(
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
     _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_context(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_seq_len)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
     if max_new_tokens == 0:
         return Generation([[] for _ in prompts], int(lengths_b.sum()), 0, 0.0, 0.0, 0.0, 0)
@@ -179,6 +180,15 @@ def _sharding(mesh: Mesh, names: tuple[str | None, ...], shape: tuple[int, ...])
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _check_context(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """Positions past the model's context were never trained (transformers only warns; the output degrades)."""
+    if prompt_tokens + max_new_tokens > max_seq_len:
+        fix = (f"lower max_new_tokens to at most {max_seq_len - prompt_tokens}" if prompt_tokens < max_seq_len
+               else "shorten the prompt")
+        raise ValueError(f"the longest prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context (model.max_seq_len {max_seq_len}): {fix}")
 
 
 def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

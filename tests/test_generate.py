@@ -115,6 +115,15 @@ def test_no_new_tokens(model):
         f"nothing generated (max_new_tokens 0): the {prompt_tokens} prompt tokens were not run")
 
 
+def test_generating_past_the_models_context_is_refused_with_the_most_it_allows(model):
+    longest, context = max(map(len, PROMPTS)), model.cfg.max_seq_len
+    assert len(generate(model, PROMPTS, context - longest, stop_ids=())[0]) == context - longest
+    with pytest.raises(ValueError, match=rf"the longest prompt \({longest} tokens\) \+ max_new_tokens "
+                                         rf"\({context - longest + 1}\) exceeds the model's context \(model.max_seq_len "
+                                         rf"{context}\): lower max_new_tokens to at most {context - longest}"):
+        generate(model, PROMPTS, context - longest + 1)
+
+
 def test_eos_stops_only_its_row(model, greedy):
     # the first token of row 0 that appears neither earlier in row 0 nor anywhere in row 1
     k = next(k for k, t in enumerate(greedy[0]) if k > 0 and t not in greedy[0][:k] and t not in greedy[1])
