@@ -31,6 +31,9 @@ def parse(argv: list[str]) -> list[str]:
     except SyntaxError as err:
         fail(f"config file {err.filename}, line {err.lineno}: {err.msg}: fix the file")
     except (AttributeError, KeyError) as err:  # ml_collections: --config.KEY names no key
+        if isinstance(err, AttributeError) and err.name == "get_config":
+            fail(f"config file {_config_arguments(argv)[0].split(':')[0]} has no get_config(): define one that returns "
+                 "the config (a ConfigDict), as configs/tiny.py does")
         while isinstance(err, BaseException) and err.args:  # ml_collections nests the KeyError's message
             err = err.args[0]
         fail(f"unknown config override: {err}")
