@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -188,8 +189,11 @@ class Checkpointer:
             steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
                 if self.directory.exists() else []
             left = f"the newest complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete yet"
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            cause = cause if len(cause) <= 300 else f"{cause[:150]} ... {cause[-150:]}"  # the OS's reason is last
+            text = str(err).strip() or type(err).__name__
+            first = text.splitlines()[0]
+            cause = first if len(first) <= 300 else f"{first[:150]} ... {first[-150:]}"
+            reason = re.search(r"([A-Za-z][A-Za-z ]*[a-z]) \[os_error_code='?\d+'?\]", text)  # TensorStore's OS error
+            cause = f"{reason.group(1)}: {cause}" if reason else cause
             raise CheckpointError(f"a checkpoint could not be written to {self.directory} ({cause}); {left}. Fix the "
                                   "cause (free space, permissions, quota) and rerun to resume from there") from err
 
