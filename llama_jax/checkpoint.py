@@ -186,8 +186,7 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 (anything a save raises means the checkpoint was not written)
-            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
-                if self.directory.exists() else []
+            steps = saved_steps(self.directory) if self.directory.exists() else []
             left = f"the newest complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete yet"
             text = str(err).strip() or type(err).__name__
             first = text.splitlines()[0]
@@ -198,13 +197,18 @@ class Checkpointer:
                                   "cause (free space, permissions, quota) and rerun to resume from there") from err
 
 
+def saved_steps(directory: epath.Path) -> list[int]:
+    """The steps of the finished checkpoints in a checkpoints/ directory, in order (an unfinished save's temporary
+    directory, or a damaged step set aside, has another name)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def find_step_dir(path: epath.Path) -> epath.Path:
     """Accepts a workdir, its checkpoints/ directory, or one step directory; returns the (latest) step dir."""
     for candidate in (path, path / "checkpoints"):
-        steps = sorted((p for p in candidate.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)) \
-            if candidate.is_dir() else []
+        steps = saved_steps(candidate) if candidate.is_dir() else []
         if steps:
-            return steps[-1]
+            return candidate / str(steps[-1])
     if (path / "params").is_dir():
         return path
     raise CheckpointError(

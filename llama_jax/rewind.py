@@ -31,6 +31,7 @@ import sys
 from etils import epath
 
 from llama_jax import workdir as workdir_lib
+from llama_jax.checkpoint import saved_steps
 from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 
 SKIPS_FILE = "skip_batches.json"
@@ -83,7 +84,7 @@ def batches_to_skip(workdir: epath.Path, step: int) -> int:
 def _saved_steps(checkpoints: epath.Path) -> list[int]:
     if not checkpoints.is_dir():
         raise CheckpointError(f"{checkpoints} does not exist: give the --workdir of a run that saved checkpoints")
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+    return saved_steps(checkpoints)
 
 
 def _averaged_after(averaged: epath.Path, step: int) -> bool:
