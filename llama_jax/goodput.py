@@ -20,6 +20,8 @@ from typing import Iterator
 
 from etils import epath
 
+from llama_jax.workdir import read_jsonl
+
 GOODPUT = "goodput"
 PRODUCTIVE = "goodput/productive_seconds"
 WALL = "goodput/wall_seconds"
@@ -98,9 +100,7 @@ def _first_start(path: epath.Path, *, write: bool) -> float:
 def final_goodput(workdir: epath.Path) -> dict[str, float] | None:
     """The run's goodput now, from its last metrics line's counters: the time since that line (the final save, the
     exit) counts as lost. None when no line has them yet."""
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    last = next((json.loads(line) for line in reversed(lines) if PRODUCTIVE in line), None)
+    last = next((record for record in reversed(read_jsonl(workdir / "metrics.jsonl")) if PRODUCTIVE in record), None)
     if last is None:
         return None
     return _figures({key: float(last.get(key, 0.0)) for key in COUNTERS},

@@ -20,7 +20,7 @@ import tensorboardX
 import tqdm
 from etils import epath
 
-from llama_jax.workdir import is_remote
+from llama_jax.workdir import is_remote, read_jsonl, write_whole
 
 _DETAIL = "goodput/"  # the goodput breakdown: in metrics.jsonl and TensorBoard, not on the console
 
@@ -115,13 +115,13 @@ class MetricsLogger:
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> tuple[list[str], list[dict]]:
-        """Drops the lines past `step`; returns the lines kept and the records dropped."""
-        if not self.path.exists():
-            return [], []
-        lines = [(line + "\n", json.loads(line)) for line in self.path.read_text().splitlines() if line]
-        kept = [line for line, record in lines if record["step"] <= step]
-        self.path.write_text("".join(kept))
-        return kept, [record for _, record in lines if record["step"] > step]
+        """Drops the lines past `step` (and a torn last line); returns the lines kept and the records dropped. The
+        file is replaced whole, and only when it changes, so that whoever follows the run never sees it emptied."""
+        records = read_jsonl(self.path)
+        kept = [json.dumps(record) + "\n" for record in records if record["step"] <= step]
+        if self.path.exists() and self.path.read_text() != "".join(kept):
+            write_whole(self.path, "".join(kept))
+        return kept, [record for record in records if record["step"] > step]
 
     def rewind(self, step: int) -> None:
         """Forgets what was logged past `step` (a rollback retrains from there), in the file and in TensorBoard."""

@@ -99,7 +99,7 @@ def _record_skip(path: epath.Path, step: int, batches: int) -> None:
     if batches:
         skips[str(step)] = batches
     if skips or path.exists():
-        path.write_text(json.dumps(skips, sort_keys=True) + "\n")
+        workdir_lib.write_whole(path, json.dumps(skips, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.model.config import RUNTIME_FIELDS, LlamaConfig, flops_per_token, param_count
 from llama_jax.model.presets import preset
+from llama_jax.workdir import read_jsonl
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # where the planner centres each budget's sizes, before anything is fitted
 
@@ -357,15 +358,10 @@ def _train_here(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
 
 def final_eval_loss(workdir: Path, steps: int) -> float | None:
     """The `eval_loss` of the run's last step in WORKDIR/metrics.jsonl; None while the run has not finished."""
-    metrics = Path(workdir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
     final = None
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "eval_loss" in record and record["step"] == steps:
-                final = float(record["eval_loss"])
+    for record in read_jsonl(Path(workdir) / "metrics.jsonl"):
+        if "eval_loss" in record and record["step"] == steps:
+            final = float(record["eval_loss"])
     return final
 
 

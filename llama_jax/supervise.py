@@ -39,7 +39,7 @@ from pathlib import Path
 from etils import epath
 
 from llama_jax import exit_codes, goodput
-from llama_jax.workdir import resolve
+from llama_jax.workdir import resolve, write_whole
 
 FIRST_STEP_ENV = "LLAMA_JAX_FIRST_STEP_FILE"
 LOG_FILE = "supervisor.jsonl"
@@ -51,9 +51,7 @@ def report_first_step(step: int) -> None:
     """Called by the trainer once its first step has finished, for the supervisor's downtime measure."""
     path = os.environ.get(FIRST_STEP_ENV)
     if path:
-        written = Path(path + ".tmp")
-        written.write_text(json.dumps({"step": step, "time": time.time()}))
-        os.replace(written, path)  # whole, so that the supervisor never reads half of it
+        write_whole(path, json.dumps({"step": step, "time": time.time()}))  # the supervisor never reads half of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +203,7 @@ class Supervisor:
     def _log(self, record: dict) -> None:
         """Rewrites the (small) log with one more line: object stores have no append."""
         logged = self.log_path.read_text() if self.log_path.exists() else ""
-        self.log_path.write_text(logged + json.dumps(record) + "\n")
+        write_whole(self.log_path, logged + json.dumps(record) + "\n")
 
     @staticmethod
     def _say(message: str) -> None:

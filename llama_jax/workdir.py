@@ -79,6 +79,38 @@ def write_array(file, array: np.ndarray) -> None:
         file.write(data[start:start + _COPY_CHUNK_BYTES])
 
 
+def write_whole(path: str | os.PathLike, text: str) -> None:
+    """Replaces the file at `path` by `text` so that a reader, or a process killed mid-write, sees the old text or the
+    new one, never a part: a local file is written beside and renamed into place; an object store's write is whole
+    already."""
+    if is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log such as WORKDIR/metrics.jsonl; none when it does not exist. A last line that
+    is not JSON is what a process killed mid-write (or a full disk) leaves: it is left out, as never logged. A bad
+    line before the last is damage that no writer of ours makes, and is refused by name."""
+    path = as_path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CheckpointError(f"{path} line {number} is not JSON ({line[:60]!r}): the file was edited or "
+                                      "damaged; fix or delete that line") from None
+    return records
+
+
 def _copy_file(src: Path | epath.Path, dst: Path | epath.Path) -> None:
     """A file's bytes from `src` to `dst` (either side local or remote), streamed in chunks."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
 """Running `python -m llama_jax.train` in a subprocess, as a user does: shared by the end-to-end tests."""
 
 import atexit
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 
 from llama_jax.goodput import GOODPUT
 from llama_jax.parallel.cpu_threads import NPROC
+from llama_jax.workdir import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 # One CPU device and XLA's own thread count, as a user's machine has: conftest's NPROC is for its 8 devices, and
@@ -47,7 +47,9 @@ def run_cli(workdir: Path, cache_dir: Path, *overrides: str) -> subprocess.Compl
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    """The lines logged so far, as the trainer reads them on resume: none before the file exists, and without a last
+    line that the run is writing at this instant."""
+    return read_jsonl(workdir / "metrics.jsonl")
 
 
 def without_timing(lines: list[dict]) -> list[dict]:

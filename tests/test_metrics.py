@@ -1,12 +1,18 @@
-"""The memory figure every log line carries (`peak_memory_gib`), from devices that keep statistics and from a CPU."""
+"""The memory figure every log line carries (`peak_memory_gib`), from devices that keep statistics and from a CPU; and
+WORKDIR/metrics.jsonl as a resumed run finds it: whole for whoever follows the run, readable after a torn write."""
 
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
-from llama_jax.metrics import peak_memory_gib
+from llama_jax import goodput
+from llama_jax.errors import CheckpointError
+from llama_jax.metrics import MetricsLogger, peak_memory_gib
+from llama_jax.workdir import read_jsonl
 
 
 class _Device:
@@ -34,3 +40,52 @@ def test_a_cpu_reports_the_process_peak_resident_memory():
     high_water_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     assert after == pytest.approx(high_water_kib / 2**20, rel=0.02)  # the kernel's own figure, in GiB
     assert after >= before and after > held.nbytes / 2**30
+
+
+def _logged(workdir: Path, steps: range, tail: str = "") -> Path:
+    path = workdir / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, goodput.PRODUCTIVE: float(s)}) + "\n"
+                            for s in steps) + tail)
+    return path
+
+
+def _resume(workdir: Path, step: int) -> MetricsLogger:
+    logger = MetricsLogger(epath.Path(workdir), start_step=step, total_steps=10)
+    logger.bar.close()
+    logger.tensorboard.close()
+    return logger
+
+
+def test_a_resume_replaces_the_log_whole_and_only_when_it_drops_lines(tmp_path):
+    """A reader following the run (a dashboard, `tail -f`, a sweep waiting for the last line) must never find the
+    log emptied: it is replaced by a complete file, not truncated and refilled in place."""
+    path = _logged(tmp_path, range(1, 9))
+    before = path.read_text()
+    with open(path) as follower:
+        logger = _resume(tmp_path, 5)
+        assert follower.read() == before, "the open file still holds every line: the new one was renamed into place"
+    assert [m["step"] for m in read_jsonl(path)] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in logger.dropped] == [6, 7, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "tensorboard"], "no partial file is left"
+
+    stat = path.stat()
+    _resume(tmp_path, 5)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), "nothing to drop"
+
+
+def test_a_torn_last_line_is_left_out_as_never_logged(tmp_path):
+    """A process killed mid-write (or stopped by a full disk) leaves half a line; before, the resume died on it with a
+    JSONDecodeError, and a supervisor restarted it into the same error."""
+    whole = _logged(tmp_path, range(1, 5)).read_text()
+    path = _logged(tmp_path, range(1, 5), tail='{"step": 5, "loss": 0.2')
+    assert [m["step"] for m in read_jsonl(path)] == [1, 2, 3, 4]
+    assert goodput.final_goodput(epath.Path(tmp_path))[goodput.PRODUCTIVE] == 4.0
+    logger = _resume(tmp_path, 4)
+    assert logger.dropped == [] and path.read_text() == whole, "the torn line is gone, the others are as written"
+
+
+def test_a_damaged_line_before_the_last_is_named(tmp_path):
+    path = _logged(tmp_path, range(1, 3), tail="not json\n" + json.dumps({"step": 3}) + "\n")
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl line 3 is not JSON .*fix or delete that line"):
+        _resume(tmp_path, 3)
+    assert path.read_text().count("\n") == 4, "left as it was"

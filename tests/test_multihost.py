@@ -2,7 +2,6 @@
 collectives) into one 8-device mesh, against one process with 8 devices; and the errors of a bad environment."""
 
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from flax import nnx
 from llama_jax import checkpoint, trainer
 from llama_jax.errors import ConfigError
 from llama_jax.parallel.distributed import distributed_arguments
+from llama_jax.workdir import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per two-process invocation; a hang is killed, never waited on
@@ -99,7 +99,7 @@ def run_two_processes(job: dict, workdir: Path, cache_dir: Path, *overrides: str
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(workdir / "metrics.jsonl")
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
@@ -145,7 +145,7 @@ def test_sigterm_on_one_host_checkpoints_every_host_at_the_same_step(tmp_path, j
                                   "--config.checkpoint.every_steps=100000")
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
+        while len(read_metrics(workdir)) < 2:
             assert all(proc.poll() is None for proc, _ in started) and time.monotonic() < deadline, "did not start"
             time.sleep(0.2)
         started[1][0].send_signal(signal.SIGTERM)  # the host that does not log

@@ -267,8 +267,7 @@ def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_the
     proc = subprocess.Popen(_recipe_command(killed, cache_dir, long_context.start_step), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     deadline = time.monotonic() + 900
-    while not ((killed / "metrics.jsonl").exists() and read_metrics(killed)
-               and read_metrics(killed)[-1]["step"] > long_context.start_step + 1):
+    while not ((logged := read_metrics(killed)) and logged[-1]["step"] > long_context.start_step + 1):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before long context"
         time.sleep(0.05)
     proc.kill()

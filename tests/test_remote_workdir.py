@@ -78,7 +78,7 @@ def bucket(emulator):
 
 
 def read_remote_metrics(workdir: str) -> list[dict]:
-    return [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return workdir_lib.read_jsonl(epath.Path(workdir) / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")

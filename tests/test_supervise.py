@@ -230,7 +230,7 @@ def test_a_maintenance_notice_checkpoints_the_current_step_and_exits_75(tmp_path
                             stdout=subprocess.DEVNULL, stderr=stderr_file, env=CLI_ENV, cwd=REPO)
     try:
         deadline = time.monotonic() + 600
-        while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
+        while len(read_metrics(workdir)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         assert metadata_server.requests > 0, "the trainer did not watch the maintenance key"
@@ -255,7 +255,7 @@ def test_a_maintenance_notice_on_one_host_stops_every_host_at_the_same_step(tmp_
                                   f"--config.checkpoint.maintenance_url={metadata_server.url}")
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 2):
+        while len(read_metrics(workdir)) < 2:
             if any(proc.poll() is not None for proc, _ in started) or time.monotonic() > deadline:
                 break  # the exit codes below say what went wrong, with the processes' output
             time.sleep(0.2)

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import sys
-import uuid
 from pathlib import Path
 
 from llama_jax.data import documents
@@ -30,6 +29,7 @@ from llama_jax.data.prepare import prepare_chat
 from llama_jax.data.preferences import prepare_preferences
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import tokenizer_files
+from llama_jax.workdir import write_whole
 
 MODULES = ("os.path", "json", "math", "itertools", "functools", "textwrap", "shlex", "string", "random",
            "statistics", "collections", "heapq", "bisect", "base64", "fnmatch", "glob", "shutil", "difflib")
@@ -92,9 +92,7 @@ def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
     copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(partial, path)
+    write_whole(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
 
 

@@ -33,7 +33,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from llama_jax.data import tiktoken_to_hf
 from llama_jax.errors import DataError
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, write_whole
 
 # Meta's pre-tokenizer regex for Llama 3 (llama3/tokenizer.py), character for character.
 LLAMA3_SPLIT_PATTERN = (
@@ -379,9 +379,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
     lines = [f"{base64.b64encode(bytes(byte_of_char[c] for c in token)).decode()} {rank}\n" for token, rank in vocab]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # readers never see a half-written file
-    tmp.write_text("".join(lines), encoding="ascii")
-    os.replace(tmp, path)
+    write_whole(path, "".join(lines))  # readers never see a half-written file
     return Tokenizer.from_file(path)
 
 
