@@ -22,10 +22,15 @@ few positions go through the vocabulary projection.
 Text (`--data [NAME=]SOURCE`, `evaluate_text`) is scored as the training loop scores its held-out sets: the documents
 in stored order, packed into rows of `--max_len` tokens, each document attending to itself only, every token after
 a document's first predicted; reported as `<name>/loss` (nats per token), `<name>/perplexity` and `<name>/tokens`.
-A document longer than a row goes on in the next row without the context before it (lm-eval-harness's rolling
-windows keep some), so a long document's perplexity comes out somewhat higher than there.
+By default a document longer than a row goes on in the next row without the context before it (as in lm-eval-harness's
+rolling windows, but for their last one). `--stride S` scores such a document in overlapping windows instead, as Hugging Face's "perplexity
+of fixed-length models" does: a window of `--max_len` tokens every S tokens, each scoring only the tokens no earlier
+window scored, so each of those is predicted with at least max_len - S tokens before it. Every token is still scored
+once; the perplexity of long documents drops towards what the model does with full context, at max_len / S times the
+compute.
 
     python -m llama_jax.evaluate --checkpoint PATH --data val=/data/val.jsonl [--data pydoc_topics] [--max_len 2048]
+                                 [--stride 512]
 """
 
 from __future__ import annotations
@@ -376,9 +381,13 @@ _LOSS_CHUNK = 1024  # positions whose float32 logits exist at a time, when it di
 
 
 def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len: int, batch_size: int = 8,
-                  mesh: Mesh | None = None, pad_id: int = 0, max_batches: int = 0) -> dict[str, float]:
+                  mesh: Mesh | None = None, pad_id: int = 0, max_batches: int = 0, stride: int = 0
+                  ) -> dict[str, float]:
     """`<name>/tokens`, `<name>/loss` and `<name>/perplexity` of the documents in `store` (see the module's
-    docstring), over all of them or the first `max_batches` batches of `batch_size` rows."""
+    docstring), over all of them or the first `max_batches` batches of `batch_size` rows; with a `stride`, in
+    overlapping windows."""
+    if stride:
+        store = StridedWindows(store, seq_len, stride)
     every = -(-int(store.lengths.sum()) // (seq_len * batch_size)) + len(store.lengths)  # more than they fill
     batches = eval_batches(store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or every,
                            pad_id=pad_id)
@@ -392,6 +401,43 @@ def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len:
         raise DataError(f"{name}: no token to predict (every document is a single token)")
     loss = loss_sum / count
     return {f"{name}/tokens": count, f"{name}/loss": loss, f"{name}/perplexity": math.exp(loss)}
+
+
+def check_stride(stride: int, seq_len: int) -> None:
+    if stride and not 0 < stride <= seq_len:
+        raise DataError(f"a stride of {stride} tokens does not fit windows of {seq_len}: give a --stride from 1 to "
+                        f"--max_len ({seq_len}), or 0 for windows that do not overlap")
+
+
+class StridedWindows:
+    """A store's documents as windows of at most `seq_len` pairs, one every `stride` tokens, whose loss mask keeps the
+    tokens no earlier window of the document scored. A window is a whole document to the pipeline (packed whole,
+    attending to itself), so short documents still share rows."""
+
+    has_loss_mask = True
+
+    def __init__(self, store: DocumentStore, seq_len: int, stride: int):
+        check_stride(stride, seq_len)
+        self.store = store
+        spans = []  # (document, first token, end, first token scored)
+        for document, length in enumerate(np.asarray(store.lengths, np.int64)):
+            begin, scored = 0, 0
+            while True:
+                end = min(begin + seq_len + 1, int(length))
+                spans.append((document, begin, end, scored))
+                if end == length:
+                    break
+                begin, scored = begin + stride, end
+        self.spans = np.array(spans, np.int64).reshape(-1, 4)
+        self.lengths = self.spans[:, 2] - self.spans[:, 1]
+
+    def read(self, index: int) -> np.ndarray:
+        document, begin, end, _ = self.spans[index]
+        return self.store.read(int(document))[begin:end]
+
+    def read_loss_mask(self, index: int) -> np.ndarray:
+        _, begin, end, scored = self.spans[index]
+        return (np.arange(begin, end) >= scored).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -445,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--max_len", type=int, default=0,
                         help="longest row in tokens (--data: every row's length); 0 = min(model.max_seq_len, 2048)")
+    parser.add_argument("--stride", type=int, default=0,
+                        help="--data: score documents longer than --max_len in windows this many tokens apart, each "
+                        "token with at least max_len - stride tokens of context; 0 = windows that do not overlap")
     parser.add_argument("--mesh", default=None, help="shard the model over a device mesh, e.g. data=4,tensor=2 "
                                                      "(as python -m llama_jax.generate); default: one device")
     args = parser.parse_args(argv)
@@ -461,13 +510,14 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--tasks is empty: give .jsonl files or built-in task names, comma-separated")
         opened = open_checkpoint(args.checkpoint, mesh=mesh)
         max_len = args.max_len or min(opened.model.cfg.max_seq_len, 2048)
+        check_stride(args.stride, max_len)
         tasks = [ChoiceTask.load(f, opened.tokenizer, max_len) for f in files]
         metrics = evaluate_tasks(opened.model, tasks, args.batch_size, mesh)
         text = {}
         for name, source in map(_named_source, args.data):
             store = held_out_store(name, source, opened.files, Path(args.cache_dir).expanduser(), args.text_field)
             text.update(evaluate_text(opened.model, store, name, seq_len=max_len, batch_size=args.batch_size,
-                                      mesh=mesh, pad_id=opened.tokenizer.pad_id))
+                                      mesh=mesh, pad_id=opened.tokenizer.pad_id, stride=args.stride))
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -172,6 +172,46 @@ def test_text_loss_equals_transformers_on_each_document(hf_dir, tmp_path):
     assert sharded == pytest.approx(ours, rel=1e-5)
 
 
+def test_strided_windows_score_every_token_once_as_the_transformers_loop_does(hf_dir, tmp_path, capsys):
+    """Hugging Face's "perplexity of fixed-length models" loop, written out on the transformers model: windows of
+    17 tokens every 5, each scoring the tokens that no earlier window of its document scored."""
+    opened = open_checkpoint(hf_dir)
+    texts = (*DOCS, "\n".join(DOCS) * 3)
+    directory = tmp_path / "long"
+    directory.mkdir()
+    for i, text in enumerate(texts):
+        (directory / f"{i}.txt").write_text(text)
+    store = held_out_store("long", str(directory), opened.files, tmp_path / "cache")
+    seq_len, stride = 16, 5
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    total, count = 0.0, 0
+    for ids in opened.tokenizer.encode_documents(list(texts)):
+        scored = 1  # a document's first token is never predicted
+        for begin in range(0, len(ids), stride):
+            end = min(begin + seq_len + 1, len(ids))
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_model(torch.tensor([ids[begin:end]])).logits[0].double(), -1)
+            for i in range(scored, end):
+                total -= float(logp[i - begin - 1, ids[i]])
+                count += 1
+            scored = end
+            if end == len(ids):
+                break
+    assert max(map(len, opened.tokenizer.encode_documents(list(texts)))) > 4 * seq_len, "many windows"
+    pad = opened.tokenizer.pad_id
+    strided = ev.evaluate_text(opened.model, store, "long", seq_len=seq_len, batch_size=2, pad_id=pad, stride=stride)
+    assert strided["long/tokens"] == count
+    assert strided["long/loss"] == pytest.approx(total / count, rel=1e-5)
+    plain = ev.evaluate_text(opened.model, store, "long", seq_len=seq_len, batch_size=2, pad_id=pad)
+    assert plain["long/tokens"] == count and abs(plain["long/loss"] - strided["long/loss"]) > 1e-3, "other contexts"
+
+    capsys.readouterr()
+    assert ev.main(["--checkpoint", str(hf_dir), "--data", str(tmp_path / "elsewhere"), "--max_len", "16",
+                    "--stride", "17"]) == 2, "refused before the data is read"
+    assert capsys.readouterr().err.strip() == ("error: a stride of 17 tokens does not fit windows of 16: give a --stride "
+                                               "from 1 to --max_len (16), or 0 for windows that do not overlap")
+
+
 def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys):
     docs = docs_dir(tmp_path)
     cache = str(tmp_path / "cache")
