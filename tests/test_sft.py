@@ -13,13 +13,14 @@ from flax import nnx
 from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
-from llama_jax import trainer
-from llama_jax.config import validate
+from llama_jax import checkpoint, trainer
+from llama_jax.config import eval_source, validate
 from llama_jax.data.chat import ChatFormat
 from llama_jax.data.conversations import sft_example
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
+from llama_jax.workdir import read_jsonl
 from llama_jax.objectives import lm_loss_sum
 
 
@@ -90,3 +91,26 @@ def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path
     cfg.data.seq_len, cfg.checkpoint.maintenance_url = 64, ""
     with pytest.raises(ConfigError, match=r"prepare --chat"):
         trainer.train(cfg, tmp_path / "run")
+
+
+def test_evaluation_only_sets_score_chat_by_its_masks_and_text_by_every_token(base, tmp_path):
+    """A chat set is scored as the training source's held-out split is (that same split gives the same figure,
+    bitwise); a text set, which shows what fine-tuning forgets, scores every token."""
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "add.txt").write_text(text)
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.eval_sources.again = eval_source(cfg.data.source)
+    cfg.data.eval_sources.text = eval_source(str(tmp_path / "text"))
+    cfg.data.seq_len, cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = 128, 4, 2, 2
+    cfg.checkpoint.every_steps, cfg.checkpoint.maintenance_url = 4, ""
+    trainer.train(cfg, tmp_path / "run")
+    evals = [line for line in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in line]
+    assert len(evals) == 2 and all(line["eval_loss/again"] == line["eval_loss"] for line in evals), evals
+
+    model, tokenizer_path = checkpoint.load_model(tmp_path / "run")
+    tokens = jnp.asarray(Tokenizer.from_file(tokenizer_path).encode_documents([text])[0])
+    logits = model(tokens[None, :-1])[0].astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[1:, None], axis=-1).mean()
+    assert evals[-1]["eval_loss/text"] == pytest.approx(float(nll), rel=1e-4)
