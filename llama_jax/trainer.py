@@ -74,21 +74,22 @@ class Preempted(LlamaJaxError):
 
 
 class _PreemptionFlag:
-    """Turns SIGTERM, or a GCE host-maintenance notice (`checkpoint.maintenance_url`), into a flag the loop checks
-    between steps, so the step in flight finishes and is saved. In one process, so does a first Ctrl-C (SIGINT: an
-    interactive run, a notebook's interrupt); a second one stops at once, without saving.
+    """Turns SIGTERM, a first Ctrl-C (SIGINT: an interactive run, a notebook's interrupt) or a GCE host-maintenance
+    notice (`checkpoint.maintenance_url`) into a flag the loop checks between steps, so the step in flight finishes
+    and is saved. A second Ctrl-C stops at once, without saving.
 
-    With several processes the handler is left to JAX's preemption service: it catches SIGTERM on any host and
-    makes every host agree on the step to save at (`reached_preemption`), where flags of their own would let the
-    hosts stop at different steps and wait for each other forever. A maintenance notice there becomes a SIGTERM to
+    With several processes SIGTERM is left to JAX's preemption service: it catches SIGTERM on any host and makes
+    every host agree on the step to save at (`reached_preemption`), where flags of their own would let the hosts stop
+    at different steps and wait for each other forever. A Ctrl-C or a maintenance notice there becomes a SIGTERM to
     this process, so that the service spreads it the same way and no step pays for a collective of its own."""
 
     def __init__(self, maintenance_url: str):
         self.raised = False
+        self._interrupted = False
         self._installed = jax.process_count() == 1
         if self._installed:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
+        self._previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
         url = maintenance.maintenance_url(maintenance_url)
         self._watch = maintenance.MaintenanceWatch(url, self._notice) if url else None
 
@@ -96,15 +97,19 @@ class _PreemptionFlag:
         self.raised = True
 
     def _interrupt(self, signum, frame):
-        if self.raised:
+        if self._interrupted:
             raise KeyboardInterrupt
-        self.raised = True
+        self._interrupted = True
         print("\nCtrl-C: the current step finishes and is saved, then the run exits (Ctrl-C again: stop now, without "
               "saving)", file=sys.stderr, flush=True)
+        self._stop()
 
     def _notice(self, event: str) -> None:
         print(f"host maintenance notice ({event}): saving at the end of the current step, then exiting",
               file=sys.stderr, flush=True)
+        self._stop()
+
+    def _stop(self) -> None:
         if self._installed:
             self.raised = True
         else:
@@ -115,7 +120,7 @@ class _PreemptionFlag:
             self._watch.stop()
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
-            signal.signal(signal.SIGINT, self._previous_interrupt)
+        signal.signal(signal.SIGINT, self._previous_interrupt)
 
 
 class _SaveClock:

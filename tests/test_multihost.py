@@ -138,8 +138,11 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, job):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
-def test_sigterm_on_one_host_checkpoints_every_host_at_the_same_step(tmp_path, job):
-    """JAX's preemption service spreads one host's SIGTERM: both save the same step together and exit 75."""
+@pytest.mark.parametrize("signum, hosts", [(signal.SIGTERM, [1]), (signal.SIGINT, [0, 1])], ids=["sigterm", "ctrl-c"])
+def test_sigterm_on_one_host_or_ctrl_c_checkpoints_every_host_at_the_same_step(tmp_path, job, signum, hosts):
+    """JAX's preemption service spreads one host's SIGTERM: both save the same step together and exit 75. Ctrl-C in
+    a terminal reaches every process of the job, and each turns it into that SIGTERM (before, each raised
+    KeyboardInterrupt: tracebacks and nothing saved)."""
     workdir = tmp_path / "run"
     started = start_two_processes(job, workdir, tmp_path / "cache", "--config.train.steps=100000",
                                   "--config.checkpoint.every_steps=100000")
@@ -148,7 +151,8 @@ def test_sigterm_on_one_host_checkpoints_every_host_at_the_same_step(tmp_path, j
         while len(read_metrics(workdir)) < 2:
             assert all(proc.poll() is None for proc, _ in started) and time.monotonic() < deadline, "did not start"
             time.sleep(0.2)
-        started[1][0].send_signal(signal.SIGTERM)  # the host that does not log
+        for host in hosts:  # 1: the host that does not log
+            started[host][0].send_signal(signum)
     finally:
         codes, outputs = finish(started)
     assert codes == [75, 75], "\n\n".join(out[-3000:] for out in outputs)
