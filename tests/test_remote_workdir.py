@@ -26,10 +26,12 @@ from test_train import small_config
 from llama_jax import average, checkpoint, convert, generate, rewind, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.convert import open_checkpoint, open_source, param_shapes
+from llama_jax.data import stdlib_chat
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, DataError
 from llama_jax.generate import parse_mesh
 from llama_jax.parallel.mesh import make_mesh
+from llama_jax.rejection_sample import read_prompts
 
 BUCKET = "runs"
 
@@ -195,6 +197,14 @@ def test_a_missing_bucket_path_is_named_with_the_fix(bucket, capsys):
     with pytest.raises(CheckpointError, match=f"checkpoint {missing} does not exist.*gsutil ls"):
         open_checkpoint(missing)
     assert not epath.Path(f"{bucket}/out").exists() and not epath.Path(f"{bucket}/avg").exists()
+
+
+def test_rejection_sampling_prompts_written_to_a_bucket_read_back_as_local_ones(bucket, tmp_path, capsys):
+    for out in (f"{bucket}/prompts/p.jsonl", str(tmp_path / "p.jsonl")):
+        assert stdlib_chat.main(["prompts", "--out", out, "--limit", "3"]) == 0
+    assert f"wrote 3 prompts to {bucket}/prompts/p.jsonl" in capsys.readouterr().out
+    assert read_prompts(f"{bucket}/prompts/p.jsonl") == read_prompts(tmp_path / "p.jsonl")
+    assert len(read_prompts(tmp_path / "p.jsonl")) == 3
 
 
 def test_averaging_bucket_checkpoints_into_a_bucket_equals_averaging_local_ones(runs, bucket, tmp_path):

@@ -23,13 +23,15 @@ import random
 import sys
 from pathlib import Path
 
+from etils import epath
+
 from llama_jax.data import documents
 from llama_jax.data.conversations import read_conversations
 from llama_jax.data.prepare import prepare_chat
 from llama_jax.data.preferences import prepare_preferences
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import tokenizer_files
-from llama_jax.workdir import write_whole
+from llama_jax.workdir import as_path, write_whole
 
 MODULES = ("os.path", "json", "math", "itertools", "functools", "textwrap", "shlex", "string", "random",
            "statistics", "collections", "heapq", "bisect", "base64", "fnmatch", "glob", "shutil", "difflib")
@@ -87,10 +89,10 @@ def prompts(limit: int | None = None) -> list[dict]:
     return [{"prompt": question(name)} for name, _ in docstring_answers()][:limit]
 
 
-def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
-    """Written beside and renamed into place, so a process reading `path` never sees another one's half-written
-    copy."""
-    path = Path(path)
+def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path | epath.Path:
+    """Written whole (a local file beside and renamed into place), so a process reading `path` never sees another
+    one's half-written copy; `path` may be a URL."""
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
