@@ -39,7 +39,7 @@ from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.model.config import RUNTIME_FIELDS, LlamaConfig, flops_per_token, param_count
 from llama_jax.model.presets import preset
-from llama_jax.workdir import read_jsonl
+from llama_jax.workdir import is_remote, read_jsonl
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # where the planner centres each budget's sizes, before anything is fitted
 
@@ -209,6 +209,15 @@ def _literal(value) -> str | None:
         return None
 
 
+def _local_sweep(directory: str | os.PathLike) -> Path:
+    """A sweep directory holds the config files its runs import, so it lives on a file system."""
+    if is_remote(directory):
+        raise ConfigError(f"the sweep directory {os.fspath(directory)} is a URL, but it holds the Python config files "
+                          "that each run imports and the runs' workdirs: give a local path, or a bucket mounted with "
+                          "gcsfuse (gcsfuse --implicit-dirs BUCKET /mnt/BUCKET)")
+    return Path(directory).expanduser()
+
+
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """`get_config()` of a Python config file (configs/*.py style)."""
     import importlib.util
@@ -242,14 +251,14 @@ class Sweep:
     def create(cls, directory: str | os.PathLike, points: list[GridPoint], family: ModelFamily,
                base: ml_collections.ConfigDict | None = None, overrides: dict | None = None,
                holdout: float | None = None) -> Sweep:
-        sweep = cls(Path(directory), points, (base or default_config()).to_dict(), dict(overrides or {}), family,
+        sweep = cls(_local_sweep(directory), points, (base or default_config()).to_dict(), dict(overrides or {}), family,
                     holdout)
         sweep.save()
         return sweep
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> Sweep:
-        directory = Path(directory)
+        directory = _local_sweep(directory)
         plan = directory / "plan.json"
         if not plan.is_file():
             raise ConfigError(f"{plan} does not exist: create the sweep with `python -m llama_jax.scaling plan --out "

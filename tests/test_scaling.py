@@ -168,6 +168,17 @@ def test_cli_plan_fit_predict_and_check(tmp_path, capsys):
     assert "plan.json does not exist" in capsys.readouterr().err
 
 
+def test_a_sweep_in_a_bucket_is_refused_with_the_mount_that_works(tmp_path, monkeypatch, capsys):
+    """Before, `--out gs://b/sweep` wrote a local directory named 'gs:'."""
+    monkeypatch.chdir(tmp_path)
+    assert scaling.main(["plan", "--out", "gs://b/sweep", "--budgets", "1e12,2e12", "--sizes", "1,2,3,4,5,6,7",
+                         "--points", "3", "--vocab_size", "1024"]) == 2
+    assert capsys.readouterr().err.startswith("error: the sweep directory gs://b/sweep is a URL")
+    assert scaling.main(["fit", "--sweep", "gs://b/sweep"]) == 2
+    assert "gcsfuse" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def text_corpus(tmp_path_factory):
     """A small corpus (the docstrings of a few modules) so the mini sweep builds its tokenizer in a second."""
