@@ -38,7 +38,7 @@ from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import PreferenceBatches, TrainBatches, eval_batches, eval_pair_batches
 from llama_jax.data.preferences import is_preference_store
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
-from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
@@ -440,8 +440,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"the workdir {workdir} is a file: give a directory (a new one starts a run; a run's own "
                           "resumes it)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+    except OSError as e:
+        raise CheckpointError(f"the workdir {workdir} cannot be written ({e.strerror or e}): give a --workdir where "
+                              "this user can write") from e
     try:
         return _train(cfg, workdir)
     finally:

@@ -407,7 +407,8 @@ def run_command(tmp_path: Path, command: str, *args: str) -> subprocess.Complete
 
 def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error_line(tmp_path):
     """Each was a traceback: ml_collections' deferred load error, the file's SyntaxError, os.makedirs'
-    FileExistsError. The train and plan commands parse their flags alike (llama_jax/command_line.py)."""
+    FileExistsError, and for a workdir or cache that cannot be written (read-only, or here under a file), the
+    OSError from deep inside. The train and plan commands parse their flags alike (llama_jax/command_line.py)."""
     (tmp_path / "broken.py").write_text("def get_config():\n    return (\n")
     (tmp_path / "afile").write_text("")
     (tmp_path / "empty.py").write_text("LR = 1e-3\n")
@@ -421,7 +422,11 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
              "configs/tiny.py does", ["--config", "empty.py"]),
         )
     ] + [("train", f"the workdir {tmp_path / 'afile'} is a file: give a directory",
-          ["--config", tiny, "--workdir", "afile", f"--config.data.cache_dir={tmp_path / 'cache'}"])]
+          ["--config", tiny, "--workdir", "afile", f"--config.data.cache_dir={tmp_path / 'cache'}"]),
+         ("train", f"the workdir {tmp_path / 'afile' / 'run'} cannot be written (Not a directory): give a --workdir",
+          ["--config", tiny, "--workdir", "afile/run", f"--config.data.cache_dir={tmp_path / 'cache'}"]),
+         ("train", f"the cache directory {tmp_path / 'afile' / 'cache'} cannot be written (Not a directory: ",
+          ["--config", tiny, "--workdir", "run", f"--config.data.cache_dir={tmp_path / 'afile' / 'cache'}"])]
     for command, message, args in cases:
         result = run_command(tmp_path, command, *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -228,6 +228,21 @@ def test_evaluation_only_sources_are_held_out_whole_tokenized_by_the_run_and_cac
     assert len(from_prepared) == len(ShardedCorpus.open(tmp_path / "prepared" / "eval")), "a prepared set's eval split"
 
 
+def test_a_cache_that_cannot_be_written_is_named_with_the_setting(tmp_path, text_dir):
+    """Read-only, someone else's, or (here, as even root cannot write it) a path through a file: before, the
+    OSError of a temporary directory deep inside. A cache that is complete is only read, so it may be read-only."""
+    (tmp_path / "afile").write_text("")
+    unwritable = tmp_path / "afile" / "cache"
+    message = rf"the cache directory {unwritable} cannot be written \(Not a directory: .*data.cache_dir"
+    data = data_section(tmp_path, str(text_dir / "*.txt"))
+    data.cache_dir = str(unwritable)
+    with pytest.raises(DataError, match=message):
+        corpus.load_corpus(data, vocab_size=1024)
+    train_bpe([path.read_text() for path in sorted(text_dir.iterdir())[:3]], 1024, tmp_path / "t.model")
+    with pytest.raises(DataError, match=message):
+        corpus.held_out_store("other", str(text_dir), tmp_path / "t.model", unwritable)
+
+
 def test_an_evaluation_only_source_is_logged_apart_and_changes_nothing_else(tmp_path, text_dir):
     one = tmp_path / "one"
     one.mkdir()

@@ -9,10 +9,13 @@ every document; a prepared directory: its eval split) and tokenized with the run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
@@ -98,14 +101,29 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
             "data.tokenizer to the tokenizer it was prepared with"
         )
     cache_dir = Path(data_cfg.cache_dir).expanduser()
-    if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
-        default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
-        corpus = Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
-    else:
-        corpus = _training_corpus(specs, tokenizer, vocab_size, cache_dir)
+    with writing_cache(cache_dir):
+        if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
+            default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
+            corpus = Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
+        else:
+            corpus = _training_corpus(specs, tokenizer, vocab_size, cache_dir)
     held_out = {name: held_out_store(name, entry.source, corpus.tokenizer_path, cache_dir, entry.text_field)
                 for name, entry in data_cfg.eval_sources.items()}
     return dataclasses.replace(corpus, held_out=held_out)
+
+
+@contextlib.contextmanager
+def writing_cache(cache_dir: Path) -> Iterator[None]:
+    """Names the setting to change when the cache cannot be written (a read-only or foreign directory, a path
+    through a file), where the OS error would name only a file deep inside it. A cache complete on first use is only
+    read, so a shared read-only cache still works."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or not Path(os.fsdecode(e.filename)).is_relative_to(cache_dir):
+            raise
+        raise DataError(f"the cache directory {cache_dir} cannot be written ({e.strerror or e}: {e.filename}): give a "
+                        "writable one (data.cache_dir; --cache_dir of python -m llama_jax.evaluate)") from e
 
 
 def _training_corpus(specs: list[SourceSpec], tokenizer: Path | epath.Path | None, vocab_size: int,
@@ -139,7 +157,7 @@ def held_out_store(name: str, source: str, tokenizer_path: Path, cache_dir: Path
         print(f"Preparing the evaluation set {spec.name!r} ({spec.source!r}) in {root} (first use only)...",
               file=sys.stderr, flush=True)
         texts = list(documents.read_documents(spec.source, text_field=spec.text_field))
-        with atomic_directory(root, replace=False) as tmp:
+        with writing_cache(cache_dir), atomic_directory(root, replace=False) as tmp:
             TokenizedCorpus.build(texts, Tokenizer.from_file(tokenizer_path), tmp / "eval")
     return TokenizedCorpus.load(root / "eval")
 
