@@ -295,6 +295,9 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     assert err.startswith("error: task file") and "Traceback" not in err
     assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--tasks", "stdlib_mc"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for bad in (["--batch_size", "-2"], ["--max_len", "-1"]):  # the --data path named data.* config keys, after reading
+        assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path / "nothing"), *bad]) == 2
+        assert capsys.readouterr().err.startswith("error: --batch_size must be positive and --max_len positive or 0")
 
 
 def test_the_training_loop_scores_tasks_as_the_standalone_cli_does(tmp_path, capsys):
