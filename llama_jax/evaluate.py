@@ -436,8 +436,12 @@ class StridedWindows:
         return self.store.read(int(document))[begin:end]
 
     def read_loss_mask(self, index: int) -> np.ndarray:
-        _, begin, end, scored = self.spans[index]
-        return (np.arange(begin, end) >= scored).astype(np.uint8)
+        """The tokens this window scores first, of those the store scores (chat: the assistant's)."""
+        document, begin, end, scored = self.spans[index]
+        mask = (np.arange(begin, end) >= scored).astype(np.uint8)
+        if self.store.has_loss_mask:
+            mask &= np.asarray(self.store.read_loss_mask(int(document))[begin:end], np.uint8)
+        return mask
 
 
 @functools.lru_cache(maxsize=None)

@@ -212,6 +212,37 @@ def test_strided_windows_score_every_token_once_as_the_transformers_loop_does(hf
                                                "from 1 to --max_len (16), or 0 for windows that do not overlap")
 
 
+class _SecondHalves:
+    """Documents with a loss mask, as a chat store has: each scores its second half only."""
+
+    has_loss_mask = True
+
+    def __init__(self, documents: list[list[int]]):
+        self.documents = documents
+        self.lengths = np.array([len(d) for d in documents])
+
+    def read(self, index: int) -> np.ndarray:
+        return np.asarray(self.documents[index], np.int32)
+
+    def read_loss_mask(self, index: int) -> np.ndarray:
+        n = len(self.documents[index])
+        return (np.arange(n) >= n // 2).astype(np.uint8)
+
+
+def test_strided_windows_score_only_what_a_masked_store_scores(hf_dir):
+    opened = open_checkpoint(hf_dir)
+    documents = opened.tokenizer.encode_documents(list(DOCS))
+    store = _SecondHalves(documents)
+    scored = sum(len(d) - len(d) // 2 for d in documents)
+    pad = opened.tokenizer.pad_id
+    whole = ev.evaluate_text(opened.model, store, "chat", seq_len=64, batch_size=2, pad_id=pad)
+    assert whole["chat/tokens"] == scored and max(map(len, documents)) <= 64
+    one_window = ev.evaluate_text(opened.model, store, "chat", seq_len=64, batch_size=2, pad_id=pad, stride=64)
+    assert one_window == pytest.approx(whole, rel=1e-6), "a window per document: the packed documents' figures"
+    windows = ev.evaluate_text(opened.model, store, "chat", seq_len=8, batch_size=2, pad_id=pad, stride=3)
+    assert windows["chat/tokens"] == scored
+
+
 def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys):
     docs = docs_dir(tmp_path)
     cache = str(tmp_path / "cache")
