@@ -22,12 +22,12 @@ few positions go through the vocabulary projection.
 Text (`--data [NAME=]SOURCE`, `evaluate_text`) is scored as the training loop scores its held-out sets: the documents
 in stored order, packed into rows of `--max_len` tokens, each document attending to itself only, every token after
 a document's first predicted; reported as `<name>/loss` (nats per token), `<name>/perplexity` and `<name>/tokens`.
-By default a document longer than a row goes on in the next row without the context before it (as in lm-eval-harness's
-rolling windows, but for their last one). `--stride S` scores such a document in overlapping windows instead, as Hugging Face's "perplexity
-of fixed-length models" does: a window of `--max_len` tokens every S tokens, each scoring only the tokens no earlier
-window scored, so each of those is predicted with at least max_len - S tokens before it. Every token is still scored
-once; the perplexity of long documents drops towards what the model does with full context, at max_len / S times the
-compute.
+By default a document longer than a row goes on in the next row without the context before it (as in
+lm-eval-harness's rolling windows, but for their last one). `--stride S` scores such a document in overlapping
+windows instead, as Hugging Face's "perplexity of fixed-length models" does: a window of `--max_len` tokens every S
+tokens, each scoring only the tokens no earlier window scored, so each of those is predicted with at least
+max_len - S tokens before it. Every token is still scored once; the perplexity of long documents drops towards what
+the model does with full context, at max_len / S times the compute.
 
     python -m llama_jax.evaluate --checkpoint PATH --data val=/data/val.jsonl [--data pydoc_topics] [--max_len 2048]
                                  [--stride 512]

@@ -251,8 +251,8 @@ class Sweep:
     def create(cls, directory: str | os.PathLike, points: list[GridPoint], family: ModelFamily,
                base: ml_collections.ConfigDict | None = None, overrides: dict | None = None,
                holdout: float | None = None) -> Sweep:
-        sweep = cls(_local_sweep(directory), points, (base or default_config()).to_dict(), dict(overrides or {}), family,
-                    holdout)
+        sweep = cls(_local_sweep(directory), points, (base or default_config()).to_dict(), dict(overrides or {}),
+                    family, holdout)
         sweep.save()
         return sweep
 

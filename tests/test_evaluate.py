@@ -208,8 +208,9 @@ def test_strided_windows_score_every_token_once_as_the_transformers_loop_does(hf
     capsys.readouterr()
     assert ev.main(["--checkpoint", str(hf_dir), "--data", str(tmp_path / "elsewhere"), "--max_len", "16",
                     "--stride", "17"]) == 2, "refused before the data is read"
-    assert capsys.readouterr().err.strip() == ("error: a stride of 17 tokens does not fit windows of 16: give a --stride "
-                                               "from 1 to --max_len (16), or 0 for windows that do not overlap")
+    assert capsys.readouterr().err.strip() == ("error: a stride of 17 tokens does not fit windows of 16: give a "
+                                               "--stride from 1 to --max_len (16), or 0 for windows that do not "
+                                               "overlap")
 
 
 class _SecondHalves:
