@@ -20,7 +20,7 @@ from typing import Iterator
 
 from etils import epath
 
-from llama_jax.workdir import read_jsonl
+from llama_jax.workdir import read_jsonl, write_whole
 
 GOODPUT = "goodput"
 PRODUCTIVE = "goodput/productive_seconds"
@@ -93,7 +93,7 @@ def _first_start(path: epath.Path, *, write: bool) -> float:
     if path.exists():
         return float(json.loads(path.read_text())["started"])
     if write:
-        path.write_text(json.dumps({"started": _IMPORTED}) + "\n")
+        write_whole(path, json.dumps({"started": _IMPORTED}) + "\n")  # read by every restart: never half written
     return _IMPORTED
 
 

@@ -49,7 +49,7 @@ def run_peak_flops(workdir: epath.Path, configured: float) -> float:
         return json.loads(record.read_text())["peak_flops"] * jax.process_count()
     peak = _measured_cpu_peak()
     if jax.process_index() == 0:
-        record.write_text(json.dumps({"peak_flops": peak, "how": "float32 2048^3 matmul, best of 5"}) + "\n")
+        write_whole(record, json.dumps({"peak_flops": peak, "how": "float32 2048^3 matmul, best of 5"}) + "\n")
     return peak * jax.process_count()
 
 

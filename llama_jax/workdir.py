@@ -88,8 +88,11 @@ def write_whole(path: str | os.PathLike, text: str) -> None:
         return
     path = Path(path)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -12,7 +12,7 @@ from etils import epath
 from llama_jax import goodput
 from llama_jax.errors import CheckpointError
 from llama_jax.metrics import MetricsLogger, peak_memory_gib
-from llama_jax.workdir import read_jsonl
+from llama_jax.workdir import read_jsonl, write_whole
 
 
 class _Device:
@@ -89,3 +89,21 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"metrics.jsonl line 3 is not JSON .*fix or delete that line"):
         _resume(tmp_path, 3)
     assert path.read_text().count("\n") == 4, "left as it was"
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_partial_one(tmp_path, monkeypatch):
+    """The records every restart reads (goodput.json, peak_flops.json, the rewritten metrics.jsonl) go through
+    `write_whole`: a full disk or a kill mid-write must not leave half a file for the next start to choke on."""
+    path = tmp_path / "record.json"
+    write_whole(path, "old\n")
+
+    def torn(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="No space left"):
+        write_whole(path, "new and longer\n")
+    monkeypatch.undo()
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
