@@ -25,13 +25,14 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from etils import epath
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
 from llama_jax import lora as lora_lib
 from llama_jax import workdir as workdir_lib
-from llama_jax import maintenance, rewind, supervise
+from llama_jax import maintenance, memory, rewind, supervise
 from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, plain, validate)
 from llama_jax.data.corpus import load_corpus
@@ -369,13 +370,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
         scheduled_grads = make_scheduled_grads(model_def, mesh, microbatches=pipeline_microbatches(cfg),
                                                schedule=cfg.pipeline.schedule)
     schedule = schedule or lr_schedule(cfg.optim, cfg.train.steps)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, schedule)
-    if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
-        tx = dpo_objective.keep_reference(tx)
-    params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
-    base = base_sh = base_source = None
-    if cfg.lora.rank:  # the train state holds adapters only; the frozen base is loaded once and passed to each step
-        base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
+    tx = _optimizer(cfg, schedule)
+    abstract, state_sh, base_sh = _abstract_state(cfg, model_def, tx, mesh)
+    base = base_source = None
+    if cfg.lora.rank:
         if base_of is None:
             base_path = ckpt.pinned_path(cfg.checkpoint.init_from)
             loaded = ckpt.load_pretrained(base_path, model_def.cfg, base_sh)
@@ -384,11 +382,30 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
                            out_shardings=base_sh)(loaded)
         else:
             base, base_source = jax.device_put(base_of.base, base_sh), base_of.base_source
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
+               scheduled_grads, schedule, base, base_sh, base_source)
+
+
+def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    tx = make_optimizer(cfg.optim, cfg.train.steps, schedule)
+    if cfg.objective.name == "dpo" and not cfg.lora.rank:  # with LoRA the reference is the frozen base itself
+        tx = dpo_objective.keep_reference(tx)
+    return tx
+
+
+def _abstract_state(cfg: ml_collections.ConfigDict, model_def: ModelDef, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> tuple[TrainState, TrainState, dict | None]:
+    """(the train state's shapes and dtypes with their shardings, those shardings, the frozen base's shardings
+    with LoRA): the state is adapters only then, and the base an argument of each step."""
+    params_sh = mesh_lib.param_shardings(model_def.abstract_state, mesh)
+    base_sh = None
+    if cfg.lora.rank:
+        base_sh, params_sh = params_sh, lora_lib.shardings(model_def, cfg.lora, mesh)
     if cfg.objective.name == "reward":  # the head trains whole, with LoRA too
         params_sh = {**params_sh, reward_objective.HEAD: mesh_lib.replicated(mesh)}
 
     def initial_state() -> TrainState:
-        trained = model_def.init(cfg.seed) if base is None else lora_lib.init(model_def, cfg.lora, cfg.seed)
+        trained = lora_lib.init(model_def, cfg.lora, cfg.seed) if cfg.lora.rank else model_def.init(cfg.seed)
         params = _with_objective_params(cfg, trained)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
@@ -399,8 +416,30 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     )
     state_sh = TrainState(mesh_lib.replicated(mesh), params_sh, opt_sh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
-    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
-               scheduled_grads, schedule, base, base_sh, base_source)
+    return abstract, state_sh, base_sh
+
+
+def check_memory(cfg: ml_collections.ConfigDict, devices: list | None = None) -> None:
+    """Refuses, before anything is allocated, a config whose train state cannot fit its devices (memory.py)."""
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    model_def = ModelDef(model_config(cfg))
+    tx = _optimizer(cfg, lr_schedule(cfg.optim, cfg.train.steps))
+    abstract, _, base_sh = _abstract_state(cfg, model_def, tx, mesh)
+    memory.check_state_fits(_state_bytes(cfg, model_def, abstract, base_sh),
+                            [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+
+
+def _state_bytes(cfg: ml_collections.ConfigDict, model_def: ModelDef, abstract: TrainState,
+                 base_shardings: dict | None) -> dict[str, int]:
+    """Bytes per device of what every step holds at once: the trained parameters, their gradients, the optimizer
+    state and, with LoRA, the frozen base."""
+    trained = memory.shard_bytes(abstract.params)
+    parts = {"parameters": trained, "gradients": trained, "optimizer": memory.shard_bytes(abstract.opt_state)}
+    if base_shardings is not None:
+        base = jax.tree.map(lambda p, sharding: jax.ShapeDtypeStruct(p.shape, cfg.lora.base_dtype, sharding=sharding),
+                            nnx.to_pure_dict(model_def.abstract_state), base_shardings)
+        parts["frozen base"] = memory.shard_bytes(base)
+    return parts
 
 
 def _with_objective_params(cfg: ml_collections.ConfigDict, params: dict) -> dict:
@@ -470,6 +509,8 @@ class PhaseData:
 def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, float]:
     validate(cfg)
     plan = RunPlan(cfg)
+    for p in plan.phases:
+        check_memory(p.cfg)
     schedule = run_lr_schedule(cfg.optim, plan)
     model_cfg = model_config(cfg)
     corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")

@@ -1,0 +1,70 @@
+"""The check that a run's training state can fit its devices, made before anything is allocated."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from llama_jax import memory, trainer
+from llama_jax.config import default_config, model_section
+from llama_jax.errors import ConfigError
+
+
+class _Device:
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+    def __init__(self, stats: dict | None):
+        self.stats = stats
+
+    def memory_stats(self) -> dict | None:
+        return self.stats
+
+
+def _config(tmp_path: Path):
+    cfg = default_config()
+    cfg.model = model_section("debug", vocab_size=1024)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    return cfg
+
+
+def _device_bytes(tree) -> int:
+    """What the first device really holds of a tree of arrays."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_the_counted_state_is_what_the_devices_hold(tmp_path):
+    cfg = _config(tmp_path)
+    run = trainer.setup(cfg, tmp_path / "run")
+    state = run.init()
+    parts = trainer._state_bytes(cfg, run.model_def, run.abstract_state, run.base_shardings)
+    assert parts == {"parameters": _device_bytes(state.params), "gradients": _device_bytes(state.params),
+                     "optimizer": _device_bytes(state.opt_state)}
+    assert parts["optimizer"] >= 2 * parts["parameters"] > 0, "AdamW: two moments per parameter"
+    replicated = _config(tmp_path)
+    replicated.mesh.data, replicated.mesh.fsdp = 8, 1
+    whole = trainer._state_bytes(replicated, run.model_def, trainer.setup(replicated, tmp_path).abstract_state, None)
+    assert 3 * parts["parameters"] < whole["parameters"] <= 4 * parts["parameters"], "fsdp=4: about a quarter each"
+
+
+def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (2**16, "each device can hold 0.00 GiB"))
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"the training state needs 0\.\d\d GiB per device before any activation "
+                                          r"\(parameters 0\.\d\d, gradients 0\.\d\d, optimizer 0\.\d\d GiB\), but each "
+                                          r"device can hold 0\.00 GiB: shard it over more devices \(mesh\.fsdp\)"):
+        trainer.train(_config(tmp_path), workdir)
+    assert [p.name for p in workdir.iterdir()] == [".lock"], "nothing read, built or written"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_device_memory_is_the_allocator_limit_or_the_hosts_free_memory_shared():
+    assert memory.device_memory_bytes([_Device({"bytes_limit": 60 * 2**30})]) == (
+        60 * 2**30, "each NVIDIA H100 80GB HBM3 can hold 60.00 GiB")
+    one, said = memory.device_memory_bytes(jax.local_devices()[:1])
+    available = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:")).split()[1]) * 1024
+    assert 0 < one <= available * 1.05 and said.startswith("the host has")
+    eight, said = memory.device_memory_bytes(jax.local_devices())
+    assert len(jax.local_devices()) == 8 and eight == pytest.approx(one / 8, rel=0.05)
+    assert said.endswith(f"shared by 8 CPU devices, give each {eight / 2**30:.2f} GiB")
