@@ -26,6 +26,7 @@ from flax import nnx
 
 from llama_jax.convert import load_hf_params, read_hf_config
 from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.memory import check_model_fits
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.model.config import RUNTIME_FIELDS
 from llama_jax.parallel.mesh import param_shardings
@@ -281,6 +282,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Ll
     with `mesh` sharded as `parallel.mesh.param_shardings` says (no device ever holds the whole model)."""
     saved = SavedRun.open(path)
     model_def = ModelDef(saved.model_config)
+    check_model_fits(model_def.cfg, mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(model_def.abstract_state))

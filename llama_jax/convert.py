@@ -66,6 +66,7 @@ from llama_jax.data.chat import ChatFormat
 from llama_jax.data.tokenizer import HF_TOKENIZER_FILES, Tokenizer, tokenizer_files
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.generation_config import GenerationSettings
+from llama_jax.memory import check_model_fits
 from llama_jax.model import Llama, LlamaConfig
 from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import is_remote, local_copy, local_output, read_array, resolve, write_array
@@ -276,6 +277,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh: Mesh | Non
     """
     path = resolve(path)
     cfg = read_hf_config(path, **{"dtype": dtype, "param_dtype": dtype, **model_overrides})
+    check_model_fits(cfg, mesh)
     model = _abstract_model(cfg)
     _fill(model, path, param_shardings(nnx.state(model), mesh) if mesh is not None else None)
     return model

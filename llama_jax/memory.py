@@ -1,11 +1,13 @@
-"""Whether a run's training state can fit its devices at all, checked before anything is allocated.
+"""Whether a run's training state, or a model being loaded, can fit its devices at all, checked before anything is
+allocated.
 
 A model too large for its devices otherwise fails late and badly: on a CPU the kernel's OOM killer ends the process
 with no message (and a supervisor restarts it into the same end), on an accelerator XLA's RESOURCE_EXHAUSTED comes
 from deep inside the first step. The check counts only what must exist at once during a step, whatever the remat
 policy or the compiler does: each device's shards of the parameters, of their gradients, of the optimizer state
 and, with LoRA, of the frozen base. Activations come on top, so passing the check does not promise a fit
-(`python -m llama_jax.plan` estimates the whole step), but failing it promises the run could not train.
+(`python -m llama_jax.plan` estimates the whole step), but failing it promises the run could not train. Loading a
+checkpoint (generate, evaluate, fine-tuning's starting point) is checked the same way on its parameters alone.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+from flax import nnx
+from jax.sharding import Mesh
 
 from llama_jax.errors import ConfigError
+from llama_jax.model import LlamaConfig, ModelDef
+from llama_jax.parallel.mesh import param_shardings
 
 GiB = 2**30
 _CGROUP = Path("/sys/fs/cgroup")
@@ -53,14 +59,41 @@ def _host_available_bytes() -> int:
     return available if limit == "max" else min(available, int(limit) - int(used))
 
 
-def check_state_fits(parts: dict[str, int], devices: Sequence[jax.Device]) -> None:
-    """Refuses a run whose state (`parts`: bytes per device, by name) exceeds what each of `devices` can hold."""
+def check_fits(parts: dict[str, int], devices: Sequence[jax.Device], *, subject: str, fix: str, cpu_fix: str) -> None:
+    """Refuses what needs `parts` (bytes per device, by name) when it exceeds what each of `devices` can hold; the
+    message ends with `fix`, or with `cpu_fix` where the devices are CPU ones sharing one host's memory."""
     needed = sum(parts.values())
     limit, available = device_memory_bytes(devices)
     if needed <= limit:
         return
-    listed = ", ".join(f"{name} {size / GiB:.2f}" for name, size in parts.items() if size)
-    raise ConfigError(
-        f"the training state needs {needed / GiB:.2f} GiB per device before any activation ({listed} GiB), but "
-        f"{available}: shard it over more devices (mesh.fsdp), train a smaller model, or train LoRA adapters "
-        "(lora.rank); python -m llama_jax.plan --config ... estimates the whole step")
+    listed = f" ({', '.join(f'{name} {size / GiB:.2f}' for name, size in parts.items() if size)} GiB)"
+    raise ConfigError(f"{subject} {needed / GiB:.2f} GiB per device{listed if len(parts) > 1 else ''}, but "
+                      f"{available}: {cpu_fix if devices[0].platform == 'cpu' else fix}")
+
+
+def check_train_state_fits(parts: dict[str, int], devices: Sequence[jax.Device]) -> None:
+    plan = "python -m llama_jax.plan --config ... estimates the whole step"
+    check_fits(parts, devices, subject="the training state, before any activation, needs",
+               fix=f"shard it over more devices (mesh.fsdp), train a smaller model, or train LoRA adapters "
+                   f"(lora.rank); {plan}",
+               cpu_fix=f"train a smaller model or LoRA adapters (lora.rank), or use accelerators or a machine with "
+                       f"more memory (CPU devices share the host's, so sharding over them does not help); {plan}")
+
+
+def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh | None) -> None:
+    """Refuses to load a model whose parameters alone exceed a device's memory: on one device, or each device's
+    shards of them on `mesh`."""
+    with jax.set_mesh(None):
+        abstract = ModelDef(model_cfg).abstract_state
+    if mesh is None:
+        devices = [jax.devices()[0]]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(devices[0]), nnx.to_pure_dict(abstract))
+    else:
+        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        shardings = param_shardings(abstract, mesh)
+    params = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                          nnx.to_pure_dict(abstract), shardings)
+    check_fits({"parameters": shard_bytes(params)}, devices, subject="the model's parameters need",
+               fix="shard them over more devices (--mesh, e.g. fsdp=8 or tensor=8)",
+               cpu_fix="use accelerators or a machine with more memory (CPU devices share the host's, so --mesh "
+                       "does not help)")

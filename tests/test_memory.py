@@ -1,17 +1,23 @@
 """The check that a run's training state can fit its devices, made before anything is allocated."""
 
+import re
 from pathlib import Path
 
 import jax
 import pytest
 
-from llama_jax import memory, trainer
+from flax import nnx
+
+from llama_jax import checkpoint, memory, trainer
 from llama_jax.config import default_config, model_section
+from llama_jax.convert import load_hf, save_hf
 from llama_jax.errors import ConfigError
+from llama_jax.parallel.mesh import make_mesh
 
 
 class _Device:
     device_kind = "NVIDIA H100 80GB HBM3"
+    platform = "gpu"
 
     def __init__(self, stats: dict | None):
         self.stats = stats
@@ -50,9 +56,9 @@ def test_the_counted_state_is_what_the_devices_hold(tmp_path):
 def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (2**16, "each device can hold 0.00 GiB"))
     workdir = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"the training state needs 0\.\d\d GiB per device before any activation "
+    with pytest.raises(ConfigError, match=r"the training state, before any activation, needs 0\.\d\d GiB per device "
                                           r"\(parameters 0\.\d\d, gradients 0\.\d\d, optimizer 0\.\d\d GiB\), but each "
-                                          r"device can hold 0\.00 GiB: shard it over more devices \(mesh\.fsdp\)"):
+                                          r"device can hold 0\.00 GiB: train a smaller model or LoRA adapters"):
         trainer.train(_config(tmp_path), workdir)
     assert [p.name for p in workdir.iterdir()] == [".lock"], "nothing read, built or written"
     assert not (tmp_path / "cache").exists()
@@ -68,3 +74,31 @@ def test_device_memory_is_the_allocator_limit_or_the_hosts_free_memory_shared():
     eight, said = memory.device_memory_bytes(jax.local_devices())
     assert len(jax.local_devices()) == 8 and eight == pytest.approx(one / 8, rel=0.05)
     assert said.endswith(f"shared by 8 CPU devices, give each {eight / 2**30:.2f} GiB")
+
+
+def test_a_model_too_large_to_load_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """generate, evaluate and the converters open checkpoints through these loaders."""
+    cfg = _config(tmp_path)
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.eval_every = 1, 1, 0
+    trainer.train(cfg, tmp_path / "run")
+    model, _ = checkpoint.load_model(tmp_path / "run")
+    save_hf(model, tmp_path / "hf")
+    needed = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (needed - 1, "each device can hold less"))
+    message = rf"the model's parameters need {needed / 2**30:.2f} GiB per device, but each device can hold less: " \
+              r"use accelerators or a machine with more memory \(CPU devices share the host's, so --mesh does not"
+    for load in (lambda: checkpoint.load_model(tmp_path / "run"), lambda: load_hf(tmp_path / "hf")):
+        with pytest.raises(ConfigError, match=message):
+            load()
+    mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 8, "context": 1, "tensor": 1})
+    assert checkpoint.load_model(tmp_path / "run", mesh=mesh)[0].cfg == model.cfg, "an eighth on each device fits"
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (needed, "each device can hold enough"))
+    assert load_hf(tmp_path / "hf").cfg.n_layers == model.cfg.n_layers
+
+
+def test_the_fix_named_depends_on_whether_sharding_helps():
+    """Sharding over CPU devices, which share one host's memory, frees nothing; over accelerators it does."""
+    for devices, fix in (([_Device({"bytes_limit": 2**30})], "shard it over more devices (mesh.fsdp)"),
+                         (jax.local_devices(), "CPU devices share the host's, so sharding over them does not help")):
+        with pytest.raises(ConfigError, match=re.escape(fix)):
+            memory.check_train_state_fits({"parameters": 2**50}, devices)
