@@ -7,7 +7,7 @@ from deep inside the first step. The check counts only what must exist at once d
 policy or the compiler does: each device's shards of the parameters, of their gradients, of the optimizer state
 and, with LoRA, of the frozen base. Activations come on top, so passing the check does not promise a fit
 (`python -m llama_jax.plan` estimates the whole step), but failing it promises the run could not train. Loading a
-checkpoint (generate, evaluate, fine-tuning's starting point) is checked the same way on its parameters alone.
+model (generate, evaluate, rejection sampling) is checked the same way on its parameters alone.
 """
 
 from __future__ import annotations
