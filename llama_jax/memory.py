@@ -1,9 +1,9 @@
 """Whether a run's training state, or a model being loaded, can fit its devices at all, checked before anything is
 allocated.
 
-A model too large for its devices otherwise fails late and badly: on a CPU the kernel's OOM killer ends the process
-with no message (and a supervisor restarts it into the same end), on an accelerator XLA's RESOURCE_EXHAUSTED comes
-from deep inside the first step. The check counts only what must exist at once during a step, whatever the remat
+A model too large for its devices otherwise fails late and badly: after the data is read and the workdir written,
+with XLA's RESOURCE_EXHAUSTED from deep inside the first step, or on a CPU host possibly with the kernel's OOM killer
+ending the process without a message (which a supervisor restarts into the same end). The check counts only what must exist at once during a step, whatever the remat
 policy or the compiler does: each device's shards of the parameters, of their gradients, of the optimizer state
 and, with LoRA, of the frozen base. Activations come on top, so passing the check does not promise a fit
 (`python -m llama_jax.plan` estimates the whole step), but failing it promises the run could not train. Loading a
