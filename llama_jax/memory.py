@@ -33,6 +33,11 @@ def shard_bytes(tree) -> int:
     return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def local_devices(mesh: Mesh) -> list[jax.Device]:
+    """The devices of `mesh` that this process drives: those whose memory it fills."""
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
 def device_memory_bytes(devices: Sequence[jax.Device]) -> tuple[int, str]:
     """(bytes, a phrase saying so) that the run's state may use on each of `devices` (this process's): an
     accelerator's allocator limit; for CPU devices, which share the host's memory, the host's available memory (the
@@ -89,7 +94,7 @@ def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh | None) -> None:
         devices = [jax.devices()[0]]
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(devices[0]), nnx.to_pure_dict(abstract))
     else:
-        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        devices = local_devices(mesh)
         shardings = param_shardings(abstract, mesh)
     params = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
                           nnx.to_pure_dict(abstract), shardings)

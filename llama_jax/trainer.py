@@ -425,8 +425,7 @@ def check_memory(cfg: ml_collections.ConfigDict, devices: list | None = None) ->
     model_def = ModelDef(model_config(cfg))
     tx = _optimizer(cfg, lr_schedule(cfg.optim, cfg.train.steps))
     abstract, _, base_sh = _abstract_state(cfg, model_def, tx, mesh)
-    memory.check_train_state_fits(_state_bytes(cfg, model_def, abstract, base_sh),
-                            [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    memory.check_train_state_fits(_state_bytes(cfg, model_def, abstract, base_sh), memory.local_devices(mesh))
 
 
 def _state_bytes(cfg: ml_collections.ConfigDict, model_def: ModelDef, abstract: TrainState,
