@@ -38,7 +38,9 @@ def main(argv: list[str]) -> None:
         distributed.initialize()  # before anything touches a device: joins the other hosts of a multi-host run
     except LlamaJaxError as err:
         command_line.fail(str(err))
-    from llama_jax import trainer  # imported after flag parsing so --help stays fast
+    from llama_jax import checkpoint, trainer  # imported after flag parsing so --help stays fast
+
+    checkpoint.quiet_background_failures()
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)
