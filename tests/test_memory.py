@@ -5,7 +5,6 @@ from pathlib import Path
 
 import jax
 import pytest
-
 from flax import nnx
 
 from llama_jax import checkpoint, memory, trainer
@@ -76,24 +75,43 @@ def test_device_memory_is_the_allocator_limit_or_the_hosts_free_memory_shared():
     assert said.endswith(f"shared by 8 CPU devices, give each {eight / 2**30:.2f} GiB")
 
 
-def test_a_model_too_large_to_load_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
-    """generate, evaluate and the converters open checkpoints through these loaders."""
-    cfg = _config(tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A one-step run and its Hugging Face export (`hf/` inside it)."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = _config(root)
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.eval_every = 1, 1, 0
-    trainer.train(cfg, tmp_path / "run")
-    model, _ = checkpoint.load_model(tmp_path / "run")
-    save_hf(model, tmp_path / "hf")
+    trainer.train(cfg, root / "run")
+    save_hf(checkpoint.load_model(root / "run")[0], root / "run" / "hf")
+    return root / "run"
+
+
+def test_a_model_too_large_to_load_is_refused_before_any_tensor_is_read(trained, monkeypatch):
+    """generate, evaluate and rejection sampling open checkpoints through these loaders."""
+    model, _ = checkpoint.load_model(trained)
     needed = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (needed - 1, "each device can hold less"))
     message = rf"the model's parameters need {needed / 2**30:.2f} GiB per device, but each device can hold less: " \
               r"use accelerators or a machine with more memory \(CPU devices share the host's, so --mesh does not"
-    for load in (lambda: checkpoint.load_model(tmp_path / "run"), lambda: load_hf(tmp_path / "hf")):
+    for load in (lambda: checkpoint.load_model(trained), lambda: load_hf(trained / "hf")):
         with pytest.raises(ConfigError, match=message):
             load()
     mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 8, "context": 1, "tensor": 1})
-    assert checkpoint.load_model(tmp_path / "run", mesh=mesh)[0].cfg == model.cfg, "an eighth on each device fits"
+    assert checkpoint.load_model(trained, mesh=mesh)[0].cfg == model.cfg, "an eighth on each device fits"
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (needed, "each device can hold enough"))
-    assert load_hf(tmp_path / "hf").cfg.n_layers == model.cfg.n_layers
+    assert load_hf(trained / "hf").cfg.n_layers == model.cfg.n_layers
+
+
+def test_a_lora_run_counts_its_adapters_as_trained_and_its_frozen_base(trained, tmp_path):
+    cfg = _config(tmp_path)
+    cfg.checkpoint.init_from, cfg.data.tokenizer = str(trained), str(trained / "tokenizer.model")
+    cfg.lora.rank, cfg.lora.base_dtype = 4, "bfloat16"
+    run = trainer.setup(cfg, tmp_path / "lora")
+    state = run.init()
+    parts = trainer._state_bytes(cfg, run.model_def, run.abstract_state, run.base_shardings)
+    assert parts == {"parameters": _device_bytes(state.params), "gradients": _device_bytes(state.params),
+                     "optimizer": _device_bytes(state.opt_state), "frozen base": _device_bytes(run.base)}
+    assert parts["frozen base"] > parts["parameters"] > 0, "the adapters train; the base is held, in bfloat16"
 
 
 def test_the_fix_named_depends_on_whether_sharding_helps():
