@@ -20,7 +20,7 @@ import tensorboardX
 import tqdm
 from etils import epath
 
-from llama_jax.workdir import is_remote, read_jsonl, write_whole
+from llama_jax.workdir import is_remote, parse_jsonl, write_whole
 
 _DETAIL = "goodput/"  # the goodput breakdown: in metrics.jsonl and TensorBoard, not on the console
 
@@ -117,9 +117,12 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> tuple[list[str], list[dict]]:
         """Drops the lines past `step` (and a torn last line); returns the lines kept and the records dropped. The
         file is replaced whole, and only when it changes, so that whoever follows the run never sees it emptied."""
-        records = read_jsonl(self.path)
+        if not self.path.exists():
+            return [], []
+        text = self.path.read_text()
+        records = parse_jsonl(text, self.path)
         kept = [json.dumps(record) + "\n" for record in records if record["step"] <= step]
-        if self.path.exists() and self.path.read_text() != "".join(kept):
+        if "".join(kept) != text:
             write_whole(self.path, "".join(kept))
         return kept, [record for record in records if record["step"] > step]
 

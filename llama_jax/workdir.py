@@ -96,21 +96,24 @@ def write_whole(path: str | os.PathLike, text: str) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines log such as WORKDIR/metrics.jsonl; none when it does not exist. A last line that
-    is not JSON is what a process killed mid-write (or a full disk) leaves: it is left out, as never logged. A bad
-    line before the last is damage that no writer of ours makes, and is refused by name."""
+    """The records of a JSON-lines log such as WORKDIR/metrics.jsonl; none when it does not exist."""
     path = as_path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return parse_jsonl(path.read_text(), path) if path.exists() else []
+
+
+def parse_jsonl(text: str, path: str | os.PathLike) -> list[dict]:
+    """The records of `text`, read from `path`. A last line that is not JSON is what a process killed mid-write (or
+    a full disk) leaves: it is left out, as never logged. A bad line before the last is damage that no writer of
+    ours makes, and is refused by name."""
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
-                raise CheckpointError(f"{path} line {number} is not JSON ({line[:60]!r}): the file was edited or "
-                                      "damaged; fix or delete that line") from None
+                raise CheckpointError(f"{os.fspath(path)} line {number} is not JSON ({line[:60]!r}): the file was "
+                                      "edited or damaged; fix or delete that line") from None
     return records
 
 
