@@ -8,6 +8,10 @@ policy or the compiler does: each device's shards of the parameters, of their gr
 and, with LoRA, of the frozen base. Activations come on top, so passing the check does not promise a fit
 (`python -m llama_jax.plan` estimates the whole step), but failing it promises the run could not train. Loading a
 model (generate, evaluate, rejection sampling) is checked the same way on its parameters alone.
+
+Once a phase's step is compiled, and before it first runs, the compiler's own account of it (`memory_analysis`:
+its arguments, results and temporaries, activations included) is checked the same way, so that a batch too large
+for the devices ends in a message naming what to lower rather than in XLA's RESOURCE_EXHAUSTED, or in the OOM killer.
 """
 
 from __future__ import annotations
@@ -83,6 +87,28 @@ def check_train_state_fits(parts: dict[str, int], devices: Sequence[jax.Device])
                    f"(lora.rank); {plan}",
                cpu_fix=f"train a smaller model or LoRA adapters (lora.rank), or use accelerators or a machine with "
                        f"more memory (CPU devices share the host's, so sharding over them does not help); {plan}")
+
+
+def check_step_fits(compiled: jax.stages.Compiled, devices: Sequence[jax.Device]) -> None:
+    """Refuses a compiled training step that cannot run on `devices`. An accelerator's allocator must hold the whole
+    step: its arguments (the state, the batch), its results beyond the donated state, and its temporaries. CPU devices
+    already hold the arguments in the host's memory, which `device_memory_bytes` counts as used, so only what the
+    step allocates on top is compared with what is free."""
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend without the analysis
+        return
+    allocated = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    if devices[0].platform == "cpu":
+        subject, parts = "the compiled training step needs, for its activations and other temporaries,", {"": allocated}
+    else:
+        subject = "the compiled training step needs"
+        parts = {"state and batch": stats.argument_size_in_bytes, "activations and other temporaries": allocated}
+    lower = ("optim.grad_accum=N (the batch in N microbatches), model.remat='full' (each layer's activations "
+             "recomputed in the backward pass), or a smaller data.batch_size or data.seq_len")
+    check_fits(parts, devices, subject=subject,
+               fix=f"shard over more devices (mesh.fsdp), or lower what a step holds at once: {lower}",
+               cpu_fix=f"lower what a step holds at once: {lower} (CPU devices share the host's memory, so sharding "
+                       "over them does not help)")
 
 
 def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh | None) -> None:

@@ -329,27 +329,45 @@ def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: B
 
 
 def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0,
-                   objective: ml_collections.ConfigDict | None = None) -> Callable:
+                   objective: ml_collections.ConfigDict | None = None, microbatches: int = 1) -> Callable:
     """params, batch -> (loss sum, count), or (loss sum, count, {name: sum}) for other held-out figures. DPO: the
     chosen responses' NLL (with end tokens); reward: the pairwise loss over pairs, and the correctly ordered pairs;
-    otherwise the LM loss over `loss_mask`."""
+    otherwise the LM loss over `loss_mask`. The batch goes through in `microbatches` parts (the run's
+    optim.grad_accum), so that evaluating a batch never needs more memory than training on it."""
     if objective is not None and objective.name == "reward":
-        def reward_eval(params, batch: Batch):
+        def eval_fn(params, batch: Batch):
             base, head = reward_objective.split_params(params)
             totals = {"pairs": jnp.ones((), jnp.float32)}
             loss, metrics = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
             return loss, jnp.sum(valid_pairs(batch)), {"pairwise_accuracy": metrics["pairwise_accuracy"]}
+    else:
+        mask_key = "nll_mask" if objective is not None and objective.name == "dpo" else "loss_mask"
 
-        return reward_eval
-    mask_key = "nll_mask" if objective is not None and objective.name == "dpo" else "loss_mask"
+        def eval_fn(params, batch: Batch):
+            model = model_def.merge(params)
+            h_btd = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 layers_fn=layers_fn)
+            return lm_loss_sum(model.logits, h_btd, batch["targets"], batch[mask_key], chunk_len=loss_chunk_len)
 
-    def eval_fn(params, batch: Batch):
-        model = model_def.merge(params)
-        h_btd = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                             layers_fn=layers_fn)
-        return lm_loss_sum(model.logits, h_btd, batch["targets"], batch[mask_key], chunk_len=loss_chunk_len)
+    if microbatches == 1:
+        return eval_fn
 
-    return eval_fn
+    def in_microbatches(params, batch: Batch):
+        def add(sums, mb: Batch):
+            return jax.tree.map(jnp.add, sums, eval_fn(params, mb)), None
+
+        micro = _microbatches(batch, microbatches)
+        first = eval_fn(params, jax.tree.map(lambda x: x[0], micro))  # the sums start from it: no zeros to shape
+        return jax.lax.scan(add, first, jax.tree.map(lambda x: x[1:], micro))[0]
+
+    return in_microbatches
+
+
+def _eval_step(run: Run) -> Callable:
+    """The run's jitted held-out evaluation, over microbatches as its training step."""
+    objective = run.cfg.objective
+    return jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=objective.loss_chunk_len,
+                                  objective=objective, microbatches=run.cfg.optim.grad_accum))
 
 
 def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | None = None, *,
@@ -711,8 +729,7 @@ class _Loop:
             out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh)),
             donate_argnums=0,
         )
-        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=cfg.objective.loss_chunk_len,
-                                         objective=cfg.objective))
+        eval_fn = _eval_step(run)
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         self.meta.update(config=plain(cfg), phase=p.name, **({"lora_base": run.base_source} if run.base_source else {}))
         done = int(state.step)
@@ -734,6 +751,8 @@ class _Loop:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
+            if not compiled_here:  # compiled ahead of its first call (which reuses it) to check its memory first
+                memory.check_step_fits(step_fn.lower(*args, *lora_args).compile(), memory.local_devices(run.mesh))
             state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()
@@ -778,7 +797,8 @@ class _Loop:
                         model_params = run.model_params(state.params)
                         logged.update(_evaluate(eval_fn, model_params, eval_sets, data.batches))
                         logged.update(evaluate_tasks((run.model_def, model_params), self.tasks,
-                                                     batch_size=cfg.data.batch_size, mesh=run.mesh))
+                                                     batch_size=cfg.data.batch_size // cfg.optim.grad_accum,
+                                                     mesh=run.mesh))
                 logged.update(self.goodput.summary())
                 self.logger.log(done, logged)
                 window, window_start, window_first_step = [], time.perf_counter(), done
@@ -868,8 +888,7 @@ class _Loop:
             # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py)
             params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg,
                                                             run.base_shardings or run.state_shardings.params)
-        eval_fn = jax.jit(make_eval_step(run.model_def, run.layers_fn, loss_chunk_len=run.cfg.objective.loss_chunk_len,
-                                         objective=run.cfg.objective))
+        eval_fn = _eval_step(run)
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):
             losses = _evaluate(eval_fn, params, eval_sets, data.batches)

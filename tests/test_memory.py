@@ -1,13 +1,15 @@
-"""The check that a run's training state can fit its devices, made before anything is allocated."""
+"""The checks that a run fits its devices: its training state before anything is allocated, its compiled step before
+the step first runs."""
 
 import re
+import types
 from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
 
-from llama_jax import checkpoint, memory, trainer
+from llama_jax import checkpoint, memory, trainer, workdir as workdir_lib
 from llama_jax.config import default_config, model_section
 from llama_jax.convert import load_hf, save_hf
 from llama_jax.errors import ConfigError
@@ -120,3 +122,44 @@ def test_the_fix_named_depends_on_whether_sharding_helps():
                          (jax.local_devices(), "CPU devices share the host's, so sharding over them does not help")):
         with pytest.raises(ConfigError, match=re.escape(fix)):
             memory.check_train_state_fits({"parameters": 2**50}, devices)
+
+
+def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(trained, tmp_path, monkeypatch):
+    """The state fits (the first check passes), but the step's activations do not."""
+    cfg = _config(trained.parent)  # the corpus cache `trained` built
+    cfg.train.steps = 1
+    run = trainer.setup(cfg, tmp_path)
+    limit = sum(trainer._state_bytes(cfg, run.model_def, run.abstract_state, None).values())
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (limit, "each device can hold little"))
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"the compiled training step needs, for its activations and other "
+                                          r"temporaries, \d+\.\d\d GiB per device, but each device can hold little: "
+                                          r"lower what a step holds at once: optim.grad_accum=N"):
+        trainer.train(cfg, workdir)
+    assert workdir_lib.read_jsonl(workdir / "metrics.jsonl") == [], "no step ran"
+    assert not list((workdir / "checkpoints").glob("*")), "nothing saved"
+
+
+def _compiled(**sizes_gib: float):
+    stats = types.SimpleNamespace(**{f"{name}_size_in_bytes": int(size * 2**30) for name, size in sizes_gib.items()})
+    return types.SimpleNamespace(memory_analysis=lambda: stats)
+
+
+def test_a_compiled_step_must_fit_whole_on_an_accelerator_and_on_top_of_its_arguments_on_a_cpu(monkeypatch):
+    """An accelerator's allocator holds the arguments, the results not aliased to them and the temporaries; a CPU
+    host already holds the arguments, and its free memory does not count them."""
+    step = _compiled(argument=10, output=4, alias=3, temp=20)
+    with pytest.raises(ConfigError, match=re.escape(
+            "the compiled training step needs 31.00 GiB per device (state and batch 10.00, activations and other "
+            "temporaries 21.00 GiB), but each NVIDIA H100 80GB HBM3 can hold 30.00 GiB: shard over more devices "
+            "(mesh.fsdp), or lower what a step holds at once: optim.grad_accum=N")):
+        memory.check_step_fits(step, [_Device({"bytes_limit": 30 * 2**30})])
+    memory.check_step_fits(step, [_Device({"bytes_limit": 31 * 2**30})])
+    cpu = jax.local_devices()[:1]
+    monkeypatch.setattr(memory, "_host_available_bytes", lambda: 21 * 2**30)
+    memory.check_step_fits(step, cpu)
+    monkeypatch.setattr(memory, "_host_available_bytes", lambda: 21 * 2**30 - 1)
+    with pytest.raises(ConfigError, match=r"needs, for its activations and other temporaries, 21.00 GiB per device, "
+                                          r"but the host has 21.00 GiB free: .*sharding over them does not help"):
+        memory.check_step_fits(step, cpu)
+    memory.check_step_fits(types.SimpleNamespace(memory_analysis=lambda: None), cpu)  # no analysis: nothing to check

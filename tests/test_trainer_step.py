@@ -363,6 +363,22 @@ def test_grad_accum_matches_full_batch(reference, workdir, grad_accum, mesh):
                        f"grad_accum={grad_accum} mesh {mesh}")
 
 
+def test_evaluation_in_microbatches_matches_the_whole_batch_in_less_memory(reference, init_logits):
+    """Held-out batches go through in optim.grad_accum parts, as training does, so that an evaluation never needs
+    more memory than the step that fits: the same loss sum and token count, a fraction of the temporaries."""
+    run, params = reference["harness"].run, reference["init"].params
+    exact_sum, exact_count = masked_mean_nll(init_logits, BATCHES[0])
+    temps = {}
+    for microbatches in (1, 4):
+        eval_fn = jax.jit(trainer.make_eval_step(run.model_def, microbatches=microbatches))
+        with jax.set_mesh(run.mesh):
+            loss_sum, count = jax.device_get(eval_fn(params, BATCHES[0]))
+            temps[microbatches] = eval_fn.lower(params, BATCHES[0]).compile().memory_analysis().temp_size_in_bytes
+        np.testing.assert_allclose(float(loss_sum), exact_sum, rtol=LOSS_RTOL)
+        assert float(count) == exact_count == 120
+    assert temps[4] < temps[1] / 2, temps
+
+
 # ---------------------------------------------------------------------------------------------- optimizer
 
 
