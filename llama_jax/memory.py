@@ -29,6 +29,11 @@ from llama_jax.model import LlamaConfig, ModelDef
 from llama_jax.parallel.mesh import param_shardings
 
 GiB = 2**30
+_LOWER = ("lower what a step holds at once: optim.grad_accum=N (the batch in N microbatches), model.remat='full' (each "
+          "layer's activations recomputed in the backward pass), or a smaller data.batch_size or data.seq_len")
+# What to change when a run runs out of memory (`out_of_memory`)
+TRAIN_FIX = (f"{_LOWER}, or shard over more accelerators (mesh.fsdp); the checkpoints saved so far are intact: rerun "
+             "with the change to resume")
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -103,12 +108,18 @@ def check_step_fits(compiled: jax.stages.Compiled, devices: Sequence[jax.Device]
     else:
         subject = "the compiled training step needs"
         parts = {"state and batch": stats.argument_size_in_bytes, "activations and other temporaries": allocated}
-    lower = ("optim.grad_accum=N (the batch in N microbatches), model.remat='full' (each layer's activations "
-             "recomputed in the backward pass), or a smaller data.batch_size or data.seq_len")
     check_fits(parts, devices, subject=subject,
-               fix=f"shard over more devices (mesh.fsdp), or lower what a step holds at once: {lower}",
-               cpu_fix=f"lower what a step holds at once: {lower} (CPU devices share the host's memory, so sharding "
-                       "over them does not help)")
+               fix=f"shard over more devices (mesh.fsdp), or {_LOWER}",
+               cpu_fix=f"{_LOWER} (CPU devices share the host's memory, so sharding over them does not help)")
+
+
+def out_of_memory(err: Exception, fix: str) -> ConfigError | None:
+    """XLA's RESOURCE_EXHAUSTED as a ConfigError ending with `fix`, which the commands print as one line (None for
+    any other error). It comes from allocations the checks above cannot foresee: a batch shape they do not see
+    (evaluation, generation), an accelerator's fragmented memory, a CPU host's memory taken by other processes."""
+    if not isinstance(err, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(err):
+        return None
+    return ConfigError(f"the devices ran out of memory ({str(err).strip().splitlines()[0]}): {fix}")
 
 
 def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh | None) -> None:

@@ -504,6 +504,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                               "this user can write") from e
     try:
         return _train(cfg, workdir)
+    except jax.errors.JaxRuntimeError as err:
+        error = memory.out_of_memory(err, memory.TRAIN_FIX)
+        if error is None:
+            raise
+        raise error from err
     finally:
         if lock is not None:
             lock.release()

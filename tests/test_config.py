@@ -434,6 +434,35 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
         assert last.startswith("error: ") and message in last, result.stderr
 
 
+@pytest.mark.parametrize("status, line", [
+    ("RESOURCE_EXHAUSTED: Out of memory allocating 241325572228 bytes.",
+     "error: the devices ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 241325572228 bytes.): "
+     "lower what a step holds at once: optim.grad_accum=N"),
+    ("INTERNAL: something else", "jax.errors.JaxRuntimeError: INTERNAL: something else"),
+])
+def test_cli_running_out_of_device_memory_is_one_error_line(tmp_path, status, line):
+    """An allocation the memory checks could not foresee fails inside XLA (as `JaxRuntimeError`, seen with a
+    225 GiB step before the compiled step was checked). Other runtime errors keep their traceback."""
+    (tmp_path / "oom.py").write_text(f"""import jax
+from llama_jax import trainer
+from llama_jax.config import default_config
+
+
+def _fails(cfg, workdir):
+    raise jax.errors.JaxRuntimeError({status!r})
+
+
+trainer._train = _fails  # inside the run, where XLA raises it
+
+
+def get_config():
+    return default_config()
+""")
+    result = run_command(tmp_path, "train", "--config", "oom.py")
+    assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr
+    assert (result.returncode, "Traceback" in result.stderr) == ((2, False) if "RESOURCE" in status else (1, True))
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("optim.lr", -1e-3, "optim.lr must be zero or positive"),
     ("optim.weight_decay", -0.1, "optim.weight_decay must be zero or positive"),

@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -330,6 +331,23 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     for bad in (["--batch_size", "-2"], ["--max_len", "-1"]):  # the --data path named data.* config keys, after reading
         assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path / "nothing"), *bad]) == 2
         assert capsys.readouterr().err.startswith("error: --batch_size must be positive and --max_len positive or 0")
+
+
+def test_cli_running_out_of_device_memory_is_one_line_naming_what_to_lower(hf_dir, monkeypatch, capsys):
+    """A batch too large fails inside XLA; other runtime errors keep their traceback."""
+    for status in ("RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes.", "INTERNAL: not memory"):
+        def fails(*args, **kwargs):
+            raise jax.errors.JaxRuntimeError(status)
+
+        monkeypatch.setattr(ev, "evaluate_tasks", fails)
+        if "INTERNAL" in status:
+            with pytest.raises(jax.errors.JaxRuntimeError, match=status):
+                ev.main(["--checkpoint", str(hf_dir), "--tasks", "stdlib_mc"])
+            continue
+        assert ev.main(["--checkpoint", str(hf_dir), "--tasks", "stdlib_mc", "--batch_size", "4096"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: the devices ran out of memory ({status}): lower --batch_size (or --max_len), or shard the model "
+            "over more devices (--mesh)\n")
 
 
 def test_the_training_loop_scores_tasks_as_the_standalone_cli_does(tmp_path, capsys):

@@ -172,6 +172,19 @@ def test_cli_prints_the_continuation_of_a_hf_checkpoint(hf_dir, model, capsys):
     assert expected.strip() and capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_running_out_of_device_memory_is_one_line(hf_dir, monkeypatch, capsys):
+    status = "RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes."
+
+    def fails(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(status)
+
+    monkeypatch.setattr(sys.modules["llama_jax.generate"], "generate_timed", fails)
+    assert main(["--checkpoint", str(hf_dir), "--prompt", "hi", "--max_new_tokens", "4"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the devices ran out of memory ({status}): give fewer prompts at once or fewer --max_new_tokens, or "
+        "shard the model over more devices (--mesh)")
+
+
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "llama_jax.generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "hi",

@@ -64,10 +64,15 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
             state, _ = step(state, held if i % 2 == 0 else run.to_global(data.batches.local_batch(i)))
         state, last = step(state, held)
         loss_sum, pairs, held_out = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
+        in_parts = jax.jit(trainer.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective,
+                                                  microbatches=2))(state.params, run.to_global(data.eval_sets["data"][0]))
     np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)  # a zero head ties every pair
     assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
     assert float(pairs) > 0 and np.isfinite(float(loss_sum))
     assert 0 <= float(held_out["pairwise_accuracy"]) <= float(pairs)  # correctly ordered pairs, summed
+    np.testing.assert_allclose(float(in_parts[0]), float(loss_sum), rtol=1e-5)  # evaluated in two microbatches
+    assert (float(in_parts[1]), float(in_parts[2]["pairwise_accuracy"])) == (
+        float(pairs), float(held_out["pairwise_accuracy"]))
 
 
 def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(base, tmp_path, capsys):
