@@ -117,7 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data.eval_batches = 8  # batches in the fixed held-out evaluation set
     # Held-out sets besides the training sources' own, by name: cfg.data.eval_sources.wiki = eval_source(PATH), logged
     # as eval_loss/wiki at each evaluation (outside eval_loss). Every document of raw text counts, every token scored;
-    # of a prepared directory, its eval split (chat: the assistant's tokens). Objectives "lm" and "sft".
+    # of a prepared directory, its eval split (chat: the assistant's tokens; preference pairs, in DPO and reward runs,
+    # as the training pairs are scored).
     cfg.data.eval_sources = ml_collections.ConfigDict()
 
     cfg.optim = ml_collections.ConfigDict()
@@ -487,9 +488,6 @@ def _check_held_out_names(cfg: ml_collections.ConfigDict) -> None:
     """An evaluation-only set's name must not be a training source's: both are logged as eval_loss/<name>."""
     if not cfg.data.eval_sources:
         return
-    if cfg.objective.name not in ("lm", "sft"):
-        raise ConfigError(f"data.eval_sources is for objectives 'lm' and 'sft', not {cfg.objective.name!r}: the "
-                          "training source's own held-out pairs are evaluated")
     training = list(cfg.data.mixture.keys()) or ["data"]
     taken = sorted(set(training) & set(cfg.data.eval_sources.keys()))
     if taken:

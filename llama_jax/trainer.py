@@ -330,9 +330,9 @@ def _pair_loss_and_grads(pair_loss, grad_accum: int, state: TrainState, batch: B
 
 def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, loss_chunk_len: int = 0,
                    objective: ml_collections.ConfigDict | None = None, microbatches: int = 1) -> Callable:
-    """params, batch -> (loss sum, count), or (loss sum, count, {name: sum}) for other held-out figures. DPO: the
-    chosen responses' NLL (with end tokens); reward: the pairwise loss over pairs, and the correctly ordered pairs;
-    otherwise the LM loss over `loss_mask`. The batch goes through in `microbatches` parts (the run's
+    """params, batch -> (loss sum, count), or (loss sum, count, {name: sum}) for other held-out figures. Reward: the
+    pairwise loss over pairs, and the correctly ordered pairs; otherwise the LM loss over `loss_mask`, or over a DPO
+    pair batch's `nll_mask` (the chosen responses, with end tokens). The batch goes through in `microbatches` parts (the run's
     optim.grad_accum), so that evaluating a batch never needs more memory than training on it."""
     if objective is not None and objective.name == "reward":
         def eval_fn(params, batch: Batch):
@@ -341,13 +341,12 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
             loss, metrics = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
             return loss, jnp.sum(valid_pairs(batch)), {"pairwise_accuracy": metrics["pairwise_accuracy"]}
     else:
-        mask_key = "nll_mask" if objective is not None and objective.name == "dpo" else "loss_mask"
-
         def eval_fn(params, batch: Batch):
             model = model_def.merge(params)
             h_btd = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                                  layers_fn=layers_fn)
-            return lm_loss_sum(model.logits, h_btd, batch["targets"], batch[mask_key], chunk_len=loss_chunk_len)
+            mask_bt = batch["nll_mask"] if "nll_mask" in batch else batch["loss_mask"]
+            return lm_loss_sum(model.logits, h_btd, batch["targets"], mask_bt, chunk_len=loss_chunk_len)
 
     if microbatches == 1:
         return eval_fn
@@ -682,9 +681,18 @@ def _pair_data(p: Phase, corpus, pad_id: int, processes: dict) -> PhaseData:
             "--tokenizer T --out DIR and set data.source=DIR"
         )
     batches = PreferenceBatches(source.train, p.batches, seed=cfg.seed + p.index, pad_id=pad_id, name=source.name)
-    held_out = eval_pair_batches(source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                 max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes)
-    return PhaseData(batches, {source.name: held_out})
+    sizes = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=cfg.data.eval_batches,
+                 pad_id=pad_id, **processes)
+    eval_sets = {source.name: eval_pair_batches(source.eval, **sizes)}
+    for name, store in corpus.held_out.items():  # data.eval_sources: pairs, or for DPO also text (what it forgets)
+        if is_preference_store(store):
+            eval_sets[name] = eval_pair_batches(store, **sizes)
+        elif cfg.objective.name == "dpo":
+            eval_sets[name] = eval_batches(store, **sizes)
+        else:
+            raise ConfigError(f"data.eval_sources.{name} is not a preference corpus, and a reward model scores pairs "
+                              "only: prepare it with python -m llama_jax.data.preferences, or remove it")
+    return PhaseData(batches, eval_sets)
 
 
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:
@@ -967,17 +975,18 @@ def _evaluate(eval_fn, params, eval_sets: dict[str, list[Batch]], plan: TrainBat
     """`eval_loss` (per token, or per pair) of each training source's held-out set; over several sources, their
     mixture-weighted mean. `eval_loss/<name>` for each evaluation-only set (`data.eval_sources`), and for each source
     of a mixture. Other figures an objective's evaluation returns (the reward model's pairwise accuracy) come as
-    `eval_<name>`, over all the held-out sets."""
-    losses, extras, total = {}, {}, 0.0
+    `eval_<figure>` over the training sources' held-out sets, and `eval_<figure>/<name>` for an evaluation-only set."""
+    losses, sums, counts = {}, {}, {}
     for name, batches in eval_sets.items():
         results = jax.device_get([eval_fn(params, batch) for batch in batches])
+        suffix = "" if name in plan.names else f"/{name}"
         count = sum(float(result[1]) for result in results)
         losses[name] = sum(float(result[0]) for result in results) / max(count, 1.0)
-        total += count
+        counts[suffix] = counts.get(suffix, 0.0) + count
         for result in results:
             for key, value in (result[2] if len(result) > 2 else {}).items():
-                extras[f"eval_{key}"] = extras.get(f"eval_{key}", 0.0) + float(value)
-    extras = {key: value / max(total, 1.0) for key, value in extras.items()}
+                sums[key, suffix] = sums.get((key, suffix), 0.0) + float(value)
+    extras = {f"eval_{key}{suffix}": value / max(counts[suffix], 1.0) for (key, suffix), value in sums.items()}
     each = {f"eval_loss/{name}": loss for name, loss in losses.items() if len(plan.names) > 1 or name not in plan.names}
     if len(plan.names) == 1:
         mean = losses[plan.names[0]]

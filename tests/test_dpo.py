@@ -15,8 +15,8 @@ from flax import nnx
 from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
-from llama_jax import trainer
-from llama_jax.config import model_config
+from llama_jax import checkpoint, trainer
+from llama_jax.config import eval_source, model_config
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError
@@ -25,6 +25,7 @@ from llama_jax.objectives import dpo
 from llama_jax.objectives.pairs import PAIR_KEYS
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.phases import RunPlan
+from llama_jax.workdir import read_jsonl
 
 SEQ = 128
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -194,6 +195,36 @@ def test_the_trainer_runs_dpo_and_the_reward_model_end_to_end(base, tmp_path, ob
     assert math.isfinite(logged["eval_loss"])
     if objective == "reward":  # held out: the share of pairs the model orders right
         assert 0.0 <= logged["eval_pairwise_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_evaluation_only_sets_score_pairs_as_the_run_does_and_dpo_also_text(base, tmp_path, objective):
+    """The training pairs' own directory, as a set, gives the run's own figures; a text set (what DPO forgets) is
+    scored on every token; a reward model, which scores pairs only, refuses text."""
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "add.txt").write_text(text)
+    cfg = dpo_config(base, objective__name=objective, train__steps=2, train__log_every=2, train__eval_every=2,
+                     checkpoint__every_steps=2)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.eval_sources.again = eval_source(cfg.data.source)
+    cfg.data.eval_sources.text = eval_source(str(tmp_path / "text"))
+    if objective == "reward":
+        with pytest.raises(ConfigError, match="data.eval_sources.text is not a preference corpus, and a reward model "
+                                              "scores pairs only"):
+            trainer.train(cfg, tmp_path / "refused")
+        del cfg.data.eval_sources.text
+    trainer.train(cfg, tmp_path / "run")
+    line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert line["eval_loss/again"] == line["eval_loss"]
+    if objective == "reward":
+        assert line["eval_pairwise_accuracy/again"] == line["eval_pairwise_accuracy"]
+        return
+    model, tokenizer_path = checkpoint.load_model(tmp_path / "run")
+    tokens = jnp.asarray(Tokenizer.from_file(tokenizer_path).encode_documents([text])[0])
+    logits = model(tokens[None, :-1])[0].astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[1:, None], axis=-1).mean()
+    assert line["eval_loss/text"] == pytest.approx(float(nll), rel=1e-4)
 
 
 class Bigram:
