@@ -73,16 +73,17 @@ def _host_available_bytes() -> int:
     return available if limit == "max" else min(available, int(limit) - int(used))
 
 
-def check_fits(parts: dict[str, int], devices: Sequence[jax.Device], *, subject: str, fix: str, cpu_fix: str) -> None:
+def check_fits(parts: dict[str, int], devices: Sequence[jax.Device], *, subject: str, fix: str, cpu_fix: str) -> str:
     """Refuses what needs `parts` (bytes per device, by name) when it exceeds what each of `devices` can hold; the
-    message ends with `fix`, or with `cpu_fix` where the devices are CPU ones sharing one host's memory."""
+    message ends with `fix`, or with `cpu_fix` where the devices are CPU ones sharing one host's memory. Returns the
+    same figures when it fits, for the log."""
     needed = sum(parts.values())
     limit, available = device_memory_bytes(devices)
-    if needed <= limit:
-        return
     listed = f" ({', '.join(f'{name} {size / GiB:.2f}' for name, size in parts.items() if size)} GiB)"
-    raise ConfigError(f"{subject} {needed / GiB:.2f} GiB per device{listed if len(parts) > 1 else ''}, but "
-                      f"{available}: {cpu_fix if devices[0].platform == 'cpu' else fix}")
+    figures = f"{subject} {needed / GiB:.2f} GiB per device{listed if len(parts) > 1 else ''}"
+    if needed <= limit:
+        return f"{figures}, and {available}"
+    raise ConfigError(f"{figures}, but {available}: {cpu_fix if devices[0].platform == 'cpu' else fix}")
 
 
 def check_train_state_fits(parts: dict[str, int], devices: Sequence[jax.Device]) -> None:
@@ -94,23 +95,23 @@ def check_train_state_fits(parts: dict[str, int], devices: Sequence[jax.Device])
                        f"more memory (CPU devices share the host's, so sharding over them does not help); {plan}")
 
 
-def check_step_fits(compiled: jax.stages.Compiled, devices: Sequence[jax.Device]) -> None:
+def check_step_fits(compiled: jax.stages.Compiled, devices: Sequence[jax.Device]) -> str | None:
     """Refuses a compiled training step that cannot run on `devices`. An accelerator's allocator must hold the whole
     step: its arguments (the state, the batch), its results beyond the donated state, and its temporaries. CPU devices
     already hold the arguments in the host's memory, which `device_memory_bytes` counts as used, so only what the
-    step allocates on top is compared with what is free."""
+    step allocates on top is compared with what is free. Returns the figures (None without the analysis)."""
     stats = compiled.memory_analysis()
     if stats is None:  # a backend without the analysis
-        return
+        return None
     allocated = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
     if devices[0].platform == "cpu":
         subject, parts = "the compiled training step needs, for its activations and other temporaries,", {"": allocated}
     else:
         subject = "the compiled training step needs"
         parts = {"state and batch": stats.argument_size_in_bytes, "activations and other temporaries": allocated}
-    check_fits(parts, devices, subject=subject,
-               fix=f"shard over more devices (mesh.fsdp), or {_LOWER}",
-               cpu_fix=f"{_LOWER} (CPU devices share the host's memory, so sharding over them does not help)")
+    return check_fits(parts, devices, subject=subject,
+                      fix=f"shard over more devices (mesh.fsdp), or {_LOWER}",
+                      cpu_fix=f"{_LOWER} (CPU devices share the host's memory, so sharding over them does not help)")
 
 
 def out_of_memory(err: Exception, fix: str) -> ConfigError | None:

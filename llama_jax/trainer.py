@@ -765,7 +765,9 @@ class _Loop:
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
             if not compiled_here:  # compiled ahead of its first call (which reuses it) to check its memory first
-                memory.check_step_fits(step_fn.lower(*args, *lora_args).compile(), memory.local_devices(run.mesh))
+                fits = memory.check_step_fits(step_fn.lower(*args, *lora_args).compile(), memory.local_devices(run.mesh))
+                if fits:
+                    self.logger.write(f"Memory: {fits}")
             state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()

@@ -124,10 +124,15 @@ def test_the_fix_named_depends_on_whether_sharding_helps():
             memory.check_train_state_fits({"parameters": 2**50}, devices)
 
 
-def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(trained, tmp_path, monkeypatch):
-    """The state fits (the first check passes), but the step's activations do not."""
+def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(trained, tmp_path, monkeypatch, capsys):
+    """The state fits (the first check passes), but the step's activations do not. A step that fits logs its
+    figures."""
     cfg = _config(trained.parent)  # the corpus cache `trained` built
     cfg.train.steps = 1
+    trainer.train(cfg, tmp_path / "fits")
+    assert re.search(r"\nMemory: the compiled training step needs, for its activations and other temporaries, "
+                     r"0\.\d\d GiB per device, and the host's \d+\.\d\d GiB free, shared by 8 CPU devices, give each "
+                     r"\d+\.\d\d GiB\n", capsys.readouterr().out)
     run = trainer.setup(cfg, tmp_path)
     limit = sum(trainer._state_bytes(cfg, run.model_def, run.abstract_state, None).values())
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (limit, "each device can hold little"))
