@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama_jax.convert import open_checkpoint  # the checkpoint readers are needed by the CLI only
     from llama_jax.data.corpus import held_out_store
     from llama_jax.generate import parse_mesh
-    from llama_jax.memory import out_of_memory
+    from llama_jax.memory import report_out_of_memory
     from llama_jax.parallel.mesh import make_mesh
 
     try:
@@ -530,11 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:
-        error = out_of_memory(e, "lower --batch_size (or --max_len), or shard the model over more devices (--mesh)")
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_out_of_memory(e, "lower --batch_size (or --max_len), or shard the model over more devices "
+                                       "(--mesh)")
     if metrics:
         print(format_table(metrics))
     if text:

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.chat import ChatFormat
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
-from llama_jax.memory import out_of_memory
+from llama_jax.memory import report_out_of_memory
 from llama_jax.model import Llama, LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.parallel.mesh import MESH_AXES, logical_to_spec, make_mesh
@@ -390,12 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:
-        error = out_of_memory(e, ("give fewer prompts at once or fewer --max_new_tokens, or shard the model over more "
-                                  "devices (--mesh)"))
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_out_of_memory(e, "give fewer prompts at once or fewer --max_new_tokens, or shard the model "
+                                       "over more devices (--mesh)")
     if len(texts) == 1:
         print(completions[0])
     else:

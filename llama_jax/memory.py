@@ -17,6 +17,7 @@ for the devices ends in a message naming what to lower rather than in XLA's RESO
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax.errors import ConfigError
+from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
 from llama_jax.model import LlamaConfig, ModelDef
 from llama_jax.parallel.mesh import param_shardings
 
@@ -121,6 +123,16 @@ def out_of_memory(err: Exception, fix: str) -> ConfigError | None:
     if not isinstance(err, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(err):
         return None
     return ConfigError(f"the devices ran out of memory ({str(err).strip().splitlines()[0]}): {fix}")
+
+
+def report_out_of_memory(err: jax.errors.JaxRuntimeError, fix: str) -> int:
+    """For a command's `except jax.errors.JaxRuntimeError`: prints RESOURCE_EXHAUSTED as one error line ending with
+    `fix` and returns the exit code; any other runtime error goes on up, with its traceback."""
+    error = out_of_memory(err, fix)
+    if error is None:
+        raise err
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh | None) -> None:

@@ -30,6 +30,7 @@ from llama_jax.data.chat import ChatFormat, Message
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.generate import generate, parse_mesh
+from llama_jax.memory import report_out_of_memory
 from llama_jax.objectives import reward
 from llama_jax.parallel.mesh import make_mesh
 from llama_jax.workdir import as_path
@@ -139,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        return report_out_of_memory(e, "lower --batch_size (prompts per generation call, each --samples rows) or "
+                                       "--max_new_tokens, or shard both models over more devices (--mesh)")
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"wrote the best of {args.samples} samples for {len(records)} prompts to {args.out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 
 from posttrain_fixtures import tiny_base
@@ -86,3 +87,19 @@ def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
     prompts = rejection_sample.read_prompts(out)
     assert [p[0]["content"] for p in prompts] == [r["prompt"] for r in stdlib_chat.preferences()[:5]]
     assert all(len(p) == 1 and p[0]["role"] == "user" for p in prompts)
+
+
+def test_the_cli_running_out_of_device_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    status = "RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes."
+
+    def fails(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(status)
+
+    monkeypatch.setattr(rejection_sample, "sample", fails)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    assert rejection_sample.main(["--policy", "p", "--reward", "r", "--prompts", str(prompts), "--out",
+                                  str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the devices ran out of memory ({status}): lower --batch_size (prompts per generation call, each "
+        "--samples rows) or --max_new_tokens, or shard both models over more devices (--mesh)\n")
