@@ -107,7 +107,8 @@ def check_step_fits(compiled: jax.stages.Compiled, devices: Sequence[jax.Device]
         return None
     allocated = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
     if devices[0].platform == "cpu":
-        subject, parts = "the compiled training step needs, for its activations and other temporaries,", {"": allocated}
+        subject = "the compiled training step needs, for its activations and other temporaries,"
+        parts = {"activations and other temporaries": allocated}  # one part: named by the subject
     else:
         subject = "the compiled training step needs"
         parts = {"state and batch": stats.argument_size_in_bytes, "activations and other temporaries": allocated}

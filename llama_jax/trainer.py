@@ -332,8 +332,8 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
                    objective: ml_collections.ConfigDict | None = None, microbatches: int = 1) -> Callable:
     """params, batch -> (loss sum, count), or (loss sum, count, {name: sum}) for other held-out figures. Reward: the
     pairwise loss over pairs, and the correctly ordered pairs; otherwise the LM loss over `loss_mask`, or over a DPO
-    pair batch's `nll_mask` (the chosen responses, with end tokens). The batch goes through in `microbatches` parts (the run's
-    optim.grad_accum), so that evaluating a batch never needs more memory than training on it."""
+    pair batch's `nll_mask` (the chosen responses, with end tokens). The batch goes through in `microbatches` parts
+    (the run's optim.grad_accum), so that evaluating a batch never needs more memory than training on it."""
     if objective is not None and objective.name == "reward":
         def eval_fn(params, batch: Batch):
             base, head = reward_objective.split_params(params)
@@ -765,7 +765,8 @@ class _Loop:
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
             if not compiled_here:  # compiled ahead of its first call (which reuses it) to check its memory first
-                fits = memory.check_step_fits(step_fn.lower(*args, *lora_args).compile(), memory.local_devices(run.mesh))
+                compiled = step_fn.lower(*args, *lora_args).compile()
+                fits = memory.check_step_fits(compiled, memory.local_devices(run.mesh))
                 if fits:
                     self.logger.write(f"Memory: {fits}")
             state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))

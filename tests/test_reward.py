@@ -65,7 +65,8 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
         state, last = step(state, held)
         loss_sum, pairs, held_out = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
         in_parts = jax.jit(trainer.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective,
-                                                  microbatches=2))(state.params, run.to_global(data.eval_sets["data"][0]))
+                                                  microbatches=2))
+        in_parts = in_parts(state.params, run.to_global(data.eval_sets["data"][0]))
     np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)  # a zero head ties every pair
     assert float(last["pairwise_accuracy"]) > 0.9 and float(last["loss"]) < math.log(2) - 0.1, last
     assert float(pairs) > 0 and np.isfinite(float(loss_sum))
