@@ -531,7 +531,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
     validate(cfg)
     plan = RunPlan(cfg)
     for p in plan.phases:
-        check_memory(p.cfg)
+        distributed.on_every_process(lambda: check_memory(p.cfg), "the memory check")
     schedule = run_lr_schedule(cfg.optim, plan)
     model_cfg = model_config(cfg)
     corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")
@@ -766,7 +766,8 @@ class _Loop:
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
             if not compiled_here:  # compiled ahead of its first call (which reuses it) to check its memory first
                 compiled = step_fn.lower(*args, *lora_args).compile()
-                fits = memory.check_step_fits(compiled, memory.local_devices(run.mesh))
+                fits = distributed.on_every_process(
+                    lambda: memory.check_step_fits(compiled, memory.local_devices(run.mesh)), "the memory check")
                 if fits:
                     self.logger.write(f"Memory: {fits}")
             state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))

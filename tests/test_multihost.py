@@ -166,6 +166,30 @@ SRUN = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-004]", "SLURM_NTA
         "SLURM_LOCALID": "0"}
 
 
+@pytest.mark.parametrize("free_bytes, refusal", [
+    (2**20, "error: the training state, before any activation, needs"),
+    (4 * 2**20, "error: the compiled training step needs, for its activations and other temporaries,"),
+], ids=["state", "compiled-step"])
+def test_a_memory_check_failing_on_one_host_stops_every_host_in_one_line(tmp_path, job, free_bytes, refusal):
+    """The checks read each host's own free memory. Here process 1's host has too little (its config file says so):
+    1 MiB (a quarter per device) fails the state check, 4 MiB passes it (0.63 MiB per device) but not the compiled
+    step's (1.53 MiB per device). Process 1 says why; process 0 names process 1. Without the agreement process 0
+    went on alone and died 30 s later in its next collective, with gloo's DEADLINE_EXCEEDED and a traceback."""
+    config = tmp_path / "low_memory_host.py"
+    config.write_text(f"""import os
+from llama_jax import memory
+
+if os.environ["LLAMA_JAX_PROCESS_ID"] == "1":
+    memory._host_available_bytes = lambda: {free_bytes}
+""" + CONFIG)
+    codes, outputs = finish(start_two_processes({**job, "config": config}, tmp_path / "run", tmp_path / "cache"))
+    assert codes == [2, 2], outputs
+    assert "Traceback" not in outputs[0] + outputs[1], outputs
+    errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
+    assert errors[0] == ["error: the memory check failed on process 1 of 2: its output says why and what to change"]
+    assert len(errors[1]) == 1 and errors[1][0].startswith(refusal), outputs[1][-2000:]
+
+
 def test_the_environment_decides_how_processes_join():
     assert distributed_arguments({}) is None
     assert distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3)

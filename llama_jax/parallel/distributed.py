@@ -15,9 +15,10 @@ import os
 from typing import Callable, Mapping, TypeVar
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, LlamaJaxError
 
 COORDINATOR = "LLAMA_JAX_COORDINATOR"
 NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
@@ -116,3 +117,24 @@ def process_zero_first(fn: Callable[[], T], name: str) -> T:
             multihost_utils.sync_global_devices(name)
     multihost_utils.sync_global_devices(name)
     return fn()
+
+
+def on_every_process(check: Callable[[], T], what: str) -> T:
+    """`check()` on every process, which all stop if it fails on any: there with its own error, elsewhere with one
+    naming that process. For a check whose answer depends on the host (its free memory): a process that stopped alone
+    would leave the others waiting in their next collective until its timeout ends them with a traceback (gloo on
+    CPU: `DEADLINE_EXCEEDED` after 30 s)."""
+    if jax.process_count() == 1:
+        return check()
+    error = None
+    try:
+        result = check()
+    except LlamaJaxError as e:
+        error = e
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ConfigError(f"{what} failed on process {int(np.flatnonzero(failed)[0])} of {jax.process_count()}: its "
+                          "output says why and what to change")
+    return result
