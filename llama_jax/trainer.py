@@ -764,12 +764,8 @@ class _Loop:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
-            if not compiled_here:  # compiled ahead of its first call (which reuses it) to check its memory first
-                compiled = step_fn.lower(*args, *lora_args).compile()
-                fits = distributed.on_every_process(
-                    lambda: memory.check_step_fits(compiled, memory.local_devices(run.mesh)), "the memory check")
-                if fits:
-                    self.logger.write(f"Memory: {fits}")
+            if not compiled_here:
+                self._check_step_memory(run, step_fn, (*args, *lora_args))
             state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()
@@ -825,6 +821,15 @@ class _Loop:
                 raise Preempted(done, self.checkpointer.directory)
         self._close_profile()
         return state, logged
+
+    def _check_step_memory(self, run: Run, step_fn, args: tuple) -> None:
+        """Compiles the phase's step ahead of its first call, which reuses the compile, to refuse on every host a step
+        its devices cannot hold (memory.check_step_fits); logs the figures of one that fits."""
+        compiled = step_fn.lower(*args).compile()
+        fits = distributed.on_every_process(
+            lambda: memory.check_step_fits(compiled, memory.local_devices(run.mesh)), "the memory check")
+        if fits:
+            self.logger.write(f"Memory: {fits}")
 
     def _judge(self, steps: list[tuple[int, dict]]) -> tuple[int, str] | None:
         """The first bad step among `steps` (fetching their losses waits for them), with what is wrong with it."""
