@@ -203,8 +203,10 @@ def quiet_background_failures() -> None:
     """For the command line: a failed background save reaches the run as one `CheckpointError` line
     (`Checkpointer._writing`), but Orbax also logs a traceback per failed writer thread, and TensorStore's callbacks
     into Orbax's closed event loop print a few dozen 'Event loop is closed' tracebacks; measured on a full 12 MB
-    disk, 630 lines in all. Orbax's records keep their one-line message; the loop's noise goes."""
+    disk, 630 lines in all. Orbax's records keep their one-line message; the loop's noise goes. Sometimes asyncio
+    also reports Orbax's failed writer tasks as 'Task exception was never retrieved', with their tracebacks."""
     logging.getLogger("absl").addFilter(_without_orbax_tracebacks)
+    logging.getLogger("asyncio").addFilter(_without_orbax_tracebacks)
     previous = sys.unraisablehook
 
     def unraisable(error) -> None:
@@ -215,7 +217,7 @@ def quiet_background_failures() -> None:
 
 
 def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    if "/orbax/" in record.pathname:
+    if "/orbax/" in record.pathname or (record.name == "asyncio" and "/orbax/" in record.getMessage()):
         record.exc_info, record.exc_text = None, None
     return True
 
