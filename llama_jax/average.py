@@ -25,7 +25,7 @@ from etils import epath
 from llama_jax.convert import ParamSource, open_source
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.ours_format import write_ours
-from llama_jax.workdir import resolve
+from llama_jax.workdir import check_writable, resolve
 
 
 class _Mean(ParamSource):
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="parameter dtype of the average (default: the first checkpoint's)")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out, "--out", directory=True)
         average(args.checkpoints, args.out, args.dtype)
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)

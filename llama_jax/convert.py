@@ -69,7 +69,7 @@ from llama_jax.generation_config import GenerationSettings
 from llama_jax.memory import check_model_fits
 from llama_jax.model import Llama, LlamaConfig
 from llama_jax.parallel.mesh import param_shardings
-from llama_jax.workdir import is_remote, local_copy, local_output, read_array, resolve, write_array
+from llama_jax.workdir import check_writable, is_remote, local_copy, local_output, read_array, resolve, write_array
 
 _ARCHITECTURE = "LlamaForCausalLM"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -810,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if dst == src:
             raise CheckpointError(f"{dst} holds the checkpoint being read: choose another output directory")
+        check_writable(dst, "the output directory", directory=True)
         convert(open_source(src, args.source_format), dst, args.target_format, dtype=args.dtype, shards=args.shards)
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
 from llama_jax.model.matmul import project
 from llama_jax.parallel.mesh import logical_to_spec
+from llama_jax.workdir import check_writable
 
 # target name -> (its path in the params, how many of its axes after the layer axis are inputs)
 TARGETS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama_jax.convert import convert
 
     try:
+        check_writable(args.out, "--out", directory=True)
         convert(merged_source(args.run), args.out, args.to, dtype=args.dtype)
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)

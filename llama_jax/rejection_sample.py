@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.convert import open_checkpoint
+from llama_jax.data import conversations
 from llama_jax.data.chat import ChatFormat, Message
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
@@ -33,29 +34,17 @@ from llama_jax.generate import generate, parse_mesh
 from llama_jax.memory import report_out_of_memory
 from llama_jax.objectives import reward
 from llama_jax.parallel.mesh import make_mesh
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, check_writable, write_whole
 
 Scorer = Callable[[list[list[Message]]], np.ndarray]  # conversations -> one score each
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
-    """The prompts of a JSON Lines file (local or a URL)."""
+    """The prompts of a JSON Lines file (local or a URL). A bad line is skipped and reported, as in SFT data."""
     path = as_path(path)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist: write one JSON object {{\"prompt\": ...}} per line")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{number} is not a JSON object with a 'prompt': write lines like "
-                            '{"prompt": "..."}') from None
-        prompts.append([{"role": "user", "content": value}] if isinstance(value, str) else value)
-    if not prompts:
-        raise DataError(f"{path} holds no prompt: write one JSON object {{\"prompt\": ...}} per line")
-    return prompts
+    return list(conversations.read_prompts(path))
 
 
 def best_of(prompts: list[list[Message]], samples: list[list[str]], scorer: Scorer) -> list[dict]:
@@ -128,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "would all be the same)")
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
         prompts = read_prompts(args.prompts)
-        out = as_path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)  # now, not after hours of sampling
+        check_writable(args.out, "--out", directory=False)  # now, not after hours of sampling
         samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          mesh=mesh)
@@ -143,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except jax.errors.JaxRuntimeError as e:
         return report_out_of_memory(e, "lower --batch_size (prompts per generation call, each --samples rows) or "
                                        "--max_new_tokens, or shard both models over more devices (--mesh)")
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = as_path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(out, "".join(json.dumps(r) + "\n" for r in records))
     print(f"wrote the best of {args.samples} samples for {len(records)} prompts to {args.out}")
     return 0
 

@@ -39,7 +39,7 @@ from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.model.config import RUNTIME_FIELDS, LlamaConfig, flops_per_token, param_count
 from llama_jax.model.presets import preset
-from llama_jax.workdir import is_remote, read_jsonl
+from llama_jax.workdir import check_writable, is_remote, read_jsonl
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # where the planner centres each budget's sizes, before anything is fitted
 
@@ -251,8 +251,18 @@ class Sweep:
     def create(cls, directory: str | os.PathLike, points: list[GridPoint], family: ModelFamily,
                base: ml_collections.ConfigDict | None = None, overrides: dict | None = None,
                holdout: float | None = None) -> Sweep:
-        sweep = cls(_local_sweep(directory), points, (base or default_config()).to_dict(), dict(overrides or {}),
-                    family, holdout)
+        """A new sweep, written to `directory`. Planning again into a sweep's directory opens it as it is when the plan
+        is the same (its finished runs and recorded prediction stand), and is refused when it differs: its finished
+        runs would be taken for the new plan's runs of the same names."""
+        directory = _local_sweep(directory)
+        check_writable(directory, "the sweep directory", directory=True)
+        sweep = cls(directory, points, (base or default_config()).to_dict(), dict(overrides or {}), family, holdout)
+        if (directory / "plan.json").is_file():
+            existing = cls.open(directory)
+            if _json(existing._plan()) != _json(sweep._plan()):
+                raise ConfigError(f"{directory} holds another sweep's plan and runs: plan into a new --out, or delete "
+                                  f"{directory} to start over")
+            return existing
         sweep.save()
         return sweep
 
@@ -292,15 +302,23 @@ class Sweep:
             doc = (f"IsoFLOP run {point.name}: family size {point.size}, {point.params:,} parameters, {point.steps} "
                    f"steps, {point.compute:.3g} FLOPs. Written by llama_jax.scaling.")
             self.config_file(point).write_text(config_source(self.config(point), doc))
-        data = {"family": dataclasses.asdict(self.family), "base": self.base, "overrides": self.overrides,
-                "holdout": self.holdout, "points": [dataclasses.asdict(p) for p in self.points],
-                "prediction": dataclasses.asdict(self.prediction) if self.prediction else None,
+        data = {**self._plan(), "prediction": dataclasses.asdict(self.prediction) if self.prediction else None,
                 "predicted": self.predicted}
         (self.directory / "plan.json").write_text(json.dumps(data, indent=1) + "\n")
         commands = [shlex.join(self.command(p, "python")) for p in self.all_points()]
         (self.directory / "launch.sh").write_text(
             "#!/bin/sh\n# The sweep's runs, one per line: independent, so a cluster can run them in parallel.\nset -e\n"
             + "\n".join(commands) + "\n")
+
+
+    def _plan(self) -> dict:
+        """What was planned, as plan.json holds it (without what the fit later adds)."""
+        return {"family": dataclasses.asdict(self.family), "base": self.base, "overrides": self.overrides,
+                "holdout": self.holdout, "points": [dataclasses.asdict(p) for p in self.points]}
+
+
+def _json(tree) -> str:
+    return json.dumps(tree, sort_keys=True)
 
 
 def _tuples(tree):

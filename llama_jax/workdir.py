@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
 
 LEASE_REFRESH_S = 30.0
 LEASE_EXPIRY_S = 120.0
@@ -49,6 +49,30 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 def as_path(path: str | os.PathLike) -> Path | epath.Path:
     """An `epath.Path` for a URL, the local path as a `pathlib.Path` otherwise (relative stays relative)."""
     return epath.Path(path) if is_remote(path) else Path(path).expanduser()
+
+
+def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
+    """Refuses an output that cannot be written before a command does its work, naming the flag to change, where
+    the OS error would come at the end, after the hours of conversion or sampling, from deep inside a writer and
+    naming only a temporary file. Nothing is created. A URL is not checked: a bucket's permissions show only when
+    writing."""
+    if is_remote(path):
+        return
+    path = Path(path).expanduser().absolute()
+    if path.exists() and path.is_dir() != directory:
+        problem = "it is a directory" if path.is_dir() else "it is a file"
+    else:
+        ancestor = path if path.is_dir() else path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            problem = f"{ancestor} is a file"
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            problem = f"this user cannot write in {ancestor}"
+        else:
+            return
+    what = "a directory" if directory else "a file"
+    raise ConfigError(f"{flag} {path} cannot be written ({problem}): give {what} path where this user can write")
 
 
 _COPY_CHUNK_BYTES = 64 * 2**20  # one request's worth when streaming to or from an object store

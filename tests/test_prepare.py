@@ -135,6 +135,21 @@ def test_out_dir_is_replaced_only_if_it_holds_a_preparation(tmp_path, tokenizer_
     assert len(ShardedCorpus.open(tmp_path / "out" / "train")) == 1
 
 
+def test_preference_pairs_replace_only_a_preparation(tmp_path, tokenizer_path):
+    """Before, python -m llama_jax.data.preferences --out deleted whatever directory it named."""
+    from llama_jax.data.preferences import prepare_preferences
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(3)))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="exists and is not a prepared corpus"):
+        prepare_preferences(pairs, tokenizer_path, tmp_path / "mine", eval_fraction=0)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert prepare_preferences(pairs, tokenizer_path, tmp_path / "out", eval_fraction=0) == {"train": 3}
+    assert prepare_preferences(pairs, tokenizer_path, tmp_path / "out", eval_fraction=0) == {"train": 3}
+
+
 def test_input_is_read_lazily_with_bounded_work_in_flight(tokenizer_path):
     pulled = itertools.count()
 

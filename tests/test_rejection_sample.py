@@ -89,6 +89,21 @@ def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
     assert all(len(p) == 1 and p[0]["role"] == "user" for p in prompts)
 
 
+def test_bad_prompt_lines_are_skipped_and_reported_before_any_model_loads(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": 3}\n{"prompt": [{"role": "wizard", "content": "x"}]}\nnot json\n'
+                       '{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n')
+    assert rejection_sample.read_prompts(prompts) == [[{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "Hi"}]]
+    report = capsys.readouterr().err
+    assert f"{prompts}:1" in report and "unknown role" in report and "invalid JSON" in report, report
+    prompts.write_text('{"prompt": 3}\n')
+    assert rejection_sample.main(["--policy", "never-opened", "--reward", "never-opened", "--prompts", str(prompts),
+                                  "--out", str(tmp_path / "out.jsonl")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {prompts} holds no usable record (the first bad line is {prompts}:1: "), error
+
+
 def test_the_cli_running_out_of_device_memory_is_one_line(tmp_path, monkeypatch, capsys):
     status = "RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes."
 

@@ -168,6 +168,30 @@ def test_cli_plan_fit_predict_and_check(tmp_path, capsys):
     assert "plan.json does not exist" in capsys.readouterr().err
 
 
+def test_planning_again_into_a_sweep_keeps_it_or_is_refused(tmp_path, capsys):
+    """Before, a second plan rewrote plan.json over the finished runs (and dropped the recorded prediction); a changed
+    plan's runs of the same names were then taken as finished."""
+    out = tmp_path / "sweep"
+    plan = ["plan", "--out", str(out), "--budgets", "1e12,2e12", "--holdout", "4e12", "--sizes", "1,2,3,4,5,6,7",
+            "--points", "3", "--vocab_size", "1024"]
+    assert scaling.main(plan) == 0
+    sweep = scaling.Sweep.open(out)
+    sweep.prediction, sweep.predicted = sweep.points[0], {"loss": 5.0, "params": 1.0, "tokens": 2.0}
+    sweep.save()
+    recorded = (out / "plan.json").read_text()
+    assert scaling.main(plan) == 0
+    assert (out / "plan.json").read_text() == recorded
+    capsys.readouterr()
+    assert scaling.main(plan[:-1] + ["2048"]) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds another sweep's plan and runs: plan into a new --out, or "
+                                       f"delete {out} to start over\n")
+    assert (out / "plan.json").read_text() == recorded
+    (tmp_path / "file").write_text("")
+    assert scaling.main(["plan", "--out", str(tmp_path / "file" / "sweep")] + plan[3:]) == 2
+    assert capsys.readouterr().err.startswith(f"error: the sweep directory {tmp_path / 'file' / 'sweep'} cannot be "
+                                              f"written ({tmp_path / 'file'} is a file)")
+
+
 def test_a_sweep_in_a_bucket_is_refused_with_the_mount_that_works(tmp_path, monkeypatch, capsys):
     """Before, `--out gs://b/sweep` wrote a local directory named 'gs:'."""
     monkeypatch.chdir(tmp_path)

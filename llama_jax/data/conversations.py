@@ -31,6 +31,7 @@ from llama_jax.workdir import is_remote
 
 _MESSAGES_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
+_PROMPT_EXAMPLE = '{"prompt": "..."}'
 _Record = TypeVar("_Record")
 
 
@@ -121,6 +122,12 @@ def read_preferences(
     in `read_conversations`.
     """
     return _read(_files(path_or_pattern), _preference, _PREFERENCE_EXAMPLE, report)
+
+
+def read_prompts(path: Path | epath.Path, *, report: SkipReport | None = None) -> Iterator[list[Message]]:
+    """Prompts as message lists from lines {"prompt": ...}: a string is one user message, a messages list the
+    conversation so far. Bad lines are handled as in `read_conversations`."""
+    return _read([path], _prompt, _PROMPT_EXAMPLE, report)
 
 
 def sft_example(fmt: ChatFormat, messages: list[Message]) -> SFTExample:
@@ -255,6 +262,10 @@ def _conversation(record: dict) -> list[Message]:
     if not any(message["role"] == "assistant" for message in messages):
         raise _BadLine("no assistant message", "nothing for the model to learn")
     return messages
+
+
+def _prompt(record: dict) -> list[Message]:
+    return _field(record, "prompt", "user")
 
 
 def _preference(record: dict) -> tuple[list[Message], list[Message], list[Message]]:

@@ -19,7 +19,7 @@ import sys
 
 from llama_jax.data.chat import ChatFormat
 from llama_jax.data.conversations import SkipReport, preference_example, read_preferences
-from llama_jax.data.prepare import DEFAULT_EVAL_FRACTION, in_eval_split
+from llama_jax.data.prepare import DEFAULT_EVAL_FRACTION, check_output_directory, in_eval_split
 from llama_jax.data.shards import ShardWriter, local_directory, tokenizer_hash
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import Tokenizer
@@ -33,6 +33,7 @@ def prepare_preferences(pattern: str | os.PathLike, tokenizer_path: str | os.Pat
     """Writes the pairs of the JSON Lines files matching `pattern`; returns the pairs written per split. A pair one
     of whose sequences has more than `max_tokens` tokens is skipped and counted (never cut)."""
     out_dir = local_directory(out_dir, "--out")
+    check_output_directory(out_dir)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     fmt = ChatFormat.from_directory(tokenizer_path, tokenizer)
     report = SkipReport()

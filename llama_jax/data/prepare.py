@@ -57,7 +57,8 @@ from llama_jax.data.shards import (
 )
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.errors import DataError
+from llama_jax.errors import DataError, LlamaJaxError
+from llama_jax.workdir import check_writable
 
 DEFAULT_EVAL_FRACTION = 0.02
 _BATCH_CHARACTERS = 1 << 20  # ~1 MB of text per task: large enough to amortize pickling, small enough to balance
@@ -177,11 +178,13 @@ def _check_output(out_dir: Path, eval_fraction: float) -> None:
     """Checks what can be wrong with the output before any work, so a mistake costs nothing."""
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}: 0.02 holds out 2% of the documents")
-    _check_replaceable(out_dir)
+    check_output_directory(out_dir)
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuses to replace anything but an empty directory or an earlier preparation: --out is deleted wholesale."""
+def check_output_directory(out_dir: Path) -> None:
+    """Refuses an --out that cannot be written, or that holds anything but an earlier preparation (or nothing): it is
+    replaced wholesale."""
+    check_writable(out_dir, "--out", directory=True)
     if not out_dir.exists():
         return
     if out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "train" / MANIFEST_FILE).is_file()):
@@ -496,10 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             for line in verify(args.verify):
                 print(line)
         else:
-            local_directory(args.out, "--out")  # before the sources' digests, which can take long
+            check_output_directory(local_directory(args.out, "--out"))  # before the sources' digests, which take long
             for line in (_run_chat if args.chat else _run)(args):
                 print(line, file=sys.stderr)
-    except DataError as e:
+    except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -31,7 +31,8 @@ from llama_jax.data.prepare import prepare_chat
 from llama_jax.data.preferences import prepare_preferences
 from llama_jax.data.sources import atomic_directory
 from llama_jax.data.tokenizer import tokenizer_files
-from llama_jax.workdir import as_path, write_whole
+from llama_jax.errors import LlamaJaxError
+from llama_jax.workdir import as_path, check_writable, write_whole
 
 MODULES = ("os.path", "json", "math", "itertools", "functools", "textwrap", "shlex", "string", "random",
            "statistics", "collections", "heapq", "bisect", "base64", "fnmatch", "glob", "shutil", "difflib")
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("--limit", type=int, default=None, help="at most this many (default: all)")
     args = parser.parse_args(argv)
     records = prompts(args.limit)
+    try:
+        check_writable(args.out, "--out", directory=False)
+    except LlamaJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_jsonl(records, args.out)
     print(f"wrote {len(records)} prompts to {args.out}")
     return 0
