@@ -242,6 +242,33 @@ def find_step_dir(path: epath.Path) -> epath.Path:
     )
 
 
+def check_resumed_tokenizer(workdir: epath.Path, tokenizer_files: Sequence[epath.Path | os.PathLike]) -> None:
+    """Refuses to go on with a run's checkpoints under a tokenizer other than the one they were trained with, where the
+    same token ids would mean other text. A new `data.source` without `data.tokenizer` trains a tokenizer of its own,
+    so changing the data of a run on resume changed its vocabulary silently, and replaced the workdir's copy that its
+    earlier checkpoints are used with. A workdir whose copy is gone (or whose newest checkpoint is damaged, which the
+    restore sets aside) has nothing to compare with."""
+    checkpoints = workdir / "checkpoints"
+    if not (checkpoints.is_dir() and saved_steps(checkpoints)):
+        return
+    try:
+        trained_with = SavedRun.open(workdir).tokenizer
+    except (CheckpointError, KeyError, ValueError):
+        return
+    files = [epath.Path(f) for f in tokenizer_files]
+    if not trained_with.is_file():
+        return
+    if trained_with.name == files[0].name and all(
+        not (workdir / f.name).is_file() or (workdir / f.name).read_bytes() == f.read_bytes() for f in files
+    ):
+        return
+    raise ConfigError(
+        f"{workdir} was trained with the tokenizer {trained_with}, but the data now comes with another ({files[0]}): "
+        "its token ids would mean other text. To train this run on new data, keep its tokenizer with "
+        f"--config.data.tokenizer={trained_with}; or start a fresh --workdir"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class SavedRun:
     """One step of a llama_jax run as it describes itself in meta/metadata, read without touching an array."""

@@ -700,10 +700,12 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
     file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir."""
     files = tokenizer_files(tokenizer_path)
+    ckpt.check_resumed_tokenizer(workdir, files)
     generation = workdir_lib.as_path(cfg.checkpoint.init_from) / generation_config.FILE_NAME
     if jax.process_index() == 0:
         for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
-            epath.Path(file).copy(workdir / file.name, overwrite=True)
+            if workdir_lib.resolve(file) != workdir / file.name:  # data.tokenizer may be the run's own copy
+                epath.Path(file).copy(workdir / file.name, overwrite=True)
     return files[0].name
 
 

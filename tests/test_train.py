@@ -100,6 +100,28 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, 
     assert capsys.readouterr().out.strip(), "generation from our own checkpoint printed nothing"
 
 
+def test_resuming_under_another_tokenizer_is_refused_naming_the_run_s_own(tmp_path, cache_dir):
+    """Before, resuming with a new data.source trained a tokenizer for it and went on: the model read other text under
+    the same token ids, and the workdir's tokenizer, which its earlier checkpoints are used with, was replaced."""
+    workdir = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 3), workdir)
+    kept = (workdir / "tokenizer.model").read_bytes()
+    cfg = small_config(cache_dir, 6)
+    cfg.data.source = "pydoc_topics"
+    with pytest.raises(ConfigError) as refused:
+        trainer.train(cfg, workdir)
+    assert str(refused.value).startswith(f"{workdir} was trained with the tokenizer {workdir / 'tokenizer.model'}, but "
+                                         "the data now comes with another (")
+    assert str(refused.value).endswith(f"--config.data.tokenizer={workdir / 'tokenizer.model'}; or start a fresh "
+                                       "--workdir")
+    assert (workdir / "tokenizer.model").read_bytes() == kept
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
+    cfg.data.tokenizer = os.path.relpath(workdir / "tokenizer.model")  # new data under the run's tokenizer: it goes on
+    trainer.train(cfg, workdir)
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    assert (workdir / "tokenizer.model").read_bytes() == kept
+
+
 def traced_ops(session: Path) -> dict[int, set[str]]:
     """The XLA operations (fusions, products, collectives) a Perfetto trace saw start inside each step's annotation:
     every operation of the step program runs in every step."""
