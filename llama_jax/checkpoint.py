@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
@@ -157,14 +158,10 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         args = ocp.args.Composite(**items)
-        try:
+        with restoring(f"checkpoint {self.directory / str(step)}", ". It is incomplete or was written for a different "
+                       "model/config: delete that step's directory to resume from an earlier one, or use a fresh "
+                       "--workdir"):
             restored = self.manager.restore(step, args=args)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} could not be restored ({err}). It is incomplete or was "
-                f"written for a different model/config: delete that step's directory to resume from an earlier "
-                f"one, or use a fresh --workdir"
-            ) from err
         return restored.params, restored.opt_state
 
     def wait(self) -> None:
@@ -204,20 +201,36 @@ def quiet_background_failures() -> None:
     (`Checkpointer._writing`), but Orbax also logs a traceback per failed writer thread, and TensorStore's callbacks
     into Orbax's closed event loop print a few dozen 'Event loop is closed' tracebacks; measured on a full 12 MB
     disk, 630 lines in all. Orbax's records keep their one-line message; the loop's noise goes. Sometimes asyncio
-    also reports Orbax's failed writer tasks as 'Task exception was never retrieved', with their tracebacks."""
+    also reports Orbax's failed writer tasks as 'Task exception was never retrieved': those go too. A failed
+    read (`restoring`) leaves the same noise, and the other reads' coroutines report their errors as they are
+    collected. Installed once, however often it is called."""
+    global _quiet
+    if _quiet:
+        return
+    _quiet = True
     logging.getLogger("absl").addFilter(_without_orbax_tracebacks)
     logging.getLogger("asyncio").addFilter(_without_orbax_tracebacks)
     previous = sys.unraisablehook
 
     def unraisable(error) -> None:
-        if not (isinstance(error.exc_value, RuntimeError) and str(error.exc_value) == "Event loop is closed"):
+        loop_closed = isinstance(error.exc_value, RuntimeError) and str(error.exc_value) == "Event loop is closed"
+        in_orbax = any("/orbax/" in frame.filename for frame in traceback.extract_tb(error.exc_traceback))
+        if not (loop_closed or in_orbax):
             previous(error)
 
     sys.unraisablehook = unraisable
 
 
+_quiet = False
+
+
 def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    if "/orbax/" in record.pathname or (record.name == "asyncio" and "/orbax/" in record.getMessage()):
+    """Orbax's own records keep their message. asyncio's about an Orbax task go: their error is the one the command
+    reports (`restoring`, `Checkpointer._writing`), and their message is the task's repr with its exception's, which
+    holds a whole TensorStore spec."""
+    if record.name == "asyncio" and "/orbax/" in record.getMessage():
+        return False
+    if "/orbax/" in record.pathname:
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -240,6 +253,26 @@ def find_step_dir(path: epath.Path) -> epath.Path:
         f"no checkpoint found at {path}: pass a training workdir, its checkpoints/ directory, or a step "
         f"directory such as WORKDIR/checkpoints/600"
     )
+
+
+@contextlib.contextmanager
+def restoring(what: str, fix: str) -> Iterator[None]:
+    """Turns what Orbax raises for a checkpoint's missing or damaged files into one CheckpointError, f"{what} could not
+    be restored ({the error}){fix}". Orbax wraps a failed read of an array's bytes (a truncated data file) in a bare
+    Exception whose cause is TensorStore's ValueError: that cause tells damage from a bug, which keeps its traceback.
+    The other reads still in flight then fail into Orbax's closed event loop from TensorStore's threads while the error
+    propagates, so `quiet_background_failures` is installed before the read, not after it failed."""
+    quiet_background_failures()
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, (FileNotFoundError, ValueError, KeyError)):
+            damage = err
+        elif type(err) is Exception and isinstance(err.__cause__, (OSError, ValueError)):
+            damage = err.__cause__
+        else:
+            raise
+        raise CheckpointError(f"{what} could not be restored ({damage}){fix}") from err
 
 
 def check_resumed_tokenizer(workdir: epath.Path, tokenizer_files: Sequence[epath.Path | os.PathLike]) -> None:
@@ -322,10 +355,8 @@ class SavedRun:
             merged = lora.restore_merged(self, shardings)
             return jax.tree.map(lambda x, like: x.astype(like.dtype), merged, abstract)
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
-        try:
+        with restoring(f"parameters in {self.step_dir}", ": the checkpoint is damaged or incomplete; use another step"):
             return ocp.StandardCheckpointer().restore(self.step_dir / "params", target)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise CheckpointError(f"parameters in {self.step_dir} could not be restored: {err}") from err
 
 
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Llama, str]:

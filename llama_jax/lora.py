@@ -250,10 +250,10 @@ def _restore_saved(saved) -> dict:
     """What a LoRA run's checkpoint holds as params: the adapters (and the reward head), as host arrays."""
     import orbax.checkpoint as ocp
 
-    try:
+    from llama_jax.checkpoint import restoring
+
+    with restoring(f"adapters in {saved.step_dir}", ": the checkpoint is damaged or incomplete; use another step"):
         return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(saved.step_dir / "params"))
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise CheckpointError(f"adapters in {saved.step_dir} could not be restored: {err}") from err
 
 
 def fingerprint(base: dict) -> str:

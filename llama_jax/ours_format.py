@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 
-from llama_jax.checkpoint import SavedRun
+from llama_jax.checkpoint import SavedRun, restoring
 from llama_jax.convert import ParamSource, copy_tokenizer_files, param_shapes
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.model import LlamaConfig
@@ -77,7 +77,8 @@ class OursSource(ParamSource):
         item = _nested(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         restore_args = _nested(path, ocp.RestoreArgs(restore_type=np.ndarray))
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        return functools.reduce(operator.getitem, path, self._handler.restore(self._params, args=args))
+        with restoring(f"{'.'.join(path)} in {self._params}", ": the checkpoint is damaged; use another step"):
+            return functools.reduce(operator.getitem, path, self._handler.restore(self._params, args=args))
 
 
 def _stored_shape(tree: dict, path: tuple[str, ...]) -> tuple[int, ...] | None:

@@ -60,7 +60,7 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
     from flax import nnx
 
     from llama_jax import lora
-    from llama_jax.checkpoint import SavedRun
+    from llama_jax.checkpoint import SavedRun, restoring
     from llama_jax.errors import CheckpointError
     from llama_jax.model import ModelDef
     from llama_jax.parallel.mesh import param_shardings, replicated
@@ -84,10 +84,7 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
                     HEAD: jax.ShapeDtypeStruct((model_def.cfg.dim,), jnp.float32)}
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract,
                               shardings)
-        try:
+        with restoring(f"{saved.step_dir}: the reward model's parameters", "; use another step"):
             params = ocp.StandardCheckpointer().restore(saved.step_dir / "params", target)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{saved.step_dir}: the reward model's parameters could not be restored ({err}); "
-                                  "use another step") from err
     base, head = split_params(params)
     return model_def.merge(base), head, str(saved.tokenizer)
