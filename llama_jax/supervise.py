@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +40,8 @@ from pathlib import Path
 from etils import epath
 
 from llama_jax import exit_codes, goodput
-from llama_jax.workdir import resolve, write_whole
+from llama_jax.errors import LlamaJaxError
+from llama_jax.workdir import check_writable, resolve, write_whole
 
 FIRST_STEP_ENV = "LLAMA_JAX_FIRST_STEP_FILE"
 LOG_FILE = "supervisor.jsonl"
@@ -59,6 +61,11 @@ class Policy:
     max_restarts: int = 8
     backoff: float = 10.0
     max_backoff: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+            raise ValueError(f"--max-restarts must be 0 or more, and 0 <= --backoff <= --max-backoff (seconds); got "
+                             f"{self.max_restarts}, {self.backoff} and {self.max_backoff}")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before the restart that follows `failures` restarts without progress."""
@@ -103,7 +110,11 @@ class Supervisor:
 
     def __init__(self, command: list[str], policy: Policy):
         self.command, self.policy = command, policy
+        if shutil.which(command[0]) is None:
+            raise ValueError(f"the training command's program {command[0]!r} was not found: give one on PATH or its "
+                             "path, e.g. -- python -m llama_jax.train --config FILE --workdir DIR")
         self.workdir = child_workdir(command)
+        check_writable(self.workdir, "the training command's --workdir", directory=True)
         self.log_path = self.workdir / LOG_FILE
         self.child: subprocess.Popen | None = None
         self._signals = 0
@@ -222,21 +233,23 @@ def _now() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv or argv.index("--") == len(argv) - 1:
-        print("usage: python -m llama_jax.supervise [options] -- python -m llama_jax.train --config FILE --workdir "
-              "DIR ...", file=sys.stderr)
-        return exit_codes.CONFIG
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.supervise", description=__doc__.split("\n")[0])
+    usage = "python -m llama_jax.supervise [options] -- python -m llama_jax.train --config FILE --workdir DIR ..."
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.supervise", usage=usage,
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--max-restarts", type=int, default=Policy.max_restarts,
                         help="restarts in a row without a new checkpoint before giving up")
     parser.add_argument("--backoff", type=float, default=Policy.backoff, help="seconds before the first restart")
     parser.add_argument("--max-backoff", type=float, default=Policy.max_backoff, help="the doubled backoff's cap")
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        parser.parse_known_args(argv)  # --help shows the options
+        print(f"usage: {usage}", file=sys.stderr)
+        return exit_codes.CONFIG
+    split = argv.index("--")
     options = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     try:
         supervisor = Supervisor(command, Policy(options.max_restarts, options.backoff, options.max_backoff))
-    except ValueError as err:
+    except (ValueError, LlamaJaxError) as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.CONFIG
     return supervisor.run()

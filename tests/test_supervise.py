@@ -16,6 +16,7 @@ from cli_run import CLI_ENV, KILL_RUN, REPO, cache_dir, cli_command, read_metric
 from test_multihost import TIMEOUT_S, checkpoint_steps, finish, job, start_two_processes  # noqa: F401 (a fixture)
 
 from llama_jax import goodput, maintenance
+from llama_jax import supervise as supervise_module
 from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError
 from llama_jax.watchdog import STALL_ENV
@@ -93,6 +94,27 @@ def test_the_training_command_must_name_its_workdir(tmp_path):
     result = supervise(tmp_path, [sys.executable, "-c", "pass"])
     assert result.returncode == 2
     assert "the training command has no --workdir DIR" in result.stderr
+
+
+def test_a_command_or_options_that_cannot_run_are_refused_in_one_line(tmp_path, capsys):
+    """Before, a missing program was a FileNotFoundError traceback, a workdir under a file an OSError's, and
+    --max-restarts -1 ran the child once and ended with exit code 0."""
+    (tmp_path / "file").write_text("")
+    for argv, message in (
+        (["--", str(tmp_path / "no-such-program"), "--workdir", str(tmp_path / "run")],
+         f"the training command's program '{tmp_path / 'no-such-program'}' was not found"),
+        (["--", sys.executable, "--workdir", str(tmp_path / "file" / "run")],
+         f"the training command's --workdir {tmp_path / 'file' / 'run'} cannot be written ({tmp_path / 'file'} is a file)"),
+        (["--max-restarts", "-1", "--", sys.executable, "--workdir", str(tmp_path / "run")],
+         "--max-restarts must be 0 or more, and 0 <= --backoff <= --max-backoff (seconds); got -1, 10.0 and 600.0"),
+    ):
+        assert supervise_module.main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {message}") and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    with pytest.raises(SystemExit) as shown:
+        supervise_module.main(["--help"])
+    assert shown.value.code == 0 and "--max-restarts MAX_RESTARTS" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
