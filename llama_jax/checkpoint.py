@@ -319,7 +319,11 @@ class SavedRun:
         meta_file = step_dir / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(f"{step_dir} has no meta/metadata: the checkpoint is incomplete or not from llama_jax")
-        return cls(step_dir, json.loads(meta_file.read_text()))
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{meta_file} is not JSON ({err}): the checkpoint is damaged; use another step") from None
+        return cls(step_dir, meta)
 
     @property
     def model_config(self) -> LlamaConfig:

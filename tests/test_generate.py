@@ -196,6 +196,23 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and not result.stdout  # one line, no traceback
 
 
+def test_the_commands_reading_a_checkpoint_with_damaged_metadata_say_so_in_one_line(tmp_path, capsys):
+    """Before, convert and average ended with a JSONDecodeError traceback, generate with a line that named no file."""
+    from llama_jax import average, convert
+
+    meta = tmp_path / "run" / "checkpoints" / "3" / "meta" / "metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("{cut off")
+    run = str(tmp_path / "run")
+    for command, argv in ((main, ["--checkpoint", run, "--prompt", "hi"]),
+                          (convert.main, ["--from", "ours", "--to", "hf", run, str(tmp_path / "hf")]),
+                          (average.main, ["--out", str(tmp_path / "avg"), run, run])):
+        assert command(argv) == 2
+        assert capsys.readouterr().err == (f"error: {meta} is not JSON (Expecting property name enclosed in double "
+                                           "quotes: line 1 column 2 (char 1)): the checkpoint is damaged; use another "
+                                           "step\n")
+
+
 @pytest.mark.parametrize("bos_framing", [True, False], ids=["bos-adding", "no-bos"])
 @pytest.mark.parametrize("stop_index", [0, 1])
 def test_cli_frames_and_stops_as_transformers(hf_dir, model, greedy, tmp_path, capsys, bos_framing, stop_index):
