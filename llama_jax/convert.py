@@ -59,7 +59,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, Sharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llama_jax import generation_config
 from llama_jax.data.chat import ChatFormat
@@ -338,7 +338,12 @@ def _open_safetensors(path: epath.Path) -> Iterator[dict[str, object]]:
         yield dict.fromkeys(files.shapes, files)
         return
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(file, framework="numpy")) for file in _safetensors_files(path)]
+        handles = []
+        for file in _safetensors_files(path):
+            try:
+                handles.append(stack.enter_context(safe_open(file, framework="numpy")))
+            except SafetensorError as e:  # a download cut short: its header names bytes the file lacks
+                raise CheckpointError(f"{file} is damaged or incomplete ({e}): re-download it") from None
         yield {name: handle for handle in handles for name in handle.keys()}
 
 
@@ -612,8 +617,14 @@ class _SafetensorsFiles:
                 with file.open("rb") as f:
                     size = int.from_bytes(f.read(8), "little")
                     header = json.loads(f.read(size))
+                    length = f.seek(0, os.SEEK_END)
             except ValueError as e:
                 raise CheckpointError(f"{file} has no readable safetensors header ({e}): re-download it") from None
+            needed = 8 + size + max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"),
+                                    default=0)
+            if length < needed:  # a download cut short
+                raise CheckpointError(f"{file} is incomplete: its header describes {needed:,} bytes, the file has "
+                                      f"{length:,}: re-download it")
             for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = (file, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
@@ -772,6 +783,18 @@ def copy_tokenizer_files(source: ParamSource, out: Path | epath.Path) -> list[st
     return [file.name for file in files]
 
 
+def _check_side_files(source: ParamSource) -> None:
+    """Reads the source's tokenizer, generation settings and chat template as their users will, before the weights
+    are converted: a damaged one was copied as it was (or, to Hugging Face, failed after the weights were written)
+    and failed only where the converted checkpoint was used."""
+    if source.tokenizer is None:
+        return
+    tokenizer = Tokenizer.from_file(source.tokenizer)
+    with local_copy(source.directory, _SIDE_FILES) as files:
+        GenerationSettings.from_directory(files, tokenizer)
+        ChatFormat.template_in(files, tokenizer)
+
+
 def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str | None = None,
             shards: int = 1) -> None:
     """Writes `source` to `out` (a local path or a URL) in format `to` (one of FORMATS), tensors in `dtype` (default:
@@ -781,6 +804,7 @@ def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str 
     if source.reward_model and to != "hf":
         raise ConfigError(f"{source.directory} is a reward model, whose score head has no place in {FORMATS[to]}: "
                           "convert it with --to hf (a LlamaForSequenceClassification)")
+    _check_side_files(source)
     if to == "hf":
         write_hf(source, out, dtype)
     elif to == "meta":

@@ -190,6 +190,31 @@ def test_load_hf_rejects_unsupported_rope_type(broken):
         load_hf(broken)
 
 
+def test_a_download_cut_short_is_named_by_loading_and_by_conversion(broken, tmp_path, capsys):
+    """Before, loading raised safetensors' SafetensorError and conversion a numpy reshape error, both as tracebacks."""
+    from llama_jax.convert import main
+
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{shard} is damaged or incomplete .*: re-download it"):
+        load_hf(broken)
+    assert main(["--from", "hf", "--to", "ours", str(broken), str(tmp_path / "ours")]) == 2
+    assert re.fullmatch(f"error: {shard} is incomplete: its header describes [0-9,]+ bytes, the file has [0-9,]+: "
+                        "re-download it\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("side_file", ["generation_config.json", "tokenizer_config.json"])
+def test_a_damaged_side_file_stops_conversion_before_any_weight_is_written(broken, tmp_path, capsys, side_file):
+    """Before, conversion to ours copied it as it was, and the converted run failed only where it was used."""
+    from llama_jax.convert import main
+
+    add_tokenizer(broken)
+    (broken / side_file).write_text("{cut off")
+    assert main(["--from", "hf", "--to", "ours", str(broken), str(tmp_path / "ours")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {broken / side_file} is not valid JSON (")
+    assert not (tmp_path / "ours").exists()
+
+
 def test_load_hf_names_a_missing_tensor(broken):
     name = "model.layers.1.self_attn.k_proj.weight"
     shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
