@@ -225,6 +225,7 @@ def test_cli_end_to_end_with_filters_and_verify(tmp_path, tokenizer_path):
     broken = run_cli("--verify", out)
     assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1
     assert broken.stderr.startswith("error: ") and "shard-00000.array_record does not match its sha256" in broken.stderr
+    assert broken.stderr.endswith(f"with --out {out}\n"), "the fix names --out, not the split (it said --out OUT/train)"
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):

@@ -41,7 +41,6 @@ DEFAULT_SHARD_TOKENS = 2**27  # 512 MiB of uint32 tokens before compression
 _WRITER_OPTIONS = "group_size:1"  # one record per compressed chunk: random reads decompress one document
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's setting for random access
 _LENGTHS_FLUSH = 1 << 20
-_FIX_PREPARE = "re-run `python -m llama_jax.data.prepare` with --out {directory}"
 
 
 def local_directory(path: str | os.PathLike, what: str) -> Path:
@@ -238,7 +237,7 @@ class ShardedCorpus:
                 f"{directory} was prepared with another tokenizer ({prepared_with}): re-run prepare with "
                 "--tokenizer X (the tokenizer you train with), or set data.tokenizer to the one it was prepared with"
             )
-        fix = _FIX_PREPARE.format(directory=directory)
+        fix = _fix_prepare(directory)
         for shard in manifest["shards"]:
             path = directory / shard["file"]
             if not path.is_file():
@@ -273,7 +272,7 @@ class ShardedCorpus:
 
     def verify(self) -> None:
         """Checks every shard's and the lengths file's sha256 against the manifest (reads the whole corpus)."""
-        fix = _FIX_PREPARE.format(directory=self.directory)
+        fix = _fix_prepare(self.directory)
         files = [*self.manifest["shards"], self.manifest["lengths"]]
         for entry in files:
             path = self.directory / entry["file"]
@@ -291,7 +290,7 @@ class ShardedCorpus:
             raise DataError(
                 f"record {position} of {self.directory / self.manifest['shards'][shard]['file']} has {len(record)} "
                 f"bytes, but lengths.npy says {n} tokens (the shard is corrupt): "
-                + _FIX_PREPARE.format(directory=self.directory)
+                + _fix_prepare(self.directory)
             )
         tokens = np.frombuffer(record, dtype="<u4", count=n)
         mask = np.frombuffer(record, dtype=np.uint8, offset=4 * n) if self.has_loss_mask else None
@@ -319,8 +318,15 @@ class ShardedCorpus:
         self.__init__(state["directory"], state["manifest"], _load_lengths(state["directory"], state["manifest"]))
 
 
+def _fix_prepare(directory: Path) -> str:
+    """The command that rebuilds a prepared corpus. Its --out is the directory above the train/ and eval/ splits that
+    readers open, so naming the split itself would have written train/train/."""
+    out = directory.parent if directory.name in ("train", "eval") else directory
+    return f"re-run `python -m llama_jax.data.prepare` (or `data.preferences`, for pairs) with --out {out}"
+
+
 def _read_manifest(directory: Path) -> dict:
-    fix = _FIX_PREPARE.format(directory=directory)
+    fix = _fix_prepare(directory)
     path = directory / MANIFEST_FILE
     if not path.is_file():
         hint = ""
@@ -362,7 +368,7 @@ def _has_required_fields(manifest: dict) -> bool:
 
 def _load_lengths(directory: Path, manifest: dict) -> np.ndarray:
     """lengths.npy memory-mapped, checked against the manifest's per-shard counts (one pass over 8 bytes a document)."""
-    fix = _FIX_PREPARE.format(directory=directory)
+    fix = _fix_prepare(directory)
     path = directory / manifest["lengths"]["file"]
     try:
         lengths = np.load(path, mmap_mode="r")
