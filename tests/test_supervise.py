@@ -162,7 +162,7 @@ def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path,
     frame, and exits 76; the supervisor restarts from checkpoint 4 and the run finishes with every step logged once."""
     workdir = tmp_path / "run"
     train = cli_command(workdir, cache_dir, *KILL_RUN, "--config.checkpoint.every_steps=4",
-                        "--config.watchdog.min_seconds=2")
+                        "--config.watchdog.min_seconds=10")
     result = subprocess.run([*SUPERVISE, "--backoff", "0.1", "--", *train], capture_output=True, text=True,
                             timeout=900, env={**CLI_ENV, STALL_ENV: "7"}, cwd=REPO)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -172,7 +172,9 @@ def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path,
     lines = read_metrics(workdir)
     assert [m["step"] for m in lines] == list(range(1, 15)), "every step logged exactly once"
 
-    [hang] = log_records(workdir, "interruption")
+    interruptions = log_records(workdir, "interruption")
+    assert len(interruptions) == 1, (interruptions, result.stderr[-5000:])
+    [hang] = interruptions
     assert (hang["cause"], hang["exit_code"]) == ("hung", 76)
     assert hang["down_seconds"] > hang["restart_seconds"] > 0, "downtime runs to the next child's first step"
     [end] = log_records(workdir, "end")
