@@ -54,9 +54,10 @@ def as_path(path: str | os.PathLike) -> Path | epath.Path:
 def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
     """Refuses an output that cannot be written before a command does its work, naming the flag to change, where
     the OS error would come at the end, after the hours of conversion or sampling, from deep inside a writer and
-    naming only a temporary file. Nothing is created. A URL is not checked: a bucket's permissions show only when
-    writing."""
+    naming only a temporary file. Nothing is left behind. A URL is checked by writing and deleting one empty object
+    where the output goes: a bucket's absence or permissions show only when writing."""
     if is_remote(path):
+        _check_remote_writable(os.fspath(path), flag, directory=directory)
         return
     path = Path(path).expanduser().absolute()
     if path.exists() and path.is_dir() != directory:
@@ -73,6 +74,22 @@ def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> No
             return
     what = "a directory" if directory else "a file"
     raise ConfigError(f"{flag} {path} cannot be written ({problem}): give {what} path where this user can write")
+
+
+def _check_remote_writable(url: str, flag: str, *, directory: bool) -> None:
+    folder = epath.Path(url) if directory else epath.Path(url).parent
+    probe = folder / f".llama_jax-write-check-{uuid.uuid4().hex}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 (the store's clients raise OSErrors and their own HTTP errors alike)
+        scheme, _, rest = url.partition("://")
+        if isinstance(e, FileNotFoundError):
+            problem = f"there is no bucket {scheme}://{rest.split('/', 1)[0]}"
+        else:
+            problem = f"writing a test object there failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ConfigError(f"{flag} {url} cannot be written ({problem}): give a bucket path this account may write to, "
+                          "or a local path") from None
 
 
 _COPY_CHUNK_BYTES = 64 * 2**20  # one request's worth when streaming to or from an object store

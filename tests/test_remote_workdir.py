@@ -199,6 +199,21 @@ def test_a_missing_bucket_path_is_named_with_the_fix(bucket, capsys):
     assert not epath.Path(f"{bucket}/out").exists() and not epath.Path(f"{bucket}/avg").exists()
 
 
+def test_an_output_in_a_missing_bucket_is_refused_before_any_work(bucket, tmp_path, capsys):
+    """Before, a command found out when it came to write: after the conversion or the sampling. Now one empty object
+    is written and deleted where the output goes, first."""
+    workdir_lib.check_writable(f"{bucket}/fine", "--out", directory=True)
+    workdir_lib.check_writable(f"{bucket}/fine/p.jsonl", "--out", directory=False)
+    assert not epath.Path(f"{bucket}/fine").exists(), "the check leaves nothing behind"
+    missing = "gs://no-such-bucket-here"
+    assert stdlib_chat.main(["prompts", "--out", f"{missing}/p.jsonl"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {missing}/p.jsonl cannot be written (there is no bucket {missing}): "
+                                       "give a bucket path this account may write to, or a local path\n")
+    assert convert.main(["--from", "ours", "--to", "hf", str(tmp_path / "never-read"), f"{missing}/hf"]) == 2
+    assert f"error: the output directory {missing}/hf cannot be written (there is no bucket {missing})" in \
+        capsys.readouterr().err
+
+
 def test_rejection_sampling_prompts_written_to_a_bucket_read_back_as_local_ones(bucket, tmp_path, capsys):
     for out in (f"{bucket}/prompts/p.jsonl", str(tmp_path / "p.jsonl")):
         assert stdlib_chat.main(["prompts", "--out", out, "--limit", "3"]) == 0
