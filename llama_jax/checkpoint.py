@@ -214,8 +214,7 @@ def quiet_background_failures() -> None:
 
     def unraisable(error) -> None:
         loop_closed = isinstance(error.exc_value, RuntimeError) and str(error.exc_value) == "Event loop is closed"
-        in_orbax = any("/orbax/" in frame.filename for frame in traceback.extract_tb(error.exc_traceback))
-        if not (loop_closed or in_orbax):
+        if not (loop_closed or _raised_in_orbax((error.exc_type, error.exc_value, error.exc_traceback))):
             previous(error)
 
     sys.unraisablehook = unraisable
@@ -224,11 +223,15 @@ def quiet_background_failures() -> None:
 _quiet = False
 
 
+def _raised_in_orbax(exc_info) -> bool:
+    return bool(exc_info) and any("/orbax/" in frame.filename for frame in traceback.extract_tb(exc_info[2]))
+
+
 def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    """Orbax's own records keep their message. asyncio's about an Orbax task go: their error is the one the command
-    reports (`restoring`, `Checkpointer._writing`), and their message is the task's repr with its exception's, which
-    holds a whole TensorStore spec."""
-    if record.name == "asyncio" and "/orbax/" in record.getMessage():
+    """Orbax's own records keep their message. asyncio's about an Orbax task or future go: their error is the one the
+    command reports (`restoring`, `Checkpointer._writing`), and their message is the task's repr with its exception's,
+    which holds a whole TensorStore spec. A task names its Orbax coroutine; a gathering future only its traceback."""
+    if record.name == "asyncio" and ("/orbax/" in record.getMessage() or _raised_in_orbax(record.exc_info)):
         return False
     if "/orbax/" in record.pathname:
         record.exc_info, record.exc_text = None, None

@@ -346,20 +346,33 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_saying_what_is_left(tm
 
 
 def test_orbax_tasks_never_retrieved_are_not_reported_again():
-    """asyncio reports Orbax's failed writer tasks too, at times (the test above failed once on it), and the reads left
-    in flight by a failed one: their error is the one the command reports, so their records go; other asyncio errors
-    keep theirs, with their tracebacks. In a process of its own: the filters are process-wide."""
+    """asyncio reports Orbax's failed writer tasks too, at times (the test above failed twice on it: once a task, once
+    a gathering future, which names Orbax only in its traceback), and the reads left in flight by a failed one: their
+    error is the one the command reports, so their records go; other asyncio errors keep theirs, with their
+    tracebacks. In a process of its own: the filters are process-wide."""
     script = """import logging
 from llama_jax import checkpoint
 checkpoint.quiet_background_failures()
+
+def raised_in(where, word):
+    try:
+        exec(compile("raise ValueError(word)", where, "exec"), {"word": word})
+    except ValueError as e:
+        return ValueError, e, e.__traceback__
+
 for where, word in (("/venv/orbax/checkpoint/_src/serialization.py", "dropped"), ("/app/mine.py", "kept")):
     logging.getLogger("asyncio").error(f"Task exception was never retrieved\\nfuture: <Task coro=<f() defined at {where}:1>>",
                                        exc_info=(ValueError, ValueError(word), None))
+    logging.getLogger("asyncio").error(f"_GatheringFuture exception was never retrieved\\nfuture: <_GatheringFuture "
+                                       f"finished exception=ValueError('gathered {word}')>",
+                                       exc_info=raised_in(where, f"gathered {word}"))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "ValueError: kept" in result.stderr and "dropped" not in result.stderr, result.stderr
+    assert "ValueError: gathered kept" in result.stderr and 'File "/app/mine.py"' in result.stderr, result.stderr
     assert result.stderr.count("Task exception was never retrieved") == 1 and "/venv/orbax/" not in result.stderr
+    assert result.stderr.count("_GatheringFuture exception was never retrieved") == 1
 
 
 def test_killed_anywhere_and_restarted_equals_never_interrupted(tmp_path, cache_dir):
