@@ -1,11 +1,8 @@
 """Running `python -m llama_jax.train` in a subprocess, as a user does: shared by the end-to-end tests."""
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 # One CPU device and XLA's own thread count, as a user's machine has: conftest's NPROC is for its 8 devices, and
 # XLA's CPU reductions split by thread count, so the golden curve moves (2.4e-4) with it.
 CLI_ENV = {**{k: v for k, v in os.environ.items() if k != NPROC}, "XLA_FLAGS": ""}
-# The processes of the whole session share one compilation cache (`train.compilation_cache_dir`): the many runs of the
-# same small jobs compile each program once. The directory goes when the session ends.
-XLA_CACHE = tempfile.mkdtemp(prefix="llama_jax_tests_xla_")
-atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
-CLI_ENV["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+# The commands of the whole session share one compilation cache (`train.compilation_cache_dir`; conftest.py makes it):
+# the many runs of the same small jobs compile each program once.
+CLI_ENV["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["LLAMA_JAX_TESTS_XLA_CACHE"], "commands")
 
 # A short run that logs every step and saves every other one: quick to kill and restart.
 KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.data.seq_len=64",
