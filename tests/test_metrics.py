@@ -2,6 +2,9 @@
 WORKDIR/metrics.jsonl as a resumed run finds it: whole for whoever follows the run, readable after a torn write."""
 
 import json
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -107,3 +110,38 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_partial_one(
         write_whole(path, "new and longer\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def _scalars(events_dir: Path) -> list[tuple[str, int, float]]:
+    """The scalars of TensorBoard event files, read as TensorBoard does: length-prefixed records of Event protos."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted(events_dir.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack_from("<Q", data, at)
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4  # the length, its checksum, the record, its checksum
+            found += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+    return found
+
+
+def test_a_run_s_process_never_loads_pytorch_and_its_events_read_back(tmp_path):
+    """tensorboardX imports PyTorch wherever it is installed (here, for the parity tests): 1.5 s of every process's
+    start. The logger keeps it out and still writes TensorBoard's events. In a process of its own: this one has
+    PyTorch loaded."""
+    script = """import sys
+from etils import epath
+import llama_jax.trainer
+from llama_jax.metrics import MetricsLogger
+logger = MetricsLogger(epath.Path(sys.argv[1]), start_step=0, total_steps=2)
+for step in (1, 2):
+    logger.log(step, {"loss": 3.0 / step})
+logger.close()
+assert "torch" not in sys.modules, "PyTorch was loaded"
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _scalars(tmp_path / "tensorboard") == [("loss", 1, 3.0), ("loss", 2, 1.5)]
