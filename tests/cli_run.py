@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # One CPU device and XLA's own thread count, as a user's machine has: conftest's NPROC is for its 8 devices, and
 # XLA's CPU reductions split by thread count, so the golden curve moves (2.4e-4) with it.
 CLI_ENV = {**{k: v for k, v in os.environ.items() if k != NPROC}, "XLA_FLAGS": ""}
-# The commands of the whole session share one compilation cache (`train.compilation_cache_dir`; conftest.py makes it):
-# the many runs of the same small jobs compile each program once.
-CLI_ENV["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["LLAMA_JAX_TESTS_XLA_CACHE"], "commands")
+# The commands of the whole session share one compilation cache (`train.compilation_cache_dir`; conftest.py makes the
+# session's caches): the many runs of the same small jobs compile each program once.
+SESSION_CACHE = Path(os.environ["LLAMA_JAX_TESTS_CACHE"])
+CLI_ENV["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_CACHE / "xla_commands")
 
 # A short run that logs every step and saves every other one: quick to kill and restart.
 KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.data.seq_len=64",
@@ -26,9 +27,11 @@ KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.d
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One corpus + tokenizer build (about 20 s) shared by every test here."""
-    return tmp_path_factory.mktemp("corpus_cache")
+def cache_dir():
+    """One build of each corpus and tokenizer (the default one takes about 20 s) for the whole session's tests."""
+    directory = SESSION_CACHE / "data"
+    directory.mkdir(exist_ok=True)
+    return directory
 
 
 def cli_command(workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:

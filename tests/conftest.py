@@ -1,5 +1,4 @@
-"""Eight fake CPU devices for every test, so sharding and pipeline tests run anywhere, and a compilation cache for the
-session.
+"""Eight fake CPU devices for every test, so sharding and pipeline tests run anywhere, and caches for the session.
 
 XLA reads the flag once, when JAX first initialises, so it is set here before anything imports JAX.
 """
@@ -14,16 +13,18 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# A persistent compilation cache for the session, one directory for the test processes and one for the commands they
-# start (tests/cli_run.py), which have other device counts and thread pools. Many tests compile the same small
-# programs; with the cache each compiles once (a fresh cache made test_dpo.py and test_trainer_step.py 12% faster run
-# alone, and the suite repeats programs across files). pytest-xdist's workers inherit the directory its controller
-# made; a size limit turns on JAX's file lock, so that a worker never reads an entry the other is writing.
-TESTS_XLA_CACHE = "LLAMA_JAX_TESTS_XLA_CACHE"
-if TESTS_XLA_CACHE not in os.environ:
-    os.environ[TESTS_XLA_CACHE] = tempfile.mkdtemp(prefix="llama_jax_tests_xla_")
-    atexit.register(shutil.rmtree, os.environ[TESTS_XLA_CACHE], ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[TESTS_XLA_CACHE], "tests")
+# Caches for the session, made by pytest-xdist's controller and inherited by its workers: the tokenized corpora
+# (`cache_dir` in tests/cli_run.py, which the data code shares safely between processes, as a host's runs do) and
+# XLA's persistent compilation cache, one directory for the test processes and one for the commands they start,
+# which have other device counts and thread pools. Many tests build the same corpora and compile the same small
+# programs; with the caches each is built and compiled once (a fresh compilation cache made test_dpo.py and
+# test_trainer_step.py 12% faster run alone, and the suite repeats programs across files). A size limit turns on
+# JAX's file lock, so that a worker never reads an entry the other is writing.
+TESTS_CACHE = "LLAMA_JAX_TESTS_CACHE"
+if TESTS_CACHE not in os.environ:
+    os.environ[TESTS_CACHE] = tempfile.mkdtemp(prefix="llama_jax_tests_")
+    atexit.register(shutil.rmtree, os.environ[TESTS_CACHE], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[TESTS_CACHE], "xla_tests")
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
 
 from llama_jax.parallel.cpu_threads import reserve_collective_threads  # noqa: E402
