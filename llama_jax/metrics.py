@@ -23,11 +23,10 @@ from etils import epath
 from llama_jax.workdir import is_remote, parse_jsonl, write_whole
 
 
-
 def _import_tensorboardx():
     """tensorboardX imports PyTorch wherever it is installed, only to recognise its tensors, which a JAX run never
-    passes: 1.5 s of every process's start (measured on this 2-core CPU). It is kept from that import unless something
-    loaded PyTorch already."""
+    passes: 2.0-2.5 s of every process's start (measured on this 2-core CPU). It is kept from that import unless
+    something loaded PyTorch already."""
     if "torch" in sys.modules:
         import tensorboardX
         return tensorboardX
