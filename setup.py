@@ -32,11 +32,11 @@ setup(
     ],
     extras_require={
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.
-        # portpicker: the multi-host test's ports; gcp-storage-emulator: a local stand-in for a gs:// bucket.
+        # gcp-storage-emulator: a local stand-in for a gs:// bucket.
         # matplotlib: the scaling-law plots (llama_jax/scaling.py).
         # nbclient, nbformat, ipykernel: the notebook's test runs it; scipy: the accuracy fit of the scaling laws.
         # pytest-xdist: pytest.ini runs the suite in two processes.
-        "test": ["pytest", "pytest-xdist>=3.2", "torch==2.13.0", "transformers>=4.45", "portpicker", "gcp-storage-emulator", "gcsfs",
+        "test": ["pytest", "pytest-xdist>=3.2", "torch==2.13.0", "transformers>=4.45", "gcp-storage-emulator", "gcsfs",
                  "matplotlib", "scipy", "nbclient", "nbformat", "ipykernel"],
         # Running notebooks/scaling_laws.ipynb.
         "notebook": ["matplotlib", "jupyter", "nbconvert", "ipykernel"],

@@ -3,8 +3,10 @@ collectives) into one 8-device mesh, against one process with 8 devices; and the
 
 import importlib.util
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,17 +14,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 from flax import nnx
 
 from llama_jax import checkpoint, trainer
 from llama_jax.errors import ConfigError
-from llama_jax.parallel.distributed import distributed_arguments
+from llama_jax.parallel.distributed import check_port_free, distributed_arguments
 from llama_jax.workdir import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per two-process invocation; a hang is killed, never waited on
+GRACE_S = 60  # how long the other process may take to end once one has failed
 
 # Float32 compute so that the two layouts can be compared closely: the mesh (data=2 x fsdp=4) is the same, only the
 # collectives differ (gloo between the processes, in-process within one).
@@ -66,30 +68,65 @@ def load_config(job: dict, cache_dir: Path, steps: int):
 
 def start_two_processes(job: dict, workdir: Path, cache_dir: Path, *overrides: str) -> list[tuple[subprocess.Popen, Path]]:
     """Both processes of one run (process i logs to workdir/../process<i>.log), coordinator on a free local port."""
-    port = portpicker.pick_unused_port()
+    port = coordinator_port()
     cmd = [sys.executable, "-m", "llama_jax.train", "--config", str(job["config"]), "--workdir", str(workdir),
            f"--config.data.source={job['source']}", f"--config.data.cache_dir={cache_dir}", *overrides]
     started = []
     for i in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID=str(i))
+                   LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID=str(i),
+                   PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack: `finish` uses it on a hang
         log = workdir.parent / f"{workdir.name}-process{i}.log"
         with log.open("w") as out:
             started.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
     return started
 
 
+def coordinator_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999), which portpicker draws from: so does every outgoing
+    connection and every gloo listener on the machine (the other test worker starts such processes), and one of them
+    can take a picked port in the seconds before process 0 listens on it. Process 1 then waits for a coordinator that
+    never comes: the likeliest reading of a CI run in which a two-process run timed out after 300 s."""
+    for _ in range(100):
+        port = random.randrange(15000, 32768)
+        try:
+            check_port_free(f"127.0.0.1:{port}")
+            return port
+        except ConfigError:
+            continue
+    raise RuntimeError("no free port in 15000-32767 after 100 tries")
+
+
 def finish(started: list[tuple[subprocess.Popen, Path]]) -> tuple[list[int], list[str]]:
-    """Waits for both processes (at most TIMEOUT_S together); kills both if either hangs. (exit codes, outputs)."""
-    deadline = time.monotonic() + TIMEOUT_S
+    """Waits for both processes: (exit codes, outputs). If they take over TIMEOUT_S, or one outlives the other's
+    failure by GRACE_S, the test fails with both logs, which end with every thread's stack (where each one waited)."""
+    deadline, failed_at = time.monotonic() + TIMEOUT_S, None
     try:
-        codes = [proc.wait(timeout=max(deadline - time.monotonic(), 1)) for proc, _ in started]
+        while any(proc.poll() is None for proc, _ in started):
+            now = time.monotonic()
+            if failed_at is None and any(proc.returncode not in (None, 0) for proc, _ in started):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + GRACE_S):
+                _abort(started, signal.SIGABRT)
+                pytest.fail("a process hung:\n\n" + "\n\n".join(
+                    f"process {i} (exit code {proc.returncode}):\n{log.read_text()[-6000:]}"
+                    for i, (proc, log) in enumerate(started)))
+            time.sleep(0.2)
     finally:
-        for proc, _ in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return codes, [log.read_text() for _, log in started]
+        _abort(started, signal.SIGKILL)
+    return [proc.returncode for proc, _ in started], [log.read_text() for _, log in started]
+
+
+def _abort(started: list[tuple[subprocess.Popen, Path]], signum: int) -> None:
+    for proc, _ in started:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    for proc, _ in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_two_processes(job: dict, workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
@@ -192,16 +229,19 @@ if os.environ["LLAMA_JAX_PROCESS_ID"] == "1":
 
 def test_the_environment_decides_how_processes_join():
     assert distributed_arguments({}) is None
-    assert distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3)
+    assert distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3,
+                                                   initialization_timeout=300)
+    assert distributed_arguments({**EXPLICIT, "LLAMA_JAX_INIT_TIMEOUT_S": "900"})["initialization_timeout"] == 900
     jax_own = {**EXPLICIT, "JAX_COORDINATOR_ADDRESS": EXPLICIT["LLAMA_JAX_COORDINATOR"]}
     del jax_own["LLAMA_JAX_COORDINATOR"]
     assert distributed_arguments(jax_own)["coordinator_address"] == "10.0.0.1:8476"
     assert distributed_arguments({"LLAMA_JAX_NUM_PROCESSES": "1", "LLAMA_JAX_PROCESS_ID": "0"}) is None
-    assert distributed_arguments(SRUN) == dict(cluster_detection_method="slurm")
+    assert distributed_arguments(SRUN) == dict(cluster_detection_method="slurm", initialization_timeout=300)
     batch_script = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_NODELIST"}  # sbatch running python directly
     assert distributed_arguments(batch_script) is None
     assert distributed_arguments({**SRUN, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    assert distributed_arguments({"TPU_WORKER_HOSTNAMES": "t-0,t-1", "TPU_WORKER_ID": "1"}) == {}  # GKE TPU pod
+    gke_tpu_pod = {"TPU_WORKER_HOSTNAMES": "t-0,t-1", "TPU_WORKER_ID": "1", "LLAMA_JAX_INIT_TIMEOUT_S": "600"}
+    assert distributed_arguments(gke_tpu_pod) == dict(initialization_timeout=600)
 
 
 @pytest.mark.parametrize("environ, message", [
@@ -213,20 +253,54 @@ def test_the_environment_decides_how_processes_join():
     ({"LLAMA_JAX_COORDINATOR": "10.0.0.1:8476"}, r"not both LLAMA_JAX_NUM_PROCESSES and LLAMA_JAX_PROCESS_ID"),
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"}, r"JAX_COORDINATOR_ADDRESS set, but not both"),
     ({**SRUN, "SLURM_PROCID": "4"}, r"SLURM_PROCID=4 is not below SLURM_NTASKS=4: start the run with srun"),
+    ({**EXPLICIT, "LLAMA_JAX_INIT_TIMEOUT_S": "5m"}, r"LLAMA_JAX_INIT_TIMEOUT_S='5m' is not an integer: set it to how"),
+    ({**SRUN, "LLAMA_JAX_INIT_TIMEOUT_S": "0"}, r"LLAMA_JAX_INIT_TIMEOUT_S=0: set it to how many seconds .* at least 1"),
 ])
 def test_bad_variables_name_the_variable_and_the_fix(environ, message):
     with pytest.raises(ConfigError, match=message):
         distributed_arguments(environ)
 
 
+def run_one_process(job: dict, workdir: Path, **variables: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LLAMA_JAX_NUM_PROCESSES="2", **variables)
+    return subprocess.run([sys.executable, "-m", "llama_jax.train", "--config", str(job["config"]),
+                           "--workdir", str(workdir)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
 def test_the_cli_reports_bad_variables_in_one_line(tmp_path, job):
-    env = dict(os.environ, LLAMA_JAX_COORDINATOR="127.0.0.1:1", LLAMA_JAX_NUM_PROCESSES="2", LLAMA_JAX_PROCESS_ID="2")
-    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--config", str(job["config"]),
-                             "--workdir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=120)
+    result = run_one_process(job, tmp_path / "run", LLAMA_JAX_COORDINATOR="127.0.0.1:1", LLAMA_JAX_PROCESS_ID="2")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: LLAMA_JAX_PROCESS_ID=2 with LLAMA_JAX_NUM_PROCESSES=2: the ids must be 0 to LLAMA_JAX_NUM_PROCESSES - 1, "
         "one per process"
     ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_coordinator_port_in_use_or_a_coordinator_that_never_answers_is_one_line(tmp_path, job):
+    """In JAX the first is a traceback from process 0 ("Failed to start RPC server"), the second a C++ check failure
+    on the other processes after the whole timeout (300 s by default)."""
+    dual_stack = socket.has_dualstack_ipv6()
+    with socket.create_server(("", 0), family=socket.AF_INET6 if dual_stack else socket.AF_INET,
+                              dualstack_ipv6=dual_stack) as taken:
+        port = taken.getsockname()[1]
+        result = run_one_process(job, tmp_path / "run", LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                 LLAMA_JAX_PROCESS_ID="0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: process 0 cannot listen on port {port} of LLAMA_JAX_COORDINATOR=127.0.0.1:{port} (Address already in "
+        "use): choose a free port and set it on every host"
+    ]
+
+    port = coordinator_port()  # free, and nothing listens on it
+    started = time.monotonic()
+    result = run_one_process(job, tmp_path / "run", LLAMA_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                             LLAMA_JAX_PROCESS_ID="1", LLAMA_JAX_INIT_TIMEOUT_S="2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: nothing answered at LLAMA_JAX_COORDINATOR=127.0.0.1:{port} in 2 s ([Errno 111] Connection refused): "
+        "start process 0 of the run, which listens there, and check that this host can reach that address (or wait "
+        "longer: LLAMA_JAX_INIT_TIMEOUT_S)"
+    ]
+    assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()

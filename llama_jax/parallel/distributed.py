@@ -7,11 +7,17 @@ Where the process count and this process's id come from, first match wins:
 2. a SLURM job step started by `srun` with more than one task (JAX reads SLURM's variables itself);
 3. a Cloud TPU VM, or a TPU pod under GKE / multislice: JAX asks the TPU runtime and VM metadata itself.
 Anything else is a single process, and nothing is done.
+
+Processes wait for each other up to LLAMA_JAX_INIT_TIMEOUT_S seconds (default 300, JAX's own). With explicit
+variables, the two ways joining fails in JAX (process 0's port is taken; the coordinator never answers) are found
+first and told in one line: in JAX the first is a traceback, the second a C++ abort after the whole timeout.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Callable, Mapping, TypeVar
 
 import jax
@@ -24,6 +30,8 @@ COORDINATOR = "LLAMA_JAX_COORDINATOR"
 NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
 PROCESS_ID = "LLAMA_JAX_PROCESS_ID"
 JAX_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+INIT_TIMEOUT = "LLAMA_JAX_INIT_TIMEOUT_S"
+_DEFAULT_INIT_TIMEOUT_S = 300
 # What JAX's SLURM detection reads; SLURM_STEP_NODELIST is set by srun only, so a batch script that runs python
 # directly (one process, however many tasks the job has) is not mistaken for a multi-process step.
 _SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -36,8 +44,46 @@ T = TypeVar("T")
 def initialize(environ: Mapping[str, str] | None = None) -> None:
     """Connects this process to the others of its run, when the environment says there are others. Idempotent."""
     arguments = distributed_arguments(os.environ if environ is None else environ)
-    if arguments is not None and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**arguments)
+    if arguments is None or jax.distributed.is_initialized():
+        return
+    coordinator = arguments.get("coordinator_address")
+    if coordinator is not None and arguments["process_id"] == 0:
+        check_port_free(coordinator)
+    elif coordinator is not None:
+        wait_for_coordinator(coordinator, arguments["initialization_timeout"])
+    jax.distributed.initialize(**arguments)
+
+
+def check_port_free(address: str) -> None:
+    """Raises ConfigError unless process 0 can listen on the port of host:port, on every interface as JAX's
+    coordinator does."""
+    port = int(address.rpartition(":")[2])
+    dual_stack = socket.has_dualstack_ipv6()
+    try:
+        with socket.create_server(("", port), family=socket.AF_INET6 if dual_stack else socket.AF_INET,
+                                  dualstack_ipv6=dual_stack):
+            pass
+    except OSError as err:
+        raise ConfigError(f"process 0 cannot listen on port {port} of {COORDINATOR}={address} ({os.strerror(err.errno)}): "
+                          "choose a free port and set it on every host") from None
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once process 0's coordinator at host:port accepts connections, or raises ConfigError after
+    `timeout_s`: JAX's own wait ends the process with a C++ check failure, after the same time."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(min(deadline - time.monotonic(), 5), 0.1)):
+                return
+        except OSError as err:
+            reason = err
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"nothing answered at {COORDINATOR}={address} in {timeout_s:g} s ({reason}): start "
+                              f"process 0 of the run, which listens there, and check that this host can reach that "
+                              f"address (or wait longer: {INIT_TIMEOUT})")
+        time.sleep(0.5)
 
 
 def distributed_arguments(environ: Mapping[str, str]) -> dict | None:
@@ -51,9 +97,9 @@ def distributed_arguments(environ: Mapping[str, str]) -> dict | None:
         if not 0 <= rank < count:
             raise ConfigError(f"SLURM_PROCID={rank} is not below SLURM_NTASKS={count}: start the run with srun, "
                               "which sets both, and do not set them by hand")
-        return dict(cluster_detection_method="slurm") if count > 1 else None
+        return dict(cluster_detection_method="slurm", initialization_timeout=_timeout(environ)) if count > 1 else None
     if any(name in environ for name in _TPU_POD) or _on_cloud_tpu_vm():
-        return {}
+        return dict(initialization_timeout=_timeout(environ))
     if JAX_COORDINATOR in environ:
         return _explicit(environ)  # a coordinator without a process count: _explicit says what is missing
     return None
@@ -84,7 +130,18 @@ def _explicit(environ: Mapping[str, str]) -> dict | None:
     if not host or not port.isdigit():
         raise ConfigError(f"{COORDINATOR}={coordinator!r} is not host:port: give process 0's address and a free port, "
                           "e.g. 10.0.0.1:8476")
-    return dict(coordinator_address=coordinator, num_processes=count, process_id=rank)
+    return dict(coordinator_address=coordinator, num_processes=count, process_id=rank,
+                initialization_timeout=_timeout(environ))
+
+
+def _timeout(environ: Mapping[str, str]) -> int:
+    if INIT_TIMEOUT not in environ:
+        return _DEFAULT_INIT_TIMEOUT_S
+    seconds = _integer(environ, INIT_TIMEOUT, "how many seconds the processes wait for each other to start")
+    if seconds < 1:
+        raise ConfigError(f"{INIT_TIMEOUT}={seconds}: set it to how many seconds the processes wait for each other "
+                          f"to start, at least 1 (default {_DEFAULT_INIT_TIMEOUT_S})")
+    return seconds
 
 
 def _integer(environ: Mapping[str, str], name: str, meaning: str) -> int:
