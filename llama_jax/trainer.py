@@ -534,7 +534,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         distributed.on_every_process(lambda: check_memory(p.cfg), "the memory check")
     schedule = run_lr_schedule(cfg.optim, plan)
     model_cfg = model_config(cfg)
-    corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size), "corpus cache")
+    corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size),
+                                           "preparing the data")
     tokenizer = Tokenizer.from_file(corpus.tokenizer_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
@@ -639,7 +640,8 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
     else:
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
         data_cfg.tokenizer = str(first_corpus.tokenizer_path)
-        corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size), "corpus cache")
+        corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size),
+                                                   "preparing the data")
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.objective.name in PAIR_OBJECTIVES:
         return _pair_data(p, corpus, pad_id, processes)

@@ -227,6 +227,26 @@ if os.environ["LLAMA_JAX_PROCESS_ID"] == "1":
     assert len(errors[1]) == 1 and errors[1][0].startswith(refusal), outputs[1][-2000:]
 
 
+def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job):
+    """An evaluation set on a disk of each host's own, missing on process 1's. Process 1 says what is missing;
+    process 0 names process 1. Before, process 1 stopped alone and waited in JAX's shutdown for process 0, which
+    waited in its next collective: both hung (the test gave up after a minute)."""
+    config = tmp_path / "eval_set_on_each_host.py"
+    (tmp_path / "host0").mkdir()
+    shutil.copy(Path(os.__file__).parent / "glob.py", tmp_path / "host0" / "glob.py")
+    config.write_text(CONFIG.replace("    return cfg", f"""    cfg.data.eval_sources = dict(extra=eval_source(
+        "{tmp_path}/host" + os.environ["LLAMA_JAX_PROCESS_ID"] + "/*.py"))
+    return cfg""").replace("from llama_jax.config import", "import os\nfrom llama_jax.config import eval_source,"))
+    codes, outputs = finish(start_two_processes({**job, "config": config}, tmp_path / "run", tmp_path / "cache"))
+    assert codes == [2, 2], outputs
+    assert "Traceback" not in outputs[0] + outputs[1], outputs
+    errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
+    assert errors[0] == ["error: preparing the data failed on process 1 of 2: its output says why and what to change"]
+    assert errors[1] == [f"error: No files match '{tmp_path}/host1/*.py'. Fix: check the path and the glob (** matches "
+                         "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz "
+                         ".parquet files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics."], outputs[1]
+
+
 def test_the_environment_decides_how_processes_join():
     assert distributed_arguments({}) is None
     assert distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3,

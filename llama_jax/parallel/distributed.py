@@ -159,21 +159,26 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def process_zero_first(fn: Callable[[], T], name: str) -> T:
-    """`fn()` on process 0, then on the others once it has returned (or failed).
+def process_zero_first(fn: Callable[[], T], what: str) -> T:
+    """`fn()` on process 0, then on the others once it has returned (or failed); every process stops if it failed on
+    any, as in `on_every_process`.
 
     For work that fills a cache the hosts may share, such as tokenizing a corpus: started everywhere at once it
     would be repeated on every host and the copies would race to publish. The others find process 0's result (or,
-    with a cache on a disk of their own, build it then; the builds are deterministic)."""
+    with a cache on a disk of their own, build it then; the builds are deterministic). What it reads may be missing
+    on one host only (a disk of its own): a process that stopped alone would leave the others waiting in their next
+    collective, and itself in JAX's shutdown, which waits for them (up to 300 s)."""
     if jax.process_count() == 1:
         return fn()
     if jax.process_index() == 0:
         try:
-            return fn()
+            outcome = _outcome(fn)
         finally:
-            multihost_utils.sync_global_devices(name)
-    multihost_utils.sync_global_devices(name)
-    return fn()
+            multihost_utils.sync_global_devices(what)
+    else:
+        multihost_utils.sync_global_devices(what)
+        outcome = _outcome(fn)
+    return _agree(outcome, what)
 
 
 def on_every_process(check: Callable[[], T], what: str) -> T:
@@ -183,11 +188,18 @@ def on_every_process(check: Callable[[], T], what: str) -> T:
     CPU: `DEADLINE_EXCEEDED` after 30 s)."""
     if jax.process_count() == 1:
         return check()
-    error = None
+    return _agree(_outcome(check), what)
+
+
+def _outcome(fn: Callable[[], T]) -> tuple[T | None, LlamaJaxError | None]:
     try:
-        result = check()
+        return fn(), None
     except LlamaJaxError as e:
-        error = e
+        return None, e
+
+
+def _agree(outcome: tuple[T | None, LlamaJaxError | None], what: str) -> T:
+    result, error = outcome
     failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
     if error is not None:
         raise error
