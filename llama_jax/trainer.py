@@ -641,7 +641,7 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
         data_cfg.tokenizer = str(first_corpus.tokenizer_path)
         corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size),
-                                                   "preparing the data")
+                                               "preparing the data")
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.objective.name in PAIR_OBJECTIVES:
         return _pair_data(p, corpus, pad_id, processes)

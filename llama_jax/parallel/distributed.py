@@ -64,8 +64,9 @@ def check_port_free(address: str) -> None:
                                   dualstack_ipv6=dual_stack):
             pass
     except OSError as err:
-        raise ConfigError(f"process 0 cannot listen on port {port} of {COORDINATOR}={address} ({os.strerror(err.errno)}): "
-                          "choose a free port and set it on every host") from None
+        reason = os.strerror(err.errno) if err.errno else err
+        raise ConfigError(f"process 0 cannot listen on port {port} of {COORDINATOR}={address} ({reason}): choose a "
+                          "free port and set it on every host") from None
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
