@@ -544,6 +544,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         )
     data = [_phase_data(p, corpus, tokenizer.pad_id) for p in plan.phases]
     tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
+    tasks = distributed.on_every_process(lambda: _eval_tasks(cfg, tokenizer), "loading the evaluation tasks")
 
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      keep_every=cfg.checkpoint.keep_every, keep_steps=plan.keep_steps(),
@@ -579,9 +580,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
                   f"raise --config.train.steps (or a phase's budget) to train further", flush=True)
         loop = _Loop(cfg, plan, workdir, checkpointer, preemption, watchdog, start,
-                     meta={"run_config": plain(cfg), "tokenizer_file": tokenizer_file},
-                     tasks=[ChoiceTask.load(task.strip(), tokenizer, max_len=cfg.data.seq_len)
-                            for task in cfg.train.eval_tasks.split(",") if task.strip()])
+                     meta={"run_config": plain(cfg), "tokenizer_file": tokenizer_file}, tasks=tasks)
         logged: dict[str, float] = {}
         try:
             for p in plan.phases:
@@ -695,6 +694,12 @@ def _pair_data(p: Phase, corpus, pad_id: int, processes: dict) -> PhaseData:
             raise ConfigError(f"data.eval_sources.{name} is not a preference corpus, and a reward model scores pairs "
                               "only: prepare it with python -m llama_jax.data.preferences, or remove it")
     return PhaseData(batches, eval_sets)
+
+
+def _eval_tasks(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[ChoiceTask]:
+    """`train.eval_tasks`, loaded before any checkpoint is read: a missing task file stops the run at once."""
+    return [ChoiceTask.load(task.strip(), tokenizer, max_len=cfg.data.seq_len)
+            for task in cfg.train.eval_tasks.split(",") if task.strip()]
 
 
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:

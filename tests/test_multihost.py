@@ -19,6 +19,7 @@ from flax import nnx
 
 from llama_jax import checkpoint, trainer
 from llama_jax.errors import ConfigError
+from llama_jax.evaluate import BUILTIN_TASKS
 from llama_jax.parallel.distributed import check_port_free, distributed_arguments
 from llama_jax.workdir import read_jsonl
 
@@ -227,24 +228,34 @@ if os.environ["LLAMA_JAX_PROCESS_ID"] == "1":
     assert len(errors[1]) == 1 and errors[1][0].startswith(refusal), outputs[1][-2000:]
 
 
-def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job):
-    """An evaluation set on a disk of each host's own, missing on process 1's. Process 1 says what is missing;
-    process 0 names process 1. Before, process 1 stopped alone and waited in JAX's shutdown for process 0, which
-    waited in its next collective: both hung (the test gave up after a minute)."""
-    config = tmp_path / "eval_set_on_each_host.py"
+@pytest.mark.parametrize("what", ["eval set", "task file"])
+def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, what):
+    """An evaluation set, or a task file, on a disk of each host's own, missing on process 1's. Process 1 says what is
+    missing; process 0 names process 1. Before, process 1 stopped alone and waited in JAX's shutdown for process 0,
+    which waited in its next collective: both hung (the test gave up after a minute)."""
     (tmp_path / "host0").mkdir()
-    shutil.copy(Path(os.__file__).parent / "glob.py", tmp_path / "host0" / "glob.py")
-    config.write_text(CONFIG.replace("    return cfg", f"""    cfg.data.eval_sources = dict(extra=eval_source(
-        "{tmp_path}/host" + os.environ["LLAMA_JAX_PROCESS_ID"] + "/*.py"))
-    return cfg""").replace("from llama_jax.config import", "import os\nfrom llama_jax.config import eval_source,"))
+    on_this_host = f'"{tmp_path}/host" + os.environ["LLAMA_JAX_PROCESS_ID"]'
+    if what == "eval set":
+        shutil.copy(Path(os.__file__).parent / "glob.py", tmp_path / "host0" / "glob.py")
+        setting = f'cfg.data.eval_sources = dict(extra=eval_source({on_this_host} + "/*.py"))'
+        done = "preparing the data"
+        refusal = (f"error: No files match '{tmp_path}/host1/*.py'. Fix: check the path and the glob (** matches "
+                   "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz .parquet "
+                   "files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics.")
+    else:
+        shutil.copy(BUILTIN_TASKS["stdlib_mc"], tmp_path / "host0" / "mc.jsonl")
+        setting = f'cfg.train.eval_tasks = {on_this_host} + "/mc.jsonl"'
+        done = "loading the evaluation tasks"
+        refusal = (f"error: task file {tmp_path}/host1/mc.jsonl does not exist: pass a .jsonl file or one of "
+                   "['stdlib_mc']")
+    config = tmp_path / "on_each_host.py"
+    config.write_text(CONFIG.replace("    return cfg", f"    {setting}\n    return cfg").replace(
+        "from llama_jax.config import", "import os\nfrom llama_jax.config import eval_source,"))
     codes, outputs = finish(start_two_processes({**job, "config": config}, tmp_path / "run", tmp_path / "cache"))
     assert codes == [2, 2], outputs
     assert "Traceback" not in outputs[0] + outputs[1], outputs
     errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
-    assert errors[0] == ["error: preparing the data failed on process 1 of 2: its output says why and what to change"]
-    assert errors[1] == [f"error: No files match '{tmp_path}/host1/*.py'. Fix: check the path and the glob (** matches "
-                         "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz "
-                         ".parquet files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics."]
+    assert errors == [[f"error: {done} failed on process 1 of 2: its output says why and what to change"], [refusal]]
 
 
 def test_the_environment_decides_how_processes_join():
