@@ -31,6 +31,7 @@ from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.memory import check_model_fits
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.model.config import RUNTIME_FIELDS
+from llama_jax.parallel import distributed
 from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import resolve
 
@@ -152,16 +153,27 @@ class Checkpointer:
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,
                 data_iter: grain.DatasetIterator | None):
         """(params, opt_state) placed as the abstract targets say; `data_iter` (when given) is moved to the saved
-        position."""
+        position.
+
+        Each process reads only its own shards, so a damaged file may fail the read on some processes only. They
+        agree on the outcome and all raise, to fall back together. Orbax's manager would leave those that read well
+        waiting in its closing barrier for the others, which the agreement replaces: the read goes to its handler."""
         items = dict(params=ocp.args.StandardRestore(abstract_params),
                      opt_state=ocp.args.StandardRestore(abstract_opt_state))
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        args = ocp.args.Composite(**items)
-        with restoring(f"checkpoint {self.directory / str(step)}", ". It is incomplete or was written for a different "
-                       "model/config: delete that step's directory to resume from an earlier one, or use a fresh "
-                       "--workdir"):
-            restored = self.manager.restore(step, args=args)
+        what = f"checkpoint {self.directory / str(step)}"
+
+        def read():
+            reader = ocp.CompositeCheckpointHandler()
+            try:
+                with restoring(what, ". It is incomplete or was written for a different model/config: delete that "
+                               "step's directory to resume from an earlier one, or use a fresh --workdir"):
+                    return reader.restore(self.directory / str(step), args=ocp.args.Composite(**items))
+            finally:
+                reader.close()
+
+        restored = distributed.on_every_process(read, f"reading {what}", elsewhere=CheckpointError)
         return restored.params, restored.opt_state
 
     def wait(self) -> None:

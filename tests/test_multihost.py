@@ -20,6 +20,8 @@ from flax import nnx
 from llama_jax import checkpoint, trainer
 from llama_jax.errors import ConfigError
 from llama_jax.evaluate import BUILTIN_TASKS
+from llama_jax.errors import CheckpointError, DataError
+from llama_jax.parallel import distributed
 from llama_jax.parallel.distributed import check_port_free, distributed_arguments
 from llama_jax.workdir import read_jsonl
 
@@ -224,8 +226,8 @@ if os.environ["LLAMA_JAX_PROCESS_ID"] == "1":
     assert codes == [2, 2], outputs
     assert "Traceback" not in outputs[0] + outputs[1], outputs
     errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
-    assert errors[0] == ["error: the memory check failed on process 1 of 2: its output says why and what to change"]
     assert len(errors[1]) == 1 and errors[1][0].startswith(refusal), outputs[1][-2000:]
+    assert errors[0] == [errors[1][0].replace("error: ", "error: the memory check failed on process 1 of 2: ", 1)]
 
 
 @pytest.mark.parametrize("what", ["eval set", "task file"])
@@ -255,7 +257,52 @@ def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, wh
     assert codes == [2, 2], outputs
     assert "Traceback" not in outputs[0] + outputs[1], outputs
     errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
-    assert errors == [[f"error: {done} failed on process 1 of 2: its output says why and what to change"], [refusal]]
+    assert errors == [[refusal.replace("error: ", f"error: {done} failed on process 1 of 2: ", 1)], [refusal]]
+
+
+def test_the_others_repeat_the_failed_process_s_message_up_to_a_kilobyte(monkeypatch):
+    """What process 1 sends when its check fails, then what process 0 (whose check passed) makes of it, with the
+    gather between them played by hand. A message past 1024 bytes is cut, never inside a character."""
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed.multihost_utils, "process_allgather", lambda mine: sent.append(mine) or
+                        np.stack([mine, mine]))
+    message = "the file x.jsonl is missing: " + "é" * 600  # 1229 bytes
+
+    def fail():
+        raise DataError(message)
+
+    with pytest.raises(DataError, match="^the file x.jsonl is missing: é+$"):
+        distributed.on_every_process(fail, "loading")
+    assert distributed.on_every_process(lambda: 7, "loading") == 7, "both gathered rows say it passed"
+    monkeypatch.setattr(distributed.multihost_utils, "process_allgather", lambda mine: np.stack([mine, sent[0]]))
+    with pytest.raises(CheckpointError) as raised:
+        distributed.on_every_process(lambda: 7, "reading checkpoint 4", elsewhere=CheckpointError)
+    kept = message.encode()[:1020].decode(errors="ignore")
+    assert str(raised.value) == f"reading checkpoint 4 failed on process 1 of 2: {kept} ...", str(raised.value)[-80:]
+
+
+def test_a_checkpoint_damaged_where_only_one_host_reads_it_sends_every_host_back_to_the_one_before(tmp_path, job):
+    """With the parameters sharded over both processes (fsdp=8), each process reads only the files it wrote. Process
+    1's files of checkpoint 4 are cut in half: its read fails, process 0's succeeds. Both set step 4 aside and resume
+    from step 2, and process 0 says why. Before, process 0 waited in Orbax's barrier after its read, process 1 in
+    setting the step aside, and both ended in JAX's `sync_global_devices name mismatch` with a traceback."""
+    workdir, cache, mesh = tmp_path / "run", tmp_path / "cache", ("--config.mesh.data=1", "--config.mesh.fsdp=8")
+    run_two_processes(job, workdir, cache, "--config.train.steps=4", *mesh)
+    cut = list((workdir / "checkpoints" / "4" / "params").glob("ocdbt.process_1/d/*"))
+    assert cut, "process 1 wrote its shards' files"
+    for data_file in cut:
+        data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+    outputs = run_two_processes(job, workdir, cache, "--config.train.steps=6", *mesh)
+    warning, = [line for line in outputs[0].splitlines() if line.startswith("warning:")]
+    step_4 = workdir / "checkpoints" / "4"
+    assert warning.startswith(f"warning: reading checkpoint {step_4} failed on process 1 of 2: checkpoint {step_4} "
+                              "could not be restored (OUT_OF_RANGE: Error reading "), warning
+    aside, = (workdir / "checkpoints").glob("damaged-4-*")
+    assert warning.endswith(f"Moved it to {aside} and fell back to checkpoint 2."), warning
+    assert f"Resumed from {workdir / 'checkpoints' / '2'}" in outputs[0]
+    assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 7)), "steps 3-4 logged once, as retrained"
+    assert checkpoint_steps(workdir) == [4, 6]
 
 
 def test_the_environment_decides_how_processes_join():

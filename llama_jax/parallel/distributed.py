@@ -179,17 +179,21 @@ def process_zero_first(fn: Callable[[], T], what: str) -> T:
     else:
         multihost_utils.sync_global_devices(what)
         outcome = _outcome(fn)
-    return _agree(outcome, what)
+    return _agree(outcome, what, ConfigError)
 
 
-def on_every_process(check: Callable[[], T], what: str) -> T:
-    """`check()` on every process, which all stop if it fails on any: there with its own error, elsewhere with one
-    naming that process. For a check whose answer depends on the host (its free memory): a process that stopped alone
-    would leave the others waiting in their next collective until its timeout ends them with a traceback (gloo on
-    CPU: `DEADLINE_EXCEEDED` after 30 s)."""
+def on_every_process(check: Callable[[], T], what: str, elsewhere: type[LlamaJaxError] = ConfigError) -> T:
+    """`check()` on every process, which all stop if it fails on any: there with its own error, elsewhere with an
+    `elsewhere` naming the first process that failed and its reason. For a check whose answer depends on the host (its
+    free memory): a process that stopped alone would leave the others waiting in their next collective until its
+    timeout ends them with a traceback (gloo on CPU: `DEADLINE_EXCEEDED` after 30 s)."""
     if jax.process_count() == 1:
         return check()
-    return _agree(_outcome(check), what)
+    return _agree(_outcome(check), what, elsewhere)
+
+
+# How much of a failed process's message the others repeat: the first line of any of ours fits.
+_REASON_BYTES = 1024
 
 
 def _outcome(fn: Callable[[], T]) -> tuple[T | None, LlamaJaxError | None]:
@@ -199,12 +203,18 @@ def _outcome(fn: Callable[[], T]) -> tuple[T | None, LlamaJaxError | None]:
         return None, e
 
 
-def _agree(outcome: tuple[T | None, LlamaJaxError | None], what: str) -> T:
+def _agree(outcome: tuple[T | None, LlamaJaxError | None], what: str, elsewhere: type[LlamaJaxError]) -> T:
+    """Every process's outcome, gathered as a failed flag and the failure's message (cut to _REASON_BYTES)."""
     result, error = outcome
-    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    reason = str(error).encode() if error is not None else b""
+    reason = reason if len(reason) <= _REASON_BYTES else reason[:_REASON_BYTES - 4] + b" ..."
+    mine = np.zeros(1 + _REASON_BYTES, np.uint8)
+    mine[0], mine[1:1 + len(reason)] = error is not None, np.frombuffer(reason, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))
     if error is not None:
         raise error
-    if failed.any():
-        raise ConfigError(f"{what} failed on process {int(np.flatnonzero(failed)[0])} of {jax.process_count()}: its "
-                          "output says why and what to change")
+    failed = np.flatnonzero(every[:, 0])
+    if failed.size:
+        why = bytes(every[failed[0], 1:]).rstrip(b"\0").decode(errors="ignore")
+        raise elsewhere(f"{what} failed on process {int(failed[0])} of {jax.process_count()}: {why}")
     return result
