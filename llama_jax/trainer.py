@@ -8,6 +8,7 @@ old state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -495,22 +496,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"the workdir {workdir} is a file: give a directory (a new one starts a run; a run's own "
                           "resumes it)")
+    with contextlib.ExitStack() as held:
+        distributed.on_every_process(lambda: _hold(workdir, held), "opening the workdir", elsewhere=CheckpointError)
+        try:
+            return _train(cfg, workdir)
+        except jax.errors.JaxRuntimeError as err:
+            error = memory.out_of_memory(err, memory.TRAIN_FIX)
+            if error is None:
+                raise
+            raise error from err
+
+
+def _hold(workdir: epath.Path, held: contextlib.ExitStack) -> None:
+    """Makes the workdir and, on process 0, locks it until `held` closes. Every host agrees on the outcome: a workdir
+    in use or read-only found by one host alone left the others waiting in their first collective."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+        if jax.process_index() == 0:
+            held.callback(workdir_lib.lock(workdir).release)
     except OSError as e:
-        raise CheckpointError(f"the workdir {workdir} cannot be written ({e.strerror or e}): give a --workdir where "
-                              "this user can write") from e
-    try:
-        return _train(cfg, workdir)
-    except jax.errors.JaxRuntimeError as err:
-        error = memory.out_of_memory(err, memory.TRAIN_FIX)
-        if error is None:
-            raise
-        raise error from err
-    finally:
-        if lock is not None:
-            lock.release()
+        raise CheckpointError(f"the workdir {workdir} cannot be written ({workdir_lib.store_error(e)}): give a "
+                              "--workdir where this user can write") from e
 
 
 @dataclasses.dataclass

@@ -76,6 +76,18 @@ def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> No
     raise ConfigError(f"{flag} {path} cannot be written ({problem}): give {what} path where this user can write")
 
 
+def store_error(error: Exception) -> str:
+    """An OS or object-store error in one line. gcsfs puts the request's URL on the first line of an HTTP error
+    ('Forbidden: https://...upload...?name=run%2F.lock') and the store's reason (which permission this account lacks)
+    on the next: the reason replaces the URL."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    status, _, rest = str(error).partition("\n")
+    label, _, url = status.partition(": ")
+    reason = " ".join(rest.split())
+    return f"{label}: {reason}" if reason and "://" in url else status
+
+
 def _check_remote_writable(url: str, flag: str, *, directory: bool) -> None:
     folder = epath.Path(url) if directory else epath.Path(url).parent
     probe = folder / f".llama_jax-write-check-{uuid.uuid4().hex}"
@@ -87,7 +99,7 @@ def _check_remote_writable(url: str, flag: str, *, directory: bool) -> None:
         if isinstance(e, FileNotFoundError):
             problem = f"there is no bucket {scheme}://{rest.split('/', 1)[0]}"
         else:
-            problem = f"writing a test object there failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            problem = f"writing a test object there failed: {type(e).__name__}: {store_error(e)}"
         raise ConfigError(f"{flag} {url} cannot be written ({problem}): give a bucket path this account may write to, "
                           "or a local path") from None
 

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import checkpoint, trainer
+from llama_jax import workdir as workdir_lib
 from llama_jax.errors import ConfigError
 from llama_jax.evaluate import BUILTIN_TASKS
 from llama_jax.errors import CheckpointError, DataError
@@ -258,6 +259,24 @@ def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, wh
     assert "Traceback" not in outputs[0] + outputs[1], outputs
     errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
     assert errors == [[refusal.replace("error: ", f"error: {done} failed on process 1 of 2: ", 1)], [refusal]]
+
+
+def test_a_workdir_in_use_stops_every_host_in_one_line(tmp_path, job):
+    """Process 0 alone takes the workdir's lock, held here by this test. Before, process 0 stopped and process 1 went
+    on to wait in its first collective."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = workdir_lib.lock(workdir)
+    try:
+        codes, outputs = finish(start_two_processes(job, workdir, tmp_path / "cache"))
+    finally:
+        holder.release()
+    assert codes == [2, 2], outputs
+    errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
+    in_use = f"error: {workdir} is in use by a running job (pid {os.getpid()} on {socket.gethostname()}): "
+    assert len(errors[0]) == 1 and errors[0][0].startswith(in_use), outputs[0][-2000:]
+    assert errors[1] == [errors[0][0].replace("error: ", "error: opening the workdir failed on process 0 of 2: ", 1)]
+    assert not (workdir / "checkpoints").exists()
 
 
 def test_the_others_repeat_the_failed_process_s_message_up_to_a_kilobyte(monkeypatch):

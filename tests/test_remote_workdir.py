@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 
 import jax
@@ -49,15 +50,38 @@ def _with_generation_header(download):
     return answer
 
 
+# A bucket whose objects this account may read but not write, answered as Cloud Storage answers.
+READ_ONLY = "read-only"
+REFUSAL = ("runner@project.iam.gserviceaccount.com does not have storage.objects.create access to the Google Cloud "
+           "Storage object. Permission 'storage.objects.create' denied on resource (or it may not exist).")
+
+
+def _refusing_read_only_writes(handler):
+    def answer(request, response, storage, *args, **kwargs):
+        if request.params.get("bucket_name") != READ_ONLY:
+            return handler(request, response, storage, *args, **kwargs)
+        response.status = HTTPStatus.FORBIDDEN
+        response.json({"error": {"code": 403, "message": REFUSAL, "errors": [{"reason": "forbidden"}]}})
+
+    return answer
+
+
 @pytest.fixture(scope="session")
 def emulator():
     """The stand-in's URL. One per test process: its clients (gcsfs through epath, TensorStore) are made once per
     process and keep the endpoint they were made with."""
+    from gcp_storage_emulator import server as emulator_server
     from gcp_storage_emulator.handlers import objects
     from gcp_storage_emulator.server import create_server
 
+    writes = (objects.insert, objects.upload_partial, objects.copy, objects.rewrite, objects.compose, objects.delete,
+              objects.patch)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(objects, "download", _with_generation_header(objects.download))
+        for _, handlers in emulator_server.HANDLERS:
+            for method, handler in list(handlers.items()):
+                if handler in writes:
+                    patch.setitem(handlers, method, _refusing_read_only_writes(handler))
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -212,6 +236,21 @@ def test_an_output_in_a_missing_bucket_is_refused_before_any_work(bucket, tmp_pa
     assert convert.main(["--from", "ours", "--to", "hf", str(tmp_path / "never-read"), f"{missing}/hf"]) == 2
     assert f"error: the output directory {missing}/hf cannot be written (there is no bucket {missing})" in \
         capsys.readouterr().err
+
+
+def test_a_bucket_this_account_may_not_write_is_refused_with_the_store_s_reason(emulator, cache_dir, capsys):
+    """gcsfs puts the request's URL where the reason should be (`Forbidden: http://...?name=run%2F.lock`, the reason
+    on the line below): the messages give the reason."""
+    epath.Path(f"gs://{READ_ONLY}").mkdir()  # makes the bucket
+    workdir = f"gs://{READ_ONLY}/run"
+    with pytest.raises(CheckpointError) as refused:
+        trainer.train(small_config(cache_dir, 2), workdir)
+    assert str(refused.value) == (f"the workdir {workdir} cannot be written (Forbidden: {REFUSAL}): give a --workdir "
+                                  "where this user can write")
+    assert stdlib_chat.main(["prompts", "--out", f"{workdir}/p.jsonl"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {workdir}/p.jsonl cannot be written (writing a test object there failed: OSError: Forbidden: "
+        f"{REFUSAL}): give a bucket path this account may write to, or a local path\n")
 
 
 def test_rejection_sampling_prompts_written_to_a_bucket_read_back_as_local_ones(bucket, tmp_path, capsys):
