@@ -52,6 +52,33 @@ def initialize(environ: Mapping[str, str] | None = None) -> None:
     elif coordinator is not None:
         wait_for_coordinator(coordinator, arguments["initialization_timeout"])
     jax.distributed.initialize(**arguments)
+    _end_the_service_last()
+
+
+# How long process 0 keeps JAX's coordination service up once every process has reached JAX's exit barrier.
+_SERVICE_GRACE_S = 1.0
+
+
+def _end_the_service_last() -> None:
+    """Makes process 0, which hosts JAX's coordination service, pause between its own leaving and the service's end.
+    JAX ends the service as soon as every process has reached its exit barrier, while a message another process sent
+    just before (a heartbeat) may still be arriving: gRPC's server teardown then aborts process 0 (`Check failed:
+    queue.Pop() == nullptr`, exit code -6 after the run's own last line; seen here once, in a two-process run that
+    stopped on a host's memory refusal). JAX has no hook for it, so its service object is wrapped."""
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    if getattr(state, "service", None) is not None:
+        state.service = _ServiceEndingLate(state.service)
+
+
+class _ServiceEndingLate:
+    def __init__(self, service):
+        self._service = service
+
+    def shutdown(self) -> None:
+        time.sleep(_SERVICE_GRACE_S)
+        self._service.shutdown()
 
 
 def check_port_free(address: str) -> None:
