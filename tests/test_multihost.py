@@ -19,9 +19,8 @@ from flax import nnx
 
 from llama_jax import checkpoint, trainer
 from llama_jax import workdir as workdir_lib
-from llama_jax.errors import ConfigError
+from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.evaluate import BUILTIN_TASKS
-from llama_jax.errors import CheckpointError, DataError
 from llama_jax.parallel import distributed
 from llama_jax.parallel.distributed import check_port_free, distributed_arguments
 from llama_jax.workdir import read_jsonl
