@@ -375,7 +375,18 @@ class SavedRun:
             return jax.tree.map(lambda x, like: x.astype(like.dtype), merged, abstract)
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, shardings)
         with restoring(f"parameters in {self.step_dir}", ": the checkpoint is damaged or incomplete; use another step"):
-            return ocp.StandardCheckpointer().restore(self.step_dir / "params", target)
+            return read_params(self.step_dir, target)
+
+
+def read_params(step_dir: epath.Path, target: Any = None) -> Any:
+    """A step's `params` item (as `target` says, or as saved), read by Orbax's handler alone. Orbax's checkpointers end
+    a read with a barrier, where the hosts whose read succeeded would wait for one whose read failed: the callers
+    agree on the outcome instead (`distributed.on_every_process`)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.restore(step_dir / "params", args=ocp.args.StandardRestore(target))
+    finally:
+        handler.close()
 
 
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Llama, str]:

@@ -248,12 +248,10 @@ def _lora_section(meta: dict, where) -> ml_collections.ConfigDict:
 
 def _restore_saved(saved) -> dict:
     """What a LoRA run's checkpoint holds as params: the adapters (and the reward head), as host arrays."""
-    import orbax.checkpoint as ocp
-
-    from llama_jax.checkpoint import restoring
+    from llama_jax.checkpoint import read_params, restoring
 
     with restoring(f"adapters in {saved.step_dir}", ": the checkpoint is damaged or incomplete; use another step"):
-        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(saved.step_dir / "params"))
+        return jax.tree.map(np.asarray, read_params(saved.step_dir))
 
 
 def fingerprint(base: dict) -> str:

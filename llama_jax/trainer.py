@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import grain
 import jax
@@ -63,6 +63,7 @@ from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
 from llama_jax.watchdog import Watchdog
 
 Batch = dict[str, jax.Array]
+T = TypeVar("T")
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
@@ -183,7 +184,8 @@ class Run:
             fn = functools.partial(init_state, self.model_def, self.tx, self.cfg.seed)
             return jax.jit(fn, out_shardings=self.state_shardings)()
         base_shardings, _ = _split_objective_params(self.cfg, self.state_shardings.params)
-        params = ckpt.load_pretrained(self.cfg.checkpoint.init_from, self.model_def.cfg, base_shardings)
+        params = _pretrained(lambda: ckpt.load_pretrained(self.cfg.checkpoint.init_from, self.model_def.cfg,
+                                                          base_shardings))
 
         def from_params(params: dict) -> TrainState:
             params = _with_objective_params(self.cfg, params)
@@ -393,8 +395,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     base = base_source = None
     if cfg.lora.rank:
         if base_of is None:
-            base_path = ckpt.pinned_path(cfg.checkpoint.init_from)
-            loaded = ckpt.load_pretrained(base_path, model_def.cfg, base_sh)
+            base_path = _pretrained(lambda: ckpt.pinned_path(cfg.checkpoint.init_from))
+            loaded = _pretrained(lambda: ckpt.load_pretrained(base_path, model_def.cfg, base_sh))
             base_source = lora_lib.base_source(base_path, loaded)
             base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
                            out_shardings=base_sh)(loaded)
@@ -700,6 +702,12 @@ def _pair_data(p: Phase, corpus, pad_id: int, processes: dict) -> PhaseData:
             raise ConfigError(f"data.eval_sources.{name} is not a preference corpus, and a reward model scores pairs "
                               "only: prepare it with python -m llama_jax.data.preferences, or remove it")
     return PhaseData(batches, eval_sets)
+
+
+def _pretrained(read: Callable[[], T]) -> T:
+    """`read()` of `checkpoint.init_from`, on every host, which all stop if it fails on any: a path missing from one
+    host's disk stopped that host alone, and the others waited in their next collective."""
+    return distributed.on_every_process(read, "reading checkpoint.init_from", elsewhere=CheckpointError)
 
 
 def _eval_tasks(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[ChoiceTask]:

@@ -260,6 +260,24 @@ def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, wh
     assert errors == [[refusal.replace("error: ", f"error: {done} failed on process 1 of 2: ", 1)], [refusal]]
 
 
+def test_a_checkpoint_to_start_from_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job):
+    """`checkpoint.init_from` on a disk of each host's own, a llama_jax run on process 0's and nothing on process 1's.
+    Before, process 1 stopped alone and process 0 waited in its next collective."""
+    cache = tmp_path / "cache"
+    trainer.train(load_config(job, cache, steps=1), tmp_path / "host0" / "base")
+    config = tmp_path / "on_each_host.py"
+    setting = (f'cfg.checkpoint.init_from = "{tmp_path}/host" + os.environ["LLAMA_JAX_PROCESS_ID"] + "/base"\n'
+               f'    cfg.data.tokenizer = "{tmp_path}/host0/base/tokenizer.model"')
+    config.write_text("import os\n" + CONFIG.replace("    return cfg", f"    {setting}\n    return cfg"))
+    codes, outputs = finish(start_two_processes({**job, "config": config}, tmp_path / "run", cache))
+    assert codes == [2, 2], outputs
+    assert "Traceback" not in outputs[0] + outputs[1], outputs
+    errors = [[line for line in output.splitlines() if line.startswith("error:")] for output in outputs]
+    assert errors[1] == [f"error: checkpoint path {tmp_path}/host1/base does not exist"], outputs[1][-2000:]
+    assert errors[0] == [errors[1][0].replace("error: ", "error: reading checkpoint.init_from failed on process 1 of 2: ",
+                                              1)]
+
+
 def test_a_workdir_in_use_stops_every_host_in_one_line(tmp_path, job):
     """Process 0 alone takes the workdir's lock, held here by this test. Before, process 0 stopped and process 1 went
     on to wait in its first collective."""

@@ -56,11 +56,10 @@ def reward_loss(model: Llama, head_d: jax.Array, batch: Batch, totals: dict[str,
 def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
     """(model, head, tokenizer path) of a reward-model run (objective "reward"): its parameters with the head, on the
     default device or sharded over `mesh` (the head replicated). A LoRA run's adapters are merged into its base."""
-    import orbax.checkpoint as ocp
     from flax import nnx
 
     from llama_jax import lora
-    from llama_jax.checkpoint import SavedRun, restoring
+    from llama_jax.checkpoint import SavedRun, read_params, restoring
     from llama_jax.errors import CheckpointError
     from llama_jax.model import ModelDef
     from llama_jax.parallel.mesh import param_shardings, replicated
@@ -85,6 +84,6 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
         target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract,
                               shardings)
         with restoring(f"{saved.step_dir}: the reward model's parameters", "; use another step"):
-            params = ocp.StandardCheckpointer().restore(saved.step_dir / "params", target)
+            params = read_params(saved.step_dir, target)
     base, head = split_params(params)
     return model_def.merge(base), head, str(saved.tokenizer)
