@@ -165,13 +165,10 @@ class Checkpointer:
         what = f"checkpoint {self.directory / str(step)}"
 
         def read():
-            reader = ocp.CompositeCheckpointHandler()
-            try:
-                with restoring(what, ". It is incomplete or was written for a different model/config: delete that "
-                               "step's directory to resume from an earlier one, or use a fresh --workdir"):
-                    return reader.restore(self.directory / str(step), args=ocp.args.Composite(**items))
-            finally:
-                reader.close()
+            with contextlib.closing(ocp.CompositeCheckpointHandler()) as reader, restoring(
+                    what, ". It is incomplete or was written for a different model/config: delete that step's "
+                    "directory to resume from an earlier one, or use a fresh --workdir"):
+                return reader.restore(self.directory / str(step), args=ocp.args.Composite(**items))
 
         restored = distributed.on_every_process(read, f"reading {what}", elsewhere=CheckpointError)
         return restored.params, restored.opt_state
@@ -382,11 +379,8 @@ def read_params(step_dir: epath.Path, target: Any = None) -> Any:
     """A step's `params` item (as `target` says, or as saved), read by Orbax's handler alone. Orbax's checkpointers end
     a read with a barrier, where the hosts whose read succeeded would wait for one whose read failed: the callers
     agree on the outcome instead (`distributed.on_every_process`)."""
-    handler = ocp.StandardCheckpointHandler()
-    try:
+    with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
         return handler.restore(step_dir / "params", args=ocp.args.StandardRestore(target))
-    finally:
-        handler.close()
 
 
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> tuple[Llama, str]:

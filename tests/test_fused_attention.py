@@ -14,6 +14,8 @@ cuDNN itself cannot be traced without a GPU; benchmarks/gpu.py checks it against
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +77,19 @@ def test_kernels_off_their_hardware_are_a_config_error_from_the_model(attention,
     model = Llama(preset("debug", attention=attention), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match=f"model.attention='{attention}' runs on {hardware} only.*'flash'"):
         model(jnp.zeros((1, 8), jnp.int32))
+
+
+def test_a_jax_without_the_triton_kernel_refuses_it_and_still_imports_llama_jax(monkeypatch):
+    """JAX 0.12 dropped `jax.experimental.pallas.ops.gpu.attention`; a None in sys.modules makes its import fail
+    here as it does there."""
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.gpu.attention", None)
+    q, k, v = qkv(jnp.float32)
+    with pytest.raises(ConfigError, match=r"model.attention='triton' needs jax.experimental.pallas.ops.gpu.attention, "
+                                          r"which JAX \S+ does not ship: use model.attention='cudnn'"):
+        triton_attention(q, k, v, SEGMENTS, interpret=True)
+    blocked = ("import sys; sys.modules['jax.experimental.pallas.ops.gpu.attention'] = None; "
+               "import llama_jax.trainer, llama_jax.model.fused_attention; print('imported')")
+    assert subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True).stdout == "imported\n"
 
 
 def test_cudnn_with_float32_compute_is_a_config_error():

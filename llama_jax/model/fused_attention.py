@@ -11,7 +11,8 @@ segment ids [b, t]; causal within a document):
   cuDNN computes in bfloat16 or float16 only.
 - "triton": `jax.experimental.pallas.ops.gpu.attention.mha`, which reads segment ids block by block (linear memory).
   It has one key/value head per query head, so grouped heads are repeated for it (autodiff sums their gradients
-  back).
+  back). JAX 0.12 no longer ships it (checked with 0.12.1), so it is imported when first used: there, choosing it
+  is a `ConfigError`, and the rest of llama_jax still imports.
 - "splash": `jax.experimental.pallas.ops.tpu.splash_attention`, MaxText's TPU kernel: a causal mask per head, the
   segment ids read block by block, grouped-query attention native; it runs per row (vmapped over the batch).
 The Pallas kernels take whole blocks of 128 positions: sequences are padded to them with a segment id no document
@@ -25,10 +26,10 @@ check them against the reference attention. cuDNN cannot be traced without a GPU
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
@@ -42,6 +43,14 @@ def _require(name: str, backend: str, hardware: str) -> None:
     if jax.default_backend() != backend:
         raise ConfigError(f"model.attention={name!r} runs on {hardware} only, and this run's backend is "
                           f"{jax.default_backend()!r}: use model.attention='flash' (or 'xla') here")
+
+
+def _pallas_triton_attention():
+    try:
+        return importlib.import_module("jax.experimental.pallas.ops.gpu.attention")
+    except ImportError as e:
+        raise ConfigError(f"model.attention='triton' needs jax.experimental.pallas.ops.gpu.attention, which JAX "
+                          f"{jax.__version__} does not ship: use model.attention='cudnn' on this JAX") from e
 
 
 def cudnn_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarray,
@@ -58,6 +67,7 @@ def triton_attention(q_btnh: jnp.ndarray, k_bskh: jnp.ndarray, v_bskh: jnp.ndarr
     """The Pallas Triton flash kernel, causal within each document. `interpret` runs it off the GPU (slowly)."""
     if not interpret:
         _require("triton", "gpu", "NVIDIA GPUs")
+    pallas_gpu = _pallas_triton_attention()
     groups = q_btnh.shape[2] // k_bskh.shape[2]
     k_btnh, v_btnh = (jnp.repeat(x, groups, axis=2) for x in (k_bskh, v_bskh))
     (q_btnh, k_btnh, v_btnh), segment_ids_bt, t = _padded_to_blocks((q_btnh, k_btnh, v_btnh), segment_ids_bt, block)
