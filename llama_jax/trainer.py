@@ -395,8 +395,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     base = base_source = None
     if cfg.lora.rank:
         if base_of is None:
-            base_path = _pretrained(lambda: ckpt.pinned_path(cfg.checkpoint.init_from))
-            loaded = _pretrained(lambda: ckpt.load_pretrained(base_path, model_def.cfg, base_sh))
+            base_path, loaded = _pretrained(lambda: _read_base(cfg.checkpoint.init_from, model_def, base_sh))
             base_source = lora_lib.base_source(base_path, loaded)
             base = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(cfg.lora.base_dtype), p),
                            out_shardings=base_sh)(loaded)
@@ -708,6 +707,13 @@ def _pretrained(read: Callable[[], T]) -> T:
     """`read()` of `checkpoint.init_from`, on every host, which all stop if it fails on any: a path missing from one
     host's disk stopped that host alone, and the others waited in their next collective."""
     return distributed.on_every_process(read, "reading checkpoint.init_from", elsewhere=CheckpointError)
+
+
+def _read_base(init_from: str, model_def: ModelDef, shardings: dict) -> tuple[str, dict]:
+    """(the step `init_from` stands for now, its parameters): the step is what the run records as its base, so a
+    base workdir that saves newer steps later does not change what a resumed run reads."""
+    path = ckpt.pinned_path(init_from)
+    return path, ckpt.load_pretrained(path, model_def.cfg, shardings)
 
 
 def _eval_tasks(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[ChoiceTask]:
