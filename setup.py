@@ -11,7 +11,8 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
-        "flax>=0.12.8",
+        "flax>=0.12.8; python_version<'3.12'",
+        "flax>=0.12.12; python_version>='3.12'",  # 0.12.8 does not import with JAX 0.11+, which Python 3.12 gets
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",

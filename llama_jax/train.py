@@ -56,9 +56,18 @@ def main(argv: list[str]) -> None:
 
 def _use_compilation_cache(directory: str) -> None:
     """Points JAX's persistent compilation cache at `directory` (`train.compilation_cache_dir`) unless it is off ("")
-    or JAX_COMPILATION_CACHE_DIR chose one. It must happen before the first compilation, which fixes the cache."""
+    or JAX_COMPILATION_CACHE_DIR chose one, and turns it off where it would hang the run. It must happen before the
+    first compilation, which fixes the cache."""
     import jax
 
+    from llama_jax.parallel import distributed
+
+    if distributed.persistent_cache_hangs():
+        jax.config.update("jax_enable_compilation_cache", False)
+        if jax.process_index() == 0:
+            print(f"warning: the compilation cache is off: with JAX {jax.__version__}, several processes on CPUs hang "
+                  "in the first step read from it, so each process compiles its steps afresh", file=sys.stderr)
+        return
     if directory and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// stays as it is
 

@@ -725,9 +725,11 @@ def _eval_tasks(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[Ch
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:
     """Copies into the workdir what its checkpoints need to be used on their own: the tokenizer's files and, for a
     run fine-tuned from a Hugging Face checkpoint, that checkpoint's generation settings. Returns the tokenizer
-    file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir."""
+    file's name. Process 0 alone writes them, as it does the logs: the hosts share the workdir. It writes once every
+    host has compared the tokenizer with the workdir's copy: a host still reading that copy while process 0 rewrote
+    it saw another tokenizer and stopped alone, and process 0 waited in its next collective."""
     files = tokenizer_files(tokenizer_path)
-    ckpt.check_resumed_tokenizer(workdir, files)
+    distributed.on_every_process(lambda: ckpt.check_resumed_tokenizer(workdir, files), "checking the run's tokenizer")
     generation = workdir_lib.as_path(cfg.checkpoint.init_from) / generation_config.FILE_NAME
     if jax.process_index() == 0:
         for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
