@@ -443,9 +443,10 @@ def test_the_cli_reports_bad_variables_in_one_line(tmp_path, job):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_coordinator_port_in_use_or_a_coordinator_that_never_answers_is_one_line(tmp_path, job):
-    """In JAX the first is a traceback from process 0 ("Failed to start RPC server"), the second a C++ check failure
-    on the other processes after the whole timeout (300 s by default)."""
+def test_a_coordinator_port_in_use_a_coordinator_that_never_answers_or_a_process_that_never_joins_is_one_line(
+        tmp_path, job):
+    """In JAX the first is a traceback from process 0 ("Failed to start RPC server"), the second and third a C++ check
+    failure after the whole timeout (300 s by default), on the other processes and on process 0."""
     dual_stack = socket.has_dualstack_ipv6()
     with socket.create_server(("", 0), family=socket.AF_INET6 if dual_stack else socket.AF_INET,
                               dualstack_ipv6=dual_stack) as taken:
@@ -467,6 +468,17 @@ def test_a_coordinator_port_in_use_or_a_coordinator_that_never_answers_is_one_li
         f"error: nothing answered at LLAMA_JAX_COORDINATOR=127.0.0.1:{port} in 2 s ([Errno 111] Connection refused): "
         "start process 0 of the run, which listens there, and check that this host can reach that address (or wait "
         "longer: LLAMA_JAX_INIT_TIMEOUT_S)"
+    ]
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "run").exists()
+
+    started = time.monotonic()  # process 0 alone, as when process 1's command failed before it joined
+    result = run_one_process(job, tmp_path / "run", LLAMA_JAX_COORDINATOR=f"127.0.0.1:{coordinator_port()}",
+                             LLAMA_JAX_PROCESS_ID="0", LLAMA_JAX_INIT_TIMEOUT_S="2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: not every process of the run joined within 2 s (of 2): start the same command on every host; a host "
+        "whose command failed says why in its own output (or wait longer: LLAMA_JAX_INIT_TIMEOUT_S)"
     ]
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()

@@ -15,16 +15,20 @@ first and told in one line: in JAX the first is a traceback, the second a C++ ab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import threading
 import time
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax.errors import ConfigError, LlamaJaxError
+from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
 
 COORDINATOR = "LLAMA_JAX_COORDINATOR"
 NUM_PROCESSES = "LLAMA_JAX_NUM_PROCESSES"
@@ -51,8 +55,36 @@ def initialize(environ: Mapping[str, str] | None = None) -> None:
         check_port_free(coordinator)
     elif coordinator is not None:
         wait_for_coordinator(coordinator, arguments["initialization_timeout"])
-    jax.distributed.initialize(**arguments)
+    timeout_s = arguments["initialization_timeout"]
+    with _exit_unless_joined(timeout_s, arguments.get("num_processes")):
+        jax.distributed.initialize(**{**arguments, "initialization_timeout": timeout_s + _JAX_EXTRA_WAIT_S})
     _end_the_service_last()
+
+
+# How much longer JAX's own wait for the other processes is than ours, so that ours, which says what to do, ends it.
+_JAX_EXTRA_WAIT_S = 30
+
+
+@contextlib.contextmanager
+def _exit_unless_joined(timeout_s: int, num_processes: int | None) -> Iterator[None]:
+    """Ends this process with one error line (exit code 2) unless every process has joined within `timeout_s`. JAX's
+    own wait ends in a C++ check failure and a stack trace (`DEADLINE_EXCEEDED ... RegisterTask`), as when one host's
+    command failed before it joined. A timer thread, since the join blocks in C++ (which lets Python threads run)."""
+
+    def give_up() -> None:
+        expected = f" (of {num_processes})" if num_processes else ""
+        print(f"error: not every process of the run joined within {timeout_s} s{expected}: start the same command on "
+              f"every host; a host whose command failed says why in its own output (or wait longer: {INIT_TIMEOUT})",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_CONFIG)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def persistent_cache_hangs() -> bool:
