@@ -348,7 +348,8 @@ def test_a_tokenizer_without_a_chat_format_is_a_data_error(tmp_path):
 def test_cli_chat_end_to_end(tmp_path, tokenizer_path, fmt):
     data = tmp_path / "sft"
     data.mkdir()
-    long = [{"role": "user", "content": "Recite."}, {"role": "assistant", "content": TEXTS[0][:3000]}]
+    recital = max(TEXTS, key=len)[:3000]  # over 300 tokens whichever Python's library TEXTS comes from
+    long = [{"role": "user", "content": "Recite."}, {"role": "assistant", "content": recital}]
     lines = [json.dumps({"messages": m}) for m in CONVERSATIONS[:20]]
     (data / "a.jsonl").write_text("\n".join([*lines[:10], "{broken", json.dumps({"messages": long})]) + "\n")
     (data / "b.jsonl").write_text("\n".join([*lines[10:], lines[0], '{"text": "no messages"}']) + "\n")
