@@ -13,7 +13,6 @@ other (TPU pods and SLURM by themselves, or LLAMA_JAX_* variables). Process 0 wr
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -38,13 +37,13 @@ def main(argv: list[str]) -> None:
         distributed.initialize()  # before anything touches a device: joins the other hosts of a multi-host run
     except LlamaJaxError as err:
         command_line.fail(str(err))
-    from llama_jax import checkpoint, trainer  # imported after flag parsing so --help stays fast
+    from llama_jax import checkpoint, compilation_cache, trainer  # imported after flag parsing: --help stays fast
 
     checkpoint.quiet_background_failures()
 
     config_file = flags.FLAGS["config"].config_filename.split(":")[0]  # FILE:ARG passes ARG to get_config
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)
-    _use_compilation_cache(_CONFIG.value.train.compilation_cache_dir)
+    compilation_cache.use(_CONFIG.value.train.compilation_cache_dir)
     try:
         trainer.train(_CONFIG.value, workdir)
     except trainer.Preempted as err:
@@ -52,24 +51,6 @@ def main(argv: list[str]) -> None:
         sys.exit(EXIT_PREEMPTED)
     except LlamaJaxError as err:
         command_line.fail(str(err))
-
-
-def _use_compilation_cache(directory: str) -> None:
-    """Points JAX's persistent compilation cache at `directory` (`train.compilation_cache_dir`) unless it is off ("")
-    or JAX_COMPILATION_CACHE_DIR chose one, and turns it off where it would hang the run. It must happen before the
-    first compilation, which fixes the cache."""
-    import jax
-
-    from llama_jax.parallel import distributed
-
-    if distributed.persistent_cache_hangs():
-        jax.config.update("jax_enable_compilation_cache", False)
-        if jax.process_index() == 0:
-            print(f"warning: the compilation cache is off: with JAX {jax.__version__}, several processes on CPUs hang "
-                  "in the first step read from it, so each process compiles its steps afresh", file=sys.stderr)
-        return
-    if directory and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))  # gs:// stays as it is
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, compilation_cache, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.evaluate import BUILTIN_TASKS
@@ -376,15 +376,13 @@ def test_the_compilation_cache_is_off_where_it_hangs_a_run_and_says_so(monkeypat
     """Several CPU processes on JAX 0.12.1 hung in the first step they read from the persistent compilation cache
     (checked by hand there: the tests' two-process resume hung until killed, and ended in 11 s with the cache off);
     JAX 0.10.2 and 0.11.2 do not hang, and keep it. The command line's choice, with JAX's answers played by hand."""
-    import llama_jax.train
-
     monkeypatch.setattr(jax, "process_count", lambda: processes)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     monkeypatch.setattr(jax, "__version_info__", version)
     monkeypatch.setattr(jax, "__version__", ".".join(map(str, version)))
     assert distributed.persistent_cache_hangs() == hangs
     try:
-        llama_jax.train._use_compilation_cache("")  # "": the cache's directory stays as the session's conftest set it
+        compilation_cache.use("")  # "": the cache's directory stays as the session's conftest set it
         assert jax.config.jax_enable_compilation_cache == (not hangs)
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
@@ -477,8 +475,8 @@ def test_a_coordinator_port_in_use_a_coordinator_that_never_answers_or_a_process
                              LLAMA_JAX_PROCESS_ID="0", LLAMA_JAX_INIT_TIMEOUT_S="2")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: not every process of the run joined within 2 s (of 2): start the same command on every host; a host "
-        "whose command failed says why in its own output (or wait longer: LLAMA_JAX_INIT_TIMEOUT_S)"
+        "error: not all 2 processes of the run joined within 2 s: start the same command on every host; a host whose "
+        "command failed says why in its own output (or wait longer: LLAMA_JAX_INIT_TIMEOUT_S)"
     ]
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()

@@ -8,9 +8,10 @@ Where the process count and this process's id come from, first match wins:
 3. a Cloud TPU VM, or a TPU pod under GKE / multislice: JAX asks the TPU runtime and VM metadata itself.
 Anything else is a single process, and nothing is done.
 
-Processes wait for each other up to LLAMA_JAX_INIT_TIMEOUT_S seconds (default 300, JAX's own). With explicit
-variables, the two ways joining fails in JAX (process 0's port is taken; the coordinator never answers) are found
-first and told in one line: in JAX the first is a traceback, the second a C++ abort after the whole timeout.
+Processes wait for each other up to LLAMA_JAX_INIT_TIMEOUT_S seconds (default 300, JAX's own). The ways joining
+fails are told in one line: process 0's port is taken, or the coordinator never answers (with explicit variables;
+found before JAX is asked), or a process never joins (its command failed on its host). In JAX the first is a
+traceback, the others C++ aborts after the whole timeout.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def _exit_unless_joined(timeout_s: int, num_processes: int | None) -> Iterator[N
     command failed before it joined. A timer thread, since the join blocks in C++ (which lets Python threads run)."""
 
     def give_up() -> None:
-        expected = f" (of {num_processes})" if num_processes else ""
-        print(f"error: not every process of the run joined within {timeout_s} s{expected}: start the same command on "
-              f"every host; a host whose command failed says why in its own output (or wait longer: {INIT_TIMEOUT})",
+        processes = f"all {num_processes} processes" if num_processes else "every process"
+        print(f"error: not {processes} of the run joined within {timeout_s} s: start the same command on every host; "
+              f"a host whose command failed says why in its own output (or wait longer: {INIT_TIMEOUT})",
               file=sys.stderr, flush=True)
         os._exit(EXIT_CONFIG)
 
