@@ -38,13 +38,14 @@ from llama_jax.model.fused_attention import splash_attention, triton_attention
 PALLAS = {"triton": triton_attention, "splash": splash_attention}
 NO_TRITON = pytest.mark.skipif(not triton_attention_shipped(), reason=f"JAX {jax.__version__} ships no Triton "
                                "attention kernel (choosing it there is tested as a ConfigError)")
-
-
-def triton(*args):
-    return pytest.param("triton", *args, marks=NO_TRITON)
 SMALLEST_BLOCK = {"triton": 16, "splash": 128}  # splash computes in blocks of whole 128-lane vectors
 # 300 tokens: three documents and padding, then one document (3 blocks of 128 for splash, the last one part-filled)
 LONG_SEGMENTS = np.asarray([[1] * 90 + [2] * 150 + [3] * 20 + [0] * 40, [1] * 300], np.int32)
+
+
+def triton(*args):
+    """A parameter set of the Triton kernel's, run where the installed JAX ships it."""
+    return pytest.param("triton", *args, marks=NO_TRITON)
 
 
 def reference_and_kernel(kernel, q, k, v, block, segments=SEGMENTS):

@@ -288,7 +288,8 @@ def test_a_tokenizer_other_than_the_run_s_on_one_host_stops_every_host_in_one_li
     (last_token, last_id), (token, id_) = (line.split() for line in lines[-2:])
     for host, ids in [("host0", (last_id, id_)), ("host1", (id_, last_id))]:
         (tmp_path / host).mkdir()
-        (tmp_path / host / "tokenizer.model").write_text("".join(lines[:-2]) + f"{last_token} {ids[0]}\n{token} {ids[1]}\n")
+        swapped = f"{last_token} {ids[0]}\n{token} {ids[1]}\n"
+        (tmp_path / host / "tokenizer.model").write_text("".join(lines[:-2]) + swapped)
     config = tmp_path / "on_each_host.py"
     setting = f'cfg.data.tokenizer = "{tmp_path}/host" + os.environ["LLAMA_JAX_PROCESS_ID"] + "/tokenizer.model"'
     config.write_text("import os\n" + CONFIG.replace("    return cfg", f"    {setting}\n    return cfg"))
