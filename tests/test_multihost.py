@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import checkpoint, compilation_cache, trainer
+from llama_jax import checkpoint, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.evaluate import BUILTIN_TASKS
@@ -366,30 +366,6 @@ def test_a_checkpoint_damaged_where_only_one_host_reads_it_sends_every_host_back
     assert f"Resumed from {workdir / 'checkpoints' / '2'}" in outputs[0]
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 7)), "steps 3-4 logged once, as retrained"
     assert checkpoint_steps(workdir) == [4, 6]
-
-
-@pytest.mark.parametrize("processes, backend, version, hangs", [
-    (2, "cpu", (0, 12, 1), True), (2, "cpu", (0, 13, 0), True), (1, "cpu", (0, 12, 1), False),
-    (2, "gpu", (0, 12, 1), False), (2, "cpu", (0, 11, 2), False), (2, "cpu", (0, 10, 2), False),
-])
-def test_the_compilation_cache_is_off_where_it_hangs_a_run_and_says_so(monkeypatch, capsys, processes, backend,
-                                                                       version, hangs):
-    """Several CPU processes on JAX 0.12.1 hung in the first step they read from the persistent compilation cache
-    (checked by hand there: the tests' two-process resume hung until killed, and ended in 11 s with the cache off);
-    JAX 0.10.2 and 0.11.2 do not hang, and keep it. The command line's choice, with JAX's answers played by hand."""
-    monkeypatch.setattr(jax, "process_count", lambda: processes)
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(jax, "__version_info__", version)
-    monkeypatch.setattr(jax, "__version__", ".".join(map(str, version)))
-    assert distributed.persistent_cache_hangs() == hangs
-    try:
-        compilation_cache.use("")  # "": the cache's directory stays as the session's conftest set it
-        assert jax.config.jax_enable_compilation_cache == (not hangs)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", True)
-    warning = ("warning: the compilation cache is off: with JAX " + ".".join(map(str, version)) + ", several processes "
-               "on CPUs hang in the first step read from it, so each process compiles its steps afresh\n")
-    assert capsys.readouterr().err == (warning if hangs else "")
 
 
 def test_the_environment_decides_how_processes_join():
