@@ -641,13 +641,8 @@ def _check_lora_base(run: Run, step_dir: epath.Path) -> None:
 def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
     """The first phase reads the corpus already loaded; a later one its own sources, with the run's tokenizer."""
     cfg = p.cfg
-    if p.index == 0:
-        corpus = first_corpus
-    else:
-        data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
-        data_cfg.tokenizer = str(first_corpus.tokenizer_path)
-        corpus = distributed.process_zero_first(lambda: load_corpus(data_cfg, cfg.model.vocab_size),
-                                               "preparing the data")
+    corpus = first_corpus if p.index == 0 else distributed.process_zero_first(
+        lambda: load_corpus(cfg.data, cfg.model.vocab_size, run=first_corpus), "preparing the data")
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.objective.name in PAIR_OBJECTIVES:
         return _pair_data(p, corpus, pad_id, processes)

@@ -48,6 +48,11 @@ class SourceSpec:
     weight: float
     text_field: str
 
+    @property
+    def origin(self) -> tuple[str, str]:
+        """What its documents are, whatever the mixture names it."""
+        return self.source, self.text_field
+
     @functools.cached_property
     def prepared(self) -> bool:
         """A directory written by the preparation CLI (it holds train/ and eval/ shard directories). One in a bucket is
@@ -72,6 +77,7 @@ class Source:
     weight: float
     train: DocumentStore
     eval: DocumentStore
+    origin: tuple[str, str]  # its SourceSpec's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +94,34 @@ def source_specs(data_cfg: ml_collections.ConfigDict) -> list[SourceSpec]:
     return [SourceSpec(name, e.source, float(e.weight), e.text_field) for name, e in data_cfg.mixture.items()]
 
 
-def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
-    """The tokenizer and every source's train/eval stores, building raw-text caches on first use."""
+def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int, run: Corpus | None = None) -> Corpus:
+    """The tokenizer and every source's train/eval stores, building raw-text caches on first use.
+
+    `run`, for a later phase of a run: the first phase's corpus, whose tokenizer the phase uses and whose stores of
+    the same documents it shares. Loading those again by the tokenizer's path would tokenize them a second time
+    whenever the run trained its tokenizer, since that cache entry is keyed without it (13 s for the stdlib)."""
+    corpus = _training_sources(data_cfg, vocab_size) if run is None else _later_sources(data_cfg, vocab_size, run)
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    held_out = {name: held_out_store(name, entry.source, corpus.tokenizer_path, cache_dir, entry.text_field)
+                for name, entry in data_cfg.eval_sources.items()}
+    return dataclasses.replace(corpus, held_out=held_out)
+
+
+def _later_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int, run: Corpus) -> Corpus:
+    specs = source_specs(data_cfg)
+    read = {source.origin: source for source in run.sources}
+    new = [spec for spec in specs if spec.origin not in read]
+    if new:
+        rest = ml_collections.ConfigDict(data_cfg.to_dict())
+        rest.tokenizer = str(run.tokenizer_path)
+        if rest.mixture:
+            rest.mixture = {spec.name: data_cfg.mixture[spec.name] for spec in new}
+        read.update((source.origin, source) for source in _training_sources(rest, vocab_size).sources)
+    return Corpus(run.tokenizer_path, [dataclasses.replace(read[spec.origin], name=spec.name, weight=spec.weight)
+                                       for spec in specs])
+
+
+def _training_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
     specs = source_specs(data_cfg)
     tokenizer = as_path(data_cfg.tokenizer) if data_cfg.tokenizer else None  # a URL too: a bucket's checkpoint
     if tokenizer is not None and not tokenizer.exists():
@@ -104,12 +136,9 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
     with writing_cache(cache_dir):
         if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
             default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
-            corpus = Corpus(default.tokenizer_path, [Source(specs[0].name, 1.0, default.train, default.eval)])
-        else:
-            corpus = _training_corpus(specs, tokenizer, vocab_size, cache_dir)
-    held_out = {name: held_out_store(name, entry.source, corpus.tokenizer_path, cache_dir, entry.text_field)
-                for name, entry in data_cfg.eval_sources.items()}
-    return dataclasses.replace(corpus, held_out=held_out)
+            return Corpus(default.tokenizer_path,
+                          [Source(specs[0].name, 1.0, default.train, default.eval, specs[0].origin)])
+        return _training_corpus(specs, tokenizer, vocab_size, cache_dir)
 
 
 @contextlib.contextmanager
@@ -141,7 +170,7 @@ def _training_corpus(specs: list[SourceSpec], tokenizer: Path | epath.Path | Non
             train, eval_ = (_open_prepared(spec, directory / split, expected_hash) for split in ("train", "eval"))
         else:
             train, eval_ = (TokenizedCorpus.load(root / spec.name / split) for split in ("train", "eval"))
-        sources.append(Source(spec.name, spec.weight, train, eval_))
+        sources.append(Source(spec.name, spec.weight, train, eval_, spec.origin))
     return Corpus(tokenizer_path, sources)
 
 
