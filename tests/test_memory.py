@@ -9,6 +9,7 @@ import jax
 import pytest
 from flax import nnx
 
+from cli_run import cache_dir  # noqa: F401 (a fixture)
 from llama_jax import checkpoint, memory, trainer, workdir as workdir_lib
 from llama_jax.config import default_config, model_section
 from llama_jax.convert import load_hf, save_hf
@@ -27,10 +28,10 @@ class _Device:
         return self.stats
 
 
-def _config(tmp_path: Path):
+def _config(cache_dir: Path):
     cfg = default_config()
     cfg.model = model_section("debug", vocab_size=1024)
-    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.cache_dir = str(cache_dir)
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     return cfg
 
@@ -40,27 +41,27 @@ def _device_bytes(tree) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def test_the_counted_state_is_what_the_devices_hold(tmp_path):
-    cfg = _config(tmp_path)
+def test_the_counted_state_is_what_the_devices_hold(tmp_path, cache_dir):
+    cfg = _config(cache_dir)
     run = trainer.setup(cfg, tmp_path / "run")
     state = run.init()
     parts = trainer._state_bytes(cfg, run.model_def, run.abstract_state, run.base_shardings)
     assert parts == {"parameters": _device_bytes(state.params), "gradients": _device_bytes(state.params),
                      "optimizer": _device_bytes(state.opt_state)}
     assert parts["optimizer"] >= 2 * parts["parameters"] > 0, "AdamW: two moments per parameter"
-    replicated = _config(tmp_path)
+    replicated = _config(cache_dir)
     replicated.mesh.data, replicated.mesh.fsdp = 8, 1
     whole = trainer._state_bytes(replicated, run.model_def, trainer.setup(replicated, tmp_path).abstract_state, None)
     assert 3 * parts["parameters"] < whole["parameters"] <= 4 * parts["parameters"], "fsdp=4: about a quarter each"
 
 
-def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (2**16, "each device can hold 0.00 GiB"))
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"the training state, before any activation, needs 0\.\d\d GiB per device "
                                           r"\(parameters 0\.\d\d, gradients 0\.\d\d, optimizer 0\.\d\d GiB\), but each "
                                           r"device can hold 0\.00 GiB: train a smaller model or LoRA adapters"):
-        trainer.train(_config(tmp_path), workdir)
+        trainer.train(_config(cache_dir), workdir)
     assert [p.name for p in workdir.iterdir()] == [".lock"], "nothing read, built or written"
     assert not (tmp_path / "cache").exists()
 
@@ -78,10 +79,10 @@ def test_device_memory_is_the_allocator_limit_or_the_hosts_free_memory_shared():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, cache_dir) -> Path:
     """A one-step run and its Hugging Face export (`hf/` inside it)."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = _config(root)
+    cfg = _config(cache_dir)
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.eval_every = 1, 1, 0
     trainer.train(cfg, root / "run")
     save_hf(checkpoint.load_model(root / "run")[0], root / "run" / "hf")
@@ -104,8 +105,8 @@ def test_a_model_too_large_to_load_is_refused_before_any_tensor_is_read(trained,
     assert load_hf(trained / "hf").cfg.n_layers == model.cfg.n_layers
 
 
-def test_a_lora_run_counts_its_adapters_as_trained_and_its_frozen_base(trained, tmp_path):
-    cfg = _config(tmp_path)
+def test_a_lora_run_counts_its_adapters_as_trained_and_its_frozen_base(trained, tmp_path, cache_dir):
+    cfg = _config(cache_dir)
     cfg.checkpoint.init_from, cfg.data.tokenizer = str(trained), str(trained / "tokenizer.model")
     cfg.lora.rank, cfg.lora.base_dtype = 4, "bfloat16"
     run = trainer.setup(cfg, tmp_path / "lora")
@@ -124,10 +125,10 @@ def test_the_fix_named_depends_on_whether_sharding_helps():
             memory.check_train_state_fits({"parameters": 2**50}, devices)
 
 
-def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(trained, tmp_path, monkeypatch, capsys):
+def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(tmp_path, cache_dir, monkeypatch, capsys):
     """The state fits (the first check passes), but the step's activations do not. A step that fits logs its
     figures."""
-    cfg = _config(trained.parent)  # the corpus cache `trained` built
+    cfg = _config(cache_dir)
     cfg.train.steps = 1
     trainer.train(cfg, tmp_path / "fits")
     assert re.search(r"\nMemory: the compiled training step needs, for its activations and other temporaries, "
