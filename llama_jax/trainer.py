@@ -639,7 +639,8 @@ def _check_lora_base(run: Run, step_dir: epath.Path) -> None:
 
 
 def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
-    """The first phase reads the corpus already loaded; a later one its own sources, with the run's tokenizer."""
+    """The first phase reads the corpus already loaded; a later one its own sources, with the run's tokenizer,
+    sharing the stores of those the first reads too."""
     cfg = p.cfg
     corpus = first_corpus if p.index == 0 else distributed.process_zero_first(
         lambda: load_corpus(cfg.data, cfg.model.vocab_size, run=first_corpus), "preparing the data")

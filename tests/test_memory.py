@@ -28,10 +28,10 @@ class _Device:
         return self.stats
 
 
-def _config(cache_dir: Path):
+def _config(data_cache: Path):
     cfg = default_config()
     cfg.model = model_section("debug", vocab_size=1024)
-    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.cache_dir = str(data_cache)
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     return cfg
 
@@ -55,13 +55,13 @@ def test_the_counted_state_is_what_the_devices_hold(tmp_path, cache_dir):
     assert 3 * parts["parameters"] < whole["parameters"] <= 4 * parts["parameters"], "fsdp=4: about a quarter each"
 
 
-def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, cache_dir, monkeypatch):
+def test_a_state_that_cannot_fit_is_refused_before_the_run_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "device_memory_bytes", lambda devices: (2**16, "each device can hold 0.00 GiB"))
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"the training state, before any activation, needs 0\.\d\d GiB per device "
                                           r"\(parameters 0\.\d\d, gradients 0\.\d\d, optimizer 0\.\d\d GiB\), but each "
                                           r"device can hold 0\.00 GiB: train a smaller model or LoRA adapters"):
-        trainer.train(_config(cache_dir), workdir)
+        trainer.train(_config(tmp_path / "cache"), workdir)  # a cache of its own, to see that none is built
     assert [p.name for p in workdir.iterdir()] == [".lock"], "nothing read, built or written"
     assert not (tmp_path / "cache").exists()
 
