@@ -12,7 +12,6 @@ config trains a reward model (a scalar head on the last hidden state) on the sam
 """
 
 from llama_jax.config import default_config, pretrained_model_section, pretrained_tokenizer
-from llama_jax.data.stdlib_chat import prepared
 from llama_jax.errors import ConfigError
 
 
@@ -23,7 +22,7 @@ def get_config(checkpoint: str = ""):
     cfg.model = pretrained_model_section(checkpoint)
     cfg.checkpoint.init_from = checkpoint
     cfg.data.tokenizer = pretrained_tokenizer(checkpoint)
-    cfg.data.source = prepared("preferences", cfg.data.tokenizer, cfg.data.cache_dir)
+    cfg.data.source = "stdlib_preferences"  # prepared under data.cache_dir when the run opens its data
     cfg.objective.name = "dpo"
     cfg.objective.dpo_beta = 0.1
     cfg.objective.dpo_nll = 0.2

@@ -12,7 +12,6 @@ own conversations: python -m llama_jax.data.prepare --chat --source CHATS.jsonl 
 """
 
 from llama_jax.config import default_config, pretrained_model_section, pretrained_tokenizer
-from llama_jax.data.stdlib_chat import prepared
 from llama_jax.errors import ConfigError
 
 
@@ -23,7 +22,7 @@ def get_config(checkpoint: str = ""):
     cfg.model = pretrained_model_section(checkpoint)
     cfg.checkpoint.init_from = checkpoint
     cfg.data.tokenizer = pretrained_tokenizer(checkpoint)
-    cfg.data.source = prepared("sft", cfg.data.tokenizer, cfg.data.cache_dir)
+    cfg.data.source = "stdlib_chat"  # prepared under data.cache_dir when the run opens its data
     cfg.objective.name = "sft"
     cfg.data.batch_size = 8
     cfg.data.seq_len = 256

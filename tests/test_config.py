@@ -88,7 +88,10 @@ def test_tiny_config_file_validates():
     assert cfg.train.steps > 0
 
 
-def test_every_config_file_validates(tmp_path):
+def test_every_config_file_validates_and_reading_it_writes_nothing(tmp_path, monkeypatch):
+    """The post-training configs built their data when read, in ~/.cache/llama_jax, before the command line's
+    --config.data.cache_dir applied (a read-only home stopped them); a built-in name is prepared when the run starts."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     files = sorted(p.name for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
     assert "tiny.py" in files
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug"), "float32")))
@@ -101,6 +104,7 @@ def test_every_config_file_validates(tmp_path):
             validate(cfg)
         except ConfigError as err:  # a config file for a feature not built yet must say so, not crash
             assert "not available yet" in str(err), f"configs/{name}: {err}"
+    assert not (tmp_path / "home").exists()
 
 
 def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ from llama_jax import checkpoint, trainer
 from llama_jax.config import default_config, eval_source, mixture_source, model_section
 from llama_jax.data import corpus
 from llama_jax.data.pipeline import TrainBatches
+from llama_jax.data.preferences import is_preference_store
 from llama_jax.data.prepare import in_eval_split, prepare, prepare_chat
 from llama_jax.data.schedule import BatchSchedule
 from llama_jax.data.shards import ShardedCorpus
@@ -124,6 +125,21 @@ def test_a_later_phase_shares_the_runs_stores_of_the_same_documents_and_tokenize
     for split in ("train", "eval"):
         ours, theirs = getattr(sources["prose"], split), getattr(alone, split)
         assert len(ours) == len(theirs) and all((ours[i] == theirs[i]).all() for i in range(len(ours)))
+
+
+def test_built_in_chat_data_is_prepared_with_the_runs_tokenizer_under_its_cache(tmp_path, text_dir):
+    tokenizer = str(tmp_path / "tokenizer.model")
+    train_bpe([path.read_text() for path in sorted(text_dir.iterdir())], 600, tokenizer)
+    chat = corpus.load_corpus(data_section(tmp_path, "stdlib_chat", tokenizer), vocab_size=600)
+    assert chat.sources[0].train.has_loss_mask and len(chat.sources[0].eval) > 0
+    pairs_data = data_section(tmp_path, "stdlib_preferences", tokenizer)
+    pairs_data.eval_sources.again = eval_source("stdlib_preferences")
+    pairs = corpus.load_corpus(pairs_data, vocab_size=600)
+    assert is_preference_store(pairs.sources[0].train) and is_preference_store(pairs.held_out["again"])
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir() if p.is_dir()) == ["preferences", "sft"]
+    with pytest.raises(ConfigError, match=r"source 'data' \(stdlib_chat\) is prepared with the run's tokenizer: set "
+                                          r"data.tokenizer"):
+        corpus.load_corpus(data_section(tmp_path, "stdlib_chat"), vocab_size=600)
 
 
 def test_bad_sources_are_data_errors(tmp_path, text_dir):

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 from etils import epath
 
-from llama_jax.data import documents
+from llama_jax.data import documents, stdlib_chat
 from llama_jax.data.pipeline import DocumentStore
 from llama_jax.data.shards import ShardedCorpus, local_directory, tokenizer_hash
 from llama_jax.data.sources import (
@@ -108,7 +108,9 @@ def load_corpus(data_cfg: ml_collections.ConfigDict, vocab_size: int, run: Corpu
 
 
 def _later_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int, run: Corpus) -> Corpus:
-    specs = source_specs(data_cfg)
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    with writing_cache(cache_dir):
+        specs = [_built_in_prepared(spec, run.tokenizer_path, cache_dir) for spec in source_specs(data_cfg)]
     read = {source.origin: source for source in run.sources}
     new = [spec for spec in specs if spec.origin not in read]
     if new:
@@ -122,23 +124,35 @@ def _later_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int, run: Co
 
 
 def _training_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> Corpus:
-    specs = source_specs(data_cfg)
     tokenizer = as_path(data_cfg.tokenizer) if data_cfg.tokenizer else None  # a URL too: a bucket's checkpoint
     if tokenizer is not None and not tokenizer.exists():
         raise DataError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist: give the path of a tokenizer file")
-    if tokenizer is None and any(spec.prepared for spec in specs):
-        prepared = next(spec for spec in specs if spec.prepared)
-        raise ConfigError(
-            f"source {prepared.name!r} ({prepared.source}) is prepared shards, tokenized by a fixed tokenizer: set "
-            "data.tokenizer to the tokenizer it was prepared with"
-        )
     cache_dir = Path(data_cfg.cache_dir).expanduser()
     with writing_cache(cache_dir):
+        specs = [_built_in_prepared(spec, tokenizer, cache_dir) for spec in source_specs(data_cfg)]
+        if tokenizer is None and any(spec.prepared for spec in specs):
+            prepared = next(spec for spec in specs if spec.prepared)
+            raise ConfigError(
+                f"source {prepared.name!r} ({prepared.source}) is prepared shards, tokenized by a fixed tokenizer: "
+                "set data.tokenizer to the tokenizer it was prepared with"
+            )
         if tokenizer is None and [s.source for s in specs] == ["stdlib"]:
             default = prepare_stdlib_corpus(cache_dir, vocab_size)  # the default job's long-standing cache entry
             return Corpus(default.tokenizer_path,
                           [Source(specs[0].name, 1.0, default.train, default.eval, specs[0].origin)])
         return _training_corpus(specs, tokenizer, vocab_size, cache_dir)
+
+
+def _built_in_prepared(spec: SourceSpec, tokenizer: Path | epath.Path | None, cache_dir: Path) -> SourceSpec:
+    """A built-in chat or preference source (`stdlib_chat.BUILT_IN`) as the directory it is prepared into, with the
+    run's tokenizer, on first use; any other source as it is."""
+    kind = stdlib_chat.BUILT_IN.get(spec.source)
+    if kind is None:
+        return spec
+    if tokenizer is None:
+        raise ConfigError(f"source {spec.name!r} ({spec.source}) is prepared with the run's tokenizer: set "
+                          "data.tokenizer (configs/sft_tiny.py takes its checkpoint's)")
+    return dataclasses.replace(spec, source=stdlib_chat.prepared(kind, tokenizer, cache_dir))
 
 
 @contextlib.contextmanager
@@ -178,7 +192,8 @@ def held_out_store(name: str, source: str, tokenizer_path: Path, cache_dir: Path
                    ) -> DocumentStore:
     """An evaluation-only source's documents (raw text: all of them; a prepared directory: its eval split), tokenized
     by `tokenizer_path` on first use into a cache keyed by content and tokenizer."""
-    spec = SourceSpec(name, source, 0.0, text_field)
+    with writing_cache(cache_dir):
+        spec = _built_in_prepared(SourceSpec(name, source, 0.0, text_field), tokenizer_path, cache_dir)
     if spec.prepared:
         return _open_prepared(spec, Path(spec.source).expanduser() / "eval", tokenizer_hash(tokenizer_path))
     root = cache_dir / f"heldout-{_cache_key([spec], tokenizer_path, 0)}"
