@@ -12,6 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
+from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 from hf_reference import random_hf_llama
 from llama_jax import evaluate as ev
 from llama_jax.convert import open_checkpoint
@@ -350,14 +351,12 @@ def test_cli_running_out_of_device_memory_is_one_line_naming_what_to_lower(hf_di
             "over more devices (--mesh)\n")
 
 
-def test_the_training_loop_scores_tasks_as_the_standalone_cli_does(tmp_path, capsys):
+def test_the_training_loop_scores_tasks_as_the_standalone_cli_does(tmp_path, cache_dir, capsys):
     """`train.eval_tasks` scores at each evaluation, under the training mesh and in its microbatches (here 2 of 4
     rows, as the step); the last one (the final parameters) equals `python -m llama_jax.evaluate` on the saved
     checkpoint, in batches of 8."""
-    from cli_run import run_cli, read_metrics
-
     workdir = tmp_path / "run"
-    result = run_cli(workdir, tmp_path / "cache", "--config.train.steps=4", "--config.data.batch_size=8",
+    result = run_cli(workdir, cache_dir, "--config.train.steps=4", "--config.data.batch_size=8",
                      "--config.optim.grad_accum=2", "--config.data.seq_len=64", "--config.train.log_every=2",
                      "--config.train.eval_every=2", "--config.data.eval_batches=1", "--config.train.eval_tasks=stdlib_mc")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -77,9 +78,23 @@ def small_config(cache_dir: Path, steps: int):
     return cfg
 
 
-def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, capsys):
-    straight = tmp_path / "straight"
-    trainer.train(small_config(cache_dir, 6), straight)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> Callable[[int], Path]:
+    """The uninterrupted `small_config` run of N steps that several tests compare their resumed runs with, trained
+    once per module (the tests only read it)."""
+    runs = {}
+
+    def run(steps: int) -> Path:
+        if steps not in runs:
+            runs[steps] = tmp_path_factory.mktemp(f"straight{steps}") / "run"
+            trainer.train(small_config(cache_dir, steps), runs[steps])
+        return runs[steps]
+
+    return run
+
+
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, uninterrupted, capsys):
+    straight = uninterrupted(6)
     interrupted = tmp_path / "interrupted"
     trainer.train(small_config(cache_dir, 3), interrupted)
     trainer.train(small_config(cache_dir, 6), interrupted)
@@ -181,10 +196,10 @@ def test_a_trace_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_pat
     assert list((tmp_path / "next" / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
-def test_resuming_on_another_data_parallel_layout_continues_with_the_same_batches(tmp_path, cache_dir):
+def test_resuming_on_another_data_parallel_layout_continues_with_the_same_batches(tmp_path, cache_dir,
+                                                                                  uninterrupted):
     """Steps 1-3 on 8 data-parallel devices, 4-6 on 2 x 4 FSDP: the losses follow the uninterrupted run's."""
-    straight = tmp_path / "straight"
-    trainer.train(small_config(cache_dir, 6), straight)
+    straight = uninterrupted(6)
     moved = tmp_path / "moved"
     trainer.train(small_config(cache_dir, 3), moved)
     resharded = small_config(cache_dir, 6)
@@ -216,11 +231,11 @@ def test_a_run_restarted_on_fewer_devices_and_another_mesh_continues_the_same_tr
 
 
 @pytest.mark.parametrize("damage", ["every file halved", "the data file cut"])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, capsys, damage):
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, uninterrupted, capsys,
+                                                                   damage):
     """A cut data file (its index intact) fails inside Orbax's reads, which wrap the error in a bare Exception: it
     ended the run with a traceback, where the newest step should have been set aside."""
-    straight = tmp_path / "straight"
-    trainer.train(small_config(cache_dir, 9), straight)
+    straight = uninterrupted(9)
     damaged = tmp_path / "damaged"
     trainer.train(small_config(cache_dir, 6), damaged)  # checkpoints 3 and 6
     files = sorted((f for f in (damaged / "checkpoints" / "6" / "params").rglob("*") if f.is_file()),
@@ -293,11 +308,10 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path)
 
 
-def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir, capsys):
+def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir, uninterrupted, capsys):
     """A remat policy that saves memory, unrolled layers, another attention kernel: the same training, rounded
     differently (bfloat16), from the same state."""
-    straight = tmp_path / "straight"
-    trainer.train(small_config(cache_dir, 6), straight)
+    straight = uninterrupted(6)
     workdir = tmp_path / "run"
     trainer.train(small_config(cache_dir, 3), workdir)
     other = small_config(cache_dir, 6)
