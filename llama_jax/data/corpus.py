@@ -2,7 +2,8 @@
 evaluation-only sets of `data.eval_sources`.
 
 A source is raw text (files, globs, remote paths, built-in names) tokenized on first use into a cache keyed by
-content, or a directory written by `python -m llama_jax.data.prepare`, read in place. Without `data.tokenizer`
+content, a directory written by `python -m llama_jax.data.prepare`, read in place, or a built-in chat or preference
+name (`stdlib_chat.BUILT_IN`), prepared with the run's tokenizer into the cache on first use. Without `data.tokenizer`
 a BPE tokenizer is trained on the raw sources' train splits. An evaluation-only source is held out whole (raw text:
 every document; a prepared directory: its eval split) and tokenized with the run's tokenizer.
 """
