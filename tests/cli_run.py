@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from config_files import SESSION_DATA_CACHE
 from llama_jax.goodput import GOODPUT
 from llama_jax.parallel.cpu_threads import NPROC
 from llama_jax.workdir import read_jsonl
@@ -29,9 +30,8 @@ KILL_RUN = ("--config.train.steps=14", "--config.data.batch_size=8", "--config.d
 @pytest.fixture(scope="session")
 def cache_dir():
     """One build of each corpus and tokenizer (the default one takes about 20 s) for the whole session's tests."""
-    directory = SESSION_CACHE / "data"
-    directory.mkdir(exist_ok=True)
-    return directory
+    SESSION_DATA_CACHE.mkdir(exist_ok=True)
+    return SESSION_DATA_CACHE
 
 
 def cli_command(workdir: Path, cache_dir: Path, *overrides: str) -> list[str]:
