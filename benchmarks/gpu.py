@@ -28,6 +28,7 @@ On a GPU host: `pip install -e ".[gpu]"`; torch and transformers for the PyTorch
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -84,15 +85,19 @@ def check_kernels() -> dict:
     kernels = {**ATTENTION, "triton": ATTENTION["triton"] if on_gpu else
                lambda q, k, v, s: triton_attention(q, k, v, s, interpret=True)}
 
-    def outputs_and_grads(attention):
-        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, jnp.asarray(segments)), q, kk, v)
+    inputs = (q, kk, v, jnp.asarray(segments), cotangent)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def outputs_and_grads(attention, q, k, v, segments, cotangent):
+        """The inputs are arguments, not captured constants: XLA would fold the whole computation at compile time."""
+        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, segments), q, k, v)
         return (out, *vjp(cotangent))
 
-    expected = jax.jit(outputs_and_grads, static_argnums=0)(reference_attention)
+    expected = outputs_and_grads(reference_attention, *inputs)
     results = {}
     for name in ("cudnn", "triton", "flash", "xla"):
         try:
-            got = jax.jit(outputs_and_grads, static_argnums=0)(kernels[name])
+            got = outputs_and_grads(kernels[name], *inputs)
         except ConfigError as error:
             results[name] = f"skipped: {error}"
             continue
