@@ -142,6 +142,8 @@ def test_nothing_matching_is_an_error_naming_the_pattern(tmp_path, pattern):
     with pytest.raises(DataError, match="No files match") as e:
         read_documents(str(tmp_path / pattern))
     assert pattern in str(e.value)
+    for built_in in ("stdlib", "stdlib_docstrings", "pydoc_topics", "stdlib_chat", "stdlib_preferences"):
+        assert built_in in str(e.value)  # every name a source may take instead of a path
 
 
 def test_url_scheme_epath_does_not_know_is_an_error():

@@ -3,9 +3,9 @@ evaluation-only sets of `data.eval_sources`.
 
 A source is raw text (files, globs, remote paths, built-in names) tokenized on first use into a cache keyed by
 content, a directory written by `python -m llama_jax.data.prepare`, read in place, or a built-in chat or preference
-name (`stdlib_chat.BUILT_IN`), prepared with the run's tokenizer into the cache on first use. Without `data.tokenizer`
-a BPE tokenizer is trained on the raw sources' train splits. An evaluation-only source is held out whole (raw text:
-every document; a prepared directory: its eval split) and tokenized with the run's tokenizer.
+name (`documents.BUILTIN_CHAT_SOURCES`), prepared with the run's tokenizer into the cache on first use. Without
+`data.tokenizer` a BPE tokenizer is trained on the raw sources' train splits. An evaluation-only source is held out
+whole (raw text: every document; a prepared directory: its eval split) and tokenized with the run's tokenizer.
 """
 
 from __future__ import annotations
@@ -145,9 +145,9 @@ def _training_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> C
 
 
 def _built_in_prepared(spec: SourceSpec, tokenizer: Path | epath.Path | None, cache_dir: Path) -> SourceSpec:
-    """A built-in chat or preference source (`stdlib_chat.BUILT_IN`) as the directory it is prepared into, with the
-    run's tokenizer, on first use; any other source as it is."""
-    kind = stdlib_chat.BUILT_IN.get(spec.source)
+    """A built-in chat or preference source (`documents.BUILTIN_CHAT_SOURCES`) as the directory it is prepared into,
+    with the run's tokenizer, on first use; any other source as it is."""
+    kind = documents.BUILTIN_CHAT_SOURCES.get(spec.source)
     if kind is None:
         return spec
     if tokenizer is None:

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
 BUILTIN_SOURCES = ("stdlib", "stdlib_docstrings", "pydoc_topics")
+# Built-in chat and preference names for data.source (and an eval source), with the kind of corpus each is:
+# `stdlib_chat`'s records, prepared with the run's tokenizer under the run's data.cache_dir when the data is opened,
+# not when a config file is read (before the command line's overrides of data.cache_dir apply).
+BUILTIN_CHAT_SOURCES = {"stdlib_chat": "sft", "stdlib_preferences": "preferences"}
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -143,7 +147,8 @@ def list_files(pattern: str) -> list[epath.Path]:
     if not files:
         raise DataError(
             f"No files match {pattern!r}. Fix: check the path and the glob (** matches subdirectories; a "
-            f"directory is searched for {_SUFFIXES} files), or use a built-in source: {', '.join(BUILTIN_SOURCES)}."
+            f"directory is searched for {_SUFFIXES} files), or use a built-in source: {', '.join(BUILTIN_SOURCES)}, "
+            f"or, with data.tokenizer set, the built-in chat data: {', '.join(BUILTIN_CHAT_SOURCES)}."
         )
     return sorted(files, key=str)
 

@@ -99,12 +99,6 @@ def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path | epath.Pa
     return path
 
 
-# Built-in names for data.source (and an eval source): this module's records, prepared on first use with the run's
-# tokenizer under the run's data.cache_dir, when the data is opened; not when a config file is read, before the
-# command line's overrides of data.cache_dir apply.
-BUILT_IN = {"stdlib_chat": "sft", "stdlib_preferences": "preferences"}
-
-
 def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     """A prepared corpus of `kind` ("sft" or "preferences") for `tokenizer`, built in `cache_dir` on first use and
     keyed by the tokenizer's files and the records, so it is never stale; returns its directory (data.source)."""
