@@ -243,8 +243,8 @@ def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, wh
         done = "preparing the data"
         refusal = (f"error: No files match '{tmp_path}/host1/*.py'. Fix: check the path and the glob (** matches "
                    "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz .parquet "
-                   "files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics, or, with data.tokenizer set, "
-                       "the built-in chat data: stdlib_chat, stdlib_preferences.")
+                   "files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics, or, with "
+                   "data.tokenizer set, the built-in chat data: stdlib_chat, stdlib_preferences.")
     else:
         shutil.copy(BUILTIN_TASKS["stdlib_mc"], tmp_path / "host0" / "mc.jsonl")
         setting = f'cfg.train.eval_tasks = {on_this_host} + "/mc.jsonl"'
