@@ -1,7 +1,7 @@
 """The default job: a 5.2M-parameter Llama 3-architecture model on the Python standard library's sources.
 
 Runs on any machine with no download: the first run builds the corpus (about 8M tokens) and trains an
-8,192-token byte-level BPE tokenizer, cached under data.cache_dir. About 10 minutes on a 2-core CPU.
+8,192-token byte-level BPE tokenizer, cached under data.cache_dir. 5 to 10 minutes on a 2-core CPU.
 """
 
 from llama_jax.config import default_config, model_section
