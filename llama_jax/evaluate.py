@@ -58,7 +58,7 @@ from llama_jax.errors import DataError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
 from llama_jax.objectives import lm_loss_sum, token_nll
 from llama_jax.parallel.mesh import logical_to_spec, replicated
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, read_utf8
 
 TASKS_DIR = Path(__file__).resolve().parent / "data" / "tasks"
 BUILTIN_TASKS = {"stdlib_mc": TASKS_DIR / "stdlib_mc.jsonl"}  # shipped with the package; no download
@@ -125,7 +125,7 @@ def read_questions(path: str | Path) -> list[Question]:
     if not path.is_file():
         raise DataError(f"task file {path} does not exist: pass a .jsonl file or one of {sorted(BUILTIN_TASKS)}")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, "pass a .jsonl task file").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

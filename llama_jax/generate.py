@@ -48,7 +48,7 @@ from llama_jax.model import Llama, LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.parallel.mesh import MESH_AXES, logical_to_spec, make_mesh
 from llama_jax.quantize import logit_error, quantize_fp8
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, read_utf8
 
 PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this ...
 BUFFER_MULTIPLE = 64  # ... and the cache (prompt plus new tokens) rounded up to a multiple of this
@@ -318,7 +318,8 @@ def read_prompts(path: str | Path) -> list[str]:
     path = as_path(path)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist: pass a text file with one prompt per line, or .jsonl")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    text = read_utf8(path, "pass a text file with one prompt per line, or .jsonl")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
         prompts = [line for _, line in lines]
     else:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
-from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.errors import CheckpointError, ConfigError, DataError
 
 LEASE_REFRESH_S = 30.0
 LEASE_EXPIRY_S = 120.0
@@ -49,6 +49,15 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 def as_path(path: str | os.PathLike) -> Path | epath.Path:
     """An `epath.Path` for a URL, the local path as a `pathlib.Path` otherwise (relative stays relative)."""
     return epath.Path(path) if is_remote(path) else Path(path).expanduser()
+
+
+def read_utf8(path: Path | epath.Path, fix: str) -> str:
+    """A text file a user named. One that is not UTF-8 (a binary file given by mistake) is a `DataError` naming the
+    file and `fix`, where Python's decoding error names neither."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): {fix}") from None
 
 
 def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> None:

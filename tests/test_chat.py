@@ -283,6 +283,9 @@ def test_template_errors_raise_data_error(chatml_tok, tmp_path):
         ChatFormat(tok, "{{ messages.__class__.__subclasses__() }}").render_ids(CONVERSATION)
     with pytest.raises(DataError, match="underscore attributes"):
         ChatFormat(tok, "{% set ns = namespace() %}{% set ns._x = 1 %}").render_ids(CONVERSATION)
+    (directory / "chat_template.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    with pytest.raises(DataError, match=r"chat_template\.jinja is not UTF-8 text .*: re-save the chat template"):
+        ChatFormat.from_directory(directory, tok)
 
     unstable = "{{ messages | length }}" + CHATML  # every render starts with the count: not prefix-stable
     with pytest.raises(DataError, match="not prefix-stable"):

@@ -306,6 +306,9 @@ def test_missing_and_empty_files(tmp_path, tokenizer):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="holds no questions"):
         ev.ChoiceTask.load(tmp_path / "empty.jsonl", tokenizer)
+    (tmp_path / "gzipped.jsonl").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(DataError, match=r"gzipped\.jsonl is not UTF-8 text \(invalid start byte at byte 1\): pass a"):
+        ev.ChoiceTask.load(tmp_path / "gzipped.jsonl", tokenizer)
     with pytest.raises(DataError, match="leaves no room for its context within max_len=4"):
         ev.ChoiceTask.from_questions("t", [ev.Question("c", ("a long choice " * 4, "b"), 0)], tokenizer, max_len=4)
 

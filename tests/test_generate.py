@@ -447,10 +447,13 @@ def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, caps
     ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2 has no "prompt" string'),
     ('{"prompt": "a"\n', "prompts.jsonl:1 is not valid JSON"),
     ("\n\n", "holds no prompt"),
+    (b"\x1f\x8b\x08binary", "prompts.jsonl is not UTF-8 text (invalid start byte at byte 1)"),
 ])
 def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, content, problem):
     path = tmp_path / "prompts.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(path)]) == 2
     err = capsys.readouterr().err

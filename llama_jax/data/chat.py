@@ -31,7 +31,7 @@ from etils import epath
 
 from llama_jax.data.tokenizer import Tokenizer, read_tokenizer_config
 from llama_jax.errors import DataError
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, read_utf8
 
 Message = dict  # {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}
 
@@ -212,7 +212,7 @@ def _find_template(directory: Path) -> tuple[str | None, str, dict]:
     config = read_tokenizer_config(directory)
     jinja_path = directory / "chat_template.jinja"
     if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8"), str(jinja_path), config
+        return read_utf8(jinja_path, "re-save the chat template as UTF-8 text"), str(jinja_path), config
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
