@@ -127,11 +127,14 @@ def test_a_later_phase_shares_the_runs_stores_of_the_same_documents_and_tokenize
         assert len(ours) == len(theirs) and all((ours[i] == theirs[i]).all() for i in range(len(ours)))
 
 
-def test_built_in_chat_data_is_prepared_with_the_runs_tokenizer_under_its_cache(tmp_path, text_dir):
+def test_built_in_chat_data_is_prepared_with_the_runs_tokenizer_under_its_cache(tmp_path, text_dir, capsys):
     tokenizer = str(tmp_path / "tokenizer.model")
     train_bpe([path.read_text() for path in sorted(text_dir.iterdir())], 600, tokenizer)
     chat = corpus.load_corpus(data_section(tmp_path, "stdlib_chat", tokenizer), vocab_size=600)
     assert chat.sources[0].train.has_loss_mask and len(chat.sources[0].eval) > 0
+    assert "Preparing the built-in 'stdlib_chat' with the run's tokenizer in " in capsys.readouterr().err
+    corpus.load_corpus(data_section(tmp_path, "stdlib_chat", tokenizer), vocab_size=600)
+    assert "Preparing" not in capsys.readouterr().err  # the second use reads the cache
     pairs_data = data_section(tmp_path, "stdlib_preferences", tokenizer)
     pairs_data.eval_sources.again = eval_source("stdlib_preferences")
     pairs = corpus.load_corpus(pairs_data, vocab_size=600)
