@@ -108,7 +108,7 @@ def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLi
         digest.update(documents.file_digest(file).encode())
     out = Path(cache_dir).expanduser() / f"stdlib-{kind}-{digest.hexdigest()[:16]}"
     if not (out / "train" / "manifest.json").is_file():
-        name = next(name for name, of_kind in documents.BUILTIN_CHAT_SOURCES.items() if of_kind == kind)
+        name = next(source for source, of_kind in documents.BUILTIN_CHAT_SOURCES.items() if of_kind == kind)
         print(f"Preparing the built-in {name!r} with the run's tokenizer in {out} (first use only)...", file=sys.stderr,
               flush=True)
         source = write_jsonl(records, out.with_name(out.name + ".jsonl"))
