@@ -147,13 +147,12 @@ def _training_sources(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> C
 def _built_in_prepared(spec: SourceSpec, tokenizer: Path | epath.Path | None, cache_dir: Path) -> SourceSpec:
     """A built-in chat or preference source (`documents.BUILTIN_CHAT_SOURCES`) as the directory it is prepared into,
     with the run's tokenizer, on first use; any other source as it is."""
-    kind = documents.BUILTIN_CHAT_SOURCES.get(spec.source)
-    if kind is None:
+    if spec.source not in documents.BUILTIN_CHAT_SOURCES:
         return spec
     if tokenizer is None:
         raise ConfigError(f"source {spec.name!r} ({spec.source}) is prepared with the run's tokenizer: set "
                           "data.tokenizer (configs/sft_tiny.py takes its checkpoint's)")
-    return dataclasses.replace(spec, source=stdlib_chat.prepared(kind, tokenizer, cache_dir))
+    return dataclasses.replace(spec, source=stdlib_chat.prepared(spec.source, tokenizer, cache_dir))
 
 
 @contextlib.contextmanager

@@ -99,16 +99,17 @@ def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path | epath.Pa
     return path
 
 
-def prepared(kind: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
-    """A prepared corpus of `kind` ("sft" or "preferences") for `tokenizer`, built in `cache_dir` on first use and
-    keyed by the tokenizer's files and the records, so it is never stale; returns its directory (data.source)."""
+def prepared(name: str, tokenizer: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """The built-in corpus `name` (`documents.BUILTIN_CHAT_SOURCES`) prepared for `tokenizer`, built in `cache_dir` on
+    first use and keyed by the tokenizer's files and the records, so it is never stale; returns its directory
+    (data.source)."""
+    kind = documents.BUILTIN_CHAT_SOURCES[name]
     records = conversations() if kind == "sft" else preferences()
     digest = hashlib.sha256(json.dumps(records).encode())
     for file in tokenizer_files(tokenizer):
         digest.update(documents.file_digest(file).encode())
     out = Path(cache_dir).expanduser() / f"stdlib-{kind}-{digest.hexdigest()[:16]}"
     if not (out / "train" / "manifest.json").is_file():
-        name = next(source for source, of_kind in documents.BUILTIN_CHAT_SOURCES.items() if of_kind == kind)
         print(f"Preparing the built-in {name!r} with the run's tokenizer in {out} (first use only)...", file=sys.stderr,
               flush=True)
         source = write_jsonl(records, out.with_name(out.name + ".jsonl"))
