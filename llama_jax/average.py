@@ -52,8 +52,15 @@ def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> No
         if differing:
             raise CheckpointError(f"{path} is a different model from {paths[0]} ({'; '.join(differing)}): average "
                                   "checkpoints of one run")
-        tokenizers = [s.tokenizer.read_bytes() if s.tokenizer else None for s in (sources[0], source)]
-        if tokenizers[0] != tokenizers[1]:
+        files = [s.tokenizer for s in (sources[0], source)]
+        if None not in files and files[0].name != files[1].name:  # a run's tokenizer.model, its export's .json
+            raise CheckpointError(
+                f"{path} holds its tokenizer as {files[1].name} and {paths[0]} as {files[0].name}, which this "
+                "command cannot compare: average checkpoints of one format (a run's own steps, or their Hugging "
+                "Face exports: `python -m llama_jax.convert --from ours --to hf RUN OUT` makes one of a step)"
+            )
+        contents = [f.read_bytes() if f else None for f in files]
+        if contents[0] != contents[1]:
             raise CheckpointError(f"{path} has another tokenizer than {paths[0]}: average checkpoints of one run")
 
 

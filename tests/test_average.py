@@ -102,6 +102,7 @@ def runs(tmp_path_factory):
     save_step(root / "bf16_compute", 1, random_params(2), CFG.replace(dtype="bfloat16", remat="full"))
     save_step(root / "other_tokenizer", 1, random_params(3))
     (root / "other_tokenizer" / "tokenizer.model").write_text("YQ== 0\n")
+    convert_cli("--from", "ours", "--to", "hf", root / "a", root / "a_hf")  # the same tokenizer as a tokenizer.json
     return root
 
 
@@ -114,6 +115,9 @@ ERRORS = {
                     r"wider is a different model from .*a \(model.n_kv_heads=2 \(checkpoint: 4\); model.ffn_dim=128 "
                     r"\(checkpoint: 96\)\): average checkpoints of one run"),
     "other_tokenizer": (["{runs}/a", "{runs}/other_tokenizer"], "other_tokenizer has another tokenizer than .*a"),
+    "export_beside_run": (["{runs}/a", "{runs}/a_hf"],
+                          r"a_hf holds its tokenizer as tokenizer.json and .*a as tokenizer.model, which this command "
+                          r"cannot compare: average checkpoints of one format"),
     "missing": (["{runs}/a", "{runs}/nowhere"], "nowhere does not exist"),
     "into_a_run": (["{runs}/a", "--out", "{runs}/a"], r"a already holds checkpoints \(steps 1\)"),
     "into_a_step": (["{runs}/a", "--out", "{runs}/a/checkpoints/1"],
