@@ -35,13 +35,14 @@ class _Mean(ParamSource):
         self._sources = sources
         self.cfg = sources[0].cfg.replace(param_dtype=dtype or sources[0].cfg.param_dtype)
         self.directory, self.tokenizer = sources[0].directory, sources[0].tokenizer
+        self.reward_model = sources[0].reward_model  # the heads are averaged too ("score")
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         total = self._sources[0].read(path).astype(np.float64)  # exact for the sum of a few float32s
         for source in self._sources[1:]:
             total += source.read(path)
         total /= len(self._sources)
-        return total.astype(jnp.dtype(self.cfg.param_dtype))
+        return total.astype(np.float32 if path == ("score",) else jnp.dtype(self.cfg.param_dtype))  # a head: float32
 
 
 def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> None:
@@ -52,6 +53,9 @@ def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> No
         if differing:
             raise CheckpointError(f"{path} is a different model from {paths[0]} ({'; '.join(differing)}): average "
                                   "checkpoints of one run")
+        if source.reward_model != sources[0].reward_model:
+            kinds = ["a reward model" if s.reward_model else "a language model" for s in (sources[0], source)]
+            raise CheckpointError(f"{path} is {kinds[1]} and {paths[0]} {kinds[0]}: average checkpoints of one run")
         files = [s.tokenizer for s in (sources[0], source)]
         if None not in files and files[0].name != files[1].name:  # a run's tokenizer.model, its export's .json
             raise CheckpointError(

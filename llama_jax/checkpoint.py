@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -31,6 +32,7 @@ from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.memory import check_model_fits
 from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.model.config import RUNTIME_FIELDS
+from llama_jax.objectives import reward
 from llama_jax.parallel import distributed
 from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import resolve
@@ -346,6 +348,11 @@ class SavedRun:
         """Whether the run trained LoRA adapters (its checkpoints hold them, not a model)."""
         return bool(self.meta.get("config", {}).get("lora", {}).get("rank"))
 
+    @property
+    def objective(self) -> str | None:
+        """The `objective.name` the run trained with (None where the checkpoint does not say)."""
+        return self.meta.get("config", {}).get("objective", {}).get("name")
+
     def require_whole_model(self) -> None:
         """Raises CheckpointError for a LoRA run, whose checkpoints hold adapters, not a model."""
         if self.is_lora:
@@ -362,9 +369,22 @@ class SavedRun:
     def restore_params(self, model_cfg: LlamaConfig, shardings: dict) -> dict:
         """The parameters alone (never the optimizer state), as `model_cfg`'s dtypes and `shardings` say: Orbax reads
         for each device only the stored chunks its shard covers, whatever mesh the run was saved from. A LoRA run's
-        are its base with the adapters merged in (`lora.restore_merged`)."""
+        are its base with the adapters merged in (`lora.restore_merged`). A reward model's head comes with them where
+        `shardings` has a place for it (`reward.HEAD`); elsewhere the reward model is refused, since its body was
+        trained to score, not to be read as a language model."""
         with jax.set_mesh(None):  # shapes only: `shardings` alone decides where the arrays go
             abstract = nnx.to_pure_dict(ModelDef(model_cfg).abstract_state)
+        if self.objective == "reward":
+            if reward.HEAD not in shardings:
+                started = self.meta["config"].get("checkpoint", {}).get("init_from")
+                raise CheckpointError(
+                    f"{self.step_dir} is a reward model (objective.name='reward'): it scores responses, for "
+                    "`rejection_sample --reward` or `convert --to hf` (a sequence classifier), and is not read as a "
+                    "language model. Generate from or fine-tune the run it started from"
+                    + (f" ({started})" if started else "") + "; to train the reward model further, rerun it in its "
+                    "own workdir"
+                )
+            abstract[reward.HEAD] = jax.ShapeDtypeStruct((model_cfg.dim,), jnp.float32)
         if self.is_lora:
             from llama_jax import lora
 

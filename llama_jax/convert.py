@@ -801,9 +801,9 @@ def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str 
     as stored); `shards` is the number of model-parallel ranks of a Meta checkpoint."""
     if shards != 1 and to != "meta":
         raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
-    if source.reward_model and to != "hf":
+    if source.reward_model and to == "meta":
         raise ConfigError(f"{source.directory} is a reward model, whose score head has no place in {FORMATS[to]}: "
-                          "convert it with --to hf (a LlamaForSequenceClassification)")
+                          "convert it with --to hf (a LlamaForSequenceClassification) or --to ours")
     _check_side_files(source)
     if to == "hf":
         write_hf(source, out, dtype)

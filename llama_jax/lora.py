@@ -9,8 +9,8 @@ evaluation and export use the merged weights. Training keeps only the adapters i
 optimizer state and the checkpoints are adapter-sized, and the base is an argument of the step, never donated. A
 reward model (objective "reward") trains its head whole beside the adapters: it is new, so there is no base to adapt.
 
-Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory (a reward model:
-Hugging Face only, as a sequence classifier with its head):
+Export writes the merged model, one tensor at a time, as our checkpoint or a Hugging Face directory (a reward model
+with its head: in ours as a reward model, in Hugging Face's as a sequence classifier):
 
     python -m llama_jax.lora merge RUN --out DIR [--to hf] [--dtype bfloat16]
 """
@@ -362,7 +362,7 @@ def merged_source(run: str):
     class Merged(ParamSource):
         cfg = base.cfg.replace(param_dtype="float32")
         directory, tokenizer = base.directory, base.tokenizer
-        reward_model = saved.meta["config"].get("objective", {}).get("name") == "reward"
+        reward_model = saved.objective == "reward"
 
         def read(self, path: tuple[str, ...]) -> np.ndarray:
             if self.reward_model and path == ("score",):

@@ -68,7 +68,7 @@ class OursSource(ParamSource):
             raise CheckpointError(f"{self._params} does not hold the parameters its meta/metadata's model has "
                                   f"({', '.join(wrong)}): the checkpoint is damaged; use another step")
         self.cfg = self.cfg.replace(param_dtype=jnp.dtype(self._stored["embed"].dtype).name)
-        self.reward_model = saved.meta["config"].get("objective", {}).get("name") == "reward"
+        self.reward_model = saved.objective == "reward"
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         if self.reward_model and path == ("score",):
@@ -133,11 +133,15 @@ def _write_step(source: ParamSource, cfg: LlamaConfig, out: Path) -> None:
     with context:
         for path in param_shapes(cfg):
             ocp_v1.partial.save(pending, _nested(path, source.read(path).astype(jnp.dtype(cfg.param_dtype), copy=False)))
+        if source.reward_model:  # its head, in float32 as training keeps it
+            ocp_v1.partial.save(pending, {reward.HEAD: source.read(("score",))[0].astype(np.float32)})
         ocp_v1.partial.finalize(pending)
     (pending / "state").rename(staging / "params")  # the pytree of a finalized partial save
     shutil.rmtree(pending)
     (staging / "meta").mkdir()
     tokenizer_file = copy_tokenizer_files(source, out)[0]
     meta = {"config": {"model": dataclasses.asdict(cfg)}, "tokenizer_file": tokenizer_file}
+    if source.reward_model:
+        meta["config"]["objective"] = {"name": "reward"}  # what `SavedRun.objective` and its readers look for
     (staging / "meta" / "metadata").write_text(json.dumps(meta, indent=2) + "\n")
     staging.rename(checkpoints / "0")

@@ -934,9 +934,11 @@ class _Loop:
                 average_checkpoints([self.checkpointer.directory / str(s) for s in steps], out)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("checkpoint average written")
-            # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py)
-            params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg,
-                                                            run.base_shardings or run.state_shardings.params)
+            # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py), with the
+            # objective's own parameters (a reward model's head)
+            own = _split_objective_params(run.cfg, run.state_shardings.params)[1]
+            shardings = {**run.base_shardings, **own} if run.base_shardings else run.state_shardings.params
+            params = ckpt.SavedRun.open(out).restore_params(run.model_def.cfg, shardings)
         eval_fn = _eval_step(run)
         eval_sets = {name: [run.to_global(b) for b in batches] for name, batches in data.eval_sets.items()}
         with self.goodput.lost(EVAL), self.watchdog.phase("evaluation"):

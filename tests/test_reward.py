@@ -4,6 +4,7 @@ separates the pairs, and the held-out evaluation."""
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -76,21 +77,28 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
         float(pairs), float(held_out["pairwise_accuracy"]))
 
 
-def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(base, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def reward_run(base, tmp_path_factory):
+    from test_rejection_sample import save_reward_run
+
+    path = tmp_path_factory.mktemp("reward")
+    save_reward_run(reward_config(base, optim__lr=3e-3, optim__warmup_steps=0), base, path)
+    return path
+
+
+def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(reward_run, tmp_path, capsys):
     import torch
     import transformers
-    from test_rejection_sample import save_reward_run
 
     from llama_jax import convert
 
-    save_reward_run(reward_config(base, optim__lr=3e-3, optim__warmup_steps=0), base, tmp_path / "reward")
-    assert convert.main(["--from", "ours", "--to", "hf", str(tmp_path / "reward"), str(tmp_path / "hf")]) == 0
-    assert convert.main(["--from", "ours", "--to", "ours", str(tmp_path / "reward"), str(tmp_path / "ours")]) == 2
-    assert "reward model" in capsys.readouterr().err
+    assert convert.main(["--from", "ours", "--to", "hf", str(reward_run), str(tmp_path / "hf")]) == 0
+    assert convert.main(["--from", "ours", "--to", "meta", str(reward_run), str(tmp_path / "meta")]) == 2
+    assert "reward model, whose score head has no place in a Meta checkpoint" in capsys.readouterr().err
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
 
-    model, head, _ = reward.load_reward_model(tmp_path / "reward")
+    model, head, _ = reward.load_reward_model(reward_run)
     rows, padded = scored_rows(hf.config.pad_token_id)
     ours = float32_scores(model, head, rows)
     with torch.no_grad():
@@ -115,3 +123,55 @@ def float32_scores(model, head, rows: dict) -> np.ndarray:
     """`reward.scores` with the model computing in float32, as the exports do."""
     f32 = ModelDef(model.cfg.replace(dtype="float32")).merge(nnx.to_pure_dict(nnx.state(model)))
     return np.asarray(reward.scores(f32, head, rows))
+
+
+def test_a_reward_model_is_not_read_as_a_language_model(base, reward_run, capsys):
+    """Its checkpoint holds the head beside the model's parameters: generating from it or fine-tuning from it said
+    the checkpoint was damaged, in Orbax's words, where it is whole."""
+    from llama_jax import generate
+    from llama_jax.checkpoint import load_pretrained
+    from llama_jax.errors import CheckpointError
+
+    expected = (rf"checkpoints/4 is a reward model \(objective.name='reward'\): it scores responses, .* not read as a "
+                rf"language model. Generate from or fine-tune the run it started from \({base}\)")
+    assert generate.main(["--checkpoint", str(reward_run), "--prompt", "def", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(expected, err), err
+    with pytest.raises(CheckpointError, match=expected):
+        load_pretrained(reward_run, model_config(reward_config(base)), shardings={})
+
+
+def test_converted_and_averaged_reward_models_keep_their_head(base, reward_run, tmp_path, capsys):
+    """Our format's writer dropped the head: `convert --to ours` was refused, and `average` wrote a language model."""
+    from llama_jax import average, convert
+
+    _, head, _ = reward.load_reward_model(reward_run)
+    assert np.abs(np.asarray(head)).max() > 1e-3, "the head trained"
+    assert convert.main(["--from", "ours", "--to", "ours", str(reward_run), str(tmp_path / "copy")]) == 0
+    assert average.main([str(reward_run), str(tmp_path / "copy"), "--out", str(tmp_path / "avg")]) == 0
+    for written in ("copy", "avg"):
+        np.testing.assert_array_equal(np.asarray(reward.load_reward_model(tmp_path / written)[1]), np.asarray(head))
+    assert average.main([str(reward_run), str(base), "--out", str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"base\S* is a language model and \S*reward\S* a reward model: average checkpoints of one run",
+                     err), err
+
+
+def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path):
+    """The phase's average is evaluated with its head and is a reward model that rejection sampling reads (it was
+    written without the head, and reading it back for the evaluation failed with a pytree error)."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.phases import phase
+
+    cfg = reward_config(base, optim__lr=3e-3, optim__warmup_steps=0)
+    cfg.phases = (phase("anneal", steps=2, lr="anneal", average=True),)
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.data.eval_batches = 2, 1, 0, 1
+    cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep = 1, 10
+    logged = trainer.train(cfg, tmp_path)
+    assert 0 <= logged["averaged/eval_pairwise_accuracy"] <= 1 and math.isfinite(logged["averaged/eval_loss"])
+    heads = [np.asarray(ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "params")[reward.HEAD])
+             for step in (3, 4)]
+    assert np.abs(heads[0] - heads[1]).max() > 0
+    _, averaged, _ = reward.load_reward_model(tmp_path / "averaged")
+    np.testing.assert_allclose(np.asarray(averaged), np.mean(np.asarray(heads, np.float64), axis=0), rtol=1e-6)

@@ -58,17 +58,15 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
     default device or sharded over `mesh` (the head replicated). A LoRA run's adapters are merged into its base."""
     from flax import nnx
 
-    from llama_jax import lora
-    from llama_jax.checkpoint import SavedRun, read_params, restoring
+    from llama_jax.checkpoint import SavedRun
     from llama_jax.errors import CheckpointError
     from llama_jax.model import ModelDef
     from llama_jax.parallel.mesh import param_shardings, replicated
 
     saved = SavedRun.open(path)
-    objective = saved.meta.get("config", {}).get("objective", {}).get("name")
-    if objective != "reward":
-        raise CheckpointError(f"{path} is not a reward model: it was trained with objective.name={objective!r}; train "
-                              "one with objective.name='reward' (configs/reward_tiny.py)")
+    if saved.objective != "reward":
+        raise CheckpointError(f"{path} is not a reward model: it was trained with objective.name={saved.objective!r}; "
+                              "train one with objective.name='reward' (configs/reward_tiny.py)")
     model_def = ModelDef(saved.model_config)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -76,14 +74,5 @@ def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
         shardings[HEAD] = device
     else:
         shardings = {**param_shardings(model_def.abstract_state, mesh), HEAD: replicated(mesh)}
-    if saved.is_lora:
-        params = lora.restore_merged(saved, shardings)
-    else:
-        abstract = {**nnx.to_pure_dict(model_def.abstract_state),
-                    HEAD: jax.ShapeDtypeStruct((model_def.cfg.dim,), jnp.float32)}
-        target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract,
-                              shardings)
-        with restoring(f"{saved.step_dir}: the reward model's parameters", "; use another step"):
-            params = read_params(saved.step_dir, target)
-    base, head = split_params(params)
+    base, head = split_params(saved.restore_params(model_def.cfg, shardings))
     return model_def.merge(base), head, str(saved.tokenizer)
