@@ -157,14 +157,16 @@ def test_converted_and_averaged_reward_models_keep_their_head(base, reward_run, 
                      err), err
 
 
-def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path, lora_rank):
     """The phase's average is evaluated with its head and is a reward model that rejection sampling reads (it was
-    written without the head, and reading it back for the evaluation failed with a pytree error)."""
+    written without the head, and reading it back for the evaluation failed with a pytree error). With LoRA the
+    checkpoints hold adapters and head, and the average is of the merged models with the mean head."""
     import orbax.checkpoint as ocp
 
     from llama_jax.phases import phase
 
-    cfg = reward_config(base, optim__lr=3e-3, optim__warmup_steps=0)
+    cfg = reward_config(base, optim__lr=3e-3, optim__warmup_steps=0, lora__rank=lora_rank)
     cfg.phases = (phase("anneal", steps=2, lr="anneal", average=True),)
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.data.eval_batches = 2, 1, 0, 1
     cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep = 1, 10
