@@ -381,6 +381,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     workdir may train on and save newer ones."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    _check_compute_dtype_runs_on(mesh, cfg.model.dtype)
     for batch_size, seq_len in batch_schedule(cfg).shapes:
         _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
     model_def = ModelDef(model_config(cfg))
@@ -471,6 +472,14 @@ def _split_objective_params(cfg: ml_collections.ConfigDict, tree: dict) -> tuple
     """(the model's entries, the objective's own entries) of a params-shaped tree."""
     own = (reward_objective.HEAD,) if cfg.objective.name == "reward" else ()
     return {k: v for k, v in tree.items() if k not in own}, {k: v for k, v in tree.items() if k in own}
+
+
+def _check_compute_dtype_runs_on(mesh: Mesh, dtype: str) -> None:
+    """XLA's CPU backend has no float16 product with a float32 result, which the model's products ask for: the
+    step failed to compile, in XLA's words."""
+    if dtype == "float16" and mesh.devices.flat[0].platform == "cpu":
+        raise ConfigError("model.dtype='float16' does not run on CPUs (XLA's CPU backend has no float16 matrix product "
+                          "with a float32 result): use model.dtype='bfloat16' or 'float32'")
 
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:

@@ -328,21 +328,25 @@ def bucket(monkeypatch):
     epath resolves gs:// with fsspec.filesystem("gcs"), so registering the in-memory class there runs the
     production path (epath -> fsspec backend) with no network and no gcsfs.
     """
+    yield from _served_as_gcs(InMemoryGCS, monkeypatch)
+
+
+class InMemoryGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return str(path).removeprefix("gs://").removeprefix("gcs://").rstrip("/")
+
+
+def _served_as_gcs(filesystem: type, monkeypatch):
     if importlib.util.find_spec("tensorflow"):
         pytest.skip("with TensorFlow installed epath reads gs:// through tf.io.gfile, not fsspec")
-
-    class InMemoryGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-        store: ClassVar[dict] = {}
-        pseudo_dirs: ClassVar[list[str]] = [""]
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return str(path).removeprefix("gs://").removeprefix("gcs://").rstrip("/")
-
     registry = importlib.import_module("fsspec.registry")._registry
-    for protocol in InMemoryGCS.protocol:
-        monkeypatch.setitem(registry, protocol, InMemoryGCS)
+    for protocol in filesystem.protocol:
+        monkeypatch.setitem(registry, protocol, filesystem)
     epath.backend.fsspec_backend._get_filesystem.cache_clear()
     yield epath.Path("gs://bucket/corpus")
     epath.backend.fsspec_backend._get_filesystem.cache_clear()
@@ -368,3 +372,36 @@ def test_remote_files_through_epath(bucket):
 def test_remote_pattern_without_matches_is_an_error(bucket):
     with pytest.raises(DataError, match="gs://bucket/corpus/nothing"):
         list_files("gs://bucket/corpus/nothing/*.txt")
+
+
+class ClientError(Exception):
+    """What a storage client raises of its own, not an OSError: hf:// without a network raised httpx's ConnectError."""
+
+
+class UnreachableGCS(InMemoryGCS):
+    def info(self, path, **kwargs):
+        raise ClientError("Name or service not known")
+
+    def ls(self, path, detail=True, **kwargs):
+        raise ClientError("Name or service not known")
+
+
+@pytest.fixture
+def unreachable_bucket(monkeypatch):
+    yield from _served_as_gcs(UnreachableGCS, monkeypatch)
+
+
+def test_a_remote_source_that_cannot_be_reached_is_one_error(unreachable_bucket):
+    with pytest.raises(DataError, match=r"Cannot list 'gs://bucket/corpus/\*\*/\*.txt' \(ClientError: Name or service not "
+                                        r"known\)\. Fix: check the URL, this machine's network and your credentials"):
+        list_files("gs://bucket/corpus/**/*.txt")
+
+
+def test_a_run_whose_remote_source_cannot_be_reached_stops_in_one_error(unreachable_bucket, tmp_path):
+    """The corpus first asks whether the source is a prepared directory, where the client's error came out whole."""
+    from test_corpus import data_section
+
+    from llama_jax.data import corpus
+
+    with pytest.raises(DataError, match=r"Cannot list 'gs://bucket/corpus' \(ClientError"):
+        corpus.load_corpus(data_section(tmp_path, "gs://bucket/corpus"), vocab_size=1024)

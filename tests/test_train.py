@@ -137,6 +137,15 @@ def test_resuming_under_another_tokenizer_is_refused_naming_the_run_s_own(tmp_pa
     assert (workdir / "tokenizer.model").read_bytes() == kept
 
 
+def test_float16_compute_on_a_cpu_is_refused_before_the_step_compiles(tmp_path, cache_dir):
+    """XLA's CPU backend has no float16 product with a float32 result: compiling the step failed with XLA's
+    ValueError, "The precision 'F16_F16_F32' is not supported by dot_general on CPU"."""
+    cfg = small_config(cache_dir, 2)
+    cfg.model.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"model.dtype='float16' does not run on CPUs \(.*\): use model.dtype='bfloat16'"):
+        trainer.setup(cfg, tmp_path / "run")
+
+
 def traced_ops(session: Path) -> dict[int, set[str]]:
     """The XLA operations (fusions, products, collectives) a Perfetto trace saw start inside each step's annotation:
     every operation of the step program runs in every step."""

@@ -144,6 +144,11 @@ def list_files(pattern: str) -> list[epath.Path]:
                 f"Cannot list {pattern!r} ({e}). Fix: for a local path check its permissions; for gs://, s3:// "
                 "or az:// install gcsfs, s3fs or adlfs and check your credentials."
             ) from e
+        except Exception as e:  # a remote filesystem's client raises its own errors (hf:// without a network: httpx's)
+            if "://" not in pattern:
+                raise
+            raise DataError(f"Cannot list {pattern!r} ({type(e).__name__}: {e}). Fix: check the URL, this machine's "
+                            "network and your credentials.") from e
     if not files:
         raise DataError(
             f"No files match {pattern!r}. Fix: check the path and the glob (** matches subdirectories; a "
