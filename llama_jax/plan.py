@@ -17,19 +17,18 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
 from llama_jax import command_line
-from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
-                              pipeline_repeats, validate)
+from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config,
+                              pipeline_microbatches, pipeline_repeats, validate)
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import LlamaConfig, ModelDef, flops_per_token, param_count
 from llama_jax.model.flash import BLOCK as FLASH_BLOCK
-from llama_jax.optim import make_optimizer
+from llama_jax.objectives import flops_factor
 from llama_jax.parallel.mesh import MESH_AXES, mesh_shape, param_shardings
 from llama_jax.parallel.pipeline import bubble_fraction
 from llama_jax.parallel.schedules import make_tables, schedule_stats
@@ -68,11 +67,14 @@ class Plan:
     microbatches: int  # pipeline microbatches per accumulation step (1 without a pipeline)
     schedule: str  # the pipeline's (pipeline.schedule, with its repeats when circular); "" without one
     bubble: float  # the share of a pipeline step its stages wait
-    rows_per_device: int  # sequences a device holds (a 1 / mesh.context slice of) in one accumulation step
+    rows_per_device: int  # batch rows a device holds (a 1 / mesh.context slice of) in one accumulation step
+    sequences_per_row: int  # 2 for a pair objective (reward, DPO): the chosen and the rejected sequence
     remat: str
-    param_bytes: int
+    param_bytes: int  # the trained parameters (with LoRA: the adapters; a reward model's head included)
+    base_bytes: int  # LoRA's frozen base, in lora.base_dtype (0 without LoRA)
     grad_bytes: int
-    opt_bytes: int
+    opt_bytes: int  # the optimizer's state (DPO: with the reference model it keeps there)
+    reference: bool  # DPO without LoRA: the optimizer's state holds a copy of the parameters
     kept_bytes: int  # activations the backward pass reads, kept from the forward pass
     working_bytes: int  # the largest transient: one layer's backward, or the logits and their gradient
     flops_per_step: float
@@ -88,7 +90,7 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.opt_bytes + self.activation_bytes
+        return self.param_bytes + self.base_bytes + self.grad_bytes + self.opt_bytes + self.activation_bytes
 
     @property
     def headroom_bytes(self) -> int:
@@ -104,14 +106,15 @@ class Plan:
 
     def report(self) -> str:
         acc, mesh = self.accelerator, self.mesh
+        pairs = self.sequences_per_row == 2
         lines = [
             f"accelerator   {self.devices:,} x {acc.name} ({acc.memory_label}, "
             f"{acc.peak_flops / 1e12:.0f} TFLOP/s bf16)",
             "mesh          " + " x ".join(f"{axis} {size}" for axis, size in mesh.items()),
             f"parameters    {self.n_params:,} ({_count(self.n_params)})",
-            f"batch         {self.batch_size:,} x {self.seq_len:,} tokens, grad_accum {self.grad_accum}: "
-            f"{self.rows_per_device} sequence(s) of {self.seq_len // mesh['context']:,} tokens per device per "
-            "accumulation step",
+            f"batch         {self.batch_size:,}{' pairs' if pairs else ''} x {self.seq_len:,} tokens, grad_accum "
+            f"{self.grad_accum}: {self.rows_per_device * self.sequences_per_row} sequence(s) of "
+            f"{self.seq_len // mesh['context']:,} tokens per device per accumulation step",
         ]
         if mesh["stage"] > 1:
             lines.append(f"pipeline      {mesh['stage']} stages, {self.microbatches} microbatches, {self.schedule}: "
@@ -120,9 +123,10 @@ class Plan:
                    else f"does not fit, {_gib(-self.headroom_bytes)} over")
         lines += [
             "per device",
-            f"  parameters      {_gib(self.param_bytes)}",
+            f"  parameters      {_gib(self.param_bytes)}" + (" (the adapters)" if self.base_bytes else ""),
+            *([f"  frozen base     {_gib(self.base_bytes)}"] if self.base_bytes else []),
             f"  gradients       {_gib(self.grad_bytes)}",
-            f"  optimizer       {_gib(self.opt_bytes)}",
+            f"  optimizer       {_gib(self.opt_bytes)}" + (" (with DPO's reference)" if self.reference else ""),
             f"  activations     {_gib(self.activation_bytes)} (remat {self.remat}: {_gib(self.kept_bytes)} kept for "
             f"the backward pass + {_gib(self.working_bytes)} working set)",
             f"  total           {_gib(self.total_bytes)} of {_gib(acc.memory_bytes)} "
@@ -150,12 +154,9 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
     model_cfg = model_config(cfg)
     model_def = ModelDef(model_cfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(model_def.abstract_state))
-    mesh = _abstract_mesh(sizes)
-    params_sh = param_shardings(model_def.abstract_state, mesh)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(tx, lambda _, sharding: sharding, opt_shapes, params_sh,
-                                   transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+    from llama_jax.trainer import train_state_bytes  # imported here: it pulls in the data pipeline
+
+    state = train_state_bytes(cfg, _abstract_mesh(sizes))  # the trainer's own: LoRA, DPO's reference, the reward head
 
     # The largest (batch, seq_len) of data.ramp's stages is the one that has to fit.
     batch_size, seq_len = max(batch_schedule(cfg).shapes, key=lambda shape: (shape[0] * shape[1], shape[1]))
@@ -169,26 +170,30 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
             f"data.batch_size a multiple of {grad_accum * microbatches * batch_shards}"
         )
     rows = batch_size // (grad_accum * batch_shards)
+    sequences = 2 if cfg.objective.name in PAIR_OBJECTIVES else 1
     # The per-device widths (heads, KV heads, MLP, vocabulary) as the tensor axis splits the weights, and a layer's
     # weights as a device holds them to compute (gathered over fsdp): the shard shapes with fsdp folded into data.
     gathered_sh = param_shardings(model_def.abstract_state, _abstract_mesh(dict(sizes, data=batch_shards, fsdp=1)))
     local = jax.tree.map(lambda p, sharding: sharding.shard_shape(p.shape), params, gathered_sh)
-    kept, working = _activation_bytes(model_cfg, local, tokens=rows * seq_len // sizes["context"], seq_len=seq_len,
+    kept, working = _activation_bytes(model_cfg, local, tokens=rows * sequences * seq_len // sizes["context"],
+                                      seq_len=seq_len,
                                       stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats)
     if schedule in SCHEDULED_PIPELINES:  # units placed by a table; a backward unit costs two forwards
         bubble = schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
     else:
         bubble = bubble_fraction(stages, microbatches, repeats) if stages > 1 else 0.0
-    param_bytes = _bytes(params, params_sh)
     return Plan(
         accelerator=acc, mesh=sizes, n_params=param_count(model_cfg), batch_size=batch_size, seq_len=seq_len,
-        grad_accum=grad_accum, microbatches=microbatches, bubble=bubble, rows_per_device=rows, remat=model_cfg.remat,
+        grad_accum=grad_accum, microbatches=microbatches, bubble=bubble, rows_per_device=rows,
+        sequences_per_row=sequences, remat=model_cfg.remat,
         schedule=f"{schedule} x {repeats}" if repeats > 1 else schedule,
-        param_bytes=param_bytes,
-        grad_bytes=param_bytes * (2 if grad_accum > 1 else 1),  # accumulating: the running sum and a microbatch's
-        opt_bytes=_bytes(opt_shapes, opt_sh),
+        param_bytes=state["parameters"], base_bytes=state.get("frozen base", 0),
+        # accumulating: the running sum and a microbatch's
+        grad_bytes=state["gradients"] * (2 if grad_accum > 1 else 1),
+        opt_bytes=state["optimizer"], reference=cfg.objective.name == "dpo" and not cfg.lora.rank,
         kept_bytes=kept, working_bytes=working,
-        flops_per_step=flops_per_token(model_cfg, seq_len) * batch_size * seq_len, mfu=mfu,
+        flops_per_step=flops_per_token(model_cfg, seq_len) * batch_size * seq_len * flops_factor(cfg.objective),
+        mfu=mfu,
     )
 
 
@@ -274,12 +279,6 @@ def _abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     """A mesh of any size without devices: enough for shardings and shard shapes."""
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     return AbstractMesh(tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=axis_types)
-
-
-def _bytes(shapes, shardings) -> int:
-    """Bytes of one device's shards of `shapes` laid out by `shardings` (matching trees)."""
-    sizes = jax.tree.map(lambda s, sh: math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize, shapes, shardings)
-    return int(sum(jax.tree.leaves(sizes)))
 
 
 def _is_shape(x) -> bool:

@@ -46,7 +46,7 @@ from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
 from llama_jax.model import ModelDef, flops_per_token, param_count
 from llama_jax.model.llama import LayersFn, Llama
-from llama_jax.objectives import lm_loss_sum, pair_objective
+from llama_jax.objectives import flops_factor, lm_loss_sum, pair_objective
 from llama_jax.objectives import dpo as dpo_objective
 from llama_jax.objectives import reward as reward_objective
 from llama_jax.objectives.pairs import valid_pairs
@@ -442,10 +442,16 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model_def: ModelDef, tx: opt
 def check_memory(cfg: ml_collections.ConfigDict, devices: list | None = None) -> None:
     """Refuses, before anything is allocated, a config whose train state cannot fit its devices (memory.py)."""
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    memory.check_train_state_fits(train_state_bytes(cfg, mesh), memory.local_devices(mesh))
+
+
+def train_state_bytes(cfg: ml_collections.ConfigDict, mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
+    """Bytes per device of `cfg`'s train state on `mesh` (an abstract one too, for the fit plan), by part: what
+    LoRA, DPO's reference and the reward head make of it included."""
     model_def = ModelDef(model_config(cfg))
     tx = _optimizer(cfg, lr_schedule(cfg.optim, cfg.train.steps))
     abstract, _, base_sh = _abstract_state(cfg, model_def, tx, mesh)
-    memory.check_train_state_fits(_state_bytes(cfg, model_def, abstract, base_sh), memory.local_devices(mesh))
+    return _state_bytes(cfg, model_def, abstract, base_sh)
 
 
 def _state_bytes(cfg: ml_collections.ConfigDict, model_def: ModelDef, abstract: TrainState,
@@ -1001,14 +1007,15 @@ def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
 
 def _work(model_cfg, p: Phase, first_step: int, stop_step: int) -> tuple[int, float]:
     """Tokens and training FLOPs of the run's steps [first_step, stop_step) within phase `p`, stage by stage
-    (attention cost grows with seq_len)."""
+    (attention cost grows with seq_len). A pair objective's tokens are its rows' (a pair's chosen side), its FLOPs
+    those of both sequences (and DPO's reference)."""
     first_step, stop_step = first_step - p.start_step, stop_step - p.start_step
-    tokens, flops = 0, 0.0
+    tokens, flops, factor = 0, 0.0, flops_factor(p.cfg.objective)
     for stage in p.batches.stages:
         end = stop_step if stage.stop_step is None else min(stop_step, stage.stop_step)
         steps = max(0, end - max(first_step, stage.start_step))
         tokens += steps * stage.tokens_per_step
-        flops += steps * stage.tokens_per_step * flops_per_token(model_cfg, stage.seq_len)
+        flops += steps * stage.tokens_per_step * flops_per_token(model_cfg, stage.seq_len) * factor
     return tokens, flops
 
 

@@ -25,7 +25,7 @@ from config_files import REPO, load_config_file
 
 from llama_jax import plan as plan_lib
 from llama_jax import trainer
-from llama_jax.config import default_config, model_section, validate
+from llama_jax.config import default_config, model_config, model_section, validate
 from llama_jax.optim import lr_schedule
 from llama_jax.phases import RunPlan
 from llama_jax.parallel import mesh as mesh_lib
@@ -115,6 +115,34 @@ def test_405b_parameters_and_shards_by_hand():
     assert planned.flops_per_step == pytest.approx(2.6254e12 * 2048 * 8192, rel=1e-4)
     report = planned.report()
     assert "405,853,388,800 (405.85B)" in report and "14,336 x H100" in report
+
+
+def test_post_training_plans_count_lora_dpo_s_reference_and_both_sequences_of_a_pair():
+    """The plan counted every run as full-parameter language modelling: DPO's copy of the parameters, a pair's
+    second sequence and LoRA's frozen base and adapter-sized state were not in it (by hand, data parallel: every
+    device holds the whole state)."""
+    def planned(objective: str = "lm", rank: int = 0) -> plan_lib.Plan:
+        cfg = small_cfg(dict(data=8))
+        cfg.objective.name, cfg.lora.rank = objective, rank
+        if objective != "lm" or rank:  # read by training, not by planning
+            cfg.checkpoint.init_from, cfg.data.tokenizer = "base", "base/tokenizer.model"
+        return plan_lib.plan(cfg)
+
+    lm, dpo, reward, lora, lora_dpo = planned(), planned("dpo"), planned("reward"), planned("sft", 8), planned("dpo", 8)
+    m = model_config(small_cfg(dict(data=8)))
+    nh, kh, d, f = m.n_heads * m.resolved_head_dim, m.n_kv_heads * m.resolved_head_dim, m.dim, m.ffn_dim
+    adapters = 4 * m.n_layers * 8 * ((d + nh) + 2 * (d + kh) + (nh + d) + 2 * (d + f) + (f + d))  # A [in, r], B [r, out]
+    assert dpo.reference and dpo.opt_bytes == lm.opt_bytes + lm.param_bytes  # AdamW's moments and the reference
+    assert reward.param_bytes == lm.param_bytes + 4 * d  # the head, float32
+    assert (lora.param_bytes, lora.base_bytes, lora.grad_bytes) == (adapters, lm.param_bytes, adapters)
+    assert 0 <= lora.opt_bytes - 2 * adapters < 64 and lora_dpo.opt_bytes == lora.opt_bytes  # the base is its reference
+    assert lora.total_bytes < lm.total_bytes - 2 * lm.param_bytes
+    for pairs in (dpo, reward, lora_dpo):
+        assert pairs.kept_bytes == 2 * lm.kept_bytes and pairs.sequences_per_row == 2
+    assert reward.flops_per_step == 2 * lm.flops_per_step
+    assert dpo.flops_per_step == pytest.approx(lm.flops_per_step * 8 / 3)  # and the reference's forward pass
+    assert "optimizer       0.00 GiB" in lora.report() and "frozen base" in lora.report()
+    assert "(with DPO's reference)" in dpo.report() and "16 pairs x 256 tokens" in dpo.report()
 
 
 @pytest.mark.parametrize("name, accelerator", [("llama3_8b.py", "v5p"), ("llama3_70b.py", "h100"),

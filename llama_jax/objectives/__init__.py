@@ -36,3 +36,12 @@ def pair_objective(objective_cfg, model_of, reference_of, layers_fn=None, chunk_
 
         return reward.counts, reward_loss
     raise ValueError(f"{objective_cfg.name!r} is not a pair objective")
+
+
+def flops_factor(objective_cfg) -> float:
+    """Model FLOPs of a batch row's tokens relative to the LM loss's: a pair objective's row is two sequences
+    (chosen and rejected), and DPO also runs its reference's forward pass over both, a third of a forward and
+    backward."""
+    if objective_cfg.name == "dpo":
+        return 2 * (1 + 1 / 3)
+    return 2.0 if objective_cfg.name == "reward" else 1.0
