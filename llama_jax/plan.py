@@ -3,7 +3,8 @@
 `python -m llama_jax.plan --config configs/llama3_405b.py [--accelerator h100] [--devices N] [--mfu 0.4]`
 
 Nothing is allocated and no accelerator is needed, so a 16K-GPU mesh can be planned on a laptop: the parameter,
-gradient and optimizer-state shards come from the real sharding rules applied to abstract shapes on a
+gradient and optimizer-state shards are the trainer's own count (`trainer.train_state_bytes`: LoRA, DPO's reference
+and a reward model's head included), its sharding rules applied to abstract shapes on a
 `jax.sharding.AbstractMesh`, and the activations from the formula in `_activation_bytes`, which follows what the
 model keeps for its backward pass under each remat policy and what the pipeline keeps per tick. That formula was
 checked against XLA's own buffer assignment of the compiled step on CPU (tests/test_plan.py).
@@ -176,8 +177,8 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
     gathered_sh = param_shardings(model_def.abstract_state, _abstract_mesh(dict(sizes, data=batch_shards, fsdp=1)))
     local = jax.tree.map(lambda p, sharding: sharding.shard_shape(p.shape), params, gathered_sh)
     kept, working = _activation_bytes(model_cfg, local, tokens=rows * sequences * seq_len // sizes["context"],
-                                      seq_len=seq_len,
-                                      stages=stages, microbatches=microbatches, schedule=schedule, repeats=repeats)
+                                      seq_len=seq_len, stages=stages, microbatches=microbatches, schedule=schedule,
+                                      repeats=repeats)
     if schedule in SCHEDULED_PIPELINES:  # units placed by a table; a backward unit costs two forwards
         bubble = schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
     else:
