@@ -503,15 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llama_jax.convert import open_checkpoint  # the checkpoint readers are needed by the CLI only
     from llama_jax.data.corpus import held_out_store
-    from llama_jax.generate import parse_mesh
+    from llama_jax.generate import inference_mesh
     from llama_jax.memory import report_out_of_memory
-    from llama_jax.parallel.mesh import make_mesh
 
     try:
         if args.batch_size < 1 or args.max_len < 0:
             raise DataError(f"--batch_size must be positive and --max_len positive or 0 (the model's context up to "
                             f"2048), got {args.batch_size} and {args.max_len}")
-        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        mesh = inference_mesh(args.mesh)
         tasks_arg = args.tasks if args.tasks is not None else ("" if args.data else "stdlib_mc")
         files = [t.strip() for t in tasks_arg.split(",") if t.strip()]
         if not files and not args.data:

@@ -312,6 +312,19 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
+def inference_mesh(spec: str | None) -> Mesh | None:
+    """`--mesh` as the mesh `generate`, `evaluate` and rejection sampling shard a model over (None: one device). A
+    mesh smaller than the host's devices takes the first of them, as a tensor-parallel size does in inference
+    servers: only training needs every device in its mesh. Its axis of -1, if it names one, takes the rest."""
+    if not spec:
+        return None
+    sizes = parse_mesh(spec)
+    devices = jax.devices()
+    if -1 not in sizes.values() and 0 < math.prod(sizes.values()) < len(devices):
+        devices = devices[:math.prod(sizes.values())]
+    return make_mesh(sizes, devices)
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a file: JSON Lines of {"prompt": TEXT} when its name ends in .jsonl, else one prompt per line
     (blank lines skipped; a prompt with line breaks needs JSON Lines). The file may be a URL."""
@@ -359,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mesh", default=None,
                         help="shard the model over a device mesh, e.g. tensor=2,fsdp=4 (axes data, stage, fsdp, context, "
-                             "tensor; unnamed axes are 1, one may be -1 for the rest); default: one device")
+                             "tensor; unnamed axes are 1, one may be -1 for the rest; a mesh of fewer devices than the host has "
+                             "takes the first ones); default: one device")
     parser.add_argument("--fp8", action="store_true",
                         help="store the attention and MLP weights as FP8 e4m3 with a scale per output channel (about "
                              "half of bfloat16's memory); prints the memory saved and the logit error on the first prompt")
@@ -368,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not texts:
             raise ConfigError("no prompt given: pass --prompt TEXT (repeatable) or --prompts_file FILE")
-        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        mesh = inference_mesh(args.mesh)
         opened = open_checkpoint(args.checkpoint, mesh=mesh)
         tokenizer = opened.tokenizer
         settings = opened.generation.override(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

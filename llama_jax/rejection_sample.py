@@ -30,10 +30,9 @@ from llama_jax.data import conversations
 from llama_jax.data.chat import ChatFormat, Message
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
-from llama_jax.generate import generate, parse_mesh
+from llama_jax.generate import generate, inference_mesh
 from llama_jax.memory import report_out_of_memory
 from llama_jax.objectives import reward
-from llama_jax.parallel.mesh import make_mesh
 from llama_jax.workdir import as_path, check_writable, write_whole
 
 Scorer = Callable[[list[list[Message]]], np.ndarray]  # conversations -> one score each
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.samples < 1 or args.batch_size < 1 or args.temperature <= 0:
             raise ConfigError("--samples and --batch_size must be positive and --temperature above 0 (greedy samples "
                               "would all be the same)")
-        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        mesh = inference_mesh(args.mesh)
         prompts = read_prompts(args.prompts)
         check_writable(args.out, "--out", directory=False)  # now, not after hours of sampling
         samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,

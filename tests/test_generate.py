@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.convert import load_hf
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.generate import (_prefill, cache_shardings, generate, generate_timed, keep_top_k, main, parse_mesh,
-                                sample_top_p)
+from llama_jax.generate import (_prefill, cache_shardings, generate, generate_timed, inference_mesh, keep_top_k, main,
+                                parse_mesh, sample_top_p)
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.parallel.mesh import make_mesh
 from llama_jax.quantize import logit_error, quantize_fp8
@@ -288,6 +288,10 @@ def test_cli_on_a_mesh_prints_what_one_device_prints(hf_dir, capsys):
     one_device = capsys.readouterr().out
     assert main([*args, "--mesh", "tensor=2, fsdp=-1"]) == 0
     assert capsys.readouterr().out == one_device
+    assert main([*args, "--mesh", "tensor=2"]) == 0  # two of the eight devices (it was refused: "needs 2 devices")
+    assert capsys.readouterr().out == one_device
+    mesh = inference_mesh("tensor=2")
+    assert mesh.shape["tensor"] == 2 and list(mesh.devices.flat) == jax.devices()[:2]
 
 
 @pytest.mark.parametrize("spec,problem", [
@@ -295,7 +299,7 @@ def test_cli_on_a_mesh_prints_what_one_device_prints(hf_dir, capsys):
     ("tensor:2", "'tensor:2' is not AXIS=SIZE"),
     ("tensor=2,tensor=4", "axis 'tensor' is given twice"),
     ("fsdp=two", "size 'two' of axis 'fsdp' is not an integer"),
-    ("tensor=3", "needs 3 devices but 8 are available"),
+    ("tensor=16", "needs 16 devices but 8 are available"),
 ])
 def test_cli_names_the_problem_of_a_bad_mesh(hf_dir, capsys, spec, problem):
     assert main(["--checkpoint", str(hf_dir), "--prompt", "hi", "--mesh", spec]) == 2
