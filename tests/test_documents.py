@@ -392,8 +392,8 @@ def unreachable_bucket(monkeypatch):
 
 
 def test_a_remote_source_that_cannot_be_reached_is_one_error(unreachable_bucket):
-    with pytest.raises(DataError, match=r"Cannot list 'gs://bucket/corpus/\*\*/\*.txt' \(ClientError: Name or service not "
-                                        r"known\)\. Fix: check the URL, this machine's network and your credentials"):
+    with pytest.raises(DataError, match=r"Cannot list 'gs://bucket/corpus/\*\*/\*.txt' \(ClientError: Name or service "
+                                        r"not known\)\. Fix: check the URL, this machine's network and your credentials"):
         list_files("gs://bucket/corpus/**/*.txt")
 
 

@@ -131,7 +131,8 @@ def test_post_training_plans_count_lora_dpo_s_reference_and_both_sequences_of_a_
     lm, dpo, reward, lora, lora_dpo = planned(), planned("dpo"), planned("reward"), planned("sft", 8), planned("dpo", 8)
     m = model_config(small_cfg(dict(data=8)))
     nh, kh, d, f = m.n_heads * m.resolved_head_dim, m.n_kv_heads * m.resolved_head_dim, m.dim, m.ffn_dim
-    adapters = 4 * m.n_layers * 8 * ((d + nh) + 2 * (d + kh) + (nh + d) + 2 * (d + f) + (f + d))  # A [in, r], B [r, out]
+    # float32 A [in, rank 8] and B [8, out] per layer for each of wq, wk, wv, wo, w_gate, w_up, w_down
+    adapters = 4 * m.n_layers * 8 * ((d + nh) + 2 * (d + kh) + (nh + d) + 2 * (d + f) + (f + d))
     assert dpo.reference and dpo.opt_bytes == lm.opt_bytes + lm.param_bytes  # AdamW's moments and the reference
     assert reward.param_bytes == lm.param_bytes + 4 * d  # the head, float32
     assert (lora.param_bytes, lora.base_bytes, lora.grad_bytes) == (adapters, lm.param_bytes, adapters)

@@ -161,7 +161,7 @@ def test_converted_and_averaged_reward_models_keep_their_head(base, reward_run, 
 def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path, lora_rank):
     """The phase's average is evaluated with its head and is a reward model that rejection sampling reads (it was
     written without the head, and reading it back for the evaluation failed with a pytree error). With LoRA the
-    checkpoints hold adapters and head, and the average is of the merged models with the mean head."""
+    checkpoints hold adapters and head (that the average is of the merged models, test_lora checks)."""
     import orbax.checkpoint as ocp
 
     from llama_jax.phases import phase
@@ -172,8 +172,8 @@ def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path
     cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep = 1, 10
     logged = trainer.train(cfg, tmp_path)
     assert 0 <= logged["averaged/eval_pairwise_accuracy"] <= 1 and math.isfinite(logged["averaged/eval_loss"])
-    heads = [np.asarray(ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "params")[reward.HEAD])
-             for step in (3, 4)]
+    restore = ocp.StandardCheckpointer().restore
+    heads = [np.asarray(restore(tmp_path / "checkpoints" / str(step) / "params")[reward.HEAD]) for step in (3, 4)]
     assert np.abs(heads[0] - heads[1]).max() > 0
     _, averaged, _ = reward.load_reward_model(tmp_path / "averaged")
     np.testing.assert_allclose(np.asarray(averaged), np.mean(np.asarray(heads, np.float64), axis=0), rtol=1e-6)
