@@ -662,6 +662,7 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
     processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if cfg.objective.name in PAIR_OBJECTIVES:
         return _pair_data(p, corpus, pad_id, processes)
+    _check_no_preference_sources(cfg, corpus)
     if cfg.objective.name == "sft":
         _check_chat_sources(cfg, corpus)
     batches = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], p.batches,
@@ -676,6 +677,18 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
         eval_sets[name] = list(eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                             max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))
     return PhaseData(batches, eval_sets)
+
+
+def _check_no_preference_sources(cfg: ml_collections.ConfigDict, corpus) -> None:
+    """A preference corpus holds each pair as two documents, prompt + chosen and prompt + rejected, each with its
+    response's loss mask: trained on as text or chat, it taught the rejected responses as much as the chosen."""
+    pairs = [source.name for source in corpus.sources if is_preference_store(source.train)]
+    if pairs:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name!r} would learn the rejected responses of the preference pairs in "
+            f"source(s) {pairs} as much as the chosen ones: train on pairs with objective.name='dpo' or 'reward', or "
+            "prepare the chosen conversations alone with python -m llama_jax.data.prepare --chat and train on those"
+        )
 
 
 def _check_chat_sources(cfg: ml_collections.ConfigDict, corpus) -> None:

@@ -93,6 +93,23 @@ def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path
         trainer.train(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize("objective", ["sft", "lm"])
+def test_a_preference_corpus_is_refused_as_chat_or_text(base, tmp_path, objective):
+    """Its pairs are two documents each, chosen and rejected: SFT trained on both (the rejected responses too)."""
+    from llama_jax.data.preferences import prepare_preferences
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Right {i}.", "rejected": f"Wrong {i}."})
+                             + "\n" for i in range(40)))
+    prepare_preferences(pairs, base, tmp_path / "prepared")
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.objective.name, cfg.data.source, cfg.checkpoint.maintenance_url = objective, str(tmp_path / "prepared"), ""
+    with pytest.raises(ConfigError, match=rf"objective.name='{objective}' would learn the rejected responses of the "
+                                          r"preference pairs in source\(s\) \['data'\] as much as the chosen ones"):
+        trainer.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_evaluation_only_sets_score_chat_by_its_masks_and_text_by_every_token(base, tmp_path):
     """A chat set is scored as the training source's held-out split is (that same split gives the same figure,
     bitwise); a text set, which shows what fine-tuning forgets, scores every token."""
