@@ -45,6 +45,19 @@ class RestoreTarget(NamedTuple):
     abstract_params: Any
     abstract_opt_state: Any
     data_iter: grain.DatasetIterator
+    config: dict  # the run's whole config, whose `state_layout` the checkpoint must share
+
+
+def state_layout(config: dict) -> dict[str, Any]:
+    """What decides a train state's structure beside the model: LoRA's adapters, a reward model's head, and DPO's
+    reference (kept in the optimizer's state, unless LoRA's frozen base is the reference). Objectives that share a
+    layout (lm and sft) may follow each other in one workdir."""
+    objective = config.get("objective", {}).get("name", "lm")
+    lora = config.get("lora", {})
+    rank = lora.get("rank", 0)
+    return {"LoRA adapters": f"rank {rank} on {lora.get('targets')}" if rank else "none",
+            "reward head (objective.name='reward')": objective == "reward",
+            "DPO reference (objective.name='dpo')": objective == "dpo" and not rank}
 
 
 # Model fields a resumed run may set differently from its checkpoint: they change how the step computes, not the
@@ -92,7 +105,7 @@ class Checkpointer:
         for index, step in enumerate(steps):
             try:
                 target = targets(step)
-                self.check_model(step, target.model)
+                self.check_model(step, target.model, target.config)
                 params, opt_state = self.restore(step, target.abstract_params, target.abstract_opt_state,
                                                  target.data_iter)
             except CheckpointError as err:
@@ -127,9 +140,11 @@ class Checkpointer:
         with self._writing():
             self.manager.save(step, args=args, force=True)
 
-    def check_model(self, step: int, model: dict) -> None:
-        """Refuses, before reading any array, a checkpoint written for another model config. How the model runs may
-        change on resume (a remat policy that saves memory, another attention kernel), not what it stores."""
+    def check_model(self, step: int, model: dict, config: dict) -> None:
+        """Refuses, before reading any array, a checkpoint written for another model config or train state (LoRA,
+        the objective's own state: `state_layout`), whose read failed in Orbax's words and was taken for damage. How
+        the model runs may change on resume (a remat policy that saves memory, another attention kernel), not what it
+        stores."""
         meta_file = self.directory / str(step) / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(
@@ -137,9 +152,20 @@ class Checkpointer:
                 f"from an earlier step, or use a fresh --workdir"
             )
         try:
-            saved = json.loads(meta_file.read_text())["config"]["model"]
+            saved_config = json.loads(meta_file.read_text())["config"]
+            saved = saved_config["model"]
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint {meta_file.parent.parent} has an unreadable meta/metadata ({err})") from err
+        layout, saved_layout = state_layout(config), state_layout(saved_config)
+        other_state = [f"{key}: {saved_layout[key]!r} -> {value!r}" for key, value in layout.items()
+                       if saved_layout[key] != value]
+        if other_state:
+            raise ModelMismatch(
+                f"checkpoint {meta_file.parent.parent} holds another training state than this config trains "
+                f"({'; '.join(other_state)}): resume with the objective and LoRA settings it was trained with, or "
+                f"start a fresh --workdir, with --config.checkpoint.init_from={self.directory.parent} to begin from "
+                "its parameters"
+            )
         changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items() if saved.get(k) != v]
         runs_otherwise = [c for c in changed if c.split(":")[0].removeprefix("model.") in RESUMABLE_CHANGES]
         if runs_otherwise and jax.process_index() == 0:

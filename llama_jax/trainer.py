@@ -585,7 +585,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         p = plan.phase_of_checkpoint(step)
         abstract = run_of(p).abstract_state
         restored_iterators[step] = data[p.index].iterator()
-        return ckpt.RestoreTarget(p.cfg.model.to_dict(), abstract.params, abstract.opt_state, restored_iterators[step])
+        return ckpt.RestoreTarget(p.cfg.model.to_dict(), abstract.params, abstract.opt_state, restored_iterators[step],
+                                  p.cfg.to_dict())
 
     try:
         restored = checkpointer.restore_newest_valid(target)

@@ -137,6 +137,19 @@ def test_resuming_under_another_tokenizer_is_refused_naming_the_run_s_own(tmp_pa
     assert (workdir / "tokenizer.model").read_bytes() == kept
 
 
+def test_resuming_with_another_training_state_is_refused_and_every_checkpoint_stays(tmp_path, cache_dir):
+    """LoRA switched on over full-parameter checkpoints (or another objective's state): Orbax's read failed in its
+    own words, the newest checkpoint was moved aside as damaged and the one before it failed the same way."""
+    workdir = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 6), workdir)
+    cfg = small_config(cache_dir, 9)
+    cfg.lora.rank, cfg.checkpoint.init_from, cfg.data.tokenizer = 4, str(workdir), str(workdir / "tokenizer.model")
+    with pytest.raises(CheckpointError, match=r"checkpoints/6 holds another training state than this config trains "
+                                              r"\(LoRA adapters: 'none' -> 'rank 4 on wq,wk,wv,wo,w_gate,w_up,w_down'\)"):
+        trainer.train(cfg, workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
 def test_float16_compute_on_a_cpu_is_refused_before_the_step_compiles(tmp_path, cache_dir):
     """XLA's CPU backend has no float16 product with a float32 result: compiling the step failed with XLA's
     ValueError, "The precision 'F16_F16_F32' is not supported by dot_general on CPU"."""
