@@ -503,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llama_jax.convert import open_checkpoint  # the checkpoint readers are needed by the CLI only
     from llama_jax.data.corpus import held_out_store
+    from llama_jax.data.preferences import is_preference_store
     from llama_jax.generate import inference_mesh
     from llama_jax.memory import report_out_of_memory
 
@@ -523,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         text = {}
         for name, source in map(_named_source, args.data):
             store = held_out_store(name, source, opened.files, Path(args.cache_dir).expanduser(), args.text_field)
+            if is_preference_store(store):  # two documents a pair: the rejected responses would count as text
+                raise DataError(f"--data {source} holds preference pairs, whose rejected responses would be scored as "
+                                "much as the chosen ones: evaluate the chosen conversations alone (python -m "
+                                "llama_jax.data.prepare --chat)")
             text.update(evaluate_text(opened.model, store, name, seq_len=max_len, batch_size=args.batch_size,
                                       mesh=mesh, pad_id=opened.tokenizer.pad_id, stride=args.stride))
     except LlamaJaxError as e:

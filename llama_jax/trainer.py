@@ -682,13 +682,21 @@ def _phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
 
 def _check_no_preference_sources(cfg: ml_collections.ConfigDict, corpus) -> None:
     """A preference corpus holds each pair as two documents, prompt + chosen and prompt + rejected, each with its
-    response's loss mask: trained on as text or chat, it taught the rejected responses as much as the chosen."""
+    response's loss mask: trained on as text or chat, it taught the rejected responses as much as the chosen, and as
+    an evaluation set it scored them alike."""
     pairs = [source.name for source in corpus.sources if is_preference_store(source.train)]
     if pairs:
         raise ConfigError(
             f"objective.name={cfg.objective.name!r} would learn the rejected responses of the preference pairs in "
             f"source(s) {pairs} as much as the chosen ones: train on pairs with objective.name='dpo' or 'reward', or "
             "prepare the chosen conversations alone with python -m llama_jax.data.prepare --chat and train on those"
+        )
+    held_out = [name for name, store in corpus.held_out.items() if is_preference_store(store)]
+    if held_out:
+        raise ConfigError(
+            f"data.eval_sources {held_out} hold preference pairs, whose rejected responses an "
+            f"objective.name={cfg.objective.name!r} run would score as much as the chosen ones: evaluate on the chosen "
+            "conversations alone (python -m llama_jax.data.prepare --chat), or score pairs in a DPO or reward run"
         )
 
 

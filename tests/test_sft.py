@@ -94,8 +94,10 @@ def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path
 
 
 @pytest.mark.parametrize("objective", ["sft", "lm"])
-def test_a_preference_corpus_is_refused_as_chat_or_text(base, tmp_path, objective):
-    """Its pairs are two documents each, chosen and rejected: SFT trained on both (the rejected responses too)."""
+def test_a_preference_corpus_is_refused_as_chat_or_text(base, tmp_path, objective, capsys):
+    """Its pairs are two documents each, chosen and rejected: SFT trained on both (the rejected responses too), and
+    as an evaluation set (of a run, or of `evaluate --data`) both were scored."""
+    from llama_jax import evaluate
     from llama_jax.data.preferences import prepare_preferences
 
     pairs = tmp_path / "pairs.jsonl"
@@ -107,7 +109,14 @@ def test_a_preference_corpus_is_refused_as_chat_or_text(base, tmp_path, objectiv
     with pytest.raises(ConfigError, match=rf"objective.name='{objective}' would learn the rejected responses of the "
                                           r"preference pairs in source\(s\) \['data'\] as much as the chosen ones"):
         trainer.train(cfg, tmp_path / "run")
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.objective.name, cfg.checkpoint.maintenance_url, cfg.data.cache_dir = objective, "", str(tmp_path / "cache")
+    cfg.data.eval_sources.pairs = eval_source(str(tmp_path / "prepared"))
+    with pytest.raises(ConfigError, match=r"data.eval_sources \['pairs'\] hold preference pairs, whose rejected "):
+        trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert evaluate.main(["--checkpoint", str(base), "--data", str(tmp_path / "prepared")]) == 2
+    assert "holds preference pairs, whose rejected responses would be scored" in capsys.readouterr().err
 
 
 def test_evaluation_only_sets_score_chat_by_its_masks_and_text_by_every_token(base, tmp_path):
