@@ -319,9 +319,9 @@ def inference_mesh(spec: str | None) -> Mesh | None:
     if not spec:
         return None
     sizes = parse_mesh(spec)
-    devices = jax.devices()
-    if -1 not in sizes.values() and 0 < math.prod(sizes.values()) < len(devices):
-        devices = devices[:math.prod(sizes.values())]
+    devices, wanted = jax.devices(), math.prod(sizes.values())
+    if -1 not in sizes.values() and 0 < wanted < len(devices):
+        devices = devices[:wanted]
     return make_mesh(sizes, devices)
 
 
@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mesh", default=None,
                         help="shard the model over a device mesh, e.g. tensor=2,fsdp=4 (axes data, stage, fsdp, context, "
-                             "tensor; unnamed axes are 1, one may be -1 for the rest; a mesh of fewer devices than the host has "
-                             "takes the first ones); default: one device")
+                             "tensor; unnamed axes are 1, one may be -1 for the rest; a mesh of fewer devices than the "
+                             "host has takes the first ones); default: one device")
     parser.add_argument("--fp8", action="store_true",
                         help="store the attention and MLP weights as FP8 e4m3 with a scale per output channel (about "
                              "half of bfloat16's memory); prints the memory saved and the logit error on the first prompt")
