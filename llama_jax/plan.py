@@ -27,9 +27,9 @@ from llama_jax import command_line
 from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config,
                               pipeline_microbatches, pipeline_repeats, validate)
 from llama_jax.errors import ConfigError, LlamaJaxError
-from llama_jax.model import LlamaConfig, ModelDef, flops_per_token, param_count
+from llama_jax.model import LlamaConfig, ModelDef, param_count
 from llama_jax.model.flash import BLOCK as FLASH_BLOCK
-from llama_jax.objectives import flops_factor
+from llama_jax.objectives import flops_per_row_token
 from llama_jax.parallel.mesh import MESH_AXES, mesh_shape, param_shardings
 from llama_jax.parallel.pipeline import bubble_fraction
 from llama_jax.parallel.schedules import make_tables, schedule_stats
@@ -178,7 +178,8 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
     local = jax.tree.map(lambda p, sharding: sharding.shard_shape(p.shape), params, gathered_sh)
     kept, working = _activation_bytes(model_cfg, local, tokens=rows * sequences * seq_len // sizes["context"],
                                       seq_len=seq_len, stages=stages, microbatches=microbatches, schedule=schedule,
-                                      repeats=repeats)
+                                      repeats=repeats, objective=cfg.objective.name,
+                                      loss_chunk_len=cfg.objective.loss_chunk_len)
     if schedule in SCHEDULED_PIPELINES:  # units placed by a table; a backward unit costs two forwards
         bubble = schedule_stats(schedule, stages, microbatches, backward_cost=2)["bubble_fraction"]
     else:
@@ -193,13 +194,14 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
         grad_bytes=state["gradients"] * (2 if grad_accum > 1 else 1),
         opt_bytes=state["optimizer"], reference=cfg.objective.name == "dpo" and not cfg.lora.rank,
         kept_bytes=kept, working_bytes=working,
-        flops_per_step=flops_per_token(model_cfg, seq_len) * batch_size * seq_len * flops_factor(cfg.objective),
+        flops_per_step=flops_per_row_token(cfg.objective, model_cfg, seq_len) * batch_size * seq_len,
         mfu=mfu,
     )
 
 
 def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int, stages: int, microbatches: int,
-                      schedule: str, repeats: int) -> tuple[int, int]:
+                      schedule: str, repeats: int, objective: str = "lm", loss_chunk_len: int = 0
+                      ) -> tuple[int, int]:
     """(kept, working) activation bytes of one device, for `tokens` = its tokens in one accumulation step.
 
     Notation: T = `tokens`; S = seq_len (keys per query: the whole sequence, also under context parallelism); d, h
@@ -223,10 +225,14 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
       and the two in the compute dtype for the matmuls; XLA fuses the rest); its weights gathered over fsdp and
       cast, and their gradient; flash attention adds t·F, F = 8·n·h + 12·n: its float32 running output and query
       gradient, and the per-query statistics;
-      the output layer and loss, t·(12·d + c·d + 8·v) + (c + c')·v·d: the final norm's float32 intermediates; the
-      float32 logits, their gradient rounded to the compute dtype (objectives/lm.py writes it once) and its copy
-      transposed for the weight gradient, 4 + 2c = 8 bytes (in float32 the gradient takes the logits' buffer: 2c);
-      the weight gathered and cast, and its gradient.
+      the output layer and loss, t·(12·d + c·d) + t'·Y·v + W·(c + c')·v·d: the final norm's float32
+      intermediates; logits over the t' of the t tokens whose logits exist at once (t' = t·C / S when the loss runs
+      in chunks of C = objective.loss_chunk_len < S positions per row, else t); the output weight gathered and cast,
+      and its gradient. The LM loss: Y = 4 + 2c = 8, the float32 logits, their gradient rounded to the compute dtype
+      (objectives/lm.py writes it once) and its copy transposed for the weight gradient (in float32 the gradient
+      takes the logits' buffer: 2c); W = 1. DPO: Y = 20, the policy's float32 log-probabilities, their exponent
+      (the KL) and gradients beside the reference's (measured on CPU: 19-22), W = 2 (policy and reference). A
+      reward model computes no logits: Y = W = 0.
     No pipeline: kept = L·T·per_layer; working = the larger transient on T tokens.
     GPipe and circular (autodiff of a loop of R·M + P - 1 ticks, each L / (P·R) layers on T / M tokens; the bubble
     ticks keep residuals too): kept = ticks · L / (P·R) · T / M · per_layer + 2·T·d·c (the microbatch buffer and its
@@ -263,8 +269,12 @@ def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int,
     def one_layer(t: int) -> int:
         return t * (rest + scores) + (c + narrow) * layer_weights
 
+    logit_bytes, head_weights = {"dpo": (20, 2), "reward": (0, 0)}.get(objective, (8, 1))
+    chunked = 0 < loss_chunk_len < s
+
     def head(t: int) -> int:
-        return t * (12 * d + c * d + 8 * v) + (c + narrow) * v * embed_d
+        with_logits = t * loss_chunk_len // s if chunked else t
+        return t * (12 * d + c * d) + with_logits * logit_bytes * v + head_weights * (c + narrow) * v * embed_d
 
     micro_tokens, chunk = tokens // microbatches, m.n_layers // (stages * repeats)
     if schedule in SCHEDULED_PIPELINES:

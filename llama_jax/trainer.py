@@ -44,9 +44,9 @@ from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
-from llama_jax.model import ModelDef, flops_per_token, param_count
+from llama_jax.model import ModelDef, param_count
 from llama_jax.model.llama import LayersFn, Llama
-from llama_jax.objectives import flops_factor, lm_loss_sum, pair_objective
+from llama_jax.objectives import flops_per_row_token, lm_loss_sum, pair_objective
 from llama_jax.objectives import dpo as dpo_objective
 from llama_jax.objectives import reward as reward_objective
 from llama_jax.objectives.pairs import valid_pairs
@@ -1030,14 +1030,14 @@ def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
 def _work(model_cfg, p: Phase, first_step: int, stop_step: int) -> tuple[int, float]:
     """Tokens and training FLOPs of the run's steps [first_step, stop_step) within phase `p`, stage by stage
     (attention cost grows with seq_len). A pair objective's tokens are its rows' (a pair's chosen side), its FLOPs
-    those of both sequences (and DPO's reference)."""
+    those of both sequences (`objectives.flops_per_row_token`)."""
     first_step, stop_step = first_step - p.start_step, stop_step - p.start_step
-    tokens, flops, factor = 0, 0.0, flops_factor(p.cfg.objective)
+    tokens, flops = 0, 0.0
     for stage in p.batches.stages:
         end = stop_step if stage.stop_step is None else min(stop_step, stage.stop_step)
         steps = max(0, end - max(first_step, stage.start_step))
         tokens += steps * stage.tokens_per_step
-        flops += steps * stage.tokens_per_step * flops_per_token(model_cfg, stage.seq_len) * factor
+        flops += steps * stage.tokens_per_step * flops_per_row_token(p.cfg.objective, model_cfg, stage.seq_len)
     return tokens, flops
 
 

@@ -9,6 +9,7 @@ Every loss divides by counts of the *whole* batch (tokens, pairs), given to it f
 accumulation over microbatches and data-parallel reduction give exactly the full-batch gradient.
 """
 
+from llama_jax.model import flops_per_token
 from llama_jax.objectives.lm import LogitsFn, lm_loss_sum, token_nll
 
 __all__ = ["LogitsFn", "lm_loss_sum", "token_nll"]
@@ -38,10 +39,14 @@ def pair_objective(objective_cfg, model_of, reference_of, layers_fn=None, chunk_
     raise ValueError(f"{objective_cfg.name!r} is not a pair objective")
 
 
-def flops_factor(objective_cfg) -> float:
-    """Model FLOPs of a batch row's tokens relative to the LM loss's: a pair objective's row is two sequences
-    (chosen and rejected), and DPO also runs its reference's forward pass over both, a third of a forward and
-    backward."""
+def flops_per_row_token(objective_cfg, model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token of a batch row (`model.flops_per_token` for the LM loss). A pair objective's row is
+    two sequences (chosen and rejected). DPO also runs its reference's forward pass over both, a third of a forward
+    and backward. A reward model never computes the vocabulary projection: its scalar head reads the last hidden
+    state, so that projection's 6 x vocab x dim is left out."""
+    per_token = flops_per_token(model_cfg, seq_len)
     if objective_cfg.name == "dpo":
-        return 2 * (1 + 1 / 3)
-    return 2.0 if objective_cfg.name == "reward" else 1.0
+        return 2 * (1 + 1 / 3) * per_token
+    if objective_cfg.name == "reward":
+        return 2 * (per_token - 6.0 * model_cfg.vocab_size * model_cfg.dim)
+    return per_token
