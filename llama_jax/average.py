@@ -36,6 +36,7 @@ class _Mean(ParamSource):
         self.cfg = sources[0].cfg.replace(param_dtype=dtype or sources[0].cfg.param_dtype)
         self.directory, self.tokenizer = sources[0].directory, sources[0].tokenizer
         self.reward_model = sources[0].reward_model  # the heads are averaged too ("score")
+        self.scores_end_token = any(source.scores_end_token for source in sources)  # which write_ours refuses
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         total = self._sources[0].read(path).astype(np.float64)  # exact for the sum of a few float32s

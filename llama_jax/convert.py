@@ -9,7 +9,9 @@ and the conversion CLI between Hugging Face, Meta's original layout (meta_format
 Hugging Face stores one 2-D matrix per layer in torch's [out, in] layout; we store each kind of weight stacked
 over a leading layers axis with named head axes ([L, d, n, h] for q). One table (`_weights`) describes every
 tensor once, as a reshape and a transpose that saving, whole loading and sharded loading all apply, so they
-cannot drift apart. RoPE is the half-split layout on both sides, so q and k need no row permutation.
+cannot drift apart. RoPE is the half-split layout on both sides, so q and k need no row permutation. A reward model
+is a one-label LlamaForSequenceClassification on the Hugging Face side (`score.weight` where the output projection
+was), read by `load_hf_reward_model` and converted like the rest.
 
 Loading streams. Without a mesh each stacked parameter is assembled in one host buffer from per-layer tensors
 read one at a time, handed to JAX and released before the next, so host memory peaks at one stacked weight
@@ -72,6 +74,11 @@ from llama_jax.parallel.mesh import param_shardings
 from llama_jax.workdir import check_writable, is_remote, local_copy, local_output, read_array, resolve, write_array
 
 _ARCHITECTURE = "LlamaForCausalLM"
+_CLASSIFIER = "LlamaForSequenceClassification"  # a reward model: the body and a one-label score layer
+# Set in the config.json of our exported reward models, which score the last token before the end token (the one
+# that reads the response's last content token), as they were trained to. The reward models of Hugging Face's tools
+# (TRL, and those built with them) score the last token of the chat-templated text, the end token itself.
+SCORES_BEFORE_END = "llama_jax_scores_before_end_token"
 _INDEX_FILE = "model.safetensors.index.json"
 # the files beside the weights that decide how text goes in and out (tokenizer framing, chat template, stop ids)
 _SIDE_FILES = ("config.json", generation_config.FILE_NAME, "tokenizer_config.json", "chat_template.jinja")
@@ -211,9 +218,22 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
 def _check_architecture(hf: dict) -> None:
     architectures = hf.get("architectures") or [_ARCHITECTURE]
     model_type = hf.get("model_type", "llama")
-    if _ARCHITECTURE not in architectures or model_type != "llama":
-        found = architectures[0] if _ARCHITECTURE not in architectures else f"model_type {model_type!r}"
-        raise CheckpointError(f"unsupported architecture {found}: load_hf reads {_ARCHITECTURE} checkpoints")
+    known = {_ARCHITECTURE, _CLASSIFIER} & set(architectures)
+    if not known or model_type != "llama":
+        found = architectures[0] if not known else f"model_type {model_type!r}"
+        raise CheckpointError(f"unsupported architecture {found}: llama_jax reads {_ARCHITECTURE} checkpoints and "
+                              f"{_CLASSIFIER} reward models")
+
+
+def is_reward_classifier(hf: dict) -> bool:
+    """Whether a config.json dict is a reward model (a one-label LlamaForSequenceClassification)."""
+    if _CLASSIFIER not in (hf.get("architectures") or []):
+        return False
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)  # transformers' default: two labels
+    if labels != 1:
+        raise CheckpointError(f"this {_CLASSIFIER} has {labels} labels: llama_jax reads one-label classifiers, "
+                              "reward models, whose one logit is the score")
+    return True
 
 
 def _rope_from_hf(hf: dict) -> dict:
@@ -284,8 +304,19 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", *, mesh: Mesh | Non
 
 
 def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
-    """The `LlamaConfig` of a Hugging Face directory's config.json, with fields overridden."""
+    """The `LlamaConfig` of a Hugging Face language model's config.json, with fields overridden. A reward model is
+    refused: what reads this generates or trains from the output projection, which a classifier has none of."""
     path = resolve(path)
+    hf = _read_hf_json(path)
+    if is_reward_classifier(hf):
+        raise CheckpointError(f"{path} is a reward model ({_CLASSIFIER}): it scores responses and has no "
+                              f"language-model head; score with it (rejection_sample --reward {path}), or use the "
+                              "language model it was trained from")
+    return config_from_hf(hf, **overrides)
+
+
+def _read_hf_json(path: epath.Path) -> dict:
+    """A Hugging Face directory's config.json."""
     if not path.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory {path} does not exist: pass the directory holding config.json")
     config_file = path / "config.json"
@@ -295,7 +326,24 @@ def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
         hf = json.loads(config_file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e}): re-download or re-save the checkpoint") from None
-    return config_from_hf(hf, **overrides)
+    return hf
+
+
+def load_hf_reward_model(path: str | os.PathLike, *, mesh: Mesh | None = None
+                         ) -> tuple[Llama, np.ndarray, bool]:
+    """(model, head [dim] float32, whether it scores the end token) of a Hugging Face reward model, float32. The
+    model's output projection, which a classifier lacks and a reward model never uses, is zeros when untied. The
+    third value is False for our own exports (`SCORES_BEFORE_END`), True for any other."""
+    path = resolve(path)
+    hf = _read_hf_json(path)
+    if not is_reward_classifier(hf):
+        raise CheckpointError(f"{path} is a language model, not a reward model ({_CLASSIFIER} with one label): "
+                              "train one with objective.name='reward' (configs/reward_tiny.py)")
+    cfg = config_from_hf(hf, dtype="float32", param_dtype="float32")  # as load_hf's default
+    check_model_fits(cfg, mesh)
+    model = _abstract_model(cfg)
+    head = _fill(model, path, param_shardings(nnx.state(model), mesh) if mesh is not None else None, score=True)
+    return model, head, not hf.get(SCORES_BEFORE_END, False)
 
 
 def load_hf_params(path: str | os.PathLike, cfg: LlamaConfig, *, shardings: dict | None = None) -> dict:
@@ -313,20 +361,31 @@ def _abstract_model(cfg: LlamaConfig) -> Llama:
         return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
 
 
-def _fill(model: Llama, path: epath.Path, shardings: dict | None) -> None:
+def _fill(model: Llama, path: epath.Path, shardings: dict | None, *, score: bool = False) -> np.ndarray | None:
     """Sets every parameter of the abstract `model` from the safetensors in `path`, placed as `shardings` (a dict
-    matching the parameters) says, or whole on the default device when it is None."""
+    matching the parameters) says, or whole on the default device when it is None. With `score` (a reward
+    classifier) an untied output projection is zeros, and the score layer's row is returned, float32."""
+    dtype = jnp.dtype(model.cfg.param_dtype)
+    head = None
     with _open_safetensors(path) as tensors:
         shapes = {name: tuple(handle.get_slice(name).get_shape()) for name, handle in tensors.items()}
-        for weight in _weights(model.cfg):
-            param = _param(model, weight.path)
+        for weight in _weights(model.cfg, score=score):
             names = _tensor_names(shapes, weight, model.cfg.n_layers, path)
-            read = functools.partial(_read_block, tensors, weight, names, jnp.dtype(model.cfg.param_dtype))
+            read = functools.partial(_read_block, tensors, weight, names, dtype)
+            if weight.path == ("score",):
+                head = read((range(1), range(model.cfg.dim)))[0].astype(np.float32)
+                continue
+            param = _param(model, weight.path)
             if shardings is None:
                 param.set_value(jnp.asarray(read(tuple(range(size) for size in param.shape))))
             else:
                 sharding = functools.reduce(operator.getitem, weight.path, shardings)
                 param.set_value(_read_sharded(read, param.shape, sharding))
+    if score and not model.cfg.tie_embeddings:
+        param = _param(model, ("lm_head",))
+        zeros = functools.partial(jnp.zeros, param.shape, dtype)
+        param.set_value(zeros() if shardings is None else jax.jit(zeros, out_shardings=shardings["lm_head"])())
+    return head
 
 
 @contextlib.contextmanager
@@ -593,6 +652,7 @@ class ParamSource(abc.ABC):
     directory: epath.Path  # holds the tokenizer, generation_config.json and chat-template files
     tokenizer: epath.Path | None  # the tokenizer file; None when the checkpoint has none
     reward_model: bool = False  # a reward model: read(("score",)) gives its head as [1, dim]
+    scores_end_token: bool = False  # a reward model trained to score the end token (a Hugging Face one, not ours)
 
     @abc.abstractmethod
     def read(self, path: tuple[str, ...]) -> np.ndarray:
@@ -668,18 +728,23 @@ class _TensorRows:
 
 class _HFSource(ParamSource):
     def __init__(self, path: epath.Path):
-        cfg = read_hf_config(path)
+        hf = _read_hf_json(path)
+        cfg = config_from_hf(hf)
+        self.reward_model = is_reward_classifier(hf)
+        self.scores_end_token = self.reward_model and not hf.get(SCORES_BEFORE_END, False)
         self._files = _SafetensorsFiles(path)
         embed = _tensor_names(self._files.shapes, _weights(cfg)[0], cfg.n_layers, path)[0]  # model.embed_tokens.weight
         dtype = self._files.dtype(embed).name
         self.cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
         self.directory, self.tokenizer = path, _tokenizer_in(path)
-        self._weights = {weight.path: weight for weight in _weights(self.cfg)}
+        self._weights = {weight.path: weight for weight in _weights(self.cfg, score=self.reward_model)}
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        if path not in self._weights:  # a reward classifier's output projection (untied): it has none
+            return np.zeros(param_shapes(self.cfg)[path], dtype)
         weight = self._weights[path]
         names = _tensor_names(self._files.shapes, weight, self.cfg.n_layers, self.directory)
-        dtype = jnp.dtype(self.cfg.param_dtype)
         if not weight.stacked:
             return weight.to_ours(self._files.read(names[0])).astype(dtype, copy=False)
         out = np.empty(param_shapes(self.cfg)[path], dtype)
@@ -758,8 +823,9 @@ def write_hf(source: ParamSource, out: str | os.PathLike, dtype: str | None = No
     tokenizer = None if source.tokenizer is None else Tokenizer.from_file(source.tokenizer)
     classifier = None
     if source.reward_model:
-        classifier = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"},
-                      "label2id": {"LABEL_0": 0}, "pad_token_id": None if tokenizer is None else tokenizer.pad_id}
+        classifier = {"architectures": [_CLASSIFIER], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                      "pad_token_id": None if tokenizer is None else tokenizer.pad_id,
+                      **({} if source.scores_end_token else {SCORES_BEFORE_END: True})}
     _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes, classifier)
     if tokenizer is None:
         warnings.warn(f"{source.directory} has no tokenizer, so {out} has none: copy tokenizer.json or "

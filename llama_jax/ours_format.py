@@ -105,6 +105,10 @@ def write_ours(source: ParamSource, out: str | os.PathLike, dtype: str | None = 
     meta/metadata lands last).
     """
     out = resolve(out)
+    if source.scores_end_token:
+        raise CheckpointError(f"{source.directory} is a reward model that scores the end token, where llama_jax's "
+                              "score the token before it, so as a llama_jax checkpoint it would be read at the wrong "
+                              f"position: use it as it is (rejection_sample --reward {source.directory})")
     if source.tokenizer is None:
         raise CheckpointError(f"{source.directory} has no tokenizer (tokenizer.model or tokenizer.json), which a "
                               "llama_jax checkpoint needs: copy the model's tokenizer into it, or convert to hf")

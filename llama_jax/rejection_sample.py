@@ -8,8 +8,9 @@ Prompts are JSON Lines {"prompt": "..."} (a string is one user message) or {"pro
 {"messages": [...the prompt, {"role": "assistant", "content": best}], "score": s, "scores": [all K]}: the format
 `read_conversations` and `python -m llama_jax.data.prepare --chat` read, so the next SFT round trains on it. Samples
 are drawn for `--batch_size` prompts x K at once through the KV-cache generator, each prompt rendered with the
-policy's chat template; the reward model scores the rendered conversation as it was trained to (the hidden state at
-the last position before the end token).
+policy's chat template; the reward model scores the conversation rendered with its own chat template, as it was
+trained to: ours the hidden state at the last position before the end token, a Hugging Face reward model (a one-label
+LlamaForSequenceClassification) that at the end token, unless it is one of ours exported.
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def best_of(prompts: list[list[Message]], samples: list[list[str]], scorer: Scor
     return records
 
 
-def reward_scorer(model, head, fmt: ChatFormat, *, bucket: int = 64) -> Scorer:
+def reward_scorer(model, head, fmt: ChatFormat, *, scores_end_token: bool = False, bucket: int = 64) -> Scorer:
     """Scores conversations with a reward model, in one padded batch per call (lengths rounded up to `bucket`, so
-    few shapes compile)."""
+    few shapes compile). Ours read the conversation up to its end token, which they were trained to predict;
+    `scores_end_token` (Hugging Face's reward models) reads it to the end, as they were trained."""
     graphdef, state = nnx.split(model)  # a module is rebuilt inside jit from its arrays, never closed over
     score_fn = jax.jit(lambda state, head, rows: reward.scores(nnx.merge(graphdef, state), head, rows))
 
     def scorer(conversations: list[list[Message]]) -> np.ndarray:
-        sequences = [fmt.render_ids(c)[:-1] for c in conversations]  # inputs: the end token is only predicted
+        sequences = [fmt.render_ids(c)[: None if scores_end_token else -1] for c in conversations]
         length = -(-max(len(s) for s in sequences) // bucket) * bucket
         rows = {"tokens": np.zeros((len(sequences), length), np.int32),
                 "segment_ids": np.zeros((len(sequences), length), np.int32),
@@ -99,7 +101,8 @@ def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_to
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_jax.rejection_sample", description=__doc__.splitlines()[0])
     p.add_argument("--policy", required=True, help="the model to sample from (llama_jax run or Hugging Face dir)")
-    p.add_argument("--reward", required=True, help="a reward-model run (objective.name='reward')")
+    p.add_argument("--reward", required=True, help="a reward-model run (objective.name='reward') or a Hugging Face "
+                   "reward model (LlamaForSequenceClassification, one label)")
     p.add_argument("--prompts", required=True, help='JSON Lines of {"prompt": ...}')
     p.add_argument("--samples", type=int, default=10, help="K samples per prompt (Llama 3: 10-30)")
     p.add_argument("--out", required=True, help="output JSON Lines (SFT conversations)")
@@ -120,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          mesh=mesh)
-        model, head, tokenizer_path = reward.load_reward_model(args.reward, mesh=mesh)
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        records = best_of(prompts, samples, reward_scorer(model, head, ChatFormat.from_directory(tokenizer_path,
-                                                                                                  tokenizer)))
+        scoring = reward.load_reward_model(args.reward, mesh=mesh)
+        fmt = ChatFormat.from_directory(scoring.tokenizer, Tokenizer.from_file(scoring.tokenizer))
+        records = best_of(prompts, samples, reward_scorer(scoring.model, scoring.head, fmt,
+                                                          scores_end_token=scoring.scores_end_token))
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -180,7 +180,12 @@ def test_load_hf_rejects_missing_safetensors(broken):
 
 def test_load_hf_rejects_other_architectures(broken):
     _rewrite_config(broken, lambda c: c.update(architectures=["MistralForCausalLM"], model_type="mistral"))
-    with pytest.raises(CheckpointError, match="unsupported architecture MistralForCausalLM: load_hf reads LlamaForCausalLM"):
+    with pytest.raises(CheckpointError, match="unsupported architecture MistralForCausalLM: llama_jax reads "
+                                              "LlamaForCausalLM checkpoints and LlamaForSequenceClassification reward"):
+        load_hf(broken)
+    _rewrite_config(broken, lambda c: c.update(architectures=["LlamaForSequenceClassification"], model_type="llama",
+                                               id2label={"0": "bad", "1": "good"}))
+    with pytest.raises(CheckpointError, match="has 2 labels: llama_jax reads one-label classifiers, reward models"):
         load_hf(broken)
 
 

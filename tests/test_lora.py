@@ -351,13 +351,13 @@ def test_a_lora_reward_run_loads_merged_and_exports_as_a_sequence_classifier(bas
                                                       ["attn"]["wq"]), "the head and the adapters trained"
     rows, padded = scored_rows(Tokenizer.from_file(base).pad_id)
     expected = float32_scores(run.model_def.merge(body), head, rows)
-    model, loaded_head, _ = reward.load_reward_model(tmp_path / "run")
+    model, loaded_head, *_ = reward.load_reward_model(tmp_path / "run")
     np.testing.assert_allclose(float32_scores(model, loaded_head, rows), expected, rtol=1e-5, atol=1e-6)
-    sharded, sharded_head, _ = reward.load_reward_model(tmp_path / "run", mesh=make_mesh(cfg.mesh))
+    sharded, sharded_head, *_ = reward.load_reward_model(tmp_path / "run", mesh=make_mesh(cfg.mesh))
     np.testing.assert_allclose(float32_scores(sharded, sharded_head, rows), expected, rtol=1e-5, atol=1e-6)
 
     assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "ours")]) == 0  # with its head
-    merged, merged_head, _ = reward.load_reward_model(tmp_path / "ours")
+    merged, merged_head, *_ = reward.load_reward_model(tmp_path / "ours")
     np.testing.assert_allclose(float32_scores(merged, merged_head, rows), expected, rtol=1e-5, atol=1e-6)
     assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--to", "hf"]) == 0
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)

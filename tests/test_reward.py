@@ -98,13 +98,87 @@ def test_a_reward_model_exports_as_a_sequence_classifier_with_the_same_scores(re
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
 
-    model, head, _ = reward.load_reward_model(reward_run)
+    run = reward.load_reward_model(reward_run)
     rows, padded = scored_rows(hf.config.pad_token_id)
-    ours = float32_scores(model, head, rows)
+    ours = float32_scores(run.model, run.head, rows)
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
     assert np.abs(ours).max() > 1e-3, "the head trained"
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+
+    # and back: read as it is, or converted to our format, it is the run's reward model, scoring where the run does
+    # (both were refused as an unsupported architecture)
+    assert convert.main(["--from", "hf", "--to", "ours", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    for path in (tmp_path / "hf", tmp_path / "ours"):
+        back = reward.load_reward_model(path)
+        assert not back.scores_end_token
+        np.testing.assert_array_equal(np.asarray(back.head), np.asarray(run.head))
+        np.testing.assert_allclose(float32_scores(back.model, back.head, rows), ours, rtol=1e-5, atol=1e-6)
+
+
+def foreign_reward_model(base, path):
+    """A reward model as Hugging Face's tools make one: transformers' LlamaForSequenceClassification (one label,
+    untied, so without an output projection) on the base's config, randomly initialised, with the base's tokenizer
+    and chat template."""
+    import json
+    import shutil
+
+    import torch
+    import transformers
+
+    config = json.loads((base / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], num_labels=1, tie_word_embeddings=False,
+                  pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**config))
+    model.save_pretrained(path)
+    for file in base.iterdir():
+        if not (path / file.name).exists():
+            shutil.copy(file, path / file.name)
+    return path
+
+
+def test_a_hugging_face_reward_model_scores_its_chat_templated_text_as_transformers_does(base, tmp_path, capsys):
+    """Rejection sampling and conversion refused any LlamaForSequenceClassification as an unsupported architecture.
+    One from elsewhere is read as it is, and scores the conversation as transformers does on its chat template's
+    tokens (apply_chat_template, as TRL trains them): through the end token, where ours score the token before."""
+    import torch
+    import transformers
+
+    from llama_jax import average, convert, generate
+    from llama_jax.data.chat import ChatFormat
+    from llama_jax.data.tokenizer import Tokenizer
+    from llama_jax.rejection_sample import reward_scorer
+
+    path = foreign_reward_model(base, tmp_path / "rm")
+    loaded = reward.load_reward_model(path)
+    assert loaded.scores_end_token and not np.any(np.asarray(loaded.model.lm_head[...]))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    rows, padded = scored_rows(hf.config.pad_token_id)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(padded)).logits[:, 0].numpy()
+    np.testing.assert_allclose(float32_scores(loaded.model, loaded.head, rows), theirs, rtol=1e-4, atol=1e-5)
+
+    conversations = [[{"role": "user", "content": "What does shlex.split do?"},
+                      {"role": "assistant", "content": "It splits a string as a shell would."}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
+    fmt = ChatFormat.from_directory(loaded.tokenizer, Tokenizer.from_file(loaded.tokenizer))
+    scored = reward_scorer(loaded.model, loaded.head, fmt, scores_end_token=True)(conversations)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        templated = [hf(input_ids=torch.tensor([tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)])
+                        ).logits[0, 0].item() for c in conversations]
+    np.testing.assert_allclose(scored, templated, rtol=1e-4, atol=1e-5)
+
+    assert convert.main(["--from", "hf", "--to", "hf", str(path), str(tmp_path / "copy")]) == 0
+    assert reward.load_reward_model(tmp_path / "copy").scores_end_token  # a copy keeps where it scores
+    assert convert.main(["--from", "hf", "--to", "ours", str(path), str(tmp_path / "ours")]) == 2
+    assert average.main([str(path), str(tmp_path / "copy"), "--out", str(tmp_path / "mean")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a reward model that scores the end token, where llama_jax's score the token before it") == 2
+    assert generate.main(["--checkpoint", str(path), "--prompt", "def", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a reward model (LlamaForSequenceClassification): it scores responses" in err
 
 
 def scored_rows(pad: int) -> tuple[dict, np.ndarray]:
@@ -145,12 +219,12 @@ def test_converted_and_averaged_reward_models_keep_their_head(base, reward_run, 
     """Our format's writer dropped the head: `convert --to ours` was refused, and `average` wrote a language model."""
     from llama_jax import average, convert
 
-    _, head, _ = reward.load_reward_model(reward_run)
+    head = reward.load_reward_model(reward_run).head
     assert np.abs(np.asarray(head)).max() > 1e-3, "the head trained"
     assert convert.main(["--from", "ours", "--to", "ours", str(reward_run), str(tmp_path / "copy")]) == 0
     assert average.main([str(reward_run), str(tmp_path / "copy"), "--out", str(tmp_path / "avg")]) == 0
     for written in ("copy", "avg"):
-        np.testing.assert_array_equal(np.asarray(reward.load_reward_model(tmp_path / written)[1]), np.asarray(head))
+        np.testing.assert_array_equal(np.asarray(reward.load_reward_model(tmp_path / written).head), np.asarray(head))
     assert average.main([str(reward_run), str(base), "--out", str(tmp_path / "mixed")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"base\S* is a language model and \S*reward\S* a reward model: average checkpoints of one run",
@@ -175,5 +249,5 @@ def test_an_annealing_phase_averages_reward_models_heads_included(base, tmp_path
     restore = ocp.StandardCheckpointer().restore
     heads = [np.asarray(restore(tmp_path / "checkpoints" / str(step) / "params")[reward.HEAD]) for step in (3, 4)]
     assert np.abs(heads[0] - heads[1]).max() > 0
-    _, averaged, _ = reward.load_reward_model(tmp_path / "averaged")
+    averaged = reward.load_reward_model(tmp_path / "averaged").head
     np.testing.assert_allclose(np.asarray(averaged), np.mean(np.asarray(heads, np.float64), axis=0), rtol=1e-6)

@@ -10,6 +10,8 @@ knows nothing of it; `split_params` separates them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -53,26 +55,40 @@ def reward_loss(model: Llama, head_d: jax.Array, batch: Batch, totals: dict[str,
                   "score_margin": jnp.sum(valid * margin) / pairs}
 
 
-def load_reward_model(path, *, mesh=None) -> tuple[Llama, jax.Array, str]:
-    """(model, head, tokenizer path) of a reward-model run (objective "reward"): its parameters with the head, on the
-    default device or sharded over `mesh` (the head replicated). A LoRA run's adapters are merged into its base."""
+class RewardModel(NamedTuple):
+    model: Llama
+    head: jax.Array  # [dim] float32
+    tokenizer: str  # the tokenizer file, beside which its chat template lies
+    scores_end_token: bool  # scores the conversation's last token, its end token (Hugging Face's reward models)
+
+
+def load_reward_model(path, *, mesh=None) -> RewardModel:
+    """A reward-model run (objective "reward") or a Hugging Face reward model (a one-label
+    LlamaForSequenceClassification, ours exported or another's), on the default device or sharded over `mesh` (the
+    head replicated). A LoRA run's adapters are merged into its base."""
     from flax import nnx
 
     from llama_jax.checkpoint import SavedRun
+    from llama_jax.convert import load_hf_reward_model
+    from llama_jax.data.tokenizer import tokenizer_files
     from llama_jax.errors import CheckpointError
     from llama_jax.model import ModelDef
     from llama_jax.parallel.mesh import param_shardings, replicated
+    from llama_jax.workdir import resolve
 
+    head_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else replicated(mesh)
+    if (resolve(path) / "config.json").is_file():
+        model, head, scores_end_token = load_hf_reward_model(path, mesh=mesh)
+        return RewardModel(model, jax.device_put(head, head_sharding), str(tokenizer_files(resolve(path))[0]),
+                           scores_end_token)
     saved = SavedRun.open(path)
     if saved.objective != "reward":
         raise CheckpointError(f"{path} is not a reward model: it was trained with objective.name={saved.objective!r}; "
                               "train one with objective.name='reward' (configs/reward_tiny.py)")
     model_def = ModelDef(saved.model_config)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(model_def.abstract_state))
-        shardings[HEAD] = device
+        shardings = jax.tree.map(lambda _: head_sharding, nnx.to_pure_dict(model_def.abstract_state))
     else:
-        shardings = {**param_shardings(model_def.abstract_state, mesh), HEAD: replicated(mesh)}
-    base, head = split_params(saved.restore_params(model_def.cfg, shardings))
-    return model_def.merge(base), head, str(saved.tokenizer)
+        shardings = param_shardings(model_def.abstract_state, mesh)
+    base, head = split_params(saved.restore_params(model_def.cfg, {**shardings, HEAD: head_sharding}))
+    return RewardModel(model_def.merge(base), head, str(saved.tokenizer), False)
