@@ -169,7 +169,11 @@ def _set(cfg: ml_collections.ConfigDict, key: str, value) -> None:
         node = node[section]
     if leaf not in node:
         raise ConfigError(f"override {key}: unknown key; see llama_jax/config.py for the keys")
-    node[leaf] = value
+    try:
+        node[leaf] = value
+    except TypeError:  # ConfigDict keeps each key's type
+        raise ConfigError(f"override {key}={value!r}: {key} takes a {type(node[leaf]).__name__}, e.g. "
+                          f"{key}={node[leaf]!r}") from None
 
 
 def config_source(cfg: ml_collections.ConfigDict, doc: str) -> str:

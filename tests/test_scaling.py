@@ -116,6 +116,9 @@ def test_config_files_are_valid_and_rebuild_the_run_config(tmp_path):
     with pytest.raises(ConfigError, match="override optim.learning_rate: unknown key"):
         sweep.overrides = {"optim.learning_rate": 1.0}
         sweep.save()
+    with pytest.raises(ConfigError, match=r"override optim.lr='abc': optim.lr takes a float, e.g. optim.lr="):
+        sweep.overrides = {"optim.lr": "abc"}  # was ConfigDict's TypeError, a traceback from the CLI
+        sweep.save()
 
 
 def write_metrics(workdir, steps: int, final_loss: float | None, evaluation: dict | None = None):

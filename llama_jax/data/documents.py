@@ -294,7 +294,8 @@ def _stream(pattern: str, sources: list[tuple[epath.Path, _Reader]], report: Rea
     if not yielded:
         raise DataError(
             f"{pattern!r} holds no usable document: {report.summary()}. "
-            "Fix: check the files, and for .jsonl or Parquet that data.text_field names the field with the text."
+            "Fix: check the files, and for .jsonl or Parquet that data.text_field (prepare: --text_field) names the "
+            "field with the text."
         )
     if report.skipped > skipped_before:
         print(report.summary(), file=sys.stderr, flush=True)
@@ -388,7 +389,8 @@ def _check_text_column(parquet: pq.ParquetFile, path: epath.Path, text_field: st
     import pyarrow as pa
 
     schema = parquet.schema_arrow
-    fix = f"Fix: set data.text_field to the column that holds the text (columns: {', '.join(schema.names)})."
+    fix = (f"Fix: set data.text_field (prepare: --text_field) to the column that holds the text (columns: "
+           f"{', '.join(schema.names)}).")
     if text_field not in schema.names:
         raise DataError(f"{path} has no column {text_field!r}. {fix}")
     kind = schema.field(text_field).type
