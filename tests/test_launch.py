@@ -43,7 +43,7 @@ def _ssh(node: str, worker: str, command: str, keepalive: bool = False) -> str:
 def test_dry_run_queued_spot_lists_every_command_of_a_launch(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     lines = _dry_run(capsys, *TPU, "--accelerator", "v5p-512", "--workdir", "gs://bucket/runs/llama", "--spot",
-                     "--config.train.steps=10")
+                     "--config.train.steps=10", "--config.data.batch_size=256")  # a row for each of 256 chips
     bundle = remote.bundle_path("llama")
     worker = "bash ~/llama_jax/launch/tpu_worker.sh"
     describe = f"gcloud compute tpus queued-resources describe llama {WHERE} --format=json"
@@ -59,7 +59,8 @@ def test_dry_run_queued_spot_lists_every_command_of_a_launch(capsys, monkeypatch
         f"gcloud compute tpus tpu-vm scp {bundle} llama:llama_jax.tar.gz --worker=all {WHERE} --quiet",
         _ssh("llama", "all", "rm -rf ~/llama_jax && mkdir -p ~/llama_jax && tar -xzf llama_jax.tar.gz -C ~/llama_jax "
                              f"&& {worker} install"),
-        _ssh("llama", "all", f"{worker} start configs/tiny.py gs://bucket/runs/llama --config.train.steps=10"),
+        _ssh("llama", "all", f"{worker} start configs/tiny.py gs://bucket/runs/llama --config.train.steps=10 "
+                             "--config.data.batch_size=256"),
         _ssh("llama", "0", f"{worker} stream 1", keepalive=True),
         describe,
         status,
@@ -88,13 +89,15 @@ def test_dry_run_single_host_takes_a_local_workdir_and_defaults_the_runtime(caps
 
 def test_dry_run_multislice_creates_n_nodes_and_sets_megascale_per_slice(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    lines = _dry_run(capsys, *TPU, "--accelerator", "v5p-128", "--workdir", "gs://b/r", "--num-slices", "2")
+    lines = _dry_run(capsys, *TPU, "--accelerator", "v5p-128", "--workdir", "gs://b/r", "--num-slices", "2",
+                     "--config.data.batch_size=128")
     bundle = remote.bundle_path("llama")
     worker = "bash ~/llama_jax/launch/tpu_worker.sh"
     install = (f"rm -rf ~/llama_jax && mkdir -p ~/llama_jax && tar -xzf llama_jax.tar.gz -C ~/llama_jax && "
                f"{worker} install")
     start = ("MEGASCALE_COORDINATOR_ADDRESS='<ip-of-llama-0-worker-0>:8080' MEGASCALE_NUM_SLICES=2 "
-             "MEGASCALE_SLICE_ID={} MEGASCALE_PORT=8080 " + f"{worker} start configs/tiny.py gs://b/r")
+             "MEGASCALE_SLICE_ID={} MEGASCALE_PORT=8080 " + f"{worker} start configs/tiny.py gs://b/r "
+             "--config.data.batch_size=128")
     assert lines[2] == ("gcloud compute tpus queued-resources create llama --node-count=2 --node-prefix=llama "
                         f"--accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 {WHERE}")
     assert lines[5:] == [
@@ -458,7 +461,8 @@ def test_slurm_submits_the_written_script_with_sbatch(tmp_path, monkeypatch, cap
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("OUT", str(tmp_path / "argv"))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.py").write_text("")
+    (tmp_path / "c.py").write_text("from llama_jax.config import default_config\n\n\n"
+                                   "def get_config():\n    return default_config()\n")
     assert main(["slurm", "--config", "c.py", "--nodes", "1", "--gpus-per-node", "8", "--job-name", "j"]) == 0
     assert "Submitted batch job 42" in capsys.readouterr().out
     assert (tmp_path / "argv").read_text().splitlines() == ["slurm/j.sbatch", str(tmp_path / "c.py"),
@@ -482,6 +486,38 @@ def test_slurm_argument_errors(capsys, monkeypatch, argv, message):
     assert main(["slurm", *[part for item in flags.items() for part in item], "--dry-run"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err, captured.err
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["slurm", "--config", "configs/llama3_8b.py", "--nodes", "1", "--gpus-per-node", "8"], 2,
+     "error: mesh data=1 x stage=1 x fsdp=256 x context=1 x tensor=1 needs 256 devices but 8 are available: make "
+     "the product equal 8, or set one axis (e.g. mesh.data) to -1 (checked before launching, for 8 devices; "
+     "--no-check skips the check)"),
+    (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.lr=fast"], 2,
+     "error: flag --config.optim.lr=fast: could not convert string to float: 'fast' (checked before launching"),
+    (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.rate=1"], 2,
+     "error: unknown config override: 'rate' (checked"),
+    ([*TPU, "--accelerator", "v5p-512", "--workdir", "gs://b/r"], 2,
+     "error: a batch of 16 sequences cannot be cut into optim.grad_accum (1) x pipeline microbatches (1) x "
+     "data-parallel shards (mesh.data x mesh.fsdp = 256): make data.batch_size a multiple of 256 (checked"),
+    ([*TPU, "--accelerator", "v5p-512", "--workdir", "gs://b/r", "--no-check"], 0, ""),
+    (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--gpu", "h200"], 0,
+     "check: configs/tiny.py fits 16 x H200, 0.13 GiB a device of 141 GB"),
+    ([*TPU[:2], "configs/llama3_8b.py", *TPU[3:], "--accelerator", "v5p-512", "--workdir", "gs://b/r"], 0,
+     "check: configs/llama3_8b.py fits 256 x TPU v5p, 60.74 GiB a device in phase pretrain_2x of 95 GiB"),
+    ([*TPU[:2], "configs/llama3_8b.py", *TPU[3:], "--accelerator", "v6e-256", "--workdir", "gs://b/r"], 0,
+     "warning: configs/llama3_8b.py plans 60.74 GiB a device in phase pretrain_2x, more than a TPU v6e's 32 GiB: it "
+     "may run out of memory (python -m llama_jax.plan --config configs/llama3_8b.py --devices 256 --accelerator v6e"),
+])
+def test_a_job_that_cannot_run_is_refused_before_it_is_submitted(capsys, monkeypatch, argv, code, message):
+    """The config, its overrides and its mesh are checked against the job's devices (and the plan's memory against
+    the chips', a warning) before sbatch or gcloud runs: the trainer found these after the queue or the slice's
+    provisioning. A refused job writes and runs nothing."""
+    monkeypatch.chdir(REPO)
+    assert main([*argv, "--dry-run"]) == code
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err, captured.err
+    assert bool(captured.out) == (code == 0)
 
 
 def test_local_dry_run_is_one_supervised_process_with_the_gpu_environment(capsys, monkeypatch):

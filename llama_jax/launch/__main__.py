@@ -13,10 +13,12 @@ from pathlib import Path
 
 from llama_jax.errors import ConfigError
 from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
-from llama_jax.launch import gcloud, slurm, tpu, tpu_job
+from llama_jax.launch import gcloud, preflight, slurm, tpu, tpu_job
 from llama_jax.launch.executor import LaunchError, SubprocessExecutor, shell_line
 
 REPO = Path(__file__).resolve().parents[2]
+_NO_CHECK = ("launch without first checking the config, its overrides and mesh against the job's devices "
+             "(preflight.py), e.g. when the config reads files only the cluster sees")
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     pod.add_argument("--poll-seconds", type=float, default=30.0, help="how often the slice's state is read")
     pod.add_argument("--dry-run", action="store_true", help="print the commands, one per line, and run none")
     pod.add_argument("--teardown", action="store_true", help="delete the slice (and its queued resource)")
+    pod.add_argument("--no-check", action="store_true", help=_NO_CHECK)
 
     cluster = commands.add_parser("slurm", allow_abbrev=False, help="a SLURM batch job, one task per node")
     cluster.add_argument("--config", required=True, help="Python config file")
@@ -53,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--time", help="time limit, HH:MM:SS")
     cluster.add_argument("--workdir", help="on a filesystem every node mounts, or gs:// (default runs/<config>)")
     cluster.add_argument("--job-name", help="default llama_jax-<config>")
+    cluster.add_argument("--gpu", choices=("h100", "h200"), help="the nodes' GPUs, for the memory check")
     cluster.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command only")
+    cluster.add_argument("--no-check", action="store_true", help=_NO_CHECK)
 
     here = commands.add_parser("local", allow_abbrev=False, help="this machine: one process, every local GPU")
     here.add_argument("--config", required=True, help="Python config file")
@@ -87,6 +92,10 @@ def _tpu(args: argparse.Namespace, overrides: tuple[str, ...]) -> int:
                            num_slices=args.num_slices, overrides=overrides, check_workdir=not args.teardown)
     if args.poll_seconds <= 0:
         raise ConfigError(f"--poll-seconds {args.poll_seconds}: give a positive number of seconds")
+    if not args.teardown and not args.no_check:
+        family = args.accelerator.rsplit("-", 1)[0]
+        print(preflight.check(args.config, overrides, devices=job.devices,
+                              accelerator=family if family in ("v5p", "v6e") else None), file=sys.stderr)
     if args.dry_run:
         tpu.print_plan([gcloud.delete(job)] if args.teardown else tpu.plan(job))
         return 0
@@ -105,6 +114,9 @@ def _slurm(args: argparse.Namespace, overrides: tuple[str, ...]) -> int:
     job = slurm.make_job(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          workdir=args.workdir, partition=args.partition, time=args.time, job_name=args.job_name,
                          overrides=overrides)
+    if not args.no_check:
+        print(preflight.check(args.config, overrides, devices=job.nodes * job.gpus_per_node, accelerator=args.gpu),
+              file=sys.stderr)
     command = slurm.sbatch_command(job)
     if args.dry_run:
         print(slurm.script(job), end="")

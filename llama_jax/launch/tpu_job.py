@@ -49,6 +49,12 @@ class TpuJob:
         return [f"{self.name}-{index}" for index in range(self.num_slices)] if self.multislice else [self.name]
 
     @property
+    def devices(self) -> int:
+        """JAX devices of the whole job: v4 and v5p sizes count TensorCores, two to a chip, which is one device."""
+        size = accelerator_size(self.accelerator)
+        return (size // 2 if _family(self.accelerator) in ("v4", "v5p") else size) * self.num_slices
+
+    @property
     def multi_host(self) -> bool:
         return self.multislice or accelerator_size(self.accelerator) > _PER_HOST
 
