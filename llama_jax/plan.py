@@ -318,7 +318,13 @@ def plan_phases(cfg: ml_collections.ConfigDict, **options) -> list[tuple[str, Pl
     batch shape, mesh and attention, and all of them have to fit."""
     validate(cfg)
     phases = RunPlan(cfg).phases
-    return [(p.name, plan(p.cfg, **options)) for p in phases]
+    planned = []
+    for p in phases:
+        try:
+            planned.append((p.name, plan(p.cfg, **options)))
+        except ConfigError as err:
+            raise ConfigError(f"phase {p.name}: {err}" if len(phases) > 1 else str(err)) from None
+    return planned
 
 
 def phases_table(planned: list[tuple[str, Plan]]) -> str:

@@ -490,9 +490,9 @@ def test_slurm_argument_errors(capsys, monkeypatch, argv, message):
 
 @pytest.mark.parametrize("argv, code, message", [
     (["slurm", "--config", "configs/llama3_8b.py", "--nodes", "1", "--gpus-per-node", "8"], 2,
-     "error: mesh data=1 x stage=1 x fsdp=256 x context=1 x tensor=1 needs 256 devices but 8 are available: make "
-     "the product equal 8, or set one axis (e.g. mesh.data) to -1 (checked before launching, for 8 devices; "
-     "--no-check skips the check)"),
+     "error: phase pretrain: mesh data=1 x stage=1 x fsdp=256 x context=1 x tensor=1 needs 256 devices but 8 are "
+     "available: make the product equal 8, or set one axis (e.g. mesh.data) to -1 (checked before launching, for 8 "
+     "devices; --no-check skips the check)"),
     (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.lr=fast"], 2,
      "error: flag --config.optim.lr=fast: could not convert string to float: 'fast' (checked before launching"),
     (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.rate=1"], 2,

@@ -191,11 +191,16 @@ def test_cli_plans_the_405b():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--devices", "1024"), "needs 14336 devices but 1024"),
-    (("--accelerator", "tpu9"), "--accelerator=tpu9"),
+    (("configs/llama3_405b.py", "--devices", "1024"),
+     "error: phase pretrain: mesh data=1 x stage=7 x fsdp=128 x context=2 x tensor=8 needs 14336 devices but 1024"),
+    (("configs/llama3_405b.py", "--accelerator", "tpu9"), "--accelerator=tpu9"),
+    # the phase whose batch does not divide is named (a recipe's batches change from phase to phase)
+    (("configs/llama3_recipe_tiny.py", "--config.mesh.stage=2", "--devices", "8"),
+     "error: phase long_context_512: a batch of 8 sequences cannot be cut into optim.grad_accum (1) x pipeline "
+     "microbatches (4) x data-parallel shards (mesh.data x mesh.fsdp = 4)"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
-    result = run_plan("--config", "configs/llama3_405b.py", *args)
+    result = run_plan("--config", *args)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
