@@ -483,7 +483,7 @@ def format_table(metrics: dict[str, float], columns: Sequence[str] = ("n", "acc"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
     parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl files or built-in tasks "
                         f"({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")
@@ -517,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         if not files and not args.data:
             raise DataError("--tasks is empty: give .jsonl files or built-in task names, comma-separated")
         opened = open_checkpoint(args.checkpoint, mesh=mesh)
-        max_len = args.max_len or min(opened.model.cfg.max_seq_len, 2048)
+        context = opened.model.cfg.max_seq_len
+        if args.max_len > context:
+            raise DataError(f"--max_len {args.max_len} exceeds the model's context (model.max_seq_len {context}): "
+                            f"give at most {context}, or 0 for {min(context, 2048)}")
+        max_len = args.max_len or min(context, 2048)
         check_stride(args.stride, max_len)
         tasks = [ChoiceTask.load(f, opened.tokenizer, max_len) for f in files]
         metrics = evaluate_tasks(opened.model, tasks, args.batch_size, mesh)

@@ -99,7 +99,8 @@ def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_to
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.rejection_sample", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llama_jax.rejection_sample",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--policy", required=True, help="the model to sample from (llama_jax run or Hugging Face dir)")
     p.add_argument("--reward", required=True, help="a reward-model run (objective.name='reward') or a Hugging Face "
                    "reward model (LlamaForSequenceClassification, one label)")

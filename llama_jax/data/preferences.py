@@ -71,7 +71,8 @@ def is_preference_store(store) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.data.preferences", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llama_jax.data.preferences",
+                                description="Prepares preference pairs for the reward and dpo objectives.")
     p.add_argument("--source", required=True, help="JSON Lines file or glob of preference pairs")
     p.add_argument("--tokenizer", required=True, help="the tokenizer (directory) the model was trained with")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
