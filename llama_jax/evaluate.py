@@ -457,12 +457,19 @@ def _text_loss(mesh: Mesh | None):
     return jax.jit(total, static_argnames=("graphdef", "chunk_len"), out_shardings=out)
 
 
-def _named_source(entry: str) -> tuple[str, str]:
-    """`NAME=SOURCE`, or a SOURCE named by its file's stem (a built-in source by its name)."""
-    name, sep, source = entry.partition("=")
-    if sep and name and "/" not in name:
-        return name, source
-    return (Path(entry.rstrip("/")).stem or entry), entry
+def _named_sources(entries: Sequence[str]) -> dict[str, str]:
+    """{name: source} of `--data` entries, each `NAME=SOURCE` or a SOURCE named by its file's stem (a built-in source
+    by its name). Two of one name would report under one name, the second's figures in place of the first's."""
+    sources = {}
+    for entry in entries:
+        name, sep, source = entry.partition("=")
+        if not (sep and name and "/" not in name):
+            name, source = (Path(entry.rstrip("/")).stem or entry), entry
+        if name in sources:
+            raise DataError(f"--data {sources[name]} and --data {source} are both named {name!r}: name them apart, "
+                            f"e.g. --data {name}_2={source}")
+        sources[name] = source
+    return sources
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -516,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [t.strip() for t in tasks_arg.split(",") if t.strip()]
         if not files and not args.data:
             raise DataError("--tasks is empty: give .jsonl files or built-in task names, comma-separated")
+        sources = _named_sources(args.data)
         opened = open_checkpoint(args.checkpoint, mesh=mesh)
         context = opened.model.cfg.max_seq_len
         if args.max_len > context:
@@ -526,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [ChoiceTask.load(f, opened.tokenizer, max_len) for f in files]
         metrics = evaluate_tasks(opened.model, tasks, args.batch_size, mesh)
         text = {}
-        for name, source in map(_named_source, args.data):
+        for name, source in sources.items():
             store = held_out_store(name, source, opened.files, Path(args.cache_dir).expanduser(), args.text_field)
             if is_preference_store(store):  # two documents a pair: the rejected responses would count as text
                 raise DataError(f"--data {source} holds preference pairs, whose rejected responses would be scored as "

@@ -335,6 +335,10 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     for bad in (["--batch_size", "-2"], ["--max_len", "-1"]):  # the --data path named data.* config keys, after reading
         assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path / "nothing"), *bad]) == 2
         assert capsys.readouterr().err.startswith("error: --batch_size must be positive and --max_len positive or 0")
+    # two sources of one name: the second's figures were reported in place of the first's
+    assert ev.main(["--checkpoint", str(hf_dir), "--data", "/a/val.jsonl", "--data", "b/val.jsonl"]) == 2
+    assert capsys.readouterr().err == ("error: --data /a/val.jsonl and --data b/val.jsonl are both named 'val': name "
+                                       "them apart, e.g. --data val_2=b/val.jsonl\n")
     # beyond the model's context: positions it never trained on (configs/tiny.py at 4,096 failed allocating 52 GB)
     assert ev.main(["--checkpoint", str(hf_dir), "--max_len", "4096"]) == 2
     assert capsys.readouterr().err == ("error: --max_len 4096 exceeds the model's context (model.max_seq_len 256): "
