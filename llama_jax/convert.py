@@ -869,7 +869,8 @@ def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str 
         raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
     if source.reward_model and to == "meta":
         raise ConfigError(f"{source.directory} is a reward model, whose score head has no place in {FORMATS[to]}: "
-                          "convert it with --to hf (a LlamaForSequenceClassification) or --to ours")
+                          "convert it with --to hf (a LlamaForSequenceClassification)"
+                          + ("" if source.scores_end_token else " or --to ours"))
     _check_side_files(source)
     if to == "hf":
         write_hf(source, out, dtype)

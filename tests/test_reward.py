@@ -176,6 +176,8 @@ def test_a_hugging_face_reward_model_scores_its_chat_templated_text_as_transform
     assert average.main([str(path), str(tmp_path / "copy"), "--out", str(tmp_path / "mean")]) == 2
     err = capsys.readouterr().err
     assert err.count("is a reward model that scores the end token, where llama_jax's score the token before it") == 2
+    assert convert.main(["--from", "hf", "--to", "meta", str(path), str(tmp_path / "meta")]) == 2
+    assert capsys.readouterr().err.endswith("convert it with --to hf (a LlamaForSequenceClassification)\n")
     assert generate.main(["--checkpoint", str(path), "--prompt", "def", "--max_new_tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a reward model (LlamaForSequenceClassification): it scores responses" in err
