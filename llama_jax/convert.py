@@ -741,7 +741,7 @@ class _HFSource(ParamSource):
 
     def read(self, path: tuple[str, ...]) -> np.ndarray:
         dtype = jnp.dtype(self.cfg.param_dtype)
-        if path not in self._weights:  # a reward classifier's output projection (untied): it has none
+        if self.reward_model and path == ("lm_head",):  # an untied classifier has no output projection
             return np.zeros(param_shapes(self.cfg)[path], dtype)
         weight = self._weights[path]
         names = _tensor_names(self._files.shapes, weight, self.cfg.n_layers, self.directory)

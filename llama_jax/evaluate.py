@@ -490,7 +490,8 @@ def format_table(metrics: dict[str, float], columns: Sequence[str] = ("n", "acc"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
     parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl files or built-in tasks "
                         f"({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")

@@ -200,8 +200,7 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelera
 
 
 def _activation_bytes(m: LlamaConfig, local: dict, *, tokens: int, seq_len: int, stages: int, microbatches: int,
-                      schedule: str, repeats: int, objective: str = "lm", loss_chunk_len: int = 0
-                      ) -> tuple[int, int]:
+                      schedule: str, repeats: int, objective: str, loss_chunk_len: int) -> tuple[int, int]:
     """(kept, working) activation bytes of one device, for `tokens` = its tokens in one accumulation step.
 
     Notation: T = `tokens`; S = seq_len (keys per query: the whole sequence, also under context parallelism); d, h

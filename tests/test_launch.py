@@ -501,6 +501,9 @@ def test_slurm_argument_errors(capsys, monkeypatch, argv, message):
      "error: a batch of 16 sequences cannot be cut into optim.grad_accum (1) x pipeline microbatches (1) x "
      "data-parallel shards (mesh.data x mesh.fsdp = 256): make data.batch_size a multiple of 256 (checked"),
     ([*TPU, "--accelerator", "v5p-512", "--workdir", "gs://b/r", "--no-check"], 0, ""),
+    # v4 sizes count TensorCores, two to a chip (one device); a family the plan has no memory figure for
+    ([*TPU, "--accelerator", "v4-8", "--workdir", "gs://b/r"], 0,
+     "check: configs/tiny.py runs on a mesh of 4 devices, 0.27 GiB a device"),
     (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--gpu", "h200"], 0,
      "check: configs/tiny.py fits 16 x H200, 0.13 GiB a device of 141 GB"),
     ([*TPU[:2], "configs/llama3_8b.py", *TPU[3:], "--accelerator", "v5p-512", "--workdir", "gs://b/r"], 0,

@@ -93,9 +93,8 @@ def _tpu(args: argparse.Namespace, overrides: tuple[str, ...]) -> int:
     if args.poll_seconds <= 0:
         raise ConfigError(f"--poll-seconds {args.poll_seconds}: give a positive number of seconds")
     if not args.teardown and not args.no_check:
-        family = args.accelerator.rsplit("-", 1)[0]
         print(preflight.check(args.config, overrides, devices=job.devices,
-                              accelerator=family if family in ("v5p", "v6e") else None), file=sys.stderr)
+                              accelerator=args.accelerator.rsplit("-", 1)[0]), file=sys.stderr)
     if args.dry_run:
         tpu.print_plan([gcloud.delete(job)] if args.teardown else tpu.plan(job))
         return 0

@@ -17,22 +17,22 @@ from llama_jax.errors import ConfigError, LlamaJaxError
 
 
 def check(config: str, overrides: Sequence[str], *, devices: int, accelerator: str | None) -> str:
-    """A line saying what the plan found for `config` on `devices` chips of `accelerator` (a key of
-    `plan.ACCELERATORS`; None when unknown: then memory is not judged). Raises ConfigError naming the problem."""
+    """A line saying what the plan found for `config` on `devices` chips of `accelerator` (memory is judged for the
+    chips the plan knows, `plan.ACCELERATORS`, only). Raises ConfigError naming the problem."""
     from llama_jax.plan import ACCELERATORS, plan_phases  # imported here: it pulls in JAX and the trainer
 
+    chip = ACCELERATORS.get(accelerator)
     try:
         cfg = command_line.load_config(config, overrides)
-        planned = plan_phases(cfg, devices=devices, accelerator=accelerator or "h100")
+        planned = plan_phases(cfg, devices=devices, accelerator=accelerator if chip else "h100")
     except LlamaJaxError as err:
         raise ConfigError(f"{err} (checked before launching, for {devices} devices; --no-check skips the check)"
                           ) from None
     phase, largest = max(planned, key=lambda entry: entry[1].total_bytes)
     where = f" in phase {phase}" if len(planned) > 1 else ""
     need = f"{largest.total_bytes / 2**30:.2f} GiB a device{where}"
-    if accelerator is None:
+    if chip is None:
         return f"check: {config} runs on a mesh of {devices} devices, {need}"
-    chip = ACCELERATORS[accelerator]
     if largest.fits:
         return f"check: {config} fits {devices} x {chip.name}, {need} of {chip.memory_label}"
     return (f"warning: {config} plans {need}, more than a {chip.name}'s {chip.memory_label}: it may run out of "
