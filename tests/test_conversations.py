@@ -262,6 +262,25 @@ def test_read_preferences_normalises_strings_and_skips_bad_lines(tmp_path):
         list(read_preferences(_write(tmp_path / "bad.jsonl", ["{}"])))
 
 
+def test_read_preferences_takes_conversations_that_begin_with_their_prompt(tmp_path):
+    """TRL's conversational form: whole conversations whose shared beginning is the prompt, without a "prompt"
+    (Anthropic HH) or with one that repeats it (UltraFeedback). Both were skipped ("'prompt' is not a non-empty
+    list", "response not starting with an assistant message"), so such a file prepared no pair."""
+    def said(role, content):
+        return {"role": role, "content": content}
+
+    history = [said("system", "Be brief."), said("user", "Hi"), said("assistant", "Hello."), said("user", "2+2?")]
+    hh = {"chosen": [*history, said("assistant", "4")], "rejected": [*history, said("assistant", "5")]}
+    ultrafeedback = {"prompt": "2+2?", **hh}
+    wrong_prompt = {"prompt": "3+3?", **hh}
+    report = SkipReport()
+    path = _write(tmp_path / "prefs.jsonl", [hh, ultrafeedback, wrong_prompt])
+    expected = (history, [said("assistant", "4")], [said("assistant", "5")])
+    assert list(read_preferences(path, report=report)) == [expected, expected]
+    assert report.examples == {"prompt differing from the conversations' beginning": [
+        f"{path}:3 ('prompt' is not how 'chosen' and 'rejected' begin: '2+2?')"]}
+
+
 def test_sft_examples_skip_and_count_conversations_over_max_tokens(fmt, capsys):
     short, long = CONVERSATION[1:3], CONVERSATION
     n_short, n_long = len(sft_example(fmt, short).tokens), len(sft_example(fmt, long).tokens)

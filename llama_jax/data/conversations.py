@@ -118,8 +118,9 @@ def read_preferences(
     """(prompt, chosen, rejected) message lists from lines {"prompt": ..., "chosen": ..., "rejected": ...}.
 
     Each field is a messages list or a string; a string prompt is one user message and a string response one
-    assistant message, because most preference data is single-turn and written that way. Bad lines are handled as
-    in `read_conversations`.
+    assistant message, because most preference data is single-turn and written that way. "chosen" and "rejected" may
+    also be whole conversations that begin with the prompt (see `_preference`). Bad lines are handled as in
+    `read_conversations`.
     """
     return _read(_files(path_or_pattern), _preference, _PREFERENCE_EXAMPLE, report)
 
@@ -269,12 +270,36 @@ def _prompt(record: dict) -> list[Message]:
 
 
 def _preference(record: dict) -> tuple[list[Message], list[Message], list[Message]]:
-    prompt = _field(record, "prompt", "user")
+    """Either the prompt apart, or two whole conversations that begin with it (TRL's conversational form, as in
+    Anthropic HH and UltraFeedback): the messages both begin with are the prompt. A "prompt" beside such conversations
+    (UltraFeedback has one) must be how they begin."""
     chosen, rejected = _field(record, "chosen", "assistant"), _field(record, "rejected", "assistant")
+    shared = _shared_prefix(chosen, rejected)
+    if not shared:
+        prompt = _field(record, "prompt", "user")
+    else:
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if "prompt" in record:
+            given = _field(record, "prompt", "user")
+            if _plain(given) != _plain(prompt[-len(given):]):
+                raise _BadLine("prompt differing from the conversations' beginning",
+                               f"'prompt' is not how 'chosen' and 'rejected' begin: {prompt[-1]['content'][:40]!r}")
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if response[0]["role"] != "assistant":
             raise _BadLine("response not starting with an assistant message", f"{name}[0] is {response[0]['role']!r}")
     return prompt, chosen, rejected
+
+
+def _shared_prefix(chosen: list[Message], rejected: list[Message]) -> int:
+    """How many messages both conversations begin with, leaving each its last one (the response)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and _plain([chosen[n]]) == _plain([rejected[n]]):
+        n += 1
+    return n
+
+
+def _plain(messages: list[Message]) -> list[tuple[str, str]]:
+    return [(message["role"], message["content"]) for message in messages]
 
 
 def _field(record: dict, name: str, role_of_text: str) -> list[Message]:
