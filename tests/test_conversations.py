@@ -273,12 +273,15 @@ def test_read_preferences_takes_conversations_that_begin_with_their_prompt(tmp_p
     hh = {"chosen": [*history, said("assistant", "4")], "rejected": [*history, said("assistant", "5")]}
     ultrafeedback = {"prompt": "2+2?", **hh}
     wrong_prompt = {"prompt": "3+3?", **hh}
+    tie = {"chosen": hh["chosen"], "rejected": hh["chosen"]}  # nothing to prefer; it was kept
     report = SkipReport()
-    path = _write(tmp_path / "prefs.jsonl", [hh, ultrafeedback, wrong_prompt])
+    path = _write(tmp_path / "prefs.jsonl", [hh, ultrafeedback, wrong_prompt, tie])
     expected = (history, [said("assistant", "4")], [said("assistant", "5")])
     assert list(read_preferences(path, report=report)) == [expected, expected]
-    assert report.examples == {"prompt differing from the conversations' beginning": [
-        f"{path}:3 ('prompt' is not how 'chosen' and 'rejected' begin: '2+2?')"]}
+    assert report.examples == {
+        "prompt differing from the conversations' beginning": [
+            f"{path}:3 ('prompt' is not how 'chosen' and 'rejected' begin: '2+2?')"],
+        "the same response chosen and rejected": [f"{path}:4 ('chosen' equals 'rejected')"]}
 
 
 def test_sft_examples_skip_and_count_conversations_over_max_tokens(fmt, capsys):

@@ -287,6 +287,8 @@ def _preference(record: dict) -> tuple[list[Message], list[Message], list[Messag
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if response[0]["role"] != "assistant":
             raise _BadLine("response not starting with an assistant message", f"{name}[0] is {response[0]['role']!r}")
+    if _plain(chosen) == _plain(rejected):  # a margin of zero whatever the model: nothing to learn, a constant loss
+        raise _BadLine("the same response chosen and rejected", "'chosen' equals 'rejected'")
     return prompt, chosen, rejected
 
 

@@ -2,11 +2,12 @@
 `python -m llama_jax.data.preferences --source PAIRS.jsonl --tokenizer DIR --out OUT`.
 
 Input lines are {"prompt": ..., "chosen": ..., "rejected": ...} (strings or message lists), or two whole
-conversations that begin with the prompt (see `conversations.read_preferences`). Each pair is rendered in the tokenizer directory's chat format and written as two
-documents of a prepared corpus, 2i = prompt + chosen and 2i + 1 = prompt + rejected, each with the mask of its
-response's tokens and end tokens; `PreferenceBatches` derives DPO's masks (without the end tokens) from it. The
-output is OUT/train and OUT/eval like `python -m llama_jax.data.prepare`, so `data.source=OUT` with the same
-`data.tokenizer` trains on it; which side a pair lands on is a function of its content alone.
+conversations that begin with the prompt (see `conversations.read_preferences`). Each pair is rendered in the
+tokenizer directory's chat format and written as two documents of a prepared corpus, 2i = prompt + chosen and 2i + 1
+= prompt + rejected, each with the mask of its response's tokens and end tokens; `PreferenceBatches` derives DPO's
+masks (without the end tokens) from it. The output is OUT/train and OUT/eval like `python -m
+llama_jax.data.prepare`, so `data.source=OUT` with the same `data.tokenizer` trains on it; which side a pair lands
+on is a function of its content alone.
 """
 
 from __future__ import annotations
