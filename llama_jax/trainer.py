@@ -36,7 +36,8 @@ from llama_jax import workdir as workdir_lib
 from llama_jax import maintenance, memory, rewind, supervise
 from llama_jax.config import (PAIR_OBJECTIVES, SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, plain, validate)
-from llama_jax.data.corpus import load_corpus
+from llama_jax.data.corpus import load_corpus, source_specs
+from llama_jax.data.documents import BUILTIN_CHAT_SOURCES, BUILTIN_SOURCES
 from llama_jax.data.pipeline import PreferenceBatches, TrainBatches, eval_batches, eval_pair_batches
 from llama_jax.data.preferences import is_preference_store
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
@@ -554,6 +555,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
     plan = RunPlan(cfg)
     for p in plan.phases:
         distributed.on_every_process(lambda: check_memory(p.cfg), "the memory check")
+        _check_sources_prepared(p.cfg)
     schedule = run_lr_schedule(cfg.optim, plan)
     model_cfg = model_config(cfg)
     corpus = distributed.process_zero_first(lambda: load_corpus(cfg.data, model_cfg.vocab_size),
@@ -697,6 +699,26 @@ def _check_no_preference_sources(cfg: ml_collections.ConfigDict, corpus) -> None
             f"data.eval_sources {held_out} hold preference pairs, whose rejected responses an "
             f"objective.name={cfg.objective.name!r} run would score as much as the chosen ones: evaluate on the chosen "
             "conversations alone (python -m llama_jax.data.prepare --chat), or score pairs in a DPO or reward run"
+        )
+
+
+def _check_sources_prepared(cfg: ml_collections.ConfigDict) -> None:
+    """SFT trains on prepared conversations, reward and DPO on prepared pairs. Files that are not were first tokenized
+    as text: conversations or pairs failed for want of a "text" field, files that had one only after the whole corpus
+    was tokenized."""
+    kind = {"sft": ("conversations", "prepare --chat", " (plain text has no assistant turns to learn: "
+                    "objective.name='lm' trains on every token)"),
+            "reward": ("preference pairs", "preferences", ""), "dpo": ("preference pairs", "preferences", "")}
+    if cfg.objective.name not in kind:
+        return
+    built_in = (*BUILTIN_SOURCES, *BUILTIN_CHAT_SOURCES)  # text ones: `_check_chat_sources` and `_pair_data` say so
+    raw = [spec for spec in source_specs(cfg.data) if spec.source not in built_in and not spec.prepared]
+    if raw:
+        what, command, text = kind[cfg.objective.name]
+        raise ConfigError(
+            f"objective.name={cfg.objective.name!r} trains on prepared {what}, but source {raw[0].name!r} "
+            f"({raw[0].source}) is not prepared: prepare its {what} with python -m llama_jax.data.{command} --source "
+            f"{raw[0].source} --tokenizer T --out DIR and set data.source=DIR{text}"
         )
 
 

@@ -89,8 +89,28 @@ def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path
         (tmp_path / "docs" / f"{i}.txt").write_text(f"plain text document number {i} " * 20)
     cfg.data.source, cfg.data.cache_dir = str(tmp_path / "docs" / "*.txt"), str(tmp_path / "cache")
     cfg.data.seq_len, cfg.checkpoint.maintenance_url = 64, ""
-    with pytest.raises(ConfigError, match=r"prepare --chat"):
+    with pytest.raises(ConfigError, match=r"objective.name='sft' trains on prepared conversations, but source 'data' "
+                                          r"\(.*\*.txt\) is not prepared: prepare its conversations with python -m "
+                                          r"llama_jax.data.prepare --chat --source .* \(plain text has no assistant "):
         trainer.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()  # refused before tokenizing it as text
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_pairs_not_yet_prepared_are_refused_before_any_tokenizing(base, tmp_path, objective):
+    """A file of pairs (or, for SFT, of conversations) as data.source was tokenized as text and failed for want of a
+    "text" field, saying to set data.text_field."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Question?", "chosen": "Right.", "rejected": "Wrong."}) + "\n")
+    cfg = load_config_file("sft_tiny.py", str(base))
+    cfg.objective.name, cfg.data.source, cfg.checkpoint.maintenance_url = objective, str(pairs), ""
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=rf"objective.name='{objective}' trains on prepared preference pairs, but "
+                                          rf"source 'data' \({pairs}\) is not prepared: prepare its preference pairs "
+                                          rf"with python -m llama_jax.data.preferences --source {pairs} --tokenizer T "
+                                          r"--out DIR and set data.source=DIR$"):
+        trainer.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("objective", ["sft", "lm"])
