@@ -715,10 +715,11 @@ def _check_sources_prepared(cfg: ml_collections.ConfigDict) -> None:
     raw = [spec for spec in source_specs(cfg.data) if spec.source not in built_in and not spec.prepared]
     if raw:
         what, command, text = kind[cfg.objective.name]
+        key = f"data.mixture.{raw[0].name}.source" if cfg.data.mixture else "data.source"
         raise ConfigError(
             f"objective.name={cfg.objective.name!r} trains on prepared {what}, but source {raw[0].name!r} "
             f"({raw[0].source}) is not prepared: prepare its {what} with python -m llama_jax.data.{command} --source "
-            f"{raw[0].source} --tokenizer T --out DIR and set data.source=DIR{text}"
+            f"{raw[0].source} --tokenizer T --out DIR and set {key}=DIR{text}"
         )
 
 

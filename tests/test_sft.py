@@ -14,7 +14,7 @@ from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
 from llama_jax import checkpoint, trainer
-from llama_jax.config import eval_source, validate
+from llama_jax.config import eval_source, mixture_source, validate
 from llama_jax.data.chat import ChatFormat
 from llama_jax.data.conversations import sft_example
 from llama_jax.data.tokenizer import Tokenizer
@@ -94,6 +94,9 @@ def test_sft_refuses_plain_text_and_a_missing_starting_checkpoint(base, tmp_path
                                           r"llama_jax.data.prepare --chat --source .* \(plain text has no assistant "):
         trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()  # refused before tokenizing it as text
+    cfg.data.mixture = {"docs": mixture_source(cfg.data.source, 1.0)}
+    with pytest.raises(ConfigError, match=r"source 'docs' .* and set data.mixture.docs.source=DIR \(plain text"):
+        trainer.train(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("objective", ["dpo", "reward"])
