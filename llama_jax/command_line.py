@@ -8,6 +8,7 @@ own code.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,9 +55,45 @@ def _parse(values: flags.FlagValues, argv: list[str]) -> list[str]:
         if isinstance(err, AttributeError) and err.name == "get_config":
             raise ConfigError(f"config file {_config_arguments(argv)[0].split(':')[0]} has no get_config(): define "
                               "one that returns the config (a ConfigDict), as configs/tiny.py does") from None
-        while isinstance(err, BaseException) and err.args:  # ml_collections nests the KeyError's message
-            err = err.args[0]
-        raise ConfigError(f"unknown config override: {err}") from None
+        raise ConfigError(_unknown_override(argv) or f"unknown config override: {_innermost(err)}") from None
+
+
+def _innermost(err: BaseException) -> object:
+    while isinstance(err, BaseException) and err.args:  # ml_collections nests the KeyError's message
+        err = err.args[0]
+    return err
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """Which `--config.KEY` names no key, where, and the keys there, in one line. ml_collections names only the last
+    part of the key, and suggests a near spelling on a second line or not at all (`mesh.pipeline` is `mesh.stage`)."""
+    files_only = ["llama_jax", *_config_flags(argv)]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=files_only)
+    values(files_only)
+    for key in _override_keys(argv):
+        node, parents = values.config, []
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                return f"unknown config override --config.{key}: {'.'.join(parents)} is a value, not a section"
+            if part not in node:
+                where = ".".join(parents) or "the config"
+                close = difflib.get_close_matches(part, list(node), n=1)
+                hint = f" (did you mean {'.'.join([*parents, close[0]])}?)" if close else ""
+                keys = f"its keys: {', '.join(sorted(node))}" if node else "it is empty (add keys in the config file)"
+                return f"unknown config override --config.{key}: {where} has no key {part!r}{hint}; {keys}"
+            node, parents = node[part], [*parents, part]
+    return None
+
+
+def _config_flags(argv: list[str]) -> list[str]:
+    """argv's `--config FILE` / `--config=FILE` arguments alone."""
+    return [arg for config in _config_arguments(argv) for arg in ("--config", config)]
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+    """The KEY of each `--config.KEY=VALUE` or `--config.KEY VALUE` in argv."""
+    return [arg.removeprefix("--config.").split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
 def fail(message: str) -> NoReturn:

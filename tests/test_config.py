@@ -16,6 +16,7 @@ import pytest
 from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
+from llama_jax import command_line
 from llama_jax.config import (
     OBJECTIVES,
     batch_schedule,
@@ -434,6 +435,25 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, result.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.pipeline=2", "unknown config override --config.mesh.pipeline: mesh has no key 'pipeline'; its "
+                                 "keys: context, data, fsdp, stage, tensor"),
+    ("--config.optim.lrr=1", "unknown config override --config.optim.lrr: optim has no key 'lrr' (did you mean "
+                             "optim.lr?); its keys: b1, b2, "),
+    ("--config.trian.steps=3", "unknown config override --config.trian.steps: the config has no key 'trian' (did "
+                               "you mean train?); its keys: checkpoint, data, "),
+    ("--config.data.mixture.web.weight=1", "unknown config override --config.data.mixture.web.weight: data.mixture "
+                                           "has no key 'web'; it is empty (add keys in the config file)"),
+    ("--config.optim.lr.x=1", "unknown config override --config.optim.lr.x: optim.lr is a value, not a section"),
+])
+def test_unknown_override_names_its_whole_key_and_the_keys_beside_it(override, message):
+    """ml_collections named only the key's last part ('pipeline'), with a suggestion on a second line when one was
+    close; the keys beside it say what the section has (the pipeline axis is mesh.stage)."""
+    with pytest.raises(ConfigError) as raised:
+        command_line.load_config(str(REPO / "configs" / "tiny.py"), ["--config.train.steps=3", override])
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value), raised.value
 
 
 @pytest.mark.parametrize("status, line", [

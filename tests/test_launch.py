@@ -496,7 +496,7 @@ def test_slurm_argument_errors(capsys, monkeypatch, argv, message):
     (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.lr=fast"], 2,
      "error: flag --config.optim.lr=fast: could not convert string to float: 'fast' (checked before launching"),
     (["slurm", "--config", "configs/tiny.py", "--nodes", "2", "--gpus-per-node", "8", "--config.optim.rate=1"], 2,
-     "error: unknown config override: 'rate' (checked"),
+     "error: unknown config override --config.optim.rate: optim has no key 'rate'; its keys: "),
     ([*TPU, "--accelerator", "v5p-512", "--workdir", "gs://b/r"], 2,
      "error: a batch of 16 sequences cannot be cut into optim.grad_accum (1) x pipeline microbatches (1) x "
      "data-parallel shards (mesh.data x mesh.fsdp = 256): make data.batch_size a multiple of 256 (checked"),
