@@ -46,8 +46,11 @@ def _parse(values: flags.FlagValues, argv: list[str]) -> list[str]:
             raise ConfigError(f"config file {config.split(':')[0]} does not exist: pass one of configs/*.py (e.g. "
                               "--config configs/tiny.py) or your own")
     try:
-        return values(argv)
+        return values(config_first(argv))
     except flags.Error as err:  # a bad flag or value
+        if not _config_arguments(argv):  # absl's words are "--config=None" or an unknown flag --config.KEY
+            raise ConfigError("no --config given: pass one of configs/*.py (e.g. --config configs/tiny.py) or your "
+                              "own") from None
         raise ConfigError(str(err)) from None
     except SyntaxError as err:
         raise ConfigError(f"config file {err.filename}, line {err.lineno}: {err.msg}: fix the file") from None
@@ -84,6 +87,16 @@ def _unknown_override(argv: list[str]) -> str | None:
                 return f"unknown config override --config.{key}: {where} has no key {part!r}{hint}; {keys}"
             node, parents = node[part], [*parents, part]
     return None
+
+
+def config_first(argv: list[str]) -> list[str]:
+    """argv with its `--config FILE` ahead of the other flags: ml_collections refuses a `--config.KEY` override that
+    comes before the file, and the commands take their flags in any order. The commands' config flag reads its
+    overrides from this (`sys_argv=`), parsing from it too."""
+    config = _config_flags(argv)
+    rest = [arg for i, arg in enumerate(argv[1:], 1)
+            if not (arg == "--config" or arg.startswith("--config=") or argv[i - 1] == "--config")]
+    return [*argv[:1], *config, *rest]
 
 
 def _config_flags(argv: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -305,7 +306,8 @@ def _gib(n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True,
+                                          sys_argv=command_line.config_first(sys.argv))
 _ACCELERATOR = flags.DEFINE_enum("accelerator", "h100", sorted(ACCELERATORS), "The chips the mesh's devices are.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Device count, for a mesh with an axis of -1 (default: the mesh's "
                                 "product, else one host of the accelerator).")

@@ -23,7 +23,8 @@ from llama_jax import command_line
 from llama_jax.errors import LlamaJaxError
 from llama_jax.exit_codes import PREEMPTED as EXIT_PREEMPTED
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=True,
+                                          sys_argv=command_line.config_first(sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints). Default: runs/<config name>.")
 
 

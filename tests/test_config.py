@@ -423,6 +423,11 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
             ("config file broken.py, line 2: '(' was never closed: fix the file", ["--config", "broken.py"]),
             ("config file empty.py has no get_config(): define one that returns the config (a ConfigDict), as "
              "configs/tiny.py does", ["--config", "empty.py"]),
+            ("no --config given: pass one of configs/*.py", ["--config.train.steps=3"]),
+            # overrides before the file are read (ml_collections refused them: "Found --config.train.steps=3 in argv
+            # before a value for --config was specified")
+            ("unknown config override --config.mesh.pipelin: mesh has no key 'pipelin'; its keys: context, data, "
+             "fsdp, stage, tensor", ["--config.train.steps=3", "--config.mesh.pipelin=1", "--config", tiny]),
         )
     ] + [("train", f"the workdir {tmp_path / 'afile'} is a file: give a directory",
           ["--config", tiny, "--workdir", "afile", f"--config.data.cache_dir={tmp_path / 'cache'}"]),

@@ -191,6 +191,14 @@ def test_cli_plans_the_405b():
     assert "the phase that needs the most memory: long_context_128k" in result.stdout
 
 
+def test_cli_takes_overrides_before_the_config_file():
+    """ml_collections refused them ("Found --config.data.batch_size=32 in argv before a value for --config was
+    specified"); the commands take their flags in any order (`command_line.config_first`)."""
+    result = run_plan("--config.data.batch_size=32", "--config", "configs/tiny.py")
+    assert result.returncode == 0, result.stderr
+    assert "batch         32 x 256 tokens" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (("configs/llama3_405b.py", "--devices", "1024"),
      "error: phase pretrain: mesh data=1 x stage=7 x fsdp=128 x context=2 x tensor=8 needs 14336 devices but 1024"),
