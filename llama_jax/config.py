@@ -246,6 +246,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for index, stage in enumerate(batch_schedule(cfg).stages):
         _check_stage(cfg, "data.batch_size / data.seq_len" if index == 0 else f"data.ramp[{index - 1}]", stage)
     non_negative = {
+        "seed": cfg.seed,  # numpy's generators, which order the data, take no negative seed
         "train.eval_every": cfg.train.eval_every,
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,

@@ -505,12 +505,13 @@ def get_config():
     ("watchdog.multiple", 0.5, r"watchdog.multiple=0.5 would call half of all ordinary steps hung"),
     ("train.profile_steps", -1, "train.profile_steps must be zero or positive"),
     ("train.profile_skip", -2, "train.profile_skip must be zero or positive"),
+    ("seed", -1, "seed must be zero or positive"),
 ])
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
     """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a
-    watchdog multiple below 1 stops a healthy run."""
+    watchdog multiple below 1 stops a healthy run; a negative seed failed in numpy as the data started."""
     cfg = default_config()
-    section, name = key.split(".")
-    cfg[section][name] = value
+    *section, name = key.split(".")
+    (cfg[section[0]] if section else cfg)[name] = value
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
