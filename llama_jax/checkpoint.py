@@ -423,13 +423,13 @@ class SavedRun:
 
 def read_params(step_dir: epath.Path, target: Any = None) -> Any:
     """A step's `params` item, read by Orbax's handler alone: as `target` says, or with the shapes and dtypes it was
-    saved with, on the default device. Orbax reads an array "as saved" only on the devices it was saved from, and
-    refuses ("Topology mismatch") in a process with fewer. Orbax's checkpointers end a read with a barrier, where the
-    hosts whose read succeeded would wait for one whose read failed: the callers agree on the outcome instead
-    (`distributed.on_every_process`)."""
+    saved with, on this process's first device. Orbax reads an array "as saved" only on the devices it was saved
+    from, and refuses ("Topology mismatch") in a process with fewer. Orbax's checkpointers end a read with a barrier,
+    where the hosts whose read succeeded would wait for one whose read failed: the callers agree on the outcome
+    instead (`distributed.on_every_process`)."""
     with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
         if target is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each host its own
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                   handler.metadata(step_dir / "params"))
         return handler.restore(step_dir / "params", args=ocp.args.StandardRestore(target))
