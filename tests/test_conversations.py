@@ -212,10 +212,10 @@ def test_glob_reads_files_in_sorted_order(tmp_path):
 def test_file_without_a_valid_line_is_a_data_error(tmp_path):
     path = _write(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}] * 3)
     conversations = read_conversations(path)
-    with pytest.raises(DataError, match=rf"{path} holds no usable record \(the first bad line is {path}:1: missing "
+    with pytest.raises(DataError, match=rf"{path} holds no usable record \(the first bad record is {path}:1: missing "
                                         r"or empty messages .*write one JSON object per line, like \{\"messages\""):
         list(conversations)
-    with pytest.raises(DataError, match=r"holds no usable record \(it has no lines\)"):
+    with pytest.raises(DataError, match=r"holds no usable record \(it has no records\)"):
         list(read_conversations(_write(tmp_path / "empty" / "chat.jsonl", [])))
     good = _write(tmp_path / "good.jsonl", [GOOD])  # a wrong-format file is an error even beside good ones
     with pytest.raises(DataError, match="sharegpt.jsonl holds no usable record"):
@@ -282,6 +282,46 @@ def test_read_preferences_takes_conversations_that_begin_with_their_prompt(tmp_p
         "prompt differing from the conversations' beginning": [
             f"{path}:3 ('prompt' is not how 'chosen' and 'rejected' begin: '2+2?')"],
         "the same response chosen and rejected": [f"{path}:4 ('chosen' equals 'rejected')"]}
+
+
+def test_gzipped_json_lines_and_parquet_rows_are_read_as_json_lines_are(tmp_path):
+    """The Hub's preference and chat datasets come as Parquet (UltraFeedback binarized, UltraChat) or gzipped JSON
+    Lines (Anthropic HH); both were read as JSON text ("not UTF-8" or "invalid JSON" on every line), so such a file
+    prepared nothing. A file cut short is an error naming it: its first records would train as if they were all."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def said(role, content):
+        return {"role": role, "content": content}
+
+    pairs = [{"prompt": f"{i}+{i}?", "chosen": [said("user", f"{i}+{i}?"), said("assistant", str(2 * i))],
+              "rejected": [said("user", f"{i}+{i}?"), said("assistant", str(2 * i + 1))], "score_chosen": 9.0}
+             for i in range(3000)]  # more rows than one Parquet batch
+    chats = [{"messages": pair["chosen"], "id": i} for i, pair in enumerate(pairs)]
+    _write(tmp_path / "pairs.jsonl", pairs)
+    _write(tmp_path / "chats.jsonl", chats)
+    for name, rows in (("pairs", pairs), ("chats", chats)):
+        with gzip.open(tmp_path / f"{name}.jsonl.gz", "wb") as f:
+            f.write((tmp_path / f"{name}.jsonl").read_bytes())
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+    expected = list(read_preferences(tmp_path / "pairs.jsonl"))
+    assert len(expected) == 3000
+    for suffix in (".jsonl.gz", ".parquet"):
+        assert list(read_preferences(tmp_path / f"pairs{suffix}")) == expected
+        assert list(read_conversations(tmp_path / f"chats{suffix}")) == [chat["messages"] for chat in chats]
+    report = SkipReport()  # a row's bad records are skipped and placed by row
+    pq.write_table(pa.Table.from_pylist([pairs[0], {**pairs[1], "rejected": None}]), tmp_path / "one_bad.parquet")
+    assert list(read_preferences(tmp_path / "one_bad.parquet", report=report)) == expected[:1]
+    assert report.examples == {"missing or empty messages": [f"{tmp_path / 'one_bad.parquet'}:2 ('rejected' is not a "
+                                                             "non-empty list)"]}
+    for suffix in (".jsonl.gz", ".parquet"):
+        whole = (tmp_path / f"pairs{suffix}").read_bytes()
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(DataError, match=rf"{cut} cannot be read to its end \(.*\): download or write it again"):
+            list(read_preferences(cut))
 
 
 def test_sft_examples_skip_and_count_conversations_over_max_tokens(fmt, capsys):

@@ -1,4 +1,6 @@
-"""Post-training examples (SFT conversations, DPO preference pairs) from JSON Lines files.
+"""Post-training examples (SFT conversations, DPO preference pairs) from JSON Lines files (.jsonl, gzipped as
+.jsonl.gz or .json.gz) or Parquet files, whose rows are read as the same records: datasets on the Hugging Face Hub
+come as Parquet (UltraFeedback, UltraChat), and gzipped JSON Lines (Anthropic HH).
 
 Real post-training data is messy: a scraped or generated file always has a few lines with a typo, a missing field or
 an unknown role. Stopping a run for one such line wastes the run; dropping lines silently hides a broken file. So a
@@ -14,18 +16,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import gzip
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import BinaryIO, ClassVar, TypeVar
 
 import numpy as np
 from etils import epath
 
 from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
-from llama_jax.data.documents import list_files
+from llama_jax.data.documents import PARQUET_SUFFIXES, list_files
 from llama_jax.errors import DataError
 from llama_jax.workdir import is_remote
 
@@ -33,6 +37,7 @@ _MESSAGES_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": 
 _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 _PROMPT_EXAMPLE = '{"prompt": "..."}'
 _Record = TypeVar("_Record")
+_PARQUET_BATCH_ROWS = 1024  # rows in memory at once; a row of chat data is a few KB
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing arrays field by field has no truth value
@@ -222,9 +227,9 @@ def _read_file(
 ) -> Iterator[_Record]:
     """The records of one file. A file with none is an error even beside good files: it is in the wrong format."""
     kept, first_bad = 0, None
-    for where, line in _lines(path):
+    for where, raw in _raw_records(path):
         try:
-            record = parse(_json_object(line))
+            record = parse(raw if isinstance(raw, dict) else _json_object(raw))
         except _BadLine as bad:
             report.skip(bad.reason, where, bad.detail)
             first_bad = first_bad or f"{where}: {bad.reason} ({bad.detail})"
@@ -232,16 +237,45 @@ def _read_file(
         kept += 1
         yield record
     if not kept:
-        found = f"the first bad line is {first_bad}" if first_bad else "it has no lines"
-        raise DataError(f"{path} holds no usable record ({found}): write one JSON object per line, like {example}")
+        found = f"the first bad record is {first_bad}" if first_bad else "it has no records"
+        raise DataError(f"{path} holds no usable record ({found}): write one JSON object per line, like {example}, "
+                        "or Parquet rows with those columns")
 
 
-def _lines(path: Path | epath.Path) -> Iterator[tuple[str, bytes]]:
-    """("file:line", line) of each non-blank line. Blank lines hold no data to lose, and editors leave them."""
-    with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield f"{path}:{number}", line
+def _raw_records(path: Path | epath.Path) -> Iterator[tuple[str, bytes | dict]]:
+    """("file:line", line) of each non-blank line of JSON Lines, ("file:row", row) of Parquet. Blank lines hold no
+    data to lose, and editors leave them. A file that cannot be read to its end (a truncated download) is an error:
+    its records so far would train as if they were all."""
+    name = path.name.lower()
+    try:
+        with path.open("rb") as f:
+            if name.endswith(PARQUET_SUFFIXES):
+                yield from _parquet_rows(path, f)
+                return
+            lines = gzip.GzipFile(fileobj=f) if name.endswith(".gz") else f
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield f"{path}:{number}", line
+    except (OSError, EOFError, zlib.error) as err:
+        raise _unreadable(path, err) from err
+
+
+def _parquet_rows(path: Path | epath.Path, f: BinaryIO) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa  # Lazy: only Parquet sources need pyarrow.
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}:{row}", record
+    except pa.ArrowException as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path | epath.Path, err: Exception) -> DataError:
+    return DataError(f"{path} cannot be read to its end ({type(err).__name__}: {err}): download or write it again")
 
 
 def _json_object(line: bytes) -> dict:
