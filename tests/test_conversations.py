@@ -283,6 +283,17 @@ def test_read_preferences_takes_conversations_that_begin_with_their_prompt(tmp_p
             f"{path}:3 ('prompt' is not how 'chosen' and 'rejected' begin: '2+2?')"],
         "the same response chosen and rejected": [f"{path}:4 ('chosen' equals 'rejected')"]}
 
+    # Anthropic's own HH-RLHF files hold each conversation as one transcript string; it was read as one assistant
+    # message with no prompt, and every line was skipped
+    history = [said("user", "Hi"), said("assistant", "Hello."), said("user", "2+2?")]
+    hh_raw = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: 2+2?\n\nAssistant: 4",
+              "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: 2+2?\n\nAssistant: 5"}
+    plain = {"prompt": "Human: hi", "chosen": "\n\nAssistant: is not a transcript", "rejected": "no"}
+    assert list(read_preferences(_write(tmp_path / "hh.jsonl", [hh_raw, plain]))) == [
+        (history, [said("assistant", "4")], [said("assistant", "5")]),
+        ([said("user", "Human: hi")], [said("assistant", "\n\nAssistant: is not a transcript")],
+         [said("assistant", "no")])]
+
 
 def test_gzipped_json_lines_and_parquet_rows_are_read_as_json_lines_are(tmp_path):
     """The Hub's preference and chat datasets come as Parquet (UltraFeedback binarized, UltraChat) or gzipped JSON

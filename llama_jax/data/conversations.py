@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,9 @@ _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 _PROMPT_EXAMPLE = '{"prompt": "..."}'
 _Record = TypeVar("_Record")
 _PARQUET_BATCH_ROWS = 1024  # rows in memory at once; a row of chat data is a few KB
+_TRANSCRIPT_START = "\n\nHuman:"
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
+_TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing arrays field by field has no truth value
@@ -305,8 +309,8 @@ def _prompt(record: dict) -> list[Message]:
 
 def _preference(record: dict) -> tuple[list[Message], list[Message], list[Message]]:
     """Either the prompt apart, or two whole conversations that begin with it (TRL's conversational form, as in
-    Anthropic HH and UltraFeedback): the messages both begin with are the prompt. A "prompt" beside such conversations
-    (UltraFeedback has one) must be how they begin."""
+    Anthropic HH and UltraFeedback, or HH's own transcripts): the messages both begin with are the prompt. A "prompt"
+    beside such conversations (UltraFeedback has one) must be how they begin."""
     chosen, rejected = _field(record, "chosen", "assistant"), _field(record, "rejected", "assistant")
     shared = _shared_prefix(chosen, rejected)
     if not shared:
@@ -341,8 +345,18 @@ def _plain(messages: list[Message]) -> list[tuple[str, str]]:
 def _field(record: dict, name: str, role_of_text: str) -> list[Message]:
     value = record.get(name)
     if isinstance(value, str):
-        return [{"role": role_of_text, "content": value}]
+        return _transcript(value) or [{"role": role_of_text, "content": value}]
     return _messages(value, name)
+
+
+def _transcript(text: str) -> list[Message] | None:
+    """The messages of a conversation written as Anthropic's HH-RLHF stores it, "\n\nHuman: ...\n\nAssistant: ...", or
+    None for other text: such a string is a whole conversation, not one message."""
+    if not text.startswith(_TRANSCRIPT_START):
+        return None
+    parts = _TRANSCRIPT_TURN.split(text)  # ["", "Human", text, "Assistant", text, ...]
+    return [{"role": _TRANSCRIPT_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
 def _messages(value: object, name: str) -> list[Message]:
