@@ -182,6 +182,32 @@ def test_read_conversations_skips_and_counts_each_bad_line(tmp_path):
     assert f"{path}:2 (" in report.summary() and "invalid JSON: 1" in report.summary()
 
 
+def test_sft_data_in_sharegpt_prompt_completion_and_alpaca_forms_is_read_as_messages(tmp_path):
+    """The forms TRL and Axolotl read besides `messages`; each line was skipped ("missing or empty messages"), so a
+    file of them prepared nothing."""
+    user, assistant = CONVERSATION[1], CONVERSATION[2]
+    lines = [
+        {"conversations": [{"from": "human", "value": user["content"]},
+                           {"from": "gpt", "value": assistant["content"]}]},
+        {"conversations": [user, assistant]},  # some ShareGPT files hold messages under this key
+        {"prompt": user["content"], "completion": assistant["content"]},
+        {"prompt": [user], "completion": [assistant]},
+        {"instruction": user["content"], "input": "", "output": assistant["content"]},
+        {"instruction": "Add the numbers.", "input": "6 and 7", "output": "13"},
+        {"conversations": [{"from": "narrator", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+        {"prompt": "only a prompt", "completion": None},
+        {"instruction": "", "output": "x"},
+        {"conversations": [{"from": "human", "value": "no answer"}]},
+    ]
+    report = SkipReport()
+    read = list(read_conversations(_write(tmp_path / "chat.jsonl", lines), report=report))
+    assert read == [[user, assistant]] * 5 + [[{"role": "user", "content": "Add the numbers.\n\n6 and 7"},
+                                                {"role": "assistant", "content": "13"}]]
+    assert report.counts == {"unknown role": 1, "malformed message": 1, "missing or empty messages": 2,
+                             "no assistant message": 1}
+
+
 def test_skips_are_printed_once_at_the_end(tmp_path, capsys):
     path = _write(tmp_path / "chat.jsonl", [GOOD, "[]", GOOD])
     assert len(list(read_conversations(path))) == 2
@@ -210,7 +236,7 @@ def test_glob_reads_files_in_sorted_order(tmp_path):
 
 
 def test_file_without_a_valid_line_is_a_data_error(tmp_path):
-    path = _write(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}] * 3)
+    path = _write(tmp_path / "text.jsonl", [{"text": "pretraining text, not a conversation"}] * 3)
     conversations = read_conversations(path)
     with pytest.raises(DataError, match=rf"{path} holds no usable record \(the first bad record is {path}:1: missing "
                                         r"or empty messages .*write one JSON object per line, like \{\"messages\""):
@@ -218,7 +244,7 @@ def test_file_without_a_valid_line_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"holds no usable record \(it has no records\)"):
         list(read_conversations(_write(tmp_path / "empty" / "chat.jsonl", [])))
     good = _write(tmp_path / "good.jsonl", [GOOD])  # a wrong-format file is an error even beside good ones
-    with pytest.raises(DataError, match="sharegpt.jsonl holds no usable record"):
+    with pytest.raises(DataError, match="text.jsonl holds no usable record"):
         list(read_conversations(tmp_path / "*.jsonl"))
     assert list(read_conversations(good)) == [GOOD["messages"]]
 

@@ -34,7 +34,8 @@ from llama_jax.data.documents import PARQUET_SUFFIXES, list_files
 from llama_jax.errors import DataError
 from llama_jax.workdir import is_remote
 
-_MESSAGES_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+_MESSAGES_EXAMPLE = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+                     "(or ShareGPT's conversations, TRL's prompt and completion, Alpaca's instruction and output)")
 _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 _PROMPT_EXAMPLE = '{"prompt": "..."}'
 _Record = TypeVar("_Record")
@@ -42,6 +43,8 @@ _PARQUET_BATCH_ROWS = 1024  # rows in memory at once; a row of chat data is a fe
 _TRANSCRIPT_START = "\n\nHuman:"
 _TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
 _TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
+                   "assistant": "assistant"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing arrays field by field has no truth value
@@ -297,10 +300,37 @@ def _json_object(line: bytes) -> dict:
 
 
 def _conversation(record: dict) -> list[Message]:
-    messages = _messages(record.get("messages"), "messages")
+    """The forms SFT data comes in, as TRL and Axolotl read them: `messages` (OpenAI's, TRL's conversational),
+    ShareGPT's `conversations` of {"from", "value"}, TRL's `prompt` + `completion`, and Alpaca's `instruction`
+    (+ `input`) + `output`."""
+    if "messages" in record or not any(key in record for key in ("conversations", "completion", "instruction")):
+        messages = _messages(record.get("messages"), "messages")
+    elif "conversations" in record:
+        messages = _messages(_sharegpt(record["conversations"]), "conversations")
+    elif "completion" in record:
+        messages = [*_field(record, "prompt", "user"), *_field(record, "completion", "assistant")]
+    else:
+        messages = _alpaca(record)
     if not any(message["role"] == "assistant" for message in messages):
         raise _BadLine("no assistant message", "nothing for the model to learn")
     return messages
+
+
+def _sharegpt(turns: object) -> object:
+    """ShareGPT's turns as messages; turns that already are messages, or are malformed, as they are (`_messages`
+    checks them)."""
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) and "from" in turn for turn in turns):
+        return turns
+    return [{"role": _SHAREGPT_ROLES.get(turn["from"], turn["from"]), "content": turn.get("value")} for turn in turns]
+
+
+def _alpaca(record: dict) -> list[Message]:
+    """Alpaca's instruction, with its input (when not empty) after a blank line, as the user's message."""
+    parts = [record.get("instruction"), record.get("input") or ""]
+    if not all(isinstance(part, str) for part in parts) or not parts[0]:
+        raise _BadLine("missing or empty messages", "'instruction' is not a non-empty string")
+    return [{"role": "user", "content": "\n\n".join(part for part in parts if part)},
+            *_field(record, "output", "assistant")]
 
 
 def _prompt(record: dict) -> list[Message]:

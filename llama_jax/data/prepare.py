@@ -466,7 +466,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (replaced if it holds an earlier preparation)")
     p.add_argument("--chat", action="store_true",
                    help='SFT conversations instead of text: .jsonl(.gz) or .parquet files of {"messages": '
-                   '[{"role": ..., "content": ...}, ...]}, each stored with its loss mask (the assistant turns), in '
+                   '[{"role": ..., "content": ...}, ...]} (or ShareGPT\'s conversations, prompt and completion, '
+                   "Alpaca's instruction and output), each stored with its loss mask (the assistant turns), in "
                    "the chat format of the tokenizer's directory (its template, else Llama 3's)")
     p.add_argument("--text_field", help="the .jsonl field or Parquet column that holds the text (default: text)")
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard at most")
