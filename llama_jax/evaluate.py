@@ -52,13 +52,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llama_jax.data.documents import read_records
 from llama_jax.data.pipeline import DocumentStore, eval_batches
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
 from llama_jax.objectives import lm_loss_sum, token_nll
 from llama_jax.parallel.mesh import logical_to_spec, replicated
-from llama_jax.workdir import as_path, read_utf8
+from llama_jax.workdir import as_path
 
 TASKS_DIR = Path(__file__).resolve().parent / "data" / "tasks"
 BUILTIN_TASKS = {"stdlib_mc": TASKS_DIR / "stdlib_mc.jsonl"}  # shipped with the package; no download
@@ -123,15 +124,13 @@ class ChoiceTask:
 def read_questions(path: str | Path) -> list[Question]:
     path = as_path(path)
     if not path.is_file():
-        raise DataError(f"task file {path} does not exist: pass a .jsonl file or one of {sorted(BUILTIN_TASKS)}")
+        raise DataError(f"task file {path} does not exist: pass a .jsonl(.gz) or .parquet file or one of "
+                        f"{sorted(BUILTIN_TASKS)}")
     questions = []
-    for number, line in enumerate(read_utf8(path, "pass a .jsonl task file").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
+    for where, line in read_records(path):  # JSON Lines, or the Parquet files the Hub's benchmarks come as
         try:
-            record = json.loads(line)
-        except ValueError as e:
+            record = line if isinstance(line, dict) else json.loads(line.decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError too
             raise DataError(f"{where}: not valid JSON ({e}): write one JSON object per line") from None
         questions.append(parse_question(record, where))
     if not questions:
@@ -493,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate",
                                      description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
-    parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl files or built-in tasks "
-                        f"({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl(.gz) or .parquet files or built-in "
+                        f"tasks ({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")
     parser.add_argument("--data", action="append", default=[], metavar="[NAME=]SOURCE",
                         help="the loss and perplexity of a text source: a path, glob or built-in name as data.source "
                         "takes (every document), or a prepared directory (its eval split); repeatable")

@@ -300,14 +300,37 @@ def test_bad_lines_name_the_file_line_and_field(tmp_path, tokenizer, line, messa
         ev.ChoiceTask.load(path, tokenizer)
 
 
+def test_tasks_are_read_from_gzipped_json_lines_and_parquet_as_the_hub_stores_benchmarks(tmp_path, tokenizer):
+    """ARC, HellaSwag and MMLU come from the Hub as Parquet (ARC's choices a struct of lists): each was read as JSON
+    text and refused."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"Which is {i}?", "choices": {"text": [str(i), "x", "y"], "label": ["A", "B", "C"]},
+             "answerKey": "A"} for i in range(5)]
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "arc.jsonl.gz").write_bytes(gzip.compress((tmp_path / "arc.jsonl").read_bytes()))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "arc.parquet")
+    expected = ev.read_questions(tmp_path / "arc.jsonl")
+    assert expected[0] == ev.Question("Question: Which is 0?\nAnswer:", ("0", "x", "y"), 0)
+    assert ev.read_questions(tmp_path / "arc.jsonl.gz") == expected
+    assert ev.read_questions(tmp_path / "arc.parquet") == expected
+    whole = (tmp_path / "arc.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.parquet cannot be read to its end"):
+        ev.read_questions(tmp_path / "cut.parquet")
+
+
 def test_missing_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"task file .*nope\.jsonl does not exist.*stdlib_mc"):
         ev.ChoiceTask.load(tmp_path / "nope.jsonl", tokenizer)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="holds no questions"):
         ev.ChoiceTask.load(tmp_path / "empty.jsonl", tokenizer)
-    (tmp_path / "gzipped.jsonl").write_bytes(b"\x1f\x8b\x08\x00")
-    with pytest.raises(DataError, match=r"gzipped\.jsonl is not UTF-8 text \(invalid start byte at byte 1\): pass a"):
+    (tmp_path / "gzipped.jsonl").write_bytes(b"\x1f\x8b\x08\x00")  # gzip's bytes, named as JSON text
+    with pytest.raises(DataError, match=r"gzipped\.jsonl:1: not valid JSON \(.*invalid start byte\): write one JSON"):
         ev.ChoiceTask.load(tmp_path / "gzipped.jsonl", tokenizer)
     with pytest.raises(DataError, match="leaves no room for its context within max_len=4"):
         ev.ChoiceTask.from_questions("t", [ev.Question("c", ("a long choice " * 4, "b"), 0)], tokenizer, max_len=4)

@@ -101,7 +101,7 @@ def test_bad_prompt_lines_are_skipped_and_reported_before_any_model_loads(tmp_pa
     assert rejection_sample.main(["--policy", "never-opened", "--reward", "never-opened", "--prompts", str(prompts),
                                   "--out", str(tmp_path / "out.jsonl")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"error: {prompts} holds no usable record (the first bad line is {prompts}:1: "), error
+    assert error.startswith(f"error: {prompts} holds no usable record (the first bad record is {prompts}:1: "), error
 
 
 def test_the_cli_running_out_of_device_memory_is_one_line(tmp_path, monkeypatch, capsys):

@@ -16,21 +16,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import gzip
 import json
 import os
 import re
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 from etils import epath
 
 from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
-from llama_jax.data.documents import PARQUET_SUFFIXES, list_files
+from llama_jax.data.documents import list_files, read_records
 from llama_jax.errors import DataError
 from llama_jax.workdir import is_remote
 
@@ -39,7 +37,6 @@ _MESSAGES_EXAMPLE = ('{"messages": [{"role": "user", "content": "..."}, {"role":
 _PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 _PROMPT_EXAMPLE = '{"prompt": "..."}'
 _Record = TypeVar("_Record")
-_PARQUET_BATCH_ROWS = 1024  # rows in memory at once; a row of chat data is a few KB
 _TRANSCRIPT_START = "\n\nHuman:"
 _TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
 _TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -234,7 +231,7 @@ def _read_file(
 ) -> Iterator[_Record]:
     """The records of one file. A file with none is an error even beside good files: it is in the wrong format."""
     kept, first_bad = 0, None
-    for where, raw in _raw_records(path):
+    for where, raw in read_records(path):
         try:
             record = parse(raw if isinstance(raw, dict) else _json_object(raw))
         except _BadLine as bad:
@@ -247,42 +244,6 @@ def _read_file(
         found = f"the first bad record is {first_bad}" if first_bad else "it has no records"
         raise DataError(f"{path} holds no usable record ({found}): write one JSON object per line, like {example}, "
                         "or Parquet rows with those columns")
-
-
-def _raw_records(path: Path | epath.Path) -> Iterator[tuple[str, bytes | dict]]:
-    """("file:line", line) of each non-blank line of JSON Lines, ("file:row", row) of Parquet. Blank lines hold no
-    data to lose, and editors leave them. A file that cannot be read to its end (a truncated download) is an error:
-    its records so far would train as if they were all."""
-    name = path.name.lower()
-    try:
-        with path.open("rb") as f:
-            if name.endswith(PARQUET_SUFFIXES):
-                yield from _parquet_rows(path, f)
-                return
-            lines = gzip.GzipFile(fileobj=f) if name.endswith(".gz") else f
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    yield f"{path}:{number}", line
-    except (OSError, EOFError, zlib.error) as err:
-        raise _unreadable(path, err) from err
-
-
-def _parquet_rows(path: Path | epath.Path, f: BinaryIO) -> Iterator[tuple[str, dict]]:
-    import pyarrow as pa  # Lazy: only Parquet sources need pyarrow.
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            for record in batch.to_pylist():
-                row += 1
-                yield f"{path}:{row}", record
-    except pa.ArrowException as err:
-        raise _unreadable(path, err) from err
-
-
-def _unreadable(path: Path | epath.Path, err: Exception) -> DataError:
-    return DataError(f"{path} cannot be read to its end ({type(err).__name__}: {err}): download or write it again")
 
 
 def _json_object(line: bytes) -> dict:

@@ -345,6 +345,43 @@ def _lines(path: epath.Path) -> Iterator[BinaryIO]:
             yield raw
 
 
+def read_records(path: epath.PathLike) -> Iterator[tuple[str, bytes | dict]]:
+    """The records of a JSON Lines (.jsonl, .jsonl.gz, .json.gz) or Parquet file, for the readers of structured
+    records (post-training data, evaluation tasks), each of which parses a line its own way: ("file:line", the
+    line) for each non-blank line, ("file:row", the row as a dict) for Parquet. A file that cannot be read to its end
+    (a truncated download) is a DataError: its records so far would be taken for all of them."""
+    path = epath.Path(path)
+    try:
+        if _format(path) == "parquet":
+            with _open(path) as f:
+                yield from _parquet_records(path, f)
+            return
+        with _lines(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield f"{path}:{number}", line
+    except _READ_ERRORS as err:
+        raise _cut_short(path, err) from err
+
+
+def _parquet_records(path: epath.Path, f: BinaryIO) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}:{row}", record
+    except pa.ArrowException as err:
+        raise _cut_short(path, err) from err
+
+
+def _cut_short(path: epath.Path, err: Exception) -> DataError:
+    return DataError(f"{path} cannot be read to its end ({type(err).__name__}: {err}): download or write it again")
+
+
 def _jsonl_text(line: bytes, location: str, text_field: str, report: ReadReport) -> str | None:
     """The line's text, or None after counting why there is none; blank lines are no record and not counted."""
     if not line.strip():
