@@ -30,6 +30,7 @@ setup(
         "etils[epath]",  # local and remote (gs://, s3://) paths, as grain and Orbax read them
         "array_record",  # prepared shards
         "pyarrow",  # Parquet sources
+        "zstandard",  # .jsonl.zst sources (SlimPajama, DCLM)
     ],
     extras_require={
         # References used only by the tests: the CPU build of torch and Hugging Face transformers.

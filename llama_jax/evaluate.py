@@ -124,7 +124,7 @@ class ChoiceTask:
 def read_questions(path: str | Path) -> list[Question]:
     path = as_path(path)
     if not path.is_file():
-        raise DataError(f"task file {path} does not exist: pass a .jsonl(.gz) or .parquet file or one of "
+        raise DataError(f"task file {path} does not exist: pass a .jsonl(.gz|.zst) or .parquet file or one of "
                         f"{sorted(BUILTIN_TASKS)}")
     questions = []
     for where, line in read_records(path):  # JSON Lines, or the Parquet files the Hub's benchmarks come as
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate",
                                      description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
-    parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl(.gz) or .parquet files or built-in "
+    parser.add_argument("--tasks", default=None, help=f"comma-separated .jsonl(.gz|.zst) or .parquet files or built-in "
                         f"tasks ({', '.join(BUILTIN_TASKS)}); default stdlib_mc, or none when --data is given")
     parser.add_argument("--data", action="append", default=[], metavar="[NAME=]SOURCE",
                         help="the loss and perplexity of a text source: a path, glob or built-in name as data.source "

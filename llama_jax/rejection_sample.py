@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--policy", required=True, help="the model to sample from (llama_jax run or Hugging Face dir)")
     p.add_argument("--reward", required=True, help="a reward-model run (objective.name='reward') or a Hugging Face "
                    "reward model (LlamaForSequenceClassification, one label)")
-    p.add_argument("--prompts", required=True, help='.jsonl(.gz) or .parquet of {"prompt": ...}')
+    p.add_argument("--prompts", required=True, help='.jsonl(.gz|.zst) or .parquet of {"prompt": ...}')
     p.add_argument("--samples", type=int, default=10, help="K samples per prompt (Llama 3: 10-30)")
     p.add_argument("--out", required=True, help="output JSON Lines (SFT conversations)")
     p.add_argument("--temperature", type=float, default=0.7)

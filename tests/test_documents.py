@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import fsspec
+import zstandard
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +22,7 @@ from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from llama_jax.data import documents
-from llama_jax.data.documents import ReadReport, file_digest, list_files, read_documents
+from llama_jax.data.documents import ReadReport, file_digest, list_files, read_documents, read_records
 from llama_jax.errors import DataError
 
 
@@ -61,6 +62,38 @@ def test_jsonl_reads_the_configured_text_field(tmp_path):
 def test_gzipped_jsonl(tmp_path, name):
     write_jsonl(tmp_path / name, [{"text": "zipped"}, {"text": "twice"}], opener=gzip.open)
     assert list(read_documents(str(tmp_path / name))) == ["zipped", "twice"]
+
+
+def write_zstd_jsonl(path: Path, frames: list[list[dict]]) -> Path:
+    """JSON Lines compressed as Zstandard, one frame per list of records, the frames one after the other (as `zstd`
+    writes a file it compressed in parts)."""
+    import zstandard
+
+    compress = zstandard.ZstdCompressor().compress
+    path.write_bytes(b"".join(compress("".join(json.dumps(r) + "\n" for r in records).encode()) for records in frames))
+    return path
+
+
+@pytest.mark.parametrize("name", ["a.jsonl.zst", "a.json.zst"])
+def test_zstandard_jsonl_of_one_or_more_frames(tmp_path, name, monkeypatch):
+    """SlimPajama and DCLM ship .jsonl.zst; it was an unsupported file type."""
+    monkeypatch.setattr(documents, "_ZSTD_READ_BYTES", 100)  # lines and frames across the reads' boundaries
+    many = [{"text": f"document {i} " + "word " * (i % 50)} for i in range(2000)]
+    write_zstd_jsonl(tmp_path / name, [many, [{"text": "second frame"}]])
+    assert list(read_documents(str(tmp_path / name))) == [r["text"] for r in many] + ["second frame"]
+
+
+def test_zstandard_data_cut_inside_a_frame_is_unreadable_not_shorter(tmp_path):
+    """zstandard's stream reader ends quietly where the data does, so a truncated download would have read as a
+    whole, shorter file."""
+    whole = write_zstd_jsonl(tmp_path / "whole.jsonl.zst", [[{"text": "x" * 100}] * 100]).read_bytes()
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[:len(whole) // 2])
+    report = ReadReport()
+    with pytest.raises(DataError, match="skipped 1 unreadable file"):
+        list(read_documents(str(tmp_path / "cut.jsonl.zst"), report=report))
+    with pytest.raises(DataError, match=r"cut\.jsonl\.zst cannot be read to its end \(EOFError: the Zstandard data "
+                                        "ends inside a frame\)"):
+        list(read_records(tmp_path / "cut.jsonl.zst"))
 
 
 def test_parquet_reads_the_text_column_across_row_groups(tmp_path):

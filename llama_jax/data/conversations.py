@@ -1,5 +1,5 @@
-"""Post-training examples (SFT conversations, DPO preference pairs) from JSON Lines files (.jsonl, gzipped as
-.jsonl.gz or .json.gz) or Parquet files, whose rows are read as the same records: datasets on the Hugging Face Hub
+"""Post-training examples (SFT conversations, DPO preference pairs) from JSON Lines files (.jsonl, compressed as
+.jsonl.gz or .jsonl.zst) or Parquet files, whose rows are read as the same records: datasets on the Hugging Face Hub
 come as Parquet (UltraFeedback, UltraChat), and gzipped JSON Lines (Anthropic HH).
 
 Real post-training data is messy: a scraped or generated file always has a few lines with a typo, a missing field or

@@ -32,9 +32,10 @@ import sys
 import sysconfig
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
+import zstandard
 from etils import epath
 
 from llama_jax.errors import DataError
@@ -48,15 +49,16 @@ BUILTIN_SOURCES = ("stdlib", "stdlib_docstrings", "pydoc_topics")
 # not when a config file is read (before the command line's overrides of data.cache_dir apply).
 BUILTIN_CHAT_SOURCES = {"stdlib_chat": "sft", "stdlib_preferences": "preferences"}
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 MAX_EXAMPLES = 5
 _DIGEST_BLOCK = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
+_ZSTD_READ_BYTES = 1 << 20
 _GLOB_CHARS = "*?["
 _THIRD_PARTY_DIRS = frozenset({"site-packages", "dist-packages"})
 # What a damaged file (a truncated gzip, say) raises mid-read, as opposed to a file that cannot be opened at all.
-_READ_ERRORS = (OSError, EOFError, zlib.error)
+_READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 _SUFFIXES = " ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
 _SUPPORTED = (
     f"{' '.join(TEXT_SUFFIXES)} (a whole file is one document), {' '.join(JSONL_SUFFIXES)} "
@@ -336,20 +338,45 @@ def _jsonl_documents(path: epath.Path, report: ReadReport, text_field: str) -> I
 
 
 @contextlib.contextmanager
-def _lines(path: epath.Path) -> Iterator[BinaryIO]:
+def _lines(path: epath.Path) -> Iterator[Iterable[bytes]]:
+    """The file's lines, decompressed: gzip (.gz), or Zstandard (.zst, as SlimPajama and DCLM ship JSON Lines)."""
     with _open(path) as raw:
-        if path.name.lower().endswith(".gz"):
+        name = path.name.lower()
+        if name.endswith(".gz"):
             with gzip.GzipFile(fileobj=raw) as unzipped:
                 yield unzipped
+        elif name.endswith(".zst"):
+            yield _zstd_lines(raw)
         else:
             yield raw
 
 
+def _zstd_lines(raw: BinaryIO) -> Iterator[bytes]:
+    """The lines of Zstandard data of one or more frames. Data that ends inside a frame (a truncated download) raises
+    EOFError, as gzip's reader does; zstandard's own stream reader ends there silently, as if the file were whole."""
+    decompressor = zstandard.ZstdDecompressor()
+    frame, in_frame, pending = decompressor.decompressobj(), False, b""
+    while compressed := raw.read(_ZSTD_READ_BYTES):
+        while compressed:
+            pending += frame.decompress(compressed)
+            in_frame, compressed = True, b""
+            if frame.eof:  # the next frame begins in what this one left
+                compressed = frame.unused_data
+                frame, in_frame = decompressor.decompressobj(), False
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if in_frame:
+        raise EOFError("the Zstandard data ends inside a frame")
+    if pending:
+        yield pending
+
+
 def read_records(path: epath.PathLike) -> Iterator[tuple[str, bytes | dict]]:
-    """The records of a JSON Lines (.jsonl, .jsonl.gz, .json.gz) or Parquet file, for the readers of structured
-    records (post-training data, evaluation tasks), each of which parses a line its own way: ("file:line", the
-    line) for each non-blank line, ("file:row", the row as a dict) for Parquet. A file that cannot be read to its end
-    (a truncated download) is a DataError: its records so far would be taken for all of them."""
+    """The records of a JSON Lines file (.jsonl; compressed, .jsonl.gz, .json.gz, .jsonl.zst, .json.zst) or a
+    Parquet file, for the readers of structured records (post-training data, evaluation tasks), each of which parses
+    a line its own way: ("file:line", the line) for each non-blank line, ("file:row", the row as a dict) for Parquet.
+    A file that cannot be read to its end (a truncated download) is a DataError: its records so far would be taken
+    for all of them."""
     path = epath.Path(path)
     try:
         if _format(path) == "parquet":

@@ -460,12 +460,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", action="append", metavar="PATTERN",
                    help="a file, directory or glob (** spans directories; local, gs://, s3://...) of text, "
-                   ".jsonl(.gz) or .parquet files, or a built-in source (stdlib, stdlib_docstrings, "
+                   ".jsonl(.gz|.zst) or .parquet files, or a built-in source (stdlib, stdlib_docstrings, "
                    "pydoc_topics); repeatable")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json, or a directory holding one")
     p.add_argument("--out", metavar="DIR", help="output directory (replaced if it holds an earlier preparation)")
     p.add_argument("--chat", action="store_true",
-                   help='SFT conversations instead of text: .jsonl(.gz) or .parquet files of {"messages": '
+                   help='SFT conversations instead of text: .jsonl(.gz|.zst) or .parquet files of {"messages": '
                    '[{"role": ..., "content": ...}, ...]} (or ShareGPT\'s conversations, prompt and completion, '
                    "Alpaca's instruction and output), each stored with its loss mask (the assistant turns), in "
                    "the chat format of the tokenizer's directory (its template, else Llama 3's)")
