@@ -67,8 +67,6 @@ def test_gzipped_jsonl(tmp_path, name):
 def write_zstd_jsonl(path: Path, frames: list[list[dict]]) -> Path:
     """JSON Lines compressed as Zstandard, one frame per list of records, the frames one after the other (as `zstd`
     writes a file it compressed in parts)."""
-    import zstandard
-
     compress = zstandard.ZstdCompressor().compress
     path.write_bytes(b"".join(compress("".join(json.dumps(r) + "\n" for r in records).encode()) for records in frames))
     return path
