@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 
 import ml_collections
 
@@ -163,6 +164,10 @@ def default_config() -> ml_collections.ConfigDict:
     # llama_jax/profiling.py
     cfg.train.profile_steps = 0
     cfg.train.profile_skip = 2
+    # Weights & Biases: "PROJECT" or "ENTITY/PROJECT" to log every metrics line there too (process 0; needs `pip
+    # install wandb` and a login, or WANDB_MODE=offline); "" = off. Restarts continue the same W&B run
+    # (its id is kept in WORKDIR/wandb.json)
+    cfg.train.wandb = ""
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every_steps = 200  # a checkpoint is also always written at the last step
@@ -215,6 +220,17 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def _check_wandb(project: str) -> None:
+    """Before any work: the run would otherwise stop at its first log line, after preparing data and compiling."""
+    if not project:
+        return
+    if project.count("/") > 1 or not all(project.split("/")):
+        raise ConfigError(f"train.wandb={project!r} is not a W&B project: give PROJECT or ENTITY/PROJECT")
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb={project!r} needs the wandb package: pip install wandb (or set "
+                          "train.wandb='')")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys, wrong types and impossible combinations."""
     _check_against_schema(cfg, default_config(), prefix="")
@@ -239,6 +255,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.data.shuffle_window <= 0:
         raise ConfigError(f"data.shuffle_window must be positive (rows), got {cfg.data.shuffle_window}")
+    _check_wandb(cfg.train.wandb)
     if "://" in cfg.data.cache_dir:  # as a path it would name a local directory called gs: in the working directory
         raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r} is a URL, but the tokenized cache is read as local "
                           "files: give a local directory (default ~/.cache/llama_jax); sources and the workdir may be "

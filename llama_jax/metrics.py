@@ -1,4 +1,5 @@
-"""Where training numbers go: the console (progress bar), TensorBoard, and WORKDIR/metrics.jsonl.
+"""Where training numbers go: the console (progress bar), TensorBoard, WORKDIR/metrics.jsonl, and Weights & Biases
+when `train.wandb` names a project.
 
 Also the model-FLOPs utilisation: achieved training FLOPs over the hardware's peak. Accelerator peaks come
 from a table of published dense bf16 figures (or `train.peak_flops`); on CPU the peak is measured with a large matmul
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import resource
+import secrets
 import sys
 import tempfile
 import time
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import tqdm
 from etils import epath
 
+from llama_jax.errors import ConfigError
 from llama_jax.workdir import is_remote, parse_jsonl, write_whole
 
 
@@ -116,11 +119,13 @@ class MetricsLogger:
 
     REWRITE_S = 30.0
 
-    def __init__(self, workdir: epath.Path, *, start_step: int, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: epath.Path, *, start_step: int, total_steps: int, enabled: bool = True,
+                 wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         self.dropped: list[dict] = []
         if not enabled:
             return
+        self.wandb = start_wandb(workdir, wandb_project, config or {}) if wandb_project else None
         self.path = workdir / "metrics.jsonl"
         self._lines, self.dropped = self._truncate_after(start_step)
         self._remote = is_remote(workdir)
@@ -174,6 +179,8 @@ class MetricsLogger:
             self.jsonl.flush()
         for key, value in metrics.items():
             self.tensorboard.add_scalar(key, float(value), step)
+        if self.wandb is not None:
+            self.wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
         shown = {k: v for k, v in metrics.items() if not k.startswith(_DETAIL)}
         self.bar.write(" | ".join([f"step {step}"] + [_format(k, v) for k, v in shown.items()]))
 
@@ -196,6 +203,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.enabled:
+            if self.wandb is not None:
+                self.wandb.finish()
             self.tensorboard.close()
             self.flush()
             self.bar.close()
@@ -203,6 +212,29 @@ class MetricsLogger:
                 self.jsonl.close()
             if self._remote:
                 self._local_events.rmtree()
+
+
+def start_wandb(workdir: epath.Path, project: str, config: dict):
+    """The Weights & Biases run of this workdir, begun or resumed: "PROJECT" or "ENTITY/PROJECT", named after the
+    workdir. Its id is kept in WORKDIR/wandb.json, so every restart of the run logs into the same W&B run. W&B keeps
+    the first value logged for a step: steps redone after a restart log what the interrupted process had logged (the
+    same values, since a resumed run repeats it exactly), and a rollback's or rewind's new values reach
+    metrics.jsonl and TensorBoard only. A local workdir holds W&B's own files too (WORKDIR/wandb/). The config's
+    check (`config.validate`) has made sure that wandb is installed."""
+    import wandb
+
+    entity, _, name = project.rpartition("/")
+    record = workdir / "wandb.json"
+    run_id = json.loads(record.read_text())["id"] if record.exists() else secrets.token_hex(6)
+    try:
+        run = wandb.init(project=name, entity=entity or None, id=run_id, resume="allow", name=workdir.name,
+                         config=config, dir=None if is_remote(workdir) else str(workdir))
+    except wandb.errors.Error as err:  # no API key in a job without a terminal, a project the key may not write
+        raise ConfigError(f"W&B could not start the run ({err}): log in (wandb login, or WANDB_API_KEY), or set "
+                          "WANDB_MODE=offline to log locally and upload later with wandb sync") from None
+    if not record.exists():
+        write_whole(record, json.dumps({"id": run_id, "project": project}) + "\n")
+    return run
 
 
 def _format(key: str, value: float) -> str:

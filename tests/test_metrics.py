@@ -1,10 +1,13 @@
 """The memory figure every log line carries (`peak_memory_gib`), from devices that keep statistics and from a CPU; and
 WORKDIR/metrics.jsonl as a resumed run finds it: whole for whoever follows the run, readable after a torn write."""
 
+import importlib.machinery
+import importlib.util
 import json
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -12,8 +15,12 @@ import numpy as np
 import pytest
 from etils import epath
 
-from llama_jax import goodput
-from llama_jax.errors import CheckpointError
+from cli_run import cache_dir  # noqa: F401 (a fixture)
+from test_train import small_config
+
+from llama_jax import goodput, trainer
+from llama_jax.config import default_config, validate
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.metrics import MetricsLogger, peak_memory_gib
 from llama_jax.workdir import read_jsonl, write_whole
 
@@ -145,3 +152,65 @@ assert "torch" not in sys.modules, "PyTorch was loaded"
                             timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert _scalars(tmp_path / "tensorboard") == [("loss", 1, 3.0), ("loss", 2, 1.5)]
+
+
+class _FakeWandb(types.ModuleType):
+    """The parts of the `wandb` package the logger uses, recording each call; `refuse` makes `init` fail as wandb does
+    without an API key."""
+
+    class errors:  # noqa: N801 (wandb's own name)
+        class Error(Exception):
+            pass
+
+    def __init__(self, refuse: str = ""):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.refuse, self.inits, self.logged, self.finished = refuse, [], [], 0
+
+    def init(self, **kwargs):
+        if self.refuse:
+            raise self.errors.Error(self.refuse)
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.logged.append({"step": step, **metrics})
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_a_run_logs_every_metrics_line_to_one_wandb_run_across_restarts(tmp_path, cache_dir, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = small_config(cache_dir, 4)
+    cfg.train.wandb = "team/llama"
+    workdir = tmp_path / "run"
+    trainer.train(cfg, workdir)
+    cfg.train.steps = 6  # a second process, from the last step's checkpoint
+    trainer.train(cfg, workdir)
+    first, second = fake.inits
+    for init, steps in ((first, 4), (second, 6)):  # the same W&B run, resumed
+        assert {key: value for key, value in init.items() if key != "config"} == dict(
+            project="llama", entity="team", id=first["id"], resume="allow", name="run", dir=str(workdir))
+        assert init["config"]["train"]["steps"] == steps and init["config"]["train"]["wandb"] == "team/llama"
+    assert json.loads((workdir / "wandb.json").read_text()) == {"id": first["id"], "project": "team/llama"}
+    assert fake.finished == 2
+    assert fake.logged == read_jsonl(workdir / "metrics.jsonl"), "every line of metrics.jsonl, as it was logged"
+
+
+def test_wandb_that_is_missing_refuses_or_misnamed_is_one_config_error(tmp_path, monkeypatch):
+    cfg = default_config()
+    cfg.train.wandb = "a/b/c"
+    with pytest.raises(ConfigError, match=r"train.wandb='a/b/c' is not a W&B project: give PROJECT or ENTITY/PROJECT"):
+        validate(cfg)
+    cfg.train.wandb = "llama"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: importing it fails
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"train.wandb='llama' needs the wandb package: pip install wandb"):
+        validate(cfg)
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(refuse="No API key configured. Use `wandb login` to log in."))
+    with pytest.raises(ConfigError, match=r"W&B could not start the run \(No API key configured.*\): log in \(wandb "
+                                          r"login, or WANDB_API_KEY\), or set WANDB_MODE=offline"):
+        MetricsLogger(epath.Path(tmp_path), start_step=0, total_steps=2, wandb_project="llama")
+    assert not (tmp_path / "wandb.json").exists()
