@@ -10,12 +10,13 @@ process of its own (so each gets a clean thread pool and its own peak memory):
     memory), the layers unrolled (`model.scan_layers=False`: 9-23% faster than the layer scan here, compiling up
     to twice as long);
   PyTorch eager: `LlamaForCausalLM` + `torch.optim.AdamW`, float32 and bfloat16 autocast, and the faster of the two
-    again with huge pages (below); the fastest of the three reported;
-  PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes, with and without huge pages,
-    the faster reported (skipped with --no-compile).
+    again with huge pages and with the heap malloc (below); the fastest of the four reported;
+  PyTorch compiled: `torch.compile` of the model, in the faster of those two dtypes, with glibc's default malloc,
+    huge pages and the heap malloc, the fastest reported (skipped with --no-compile).
 llama_jax runs as its command line does, with glibc's `glibc.malloc.hugetlb=1` tunable (llama_jax/huge_pages.py:
-each step's large host buffers get transparent huge pages). PyTorch's large tensors come from malloc too, so it is
-offered the same.
+each step's large host buffers get transparent huge pages), and again with the heap malloc (`MALLOC`: no mmap, so
+that the memory one step frees serves the next instead of being mapped and zeroed again), the faster reported with
+its setting. PyTorch's large tensors come from malloc too, so it is offered the same settings.
 `--rounds N` runs every one of those measurements N times, in rounds one after the other, and keeps each setting's
 fastest: this machine's speed drifts between runs, and not alike for both frameworks, so interleaved repeats are the
 fair comparison.
@@ -55,6 +56,13 @@ SIZES = {
     "150m": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, tie_embeddings=False), 2, 2048),
 }
 VOCAB = 32000
+# glibc malloc settings each framework is measured with, the fastest kept: "default"; "huge_pages", what our command
+# line sets (llama_jax/huge_pages.py); "heap", huge pages and no mmap at all, in one arena never trimmed, so that
+# memory a step frees is reused by the next instead of mapped again, and zeroed, by the kernel: PyTorch eager and
+# torch.compile ran 20-30% faster with it at 50m, ours 11%, at up to 2.5 times the peak memory (README
+# "Performance").
+MALLOC = ("default", "huge_pages", "heap")
+HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=68719476736"
 
 
 def time_steps(step, steps: int) -> tuple[float, float]:
@@ -191,15 +199,16 @@ def measure_torch_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def in_subprocess(*args: str, timeout: float = 3600, script: str = __file__, xla_flags: str = "",
-                  huge_pages: bool = False) -> dict | None:
+                  malloc: str = "default") -> dict | None:
     """One measurement in a fresh process running `script --child ARGS` with `xla_flags` only (not the caller's:
-    the test suite's fake devices), and with glibc's huge-pages tunable if `huge_pages` (where this C library has
-    it); its result and peak resident memory, or None when it failed (its last lines of errors printed)."""
+    the test suite's fake devices), and glibc's malloc as `malloc` says (`MALLOC`, where this C library has the
+    tunables); its result and peak resident memory, or None when it failed (its last lines of errors printed)."""
     env = dict(os.environ, XLA_FLAGS=xla_flags, TOKENIZERS_PARALLELISM="false")
-    if huge_pages:
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc != "default":
         env = environ_with_huge_pages(env) or env
-    else:
-        env.pop("GLIBC_TUNABLES", None)
+    if malloc == "heap" and "GLIBC_TUNABLES" in env:
+        env["GLIBC_TUNABLES"] += ":" + HEAP_TUNABLES
     proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
     if proc.returncode != 0:
@@ -252,24 +261,26 @@ def main() -> None:
         tokens = cfg.data.batch_size * cfg.data.seq_len
         ours, eager, compiled_runs = {}, {}, {}
         for _ in range(args.rounds):  # whole rounds one after the other: a drift of the machine reaches every setting
-            keep_faster(ours, "jax", in_subprocess("jax", size, str(args.steps), huge_pages=True))
+            for malloc in MALLOC[1:]:
+                keep_faster(ours, malloc, in_subprocess("jax", size, str(args.steps), malloc=malloc))
             for dtype in ("float32", "bfloat16"):
-                keep_faster(eager, (dtype, False), in_subprocess(f"torch:{dtype}:eager", size, str(args.steps)))
+                keep_faster(eager, (dtype, "default"), in_subprocess(f"torch:{dtype}:eager", size, str(args.steps)))
             best_dtype = fastest(eager)[0][0]
-            keep_faster(eager, (best_dtype, True),
-                        in_subprocess(f"torch:{best_dtype}:eager", size, str(args.steps), huge_pages=True))
-            for huge in () if args.no_compile else (False, True):
-                keep_faster(compiled_runs, (best_dtype, huge),
-                            in_subprocess(f"torch:{best_dtype}:compile", size, str(args.steps), huge_pages=huge))
-        ours = ours["jax"]
+            for malloc in MALLOC[1:]:
+                keep_faster(eager, (best_dtype, malloc),
+                            in_subprocess(f"torch:{best_dtype}:eager", size, str(args.steps), malloc=malloc))
+            for malloc in () if args.no_compile else MALLOC:
+                keep_faster(compiled_runs, (best_dtype, malloc),
+                            in_subprocess(f"torch:{best_dtype}:compile", size, str(args.steps), malloc=malloc))
+        ours_malloc, ours = fastest(ours)
         eager_setting, eager_run = fastest(eager)
         best_dtype = eager_setting[0]
         compiled = fastest(compiled_runs)
         row = {
             "name": size, "params": param_count(model_config(cfg)), "batch": cfg.data.batch_size,
             "seq": cfg.data.seq_len, "tokens_per_s": tokens / ours["seconds"],
-            "torch_tokens_per_s": tokens / eager_run["seconds"], "torch_dtype": best_dtype,
-            "torch_huge_pages": eager_setting[1], "torch_compile_huge_pages": compiled[0][1] if compiled else None,
+            "torch_tokens_per_s": tokens / eager_run["seconds"], "torch_dtype": best_dtype, "malloc": ours_malloc,
+            "torch_malloc": eager_setting[1], "torch_compile_malloc": compiled[0][1] if compiled else None,
             "torch_compile_tokens_per_s": tokens / compiled[1]["seconds"] if compiled else None,
             "mfu": tokens / ours["seconds"] * flops_per_token(model_config(cfg), cfg.data.seq_len) / (peak * 1e9),
             "compile_s": ours["compile_s"], "first_step_s": ours["first_step_s"],
@@ -280,7 +291,8 @@ def main() -> None:
         row["ratio_vs_compile"] = row["tokens_per_s"] / row["torch_compile_tokens_per_s"] if compiled else None
         rows.append(row)
         print(f"{size}: {row['params'] / 1e6:.0f}M params, {row['batch']}x{row['seq']} tokens | llama_jax "
-              f"{row['tokens_per_s']:,.0f} tok/s (MFU {row['mfu']:.0%}, compile {row['compile_s']:.1f} s, first step "
+              f"{row['tokens_per_s']:,.0f} tok/s ({_malloc_words(row['malloc'])}, MFU {row['mfu']:.0%}, compile "
+              f"{row['compile_s']:.1f} s, first step "
               f"+{row['first_step_s']:.1f} s, "
               f"{row['peak_rss_mb']:,.0f} MB) | torch eager {torch_setting(row)} {row['torch_tokens_per_s']:,.0f} "
               f"({row['torch_peak_rss_mb']:,.0f} MB) | torch.compile {compiled_figure(row)} | ratio {row['ratio']:.2f}x")
@@ -295,20 +307,26 @@ def keep_faster(runs: dict, setting, result: dict | None) -> None:
     runs.setdefault(setting, None)
 
 
-def fastest(runs: dict[tuple[str, bool], dict | None]) -> tuple[tuple[str, bool], dict] | None:
-    """The (dtype, huge pages) setting of the fastest run that succeeded, and its result (None: none did)."""
+def fastest(runs: dict) -> tuple | None:
+    """The setting (a malloc setting, or (dtype, malloc setting)) of the fastest run that succeeded, and its result
+    (None: none did)."""
     return min(((setting, run) for setting, run in runs.items() if run), key=lambda item: item[1]["seconds"],
                default=None)
 
 
+def _malloc_words(malloc: str) -> str:
+    return {"default": "", "huge_pages": "huge pages", "heap": "heap malloc"}[malloc]
+
+
 def torch_setting(row: dict) -> str:
-    return row["torch_dtype"] + (", huge pages" if row["torch_huge_pages"] else "")
+    return ", ".join(filter(None, [row["torch_dtype"], _malloc_words(row["torch_malloc"])]))
 
 
 def compiled_figure(row: dict) -> str:
     if row["torch_compile_tokens_per_s"] is None:
         return "-"
-    return f"{row['torch_compile_tokens_per_s']:,.0f}" + (" (huge pages)" if row["torch_compile_huge_pages"] else "")
+    words = _malloc_words(row["torch_compile_malloc"])
+    return f"{row['torch_compile_tokens_per_s']:,.0f}" + (f" ({words})" if words else "")
 
 
 def readme_table(rows: list[dict]) -> str:
@@ -318,7 +336,8 @@ def readme_table(rows: list[dict]) -> str:
     return markdown_table(
         ["size", "params", "batch x seq", "llama_jax tokens/s", "MFU", "compile", "first step", "peak RSS", "PyTorch eager",
          "torch.compile", "ours / eager", "ours / compile"],
-        [[row["name"], f"{row['params'] / 1e6:.0f}M", f"{row['batch']} x {row['seq']:,}", f"{row['tokens_per_s']:,.0f}",
+        [[row["name"], f"{row['params'] / 1e6:.0f}M", f"{row['batch']} x {row['seq']:,}",
+          f"{row['tokens_per_s']:,.0f}" + (" (heap malloc)" if row["malloc"] == "heap" else ""),
           f"{row['mfu']:.0%}", f"{row['compile_s']:.1f} s", f"+{row['first_step_s']:.1f} s", f"{row['peak_rss_mb'] / 1e3:.1f} GB",
           f"{row['torch_tokens_per_s']:,.0f} ({torch_setting(row)})", compiled_figure(row),
           f"{row['ratio']:.2f}x", figure(row["ratio_vs_compile"], ".2f") + ("x" if row["ratio_vs_compile"] else "")]
