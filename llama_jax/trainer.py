@@ -804,7 +804,7 @@ class _Loop:
         self.peak = run_peak_flops(workdir, cfg.train.peak_flops)
         self.logger = MetricsLogger(workdir, start_step=start, total_steps=plan.total_steps,
                                     enabled=jax.process_index() == 0, wandb_project=cfg.train.wandb,
-                                    config=cfg.to_dict())
+                                    config=meta["run_config"])
         self.save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
         self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)

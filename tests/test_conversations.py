@@ -2,10 +2,13 @@
 bad-data policy (skip and count each bad line with its file:line; a file with no usable line is an error)."""
 
 import base64
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from stdlib_text import stdlib_sources
 
@@ -325,11 +328,6 @@ def test_gzipped_json_lines_and_parquet_rows_are_read_as_json_lines_are(tmp_path
     """The Hub's preference and chat datasets come as Parquet (UltraFeedback binarized, UltraChat) or gzipped JSON
     Lines (Anthropic HH); both were read as JSON text ("not UTF-8" or "invalid JSON" on every line), so such a file
     prepared nothing. A file cut short is an error naming it: its first records would train as if they were all."""
-    import gzip
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     def said(role, content):
         return {"role": role, "content": content}
 

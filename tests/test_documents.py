@@ -90,7 +90,7 @@ def test_zstandard_data_cut_inside_a_frame_is_unreadable_not_shorter(tmp_path):
     with pytest.raises(DataError, match="skipped 1 unreadable file"):
         list(read_documents(str(tmp_path / "cut.jsonl.zst"), report=report))
     with pytest.raises(DataError, match=r"cut\.jsonl\.zst cannot be read to its end \(EOFError: the Zstandard data "
-                                        "ends inside a frame\)"):
+                                        r"ends inside a frame\)"):
         list(read_records(tmp_path / "cut.jsonl.zst"))
 
 

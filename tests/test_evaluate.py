@@ -1,12 +1,15 @@
 """Multiple-choice evaluation: scores against a direct per-example computation and against transformers, sharded
 scoring, the file layouts and their error messages, and the CLI."""
 
+import gzip
 import inspect
 import json
 import math
 
 import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -303,11 +306,6 @@ def test_bad_lines_name_the_file_line_and_field(tmp_path, tokenizer, line, messa
 def test_tasks_are_read_from_gzipped_json_lines_and_parquet_as_the_hub_stores_benchmarks(tmp_path, tokenizer):
     """ARC, HellaSwag and MMLU come from the Hub as Parquet (ARC's choices a struct of lists): each was read as JSON
     text and refused."""
-    import gzip
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [{"question": f"Which is {i}?", "choices": {"text": [str(i), "x", "y"], "label": ["A", "B", "C"]},
              "answerKey": "A"} for i in range(5)]
     (tmp_path / "arc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -21,6 +21,7 @@ from test_train import small_config
 from llama_jax import goodput, trainer
 from llama_jax.config import default_config, validate
 from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.phases import phase
 from llama_jax.metrics import MetricsLogger, peak_memory_gib
 from llama_jax.workdir import read_jsonl, write_whole
 
@@ -183,17 +184,19 @@ class _FakeWandb(types.ModuleType):
 def test_a_run_logs_every_metrics_line_to_one_wandb_run_across_restarts(tmp_path, cache_dir, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    cfg = small_config(cache_dir, 4)
+    cfg = small_config(cache_dir, 3)
+    cfg.phases = (phase("more", steps=1),)  # a config whose phases (ConfigDicts in a tuple) W&B takes as JSON
     cfg.train.wandb = "team/llama"
     workdir = tmp_path / "run"
     trainer.train(cfg, workdir)
-    cfg.train.steps = 6  # a second process, from the last step's checkpoint
+    cfg.phases = (phase("more", steps=3),)  # a second process, from the last step's checkpoint
     trainer.train(cfg, workdir)
     first, second = fake.inits
-    for init, steps in ((first, 4), (second, 6)):  # the same W&B run, resumed
+    for init, steps in ((first, 1), (second, 3)):  # the same W&B run, resumed
         assert {key: value for key, value in init.items() if key != "config"} == dict(
             project="llama", entity="team", id=first["id"], resume="allow", name="run", dir=str(workdir))
-        assert init["config"]["train"]["steps"] == steps and init["config"]["train"]["wandb"] == "team/llama"
+        assert json.loads(json.dumps(init["config"])) == init["config"], "plain JSON"
+        assert init["config"]["phases"][0]["steps"] == steps and init["config"]["train"]["wandb"] == "team/llama"
     assert json.loads((workdir / "wandb.json").read_text()) == {"id": first["id"], "project": "team/llama"}
     assert fake.finished == 2
     assert fake.logged == read_jsonl(workdir / "metrics.jsonl"), "every line of metrics.jsonl, as it was logged"
