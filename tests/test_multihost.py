@@ -242,15 +242,15 @@ def test_data_missing_on_one_host_stops_every_host_in_one_line(tmp_path, job, wh
         setting = f'cfg.data.eval_sources = dict(extra=eval_source({on_this_host} + "/*.py"))'
         done = "preparing the data"
         refusal = (f"error: No files match '{tmp_path}/host1/*.py'. Fix: check the path and the glob (** matches "
-                   "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz .parquet "
-                   "files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics, or, with "
+                   "subdirectories; a directory is searched for .txt .md .py .rst .jsonl .jsonl.gz .json.gz .jsonl.zst "
+                   ".json.zst .parquet files), or use a built-in source: stdlib, stdlib_docstrings, pydoc_topics, or, with "
                    "data.tokenizer set, the built-in chat data: stdlib_chat, stdlib_preferences.")
     else:
         shutil.copy(BUILTIN_TASKS["stdlib_mc"], tmp_path / "host0" / "mc.jsonl")
         setting = f'cfg.train.eval_tasks = {on_this_host} + "/mc.jsonl"'
         done = "loading the evaluation tasks"
-        refusal = (f"error: task file {tmp_path}/host1/mc.jsonl does not exist: pass a .jsonl file or one of "
-                   "['stdlib_mc']")
+        refusal = (f"error: task file {tmp_path}/host1/mc.jsonl does not exist: pass a .jsonl(.gz|.zst) or .parquet "
+                   "file or one of ['stdlib_mc']")
     config = tmp_path / "on_each_host.py"
     config.write_text(CONFIG.replace("    return cfg", f"    {setting}\n    return cfg").replace(
         "from llama_jax.config import", "import os\nfrom llama_jax.config import eval_source,"))
