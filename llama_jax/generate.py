@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.chat import ChatFormat
+from llama_jax.data.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, read_records
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.memory import report_out_of_memory
 from llama_jax.model import Llama, LlamaConfig
@@ -49,6 +50,8 @@ from llama_jax.model.kv_cache import KVCache
 from llama_jax.parallel.mesh import MESH_AXES, logical_to_spec, make_mesh
 from llama_jax.quantize import logit_error, quantize_fp8
 from llama_jax.workdir import as_path, read_utf8
+
+RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this ...
 BUFFER_MULTIPLE = 64  # ... and the cache (prompt plus new tokens) rounded up to a multiple of this
@@ -326,28 +329,35 @@ def inference_mesh(spec: str | None) -> Mesh | None:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a file: JSON Lines of {"prompt": TEXT} when its name ends in .jsonl, else one prompt per line
-    (blank lines skipped; a prompt with line breaks needs JSON Lines). The file may be a URL."""
+    """The prompts of a file: records {"prompt": TEXT} in JSON Lines (.jsonl, also gzip or Zstandard compressed) or
+    Parquet, as `data.documents.read_records` reads them, else one prompt per line (blank lines skipped; a prompt
+    with line breaks needs records). The file may be a URL."""
     path = as_path(path)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist: pass a text file with one prompt per line, or .jsonl")
-    text = read_utf8(path, "pass a text file with one prompt per line, or .jsonl")
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if path.suffix != ".jsonl":
-        prompts = [line for _, line in lines]
+    if path.name.lower().endswith(RECORD_SUFFIXES):
+        prompts = [_prompt(where, record) for where, record in read_records(path)]
     else:
-        prompts = []
-        for n, line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e}): write one object {{\"prompt\": ...}} per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise DataError(f'{path}:{n} has no "prompt" string: write one object {{"prompt": TEXT}} per line')
-            prompts.append(record["prompt"])
+        text = read_utf8(path, "pass a text file with one prompt per line, or .jsonl")
+        prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"prompts file {path} holds no prompt: write one per line (or one JSON object per line, .jsonl)")
     return prompts
+
+
+def _prompt(where: str, record: bytes | dict) -> str:
+    """The "prompt" string of one record (a JSON line or a Parquet row)."""
+    if isinstance(record, bytes):
+        try:
+            record = json.loads(record.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): write UTF-8 JSON Lines") from None
+        except ValueError as e:
+            raise DataError(f'{where} is not valid JSON ({e}): write one object {{"prompt": ...}} per line') from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise DataError(f'{where} has no "prompt" string: write one object {{"prompt": TEXT}} per line, or Parquet '
+                        'rows with a "prompt" column')
+    return record["prompt"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     parser.add_argument("--prompts_file", default=None,
-                        help="more prompts: one per line, or JSON Lines {\"prompt\": ...} when the name ends in .jsonl")
+                        help="more prompts: one per line, or records {\"prompt\": ...} in JSON Lines (.jsonl, .jsonl.gz, "
+                             ".jsonl.zst) or Parquet")
     parser.add_argument("--chat", action="store_true",
                         help="treat each prompt as a user message, rendered with the checkpoint's chat template "
                              "(its tokenizer_config.json or chat_template.jinja; else the Llama 3 format)")

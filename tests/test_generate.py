@@ -3,6 +3,7 @@ batched, left-padded), top-k / nucleus sampling with explicit keys, stop ids, on
 cache sharded by logical axes on a mesh, and the CLI (batched prompts, FP8) on Hugging Face directories whose tokenizer
 framing and generation_config.json it must honour."""
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tokenizers
 import torch
@@ -440,6 +443,14 @@ def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, caps
                  "--max_new_tokens", "12"]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == expected
 
+    with gzip.open(tmp_path / "prompts.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"prompt": t}) + "\n" for t in texts[1:]))
+    pq.write_table(pa.table({"prompt": texts[1:], "source": ["a", "b"]}), tmp_path / "prompts.parquet")
+    for name in ("prompts.jsonl.gz", "prompts.parquet"):
+        assert main(["--checkpoint", str(hf_dir), "--prompt", texts[0], "--prompts_file", str(tmp_path / name),
+                     "--max_new_tokens", "12"]) == 0
+        assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == expected, name
+
     (tmp_path / "prompts.txt").write_text("def wrap(text):\n\nimport\n")  # one per line, blank lines skipped
     assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(tmp_path / "prompts.txt"),
                  "--max_new_tokens", "12"]) == 0
@@ -451,7 +462,7 @@ def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, caps
     ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2 has no "prompt" string'),
     ('{"prompt": "a"\n', "prompts.jsonl:1 is not valid JSON"),
     ("\n\n", "holds no prompt"),
-    (b"\x1f\x8b\x08binary", "prompts.jsonl is not UTF-8 text (invalid start byte at byte 1)"),
+    (b"\x1f\x8b\x08binary", "prompts.jsonl:1 is not UTF-8 text (invalid start byte at byte 1)"),
 ])
 def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, content, problem):
     path = tmp_path / "prompts.jsonl"
@@ -462,6 +473,16 @@ def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, c
     assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and problem in err and err.count("\n") == 1
+
+
+def test_cli_names_the_problem_of_a_bad_prompts_record_file(hf_dir, tmp_path, capsys):
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "prompts.parquet")
+    (tmp_path / "prompts.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 100)[:-20])
+    for name, problem in (("prompts.parquet", 'prompts.parquet:1 has no "prompt" string'),
+                          ("prompts.jsonl.gz", "prompts.jsonl.gz cannot be read to its end")):
+        assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and problem in err and err.count("\n") == 1, err
 
 
 def test_cli_needs_a_prompt(hf_dir, capsys):
