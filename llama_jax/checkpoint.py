@@ -140,11 +140,8 @@ class Checkpointer:
         with self._writing():
             self.manager.save(step, args=args, force=True)
 
-    def check_model(self, step: int, model: dict, config: dict) -> None:
-        """Refuses, before reading any array, a checkpoint written for another model config or train state (LoRA,
-        the objective's own state: `state_layout`), whose read failed in Orbax's words and was taken for damage. How
-        the model runs may change on resume (a remat policy that saves memory, another attention kernel), not what it
-        stores."""
+    def saved_config(self, step: int) -> dict:
+        """The config checkpoint `step` was written with (its phase's, as plain JSON), read without its arrays."""
         meta_file = self.directory / str(step) / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(
@@ -152,16 +149,27 @@ class Checkpointer:
                 f"from an earlier step, or use a fresh --workdir"
             )
         try:
-            saved_config = json.loads(meta_file.read_text())["config"]
-            saved = saved_config["model"]
-        except (ValueError, KeyError, TypeError) as err:
+            config = json.loads(meta_file.read_text())["config"]
+            if not isinstance(config.get("model"), dict):
+                raise KeyError("model")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {meta_file.parent.parent} has an unreadable meta/metadata ({err})") from err
+        return config
+
+    def check_model(self, step: int, model: dict, config: dict) -> None:
+        """Refuses, before reading any array, a checkpoint written for another model config or train state (LoRA,
+        the objective's own state: `state_layout`), whose read failed in Orbax's words and was taken for damage. How
+        the model runs may change on resume (a remat policy that saves memory, another attention kernel), not what it
+        stores."""
+        saved_config = self.saved_config(step)
+        saved = saved_config["model"]
+        where = self.directory / str(step)
         layout, saved_layout = state_layout(config), state_layout(saved_config)
         other_state = [f"{key}: {saved_layout[key]!r} -> {value!r}" for key, value in layout.items()
                        if saved_layout[key] != value]
         if other_state:
             raise ModelMismatch(
-                f"checkpoint {meta_file.parent.parent} holds another training state than this config trains "
+                f"checkpoint {where} holds another training state than this config trains "
                 f"({'; '.join(other_state)}): resume with the objective and LoRA settings it was trained with, or "
                 f"start a fresh --workdir, with --config.checkpoint.init_from={self.directory.parent} to begin from "
                 "its parameters"
@@ -174,7 +182,7 @@ class Checkpointer:
         changed = [c for c in changed if c not in runs_otherwise]
         if changed:
             raise ModelMismatch(
-                f"checkpoint {meta_file.parent.parent} was written for a different model ({'; '.join(changed)}): "
+                f"checkpoint {where} was written for a different model ({'; '.join(changed)}): "
                 f"use a fresh --workdir, or the model config the run started with"
             )
 

@@ -67,6 +67,40 @@ class Phase:
         """Tokens of the run's steps [0, step), for a step within this phase (or its stop)."""
         return self.start_tokens + self.batches.tokens_before(step - self.start_step)
 
+    def describe_batches(self, step: int) -> str:
+        """The batch shapes from `step` to the phase's end: "16 x 256", or with a ramp "16 x 256, 32 x 256 from step
+        40"."""
+        shapes = [(self.start_step + max(s.start_step, step - self.start_step), s.batch_size, s.seq_len)
+                  for s in self.batches.stages
+                  if self.start_step + s.start_step < self.stop_step
+                  and (s.stop_step is None or self.start_step + s.stop_step > step)]
+        return ", ".join(f"{b} x {t}" + (f" from step {start}" if i else "") for i, (start, b, t) in enumerate(shapes))
+
+    def check_resume(self, saved_cfg: dict, step: int) -> None:
+        """Refuses a config that batches the steps a checkpoint of `step` has trained otherwise than its own config
+        (`saved_cfg`) did. Batches are placed by step (rows [step·B, (step+1)·B) of the stream), so a new
+        data.batch_size, seq_len or past ramp entry would skip rows or read them twice, and miscount the tokens seen
+        and a token-based schedule; the message gives the ramp that makes the change from `step` on instead."""
+        data = saved_cfg.get("data")
+        trained = step - self.start_step
+        if not data or trained <= 0:
+            return
+        saved = BatchSchedule(data["batch_size"], data["seq_len"], data.get("ramp", ()))
+        if saved.placement(trained) == self.batches.placement(trained):
+            return
+        seen = saved.tokens_before(trained)
+        new = self.batches.stage(trained)
+        ramp = ([tuple(e) for e in data.get("ramp", ()) if e[0] < seen] + [(seen, new.batch_size, new.seq_len)]
+                + [tuple(e) for e in self.cfg.data.ramp if e[0] > seen])
+        where = "data" if self.index == 0 else f"phases[{self.index - 1}] ({self.name!r}) data"
+        raise ConfigError(
+            f"the checkpoint of step {step} was trained with batches {_describe(saved, trained)}, and this config "
+            f"batches those steps as {_describe(self.batches, trained)}: batches are placed by step, so the rows "
+            f"after the checkpoint would not be those that follow it, and the tokens seen would be miscounted. To "
+            f"change the batch from step {step} on, keep {where}.batch_size={data['batch_size']} and "
+            f"seq_len={data['seq_len']} and set {where}.ramp={tuple(ramp)!r} (a stage that starts at the "
+            f"{seen:,} tokens seen by then); to fit memory with the same batch, raise optim.grad_accum instead")
+
     def save_steps(self) -> list[int]:
         """The steps this phase checkpoints at, counted from the run's start: every `checkpoint.every_steps` of the
         run's step counter, and its last step."""
@@ -129,6 +163,11 @@ class RunPlan:
     def keep_steps(self) -> list[int]:
         """Checkpoints that must outlive the keep policy: those a phase averages."""
         return [s for p in self.phases if p.average for s in p.save_steps()]
+
+
+def _describe(schedule: BatchSchedule, steps: int) -> str:
+    """The batch shapes of a schedule's first `steps` steps, as "16 x 256 from step 0, 32 x 256 from step 40"."""
+    return ", ".join(f"{b} x {t} from step {start}" for start, b, t in schedule.placement(steps))
 
 
 def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDict, where: str) -> ml_collections.ConfigDict:

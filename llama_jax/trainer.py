@@ -585,6 +585,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
 
     def target(step: int) -> ckpt.RestoreTarget:
         p = plan.phase_of_checkpoint(step)
+        p.check_resume(checkpointer.saved_config(step), step)
         abstract = run_of(p).abstract_state
         restored_iterators[step] = data[p.index].iterator()
         return ckpt.RestoreTarget(p.cfg.model.to_dict(), abstract.params, abstract.opt_state, restored_iterators[step],
@@ -837,8 +838,8 @@ class _Loop:
         if run.mesh.shape["stage"] > 1:
             self.logger.write(_describe_pipeline(cfg, run.mesh))
         what = f"Phase {p.index + 1}/{len(self.plan.phases)} {p.name!r}" if len(self.plan.phases) > 1 else "Training"
-        self.logger.write(f"{what}: steps {done} to {p.stop_step}, batch {cfg.data.batch_size} x {cfg.data.seq_len} "
-                          f"tokens, {param_count(run.model_def.cfg):,} parameters on {run.mesh.size} "
+        self.logger.write(f"{what}: steps {done} to {p.stop_step}, batch {p.describe_batches(done)} tokens, "
+                          f"{param_count(run.model_def.cfg):,} parameters on {run.mesh.size} "
                           f"{run.mesh.devices.flat[0].platform} device(s), mesh {dict(run.mesh.shape)}")
         # each phase compiles its own step, so each skips its own first steps; several phases trace into subfolders
         profile_dir = self.workdir / "profile" / (p.name if len(self.plan.phases) > 1 else "")

@@ -1,7 +1,9 @@
 """Phases, the Llama 3 recipe as config data, token-based schedules, and what a bad step does."""
 
+import ast
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from cli_run import without_timing
 from config_files import load_config_file
 
 from llama_jax import checkpoint, trainer
-from llama_jax.config import default_config, eval_source, validate
+from llama_jax.config import default_config, eval_source, plain, validate
 from llama_jax.errors import ConfigError
 from llama_jax.optim import lr_schedule, run_lr_schedule
 from llama_jax.phases import RunPlan, phase
@@ -143,6 +145,64 @@ def test_an_annealing_phase_decays_linearly_from_where_the_schedule_stands():
             expected = float(base(60)) * (1 - (step - 60) / 10)
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10)
     assert float(schedule(70)) == 0.0
+
+
+def _run_cfg(batch_size=16, seq_len=256, ramp=(), phases=()):
+    cfg = default_config()
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.ramp, cfg.train.steps, cfg.phases = batch_size, seq_len, ramp, 30, phases
+    return cfg
+
+
+def _suggested_ramp(err: ConfigError) -> tuple:
+    return ast.literal_eval(re.search(r"ramp=(\(.*?\),\)) \(a stage", str(err)).group(1))
+
+
+def test_a_resume_that_batches_the_trained_steps_otherwise_is_refused_with_the_ramp_that_does_it():
+    saved = plain(RunPlan(_run_cfg()).phases[0].cfg)
+    RunPlan(_run_cfg()).phases[0].check_resume(saved, 20)
+    RunPlan(_run_cfg(ramp=((20 * 16 * 256, 32, 256),))).phases[0].check_resume(saved, 20)  # from step 20 on: fine
+    for changed in (_run_cfg(batch_size=32), _run_cfg(seq_len=128), _run_cfg(ramp=((10 * 16 * 256, 32, 256),))):
+        with pytest.raises(ConfigError) as err:
+            RunPlan(changed).phases[0].check_resume(saved, 20)
+        assert str(err.value).startswith("the checkpoint of step 20 was trained with batches 16 x 256 from step 0, ")
+        assert "keep data.batch_size=16 and seq_len=256 and set data.ramp=" in str(err.value)
+        ramp = _suggested_ramp(err.value)
+        fixed = RunPlan(_run_cfg(ramp=ramp)).phases[0]
+        fixed.check_resume(saved, 20)  # the suggested ramp trains steps 0-19 as the checkpoint did ...
+        new_stage = RunPlan(changed).phases[0].batches.stage(20)
+        assert fixed.batches.stage(20).batch_size == new_stage.batch_size, "... and steps from 20 on as asked"
+        assert fixed.batches.stage(20).seq_len == new_stage.seq_len and fixed.batches.stage(20).start_step == 20
+    assert _suggested_ramp(err.value) == ((20 * 16 * 256, 32, 256),)
+    assert RunPlan(_run_cfg(ramp=((20 * 16 * 256, 32, 256),))).phases[0].describe_batches(0) == \
+        "16 x 256, 32 x 256 from step 20"
+    assert RunPlan(_run_cfg(ramp=((20 * 16 * 256, 32, 256),))).phases[0].describe_batches(25) == "32 x 256"
+
+    # A later phase's steps count from its own start, and the fix names the phase.
+    long = (phase("long", steps=10, data=dict(seq_len=512, batch_size=8)),)
+    later = RunPlan(_run_cfg(phases=long)).phases[1]
+    later.check_resume(plain(later.cfg), 35)
+    with pytest.raises(ConfigError, match=r"step 35 was trained with batches 8 x 512 from step 0, .* 4 x 512 from "
+                                          r"step 0: .* keep phases\[0\] \('long'\) data.batch_size=8 and seq_len=512 "
+                                          r"and set phases\[0\] \('long'\) data.ramp=\(\(20480, 4, 512\),\)"):
+        RunPlan(_run_cfg(phases=(phase("long", steps=10, data=dict(seq_len=512, batch_size=4)),))).phases[1] \
+            .check_resume(plain(later.cfg), 35)
+
+
+def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_the_suggested_ramp(
+        tmp_path, cache_dir, capsys):
+    cfg = load_config_file("tiny.py")
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every_steps = 4, 1, 0, 4
+    trainer.train(cfg, tmp_path)
+    cfg.train.steps, cfg.data.batch_size = 6, 16
+    with pytest.raises(ConfigError, match="the checkpoint of step 4 was trained with batches 8 x 64") as err:
+        trainer.train(cfg, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"], "nothing set aside as damaged"
+    cfg.data.batch_size, cfg.data.ramp = 8, _suggested_ramp(err.value)
+    trainer.train(cfg, tmp_path)
+    assert "Training: steps 4 to 6, batch 16 x 64 tokens" in capsys.readouterr().out
+    assert [m["tokens"] for m in read_metrics(tmp_path)] == [512, 1024, 1536, 2048, 3072, 4096]
 
 
 def test_the_loss_guard_knows_non_finite_steps_and_spikes():

@@ -75,6 +75,11 @@ class BatchSchedule:
                 return stage.start_step + max(0, -(-(tokens - stage.start_tokens) // stage.tokens_per_step))
         raise AssertionError("the last stage has no end")
 
+    def placement(self, steps: int) -> list[tuple[int, int, int]]:
+        """(first step, batch_size, seq_len) of each stage that steps [0, steps) use: two schedules of the same
+        placement put the same rows into those steps, and have seen the same tokens after them."""
+        return [(s.start_step, s.batch_size, s.seq_len) for s in self.stages if s.start_step < steps]
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """The distinct (batch_size, seq_len) of the stages that have steps."""
