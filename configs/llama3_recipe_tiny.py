@@ -19,16 +19,23 @@ import ml_collections
 
 from llama_jax.config import default_config, mixture_source, model_section
 from llama_jax.data.recipes import stdlib_mixture
+from llama_jax.errors import ConfigError
 from llama_jax.recipe import apply_llama3_recipe, llama3_stages
 
 
 def get_config(options: str = ""):
     """`options`: comma-separated `devices=N` (N > 1: context parallelism in the long phases) and `scale=F` (the
     token budgets of pretraining and long context times F, at least a step each; annealing keeps its 10 steps)."""
-    settings = dict(devices="1", scale="1")
-    settings.update(item.split("=", 1) for item in options.split(",") if item)
-    context = 2 if int(settings["devices"]) > 1 else 1
-    scale = float(settings["scale"])
+    settings = dict(devices=1, scale=1.0)
+    for item in filter(None, options.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            settings[name] = type(settings[name])(value)
+        except (KeyError, ValueError):
+            raise ConfigError(f"configs/llama3_recipe_tiny.py: option {item!r} is not devices=N (an integer) or scale=F "
+                              "(a number), e.g. --config configs/llama3_recipe_tiny.py:devices=2,scale=0.08") from None
+    context = 2 if settings["devices"] > 1 else 1
+    scale = settings["scale"]
     cfg = default_config()
     cfg.model = model_section("tiny", attention="xla", remat="none")
     cfg.data.mixture = stdlib_mixture()

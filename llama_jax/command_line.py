@@ -9,6 +9,7 @@ own code.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,10 @@ def _parse(values: flags.FlagValues, argv: list[str]) -> list[str]:
         if not _config_arguments(argv):  # absl's words are "--config=None" or an unknown flag --config.KEY
             raise ConfigError("no --config given: pass one of configs/*.py (e.g. --config configs/tiny.py) or your "
                               "own") from None
+        call = re.search(r"TypeError: (get_config\(\) .*)", str(err))  # FILE:ARG for a get_config of no argument
+        if call:
+            raise ConfigError(f"config file {_config_arguments(argv)[0]}: {call.group(1)}: pass FILE:ARG only when "
+                              "its get_config takes an argument (see the file's docstring)") from None
         raise ConfigError(str(err)) from None
     except SyntaxError as err:
         raise ConfigError(f"config file {err.filename}, line {err.lineno}: {err.msg}: fix the file") from None

@@ -121,6 +121,14 @@ def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
         load_config_file("finetune.py", str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("options", ["zzz", "devices=x", "scale=", "bogus=3"])
+def test_the_tiny_recipe_refuses_an_option_it_does_not_know(options):
+    """Each was a ValueError traceback, or (an unknown name) taken silently."""
+    assert len(load_config_file("llama3_recipe_tiny.py", "devices=2,scale=0.08").phases) == 5
+    with pytest.raises(ConfigError, match=rf"option '{options}' is not devices=N \(an integer\) or scale=F"):
+        load_config_file("llama3_recipe_tiny.py", options)
+
+
 def test_model_section_overrides_and_validates():
     cfg = default_config()
     cfg.model = model_section("debug", dtype="float32")
@@ -424,6 +432,8 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
             ("config file empty.py has no get_config(): define one that returns the config (a ConfigDict), as "
              "configs/tiny.py does", ["--config", "empty.py"]),
             ("no --config given: pass one of configs/*.py", ["--config.train.steps=3"]),
+            (f"config file {tiny}:arg: get_config() takes 0 positional arguments but 1 was given: pass FILE:ARG only "
+             "when its get_config takes an argument", ["--config", f"{tiny}:arg"]),
             # overrides before the file are read (ml_collections refused them: "Found --config.train.steps=3 in argv
             # before a value for --config was specified")
             ("unknown config override --config.mesh.pipelin: mesh has no key 'pipelin'; its keys: context, data, "
