@@ -65,6 +65,20 @@ def state_layout(config: dict) -> dict[str, Any]:
 RESUMABLE_CHANGES = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
 
 
+def config_changes(saved: dict, config: dict) -> list[str]:
+    """"KEY: saved -> now" for each setting of both configs (plain JSON, as checkpoints store them) whose value
+    differs, by dotted key: what a resumed run does otherwise than the run that saved its checkpoint."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in tree.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    before, now = flat(saved), flat(json.loads(json.dumps(config)))
+    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
+            if before[key] != now[key]]
+
+
 class ModelMismatch(CheckpointError):
     """The checkpoint is intact but belongs to another model config."""
 
@@ -174,12 +188,8 @@ class Checkpointer:
                 f"start a fresh --workdir, with --config.checkpoint.init_from={self.directory.parent} to begin from "
                 "its parameters"
             )
-        changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items() if saved.get(k) != v]
-        runs_otherwise = [c for c in changed if c.split(":")[0].removeprefix("model.") in RESUMABLE_CHANGES]
-        if runs_otherwise and jax.process_index() == 0:
-            print(f"Resuming checkpoint {step} with {'; '.join(runs_otherwise)} (how the model runs, not what it "
-                  "computes)", flush=True)
-        changed = [c for c in changed if c not in runs_otherwise]
+        changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in model.items()
+                   if saved.get(k) != v and k not in RESUMABLE_CHANGES]
         if changed:
             raise ModelMismatch(
                 f"checkpoint {where} was written for a different model ({'; '.join(changed)}): "

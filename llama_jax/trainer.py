@@ -600,7 +600,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             _check_lora_base(run_of(plan.phase_of_checkpoint(start)), checkpointer.directory / str(start))
             if jax.process_index() == 0:
                 phase = f" ({plan.phase_at(start).name} phase)" if len(plan.phases) > 1 else ""
-                print(f"Resumed from {checkpointer.directory / str(start)}{phase}", flush=True)
+                changes = ckpt.config_changes(checkpointer.saved_config(start),
+                                              plain(plan.phase_of_checkpoint(start).cfg))
+                changed = f", with settings changed since it was saved: {'; '.join(changes)}" if changes else ""
+                print(f"Resumed from {checkpointer.directory / str(start)}{phase}{changed}", flush=True)
         skip = rewind.batches_to_skip(workdir, start) if restored is not None else 0
         if start >= plan.total_steps and jax.process_index() == 0:
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "

@@ -60,7 +60,9 @@ def test_default_job_learns_logs_and_resumes(tmp_path, cache_dir):
 
     second = run_cli(workdir, cache_dir, "--config.train.steps=24", *QUICK)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"Resumed from {workdir / 'checkpoints' / '16'}\n" in second.stdout  # one phase: none named
+    # one phase: none named; the settings changed since the checkpoint
+    assert (f"Resumed from {workdir / 'checkpoints' / '16'}, with settings changed since it was saved: train.steps: 16 "
+            "-> 24\n") in second.stdout
     assert "Training: steps 16 to 24, batch 8 x 128 tokens" in second.stdout
     resumed = read_metrics(workdir)
     assert resumed[:4] == lines, "the first run's lines must be kept as they were"
@@ -340,8 +342,8 @@ def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir
     other.model.remat, other.model.scan_layers, other.model.attention = "full", False, "flash"
     trainer.train(other, workdir)
     said = capsys.readouterr().out
-    assert ("Resuming checkpoint 3 with model.attention: 'xla' -> 'flash'; model.remat: 'dots_no_batch' -> 'full'; "
-            "model.scan_layers: True -> False (how the model runs, not what it computes)") in said
+    assert ("checkpoints/3, with settings changed since it was saved: model.attention: 'xla' -> 'flash'; model.remat: "
+            "'dots_no_batch' -> 'full'; model.scan_layers: True -> False; train.steps: 3 -> 6\n") in said
     resumed, expected = ([m["loss"] for m in read_metrics(w)] for w in (workdir, straight))
     assert resumed[:3] == expected[:3] and np.allclose(resumed[3:], expected[3:], rtol=1e-4), (resumed, expected)
     other.model.param_dtype = "bfloat16"  # the stored state's dtype is what a checkpoint holds
