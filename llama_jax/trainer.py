@@ -599,11 +599,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
             _check_lora_base(run_of(plan.phase_of_checkpoint(start)), checkpointer.directory / str(start))
             if jax.process_index() == 0:
-                phase = f" ({plan.phase_at(start).name} phase)" if len(plan.phases) > 1 else ""
-                changes = ckpt.config_changes(checkpointer.saved_config(start),
-                                              plain(plan.phase_of_checkpoint(start).cfg))
-                changed = f", with settings changed since it was saved: {'; '.join(changes)}" if changes else ""
-                print(f"Resumed from {checkpointer.directory / str(start)}{phase}{changed}", flush=True)
+                print(_resumed(checkpointer, plan, start), flush=True)
         skip = rewind.batches_to_skip(workdir, start) if restored is not None else 0
         if start >= plan.total_steps and jax.process_index() == 0:
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
@@ -640,6 +636,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         watchdog.stop()
         preemption.restore()
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
+
+
+def _resumed(checkpointer: ckpt.Checkpointer, plan: RunPlan, step: int) -> str:
+    """"Resumed from CHECKPOINT", with the phase it resumes in (a run of several) and every setting that differs
+    from the checkpoint's own config: a longer train.steps stretches the schedule, a new seed another data order."""
+    phase = f" ({plan.phase_at(step).name} phase)" if len(plan.phases) > 1 else ""
+    changes = ckpt.config_changes(checkpointer.saved_config(step), plain(plan.phase_of_checkpoint(step).cfg))
+    changed = f", with settings changed since it was saved: {'; '.join(changes)}" if changes else ""
+    return f"Resumed from {checkpointer.directory / str(step)}{phase}{changed}"
 
 
 def _skip_batches(train_iter: grain.DatasetIterator, count: int, step: int, workdir: epath.Path) -> None:
