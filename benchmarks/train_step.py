@@ -59,8 +59,8 @@ VOCAB = 32000
 # glibc malloc settings each framework is measured with, the fastest kept: "default"; "huge_pages", what our command
 # line sets (llama_jax/huge_pages.py); "heap", huge pages and no mmap at all, in one arena never trimmed, so that
 # memory a step frees is reused by the next instead of mapped again, and zeroed, by the kernel: PyTorch eager and
-# torch.compile ran 20-30% faster with it at 50m, ours 11%, at up to 2.5 times the peak memory (README
-# "Performance").
+# torch.compile ran 20-30% faster with it at 50m, ours 11%, at up to 2.5 times the peak memory
+# (benchmarks/README.md).
 MALLOC = ("default", "huge_pages", "heap")
 HEAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=68719476736"
 
@@ -88,7 +88,7 @@ def model_cfg(size: str):
                               attention="flash", scan_layers=False, **shape)
     cfg.data.batch_size, cfg.data.seq_len = batch, seq
     # 1,024 tokens of logits at a time: on this CPU the head's products run faster on chunks that fit in its caches,
-    # while each chunk adds one pass over the head's weight gradient (measured: README "Performance").
+    # while each chunk adds one pass over the head's weight gradient (measured: benchmarks/README.md).
     cfg.objective.loss_chunk_len = 1024 // batch
     cfg.mesh.data = 1
     return cfg

@@ -6,7 +6,7 @@ Why: on the CPU backend every execution of the jitted step allocates its tempora
 fresh mmap and returns it with munmap, so each step touches about a million new 4 KiB pages, a page fault each: 2-4 s
 of kernel time per step on this project's 2-core machine. With the tunable, malloc marks those mappings for
 transparent huge pages (the kernel's default THP mode, `madvise`, gives them only to memory marked so): 512 times
-fewer faults, and the 50m and 150m steps run about 10% faster (README "Performance"). The cost is once per process:
+fewer faults, and the 50m and 150m steps run about 10% faster (benchmarks/README.md). The cost is once per process:
 on a VM that hands the memory its guest frees back to the host (this project's 2-core machine), a process's first
 huge pages come slowly, and the first step at 50m takes 12 s longer than the next. On accelerators the step's
 buffers are device memory, and the tunable only changes how the host's large allocations are backed.

@@ -3,7 +3,7 @@
 Why: XLA's CPU backend runs a bfloat16 x bfloat16 dot with a float32 result on its YNNPACK path, which uses the
 CPU's AMX/avx512_bf16 units (600-1,400 GFLOP/s measured on this project's CPU), while a bfloat16 result, the one
 that `jnp.einsum` on bfloat16 operands asks for and that JAX's autodiff asks for in the backward pass, runs at
-about 220 (README "Performance"). Here the forward product and both products of the backward pass ask for float32
+about 220 (benchmarks/README.md). Here the forward product and both products of the backward pass ask for float32
 and round to the operands' dtype afterwards, which is also what a bfloat16 dot computes inside: the results are the
 same up to the summation order. On GPU and TPU a float32 result of bfloat16 operands is the native form too.
 The vocabulary head keeps its float32 logits; its float32 cotangent is rounded to bfloat16 for the backward
