@@ -32,8 +32,9 @@ def get_config(options: str = ""):
         try:
             settings[name] = type(settings[name])(value)
         except (KeyError, ValueError):
-            raise ConfigError(f"configs/llama3_recipe_tiny.py: option {item!r} is not devices=N (an integer) or scale=F "
-                              "(a number), e.g. --config configs/llama3_recipe_tiny.py:devices=2,scale=0.08") from None
+            raise ConfigError(f"configs/llama3_recipe_tiny.py: option {item!r} is not devices=N (an integer) or "
+                              "scale=F (a number), e.g. --config configs/llama3_recipe_tiny.py:devices=2,scale=0.08"
+                              ) from None
     context = 2 if settings["devices"] > 1 else 1
     scale = settings["scale"]
     cfg = default_config()

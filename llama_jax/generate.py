@@ -351,7 +351,8 @@ def _prompt(where: str, record: bytes | dict) -> str:
         try:
             record = json.loads(record.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise DataError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): write UTF-8 JSON Lines") from None
+            raise DataError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): write UTF-8 JSON Lines"
+                            ) from None
         except ValueError as e:
             raise DataError(f'{where} is not valid JSON ({e}): write one object {{"prompt": ...}} per line') from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
@@ -370,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model directory, or a llama_jax workdir/checkpoint")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     parser.add_argument("--prompts_file", default=None,
-                        help="more prompts: one per line, or records {\"prompt\": ...} in JSON Lines (.jsonl, .jsonl.gz, "
-                             ".jsonl.zst) or Parquet")
+                        help="more prompts: one per line, or records {\"prompt\": ...} in JSON Lines (.jsonl, "
+                             ".jsonl.gz, .jsonl.zst) or Parquet")
     parser.add_argument("--chat", action="store_true",
                         help="treat each prompt as a user message, rendered with the checkpoint's chat template "
                              "(its tokenizer_config.json or chat_template.jinja; else the Llama 3 format)")

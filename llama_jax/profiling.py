@@ -1,13 +1,13 @@
 """A `jax.profiler` trace of a few training steps (`train.profile_steps`), to see where a step's time goes.
 
 The trace starts after the first `train.profile_skip` steps this process runs of a phase, since the first compiles
-the step and the next is the first to use its memory (see benchmarks/README.md, "The first step"), so that it shows steady steps; each
-phase of a run compiles a step of its own, so each is traced in its own window (into WORKDIR/profile/<phase>). Each
-traced step is marked as one (`StepTraceAnnotation`, with its step number), and waited for inside that mark: a
-step's dispatch returns before its work is done (on a CPU too), so the mark would otherwise hold the dispatch only,
-and XProf's step times would be dispatch times. So in the trace the loop's work for the next step (taking its batch,
-placing it on the devices) no longer overlaps this step's; it shows as the gap between the marks. The last step's
-work is all in the trace.
+the step and the next is the first to use its memory (see benchmarks/README.md, "The first step"), so that it shows
+steady steps; each phase of a run compiles a step of its own, so each is traced in its own window (into
+WORKDIR/profile/<phase>). Each traced step is marked as one (`StepTraceAnnotation`, with its step number), and
+waited for inside that mark: a step's dispatch returns before its work is done (on a CPU too), so the mark would
+otherwise hold the dispatch only, and XProf's step times would be dispatch times. So in the trace the loop's work
+for the next step (taking its batch, placing it on the devices) no longer overlaps this step's; it shows as the gap
+between the marks. The last step's work is all in the trace.
 
 Only process 0 traces (MaxText, too, keeps only the first host's trace unless told otherwise): every process runs
 the same program, and processes that share a host would write files of the same name (a trace's are named after

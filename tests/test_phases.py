@@ -149,7 +149,8 @@ def test_an_annealing_phase_decays_linearly_from_where_the_schedule_stands():
 
 def _run_cfg(batch_size=16, seq_len=256, ramp=(), phases=()):
     cfg = default_config()
-    cfg.data.batch_size, cfg.data.seq_len, cfg.data.ramp, cfg.train.steps, cfg.phases = batch_size, seq_len, ramp, 30, phases
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.ramp = batch_size, seq_len, ramp
+    cfg.train.steps, cfg.phases = 30, phases
     return cfg
 
 
