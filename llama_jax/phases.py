@@ -72,7 +72,7 @@ class Phase:
         40"."""
         shapes = [(self.start_step + max(s.start_step, step - self.start_step), s.batch_size, s.seq_len)
                   for s in self.batches.stages
-                  if self.start_step + s.start_step < self.stop_step
+                  if self.start_step + s.start_step < self.stop_step and s.num_steps != 0
                   and (s.stop_step is None or self.start_step + s.stop_step > step)]
         return ", ".join(f"{b} x {t}" + (f" from step {start}" if i else "") for i, (start, b, t) in enumerate(shapes))
 

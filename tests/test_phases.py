@@ -177,6 +177,10 @@ def test_a_resume_that_batches_the_trained_steps_otherwise_is_refused_with_the_r
     assert RunPlan(_run_cfg(ramp=((20 * 16 * 256, 32, 256),))).phases[0].describe_batches(0) == \
         "16 x 256, 32 x 256 from step 20"
     assert RunPlan(_run_cfg(ramp=((20 * 16 * 256, 32, 256),))).phases[0].describe_batches(25) == "32 x 256"
+    # A stage whose start the one before already passed has no steps, and is neither named nor compared.
+    skipped = RunPlan(_run_cfg(ramp=((100, 32, 256), (200, 64, 256)))).phases[0]
+    assert skipped.describe_batches(0) == "16 x 256, 64 x 256 from step 1"
+    assert skipped.batches.placement(5) == [(0, 16, 256), (1, 64, 256)]
 
     # A later phase's steps count from its own start, and the fix names the phase.
     long = (phase("long", steps=10, data=dict(seq_len=512, batch_size=8)),)
