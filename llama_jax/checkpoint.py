@@ -156,6 +156,10 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict:
         """The config checkpoint `step` was written with (its phase's, as plain JSON), read without its arrays."""
+        return self.saved_meta(step)["config"]
+
+    def saved_meta(self, step: int) -> dict:
+        """Checkpoint `step`'s meta item (its config, the run's, what it had trained on), read without its arrays."""
         meta_file = self.directory / str(step) / "meta" / "metadata"
         if not meta_file.exists():
             raise CheckpointError(
@@ -163,12 +167,12 @@ class Checkpointer:
                 f"from an earlier step, or use a fresh --workdir"
             )
         try:
-            config = json.loads(meta_file.read_text())["config"]
-            if not isinstance(config.get("model"), dict):
+            meta = json.loads(meta_file.read_text())
+            if not isinstance(meta["config"].get("model"), dict):
                 raise KeyError("model")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"checkpoint {meta_file.parent.parent} has an unreadable meta/metadata ({err})") from err
-        return config
+        return meta
 
     def check_model(self, step: int, model: dict, config: dict) -> None:
         """Refuses, before reading any array, a checkpoint written for another model config or train state (LoRA,

@@ -160,6 +160,19 @@ class RunPlan:
 
         return tokens_before
 
+    def check_resume(self, saved_meta: dict, step: int) -> None:
+        """Refuses a config that batches the steps before checkpoint `step` otherwise than the run that saved it:
+        first within the checkpoint's phase (`Phase.check_resume`, which names the fix), then over the whole run by
+        the tokens it had seen (a checkpoint's `tokens_seen`): an earlier phase's batch shape changed."""
+        self.phase_of_checkpoint(step).check_resume(saved_meta["config"], step)
+        seen, counted = saved_meta.get("tokens_seen"), self.tokens_before(step)
+        if seen is not None and seen != counted:
+            raise ConfigError(
+                f"the checkpoint of step {step} had trained on {seen:,} tokens, and this config counts {counted:,} for "
+                "the steps before it: the batch size or sequence length of an earlier phase changed (its data, or "
+                "train.steps / the budgets that end it), so its data position and token count would be wrong. Keep "
+                "the earlier phases as the run trained them")
+
     def keep_steps(self) -> list[int]:
         """Checkpoints that must outlive the keep policy: those a phase averages."""
         return [s for p in self.phases if p.average for s in p.save_steps()]

@@ -585,7 +585,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
 
     def target(step: int) -> ckpt.RestoreTarget:
         p = plan.phase_of_checkpoint(step)
-        p.check_resume(checkpointer.saved_config(step), step)
+        plan.check_resume(checkpointer.saved_meta(step), step)
         abstract = run_of(p).abstract_state
         restored_iterators[step] = data[p.index].iterator()
         return ckpt.RestoreTarget(p.cfg.model.to_dict(), abstract.params, abstract.opt_state, restored_iterators[step],
@@ -984,7 +984,7 @@ class _Loop:
         """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs) and the
         whole run's."""
         jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
-        saved_meta = {**self.meta, "goodput": self.goodput.ledger()}
+        saved_meta = {**self.meta, "goodput": self.goodput.ledger(), "tokens_seen": self.plan.tokens_before(done)}
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint save"):
             self.logger.flush()  # every line up to this step exists before the step can be restored
             self.checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)

@@ -193,6 +193,21 @@ def test_a_resume_that_batches_the_trained_steps_otherwise_is_refused_with_the_r
             .check_resume(plain(later.cfg), 35)
 
 
+def test_a_resume_after_an_earlier_phase_changed_its_batch_is_refused_by_the_tokens_seen():
+    """The checkpoint's own phase batches as before, so only the tokens the checkpoint had seen show the change."""
+    long = (phase("long", steps=10, data=dict(seq_len=512, batch_size=8)),)
+    plan = RunPlan(_run_cfg(phases=long))
+    meta = {"config": plain(plan.phases[1].cfg), "tokens_seen": plan.tokens_before(35)}
+    plan.check_resume(meta, 35)
+    changed = RunPlan(_run_cfg(batch_size=32, phases=long))
+    assert changed.phases[1].start_step == 30, "step budgets: the phases start where they did"
+    changed.check_resume({"config": meta["config"]}, 35)  # a checkpoint from before tokens_seen was saved
+    with pytest.raises(ConfigError, match=f"the checkpoint of step 35 had trained on {30 * 16 * 256 + 5 * 8 * 512:,} "
+                                          f"tokens, and this config counts {30 * 32 * 256 + 5 * 8 * 512:,} .* an "
+                                          "earlier phase changed"):
+        changed.check_resume(meta, 35)
+
+
 def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_the_suggested_ramp(
         tmp_path, cache_dir, capsys):
     cfg = load_config_file("tiny.py")
@@ -210,6 +225,7 @@ def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_
     assert "Training: steps 4 to 6, batch 16 x 64 tokens" in said
     assert "with settings changed since it was saved: data.ramp: [] -> [[2048, 16, 64]]; train.steps: 4 -> 6\n" in said
     assert [m["tokens"] for m in read_metrics(tmp_path)] == [512, 1024, 1536, 2048, 3072, 4096]
+    assert json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())["tokens_seen"] == 4096
 
 
 def test_the_loss_guard_knows_non_finite_steps_and_spikes():
