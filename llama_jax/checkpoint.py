@@ -67,16 +67,21 @@ RESUMABLE_CHANGES = tuple(f for f in RUNTIME_FIELDS if f != "param_dtype")
 
 def config_changes(saved: dict, config: dict) -> list[str]:
     """"KEY: saved -> now" for each setting of both configs (plain JSON, as checkpoints store them) whose value
-    differs, by dotted key: what a resumed run does otherwise than the run that saved its checkpoint."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        items = {}
-        for key, value in tree.items():
-            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return items
+    differs, by dotted key (a list of sections, like `phases`, by index): what a resumed run does otherwise than the
+    run that saved its checkpoint."""
+    def changes(before, now, key: str):
+        if isinstance(before, dict) and isinstance(now, dict):
+            for name in sorted(before.keys() & now.keys()):
+                yield from changes(before[name], now[name], f"{key}.{name}" if key else name)
+        elif isinstance(before, list) and isinstance(now, list) and all(isinstance(v, dict) for v in before + now):
+            if len(before) != len(now):
+                yield f"{key}: {len(before)} entries -> {len(now)}"
+            for index, (was, is_now) in enumerate(zip(before, now)):
+                yield from changes(was, is_now, f"{key}[{index}]")
+        elif before != now:
+            yield f"{key}: {before!r} -> {now!r}"
 
-    before, now = flat(saved), flat(json.loads(json.dumps(config)))
-    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before.keys() & now.keys())
-            if before[key] != now[key]]
+    return list(changes(saved, json.loads(json.dumps(config)), ""))
 
 
 class ModelMismatch(CheckpointError):

@@ -90,16 +90,17 @@ class Phase:
             return
         seen = saved.tokens_before(trained)
         new = self.batches.stage(trained)
+        was, now = _describe(saved.placement(trained)), _describe(self.batches.placement(trained))
         ramp = ([tuple(e) for e in data.get("ramp", ()) if e[0] < seen] + [(seen, new.batch_size, new.seq_len)]
                 + [tuple(e) for e in self.cfg.data.ramp if e[0] > seen])
         where = "data" if self.index == 0 else f"phases[{self.index - 1}] ({self.name!r}) data"
         raise ConfigError(
-            f"the checkpoint of step {step} was trained with batches {_describe(saved, trained)}, and this config "
-            f"batches those steps as {_describe(self.batches, trained)}: batches are placed by step, so the rows "
-            f"after the checkpoint would not be those that follow it, and the tokens seen would be miscounted. To "
-            f"change the batch from step {step} on, keep {where}.batch_size={data['batch_size']} and "
-            f"seq_len={data['seq_len']} and set {where}.ramp={tuple(ramp)!r} (a stage that starts at the "
-            f"{seen:,} tokens seen by then); to fit memory with the same batch, raise optim.grad_accum instead")
+            f"the checkpoint of step {step} was trained with batches {was}, and this config batches those steps as "
+            f"{now}: batches are placed by step, so the rows after the checkpoint would not be those that follow it, "
+            f"and the tokens seen would be miscounted. To change the batch from step {step} on, keep "
+            f"{where}.batch_size={data['batch_size']} and seq_len={data['seq_len']} and set {where}.ramp="
+            f"{tuple(ramp)!r} (a stage that starts at the {seen:,} tokens seen by then); to fit memory with the same "
+            "batch, raise optim.grad_accum instead")
 
     def save_steps(self) -> list[int]:
         """The steps this phase checkpoints at, counted from the run's start: every `checkpoint.every_steps` of the
@@ -160,13 +161,31 @@ class RunPlan:
 
         return tokens_before
 
+    def placement(self, steps: int) -> list[tuple[int, int, int]]:
+        """(first step, batch_size, seq_len) of each phase's stages that the run's steps [0, steps) use, in the run's
+        steps: two plans of the same placement put the same rows of each phase's stream into those steps."""
+        return [(p.start_step + start, b, t) for p in self.phases if p.start_step < steps
+                for start, b, t in p.batches.placement(min(steps, p.stop_step) - p.start_step)]
+
     def check_resume(self, saved_meta: dict, step: int) -> None:
         """Refuses a config that batches the steps before checkpoint `step` otherwise than the run that saved it:
         first within the checkpoint's phase (`Phase.check_resume`, which names the fix), then over the whole run by
-        the tokens it had seen (a checkpoint's `tokens_seen`): an earlier phase's batch shape changed."""
+        the placement the checkpoint stores (`batches`; before it stored one, by its `tokens_seen`): an earlier
+        phase's batch shape or budget changed."""
         self.phase_of_checkpoint(step).check_resume(saved_meta["config"], step)
+        saved, now = saved_meta.get("batches"), self.placement(step)
+        if saved is not None and [tuple(e) for e in saved] != now:
+            differs = next(min(a[0], b[0]) for a, b in zip(saved + [[step]], now + [(step,)]) if tuple(a) != b)
+            p = self.phase_at(differs)
+            where = "train.steps / data" if p.index == 0 else f"phases[{p.index - 1}]"
+            raise ConfigError(
+                f"the checkpoint of step {step} was trained with batches {_describe(saved)}, and this config "
+                f"batches those steps as {_describe(now)}: they part at step {differs} (in the {p.name!r} phase, "
+                f"{where}), so an earlier phase's batch_size, seq_len, ramp or budget changed, and the data position "
+                "and tokens seen of the phases after it would be wrong. Keep the phases before the checkpoint's as "
+                "the run trained them")
         seen, counted = saved_meta.get("tokens_seen"), self.tokens_before(step)
-        if seen is not None and seen != counted:
+        if saved is None and seen is not None and seen != counted:
             raise ConfigError(
                 f"the checkpoint of step {step} had trained on {seen:,} tokens, and this config counts {counted:,} for "
                 "the steps before it: the batch size or sequence length of an earlier phase changed (its data, or "
@@ -178,9 +197,9 @@ class RunPlan:
         return [s for p in self.phases if p.average for s in p.save_steps()]
 
 
-def _describe(schedule: BatchSchedule, steps: int) -> str:
-    """The batch shapes of a schedule's first `steps` steps, as "16 x 256 from step 0, 32 x 256 from step 40"."""
-    return ", ".join(f"{b} x {t} from step {start}" for start, b, t in schedule.placement(steps))
+def _describe(placement: list) -> str:
+    """A placement's batch shapes, as "16 x 256 from step 0, 32 x 256 from step 40"."""
+    return ", ".join(f"{b} x {t} from step {start}" for start, b, t in placement)
 
 
 def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDict, where: str) -> ml_collections.ConfigDict:

@@ -599,7 +599,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             state = TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
             _check_lora_base(run_of(plan.phase_of_checkpoint(start)), checkpointer.directory / str(start))
             if jax.process_index() == 0:
-                print(_resumed(checkpointer, plan, start), flush=True)
+                print(_resumed(checkpointer, cfg, plan, start), flush=True)
         skip = rewind.batches_to_skip(workdir, start) if restored is not None else 0
         if start >= plan.total_steps and jax.process_index() == 0:
             print(f"{workdir} is already at step {start} (the run ends at step {plan.total_steps}): nothing to do; "
@@ -638,11 +638,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
         checkpointer.close()  # waits for an in-flight async save, so no finished step is lost
 
 
-def _resumed(checkpointer: ckpt.Checkpointer, plan: RunPlan, step: int) -> str:
+def _resumed(checkpointer: ckpt.Checkpointer, cfg: ml_collections.ConfigDict, plan: RunPlan, step: int) -> str:
     """"Resumed from CHECKPOINT", with the phase it resumes in (a run of several) and every setting that differs
-    from the checkpoint's own config: a longer train.steps stretches the schedule, a new seed another data order."""
+    from the run's config the checkpoint stores (its phases' overrides included): a longer train.steps stretches the
+    schedule, a new seed another data order, a later phase's new budget moves where it ends."""
     phase = f" ({plan.phase_at(step).name} phase)" if len(plan.phases) > 1 else ""
-    changes = ckpt.config_changes(checkpointer.saved_config(step), plain(plan.phase_of_checkpoint(step).cfg))
+    saved = checkpointer.saved_meta(step)
+    changes = ckpt.config_changes(saved.get("run_config", saved["config"]), plain(cfg))
     changed = f", with settings changed since it was saved: {'; '.join(changes)}" if changes else ""
     return f"Resumed from {checkpointer.directory / str(step)}{phase}{changed}"
 
@@ -984,7 +986,8 @@ class _Loop:
         """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs) and the
         whole run's."""
         jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
-        saved_meta = {**self.meta, "goodput": self.goodput.ledger(), "tokens_seen": self.plan.tokens_before(done)}
+        saved_meta = {**self.meta, "goodput": self.goodput.ledger(), "tokens_seen": self.plan.tokens_before(done),
+                      "batches": self.plan.placement(done)}
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint save"):
             self.logger.flush()  # every line up to this step exists before the step can be restored
             self.checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)

@@ -193,19 +193,38 @@ def test_a_resume_that_batches_the_trained_steps_otherwise_is_refused_with_the_r
             .check_resume(plain(later.cfg), 35)
 
 
-def test_a_resume_after_an_earlier_phase_changed_its_batch_is_refused_by_the_tokens_seen():
-    """The checkpoint's own phase batches as before, so only the tokens the checkpoint had seen show the change."""
+def test_a_resume_after_an_earlier_phase_changed_is_refused_naming_where_the_runs_part():
+    """The checkpoint's own phase batches as before, so only the placement the checkpoint stores shows the change:
+    an earlier phase's batch, or its budget (a moved boundary, even with the same shapes and tokens)."""
     long = (phase("long", steps=10, data=dict(seq_len=512, batch_size=8)),)
     plan = RunPlan(_run_cfg(phases=long))
-    meta = {"config": plain(plan.phases[1].cfg), "tokens_seen": plan.tokens_before(35)}
+    assert plan.placement(35) == [(0, 16, 256), (30, 8, 512)] and plan.placement(30) == [(0, 16, 256)]
+    meta = {"config": plain(plan.phases[1].cfg), "tokens_seen": plan.tokens_before(35),
+            "batches": json.loads(json.dumps(plan.placement(35)))}
     plan.check_resume(meta, 35)
+    RunPlan(_run_cfg(phases=(phase("long", steps=20, data=dict(seq_len=512, batch_size=8)),))).check_resume(meta, 35)
     changed = RunPlan(_run_cfg(batch_size=32, phases=long))
     assert changed.phases[1].start_step == 30, "step budgets: the phases start where they did"
-    changed.check_resume({"config": meta["config"]}, 35)  # a checkpoint from before tokens_seen was saved
+    changed.check_resume({"config": meta["config"]}, 35)  # a checkpoint from before either was saved
+    with pytest.raises(ConfigError, match=r"step 35 was trained with batches 16 x 256 from step 0, 8 x 512 from step "
+                                          r"30, and this config batches those steps as 32 x 256 from step 0, 8 x 512 "
+                                          r"from step 30: they part at step 0 \(in the 'pretrain' phase, "
+                                          r"train.steps / data\)"):
+        changed.check_resume(meta, 35)
     with pytest.raises(ConfigError, match=f"the checkpoint of step 35 had trained on {30 * 16 * 256 + 5 * 8 * 512:,} "
                                           f"tokens, and this config counts {30 * 32 * 256 + 5 * 8 * 512:,} .* an "
                                           "earlier phase changed"):
-        changed.check_resume(meta, 35)
+        changed.check_resume({k: v for k, v in meta.items() if k != "batches"}, 35)  # stored tokens_seen only
+
+    same_shape = (phase("more", steps=10, data=dict(seq_len=256, batch_size=16)),)
+    plan = RunPlan(_run_cfg(phases=same_shape))
+    meta = {"config": plain(plan.phases[1].cfg), "batches": plan.placement(35), "tokens_seen": plan.tokens_before(35)}
+    moved = _run_cfg(phases=same_shape)
+    moved.train.steps = 28
+    assert RunPlan(moved).tokens_before(35) == meta["tokens_seen"], "the same tokens: only the placement tells"
+    with pytest.raises(ConfigError, match=r"as 16 x 256 from step 0, 16 x 256 from step 28: they part at step 28 "
+                                          r"\(in the 'more' phase, phases\[0\]\)"):
+        RunPlan(moved).check_resume(meta, 35)
 
 
 def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_the_suggested_ramp(
@@ -225,7 +244,8 @@ def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_
     assert "Training: steps 4 to 6, batch 16 x 64 tokens" in said
     assert "with settings changed since it was saved: data.ramp: [] -> [[2048, 16, 64]]; train.steps: 4 -> 6\n" in said
     assert [m["tokens"] for m in read_metrics(tmp_path)] == [512, 1024, 1536, 2048, 3072, 4096]
-    assert json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())["tokens_seen"] == 4096
+    meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["tokens_seen"] == 4096 and meta["batches"] == [[0, 8, 64], [4, 16, 64]]
 
 
 def test_the_loss_guard_knows_non_finite_steps_and_spikes():

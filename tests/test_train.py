@@ -27,7 +27,7 @@ from config_files import load_config_file
 
 from llama_jax import checkpoint, generate, trainer
 from llama_jax import workdir as workdir_lib
-from llama_jax.config import default_config, model_config, model_section
+from llama_jax.config import default_config, model_config, model_section, plain
 from llama_jax.model import param_count
 from llama_jax.phases import phase
 from llama_jax.errors import CheckpointError, ConfigError
@@ -330,6 +330,24 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, cache_dir):
         checkpoint.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         checkpoint.load_model(tmp_path)
+
+
+def test_the_resume_line_names_changed_settings_by_dotted_key_and_a_phase_by_its_index():
+    saved = default_config()
+    saved.phases = (phase("long", steps=10, data=dict(seq_len=512)), phase("anneal", steps=4, lr="anneal"))
+    now = default_config()
+    now.optim.lr = saved.optim.lr / 2
+    now.phases = (phase("long", steps=20, data=dict(seq_len=1024)), phase("anneal", steps=4, lr="anneal"))
+    stored = json.loads(json.dumps(plain(saved)))
+    assert checkpoint.config_changes(stored, plain(saved)) == []
+    assert checkpoint.config_changes(stored, plain(now)) == [
+        f"optim.lr: {saved.optim.lr!r} -> {now.optim.lr!r}", "phases[0].overrides.data.seq_len: 512 -> 1024",
+        "phases[0].steps: 10 -> 20"]
+    now.phases = now.phases[:1]
+    assert checkpoint.config_changes(stored, plain(now))[1:3] == [
+        "phases: 2 entries -> 1", "phases[0].overrides.data.seq_len: 512 -> 1024"]
+    del stored["optim"]["lr"]  # a key the saving version did not have is not a change
+    assert not any(c.startswith("optim.") for c in checkpoint.config_changes(stored, plain(now)))
 
 
 def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir, uninterrupted, capsys):
