@@ -253,6 +253,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if not cfg.data.mixture and not cfg.data.source.strip():
+        raise ConfigError("data.source is empty: give a path, glob, prepared directory or built-in name (the default "
+                          "is stdlib; a directory is read whole, so for this one write '.')")
     if cfg.data.shuffle_window <= 0:
         raise ConfigError(f"data.shuffle_window must be positive (rows), got {cfg.data.shuffle_window}")
     _check_wandb(cfg.train.wandb)

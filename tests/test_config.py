@@ -345,6 +345,15 @@ def test_cli_bad_head_count_exits_2_with_error_line(tmp_path):
     assert not (tmp_path / "cache").exists(), "data was prepared before the config was checked"
 
 
+def test_an_empty_data_source_is_refused_rather_than_read_as_the_working_directory():
+    cfg = default_config()
+    for empty in ("", " "):
+        cfg.data.source = empty
+        assert_config_error(cfg, "data.source is empty", "for this one write '.'")
+    cfg.data.mixture.code = mixture_source("stdlib", weight=1.0)
+    validate(cfg)  # a mixture names its own sources
+
+
 def test_mixture_entries_are_checked_by_name():
     cfg = default_config()
     cfg.data.mixture.code = mixture_source("stdlib", weight=0.4)

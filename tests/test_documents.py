@@ -177,6 +177,14 @@ def test_nothing_matching_is_an_error_naming_the_pattern(tmp_path, pattern):
         assert built_in in str(e.value)  # every name a source may take instead of a path
 
 
+@pytest.mark.parametrize("pattern", ["", "  "])
+def test_an_empty_source_is_an_error_not_the_working_directory(tmp_path, monkeypatch, pattern):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"An empty source names no files. Fix: give a file, a directory \('.' for"):
+        list_files(pattern)
+
+
 def test_url_scheme_epath_does_not_know_is_an_error():
     with pytest.raises(DataError, match="memory://"):
         list_files("memory://corpus/*.txt")

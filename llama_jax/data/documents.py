@@ -136,6 +136,9 @@ def list_files(pattern: str) -> list[epath.Path]:
     directories; local or a URL epath knows. Hidden files and directories are left out, as glob does.
     A built-in source names the files its documents come from, so that manifests and cache keys cover it too.
     """
+    if not pattern.strip():
+        raise DataError("An empty source names no files. Fix: give a file, a directory ('.' for this one), a glob or "
+                        f"a built-in source: {', '.join(BUILTIN_SOURCES)}.")
     if pattern in BUILTIN_SOURCES:
         files = _builtin_files(pattern)
     else:
