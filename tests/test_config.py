@@ -108,6 +108,14 @@ def test_every_config_file_validates_and_reading_it_writes_nothing(tmp_path, mon
     assert not (tmp_path / "home").exists()
 
 
+def test_the_mixture_config_on_prepared_shards_names_the_script_that_makes_them(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'none'} is not a directory of prepared shards: make it first "
+                                          f"with `bash data/prepare_stdlib_mix.sh {tmp_path / 'none'}`"):
+        load_config_file("stdlib_mix.py", str(tmp_path / "none"))
+    cfg = load_config_file("stdlib_mix.py", str(tmp_path))
+    assert cfg.data.mixture.stdlib.source == f"{tmp_path}/stdlib" and cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
+
+
 def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("debug", tie_embeddings=True), "bfloat16")))
     cfg = load_config_file("finetune.py", str(tmp_path))

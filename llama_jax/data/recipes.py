@@ -7,8 +7,10 @@ the scripts that prepare the sources a recipe names.
 from __future__ import annotations
 
 import ml_collections
+from etils import epath
 
 from llama_jax.config import mixture_source
+from llama_jax.errors import ConfigError
 
 # The Llama 3 paper's final pretraining mix (section 3.1.2): "roughly 50% of tokens corresponding to general
 # knowledge, 25% of mathematical and reasoning tokens, 17% code tokens, and 8% multilingual tokens".
@@ -31,6 +33,9 @@ def llama3_mixture(*, general: str, math_reasoning: str, code: str, multilingual
 def stdlib_mixture(prepared_dir: str = "") -> ml_collections.ConfigDict:
     """`data.mixture` over the built-in sources (runs anywhere, with no download), read as raw text or, given
     `prepared_dir`, from the prepared shards in prepared_dir/<source name> (see data/prepare_stdlib_mix.sh)."""
+    if prepared_dir and not epath.Path(prepared_dir).is_dir():
+        raise ConfigError(f"{prepared_dir} is not a directory of prepared shards: make it first with "
+                          f"`bash data/prepare_stdlib_mix.sh {prepared_dir}`")
     return ml_collections.ConfigDict({
         name: mixture_source(f"{prepared_dir}/{name}" if prepared_dir else name, weight)
         for name, weight in STDLIB_MIX.items()
