@@ -20,7 +20,7 @@ import time
 import grain
 import jax
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, train_step, trainer
 from llama_jax.config import default_config, model_section
 from llama_jax.model import ModelDef, param_count
 from llama_jax.optim import make_optimizer
@@ -33,7 +33,7 @@ def measure(name: str, model: dict, repeats: int) -> dict:
     cfg.model = model
     model_def = ModelDef(trainer.model_config(cfg))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state = jax.jit(functools.partial(trainer.init_state, model_def, tx, 0))()
+    state = jax.jit(functools.partial(train_step.init_state, model_def, tx, 0))()
     jax.block_until_ready(state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     data_iter = iter(grain.MapDataset.range(1000).to_iter_dataset())

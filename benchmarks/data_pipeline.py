@@ -27,7 +27,7 @@ import grain
 import jax
 import psutil
 
-from llama_jax import trainer
+from llama_jax import train_step, trainer
 from llama_jax.config import batch_schedule, default_config, model_section
 from llama_jax.data import documents
 from llama_jax.data.pipeline import TrainBatches
@@ -80,7 +80,7 @@ def trainer_tokens_per_second(cache_dir: Path, store, steps: int) -> float:
     plan = TrainBatches([store], [1.0], batch_schedule(cfg), seed=0)
     iterator = iter(plan.dataset().to_iter_dataset(READ_OPTIONS))
     schedule = lambda step: cfg.optim.lr  # noqa: E731  (the value is irrelevant to the timing)
-    step_fn = jax.jit(trainer.make_train_step(run.model_def, run.tx, schedule, 1), donate_argnums=0)
+    step_fn = jax.jit(train_step.make_train_step(run.model_def, run.tx, schedule, 1), donate_argnums=0)
     with jax.set_mesh(run.mesh):
         state = run.init()
         for _ in range(2):

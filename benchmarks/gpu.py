@@ -11,7 +11,7 @@ First, the GPU-only checks that the test suite cannot run: each attention kernel
 flash, XLA) against the reference attention on packed documents in bfloat16, outputs and q/k/v gradients, their
 largest error relative to the largest entry (off a GPU, cuDNN is skipped and Triton runs in Pallas's interpreter).
 Then, per size, in a process of its own each:
-  llama_jax: the jitted, donated training step (trainer.make_train_step: forward, backward, AdamW with clipping),
+  llama_jax: the jitted, donated training step (train_step.make_train_step: forward, backward, AdamW with clipping),
     once per attention kernel;
   PyTorch: `LlamaForCausalLM` with SDPA attention (its flash kernel for causal bfloat16), float32 parameters under
     bfloat16 autocast, fused AdamW; eager and `torch.compile` (skipped with --no-compile).

@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama_jax import trainer  # noqa: E402
+from llama_jax import train_step, trainer  # noqa: E402
 from llama_jax.config import default_config, model_section  # noqa: E402
 from llama_jax.optim import lr_schedule  # noqa: E402
 from llama_jax.plan import plan  # noqa: E402
@@ -64,7 +64,7 @@ def make_cfg(preset: str, batch: int, seq: int, layout: dict):
 
 def compiled_step(cfg, devices=None):
     run = trainer.setup(cfg, Path(tempfile.mkdtemp()), devices)
-    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1, run.layers_fn,
+    step = jax.jit(train_step.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1, run.layers_fn,
                                            run.scheduled_grads),
                    in_shardings=(run.state_shardings, run.batch_sharding), donate_argnums=0)
     b, t = cfg.data.batch_size, cfg.data.seq_len

@@ -113,7 +113,7 @@ def time_llama_jax(cfg, tokens: np.ndarray, steps: int) -> dict:
 
     import jax
 
-    from llama_jax import trainer
+    from llama_jax import train_step, trainer
     from llama_jax.optim import lr_schedule
 
     b, t = tokens.shape
@@ -124,7 +124,7 @@ def time_llama_jax(cfg, tokens: np.ndarray, steps: int) -> dict:
     ))
     with jax.set_mesh(run.mesh):
         state = run.init()
-        step_fn = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1,
+        step_fn = jax.jit(train_step.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 1000), 1,
                                                   loss_chunk_len=cfg.objective.loss_chunk_len), donate_argnums=0)
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()

@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's persistent compilation cache, one directory for the test processes and one for the commands they start,
 # which have other device counts and thread pools. Many tests build the same corpora and compile the same small
 # programs; with the caches each is built and compiled once (a fresh compilation cache made test_dpo.py and
-# test_trainer_step.py 12% faster run alone, and the suite repeats programs across files). A size limit turns on
+# test_train_step.py 12% faster run alone, and the suite repeats programs across files). A size limit turns on
 # JAX's file lock, so that a worker never reads an entry the other is writing.
 TESTS_CACHE = "LLAMA_JAX_TESTS_CACHE"
 if TESTS_CACHE not in os.environ:

@@ -16,6 +16,7 @@ from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
 from llama_jax import checkpoint, trainer
+from llama_jax import train_step
 from llama_jax.config import eval_source, model_config
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ def data_of(cfg, tmp_path):
 
 
 def jitted_step(run, cfg):
-    fn = trainer.make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
+    fn = train_step.make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
                                  loss_chunk_len=cfg.objective.loss_chunk_len, objective=cfg.objective)
     return jax.jit(fn, in_shardings=(run.state_shardings, run.batch_sharding),
                    out_shardings=(run.state_shardings, mesh_lib.replicated(run.mesh))).lower(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from test_trainer_step import BATCHES, Harness, assert_steps_match, make_cfg, setup_run
+from test_train_step import BATCHES, Harness, assert_steps_match, make_cfg, setup_run
 
 from llama_jax import plan as plan_lib
 from llama_jax.config import default_config, model_section, validate

@@ -26,7 +26,7 @@ from flax import nnx
 from jax_features import triton_attention_shipped
 from test_flash import BF16_ATOL_OF_MAX, F32_ATOL, SEGMENTS, assert_close, grads, qkv
 from test_parallel import case_cfg, references  # noqa: F401 (a fixture)
-from test_trainer_step import Harness, assert_steps_match, setup_run
+from test_train_step import Harness, assert_steps_match, setup_run
 
 from llama_jax import plan as plan_lib
 from llama_jax.config import default_config, model_section, validate

@@ -23,6 +23,7 @@ from posttrain_fixtures import VOCAB, tiny_base
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import lora, trainer
+from llama_jax import train_step
 from llama_jax.config import default_config, model_config, validate
 from llama_jax.convert import load_hf, open_source
 from llama_jax.data.corpus import load_corpus
@@ -101,7 +102,7 @@ def test_steps_train_only_the_adapters_and_lower_the_loss(base, tmp_path):
     cfg = lora_config(base)
     run = trainer.setup(cfg, tmp_path)
     full = trainer.setup(_full_config(base), tmp_path / "full")
-    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
+    step = jax.jit(train_step.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
                                            lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
                    out_shardings=(run.state_shardings, None), donate_argnums=0)
@@ -287,7 +288,7 @@ def lora_reward_config(base, **changes):
 
 
 def pair_step(run, cfg, batch):
-    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
+    step = jax.jit(train_step.make_train_step(run.model_def, run.tx, run.schedule, cfg.optim.grad_accum, run.layers_fn,
                                            loss_chunk_len=cfg.objective.loss_chunk_len, objective=cfg.objective,
                                            lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
@@ -433,10 +434,10 @@ def test_pair_objectives_give_each_microbatch_its_index():
     def loss_fn(params, opt_state, mb, totals, index):
         return jnp.sum(params["w"]) * index, {}
 
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(3)}, ())
+    state = train_step.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(3)}, ())
     batch = {"tokens": jnp.zeros((6, 2), jnp.int32)}
     for grad_accum, indices in ((1, [0]), (3, [0, 1, 2])):
-        _, grads, _ = trainer._pair_loss_and_grads((counts, loss_fn), grad_accum, state, batch)
+        _, grads, _ = train_step._pair_loss_and_grads((counts, loss_fn), grad_accum, state, batch)
         np.testing.assert_array_equal(grads["w"], np.full(3, sum(indices), np.float32))
 
 
@@ -448,7 +449,7 @@ def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):
     run = trainer.setup(cfg, tmp_path)
     corpus = load_corpus(cfg.data, cfg.model.vocab_size)
     batches = trainer._phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
-    step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
+    step = jax.jit(train_step.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
                                            loss_chunk_len=32, objective=cfg.objective, lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
                    out_shardings=(run.state_shardings, None), donate_argnums=0)
@@ -501,7 +502,7 @@ def test_adapter_dropout_in_training_steps(base, tmp_path):
              "segment_ids": np.ones((8, 64), np.int32), "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1))}
 
     def compiled_step(cfg, grad_accum=1):
-        step = jax.jit(trainer.make_train_step(run.model_def, run.tx, run.schedule, grad_accum, run.layers_fn,
+        step = jax.jit(train_step.make_train_step(run.model_def, run.tx, run.schedule, grad_accum, run.layers_fn,
                                                lora=lora.LoraStep.of(cfg)),
                        in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
                        out_shardings=(run.state_shardings, None))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax import train_step
 from llama_jax.model.matmul import contracted_axes, project
 
 # (equation, x shape, w shape): the model's projections (q/k/v, output, MLP in and out) and LoRA's adapters
@@ -120,7 +121,7 @@ def test_every_product_of_a_bfloat16_training_step_stays_in_a_ynnpack_fusion(tmp
     batch = run.to_global(dict(tokens=tokens, targets=tokens, segment_ids=np.ones_like(tokens), positions=positions,
                                loss_mask=np.ones(tokens.shape, np.float32)))
     with jax.set_mesh(run.mesh):
-        step = jax.jit(trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 10), 1,
+        step = jax.jit(train_step.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, 10), 1,
                                                loss_chunk_len=seq // 2))
         hlo = step.lower(run.init(), batch).compile().as_text()
     ynn = set(re.findall(r'calls=%([\w.\-]+), [^\n]*"kind":"__ynn_fusion"', hlo))

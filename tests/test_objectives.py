@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llama_jax import trainer
+from llama_jax import train_step
 from llama_jax.config import default_config, model_section
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
@@ -116,10 +117,10 @@ def step_temp_bytes(vocab: int, chunk_len: int, batch: int = 4, seq: int = 1024)
     cfg.model = model_section("debug", vocab_size=vocab, n_layers=1, dtype="float32", max_seq_len=seq)
     model_def = ModelDef(trainer.model_config(cfg))
     tx = make_optimizer(cfg.optim, 10)
-    state = jax.eval_shape(functools.partial(trainer.init_state, model_def, tx, 0))
+    state = jax.eval_shape(functools.partial(train_step.init_state, model_def, tx, 0))
     rows = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
     rows["loss_mask"] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
-    step = jax.jit(trainer.make_train_step(model_def, tx, lr_schedule(cfg.optim, 10), 1, loss_chunk_len=chunk_len),
+    step = jax.jit(train_step.make_train_step(model_def, tx, lr_schedule(cfg.optim, 10), 1, loss_chunk_len=chunk_len),
                    donate_argnums=0)
     return step.lower(state, rows).compile().memory_analysis().temp_size_in_bytes
 

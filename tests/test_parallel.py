@@ -1,5 +1,5 @@
 """4D parallelism on 8 fake CPU devices: every combination of data, fsdp, tensor, pipeline stages and context is the
-same training step as one device, within the float32 tolerances of test_trainer_step.py.
+same training step as one device, within the float32 tolerances of test_train_step.py.
 
 Each case trains two optimizer steps from the single-device initial state and compares loss, gradient norm,
 parameters and AdamW moments with the single-device run of the same model. Three small models cover the cases:
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from test_trainer_step import (BATCHES, Harness, assert_steps_match, leaves_with_sharding, make_cfg, packed_batch,
+from test_train_step import (BATCHES, Harness, assert_steps_match, leaves_with_sharding, make_cfg, packed_batch,
                                setup_run)
 
 from llama_jax.config import validate

@@ -27,6 +27,7 @@ from config_files import REPO, load_config_file
 
 from llama_jax import plan as plan_lib
 from llama_jax import trainer
+from llama_jax import train_step
 from llama_jax.config import PAIR_OBJECTIVES, default_config, model_config, model_section, validate
 from llama_jax.objectives.pairs import PAIR_KEYS, ROW_KEYS
 from llama_jax.optim import lr_schedule
@@ -57,7 +58,7 @@ def small_cfg(mesh: dict, *, preset="tiny", batch=16, seq=256, remat="dots_no_ba
 def xla_bytes_per_device(cfg, workdir) -> int:
     run = trainer.setup(cfg, workdir)
     step = jax.jit(
-        trainer.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum,
+        train_step.make_train_step(run.model_def, run.tx, lr_schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum,
                                 layers_fn=run.layers_fn, scheduled_grads=run.scheduled_grads,
                                 loss_chunk_len=cfg.objective.loss_chunk_len, objective=cfg.objective),
         in_shardings=(run.state_shardings, run.batch_sharding),

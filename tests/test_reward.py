@@ -15,6 +15,7 @@ from posttrain_fixtures import tiny_base
 from test_dpo import data_of, dpo_config, jitted_step
 
 from llama_jax import trainer
+from llama_jax import train_step
 from llama_jax.config import model_config
 from llama_jax.model import ModelDef
 from llama_jax.objectives import reward
@@ -57,7 +58,7 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
     held = run.to_global(data.batches.local_batch(0))
     with jax.set_mesh(run.mesh):
         step = jitted_step(run, cfg)
-        eval_fn = jax.jit(trainer.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective))
+        eval_fn = jax.jit(train_step.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective))
         state = run.init()
         assert not np.any(np.asarray(state.params[reward.HEAD]))
         state, first = step(state, held)
@@ -65,7 +66,7 @@ def test_training_separates_the_pairs_and_the_head_is_its_own_parameter(base, tm
             state, _ = step(state, held if i % 2 == 0 else run.to_global(data.batches.local_batch(i)))
         state, last = step(state, held)
         loss_sum, pairs, held_out = eval_fn(state.params, run.to_global(data.eval_sets["data"][0]))
-        in_parts = jax.jit(trainer.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective,
+        in_parts = jax.jit(train_step.make_eval_step(run.model_def, run.layers_fn, objective=cfg.objective,
                                                   microbatches=2))
         in_parts = in_parts(state.params, run.to_global(data.eval_sets["data"][0]))
     np.testing.assert_allclose(float(first["loss"]), math.log(2), rtol=1e-6)  # a zero head ties every pair

@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import trainer
+from llama_jax import train_step
 from llama_jax.config import default_config, model_section
 from llama_jax.errors import ConfigError
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
@@ -115,7 +116,7 @@ class Harness:
         cfg = self.run.cfg
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
         self.step = jax.jit(
-            trainer.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum,
+            train_step.make_train_step(self.run.model_def, self.run.tx, self.schedule, cfg.optim.grad_accum,
                                     self.run.layers_fn, self.run.scheduled_grads,
                                     loss_chunk_len=cfg.objective.loss_chunk_len),
             in_shardings=(self.run.state_shardings, self.run.batch_sharding),
@@ -124,7 +125,7 @@ class Harness:
             compiler_options=FAST_COMPILE,
         )
 
-    def train(self, host_state: trainer.TrainState, batches):
+    def train(self, host_state: train_step.TrainState, batches):
         """Steps from a host copy of the state; returns (host states after each step, host metrics, device state).
 
         Host states are numpy copies: on CPU, jax.device_get returns views of the device buffers and device_put aliases
@@ -370,7 +371,7 @@ def test_evaluation_in_microbatches_matches_the_whole_batch_in_less_memory(refer
     exact_sum, exact_count = masked_mean_nll(init_logits, BATCHES[0])
     temps = {}
     for microbatches in (1, 4):
-        eval_fn = jax.jit(trainer.make_eval_step(run.model_def, microbatches=microbatches))
+        eval_fn = jax.jit(train_step.make_eval_step(run.model_def, microbatches=microbatches))
         with jax.set_mesh(run.mesh):
             loss_sum, count = jax.device_get(eval_fn(params, BATCHES[0]))
             temps[microbatches] = eval_fn.lower(params, BATCHES[0]).compile().memory_analysis().temp_size_in_bytes
