@@ -45,10 +45,10 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
                     lora: lora_lib.LoraStep | None = None) -> Callable:
     """(state, batch) -> (state, metrics); with `skip_bad`, (state, batch, max_loss) -> (state, metrics), where a
     step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
-    were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is split into microbatches whose
-    gradients are summed; every loss is divided by the whole batch's token count, so the result equals the
-    full-batch gradient. `layers_fn` runs the layer stack on the mesh (`Run.layers_fn`); None: in order.
-    `scheduled_grads` (`Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
+    were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is
+    split into microbatches whose gradients are summed; every loss is divided by the whole batch's token count, so
+    the result equals the full-batch gradient. `layers_fn` runs the layer stack on the mesh (`trainer.Run.layers_fn`); None: in order.
+    `scheduled_grads` (`trainer.Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
     "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`
@@ -160,7 +160,8 @@ def make_eval_step(model_def: ModelDef, layers_fn: LayersFn | None = None, *, lo
         def eval_fn(params, batch: Batch):
             base, head = reward_objective.split_params(params)
             totals = {"pairs": jnp.ones((), jnp.float32)}
-            loss, metrics = reward_objective.reward_loss(model_def.merge(base), head, batch, totals, layers_fn=layers_fn)
+            loss, metrics = reward_objective.reward_loss(model_def.merge(base), head, batch, totals,
+                                                         layers_fn=layers_fn)
             return loss, jnp.sum(valid_pairs(batch)), {"pairwise_accuracy": metrics["pairwise_accuracy"]}
     else:
         def eval_fn(params, batch: Batch):
