@@ -223,7 +223,7 @@ def test_bad_records_are_counted_skipped_and_located(tmp_path, capsys):
     assert (report.documents, report.files) == (2, 3)
     assert (report.empty, report.bad_json, report.missing_field, report.invalid_utf8) == (2, 1, 3, 2)
     a = tmp_path / "a.jsonl"
-    assert report.examples["missing_field"] == [f"{a}:4", f"{a}:5", f"{a}:6"]
+    assert report.examples["missing_field"] == [f"{a}:4 has title", f"{a}:5 has text as int", f"{a}:6 is a list"]
     summary = report.summary()
     assert summary.startswith("read 2 documents from 3 files; skipped ")
     for expected in [f"1 malformed JSON line ({a}:3)", f"{a}:2, {tmp_path / 'b.txt'})",

@@ -426,9 +426,20 @@ def _jsonl_text(line: bytes, location: str, text_field: str, report: ReadReport)
         return None
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
-        report.skip("missing_field", location)
+        report.skip("missing_field", f"{location} {_what_it_has(record, text_field)}")
         return None
     return text
+
+
+def _what_it_has(record, text_field: str) -> str:
+    """What a record without a string text field holds instead ("has id/title", "has text as int", "is a list"), so
+    that the summary shows which field the text is in."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}"
+    if text_field in record:
+        return f"has {text_field} as {type(record[text_field]).__name__}"
+    names = sorted(record)
+    return "has no fields" if not names else "has " + "/".join(names[:6]) + ("/..." if len(names) > 6 else "")
 
 
 def _parquet_documents(path: epath.Path, report: ReadReport, text_field: str) -> Iterator[tuple[str, str]]:
