@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.chat import ChatFormat
-from llama_jax.data.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, read_records
+from llama_jax.data.documents import RECORD_SUFFIXES, read_records
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.memory import report_out_of_memory
 from llama_jax.model import Llama, LlamaConfig
@@ -51,7 +51,6 @@ from llama_jax.parallel.mesh import MESH_AXES, logical_to_spec, make_mesh
 from llama_jax.quantize import logit_error, quantize_fp8
 from llama_jax.workdir import as_path, read_utf8
 
-RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this ...
 BUFFER_MULTIPLE = 64  # ... and the cache (prompt plus new tokens) rounded up to a multiple of this

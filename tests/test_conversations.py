@@ -253,12 +253,23 @@ def test_file_without_a_valid_line_is_a_data_error(tmp_path):
 
 
 def test_missing_file_or_pattern_is_a_data_error_at_the_call(tmp_path):
-    with pytest.raises(DataError, match=r"no file matches .*missing\.jsonl.*check the path"):
+    with pytest.raises(DataError, match=r"No files match .*missing\.jsonl.*check the path"):
         read_conversations(tmp_path / "missing.jsonl")  # raised before iterating
-    with pytest.raises(DataError, match=r"no file matches .*a directory needs a glob such as DIR/\*\.jsonl"):
+    with pytest.raises(DataError, match="No files match"):
         read_preferences(tmp_path)
-    with pytest.raises(DataError, match="no file matches"):
+    with pytest.raises(DataError, match="No files match"):
         read_preferences(tmp_path / "*.jsonl")
+    (tmp_path / "notes.txt").write_text("a text file is not chat data")
+    with pytest.raises(DataError, match=rf"{tmp_path} holds no .jsonl .* .parquet file: write the conversations"):
+        read_conversations(tmp_path)
+
+
+def test_a_directory_gives_its_record_files_recursively(tmp_path):
+    """As for raw text (and as the trainer's advice to prepare a chat directory assumes), not a glob only."""
+    _write(tmp_path / "b.jsonl", [GOOD])
+    _write(tmp_path / "sub" / "a.jsonl", [GOOD, GOOD])
+    (tmp_path / "README.md").write_text("not chat data")
+    assert len(list(read_conversations(tmp_path))) == 3
 
 
 def test_read_preferences_normalises_strings_and_skips_bad_lines(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -28,9 +27,8 @@ import numpy as np
 from etils import epath
 
 from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
-from llama_jax.data.documents import list_files, read_records
+from llama_jax.data.documents import RECORD_SUFFIXES, list_files, read_records
 from llama_jax.errors import DataError
-from llama_jax.workdir import is_remote
 
 _MESSAGES_EXAMPLE = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
                      "(or ShareGPT's conversations, TRL's prompt and completion, Alpaca's instruction and output)")
@@ -201,18 +199,18 @@ def sft_examples(
         _print_skips(report)
 
 
-def _files(path_or_pattern: str | os.PathLike) -> list[Path | epath.Path]:
-    """A gs:// (or other etils.epath) URL is listed as a raw-text source is, the local glob by Python's."""
+def _files(path_or_pattern: str | os.PathLike) -> list[epath.Path]:
+    """The files a chat or preference source names, listed as a raw-text source's are (a file, a glob, local or
+    remote); a directory gives its .jsonl and Parquet files, recursively, since its other files hold no records."""
     pattern = os.fspath(path_or_pattern)
-    if is_remote(pattern):
-        return list_files(pattern)
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise DataError(
-            f"no file matches {pattern!r}: check the path (a directory needs a glob such as DIR/*.jsonl; "
-            "DIR/**/*.jsonl includes subdirectories)"
-        )
-    return paths
+    files = list_files(pattern)
+    if not epath.Path(pattern).is_dir():
+        return files
+    records = [f for f in files if f.name.lower().endswith(RECORD_SUFFIXES)]
+    if not records:
+        raise DataError(f"{pattern} holds no {' '.join(RECORD_SUFFIXES)} file: write the conversations as JSON "
+                        "lines or Parquet, or name the files with a glob")
+    return records
 
 
 def _read(

@@ -51,6 +51,7 @@ BUILTIN_CHAT_SOURCES = {"stdlib_chat": "sft", "stdlib_preferences": "preferences
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
+RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES  # files of records (chat data, prompts), not of plain text
 MAX_EXAMPLES = 5
 _DIGEST_BLOCK = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
