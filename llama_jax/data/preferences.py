@@ -74,7 +74,8 @@ def is_preference_store(store) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_jax.data.preferences",
                                 description="Prepares preference pairs for the reward and dpo objectives.")
-    p.add_argument("--source", required=True, help="file or glob of preference pairs: .jsonl(.gz|.zst) or .parquet")
+    p.add_argument("--source", required=True,
+                   help="file, glob or directory of preference pairs: .jsonl(.gz|.zst) or .parquet")
     p.add_argument("--tokenizer", required=True, help="the tokenizer (directory) the model was trained with")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--eval_fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="held-out fraction of pairs")
