@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 
 import jax.numpy as jnp
@@ -173,9 +174,12 @@ class RunPlan:
         the placement the checkpoint stores (`batches`; before it stored one, by its `tokens_seen`): an earlier
         phase's batch shape or budget changed."""
         self.phase_of_checkpoint(step).check_resume(saved_meta["config"], step)
-        saved, now = saved_meta.get("batches"), self.placement(step)
-        if saved is not None and [tuple(e) for e in saved] != now:
-            differs = next(min(a[0], b[0]) for a, b in zip(saved + [[step]], now + [(step,)]) if tuple(a) != b)
+        if "batches" in saved_meta:
+            saved, now = [tuple(stage) for stage in saved_meta["batches"]], self.placement(step)
+            if saved == now:
+                return
+            differs = next(min(stage[0] for stage in pair if stage) for pair in itertools.zip_longest(saved, now)
+                           if pair[0] != pair[1])  # the first step that either puts into another stage
             p = self.phase_at(differs)
             where = "train.steps / data" if p.index == 0 else f"phases[{p.index - 1}]"
             raise ConfigError(
@@ -185,7 +189,7 @@ class RunPlan:
                 "and tokens seen of the phases after it would be wrong. Keep the phases before the checkpoint's as "
                 "the run trained them")
         seen, counted = saved_meta.get("tokens_seen"), self.tokens_before(step)
-        if saved is None and seen is not None and seen != counted:
+        if seen is not None and seen != counted:
             raise ConfigError(
                 f"the checkpoint of step {step} had trained on {seen:,} tokens, and this config counts {counted:,} for "
                 "the steps before it: the batch size or sequence length of an earlier phase changed (its data, or "
