@@ -333,7 +333,8 @@ def read_prompts(path: str | Path) -> list[str]:
     with line breaks needs records). The file may be a URL."""
     path = as_path(path)
     if not path.is_file():
-        raise DataError(f"prompts file {path} does not exist: pass a text file with one prompt per line, or .jsonl")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"prompts file {path} {problem}: pass a text file with one prompt per line, or .jsonl")
     if path.name.lower().endswith(RECORD_SUFFIXES):
         prompts = [_prompt(where, record) for where, record in read_records(path)]
     else:

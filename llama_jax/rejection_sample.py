@@ -43,7 +43,8 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     """The prompts of a JSON Lines file (local or a URL). A bad line is skipped and reported, as in SFT data."""
     path = as_path(path)
     if not path.is_file():
-        raise DataError(f"prompts file {path} does not exist: write one JSON object {{\"prompt\": ...}} per line")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"prompts file {path} {problem}: write one JSON object {{\"prompt\": ...}} per line")
     return list(conversations.read_prompts(path))
 
 

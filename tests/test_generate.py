@@ -459,6 +459,7 @@ def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, caps
 
 @pytest.mark.parametrize("content,problem", [
     (None, "does not exist"),
+    (..., "prompts.jsonl is a directory"),
     ('{"prompt": "a"}\n{"text": "b"}\n', 'prompts.jsonl:2 has no "prompt" string'),
     ('{"prompt": "a"\n', "prompts.jsonl:1 is not valid JSON"),
     ("\n\n", "holds no prompt"),
@@ -468,6 +469,8 @@ def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, c
     path = tmp_path / "prompts.jsonl"
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif content is ...:
+        path.mkdir()
     elif content is not None:
         path.write_text(content)
     assert main(["--checkpoint", str(hf_dir), "--prompts_file", str(path)]) == 2

@@ -79,6 +79,9 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
                                   "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: prompts file ") and "none.jsonl does not exist" in error, error
+    assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(tmp_path),
+                                  "--out", str(out)]) == 2
+    assert f"error: prompts file {tmp_path} is a directory" in capsys.readouterr().err
 
 
 def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
