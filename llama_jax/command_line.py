@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.exit_codes import CONFIG as EXIT_CONFIG
+from llama_jax.workdir import not_a_file
 
 
 def parse(argv: list[str]) -> list[str]:
@@ -43,8 +44,9 @@ def load_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.Co
 
 def _parse(values: flags.FlagValues, argv: list[str]) -> list[str]:
     for config in _config_arguments(argv):
-        if not Path(config.split(":")[0]).is_file():
-            raise ConfigError(f"config file {config.split(':')[0]} does not exist: pass one of configs/*.py (e.g. "
+        path = Path(config.split(":")[0])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} {not_a_file(path)}: pass one of configs/*.py (e.g. "
                               "--config configs/tiny.py) or your own")
     try:
         return values(config_first(argv))

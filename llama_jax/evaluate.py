@@ -59,7 +59,7 @@ from llama_jax.errors import DataError, LlamaJaxError
 from llama_jax.model import Llama, ModelDef
 from llama_jax.objectives import lm_loss_sum, token_nll
 from llama_jax.parallel.mesh import logical_to_spec, replicated
-from llama_jax.workdir import as_path
+from llama_jax.workdir import as_path, not_a_file
 
 TASKS_DIR = Path(__file__).resolve().parent / "data" / "tasks"
 BUILTIN_TASKS = {"stdlib_mc": TASKS_DIR / "stdlib_mc.jsonl"}  # shipped with the package; no download
@@ -124,7 +124,7 @@ class ChoiceTask:
 def read_questions(path: str | Path) -> list[Question]:
     path = as_path(path)
     if not path.is_file():
-        raise DataError(f"task file {path} does not exist: pass a .jsonl(.gz|.zst) or .parquet file or one of "
+        raise DataError(f"task file {path} {not_a_file(path)}: pass a .jsonl(.gz|.zst) or .parquet file or one of "
                         f"{sorted(BUILTIN_TASKS)}")
     questions = []
     for where, line in read_records(path):  # JSON Lines, or the Parquet files the Hub's benchmarks come as

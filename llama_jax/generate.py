@@ -49,7 +49,7 @@ from llama_jax.model import Llama, LlamaConfig
 from llama_jax.model.kv_cache import KVCache
 from llama_jax.parallel.mesh import MESH_AXES, logical_to_spec, make_mesh
 from llama_jax.quantize import logit_error, quantize_fp8
-from llama_jax.workdir import as_path, read_utf8
+from llama_jax.workdir import as_path, not_a_file, read_utf8
 
 
 PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this ...
@@ -333,8 +333,7 @@ def read_prompts(path: str | Path) -> list[str]:
     with line breaks needs records). The file may be a URL."""
     path = as_path(path)
     if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"prompts file {path} {problem}: pass a text file with one prompt per line, or .jsonl")
+        raise DataError(f"prompts file {path} {not_a_file(path)}: pass a text file with one prompt per line, or .jsonl")
     if path.name.lower().endswith(RECORD_SUFFIXES):
         prompts = [_prompt(where, record) for where, record in read_records(path)]
     else:

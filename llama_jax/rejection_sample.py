@@ -34,7 +34,7 @@ from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.generate import generate, inference_mesh
 from llama_jax.memory import report_out_of_memory
 from llama_jax.objectives import reward
-from llama_jax.workdir import as_path, check_writable, write_whole
+from llama_jax.workdir import as_path, check_writable, not_a_file, write_whole
 
 Scorer = Callable[[list[list[Message]]], np.ndarray]  # conversations -> one score each
 
@@ -43,8 +43,7 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     """The prompts of a JSON Lines file (local or a URL). A bad line is skipped and reported, as in SFT data."""
     path = as_path(path)
     if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"prompts file {path} {problem}: write one JSON object {{\"prompt\": ...}} per line")
+        raise DataError(f"prompts file {path} {not_a_file(path)}: write one JSON object {{\"prompt\": ...}} per line")
     return list(conversations.read_prompts(path))
 
 

@@ -39,7 +39,7 @@ from llama_jax.config import default_config, validate
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.model.config import RUNTIME_FIELDS, LlamaConfig, flops_per_token, param_count
 from llama_jax.model.presets import preset
-from llama_jax.workdir import check_writable, is_remote, read_jsonl
+from llama_jax.workdir import check_writable, is_remote, not_a_file, read_jsonl
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # where the planner centres each budget's sizes, before anything is fitted
 
@@ -228,7 +228,7 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass a Python file with get_config(), e.g. configs/tiny.py")
+        raise ConfigError(f"config file {path} {not_a_file(path)}: pass a Python file with get_config(), e.g. configs/tiny.py")
     spec = importlib.util.spec_from_file_location(f"_sweep_base_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -51,6 +51,12 @@ def as_path(path: str | os.PathLike) -> Path | epath.Path:
     return epath.Path(path) if is_remote(path) else Path(path).expanduser()
 
 
+def not_a_file(path: Path | epath.Path) -> str:
+    """Why a path a user named as a file is none, for their error message: a directory given by mistake is told
+    apart from a missing file."""
+    return "is a directory" if path.is_dir() else "does not exist"
+
+
 def read_utf8(path: Path | epath.Path, fix: str) -> str:
     """A text file a user named. One that is not UTF-8 (a binary file given by mistake) is a `DataError` naming the
     file and `fix`, where Python's decoding error names neither."""

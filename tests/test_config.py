@@ -440,11 +440,13 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
     (tmp_path / "broken.py").write_text("def get_config():\n    return (\n")
     (tmp_path / "afile").write_text("")
     (tmp_path / "empty.py").write_text("LR = 1e-3\n")
+    (tmp_path / "configs").mkdir()
     tiny = str(REPO / "configs" / "tiny.py")
     cases = [
         (command, message, args) for command in ("train", "plan") for message, args in (
             ("config file missing.py does not exist: pass one of configs/*.py", ["--config", "missing.py"]),
             ("config file missing.py does not exist", ["--config=missing.py:arg", "--config.train.steps=3"]),
+            ("config file configs is a directory: pass one of configs/*.py", ["--config", "configs/"]),
             ("config file broken.py, line 2: '(' was never closed: fix the file", ["--config", "broken.py"]),
             ("config file empty.py has no get_config(): define one that returns the config (a ConfigDict), as "
              "configs/tiny.py does", ["--config", "empty.py"]),

@@ -324,6 +324,8 @@ def test_tasks_are_read_from_gzipped_json_lines_and_parquet_as_the_hub_stores_be
 def test_missing_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"task file .*nope\.jsonl does not exist.*stdlib_mc"):
         ev.ChoiceTask.load(tmp_path / "nope.jsonl", tokenizer)
+    with pytest.raises(DataError, match=rf"task file {tmp_path} is a directory"):
+        ev.ChoiceTask.load(tmp_path, tokenizer)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="holds no questions"):
         ev.ChoiceTask.load(tmp_path / "empty.jsonl", tokenizer)
