@@ -285,13 +285,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "stability.spike_factor": cfg.stability.spike_factor,
         "stability.max_events": cfg.stability.max_events,
         "optim.lr": cfg.optim.lr,
-        "optim.eps": cfg.optim.eps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"optim.eps={cfg.optim.eps} must be positive: Adam divides by sqrt(v) + eps, and v is 0 "
+                          "where a gradient has always been 0 (an embedding row no batch has used), so eps 0 makes "
+                          "those parameters NaN (the usual value: 1e-8)")
     for key in ("b1", "b2"):
         if not 0 <= cfg.optim[key] < 1:
             raise ConfigError(f"optim.{key}={cfg.optim[key]} must be in [0, 1): it is the decay of Adam's moment "

@@ -525,6 +525,7 @@ def get_config():
     ("optim.grad_clip", -1.0, "optim.grad_clip must be zero or positive"),
     ("optim.b1", 1.0, r"optim.b1=1.0 must be in \[0, 1\)"),
     ("optim.b2", -0.5, r"optim.b2=-0.5 must be in \[0, 1\)"),
+    ("optim.eps", 0.0, "optim.eps=0.0 must be positive: .* eps 0 makes those parameters NaN"),
     ("optim.min_lr_ratio", 2.0, r"optim.min_lr_ratio=2.0 must be in \[0, 1\]"),
     ("optim.wsd_decay_fraction", 1.5, r"optim.wsd_decay_fraction=1.5 must be in \[0, 1\]"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be at least 1"),
@@ -538,7 +539,8 @@ def get_config():
 ])
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
     """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a
-    watchdog multiple below 1 stops a healthy run; a negative seed failed in numpy as the data started."""
+    watchdog multiple below 1 stops a healthy run, Adam's eps 0 makes never-updated parameters NaN; a negative seed
+    failed in numpy as the data started."""
     cfg = default_config()
     *section, name = key.split(".")
     (cfg[section[0]] if section else cfg)[name] = value
