@@ -14,6 +14,7 @@ import importlib.util
 import ml_collections
 
 from llama_jax.data.schedule import BatchSchedule, Stage
+from llama_jax import optim
 from llama_jax.errors import ConfigError
 from llama_jax.model.config import PALLAS_ATTENTION, LlamaConfig
 from llama_jax.model.presets import preset
@@ -291,6 +292,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    optim.check_choices(cfg.optim)
     if cfg.optim.eps <= 0:
         raise ConfigError(f"optim.eps={cfg.optim.eps} must be positive: Adam divides by sqrt(v) + eps, and v is 0 "
                           "where a gradient has always been 0 (an embedding row no batch has used), so eps 0 makes "

@@ -55,10 +55,18 @@ def run_lr_schedule(optim_cfg: ml_collections.ConfigDict, plan: RunPlan) -> opta
     return optax.join_schedules(segments, boundaries) if boundaries else base
 
 
-def _warmup_then(optim_cfg: ml_collections.ConfigDict, warmup: int, span: int) -> optax.Schedule:
-    """Linear warmup over `warmup` units (steps or tokens), then `optim.schedule` over `span` units."""
+def check_choices(optim_cfg: ml_collections.ConfigDict) -> None:
+    """optim.schedule and optim.state_dtype name things this module has; `config.validate` asks before any data is
+    prepared, and building a schedule or optimizer asks again for configs made in code."""
     if optim_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={optim_cfg.schedule!r} is not one of {SCHEDULES}")
+    if optim_cfg.state_dtype not in STATE_DTYPES:
+        raise ConfigError(f"optim.state_dtype={optim_cfg.state_dtype!r} is not one of {STATE_DTYPES}")
+
+
+def _warmup_then(optim_cfg: ml_collections.ConfigDict, warmup: int, span: int) -> optax.Schedule:
+    """Linear warmup over `warmup` units (steps or tokens), then `optim.schedule` over `span` units."""
+    check_choices(optim_cfg)
     peak = optim_cfg.lr
     floor = peak * optim_cfg.min_lr_ratio
     if optim_cfg.schedule == "cosine":
@@ -107,8 +115,7 @@ def _state_in(dtype: str, inner: optax.GradientTransformation) -> optax.Gradient
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
                    schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """AdamW (with clipping) following `schedule`, by default `lr_schedule(optim_cfg, total_steps)`."""
-    if optim_cfg.state_dtype not in STATE_DTYPES:
-        raise ConfigError(f"optim.state_dtype={optim_cfg.state_dtype!r} is not one of {STATE_DTYPES}")
+    check_choices(optim_cfg)
     adamw = optax.adamw(
         schedule or lr_schedule(optim_cfg, total_steps),
         b1=optim_cfg.b1,

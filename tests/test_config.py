@@ -526,6 +526,8 @@ def get_config():
     ("optim.b1", 1.0, r"optim.b1=1.0 must be in \[0, 1\)"),
     ("optim.b2", -0.5, r"optim.b2=-0.5 must be in \[0, 1\)"),
     ("optim.eps", 0.0, "optim.eps=0.0 must be positive: .* eps 0 makes those parameters NaN"),
+    ("optim.schedule", "step", r"optim.schedule='step' is not one of \('cosine'"),
+    ("optim.state_dtype", "float16", r"optim.state_dtype='float16' is not one of \('float32', 'bfloat16'\)"),
     ("optim.min_lr_ratio", 2.0, r"optim.min_lr_ratio=2.0 must be in \[0, 1\]"),
     ("optim.wsd_decay_fraction", 1.5, r"optim.wsd_decay_fraction=1.5 must be in \[0, 1\]"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be at least 1"),
@@ -540,7 +542,7 @@ def get_config():
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
     """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a
     watchdog multiple below 1 stops a healthy run, Adam's eps 0 makes never-updated parameters NaN; a negative seed
-    failed in numpy as the data started."""
+    failed in numpy as the data started, an unknown optim.schedule or state_dtype only once the data was prepared."""
     cfg = default_config()
     *section, name = key.split(".")
     (cfg[section[0]] if section else cfg)[name] = value

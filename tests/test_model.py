@@ -119,6 +119,18 @@ def test_llama3_scaling_changes_long_sequences(name):
     assert (scaled_btv - unscaled_btv).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_factor=0.5), "model.rope_factor=0.5 must be at least 1"),
+    (dict(rope_low_freq_factor=0.0), "must be positive, low below high"),
+    (dict(rope_high_freq_factor=1.0), r"rope_low_freq_factor=1.0 and rope_high_freq_factor=1.0 must be positive"),
+    (dict(rope_original_max_len=0), "model.rope_original_max_len=0 must be positive"),
+])
+def test_llama3_scaling_settings_that_would_give_nan_frequencies_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        CONFIGS["llama3_factor8"].replace(**change)
+    CONFIGS["gqa_tied"].replace(**change)  # without the llama3 scaling they are not read
+
+
 def test_attention_impls_agree():
     cfg = CONFIGS["llama3_factor8"]
     model = copy_from_hf(hf_reference(cfg), cfg)

@@ -68,6 +68,8 @@ class LlamaConfig:
         for name, allowed in (("attention", ATTENTION_IMPLS), ("remat", REMAT_POLICIES), ("rope_type", ROPE_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.rope_type == "llama3":
+            self._check_llama3_rope()
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"model.scan_layers={self.scan_layers!r} must be True (scan over the layers) or False "
                               "(unrolled)")
@@ -77,6 +79,19 @@ class LlamaConfig:
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ConfigError("model.attention='cudnn' computes in bfloat16 or float16 only, and model.dtype is "
                               "float32: set model.dtype='bfloat16' or choose another attention")
+
+    def _check_llama3_rope(self) -> None:
+        """The llama3 scaling divides by rope_original_max_len, each factor and their difference: a zero in any gave
+        NaN frequencies (a model that trains on NaN), a factor below 1 a context shorter than the original."""
+        if self.rope_factor < 1:
+            raise ConfigError(f"model.rope_factor={self.rope_factor} must be at least 1: it stretches the original "
+                              "context (Llama 3.1: 8, Llama 3.2: 32)")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and rope_high_freq_factor="
+                              f"{self.rope_high_freq_factor} must be positive, low below high (Llama 3.1: 1 and 4)")
+        if self.rope_original_max_len <= 0:
+            raise ConfigError(f"model.rope_original_max_len={self.rope_original_max_len} must be positive: the "
+                              "context the model was pretrained at (Llama 3.1: 8192)")
 
     @property
     def resolved_head_dim(self) -> int:
