@@ -228,7 +228,8 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"config file {path} {not_a_file(path)}: pass a Python file with get_config(), e.g. configs/tiny.py")
+        raise ConfigError(f"config file {path} {not_a_file(path)}: pass a Python file with get_config(), e.g. "
+                          "configs/tiny.py")
     spec = importlib.util.spec_from_file_location(f"_sweep_base_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -47,8 +47,9 @@ def make_train_step(model_def: ModelDef, tx, schedule: optax.Schedule, grad_accu
     step whose loss or gradient norm is not finite, or whose loss exceeds `max_loss`, leaves the parameters as they
     were (the optimizer sees a zero gradient for it; metrics["skipped"] says so). With grad_accum > 1 the batch is
     split into microbatches whose gradients are summed; every loss is divided by the whole batch's token count, so
-    the result equals the full-batch gradient. `layers_fn` runs the layer stack on the mesh (`trainer.Run.layers_fn`); None: in order.
-    `scheduled_grads` (`trainer.Run.scheduled_grads`) replaces autodiff by a pipeline schedule's own backward.
+    the result equals the full-batch gradient. `layers_fn` runs the layer stack on the mesh
+    (`trainer.Run.layers_fn`); None: in order. `scheduled_grads` (`trainer.Run.scheduled_grads`) replaces autodiff
+    by a pipeline schedule's own backward.
     `loss_chunk_len`: positions whose logits exist at a time (`objectives.lm_loss_sum`); 0: all. `z_loss`: the
     coefficient of log(Z)^2 added to each token's loss (the logged `loss` includes it). `objective` (cfg.objective):
     "reward" and "dpo" train on pair batches (`_pair_loss_and_grads`); otherwise the LM loss over `loss_mask`

@@ -113,7 +113,8 @@ def test_the_mixture_config_on_prepared_shards_names_the_script_that_makes_them(
                                           f"with `bash data/prepare_stdlib_mix.sh {tmp_path / 'none'}`"):
         load_config_file("stdlib_mix.py", str(tmp_path / "none"))
     cfg = load_config_file("stdlib_mix.py", str(tmp_path))
-    assert cfg.data.mixture.stdlib.source == f"{tmp_path}/stdlib" and cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
+    assert cfg.data.mixture.stdlib.source == f"{tmp_path}/stdlib"
+    assert cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
 
 
 def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
