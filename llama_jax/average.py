@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llama_jax.convert import ParamSource, open_source
+from llama_jax.checkpoint import SavedRun
+from llama_jax.convert import ParamSource, detect_format, open_source
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.ours_format import write_ours
 from llama_jax.workdir import check_writable, resolve
@@ -69,6 +70,18 @@ def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> No
             raise CheckpointError(f"{path} has another tokenizer than {paths[0]}: average checkpoints of one run")
 
 
+def _check_distinct(paths: list[epath.Path]) -> None:
+    """Refuses one checkpoint named twice (a step twice, or a workdir and its latest step): it would count twice in
+    the mean."""
+    named: dict[epath.Path, epath.Path] = {}
+    for path in paths:
+        step = SavedRun.open(path).step_dir if detect_format(path) == "ours" else path
+        if step in named:
+            raise CheckpointError(f"{path} and {named[step]} are the same checkpoint ({step}), which would count twice "
+                                  "in the mean: name each checkpoint once")
+        named[step] = path
+
+
 def average(paths: list[str | os.PathLike], out: str | os.PathLike, dtype: str | None = None) -> None:
     """Writes the mean of the checkpoints at `paths` to `out` as one of our checkpoints (step 0); any of them may be
     a URL."""
@@ -76,6 +89,7 @@ def average(paths: list[str | os.PathLike], out: str | os.PathLike, dtype: str |
         raise CheckpointError("no checkpoints to average: pass one or more")
     paths = [resolve(path) for path in paths]
     sources = [open_source(path) for path in paths]
+    _check_distinct(paths)
     _check_same_model(paths, sources)
     write_ours(_Mean(sources, dtype), resolve(out))
 

@@ -119,6 +119,9 @@ ERRORS = {
                           r"a_hf holds its tokenizer as tokenizer.json and .*a as tokenizer.model, which this command "
                           r"cannot compare: average checkpoints of one format"),
     "missing": (["{runs}/a", "{runs}/nowhere"], "nowhere does not exist"),
+    "one_checkpoint_twice": (["{runs}/a", "{runs}/a/checkpoints/1"],
+                             r"a/checkpoints/1 and .*a are the same checkpoint \(.*a/checkpoints/1\), which would "
+                             "count twice in the mean"),
     "into_a_run": (["{runs}/a", "--out", "{runs}/a"], r"a already holds checkpoints \(steps 1\)"),
     "into_a_step": (["{runs}/a", "--out", "{runs}/a/checkpoints/1"],
                     r"a/checkpoints/1 is a checkpoint step of a run .*: write to a new directory"),
