@@ -78,7 +78,8 @@ class BatchSchedule:
     def placement(self, steps: int) -> list[tuple[int, int, int]]:
         """(first step, batch_size, seq_len) of each stage that steps [0, steps) use: two schedules of the same
         placement put the same rows into those steps, and have seen the same tokens after them."""
-        return [(s.start_step, s.batch_size, s.seq_len) for s in self.stages if s.start_step < steps and s.num_steps != 0]
+        return [(s.start_step, s.batch_size, s.seq_len) for s in self.stages
+                if s.start_step < steps and s.num_steps != 0]
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
