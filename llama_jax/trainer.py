@@ -224,9 +224,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
     workdir may train on and save newer ones."""
     validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    _check_compute_dtype_runs_on(mesh, cfg.model.dtype)
-    for batch_size, seq_len in batch_schedule(cfg).shapes:
-        _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
+    _check_mesh_runs(cfg, mesh)
     model_def = ModelDef(model_config(cfg))
     layers_fn = make_layers_fn(model_def.cfg, mesh, microbatches=pipeline_microbatches(cfg), repeats=pipeline_repeats(cfg))
     scheduled_grads = None
@@ -282,9 +280,11 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model_def: ModelDef, tx: opt
     return abstract, state_sh, base_sh
 
 
-def check_memory(cfg: ml_collections.ConfigDict, devices: list | None = None) -> None:
-    """Refuses, before anything is allocated, a config whose train state cannot fit its devices (memory.py)."""
+def check_devices(cfg: ml_collections.ConfigDict, devices: list | None = None) -> None:
+    """Refuses, before any data is prepared or anything allocated, a config its devices cannot run: a mesh that does
+    not cover them, batches that do not split over it, a train state that does not fit their memory (memory.py)."""
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    _check_mesh_runs(cfg, mesh)
     memory.check_train_state_fits(train_state_bytes(cfg, mesh), memory.local_devices(mesh))
 
 
@@ -321,6 +321,12 @@ def _split_objective_params(cfg: ml_collections.ConfigDict, tree: dict) -> tuple
     """(the model's entries, the objective's own entries) of a params-shaped tree."""
     own = (reward_objective.HEAD,) if cfg.objective.name == "reward" else ()
     return {k: v for k, v in tree.items() if k not in own}, {k: v for k, v in tree.items() if k in own}
+
+
+def _check_mesh_runs(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    _check_compute_dtype_runs_on(mesh, cfg.model.dtype)
+    for batch_size, seq_len in batch_schedule(cfg).shapes:
+        _check_batch_fits_mesh(cfg, mesh, batch_size, seq_len)
 
 
 def _check_compute_dtype_runs_on(mesh: Mesh, dtype: str) -> None:
@@ -396,7 +402,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
     validate(cfg)
     plan = RunPlan(cfg)
     for p in plan.phases:
-        distributed.on_every_process(lambda: check_memory(p.cfg), "the memory check")
+        distributed.on_every_process(lambda: check_devices(p.cfg), "the memory check")
         _check_sources_prepared(p.cfg)
     schedule = run_lr_schedule(cfg.optim, plan)
     model_cfg = model_config(cfg)

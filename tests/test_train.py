@@ -161,6 +161,17 @@ def test_float16_compute_on_a_cpu_is_refused_before_the_step_compiles(tmp_path, 
         trainer.setup(cfg, tmp_path / "run")
 
 
+def test_batches_the_mesh_cannot_split_are_refused_before_the_data_is_prepared(tmp_path):
+    """The check ran when the first phase's step was set up: after the corpus was built and its tokenizer trained
+    (minutes for a large source), and after the workdir's logs and progress bar had started."""
+    cfg = small_config(tmp_path / "cache", 2)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.data.batch_size = 1, 8, 4
+    with pytest.raises(ConfigError, match="a batch of 4 sequences .* cannot be split over the 8 data-parallel shards"):
+        trainer.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def traced_ops(session: Path) -> dict[int, set[str]]:
     """The XLA operations (fusions, products, collectives) a Perfetto trace saw start inside each step's annotation:
     every operation of the step program runs in every step."""
