@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -339,12 +340,16 @@ def _check_compute_dtype_runs_on(mesh: Mesh, dtype: str) -> None:
 
 def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_size: int, seq_len: int) -> None:
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch = batch_size // cfg.optim.grad_accum // pipeline_microbatches(cfg)
-    if micro_batch % batch_shards:
+    cuts = {"optim.grad_accum": cfg.optim.grad_accum, "pipeline.microbatches": pipeline_microbatches(cfg)}
+    cuts = {name: count for name, count in cuts.items() if count > 1}
+    multiple = math.prod(cuts.values()) * batch_shards
+    if batch_size % multiple:
+        cut = "".join(f" / {count} ({name})" for name, count in cuts.items())
+        lower = f", or lower {' or '.join(cuts)}" if cuts else ""
         raise ConfigError(
-            f"a batch of {batch_size} sequences / optim.grad_accum / pipeline microbatches = {micro_batch} cannot be "
-            f"split over the {batch_shards} data-parallel shards (mesh.data x mesh.fsdp): make data.batch_size (and "
-            f"every data.ramp batch size) / optim.grad_accum / pipeline.microbatches a multiple of {batch_shards}"
+            f"a batch of {batch_size} sequences{cut} cannot be split over the {batch_shards} data-parallel shards "
+            f"(mesh.data x mesh.fsdp): make data.batch_size (and every data.ramp batch size) a multiple of "
+            f"{multiple}{lower}"
         )
     if seq_len % mesh.shape["context"]:
         raise ConfigError(f"seq_len {seq_len} must be a multiple of mesh.context ({mesh.shape['context']}): fix "

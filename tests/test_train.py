@@ -166,7 +166,9 @@ def test_batches_the_mesh_cannot_split_are_refused_before_the_data_is_prepared(t
     (minutes for a large source), and after the workdir's logs and progress bar had started."""
     cfg = small_config(tmp_path / "cache", 2)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.data.batch_size = 1, 8, 4
-    with pytest.raises(ConfigError, match="a batch of 4 sequences .* cannot be split over the 8 data-parallel shards"):
+    with pytest.raises(ConfigError, match=r"a batch of 4 sequences cannot be split over the 8 data-parallel shards "
+                                          r"\(mesh.data x mesh.fsdp\): make data.batch_size \(and every data.ramp "
+                                          r"batch size\) a multiple of 8$"):
         trainer.train(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
