@@ -24,6 +24,7 @@ from llama_jax.errors import CheckpointError, ConfigError
 FILE_NAME = "generation_config.json"
 _TURN_ENDS = ("<|eom_id|>", "<|eot_id|>")
 _SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_FLAG_RANGES = {"temperature": lambda t: t >= 0, "top_k": lambda k: k >= 0, "top_p": lambda p: 0 < p <= 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +64,11 @@ class GenerationSettings:
         """Command-line values; None leaves a setting as it is. A temperature of 0 means greedy, above 0 sampling.
         A value out of range is refused even where greedy decoding would not use it: a typo is never ignored."""
         given = {name: value for name, value in flags.items() if value is not None}
-        if given.get("temperature", 0) < 0 or given.get("top_k", 0) < 0 or not 0 < given.get("top_p", 1) <= 1:
-            raise ConfigError(f"need --temperature >= 0 (0 = greedy), --top_k >= 0 and 0 < --top_p <= 1; got "
-                              f"{given.get('temperature')}, {given.get('top_k')}, {given.get('top_p')}")
+        wrong = [f"--{name} {given[name]}" for name, fits in _FLAG_RANGES.items()
+                 if name in given and not fits(given[name])]
+        if wrong:
+            raise ConfigError(f"{' and '.join(wrong)} out of range: need --temperature >= 0 (0 = greedy), --top_k >= 0 "
+                              "and 0 < --top_p <= 1")
         if "temperature" in given:
             given["do_sample"] = given["temperature"] > 0
             if not given["do_sample"]:

@@ -65,8 +65,11 @@ def test_command_line_overrides(tokenizer, tmp_path):
     assert hotter.sampling == {"temperature": 1.2, "top_p": 0.5, "top_k": 20}
     assert hotter.origin["temperature"] == hotter.origin["top_p"] == "command line"
     assert hotter.origin["top_k"] == "generation_config.json"
-    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(temperature=0.0, top_p=2.0)):
-        with pytest.raises(ConfigError, match=r"need --temperature >= 0 \(0 = greedy\), --top_k >= 0 and 0 < --top_p"):
+    for bad, named in ((dict(temperature=-1.0), "--temperature -1.0"), (dict(top_k=-1), "--top_k -1"),
+                       (dict(top_p=0.0), "--top_p 0.0"), (dict(temperature=0.0, top_p=2.0), "--top_p 2.0"),
+                       (dict(temperature=-2.0, top_k=-3), "--temperature -2.0 and --top_k -3")):
+        with pytest.raises(ConfigError, match=rf"^{named} out of range: need --temperature >= 0 \(0 = greedy\), "
+                                              r"--top_k >= 0 and 0 < --top_p <= 1$"):
             settings.override(**{"temperature": None, "top_k": None, "top_p": None, **bad})
 
 
