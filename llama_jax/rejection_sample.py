@@ -98,6 +98,10 @@ def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_to
     return samples
 
 
+_FLAG_RANGES = {"samples": lambda k: k >= 1, "batch_size": lambda b: b >= 1, "max_new_tokens": lambda n: n >= 1,
+                "temperature": lambda t: t > 0, "top_p": lambda p: 0 < p <= 1}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_jax.rejection_sample",
                                 description=" ".join(__doc__.split("\n\n")[0].split()))
@@ -115,9 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mesh", default=None, help="shard both models over a mesh, e.g. tensor=2,fsdp=4")
     args = p.parse_args(argv)
     try:
-        if args.samples < 1 or args.batch_size < 1 or args.temperature <= 0:
-            raise ConfigError("--samples and --batch_size must be positive and --temperature above 0 (greedy samples "
-                              "would all be the same)")
+        wrong = [f"--{name} {getattr(args, name)}" for name, fits in _FLAG_RANGES.items()
+                 if not fits(getattr(args, name))]
+        if wrong:
+            raise ConfigError(f"{' and '.join(wrong)} out of range: --samples, --batch_size and --max_new_tokens must be "
+                              "positive, --temperature above 0 (greedy samples would all be the same) and 0 < --top_p "
+                              "<= 1")
         mesh = inference_mesh(args.mesh)
         prompts = read_prompts(args.prompts)
         check_writable(args.out, "--out", directory=False)  # now, not after hours of sampling

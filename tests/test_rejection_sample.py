@@ -7,6 +7,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from posttrain_fixtures import tiny_base
 from test_dpo import dpo_config
@@ -121,3 +122,17 @@ def test_the_cli_running_out_of_device_memory_is_one_line(tmp_path, monkeypatch,
     assert capsys.readouterr().err == (
         f"error: the devices ran out of memory ({status}): lower --batch_size (prompts per generation call, each "
         "--samples rows) or --max_new_tokens, or shard both models over more devices (--mesh)\n")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--top_p", "1.5"], "--top_p 1.5"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens -1"),
+    (["--temperature", "0", "--samples", "0"], "--samples 0 and --temperature 0.0"),
+])
+def test_sampling_flags_out_of_range_are_one_line_before_any_model_loads(tmp_path, capsys, flags, named):
+    """An out-of-range --top_p or --max_new_tokens ended in a traceback from `generate`'s ValueError."""
+    assert rejection_sample.main(["--policy", "never-opened", "--reward", "never-opened", "--prompts", "never-read",
+                                  "--out", str(tmp_path / "out.jsonl"), *flags]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {named} out of range: --samples, --batch_size and --max_new_tokens must be positive, --temperature "
+        "above 0 (greedy samples would all be the same) and 0 < --top_p <= 1\n")
