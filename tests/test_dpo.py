@@ -15,7 +15,7 @@ from flax import nnx
 from config_files import load_config_file
 from posttrain_fixtures import tiny_base
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, phase_data, trainer
 from llama_jax import train_step
 from llama_jax.config import eval_source, model_config
 from llama_jax.data.corpus import load_corpus
@@ -50,7 +50,7 @@ def dpo_config(base, **changes):
 
 def data_of(cfg, tmp_path):
     corpus = load_corpus(cfg.data, cfg.model.vocab_size)
-    return trainer._phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
+    return phase_data.phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
 
 
 def jitted_step(run, cfg):

@@ -22,7 +22,7 @@ from config_files import load_config_file
 from posttrain_fixtures import VOCAB, tiny_base
 
 from llama_jax import checkpoint as ckpt
-from llama_jax import lora, trainer
+from llama_jax import lora, phase_data, trainer
 from llama_jax import train_step
 from llama_jax.config import default_config, model_config, validate
 from llama_jax.convert import load_hf, open_source
@@ -448,7 +448,7 @@ def test_dpo_with_lora_uses_the_base_as_its_reference(base, tmp_path):
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.checkpoint.maintenance_url = 1e-2, 0, ""
     run = trainer.setup(cfg, tmp_path)
     corpus = load_corpus(cfg.data, cfg.model.vocab_size)
-    batches = trainer._phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
+    batches = phase_data.phase_data(RunPlan(cfg).phases[0], corpus, Tokenizer.from_file(corpus.tokenizer_path).pad_id)
     step = jax.jit(train_step.make_train_step(run.model_def, run.tx, run.schedule, 1, run.layers_fn,
                                            loss_chunk_len=32, objective=cfg.objective, lora=lora.LoraStep.of(cfg)),
                    in_shardings=(run.state_shardings, run.batch_sharding, run.base_shardings),
