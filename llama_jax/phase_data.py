@@ -22,6 +22,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.parallel import distributed
 from llama_jax.phases import Phase
 
+# Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 

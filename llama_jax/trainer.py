@@ -64,7 +64,8 @@ from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
 from llama_jax.watchdog import Watchdog
 
 T = TypeVar("T")
-# Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
+
+
 class Preempted(LlamaJaxError):
     """Raised after a SIGTERM (or a TPU maintenance notice) once the current step is checkpointed."""
 
