@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
     except LlamaJaxError as err:
         command_line.fail(str(err))
     from llama_jax import checkpoint, compilation_cache, trainer  # imported after flag parsing: --help stays fast
+    from llama_jax.preemption import Preempted
 
     checkpoint.quiet_background_failures()
 
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     compilation_cache.use(_CONFIG.value.train.compilation_cache_dir)
     try:
         trainer.train(_CONFIG.value, workdir)
-    except trainer.Preempted as err:
+    except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except LlamaJaxError as err:

@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Callable, TypeVar
@@ -34,13 +33,13 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
 from llama_jax import lora as lora_lib
 from llama_jax import workdir as workdir_lib
-from llama_jax import maintenance, memory, rewind, supervise
+from llama_jax import memory, rewind, supervise
 from llama_jax.config import (SCHEDULED_PIPELINES, batch_schedule, model_config, pipeline_microbatches,
                               pipeline_repeats, plain, validate)
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
-from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.evaluate import ChoiceTask, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
@@ -53,6 +52,7 @@ from llama_jax.average import average as average_checkpoints
 from llama_jax.optim import lr_schedule, make_optimizer, run_lr_schedule
 from llama_jax.phase_data import PhaseData, check_sources_prepared, phase_data
 from llama_jax.phases import Phase, RunPlan
+from llama_jax.preemption import Preempted, PreemptionFlag
 from llama_jax.profiling import StepProfiler
 from llama_jax.stability import Diverged, LossGuard
 from llama_jax.train_step import Batch, TrainState, init_state, make_eval_step, make_train_step
@@ -64,64 +64,6 @@ from llama_jax.parallel.pipeline import bubble_fraction, peak_microbatches
 from llama_jax.watchdog import Watchdog
 
 T = TypeVar("T")
-
-
-class Preempted(LlamaJaxError):
-    """Raised after a SIGTERM (or a TPU maintenance notice) once the current step is checkpointed."""
-
-    def __init__(self, step: int, directory: epath.Path):
-        super().__init__(f"preempted: checkpoint saved at step {step} in {directory}; rerun the same command to resume")
-        self.step = step
-
-
-class _PreemptionFlag:
-    """Turns SIGTERM, a first Ctrl-C (SIGINT: an interactive run, a notebook's interrupt) or a GCE host-maintenance
-    notice (`checkpoint.maintenance_url`) into a flag the loop checks between steps, so the step in flight finishes
-    and is saved. A second Ctrl-C stops at once, without saving.
-
-    With several processes SIGTERM is left to JAX's preemption service: it catches SIGTERM on any host and makes
-    every host agree on the step to save at (`reached_preemption`), where flags of their own would let the hosts stop
-    at different steps and wait for each other forever. A Ctrl-C or a maintenance notice there becomes a SIGTERM to
-    this process, so that the service spreads it the same way and no step pays for a collective of its own."""
-
-    def __init__(self, maintenance_url: str):
-        self.raised = False
-        self._interrupted = False
-        self._installed = jax.process_count() == 1
-        if self._installed:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
-        url = maintenance.maintenance_url(maintenance_url)
-        self._watch = maintenance.MaintenanceWatch(url, self._notice) if url else None
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def _interrupt(self, signum, frame):
-        if self._interrupted:
-            raise KeyboardInterrupt
-        self._interrupted = True
-        print("\nCtrl-C: the current step finishes and is saved, then the run exits (Ctrl-C again: stop now, without "
-              "saving)", file=sys.stderr, flush=True)
-        self._stop()
-
-    def _notice(self, event: str) -> None:
-        print(f"host maintenance notice ({event}): saving at the end of the current step, then exiting",
-              file=sys.stderr, flush=True)
-        self._stop()
-
-    def _stop(self) -> None:
-        if self._installed:
-            self.raised = True
-        else:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def restore(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-        signal.signal(signal.SIGINT, self._previous_interrupt)
 
 
 class _SaveClock:
@@ -409,7 +351,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                      keep_every=cfg.checkpoint.keep_every, keep_steps=plan.keep_steps(),
                                      async_save=cfg.checkpoint.async_save)
-    preemption = _PreemptionFlag(cfg.checkpoint.maintenance_url)
+    preemption = PreemptionFlag(cfg.checkpoint.maintenance_url)
     watchdog = Watchdog(cfg.watchdog.multiple, cfg.watchdog.min_seconds, workdir)
     runs: dict[int, Run] = {}
     restored_iterators: dict[int, grain.DatasetIterator] = {}

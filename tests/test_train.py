@@ -30,6 +30,7 @@ from llama_jax import workdir as workdir_lib
 from llama_jax.config import default_config, model_config, model_section, plain
 from llama_jax.model import param_count
 from llama_jax.phases import phase
+from llama_jax.preemption import PreemptionFlag
 from llama_jax.errors import CheckpointError, ConfigError
 
 QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.optim.warmup_steps=4",
@@ -533,7 +534,7 @@ def test_sigterm_or_ctrl_c_checkpoints_the_current_step_and_exits_75(tmp_path, c
 
 def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_given_back():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    flag = trainer._PreemptionFlag("")
+    flag = PreemptionFlag("")
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.1)  # the handler runs in this thread at its next instruction
     assert flag.raised
