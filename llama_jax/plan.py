@@ -139,14 +139,20 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelerator: str = "h100",
-         mfu: float = 0.4) -> Plan:
-    """The plan of `cfg` on `accelerator` chips. Devices: the mesh's product when no axis is -1, else `devices`,
-    else one host of the accelerator. Raises ConfigError for a config or mesh that cannot run."""
+def _check_options(devices: int | None = None, accelerator: str = "h100", mfu: float = 0.4) -> None:
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"unknown accelerator {accelerator!r}: choose one of {sorted(ACCELERATORS)}")
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu={mfu} must be a fraction in (0, 1], e.g. 0.4")
+    if devices is not None and devices < 1:
+        raise ConfigError(f"--devices={devices} must be at least 1 (or left out: the mesh's product)")
+
+
+def plan(cfg: ml_collections.ConfigDict, *, devices: int | None = None, accelerator: str = "h100",
+         mfu: float = 0.4) -> Plan:
+    """The plan of `cfg` on `accelerator` chips. Devices: the mesh's product when no axis is -1, else `devices`,
+    else one host of the accelerator. Raises ConfigError for a config or mesh that cannot run."""
+    _check_options(devices, accelerator, mfu)
     acc = ACCELERATORS[accelerator]
     validate(cfg)
     fixed = [cfg.mesh[axis] for axis in MESH_AXES]
@@ -317,6 +323,7 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the s
 def plan_phases(cfg: ml_collections.ConfigDict, **options) -> list[tuple[str, Plan]]:
     """(phase name, plan) for every phase of the run (`cfg.phases`; one phase without them): each phase has its own
     batch shape, mesh and attention, and all of them have to fit."""
+    _check_options(**options)  # said once, not as any phase's
     validate(cfg)
     phases = RunPlan(cfg).phases
     planned = []

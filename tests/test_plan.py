@@ -29,6 +29,7 @@ from llama_jax import plan as plan_lib
 from llama_jax import trainer
 from llama_jax import train_step
 from llama_jax.config import PAIR_OBJECTIVES, default_config, model_config, model_section, validate
+from llama_jax.errors import ConfigError
 from llama_jax.objectives.pairs import PAIR_KEYS, ROW_KEYS
 from llama_jax.optim import lr_schedule
 from llama_jax.phases import RunPlan
@@ -214,3 +215,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(devices=0), "--devices=0 must be at least 1 (or left out: the mesh's product)"),
+    (dict(mfu=0.0), "--mfu=0.0 must be a fraction in (0, 1], e.g. 0.4"),
+])
+def test_bad_options_are_said_once_and_not_as_a_phase_s(options, message):
+    """--devices 0 was planned as a mesh, "needs 256 devices but 0 are available: make the product equal 0", and both
+    were said as the first phase's mistake."""
+    with pytest.raises(ConfigError) as refused:
+        plan_lib.plan_phases(load_config_file(REPO / "configs" / "llama3_8b.py"), **options)
+    assert str(refused.value) == message
