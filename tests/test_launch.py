@@ -471,8 +471,17 @@ def test_slurm_submits_the_written_script_with_sbatch(tmp_path, monkeypatch, cap
         config="c.py", nodes=1, gpus_per_node=8, job_name="j"))
 
 
+@pytest.mark.parametrize("limit", ["2-00", "1-12:30", "0-00:06:00", "90", "90:30", "48:00:00", "UNLIMITED"])
+def test_slurm_takes_every_time_limit_form_sbatch_takes(monkeypatch, limit):
+    """Minutes (`--time 90`) and days-hours (`--time 2-00`) were refused as not HH:MM:SS."""
+    monkeypatch.chdir(REPO)
+    job = slurm.make_job(config="configs/tiny.py", nodes=1, gpus_per_node=8, time=limit)
+    assert f"#SBATCH --time={limit}" in slurm.script(job).splitlines()
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--time", "48h"], "--time '48h' is not HH:MM:SS"),
+    (["--time", "48h"], "--time '48h' is not a SLURM time limit: MINUTES, HH:MM:SS, D-HH or D-HH:MM:SS"),
+    (["--time", "5"], "--time '5' is 300 s: SLURM sends the run its SIGTERM 300 s before the limit"),
     (["--nodes", "0"], "--nodes 0"),
     (["--gpus-per-node", "0"], "--gpus-per-node 0"),
     (["--config", "nope.py"], "config file nope.py not found"),

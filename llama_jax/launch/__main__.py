@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, required=True)
     cluster.add_argument("--gpus-per-node", type=int, required=True)
     cluster.add_argument("--partition")
-    cluster.add_argument("--time", help="time limit, HH:MM:SS")
+    cluster.add_argument("--time", help="time limit as sbatch takes it: HH:MM:SS, D-HH[:MM[:SS]] or MINUTES")
     cluster.add_argument("--workdir", help="on a filesystem every node mounts, or gs:// (default runs/<config>)")
     cluster.add_argument("--job-name", help="default llama_jax-<config>")
     cluster.add_argument("--gpu", choices=("h100", "h200"), help="the nodes' GPUs, for the memory check")

@@ -1,7 +1,7 @@
 """GPU clusters: a SLURM batch script (one task per node, each seeing all of its node's GPUs) and one node alone.
 
     python -m llama_jax.launch slurm --config configs/llama3_8b.py --nodes 4 --gpus-per-node 8 \\
-        [--partition P] [--time HH:MM:SS] [--workdir DIR] [--dry-run] [--config.KEY=VALUE ...]
+        [--partition P] [--time HH:MM:SS | D-HH | MINUTES] [--workdir DIR] [--dry-run] [--config.KEY=VALUE ...]
     python -m llama_jax.launch local --config configs/tiny.py [--workdir DIR] [--dry-run] [--config.KEY=VALUE ...]
 
 `slurm` writes slurm/<job name>.sbatch (the `#SBATCH` header from the flags, then the body of launch/slurm.sbatch,
@@ -62,7 +62,12 @@ XLA_FLAGS = (
     "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
 )
 ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90", "NCCL_DEBUG": "WARN"}
-_TIME = re.compile(r"([0-9]+-)?[0-9]+:[0-5][0-9]:[0-5][0-9]")
+# sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds (and no limit)
+_TIME = re.compile(r"(?:(?P<days>[0-9]+)-(?P<dh>[0-9]+)(?::(?P<dm>[0-9]+)(?::(?P<ds>[0-9]+))?)?"
+                   r"|(?P<a>[0-9]+)(?::(?P<b>[0-9]+)(?::(?P<c>[0-9]+))?)?)")
+_NO_LIMIT = ("unlimited", "infinite")
+_SIGTERM_AHEAD_S = 300
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _USAGE = "sbatch [--nodes=N --gpus-per-node=G ...] launch/slurm.sbatch CONFIG WORKDIR [--config.KEY=VALUE ...]"
 
@@ -80,6 +85,29 @@ class SlurmJob:
     output: str = "slurm/%x-%j.out"
 
 
+def _time_limit_s(time: str) -> int | None:
+    """Seconds in an sbatch --time value (None: no limit); ConfigError for anything sbatch would not take."""
+    if time.lower() in _NO_LIMIT:
+        return None
+    match = _TIME.fullmatch(time)
+    if match is None:
+        raise ConfigError(f"--time {time!r} is not a SLURM time limit: MINUTES, HH:MM:SS, D-HH or D-HH:MM:SS, e.g. "
+                          "--time 48:00:00 or --time 2-00")
+    part = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in part:
+        return ((part["days"] * 24 + part["dh"]) * 60 + part.get("dm", 0)) * 60 + part.get("ds", 0)
+    if "c" in part:  # hours:minutes:seconds
+        return (part["a"] * 60 + part["b"]) * 60 + part["c"]
+    return part["a"] * 60 + part.get("b", 0)  # minutes[:seconds]
+
+
+def _check_time(time: str) -> None:
+    seconds = _time_limit_s(time)
+    if seconds is not None and seconds <= _SIGTERM_AHEAD_S:
+        raise ConfigError(f"--time {time!r} is {seconds} s: SLURM sends the run its SIGTERM {_SIGTERM_AHEAD_S} s "
+                          "before the limit, so it would checkpoint and stop before training; give a longer limit")
+
+
 def make_job(*, config: str, nodes: int, gpus_per_node: int, workdir: str | None = None,
              partition: str | None = None, time: str | None = None, job_name: str | None = None,
              overrides: tuple[str, ...] = ()) -> SlurmJob:
@@ -90,8 +118,8 @@ def make_job(*, config: str, nodes: int, gpus_per_node: int, workdir: str | None
         raise ConfigError(f"--nodes {nodes}: give the number of nodes, 1 or more")
     if not 1 <= gpus_per_node <= 16:
         raise ConfigError(f"--gpus-per-node {gpus_per_node}: give the GPUs of one node, 1 to 16 (8 on an H100 node)")
-    if time is not None and not _TIME.fullmatch(time):
-        raise ConfigError(f"--time {time!r} is not HH:MM:SS (or D-HH:MM:SS): e.g. --time 48:00:00")
+    if time is not None:
+        _check_time(time)
     if partition is not None and not partition:
         raise ConfigError("--partition is empty: give one of the partitions `sinfo -s` lists, or leave it out")
     stem = Path(config.split(":")[0]).stem
@@ -125,7 +153,8 @@ def _check_overrides(overrides: tuple[str, ...]) -> None:
 
 def header(job: SlurmJob) -> list[str]:
     lines = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-             f"--gpus-per-node={job.gpus_per_node}", "--exclusive", f"--output={job.output}", "--signal=TERM@300"]
+             f"--gpus-per-node={job.gpus_per_node}", "--exclusive", f"--output={job.output}",
+             f"--signal=TERM@{_SIGTERM_AHEAD_S}"]
     lines += [f"--partition={job.partition}"] if job.partition else []
     lines += [f"--time={job.time}"] if job.time else []
     return [f"#SBATCH {line}" for line in lines]
