@@ -7,7 +7,8 @@ second stage maps the normalised NLL of a downstream task's correct answers to i
 largest budget can be held out: the smaller budgets predict its compute-optimal model and loss, and training that
 model measures the prediction's error.
 
-    python -m llama_jax.scaling plan --out runs/sweep --budgets 2e11,6e11,2e12 --holdout 6e12 --sizes 1,2,3,4,5
+    python -m llama_jax.scaling plan --out runs/sweep --budgets 1.25e11,2.5e11,5e11 --holdout 1e12 --sizes 1,2,3,4 \
+        --aspect_ratio 16 --head_dim 16 --vocab_size 1024   # a family small enough for a CPU
     python -m llama_jax.scaling run --sweep runs/sweep [--tasks stdlib_mc]   # trains every grid point, in turn
     python -m llama_jax.scaling fit --sweep runs/sweep [--plot fit.png]     # fits; plans the held-out prediction
     python -m llama_jax.scaling run --sweep runs/sweep                      # trains the predicted model
@@ -119,8 +120,11 @@ def plan_isoflop(budgets: Iterable[float], family: ModelFamily, sizes: Iterable[
     """The IsoFLOP grid: at each budget, the family sizes that get at least `min_steps` steps (fewer would round the
     token count by more than 1%, and leave no schedule to speak of). With `points_per_budget`, only that many sizes per
     budget, those closest (in log) to Chinchilla's 20 tokens per parameter, where the optimum is expected."""
+    budgets = sorted(budgets)
+    _check_grid(budgets, batch_size=batch_size, seq_len=seq_len, points_per_budget=points_per_budget,
+                min_steps=min_steps)
     points = []
-    for budget in sorted(budgets):
+    for budget in budgets:
         candidates = [p for p in (grid_point(budget, n, family, batch_size, seq_len) for n in sorted(set(sizes)))
                       if p.steps >= min_steps]
         if points_per_budget:
@@ -133,6 +137,19 @@ def plan_isoflop(budgets: Iterable[float], family: ModelFamily, sizes: Iterable[
                 f"the batch")
         points.extend(candidates)
     return points
+
+
+def _check_grid(budgets: list[float], **counts: int) -> None:
+    """Counts below their least value divided by zero deep in the grid's arithmetic, or were said as a budget leaving
+    too few sizes."""
+    least = {"batch_size": 1, "seq_len": 1, "points_per_budget": 0, "min_steps": 1}
+    flag = {"points_per_budget": "points"}  # the CLI's name, where it differs
+    wrong = [f"--{flag.get(name, name)} {value} (at least {least[name]})" for name, value in counts.items()
+             if value < least[name]]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)}: give {'these' if len(wrong) > 1 else 'it'} a value in range")
+    if not budgets or budgets[0] <= 0:
+        raise ConfigError(f"the budgets {budgets} must be one or more positive FLOP counts, e.g. 2e11,6e11,2e12")
 
 
 def _distance_from_chinchilla(point: GridPoint) -> float:
@@ -622,8 +639,10 @@ def _ints(text: str) -> list[int]:
         raise ConfigError(f"{text!r} is not a comma-separated list of integers (e.g. 1,2,3,4)") from None
 
 
-def _overrides(items: Sequence[str]) -> dict:
+def _overrides(items: Sequence[str], base: ml_collections.ConfigDict) -> dict:
+    """--set's KEY=VALUE items, each checked against `base` (its key exists, its value has the key's type)."""
     overrides = {}
+    checked = ml_collections.ConfigDict(base.to_dict())
     for item in items:
         key, equals, value = item.partition("=")
         if not equals:
@@ -632,6 +651,7 @@ def _overrides(items: Sequence[str]) -> dict:
             overrides[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             overrides[key.strip()] = value.strip()  # a bare string
+        _set(checked, key.strip(), overrides[key.strip()])
     return overrides
 
 
@@ -671,11 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "plan":
+            base = load_config_file(args.config) if args.config else None
+            overrides = _overrides(args.set, base or default_config())  # said first, whatever the grid
             family = ModelFamily(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, vocab_size=args.vocab_size)
             points = plan_isoflop(_floats(args.budgets), family, _ints(args.sizes), batch_size=args.batch_size,
                                   seq_len=args.seq_len, points_per_budget=args.points, min_steps=args.min_steps)
-            base = load_config_file(args.config) if args.config else None
-            sweep = Sweep.create(args.out, points, family, base, _overrides(args.set), args.holdout)
+            sweep = Sweep.create(args.out, points, family, base, overrides, args.holdout)
             print(format_plan(points))
             print(f"wrote {len(points)} configs to {sweep.directory / 'configs'}, plan.json and launch.sh")
         elif args.command == "run":

@@ -97,6 +97,24 @@ def test_planner_token_counts_match_the_budgets():
         scaling.plan_isoflop([1e9], FAMILY, range(1, 8), batch_size=8, seq_len=128)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size 0 (at least 1): give it a value in range"),  # a ZeroDivisionError
+    (["--seq_len", "0", "--min_steps", "0"], "--seq_len 0 (at least 1), --min_steps 0 (at least 1): give these a "
+                                             "value in range"),
+    (["--points", "-1"], "--points -1 (at least 0): give it a value in range"),  # "leaves 0 family sizes"
+    (["--budgets", "0,1e12"], "the budgets [0.0, 1000000000000.0] must be one or more positive FLOP counts"),
+    # said before the grid's own mistake, the first budget's too few sizes
+    (["--budgets", "1e9", "--set", "optim.nonsense=1"], "override optim.nonsense: unknown key"),
+])
+def test_cli_plan_bad_input_is_one_line(tmp_path, capsys, flags, message):
+    given = dict(zip(flags[::2], flags[1::2]))
+    argv = ["plan", "--out", str(tmp_path / "sweep"), "--budgets", given.pop("--budgets", "1e12,2e12,4e12"),
+            "--vocab_size", "1024", *[part for item in given.items() for part in item]]
+    assert scaling.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_config_files_are_valid_and_rebuild_the_run_config(tmp_path):
     points = scaling.plan_isoflop([1e12], FAMILY, range(1, 8), batch_size=8, seq_len=128, points_per_budget=3)
     base = default_config()
