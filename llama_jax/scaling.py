@@ -432,6 +432,20 @@ def collect_results(sweep: Sweep, points: Sequence[GridPoint] | None = None) -> 
     return results
 
 
+def finished_grid(sweep: Sweep) -> list[RunResult]:
+    """The grid's finished runs, refused while a budget has fewer than its parabola needs: a budget none of whose runs
+    had finished was left out of the fit without a word (and with none finished at all, the error was that "a power
+    law needs at least two points")."""
+    results = collect_results(sweep)
+    for budget in sorted({p.budget for p in sweep.points}):
+        planned = sum(p.budget == budget for p in sweep.points)
+        finished = sum(r.point.budget == budget for r in results)
+        if finished < 3:
+            raise DataError(f"budget {budget:.3g}: {finished} of its {planned} runs have finished, and its parabola "
+                            f"needs 3: run `python -m llama_jax.scaling run --sweep {sweep.directory}` first")
+    return results
+
+
 # ------------------------------------------------------------------------------------------------------ fitting
 
 
@@ -558,7 +572,7 @@ def predict_point(fit: ScalingFit, budget: float, family: ModelFamily, sizes: It
 
 def plan_prediction(sweep: Sweep, sizes: Iterable[int]) -> ScalingFit:
     """Fits the sweep's finished grid runs and records in plan.json the model predicted for its held-out budget."""
-    fit = fit_results(collect_results(sweep))
+    fit = fit_results(finished_grid(sweep))
     any_point = sweep.points[0]
     sweep.prediction, sweep.predicted = predict_point(fit, sweep.holdout, sweep.family, sizes,
                                                       batch_size=any_point.batch_size, seq_len=any_point.seq_len)
@@ -709,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"loss {sweep.predicted['loss']:.4f}; planned {sweep.prediction.name}: run `python -m "
                       f"llama_jax.scaling run --sweep {sweep.directory}` to measure it")
             else:
-                fitted = fit_results(collect_results(sweep))
+                fitted = fit_results(finished_grid(sweep))
             for b in fitted.budgets:
                 print(f"C {b.budget:9.3g}: D* {b.optimal_tokens:12,.0f}  N* {b.optimal_params:12,.0f}  "
                       f"loss* {b.optimal_loss:.4f}{'' if b.inside else '  (outside the sizes trained)'}")
@@ -721,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"held-out budget {error['budget']:.3g}: predicted loss {error['predicted_loss']:.4f}, measured "
                       f"{error['measured_loss']:.4f} ({100 * error['relative_error']:+.1f}%)")
             if args.plot:
-                plot_sweep(collect_results(sweep), fitted, error, args.plot)
+                plot_sweep(finished_grid(sweep), fitted, error, args.plot)
             print(json.dumps(summary))
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -189,6 +189,23 @@ def test_cli_plan_fit_predict_and_check(tmp_path, capsys):
     assert "plan.json does not exist" in capsys.readouterr().err
 
 
+def test_fitting_before_every_budget_has_its_runs_is_refused_naming_the_budget(tmp_path, capsys):
+    """A budget none of whose runs had finished was left out of the fit without a word; with none finished at all,
+    the error was that "a power law needs at least two points"."""
+    out = tmp_path / "sweep"
+    assert scaling.main(["plan", "--out", str(out), "--budgets", "1e12,2e12,4e12", "--sizes", "1,2,3,4,5,6,7",
+                         "--points", "3", "--vocab_size", "1024"]) == 0
+    sweep = scaling.Sweep.open(out)
+    assert scaling.main(["fit", "--sweep", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: budget 1e+12: 0 of its 3 runs have finished, and its parabola needs "
+                                       f"3: run `python -m llama_jax.scaling run --sweep {out}` first\n")
+    for p in sweep.points:
+        if p.budget != 2e12:
+            write_metrics(sweep.workdir(p), p.steps, float(chinchilla_loss(p.params * 2e3, p.tokens * 2e3)))
+    assert scaling.main(["fit", "--sweep", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: budget 2e+12: 0 of its 3 runs have finished")
+
+
 def test_planning_again_into_a_sweep_keeps_it_or_is_refused(tmp_path, capsys):
     """Before, a second plan rewrote plan.json over the finished runs (and dropped the recorded prediction); a changed
     plan's runs of the same names were then taken as finished."""
