@@ -29,6 +29,7 @@ from llama_jax.config import (
     validate,
 )
 from llama_jax.convert import config_to_hf
+from llama_jax.data.recipes import llama3_mixture
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.model import preset
 
@@ -115,6 +116,19 @@ def test_the_mixture_config_on_prepared_shards_names_the_script_that_makes_them(
     cfg = load_config_file("stdlib_mix.py", str(tmp_path))
     assert cfg.data.mixture.stdlib.source == f"{tmp_path}/stdlib"
     assert cfg.data.tokenizer == f"{tmp_path}/tokenizer.model"
+
+
+def test_the_llama3_mixture_gives_the_paper_s_shares_to_the_four_sources_given():
+    cfg = default_config()
+    cfg.data.mixture = llama3_mixture(general="web/", math_reasoning="math/*.jsonl", code="code/", multilingual="ml/",
+                                      text_field="body")
+    validate(cfg)
+    assert cfg.data.mixture.to_dict() == {
+        "general": {"source": "web/", "weight": 0.50, "text_field": "body"},
+        "math_reasoning": {"source": "math/*.jsonl", "weight": 0.25, "text_field": "body"},
+        "code": {"source": "code/", "weight": 0.17, "text_field": "body"},
+        "multilingual": {"source": "ml/", "weight": 0.08, "text_field": "body"},
+    }
 
 
 def test_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):

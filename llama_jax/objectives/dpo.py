@@ -22,8 +22,6 @@ import optax
 from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives.pairs import Batch, hidden, pair_count, rejected_rows, strided_row_sums, valid_pairs
 
-METRICS = ("dpo_loss", "nll", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected", "kl")
-
 
 def counts(batch: Batch) -> dict[str, jax.Array]:
     """The whole batch's denominators: pairs, chosen NLL tokens, and response tokens (the KL's)."""

@@ -19,7 +19,6 @@ from llama_jax.model.llama import LayersFn, Llama
 from llama_jax.objectives.pairs import Batch, hidden, pair_count, rejected_rows, valid_pairs
 
 HEAD = "reward_head"
-METRICS = ("pairwise_accuracy", "score_margin")
 
 
 def init_head(dim: int) -> jax.Array:
