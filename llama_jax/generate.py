@@ -190,15 +190,15 @@ def _check_context(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) ->
     if prompt_tokens + max_new_tokens > max_seq_len:
         fix = (f"lower max_new_tokens to at most {max_seq_len - prompt_tokens}" if prompt_tokens < max_seq_len
                else "shorten the prompt")
-        raise ValueError(f"the longest prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context (model.max_seq_len {max_seq_len}): {fix}")
+        raise ConfigError(f"the longest prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                          f"the model's context (model.max_seq_len {max_seq_len}): {fix}")
 
 
 def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token: give a non-empty prompt")
+        raise ConfigError("every prompt needs at least one token: give a non-empty prompt")
     if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(
+        raise ConfigError(
             "need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
             f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                                 mesh=mesh, **settings.sampling)
         print(result.describe(), file=sys.stderr)
         completions = [tokenizer.decode([i for i in new_ids if i not in settings.stop_ids]) for new_ids in result.tokens]
-    except (LlamaJaxError, ValueError) as e:
+    except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:

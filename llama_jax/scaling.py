@@ -332,7 +332,6 @@ class Sweep:
             "#!/bin/sh\n# The sweep's runs, one per line: independent, so a cluster can run them in parallel.\nset -e\n"
             + "\n".join(commands) + "\n")
 
-
     def _plan(self) -> dict:
         """What was planned, as plan.json holds it (without what the fit later adds)."""
         return {"family": dataclasses.asdict(self.family), "base": self.base, "overrides": self.overrides,

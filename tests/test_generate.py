@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.convert import load_hf
 from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.errors import ConfigError
 from llama_jax.generate import (_prefill, cache_shardings, generate, generate_timed, inference_mesh, keep_top_k, main,
                                 parse_mesh, sample_top_p)
 from llama_jax.model.kv_cache import KVCache
@@ -121,7 +122,7 @@ def test_no_new_tokens(model):
 def test_generating_past_the_models_context_is_refused_with_the_most_it_allows(model):
     longest, context = max(map(len, PROMPTS)), model.cfg.max_seq_len
     assert len(generate(model, PROMPTS, context - longest, stop_ids=())[0]) == context - longest
-    with pytest.raises(ValueError, match=rf"the longest prompt \({longest} tokens\) \+ max_new_tokens "
+    with pytest.raises(ConfigError, match=rf"the longest prompt \({longest} tokens\) \+ max_new_tokens "
                                          rf"\({context - longest + 1}\) exceeds the model's context \(model.max_seq_len "
                                          rf"{context}\): lower max_new_tokens to at most {context - longest}"):
         generate(model, PROMPTS, context - longest + 1)

@@ -4,6 +4,7 @@ conversations that `read_conversations` reads back."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -83,6 +84,12 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
     assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(tmp_path),
                                   "--out", str(out)]) == 2
     assert f"error: prompts file {tmp_path} is a directory" in capsys.readouterr().err
+    # past the policy's context: a traceback from generate's ValueError
+    assert rejection_sample.main(["--policy", str(base), "--reward", str(base), "--prompts", str(prompts),
+                                  "--out", str(out), "--max_new_tokens", "100000"]) == 2
+    assert re.fullmatch(r"error: the longest prompt \(\d+ tokens\) \+ max_new_tokens \(100000\) exceeds the model's "
+                        r"context \(model.max_seq_len \d+\): lower max_new_tokens to at most \d+\n",
+                        capsys.readouterr().err)
 
 
 def test_the_builtin_prompts_are_the_preference_questions(tmp_path, capsys):
