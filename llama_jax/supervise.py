@@ -40,7 +40,7 @@ from pathlib import Path
 from etils import epath
 
 from llama_jax import exit_codes, goodput
-from llama_jax.errors import LlamaJaxError
+from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.workdir import check_writable, resolve, write_whole
 
 FIRST_STEP_ENV = "LLAMA_JAX_FIRST_STEP_FILE"
@@ -64,8 +64,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0 or self.backoff < 0 or self.max_backoff < self.backoff:
-            raise ValueError(f"--max-restarts must be 0 or more, and 0 <= --backoff <= --max-backoff (seconds); got "
-                             f"{self.max_restarts}, {self.backoff} and {self.max_backoff}")
+            raise ConfigError(f"--max-restarts must be 0 or more, and 0 <= --backoff <= --max-backoff (seconds); got "
+                              f"{self.max_restarts}, {self.backoff} and {self.max_backoff}")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before the restart that follows `failures` restarts without progress."""
@@ -87,8 +87,8 @@ def child_workdir(command: list[str]) -> epath.Path:
             return resolve(command[index + 1])
         if arg.startswith("--workdir="):
             return resolve(arg.split("=", 1)[1])
-    raise ValueError("the training command has no --workdir DIR: give it one, so that the supervisor finds the run's "
-                     "checkpoints and can write its log there")
+    raise ConfigError("the training command has no --workdir DIR: give it one, so that the supervisor finds the run's "
+                      "checkpoints and can write its log there")
 
 
 def newest_checkpoint(workdir: epath.Path) -> int:
@@ -111,8 +111,8 @@ class Supervisor:
     def __init__(self, command: list[str], policy: Policy):
         self.command, self.policy = command, policy
         if shutil.which(command[0]) is None:
-            raise ValueError(f"the training command's program {command[0]!r} was not found: give one on PATH or its "
-                             "path, e.g. -- python -m llama_jax.train --config FILE --workdir DIR")
+            raise ConfigError(f"the training command's program {command[0]!r} was not found: give one on PATH or its "
+                              "path, e.g. -- python -m llama_jax.train --config FILE --workdir DIR")
         self.workdir = child_workdir(command)
         check_writable(self.workdir, "the training command's --workdir", directory=True)
         self.log_path = self.workdir / LOG_FILE
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[split + 1:]
     try:
         supervisor = Supervisor(command, Policy(options.max_restarts, options.backoff, options.max_backoff))
-    except (ValueError, LlamaJaxError) as err:
+    except LlamaJaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.CONFIG
     return supervisor.run()
