@@ -30,7 +30,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 class PhaseData:
     """A phase's training batches and held-out sets."""
 
-    batches: TrainBatches
+    batches: TrainBatches | PreferenceBatches
     # source name -> this process's held-out batches; the training sources' first, then data.eval_sources'
     eval_sets: dict[str, list[dict[str, np.ndarray]]]
 
