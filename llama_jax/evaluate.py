@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax.data.documents import read_records
+from llama_jax.data.documents import NotUtf8, json_line, read_records
 from llama_jax.data.pipeline import DocumentStore, eval_batches
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError, LlamaJaxError
@@ -129,8 +129,10 @@ def read_questions(path: str | Path) -> list[Question]:
     questions = []
     for where, line in read_records(path):  # JSON Lines, or the Parquet files the Hub's benchmarks come as
         try:
-            record = line if isinstance(line, dict) else json.loads(line.decode("utf-8"))
-        except ValueError as e:  # UnicodeDecodeError too
+            record = line if isinstance(line, dict) else json_line(line)
+        except NotUtf8 as e:
+            raise DataError(f"{where}: not UTF-8 text ({e}): write UTF-8 JSON Lines") from None
+        except ValueError as e:
             raise DataError(f"{where}: not valid JSON ({e}): write one JSON object per line") from None
         questions.append(parse_question(record, where))
     if not questions:

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.chat import ChatFormat
-from llama_jax.data.documents import RECORD_SUFFIXES, read_records
+from llama_jax.data.documents import RECORD_SUFFIXES, NotUtf8, json_line, read_records
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.memory import report_out_of_memory
 from llama_jax.model import Llama, LlamaConfig
@@ -348,10 +348,9 @@ def _prompt(where: str, record: bytes | dict) -> str:
     """The "prompt" string of one record (a JSON line or a Parquet row)."""
     if isinstance(record, bytes):
         try:
-            record = json.loads(record.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}): write UTF-8 JSON Lines"
-                            ) from None
+            record = json_line(record)
+        except NotUtf8 as e:
+            raise DataError(f"{where} is not UTF-8 text ({e}): write UTF-8 JSON Lines") from None
         except ValueError as e:
             raise DataError(f'{where} is not valid JSON ({e}): write one object {{"prompt": ...}} per line') from None
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):

@@ -167,6 +167,7 @@ BAD_CONVERSATION_LINES = [  # (line, reason); every one is skipped and counted
     ({"messages": [{"role": "bot", "content": "hi"}, CONVERSATION[2]]}, "unknown role"),
     ({"messages": [CONVERSATION[0], CONVERSATION[1]]}, "no assistant message"),
     (b'{"messages": "\xff"}', "not UTF-8"),
+    (b'{"messages": [{"role": "user", "content": "\\udc80"}]}', "not UTF-8"),  # half a surrogate pair
 ]
 
 

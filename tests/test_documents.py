@@ -211,23 +211,24 @@ def test_bad_records_are_counted_skipped_and_located(tmp_path, capsys):
         b'{"text": 7}',
         b'["not", "an", "object"]',
         b'{"text": "caf\xe9"}',
+        b'{"text": "half a pair \\ud800 is no text"}',  # scraped JSON has these; no tokenizer can encode them
         b"",
-        b'{"text": "good two"}',
+        b'{"text": "good two \\ud83d\\ude00"}',  # a whole pair is one character
     ]
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "b.txt").write_text(" \n\t")
     (tmp_path / "c.txt").write_bytes(b"line one\nbad \xff byte")
     report = ReadReport()
 
-    assert list(read_documents(str(tmp_path / "*"), report=report)) == ["good one", "good two"]
+    assert list(read_documents(str(tmp_path / "*"), report=report)) == ["good one", "good two \U0001F600"]
     assert (report.documents, report.files) == (2, 3)
-    assert (report.empty, report.bad_json, report.missing_field, report.invalid_utf8) == (2, 1, 3, 2)
+    assert (report.empty, report.bad_json, report.missing_field, report.invalid_utf8) == (2, 1, 3, 3)
     a = tmp_path / "a.jsonl"
     assert report.examples["missing_field"] == [f"{a}:4 has title", f"{a}:5 has text as int", f"{a}:6 is a list"]
     summary = report.summary()
     assert summary.startswith("read 2 documents from 3 files; skipped ")
     for expected in [f"1 malformed JSON line ({a}:3)", f"{a}:2, {tmp_path / 'b.txt'})",
-                     f"({a}:7, {tmp_path / 'c.txt'}:2)"]:
+                     f"({a}:7, {a}:8, {tmp_path / 'c.txt'}:2)"]:
         assert expected in summary
     assert capsys.readouterr().err.count(summary) == 1
 

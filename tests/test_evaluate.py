@@ -294,6 +294,7 @@ def test_layouts(record, expected):
     ('{"question": 3, "choices": ["a", "b"], "answer": 0}', r"bad\.jsonl:2: field 'question' must be a string"),
     ('{"question": "Q", "choices": ["a", "b"], "answer": 0', r"bad\.jsonl:2: not valid JSON"),
     ('["Q", ["a", "b"], 0]', r"bad\.jsonl:2: expected a JSON object, got list"),
+    ('{"question": "\\ud800", "choices": ["a", "b"], "answer": 0}', r"bad\.jsonl:2: not UTF-8 text \(a \\u escape"),
     ('{"goal": "G", "sol1": "a", "label": 0}', r"bad\.jsonl:2: missing field 'sol2'"),
 ])
 def test_bad_lines_name_the_file_line_and_field(tmp_path, tokenizer, line, message):
@@ -330,7 +331,7 @@ def test_missing_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match="holds no questions"):
         ev.ChoiceTask.load(tmp_path / "empty.jsonl", tokenizer)
     (tmp_path / "gzipped.jsonl").write_bytes(b"\x1f\x8b\x08\x00")  # gzip's bytes, named as JSON text
-    with pytest.raises(DataError, match=r"gzipped\.jsonl:1: not valid JSON \(.*invalid start byte\): write one JSON"):
+    with pytest.raises(DataError, match=r"gzipped\.jsonl:1: not UTF-8 text \(invalid start byte at byte 1\): write UTF"):
         ev.ChoiceTask.load(tmp_path / "gzipped.jsonl", tokenizer)
     with pytest.raises(DataError, match="leaves no room for its context within max_len=4"):
         ev.ChoiceTask.from_questions("t", [ev.Question("c", ("a long choice " * 4, "b"), 0)], tokenizer, max_len=4)

@@ -465,6 +465,7 @@ def test_cli_prints_json_lines_for_several_prompts(hf_dir, model, tmp_path, caps
     ('{"prompt": "a"\n', "prompts.jsonl:1 is not valid JSON"),
     ("\n\n", "holds no prompt"),
     (b"\x1f\x8b\x08binary", "prompts.jsonl:1 is not UTF-8 text (invalid start byte at byte 1)"),
+    (b'{"prompt": "a \\ud800"}', "prompts.jsonl:1 is not UTF-8 text (a \\u escape spells half a surrogate pair)"),
 ])
 def test_cli_names_the_problem_of_a_bad_prompts_file(hf_dir, tmp_path, capsys, content, problem):
     path = tmp_path / "prompts.jsonl"

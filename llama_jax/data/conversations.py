@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from llama_jax.data.chat import LLAMA3_ROLES, ChatFormat, Message
-from llama_jax.data.documents import RECORD_SUFFIXES, list_files, read_records
+from llama_jax.data.documents import RECORD_SUFFIXES, NotUtf8, json_line, list_files, read_records
 from llama_jax.errors import DataError
 
 _MESSAGES_EXAMPLE = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
@@ -246,11 +246,9 @@ def _read_file(
 
 def _json_object(line: bytes) -> dict:
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _BadLine("not UTF-8", f"byte {e.start}") from None
-    try:
-        value = json.loads(text)
+        value = json_line(line)
+    except NotUtf8 as e:
+        raise _BadLine("not UTF-8", str(e)) from None
     except json.JSONDecodeError as e:
         raise _BadLine("invalid JSON", f"{e.msg} at column {e.colno}") from None
     if not isinstance(value, dict):

@@ -395,6 +395,26 @@ def read_records(path: epath.PathLike) -> Iterator[tuple[str, bytes | dict]]:
         raise _cut_short(path, err) from err
 
 
+class NotUtf8(ValueError):
+    """A JSON line whose text is not UTF-8; its message says where."""
+
+
+def json_line(line: bytes) -> object:
+    """The JSON value of one line. Raises NotUtf8 where the text is not UTF-8, JSON's `\\u` escapes included: one
+    that spells half a surrogate pair (`"\\ud800"`, common in scraped web text) decodes to a string no tokenizer
+    can encode, which would end the run there rather than be skipped with its line. Raises ValueError where the line
+    is not JSON."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise NotUtf8(f"{e.reason} at byte {e.start}") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotUtf8("a \\u escape spells half a surrogate pair") from None
+    return value
+
+
 def _parquet_records(path: epath.Path, f: BinaryIO) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -418,8 +438,8 @@ def _jsonl_text(line: bytes, location: str, text_field: str, report: ReadReport)
     if not line.strip():
         return None
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
+        record = json_line(line)
+    except NotUtf8:
         report.skip("invalid_utf8", location)
         return None
     except json.JSONDecodeError:
