@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,22 @@ def test_out_dir_is_replaced_only_if_it_holds_a_preparation(tmp_path, tokenizer_
     prepare(TEXTS[:3], tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
     prepare(TEXTS[3:4], tokenizer_path, tmp_path / "out", workers=1, eval_fraction=0)
     assert len(ShardedCorpus.open(tmp_path / "out" / "train")) == 1
+
+
+def test_out_dir_may_be_a_link_but_not_the_current_directory(tmp_path, tokenizer_path, monkeypatch):
+    """Before, a link failed after all the work (rmtree refuses links), leaving the output in a hidden temporary
+    directory; `--out .` made its temporary directory inside the current one and deleted both."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    prepare(TEXTS[:3], tokenizer_path, tmp_path / "link", workers=1, eval_fraction=0)
+    assert (tmp_path / "link").is_symlink() and len(ShardedCorpus.open(tmp_path / "real" / "train")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for here in (".", ".."):
+        with pytest.raises(DataError, match=rf"--out {re.escape(here)} is the current directory or holds it"):
+            prepare(TEXTS[:3], tokenizer_path, Path(here), workers=1, eval_fraction=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "real"] and not any(Path().iterdir())
 
 
 def test_preference_pairs_replace_only_a_preparation(tmp_path, tokenizer_path):

@@ -187,6 +187,9 @@ def check_output_directory(out_dir: Path) -> None:
     check_writable(out_dir, "--out", directory=True)
     if not out_dir.exists():
         return
+    if Path.cwd().is_relative_to(out_dir.resolve()):
+        raise DataError(f"--out {out_dir} is the current directory or holds it, and preparing would replace it: give a "
+                        "new directory, e.g. --out prepared")
     if out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "train" / MANIFEST_FILE).is_file()):
         return
     raise DataError(

@@ -205,6 +205,8 @@ class atomic_directory:
     """
 
     def __init__(self, target: Path, *, replace: bool = True):
+        """`target` is resolved first: a symbolic link's own directory is replaced, not the link."""
+        target = Path(target).resolve()
         self.target, self.replace = target, replace
         self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
