@@ -1,5 +1,6 @@
 """data.source as a glob of the user's own files: tokenizer training, caching, errors, and a short run on it."""
 
+import errno
 import json
 import math
 import sysconfig
@@ -294,6 +295,20 @@ def test_a_cache_that_cannot_be_written_is_named_with_the_setting(tmp_path, text
     train_bpe([path.read_text() for path in sorted(text_dir.iterdir())[:3]], 1024, tmp_path / "t.model")
     with pytest.raises(DataError, match=message):
         corpus.held_out_store("other", str(text_dir), tmp_path / "t.model", unwritable)
+
+
+def test_a_directory_above_the_cache_that_cannot_be_made_is_named_with_the_setting(tmp_path):
+    """A cache under a home that cannot be written (`~/.cache/llama_jax`, the default): mkdir fails on the first
+    directory above the cache it has to make, which was not taken for the cache's, so the OSError was a traceback.
+    (The error is raised here by hand: root may write anywhere a test could make.)"""
+    cache_dir = tmp_path / "home" / ".cache" / "llama_jax"
+    for failed in (tmp_path / "home", cache_dir / "corpus-1234.tmp"):
+        with pytest.raises(DataError, match=rf"the cache directory {cache_dir} cannot be written \(Permission denied: "
+                                            rf"{failed}\): give a writable one \(data.cache_dir"):
+            with corpus.writing_cache(cache_dir):
+                raise PermissionError(errno.EACCES, "Permission denied", str(failed))
+    with pytest.raises(PermissionError), corpus.writing_cache(cache_dir):  # another file's error stays as it is
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "elsewhere"))
 
 
 def test_an_evaluation_only_source_is_logged_apart_and_changes_nothing_else(tmp_path, text_dir):

@@ -158,12 +158,13 @@ def _built_in_prepared(spec: SourceSpec, tokenizer: Path | epath.Path | None, ca
 @contextlib.contextmanager
 def writing_cache(cache_dir: Path) -> Iterator[None]:
     """Names the setting to change when the cache cannot be written (a read-only or foreign directory, a path
-    through a file), where the OS error would name only a file deep inside it. A cache complete on first use is only
-    read, so a shared read-only cache still works."""
+    through a file), where the OS error would name only a file deep inside it, or a directory above it that could
+    not be made. A cache complete on first use is only read, so a shared read-only cache still works."""
     try:
         yield
     except OSError as e:
-        if e.filename is None or not Path(os.fsdecode(e.filename)).is_relative_to(cache_dir):
+        failed = None if e.filename is None else Path(os.fsdecode(e.filename))
+        if failed is None or not (failed.is_relative_to(cache_dir) or cache_dir.is_relative_to(failed)):
             raise
         raise DataError(f"the cache directory {cache_dir} cannot be written ({e.strerror or e}: {e.filename}): give a "
                         "writable one (data.cache_dir; --cache_dir of python -m llama_jax.evaluate)") from e
