@@ -202,6 +202,18 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
 # Bad data
 
 
+def test_a_file_that_cannot_be_opened_stops_the_read_naming_it(tmp_path):
+    """Unlike a file whose reading fails part-way (counted), a file named by the source that cannot be opened at all
+    would leave out all of it: the cache key's digest and the reader both stop, naming it and the fix."""
+    (tmp_path / "a.jsonl").write_text('{"text": "good one"}\n{"text": "good two"}\n')
+    (tmp_path / "b.jsonl").symlink_to("gone.jsonl")
+    message = rf"Cannot open {tmp_path / 'b.jsonl'} \(.*No such file.*\)\. Fix: check that it exists and is readable"
+    with pytest.raises(DataError, match=message):
+        list(read_documents(str(tmp_path)))
+    with pytest.raises(DataError, match=message):
+        file_digest(tmp_path / "b.jsonl")
+
+
 def test_bad_records_are_counted_skipped_and_located(tmp_path, capsys):
     lines = [
         b'{"text": "good one"}',
