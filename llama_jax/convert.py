@@ -188,6 +188,12 @@ def _param(model: Llama, path: tuple[str, ...]) -> nnx.Param:
 def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     """Our `LlamaConfig` from a Hugging Face config.json dict (transformers 4.x or 5.x style)."""
     _check_architecture(hf)
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unnamed") if isinstance(quantization, dict) else "unnamed"
+        raise CheckpointError(f"config.json has a quantization_config ({method}): its weights are stored quantized, "
+                              "which llama_jax does not read; use the model's unquantized release (float32, bfloat16 "
+                              "or float16 weights)")
     missing = [key for key in _RENAMES.values() if key not in hf]
     if missing:
         raise CheckpointError(f"config.json lacks {missing}: it is not a complete Llama config; re-download it")
@@ -371,6 +377,7 @@ def _fill(model: Llama, path: epath.Path, shardings: dict | None, *, score: bool
         shapes = {name: tuple(handle.get_slice(name).get_shape()) for name, handle in tensors.items()}
         for weight in _weights(model.cfg, score=score):
             names = _tensor_names(shapes, weight, model.cfg.n_layers, path)
+            _check_stored_dtype(tensors, names, path)
             read = functools.partial(_read_block, tensors, weight, names, dtype)
             if weight.path == ("score",):
                 head = read((range(1), range(model.cfg.dim)))[0].astype(np.float32)
@@ -427,6 +434,15 @@ def _tensor_names(shapes: dict[str, tuple[int, ...]], weight: _Weight, n_layers:
                 "the weights and config.json come from different models"
             )
     return names
+
+
+def _check_stored_dtype(tensors: dict, names: list[str], path: epath.Path) -> None:
+    """Integer or 8-bit float tensors are quantized weights, which would be cast to floats as they are, unscaled."""
+    for name in names:
+        code = tensors[name].get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES.values():
+            raise CheckpointError(f"{path} stores {name} as {code}, quantized: llama_jax reads float32, bfloat16 and "
+                                  "float16 weights; use the model's unquantized release")
 
 
 def _read_block(tensors: dict, weight: _Weight, names: list[str], dtype: np.dtype,
@@ -675,9 +691,15 @@ class _SafetensorsFiles:
         for file in _safetensors_files(path):
             try:
                 with file.open("rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
                     length = f.seek(0, os.SEEK_END)
+                    f.seek(0)
+                    size = int.from_bytes(f.read(8), "little")
+                    if 8 + size > length:
+                        raise CheckpointError(
+                            f"{file} is not a safetensors file: its first 8 bytes give a header of {size:,} bytes, "
+                            f"the file has {length:,} (a git-lfs pointer, or a web page saved in its place): "
+                            "re-download it")
+                    header = json.loads(f.read(size))
             except ValueError as e:
                 raise CheckpointError(f"{file} has no readable safetensors header ({e}): re-download it") from None
             needed = 8 + size + max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"),
@@ -689,6 +711,10 @@ class _SafetensorsFiles:
                 if name != "__metadata__":
                     self._where[name] = (file, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
         self.shapes = {name: where[2] for name, where in self._where.items()}
+
+    def dtype_code(self, name: str) -> str:
+        """The safetensors code of the tensor's stored dtype ("BF16", "I8", ...)."""
+        return self._where[name][1]
 
     def dtype(self, name: str) -> np.dtype:
         file, code = self._where[name][:2]
@@ -717,6 +743,9 @@ class _TensorRows:
 
     def get_shape(self) -> list[int]:
         return list(self.files.shapes[self.name])
+
+    def get_dtype(self) -> str:
+        return self.files.dtype_code(self.name)
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         file, _, shape, offset = self.files._where[self.name]

@@ -208,6 +208,42 @@ def test_a_download_cut_short_is_named_by_loading_and_by_conversion(broken, tmp_
                         "re-download it\n", capsys.readouterr().err)
 
 
+def test_a_file_that_is_not_safetensors_is_named_by_conversion_and_averaging(broken, tmp_path, capsys):
+    """A git clone without git-lfs leaves pointer files: their first 8 bytes, read as the header's length, asked for
+    exabytes, and conversion and averaging ended in a MemoryError traceback."""
+    from llama_jax import average
+    from llama_jax.convert import main
+
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 51200\n")
+    with pytest.raises(CheckpointError, match=f"{shard} is damaged or incomplete .*: re-download it"):
+        load_hf(broken)
+    expected = (rf"error: {shard} is not a safetensors file: its first 8 bytes give a header of [0-9,]+ bytes, the file "
+                r"has 70 \(a git-lfs pointer, or a web page saved in its place\): re-download it\n")
+    assert main(["--from", "hf", "--to", "ours", str(broken), str(tmp_path / "ours")]) == 2
+    assert re.fullmatch(expected, capsys.readouterr().err)
+    assert average.main(["--out", str(tmp_path / "avg"), str(broken), str(broken)]) == 2
+    assert re.fullmatch(expected, capsys.readouterr().err)
+
+
+def test_quantized_weights_are_refused_not_read_as_floats(broken):
+    """A bitsandbytes or FP8 release: int8 weights were cast to floats as they were (a model that runs and is
+    garbage), FP8 ones ended in a traceback."""
+    quantized = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    _rewrite_config(broken, lambda c: c.update(quantization_config=quantized))
+    with pytest.raises(CheckpointError, match=r"config.json has a quantization_config \(bitsandbytes\): its weights are "
+                                              "stored quantized, which llama_jax does not read; use the model's "):
+        load_hf(broken)
+    _rewrite_config(broken, lambda c: c.pop("quantization_config"))
+    name = "model.layers.1.self_attn.k_proj.weight"
+    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = np.round(tensors[name] * 100).astype(np.int8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{broken} stores {name} as I8, quantized: llama_jax reads float32"):
+        load_hf(broken)
+
+
 @pytest.mark.parametrize("side_file", ["generation_config.json", "tokenizer_config.json"])
 def test_a_damaged_side_file_stops_conversion_before_any_weight_is_written(broken, tmp_path, capsys, side_file):
     """Before, conversion to ours copied it as it was, and the converted run failed only where it was used."""
