@@ -49,9 +49,8 @@ class _Mean(ParamSource):
 
 def _check_same_model(paths: list[epath.Path], sources: list[ParamSource]) -> None:
     """Refuses checkpoints of different models (how they run, e.g. their compute dtype, may differ) or tokenizers."""
-    first = sources[0].cfg.replace(head_dim=sources[0].cfg.resolved_head_dim)  # 0 means dim / n_heads
     for path, source in zip(paths[1:], sources[1:]):
-        differing = first.architecture_changes(source.cfg.replace(head_dim=source.cfg.resolved_head_dim))
+        differing = sources[0].cfg.architecture_changes(source.cfg)
         if differing:
             raise CheckpointError(f"{path} is a different model from {paths[0]} ({'; '.join(differing)}): average "
                                   "checkpoints of one run")

@@ -217,6 +217,17 @@ def test_unrolled_layers_trace_one_block_per_layer_and_no_scan(gradient_case):
     assert unrolled.count("rsqrt") == scanned.count("rsqrt") - 2 + 2 * model.cfg.n_layers  # two norms per block
 
 
+def test_a_stated_head_dim_is_the_same_architecture_as_the_default_it_equals():
+    """0 means dim / n_heads; a converted checkpoint states the number, and a run of the config it came from was
+    refused as `checkpoint.init_from` ("model.head_dim=0 (checkpoint: 16)")."""
+    default = CONFIGS["mha_untied"]
+    stated = default.replace(head_dim=default.resolved_head_dim)
+    assert default.architecture_changes(stated) == [] and stated.architecture_changes(default) == []
+    assert default.architecture_changes(default.replace(head_dim=32)) == ["model.head_dim=0 (checkpoint: 32)"]
+    assert default.architecture_changes(default.replace(attention="flash", n_layers=3)) == [
+        "model.n_layers=2 (checkpoint: 3)"]
+
+
 def test_scan_layers_must_be_a_bool():
     with pytest.raises(ConfigError, match=r"model.scan_layers='no' must be True .* or False"):
         LlamaConfig(scan_layers="no")

@@ -102,10 +102,14 @@ class LlamaConfig:
 
     def architecture_changes(self, saved: "LlamaConfig") -> list[str]:
         """`model.KEY=ours (checkpoint: theirs)` for each field, other than RUNTIME_FIELDS, in which this config
-        differs from a checkpoint's: the reasons its weights cannot start this model."""
+        differs from a checkpoint's: the reasons its weights cannot start this model. `head_dim` is compared as
+        resolved: 0 (dim / n_heads) and the number a converted checkpoint states are one model."""
+        def value(cfg: "LlamaConfig", name: str):
+            return cfg.resolved_head_dim if name == "head_dim" else getattr(cfg, name)
+
         return [f"model.{f.name}={getattr(self, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
                 for f in dataclasses.fields(self)
-                if f.name not in RUNTIME_FIELDS and getattr(self, f.name) != getattr(saved, f.name)]
+                if f.name not in RUNTIME_FIELDS and value(self, f.name) != value(saved, f.name)]
 
 
 def param_count(cfg: LlamaConfig, *, include_embedding: bool = True) -> int:
