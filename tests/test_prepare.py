@@ -167,6 +167,25 @@ def test_preference_pairs_replace_only_a_preparation(tmp_path, tokenizer_path):
     assert prepare_preferences(pairs, tokenizer_path, tmp_path / "out", eval_fraction=0) == {"train": 3}
 
 
+def test_preference_pairs_are_held_out_by_prompt(tmp_path, tokenizer_path):
+    """Several pairs per prompt (rankings made into pairs): split by pair, the held-out pairs' prompts and responses
+    were trained on."""
+    from llama_jax.data.preferences import prepare_preferences
+
+    pairs = tmp_path / "pairs.jsonl"
+    prompts = [f"question {i}" for i in range(60)]
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": f"best {p}", "rejected": f"worse {k} {p}"}) + "\n"
+                             for p in prompts for k in range(3)))
+    written = prepare_preferences(pairs, tokenizer_path, tmp_path / "out", eval_fraction=0.2)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    sides = {split: [tokenizer.decode(ids) for ids in read_all(tmp_path / "out" / split)] for split in written}
+    for p in prompts:
+        in_eval = sum(f"best {p}<" in text for text in sides["eval"])
+        in_train = sum(f"best {p}<" in text for text in sides["train"])
+        assert sorted([in_eval, in_train]) == [0, 3], p  # a pair's chosen sequence, on one side only
+    assert 0 < written["eval"] < written["train"] and written["eval"] % 3 == 0
+
+
 def test_input_is_read_lazily_with_bounded_work_in_flight(tokenizer_path):
     pulled = itertools.count()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ from posttrain_fixtures import tiny_base
 from llama_jax import checkpoint, trainer
 from llama_jax.config import eval_source, mixture_source, validate
 from llama_jax.data.chat import ChatFormat
+from llama_jax.data import stdlib_chat
 from llama_jax.data.conversations import sft_example
+from llama_jax.data.shards import ShardedCorpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
@@ -27,8 +30,6 @@ from llama_jax.objectives import lm_loss_sum
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return tiny_base(tmp_path_factory.mktemp("base"))
-
-
 
 
 def chat_row(base):
@@ -63,6 +64,19 @@ def test_prompt_tokens_neither_change_the_loss_nor_get_gradient(base):
     assert float(loss_of_logits(logits, changed_answer)) != float(base_loss)
     grads = np.asarray(jax.grad(loss_of_logits)(logits, targets))
     assert np.all(grads[0, prompt] == 0) and np.all(np.abs(grads[0, answer]).sum(-1) > 0)
+
+
+def test_the_built_in_chat_data_holds_out_conversations_it_does_not_train_on(base, tmp_path):
+    """Every third conversation of `stdlib_chat` had a second turn about the next function, whose own conversation
+    the split could hold out: 8 of the 27 held-out conversations were trained on, word for word."""
+    tokenizer = Tokenizer.from_file(base)
+    prepared = Path(stdlib_chat.prepared("stdlib_chat", base, tmp_path))
+    train, held_out = (ShardedCorpus.open(prepared / split) for split in ("train", "eval"))
+    trained = "".join(tokenizer.decode(train.read(i)) for i in range(len(train)))
+    bos = tokenizer.decode(tokenizer.prefix_ids)
+    conversations = [tokenizer.decode(held_out.read(i)).removeprefix(bos) for i in range(len(held_out))]
+    assert len(conversations) > 20 and sum("Which module is it in?" in c for c in conversations) > 2
+    assert [c for c in conversations if c in trained] == []
 
 
 def test_the_tiny_sft_recipe_lowers_the_assistant_loss(base, tmp_path):

@@ -32,7 +32,10 @@ MARKER = "preferences"  # the manifest entry that says a prepared corpus holds p
 def prepare_preferences(pattern: str | os.PathLike, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
                         *, eval_fraction: float = DEFAULT_EVAL_FRACTION, max_tokens: int | None = None) -> dict[str, int]:
     """Writes the pairs of the JSON Lines files matching `pattern`; returns the pairs written per split. A pair one
-    of whose sequences has more than `max_tokens` tokens is skipped and counted (never cut)."""
+    of whose sequences has more than `max_tokens` tokens is skipped and counted (never cut).
+
+    The split is by prompt: data with several pairs per prompt (UltraFeedback's, Nectar's rankings) would otherwise
+    hold out pairs whose prompt, and often a response, the model trains on, and overstate the held-out accuracy."""
     out_dir = local_directory(out_dir, "--out")
     check_output_directory(out_dir)
     tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -52,8 +55,7 @@ def prepare_preferences(pattern: str | os.PathLike, tokenizer_path: str | os.Pat
             if max_tokens is not None and longest > max_tokens:
                 report.skip("longer than max_tokens", f"pair {index}", f"{longest} tokens > {max_tokens}")
                 continue
-            key = json.dumps([prompt, chosen, rejected], sort_keys=True)
-            split = "eval" if in_eval_split(key, eval_fraction) else "train"
+            split = "eval" if in_eval_split(json.dumps(prompt, sort_keys=True), eval_fraction) else "train"
             writers[split].write(example.chosen_tokens, example.chosen_nll_mask)
             writers[split].write(example.rejected_tokens, example.rejected_nll_mask)
             written[split] += 1
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="file, glob or directory of preference pairs: .jsonl(.gz|.zst) or .parquet")
     p.add_argument("--tokenizer", required=True, help="the tokenizer (directory) the model was trained with")
     p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    p.add_argument("--eval_fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="held-out fraction of pairs")
+    p.add_argument("--eval_fraction", type=float, default=DEFAULT_EVAL_FRACTION,
+                   help="held-out fraction of the prompts, each with all its pairs")
     p.add_argument("--max_tokens", type=int, help="skip pairs with a longer sequence")
     args = p.parse_args(argv)
     try:

@@ -57,15 +57,18 @@ def question(name: str) -> str:
     return f"What does `{name}` do?"
 
 
-def conversations(turns: int = 2) -> list[dict]:
-    """{"messages": [...]} records: one question each, and every third one with a follow-up question (multi-turn)."""
-    qa = docstring_answers()
+def conversations() -> list[dict]:
+    """{"messages": [...]} records: one question each, every third one followed by a question whose answer needs
+    the first turn ("Which module is it in?"). The follow-up is about the same function: one about another function
+    would repeat that function's own conversation, which the split (by conversation) may hold out while it trains on
+    this one."""
     records = []
-    for i, (name, answer) in enumerate(qa):
+    for i, (name, answer) in enumerate(docstring_answers()):
         messages = [{"role": "user", "content": question(name)}, {"role": "assistant", "content": answer}]
-        if i % 3 == 0 and turns > 1:
-            other, other_answer = qa[(i + 1) % len(qa)]
-            messages += [{"role": "user", "content": question(other)}, {"role": "assistant", "content": other_answer}]
+        if i % 3 == 0:
+            module = name.rpartition(".")[0]
+            messages += [{"role": "user", "content": "Which module is it in?"},
+                         {"role": "assistant", "content": f"It is in the `{module}` module."}]
         records.append({"messages": messages})
     return records
 
