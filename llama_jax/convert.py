@@ -505,14 +505,16 @@ def save_hf(
     files in `path` are removed, since transformers would read a stale single file in preference to a new index.
     """
     path = resolve(path)
-    _save_weights(model.cfg, lambda param_path: np.asarray(_param(model, param_path)[...]), path, dtype, max_shard_bytes)
-    if tokenizer is None:
+    generation = None if tokenizer is None else generation or GenerationSettings.for_tokenizer(tokenizer)
+    _save_weights(model.cfg, lambda param_path: np.asarray(_param(model, param_path)[...]), path, dtype, max_shard_bytes,
+                  token_ids={} if generation is None else generation.token_ids())
+    if generation is None:
         warnings.warn(f"save_hf wrote no tokenizer files to {path}: pass tokenizer= for a directory that "
                       "AutoTokenizer can open", stacklevel=2)
         return
     if chat_template is None:
         chat_template = ChatFormat.builtin_template(tokenizer)
-    _save_tokenizer(path, tokenizer, generation or GenerationSettings.for_tokenizer(tokenizer), chat_template)
+    _save_tokenizer(path, tokenizer, generation, chat_template)
 
 
 def _save_tokenizer(path: epath.Path, tokenizer: Tokenizer, generation: GenerationSettings,
@@ -539,9 +541,10 @@ def hf_tensors(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], 
 
 
 def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray], path: epath.Path,
-                  dtype: str | None, max_shard_bytes: int, classifier: dict | None = None) -> None:
-    """The safetensors and config.json; `classifier` (config.json entries of a LlamaForSequenceClassification) writes a
-    reward model's score layer instead of the output projection."""
+                  dtype: str | None, max_shard_bytes: int, *, token_ids: dict, classifier: dict | None = None) -> None:
+    """The safetensors and config.json, which states `token_ids` (`GenerationSettings.token_ids`); `classifier`
+    (config.json entries of a LlamaForSequenceClassification) writes a reward model's score layer instead of the
+    output projection."""
     np_dtype = jnp.dtype(dtype or cfg.param_dtype)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / _INDEX_FILE]:
@@ -564,7 +567,7 @@ def _save_weights(cfg: LlamaConfig, read: Callable[[tuple[str, ...]], np.ndarray
         total = sum(np.prod(weight.hf_shape) * np_dtype.itemsize for weight, _ in entries)
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (path / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = {**config_to_hf(cfg, np_dtype.name), **(classifier or {})}
+    config = {**config_to_hf(cfg, np_dtype.name), **token_ids, **(classifier or {})}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -855,27 +858,33 @@ def write_hf(source: ParamSource, out: str | os.PathLike, dtype: str | None = No
         classifier = {"architectures": [_CLASSIFIER], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
                       "pad_token_id": None if tokenizer is None else tokenizer.pad_id,
                       **({} if source.scores_end_token else {SCORES_BEFORE_END: True})}
-    _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes, classifier)
-    if tokenizer is None:
+    settings = template = None
+    if tokenizer is not None:
+        with local_copy(source.directory, _SIDE_FILES) as files:  # the readers below take local directories
+            settings = GenerationSettings.from_directory(files, tokenizer)
+            template = ChatFormat.template_in(files, tokenizer)
+    _save_weights(source.cfg, source.read, out, dtype, max_shard_bytes,
+                  token_ids={} if settings is None else settings.token_ids(), classifier=classifier)
+    if settings is None:
         warnings.warn(f"{source.directory} has no tokenizer, so {out} has none: copy tokenizer.json or "
                       "tokenizer.model into it for a directory that AutoTokenizer can open", stacklevel=2)
         return
-    with local_copy(source.directory, _SIDE_FILES) as files:  # the readers below take local directories
-        settings, template = GenerationSettings.from_directory(files, tokenizer), ChatFormat.template_in(files, tokenizer)
     _save_tokenizer(out, tokenizer, settings, template)
 
 
 def copy_tokenizer_files(source: ParamSource, out: Path | epath.Path) -> list[str]:
-    """Copies the source's tokenizer files and generation_config.json into `out`; returns their names. Either side
-    may be remote: the files are small, and read and written whole."""
+    """Copies the source's tokenizer files and its generation settings (`generation_config.file_for_copy`) into
+    `out`; returns their names. Either side may be remote: the files are small, and read and written whole."""
     if source.tokenizer is None:
         return []
-    generation = source.directory / generation_config.FILE_NAME
-    files = tokenizer_files(source.tokenizer) + ([generation] if generation.is_file() else [])
+    files = tokenizer_files(source.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     for file in files:
         (out / file.name).write_bytes(file.read_bytes())
-    return [file.name for file in files]
+    generation = generation_config.file_for_copy(source.directory)
+    if generation is not None:
+        (out / generation_config.FILE_NAME).write_bytes(generation)
+    return [file.name for file in files] + ([generation_config.FILE_NAME] if generation is not None else [])
 
 
 def _check_side_files(source: ParamSource) -> None:

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, ConfigError
 
@@ -92,10 +94,16 @@ class GenerationSettings:
             decoding = f"greedy ({self.origin['do_sample']})"
         return f"generation: {decoding}; stop on ids {list(self.stop_ids)} ({self.origin['stop_ids']})"
 
+    def token_ids(self) -> dict[str, Any]:
+        """bos and eos (the stop ids) as config.json and generation_config.json state them: readers of config.json
+        alone (transformers' `model.config`) take its defaults, bos 1 and eos 2, where they are missing. Not pad:
+        in config.json transformers makes it the embedding's padding row, whose gradient it zeroes."""
+        return {"bos_token_id": self.bos_id,
+                "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else list(self.stop_ids)}
+
     def to_hf(self) -> dict[str, Any]:
         """The generation_config.json that makes transformers decode as these settings do."""
-        out: dict[str, Any] = {**self.extra, "bos_token_id": self.bos_id,
-                               "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else list(self.stop_ids)}
+        out: dict[str, Any] = {**self.extra, **self.token_ids()}
         if self.pad_id is not None:
             out["pad_token_id"] = self.pad_id
         out["do_sample"] = self.do_sample
@@ -117,6 +125,19 @@ class GenerationSettings:
         return dataclasses.replace(self, **changes, origin=self.origin | dict.fromkeys(changes, name))
 
 
+def file_for_copy(directory: Path | epath.Path) -> bytes | None:
+    """The generation_config.json for a copy of a Hugging Face directory's model into a llama_jax run (a conversion,
+    a fine-tuning run), which keeps no config.json: the directory's own, or else the token ids its config.json
+    states, from which transformers derives its generation settings when there is no generation_config.json and
+    which the copy would otherwise lose (its stop ids would be the tokenizer's). None when it has neither."""
+    generation = directory / FILE_NAME
+    if generation.is_file():
+        return generation.read_bytes()
+    config = _read(directory / "config.json")
+    ids = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(key) is not None}
+    return (json.dumps(ids, indent=2) + "\n").encode() if ids else None
+
+
 def _check(changes: dict[str, Any], source: str) -> None:
     stop_ids = changes.get("stop_ids", (0,))
     if not stop_ids or not all(isinstance(i, int) and i >= 0 for i in stop_ids):
@@ -125,10 +146,10 @@ def _check(changes: dict[str, Any], source: str) -> None:
         raise CheckpointError(f"{source}: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; fix the file")
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path | epath.Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}): re-download or re-save the checkpoint") from None

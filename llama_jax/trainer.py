@@ -472,11 +472,14 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     it saw another tokenizer and stopped alone, and process 0 waited in its next collective."""
     files = tokenizer_files(tokenizer_path)
     distributed.on_every_process(lambda: ckpt.check_resumed_tokenizer(workdir, files), "checking the run's tokenizer")
-    generation = workdir_lib.as_path(cfg.checkpoint.init_from) / generation_config.FILE_NAME
     if jax.process_index() == 0:
-        for file in files + ([generation] if cfg.checkpoint.init_from and generation.is_file() else []):
+        for file in files:
             if workdir_lib.resolve(file) != workdir / file.name:  # data.tokenizer may be the run's own copy
                 epath.Path(file).copy(workdir / file.name, overwrite=True)
+        generation = cfg.checkpoint.init_from and generation_config.file_for_copy(
+            workdir_lib.as_path(cfg.checkpoint.init_from))
+        if generation:
+            (workdir / generation_config.FILE_NAME).write_bytes(generation)
     return files[0].name
 
 

@@ -336,8 +336,6 @@ def test_convert_cli_re_exports_a_hugging_face_directory_whole(smol_dir, tmp_pat
         np.testing.assert_array_equal(a.astype(jnp.bfloat16).astype(np.float32), b)  # rounded once to bf16, no more
 
 
-
-
 def add_tokenizer(directory: Path) -> Path:
     """A tiktoken tokenizer.model whose ranks are the 256 bytes: the kind of file Meta's releases and our runs carry."""
     path = directory / "tokenizer.model"
@@ -373,6 +371,25 @@ def test_hugging_face_to_ours_to_hugging_face_is_exact(tmp_path, dtype):
     assert model.embed[...].dtype == jnp.dtype(dtype) and tokenizer == str(tmp_path / "ours" / "tokenizer.model")
     assert {p.name for p in (tmp_path / "back").iterdir()} >= {"tokenizer.json", "tokenizer_config.json",
                                                                 "generation_config.json", "config.json"}
+
+
+def test_token_ids_stated_in_config_json_alone_survive_conversion_both_ways(tmp_path):
+    """Without generation_config.json transformers stops on config.json's eos ids. A conversion to ours kept no
+    config.json, so the converted model stopped on the tokenizer's eos; and config.json exports stated no ids, so
+    transformers' `model.config` read its defaults (bos 1, eos 2)."""
+    from llama_jax.convert import open_checkpoint
+
+    hf_model().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    _rewrite_config(tmp_path / "hf", lambda c: c.update(bos_token_id=0, eos_token_id=[1, 7]))
+    add_tokenizer(tmp_path / "hf")
+    convert_cli("--from", "hf", "--to", "ours", tmp_path / "hf", tmp_path / "ours")
+    convert_cli("--from", "ours", "--to", "hf", tmp_path / "ours", tmp_path / "back")
+    for directory in ("hf", "ours", "back"):
+        settings = open_checkpoint(tmp_path / directory).generation
+        assert (settings.bos_id, settings.stop_ids) == (0, (1, 7)), directory
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "back")
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (0, [1, 7], None)
 
 
 def test_ours_exported_to_hugging_face_gives_our_logits_in_transformers(tmp_path):
