@@ -8,7 +8,9 @@ leaves with `os._exit(EXIT_HUNG)`.
 Progress is a step whose result is ready on the device, not a step dispatched: JAX's dispatch runs ahead of the
 device, so the loop's own pace says nothing until it blocks. The thread polls the steps' metrics arrays
 (`Array.is_ready()`), which costs the loop nothing. Evaluations and saves are phases the loop announces; each
-must end within the same limit, which is `multiple` x the median step time, never below `min_seconds`.
+must end within the same limit, which is `multiple` x the median step time, never below `min_seconds`. Compiling a
+later phase's step is a phase without a limit, as the first phase's compilation is (the watchdog starts after it):
+a large model's compilation may take longer than any limit its steps suggest.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Watchdog:
         self._step_seconds: collections.deque = collections.deque(maxlen=_SAMPLES)
         self._last_progress = time.monotonic()
         self._phase = _STEPS
+        self._bounded = True  # whether the current phase must end within the limit
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,14 +65,15 @@ class Watchdog:
             self._pending.append(step_result)
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Work between steps (an evaluation, a save): progress when it starts and when it ends."""
+    def phase(self, name: str, *, bounded: bool = True) -> Iterator[None]:
+        """Work between steps (an evaluation, a save): progress when it starts and when it ends. An unbounded
+        phase (a compilation) may last as long as it takes."""
         self._beat()
-        self._phase = name
+        self._phase, self._bounded = name, bounded
         try:
             yield
         finally:
-            self._phase = _STEPS
+            self._phase, self._bounded = _STEPS, True
             self._beat()
 
     def limit(self) -> float:
@@ -100,7 +104,7 @@ class Watchdog:
                     self._step_seconds.append((now - self._last_progress) / ready)
                 self._last_progress = now
             idle, limit = now - self._last_progress, self.limit()
-            if idle > limit:
+            if idle > limit and self._bounded:
                 self._fire(idle, limit)
 
     def _fire(self, idle: float, limit: float) -> None:

@@ -157,6 +157,23 @@ def test_a_signal_during_the_backoff_ends_the_run_without_a_restart(tmp_path):
     assert (crash["cause"], crash["restart_seconds"]) == ("crashed", None)
 
 
+def test_a_compilation_has_no_limit_and_the_steps_after_it_have(tmp_path):
+    """A later phase compiles its own step while the watchdog runs (the first phase's is done before it starts):
+    a compilation longer than the limit was taken for a hang, and the run exited 76 at each phase change."""
+    script = (
+        "import time\nfrom pathlib import Path\nfrom llama_jax.watchdog import Watchdog\n"
+        f"watchdog = Watchdog(multiple=1.0, min_seconds=0.3, workdir=Path({str(tmp_path)!r}))\n"
+        "watchdog.start()\n"
+        "with watchdog.phase('compilation', bounded=False):\n    time.sleep(1.5)\n"
+        "print('compiled', flush=True)\n"
+        "time.sleep(5)\n"
+        "print('not stopped', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert (result.returncode, result.stdout) == (76, "compiled\n"), result.stderr
+    assert "watchdog: no progress in training steps for 0 s (limit 0 s" in result.stderr
+
+
 def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path, cache_dir):
     """Step 7 hangs in the first process (the test hook): the watchdog prints every thread's stack, naming the hung
     frame, and exits 76; the supervisor restarts from checkpoint 4 and the run finishes with every step logged once."""
