@@ -536,18 +536,22 @@ class _Loop:
         window: list[dict] = []
         pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
         window_start, window_first_step, compiled_here = None, done, False
+        saving = 0.0  # seconds of the window spent saving, left out of its rates (as evaluations are)
         logged: dict[str, float] = {}
         while done < p.stop_step:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
-            if not compiled_here:
-                self._check_step_memory(run, step_fn, (*args, *lora_args))
-            state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
+            if not compiled_here:  # the first step of a phase compiles, for as long as that takes
+                with self.watchdog.phase("compilation", bounded=False):
+                    self._check_step_memory(run, step_fn, (*args, *lora_args))
+                    state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
+                    jax.block_until_ready(step_metrics)
+            else:
+                state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()
-            if not compiled_here:  # the first step of a phase compiles: time from its end
-                jax.block_until_ready(step_metrics)
+            if not compiled_here:  # time from the end of the compiling step
                 self.goodput.charge(COMPILE)
                 compiled_here = True
                 if not self.compiled:
@@ -566,13 +570,13 @@ class _Loop:
             pending = [] if wants_save else pending[-1:]
             if bad is not None:
                 state, done = self._recover(run, bad, done)
-                window, pending, window_start, window_first_step = [], [], time.perf_counter(), done
+                window, pending, window_start, window_first_step, saving = [], [], time.perf_counter(), done, 0.0
                 continue
             is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last
             if done % cfg.train.log_every == 0 or is_eval:
                 logged = _summarise(window or [step_metrics], self.plan.tokens_before(done))
                 if window:
-                    seconds = time.perf_counter() - window_start
+                    seconds = time.perf_counter() - window_start - saving
                     tokens, flops = _work(run.model_def.cfg, p, window_first_step, done)
                     logged["tokens_per_s"] = tokens / seconds
                     logged["step_time"] = seconds / (done - window_first_step)
@@ -591,9 +595,9 @@ class _Loop:
                                                      mesh=run.mesh))
                 logged.update(self.goodput.summary())
                 self.logger.log(done, logged)
-                window, window_start, window_first_step = [], time.perf_counter(), done
+                window, window_start, window_first_step, saving = [], time.perf_counter(), done, 0.0
             if wants_save:
-                self._save(done, state, train_iter)
+                saving += self._save(done, state, train_iter)
             if preempted and done < self.plan.total_steps:
                 raise Preempted(done, self.checkpointer.directory)
         self._close_profile()
@@ -647,7 +651,8 @@ class _Loop:
             state, back_to = run.init(), 0
         else:
             abstract = run.abstract_state
-            params, opt_state = self.checkpointer.restore(last, abstract.params, abstract.opt_state, None)
+            with self.watchdog.phase("checkpoint restore"):
+                params, opt_state = self.checkpointer.restore(last, abstract.params, abstract.opt_state, None)
             state, back_to = TrainState(jnp.asarray(last, jnp.int32), params, opt_state), last
         self._warn(f"step {step}: {problem}. Rolled back to step {back_to}; the {done - back_to} batches drawn since "
                    "are skipped (stability.policy='rollback')")
@@ -660,16 +665,18 @@ class _Loop:
         if jax.process_index() == 0:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    def _save(self, done: int, state: TrainState, train_iter) -> None:
+    def _save(self, done: int, state: TrainState, train_iter) -> float:
         """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs) and the
-        whole run's."""
+        whole run's. Returns the seconds the save took, which the step rates leave out."""
         jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
+        started = time.perf_counter()
         saved_meta = {**self.meta, "goodput": self.goodput.ledger(), "tokens_seen": self.plan.tokens_before(done),
                       "batches": self.plan.placement(done)}
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint save"):
             self.logger.flush()  # every line up to this step exists before the step can be restored
             self.checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
         self.save_clock.reset()
+        return time.perf_counter() - started
 
     def average(self, run: Run, p: Phase, data: PhaseData) -> dict[str, float]:
         """Averages the phase's checkpoints into WORKDIR/averaged (once) and evaluates the average there."""

@@ -316,6 +316,23 @@ def test_keep_policy_and_wall_clock_saves(tmp_path, cache_dir):
     assert sorted(int(p.name) for p in (tmp_path / "timed" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
 
 
+def test_step_rates_leave_out_the_time_of_saves(tmp_path, cache_dir, monkeypatch):
+    """Evaluations were left out of a window's step_time, tokens_per_s and mfu, saves were not: the window after each
+    save counted it, here 2 s a save."""
+    save = checkpoint.Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(2.0)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", slow_save)
+    trainer.train(small_config(cache_dir, 7), tmp_path / "run")  # saves at steps 3, 6 and 7, logs every step
+    lines = read_metrics(tmp_path / "run")
+    assert lines[-1]["goodput/lost_seconds/checkpoint"] > 6
+    assert [line["step"] for line in lines if "step_time" in line] == [2, 3, 4, 5, 6, 7]
+    assert max(line["step_time"] for line in lines if "step_time" in line) < 1.0, lines
+
+
 def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cache_dir):
     workdir = tmp_path / "run"
     workdir.mkdir()
