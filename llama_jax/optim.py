@@ -114,7 +114,8 @@ def _state_in(dtype: str, inner: optax.GradientTransformation) -> optax.Gradient
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
                    schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
-    """AdamW (with clipping) following `schedule`, by default `lr_schedule(optim_cfg, total_steps)`."""
+    """AdamW, after clipping when `optim.grad_clip` > 0, following `schedule`, by default
+    `lr_schedule(optim_cfg, total_steps)`."""
     check_choices(optim_cfg)
     adamw = optax.adamw(
         schedule or lr_schedule(optim_cfg, total_steps),
@@ -125,9 +126,10 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
         mask=lambda params: decay_mask(params, embeddings=optim_cfg.decay_embeddings),
     )
     adamw = _state_in(optim_cfg.state_dtype, adamw)
-    if optim_cfg.grad_clip > 0:
-        return optax.chain(clip_by_global_norm(optim_cfg.grad_clip), adamw)
-    return adamw
+    # Clipping or not, one chain: the optimizer state then has one structure, and a run resumed with clipping turned
+    # on or off reads its checkpoints (a state of another structure failed to restore, and was taken for damage).
+    clip = clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

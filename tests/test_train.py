@@ -153,6 +153,19 @@ def test_resuming_with_another_training_state_is_refused_and_every_checkpoint_st
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
 
 
+def test_a_run_resumes_with_clipping_turned_off_or_on(tmp_path, cache_dir, capsys):
+    """Clipping was a link of the optimizer's chain only when on, so the optimizer state had another structure: each
+    checkpoint failed to restore and was moved aside as damaged, and the run stopped or started over."""
+    workdir = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 3), workdir)
+    for steps, clip in ((6, 0.0), (9, 1.0)):
+        cfg = small_config(cache_dir, steps)
+        cfg.optim.grad_clip = clip
+        trainer.train(cfg, workdir)
+        assert f"Resumed from {workdir / 'checkpoints' / str(steps - 3)}" in capsys.readouterr().out
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "9"]
+
+
 def test_float16_compute_on_a_cpu_is_refused_before_the_step_compiles(tmp_path, cache_dir):
     """XLA's CPU backend has no float16 product with a float32 result: compiling the step failed with XLA's
     ValueError, "The precision 'F16_F16_F32' is not supported by dot_general on CPU"."""
