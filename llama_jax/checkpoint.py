@@ -35,6 +35,7 @@ from llama_jax.model.config import RUNTIME_FIELDS
 from llama_jax.objectives import reward
 from llama_jax.parallel import distributed
 from llama_jax.parallel.mesh import param_shardings
+from llama_jax.phases import state_layout
 from llama_jax.workdir import resolve
 
 class RestoreTarget(NamedTuple):
@@ -46,18 +47,6 @@ class RestoreTarget(NamedTuple):
     abstract_opt_state: Any
     data_iter: grain.DatasetIterator
     config: dict  # the run's whole config, whose `state_layout` the checkpoint must share
-
-
-def state_layout(config: dict) -> dict[str, Any]:
-    """What decides a train state's structure beside the model: LoRA's adapters, a reward model's head, and DPO's
-    reference (kept in the optimizer's state, unless LoRA's frozen base is the reference). Objectives that share a
-    layout (lm and sft) may follow each other in one workdir."""
-    objective = config.get("objective", {}).get("name", "lm")
-    lora = config.get("lora", {})
-    rank = lora.get("rank", 0)
-    return {"LoRA adapters": f"rank {rank} on {lora.get('targets')}" if rank else "none",
-            "reward head (objective.name='reward')": objective == "reward",
-            "DPO reference (objective.name='dpo')": objective == "dpo" and not rank}
 
 
 # Model fields a resumed run may set differently from its checkpoint: they change how the step computes, not the

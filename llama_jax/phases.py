@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import itertools
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -222,6 +223,9 @@ def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDic
             if section == "optim" and key != "grad_accum":
                 raise ConfigError(f"{where}: optim.{key} belongs to the whole run (its schedule spans the phases); a "
                                   "phase may change optim.grad_accum only, and its learning rate with lr='anneal'")
+            if section == "checkpoint" and key != "every_steps":
+                raise ConfigError(f"{where}: checkpoint.{key} belongs to the whole run (one checkpointer keeps its "
+                                  "checkpoints); a phase may change checkpoint.every_steps only")
             if key not in phase_cfg[section]:
                 raise ConfigError(f"{where}: unknown key {section}.{key}; a phase overrides keys the config has")
             if section == "data" and key in ("mixture", "eval_sources"):
@@ -232,6 +236,18 @@ def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDic
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return phase_cfg
+
+
+def state_layout(config: dict) -> dict[str, Any]:
+    """What decides a train state's structure beside the model: LoRA's adapters, a reward model's head, and DPO's
+    reference (kept in the optimizer's state, unless LoRA's frozen base is the reference). Objectives that share a
+    layout (lm and sft) may follow each other in one workdir."""
+    objective = config.get("objective", {}).get("name", "lm")
+    lora = config.get("lora", {})
+    rank = lora.get("rank", 0)
+    return {"LoRA adapters": f"rank {rank} on {lora.get('targets')}" if rank else "none",
+            "reward head (objective.name='reward')": objective == "reward",
+            "DPO reference (objective.name='dpo')": objective == "dpo" and not rank}
 
 
 def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
@@ -267,6 +283,12 @@ def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
         if changed:
             raise ConfigError(f"phases[{p.index - 1}] ({p.name!r}) changes the architecture ({'; '.join(changed)}): a "
                               "phase may change RoPE scaling, max_seq_len, remat and attention, not parameter shapes")
+        layout, phase_layout = state_layout(cfg.to_dict()), state_layout(p.cfg.to_dict())
+        other = [f"{key}: {layout[key]!r} -> {phase_layout[key]!r}" for key in layout if layout[key] != phase_layout[key]]
+        if other:
+            raise ConfigError(f"phases[{p.index - 1}] ({p.name!r}) trains another state than the run "
+                              f"({'; '.join(other)}): lm and sft may follow each other in a run; start a DPO or reward "
+                              "model run of its own, with --config.checkpoint.init_from=WORKDIR")
     return plan
 
 

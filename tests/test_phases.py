@@ -73,9 +73,14 @@ def test_a_phase_may_evaluate_on_its_own_sets():
     (phase("x", steps=5, lr="cosine"), "lr='cosine' is not one of"),
     (phase("x", steps=5, data=dict(eval_sources=dict(data=eval_source("pydoc_topics")))),
      "data.eval_sources ['data'] has the name of a training source"),
+    (phase("x", steps=5, checkpoint=dict(max_to_keep=10)), "checkpoint.max_to_keep belongs to the whole run"),
+    (phase("x", steps=5, objective=dict(name="dpo")),
+     "trains another state than the run (DPO reference (objective.name='dpo'): False -> True)"),
+    (phase("x", steps=5, objective=dict(name="reward")), "(reward head (objective.name='reward'): False -> True): lm and sft may follow"),
 ])
 def test_bad_phases_are_refused_with_the_fix(entry, message):
     cfg = default_config()
+    cfg.checkpoint.init_from = cfg.data.tokenizer = "base"  # what DPO and reward models start from
     cfg.phases = (entry,)
     with pytest.raises(ConfigError, match="phases") as err:
         validate(cfg)

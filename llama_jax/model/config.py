@@ -102,14 +102,15 @@ class LlamaConfig:
 
     def architecture_changes(self, saved: "LlamaConfig") -> list[str]:
         """`model.KEY=ours (checkpoint: theirs)` for each field, other than RUNTIME_FIELDS, in which this config
-        differs from a checkpoint's: the reasons its weights cannot start this model. `head_dim` is compared as
-        resolved: 0 (dim / n_heads) and the number a converted checkpoint states are one model."""
-        def value(cfg: "LlamaConfig", name: str):
-            return cfg.resolved_head_dim if name == "head_dim" else getattr(cfg, name)
+        differs from a checkpoint's: the reasons its weights cannot start this model. A `head_dim` of 0 (dim /
+        n_heads) and the number a converted checkpoint states are one model."""
+        def differs(name: str) -> bool:
+            if name == "head_dim" and self.resolved_head_dim == saved.resolved_head_dim:
+                return False
+            return getattr(self, name) != getattr(saved, name)
 
         return [f"model.{f.name}={getattr(self, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-                for f in dataclasses.fields(self)
-                if f.name not in RUNTIME_FIELDS and value(self, f.name) != value(saved, f.name)]
+                for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS and differs(f.name)]
 
 
 def param_count(cfg: LlamaConfig, *, include_embedding: bool = True) -> int:
