@@ -8,13 +8,13 @@ batches; the OPT and BLOOM logbooks record many such restarts), often with a cha
 (llama_jax/stability.py) do this automatically for the newest checkpoint; this command goes back further.
 
 It makes checkpoint N the newest: the later ones are moved, not deleted, into WORKDIR/rewound/<time>/<step> (with a
-copy of metrics.jsonl as it stood, and an averaged model of a later phase end, which no longer describes the run), so the next `python -m llama_jax.train` with this workdir resumes from N as from any checkpoint. That run drops
+copy of metrics.jsonl and skip_batches.json as they stood, and an averaged model of a later phase end, which no longer describes the run), so the next `python -m llama_jax.train` with this workdir resumes from N as from any checkpoint. That run drops
 the metrics lines past N as it does after a crash, and counts their time as lost (`redone`) in its goodput.
 
 `--skip_batches K` records in WORKDIR/skip_batches.json that a run resuming from N first draws and discards the K
 batches that follow it. The record belongs to step N: a run that dies before its next save and resumes from N again
 skips them again, and one that resumes from a later checkpoint, whose data position already lies past them, does
-not. A batch is a function of its position in the data (see data/pipeline.py), so a skipping run sees exactly the
+not. A rewind drops the records of N and of later steps, which belonged to the checkpoints it moves aside. A batch is a function of its position in the data (see data/pipeline.py), so a skipping run sees exactly the
 batches an uninterrupted run would have met K steps later.
 
 A rewind needs the workdir to itself: it refuses while a run holds it. Run it on one machine (a pod's processes read
@@ -59,8 +59,9 @@ def rewind(workdir: str, step: int, skip_batches: int = 0) -> str:
             (aside / "rewind.json").write_text(json.dumps({"to_step": step, "moved_steps": later,
                                                            "averaged_moved": stale_average,
                                                            "skip_batches": skip_batches}) + "\n")
-            if (directory / "metrics.jsonl").exists():
-                (directory / "metrics.jsonl").copy(aside / "metrics.jsonl")
+            for kept in ("metrics.jsonl", SKIPS_FILE):
+                if (directory / kept).exists():
+                    (directory / kept).copy(aside / kept)
             for s in later:
                 (checkpoints / str(s)).rename(aside / str(s))
             if stale_average:
@@ -94,8 +95,11 @@ def _averaged_after(averaged: epath.Path, step: int) -> bool:
 
 
 def _record_skip(path: epath.Path, step: int, batches: int) -> None:
+    """The skip for `step`, in place of the records of it and of later steps: those belong to checkpoints the
+    rewind moved aside, and a run that came back to such a step would skip again (the copy under
+    WORKDIR/rewound/<time> keeps them)."""
     skips = json.loads(path.read_text()) if path.exists() else {}
-    skips.pop(str(step), None)
+    skips = {key: value for key, value in skips.items() if int(key) < step}
     if batches:
         skips[str(step)] = batches
     if skips or path.exists():

@@ -86,8 +86,15 @@ def test_skipped_batches_are_those_after_the_step_every_time_a_run_resumes_from_
     assert "Skipping" not in capsys.readouterr().out
     assert [m["loss"] for m in read_metrics(workdir)] == [loss[s] for s in (1, 2, 3, 6, 7, 8, 9, 10, 11)]
 
-    assert main([str(workdir), "--step", "3"]) == 0  # a rewind without a skip takes the recorded one back
+    assert main([str(workdir), "--step", "7", "--skip_batches", "1"]) == 0
+    assert json.loads((workdir / "skip_batches.json").read_text()) == {"3": 2, "7": 1}
+    # A rewind without a skip takes the recorded one back, and those of the later checkpoints it moves aside: step
+    # 7's was kept, and a run that came back to step 7 skipped again.
+    assert main([str(workdir), "--step", "3"]) == 0
     assert json.loads((workdir / "skip_batches.json").read_text()) == {}
+    newest = max((workdir / "rewound").iterdir())
+    assert json.loads((newest / "rewind.json").read_text())["moved_steps"] == [6, 7]
+    assert json.loads((newest / "skip_batches.json").read_text()) == {"3": 2, "7": 1}
 
 
 def test_bad_rewinds_are_refused_with_the_fix(tmp_path, cache_dir, capsys):
