@@ -159,10 +159,10 @@ def parse_question(record: object, where: str) -> Question:
         labels = [str(label) for label in record["choices"].get("label", [])]
         return Question(context, tuple(choices), _answer_index(record, ("answerKey",), choices, labels, where))
     if "endings" in record and ("ctx" in record or "ctx_a" in record):  # HellaSwag
-        if "ctx" in record:
-            ctx = _text(record, "ctx", where)
-        else:
+        if "ctx_a" in record:  # as lm-eval-harness builds it; the published `ctx` leaves ctx_b in lower case
             ctx = f"{_text(record, 'ctx_a', where)} {str(record.get('ctx_b', '')).capitalize()}".strip()
+        else:
+            ctx = _text(record, "ctx", where)
         activity = record.get("activity_label")
         context = _hellaswag_clean(f"{activity}: {ctx}" if activity else ctx)
         choices = [_hellaswag_clean(c) for c in _choice_list(record, "endings", where)]
@@ -266,9 +266,7 @@ def score_choices(model: ModelLike, task: ChoiceTask, batch_size: int = 32, mesh
     graphdef, state = nnx.split(_as_module(model))
     rows = [(q, c) for q, conts in enumerate(task.choice_ids) for c in range(len(conts))]
     rows.sort(key=lambda qc: -(len(task.context_ids[qc[0]]) + len(task.choice_ids[qc[0]][qc[1]])))
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch_size = -(-batch_size // shards) * shards
+    batch_size = _split_evenly(batch_size, mesh)
     score = _scorer(mesh)
     pending = []  # read back after the loop, so that batches are dispatched while earlier ones run
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -322,6 +320,15 @@ def summarize(name: str, scores: ChoiceScores) -> dict[str, float]:
         f"{name}/nll_per_token": float(np.mean(gold_nll / gold_tokens)),
         f"{name}/n": float(len(scores.gold)),
     }
+
+
+def _split_evenly(batch_size: int, mesh: Mesh | None) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's data-parallel shards (`data` x `fsdp`), over which the
+    rows are split as training splits its batches."""
+    if mesh is None:
+        return batch_size
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-batch_size // shards) * shards
 
 
 def _as_module(model: ModelLike) -> Llama:
@@ -386,7 +393,8 @@ def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len:
                   ) -> dict[str, float]:
     """`<name>/tokens`, `<name>/loss` and `<name>/perplexity` of the documents in `store` (see the module's
     docstring), over all of them or the first `max_batches` batches of `batch_size` rows; with a `stride`, in
-    overlapping windows."""
+    overlapping windows. On a `mesh`, `batch_size` is rounded up to split over its data-parallel axes."""
+    batch_size = _split_evenly(batch_size, mesh)
     if stride:
         store = StridedWindows(store, seq_len, stride)
     every = -(-int(store.lengths.sum()) // (seq_len * batch_size)) + len(store.lengths)  # more than they fill
@@ -520,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.max_len < 0:
             raise DataError(f"--batch_size must be positive and --max_len positive or 0 (the model's context up to "
                             f"2048), got {args.batch_size} and {args.max_len}")
+        text_only = [flag for flag, given in (("--stride", args.stride), ("--text_field", args.text_field != "text"))
+                     if given]
+        if text_only and not args.data:
+            raise DataError(f"{' and '.join(text_only)} apply to the text of --data, and none is given: add --data "
+                            "SOURCE, or leave them out")
         mesh = inference_mesh(args.mesh)
         tasks_arg = args.tasks if args.tasks is not None else ("" if args.data else "stdlib_mc")
         files = [t.strip() for t in tasks_arg.split(",") if t.strip()]

@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                              "half of bfloat16's memory); prints the memory saved and the logit error on the first prompt")
     args = parser.parse_args(argv)
     try:
+        if args.system is not None and not args.chat:
+            raise ConfigError("--system is a message of the chat template, which only --chat renders: add --chat")
         texts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not texts:
             raise ConfigError("no prompt given: pass --prompt TEXT (repeatable) or --prompts_file FILE")

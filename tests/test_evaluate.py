@@ -172,9 +172,11 @@ def test_text_loss_equals_transformers_on_each_document(hf_dir, tmp_path):
     assert ours["docs/perplexity"] == pytest.approx(math.exp(sums / count), rel=1e-5)
 
     mesh = make_mesh({"data": 2, "stage": 1, "fsdp": 2, "context": 1, "tensor": 2})
-    sharded = ev.evaluate_text(open_checkpoint(hf_dir, mesh=mesh).model, store, "docs", seq_len=128, batch_size=4,
-                               mesh=mesh, pad_id=opened.tokenizer.pad_id)
-    assert sharded == pytest.approx(ours, rel=1e-5)
+    sharded_model = open_checkpoint(hf_dir, mesh=mesh).model
+    for batch_size in (4, 3):  # 3 rows are rounded up to 4, which split over data x fsdp (was a traceback)
+        sharded = ev.evaluate_text(sharded_model, store, "docs", seq_len=128, batch_size=batch_size, mesh=mesh,
+                                   pad_id=opened.tokenizer.pad_id)
+        assert sharded == pytest.approx(ours, rel=1e-5)
 
 
 def test_strided_windows_score_every_token_once_as_the_transformers_loop_does(hf_dir, tmp_path, capsys):
@@ -273,6 +275,13 @@ def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys)
     ({"context": "Q?", "options": ["a", "b"], "label": "0"}, ("Q?", ("a", "b"), 0)),
     ({"activity_label": "Baking", "ctx_a": "She mixes flour.", "ctx_b": "then she", "endings": ["bakes [title] it", "x"],
       "label": "0"}, ("Baking: She mixes flour. Then she", ("bakes. it", "x"), 0)),
+    # As Rowan/hellaswag publishes it, `ctx` too, ctx_b in lower case there: the prompt is lm-eval-harness's (it was
+    # "...roof. he", a prompt published scores were not measured with).
+    ({"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+      "ctx": "A man is sitting on a roof. he", "endings": ["is ripping level tiles off.", "starts pulling up roofing."],
+      "label": "1"}, ("Roof shingle removal: A man is sitting on a roof. He",
+                      ("is ripping level tiles off.", "starts pulling up roofing."), 1)),
+    ({"ctx": "A man sits.", "endings": ["a", "b"], "label": 0}, ("A man sits.", ("a", "b"), 0)),
     ({"question": "Which?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}, "answerKey": "B"},
      ("Question: Which?\nAnswer:", ("x", "y", "z"), 1)),
     ({"question": "Which?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "2"},
@@ -367,6 +376,10 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path, capsys):
     assert ev.main(["--checkpoint", str(hf_dir), "--max_len", "4096"]) == 2
     assert capsys.readouterr().err == ("error: --max_len 4096 exceeds the model's context (model.max_seq_len 256): "
                                        "give at most 256, or 0 for 256\n")
+    # flags of --data's text without --data: they were ignored
+    assert ev.main(["--checkpoint", str(tmp_path / "nowhere"), "--stride", "16", "--text_field", "body"]) == 2
+    assert capsys.readouterr().err == ("error: --stride and --text_field apply to the text of --data, and none is "
+                                       "given: add --data SOURCE, or leave them out\n")
 
 
 def test_cli_running_out_of_device_memory_is_one_line_naming_what_to_lower(hf_dir, monkeypatch, capsys):

@@ -495,6 +495,13 @@ def test_cli_needs_a_prompt(hf_dir, capsys):
     assert "no prompt given" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_system_message_without_chat(hf_dir, capsys):
+    """Only the chat template renders a system message: without --chat it was ignored, and the output the same."""
+    assert main(["--checkpoint", str(hf_dir), "--prompt", "def f(", "--system", "You are a pirate"]) == 2
+    assert capsys.readouterr().err == ("error: --system is a message of the chat template, which only --chat renders: "
+                                       "add --chat\n")
+
+
 def test_cli_fp8_reports_memory_and_logit_error(hf_dir, model, capsys):
     """The error printed is the quantised model's on the prompt (about 0.08 here: this model's init std of 0.1 gives
     its matrices a high gain that amplifies every rounding); its continuation is the FP8 model's."""
