@@ -61,6 +61,15 @@ def test_a_phase_may_evaluate_on_its_own_sets():
     assert not first.cfg.data.eval_sources and long.cfg.data.eval_sources.books.source == "pydoc_topics"
 
 
+def test_a_phase_continuing_the_schedule_after_an_annealing_is_refused():
+    cfg = default_config()
+    cfg.phases = (phase("anneal", steps=5, lr="anneal"), phase("more", steps=5))
+    with pytest.raises(ConfigError, match=r"phases\[1\]: lr='continue' after an annealing phase would jump back up"):
+        validate(cfg)
+    cfg.phases = (phase("more", steps=5), phase("anneal", steps=5, lr="anneal"), phase("again", steps=5, lr="anneal"))
+    validate(cfg)
+
+
 @pytest.mark.parametrize("entry, message", [
     (phase("x", steps=5, train=dict(steps=3)), "section 'train' cannot change in a phase"),
     (phase("x", steps=5, optim=dict(lr=1.0)), "optim.lr belongs to the whole run"),
