@@ -38,6 +38,7 @@ from llama_jax.parallel.mesh import param_shardings
 from llama_jax.phases import state_layout
 from llama_jax.workdir import resolve
 
+
 class RestoreTarget(NamedTuple):
     """What a checkpoint is restored into: the model config it must have been written for, abstract arrays with the
     shardings wanted, and the data iterator to move to its saved position."""

@@ -8,14 +8,17 @@ batches; the OPT and BLOOM logbooks record many such restarts), often with a cha
 (llama_jax/stability.py) do this automatically for the newest checkpoint; this command goes back further.
 
 It makes checkpoint N the newest: the later ones are moved, not deleted, into WORKDIR/rewound/<time>/<step> (with a
-copy of metrics.jsonl and skip_batches.json as they stood, and an averaged model of a later phase end, which no longer describes the run), so the next `python -m llama_jax.train` with this workdir resumes from N as from any checkpoint. That run drops
-the metrics lines past N as it does after a crash, and counts their time as lost (`redone`) in its goodput.
+copy of metrics.jsonl and skip_batches.json as they stood, and an averaged model of a later phase end, which no
+longer describes the run), so the next `python -m llama_jax.train` with this workdir resumes from N as from any
+checkpoint. That run drops the metrics lines past N as it does after a crash, and counts their time as lost
+(`redone`) in its goodput.
 
 `--skip_batches K` records in WORKDIR/skip_batches.json that a run resuming from N first draws and discards the K
 batches that follow it. The record belongs to step N: a run that dies before its next save and resumes from N again
 skips them again, and one that resumes from a later checkpoint, whose data position already lies past them, does
-not. A rewind drops the records of N and of later steps, which belonged to the checkpoints it moves aside. A batch is a function of its position in the data (see data/pipeline.py), so a skipping run sees exactly the
-batches an uninterrupted run would have met K steps later.
+not. A rewind drops the records of N and of later steps, which belonged to the checkpoints it moves aside. A batch
+is a function of its position in the data (see data/pipeline.py), so a skipping run sees exactly the batches an
+uninterrupted run would have met K steps later.
 
 A rewind needs the workdir to itself: it refuses while a run holds it. Run it on one machine (a pod's processes read
 the result from the shared workdir when they start).

@@ -476,10 +476,10 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
         for file in files:
             if workdir_lib.resolve(file) != workdir / file.name:  # data.tokenizer may be the run's own copy
                 epath.Path(file).copy(workdir / file.name, overwrite=True)
-        generation = cfg.checkpoint.init_from and generation_config.file_for_copy(
-            workdir_lib.as_path(cfg.checkpoint.init_from))
-        if generation:
-            (workdir / generation_config.FILE_NAME).write_bytes(generation)
+        if cfg.checkpoint.init_from:
+            generation = generation_config.file_for_copy(workdir_lib.as_path(cfg.checkpoint.init_from))
+            if generation is not None:
+                (workdir / generation_config.FILE_NAME).write_bytes(generation)
     return files[0].name
 
 
