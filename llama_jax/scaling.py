@@ -276,6 +276,10 @@ class Sweep:
         """A new sweep, written to `directory`. Planning again into a sweep's directory opens it as it is when the plan
         is the same (its finished runs and recorded prediction stand), and is refused when it differs: its finished
         runs would be taken for the new plan's runs of the same names."""
+        largest = max(p.budget for p in points)
+        if holdout is not None and not (math.isfinite(holdout) and holdout > largest):
+            raise ConfigError(f"--holdout {holdout:g} must be a budget larger than the grid's ({largest:.3g}): the "
+                              "fit predicts it from the smaller ones")
         directory = _local_sweep(directory)
         check_writable(directory, "the sweep directory", directory=True)
         sweep = cls(directory, points, (base or default_config()).to_dict(), dict(overrides or {}), family, holdout)
@@ -652,14 +656,24 @@ def _ints(text: str) -> list[int]:
         raise ConfigError(f"{text!r} is not a comma-separated list of integers (e.g. 1,2,3,4)") from None
 
 
+# What each run's budget is made of: its model's shape, its batches and its length. --set may not change them.
+_PLANNED_KEYS = ("data.batch_size", "data.seq_len", "data.ramp", "train.steps", "train.tokens", "phases")
+
+
 def _overrides(items: Sequence[str], base: ml_collections.ConfigDict) -> dict:
-    """--set's KEY=VALUE items, each checked against `base` (its key exists, its value has the key's type)."""
+    """--set's KEY=VALUE items, each checked against `base` (its key exists, its value has the key's type) and
+    refused where it would change what a run spends, which plan.json records and the fit reads."""
     overrides = {}
     checked = ml_collections.ConfigDict(base.to_dict())
     for item in items:
         key, equals, value = item.partition("=")
         if not equals:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set optim.lr=1e-3)")
+        section, _, field = key.strip().partition(".")
+        if key.strip() in _PLANNED_KEYS or (section == "model" and field not in RUNTIME_FIELDS):
+            raise ConfigError(f"--set {key.strip()} is the grid's own (each run's model, batch and steps spend its "
+                              "budget): give --batch_size, --seq_len or the family's --aspect_ratio, --head_dim and "
+                              "--vocab_size instead")
         try:
             overrides[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

@@ -105,6 +105,13 @@ def test_planner_token_counts_match_the_budgets():
     (["--budgets", "0,1e12"], "the budgets [0.0, 1000000000000.0] must be one or more positive FLOP counts"),
     # said before the grid's own mistake, the first budget's too few sizes
     (["--budgets", "1e9", "--set", "optim.nonsense=1"], "override optim.nonsense: unknown key"),
+    # what a run spends: the configs trained 13x the budget plan.json records (and the fit reads)
+    (["--set", "data.batch_size=32"], "--set data.batch_size is the grid's own (each run's model, batch and steps"),
+    (["--set", "model.dim=512"], "--set model.dim is the grid's own"),
+    # an in-sample "held-out" check, or a traceback after the whole grid had trained
+    (["--holdout", "4e12"], "--holdout 4e+12 must be a budget larger than the grid's (4e+12)"),
+    (["--holdout", "0"], "--holdout 0 must be a budget larger than the grid's"),
+    (["--holdout", "nan"], "--holdout nan must be a budget larger than the grid's"),
 ])
 def test_cli_plan_bad_input_is_one_line(tmp_path, capsys, flags, message):
     given = dict(zip(flags[::2], flags[1::2]))
