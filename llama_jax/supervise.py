@@ -119,6 +119,7 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self._signals = 0
         self._stopped = False  # set by the signal handler
+        self._forwarded = False  # whether the handler passed a signal on to a child
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +131,11 @@ class Supervisor:
     def _restart_loop(self, first_step_file: Path) -> int:
         failures, interruptions, pending = 0, 0, None
         while True:
-            newest_before = newest_checkpoint(self.workdir)
+            newest_before = newest_checkpoint(self.workdir)  # a listing: on a bucket, time for a signal to land
+            if self._stopped:  # before a child was there to pass it to: start none
+                if pending is not None:
+                    self._log(pending.record)
+                return self._end(exit_codes.PREEMPTED, interruptions)
             started = time.time()
             code = self._run_child(first_step_file, pending)
             died = time.time()
@@ -159,6 +164,9 @@ class Supervisor:
             pending.record["restart_seconds"] = round(time.time() - pending.died, 3)
         # Its own process group, so that a terminal's Ctrl-C reaches the supervisor alone, which turns it into SIGTERM.
         self.child = subprocess.Popen(self.command, env=env, process_group=0, preexec_fn=_die_with_parent)
+        if self._stopped and not self._forwarded:  # a signal while it started, when there was no child to pass it to
+            self.child.send_signal(signal.SIGTERM)
+            self._forwarded = True
         while True:
             try:
                 code = self.child.wait(timeout=_POLL_SECONDS)
@@ -210,6 +218,7 @@ class Supervisor:
         self._stopped = True
         if self.child is not None:
             self.child.send_signal(signal.SIGTERM if self._signals == 1 else signal.SIGKILL)
+            self._forwarded = True
 
     def _log(self, record: dict) -> None:
         """Rewrites the (small) log with one more line: object stores have no append."""

@@ -81,10 +81,10 @@ def test_dry_run_on_demand_uses_tpu_vm_create_describe_and_delete(capsys, monkey
 
 def test_dry_run_single_host_takes_a_local_workdir_and_defaults_the_runtime(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    lines = _dry_run(capsys, *TPU, "--accelerator", "v6e-8", "--workdir", "runs/here")
+    lines = _dry_run(capsys, *TPU, "--accelerator", "v6e-8", "--workdir", "/tmp/runs/here")
     assert lines[2] == ("gcloud compute tpus queued-resources create llama --node-id=llama --accelerator-type=v6e-8 "
                         f"--runtime-version=v2-alpha-tpuv6e {WHERE}")
-    assert _ssh("llama", "all", "bash ~/llama_jax/launch/tpu_worker.sh start configs/tiny.py runs/here") in lines
+    assert _ssh("llama", "all", "bash ~/llama_jax/launch/tpu_worker.sh start configs/tiny.py /tmp/runs/here") in lines
 
 
 def test_dry_run_multislice_creates_n_nodes_and_sets_megascale_per_slice(capsys, monkeypatch):
@@ -137,6 +137,8 @@ def test_dry_run_teardown_is_one_delete_and_needs_no_config(capsys, kind, expect
     ({"--config": "/etc/hostname"}, "is outside the repository"),
     ({"--workdir": "runs/llama"}, "--workdir runs/llama for v5p-512 x 1 slice(s), which has several hosts"),
     ({"--workdir": None}, "gs://MY-BUCKET/runs/llama"),
+    # inside the checkout, which the next launch's install deletes with the run's checkpoints
+    ({"--workdir": "runs/llama", "--accelerator": "v6e-8"}, "--workdir runs/llama is relative: on the worker it would"),
     ({"--name": "Llama_8B"}, "--name 'Llama_8B' is not a valid TPU name"),
     ({"--on-demand": "", "--num-slices": "2"}, "--num-slices > 1 needs a queued resource"),
     ({"--num-slices": "0"}, "--num-slices 0"),

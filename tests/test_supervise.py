@@ -72,6 +72,27 @@ def test_every_kind_of_interruption_is_restarted_with_a_doubling_backoff(tmp_pat
     assert (end["exit_code"], end["interruptions"]) == (0, 4)
 
 
+def test_a_signal_during_the_listing_before_a_restart_starts_no_child(tmp_path):
+    """SIGTERM while the supervisor lists the checkpoints after its backoff (a bucket takes its time), when no child
+    was there to pass it to: the next child was started and never told, and trained on to its end."""
+    script = (
+        "import os, signal, sys\nfrom llama_jax import supervise\n"
+        "listings = []\nlist_checkpoints = supervise.newest_checkpoint\n"
+        "def slow_listing(workdir):\n"
+        "    listings.append(workdir)\n"
+        "    if len(listings) == 3:  # the one before the restart\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return list_checkpoints(workdir)\n"
+        "supervise.newest_checkpoint = slow_listing\n"
+        "sys.exit(supervise.main(['--backoff', '0.05', '--', *sys.argv[1:]]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *fake_child(tmp_path, [75, 0])], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 75, result.stderr
+    assert len((tmp_path / "run" / "starts").read_text().splitlines()) == 1, "no second child"
+    assert [r["cause"] for r in log_records(tmp_path / "run", "interruption")] == ["preempted"]
+
+
 def test_the_budget_counts_restarts_without_a_new_checkpoint_and_refills_on_one(tmp_path):
     """Starts 0, 1 fail; start 2 writes a checkpoint (progress) and fails; 3 and 4 fail: two in a row, give up."""
     result = supervise(tmp_path, fake_child(tmp_path, [1] * 10, progress=(2,)), "--backoff", "0.05",

@@ -128,3 +128,7 @@ def _check_workdir(job: TpuJob) -> None:
     if not job.workdir:
         raise ConfigError(f"--workdir is missing: give gs://MY-BUCKET/runs/{job.name} (a bucket outlives the VM, so a "
                           "preempted run resumes)")
+    if not job.workdir.startswith("gs://") and not job.workdir.startswith("/"):
+        raise ConfigError(f"--workdir {job.workdir} is relative: on the worker it would lie inside the checkout "
+                          "~/llama_jax, which each launch installs afresh, deleting its checkpoints; give an absolute "
+                          f"path, e.g. /tmp/runs/{job.name}, or gs://MY-BUCKET/runs/{job.name}")
