@@ -335,6 +335,19 @@ def test_read_preferences_takes_conversations_that_begin_with_their_prompt(tmp_p
         ([said("user", "Human: hi")], [said("assistant", "\n\nAssistant: is not a transcript")],
          [said("assistant", "no")])]
 
+    # The layout of Dahoas/rm-static and full-hh-rlhf: the transcript up to "Assistant:" as the prompt, the replies
+    # apart, or (with the same prompt) whole transcripts. The cue was read as an empty assistant turn: the pairs
+    # held two assistant turns in a row, and SFT trained on an end token right after the assistant's header; the
+    # whole transcripts were skipped, as a prompt differing from their beginning.
+    cue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: 2+2?\n\nAssistant:"
+    replies = {"prompt": cue, "chosen": " 4", "rejected": " 5"}
+    whole = {"prompt": cue, **hh_raw}
+    assert list(read_preferences(_write(tmp_path / "rm_static.jsonl", [replies, whole]))) == [
+        (history, [said("assistant", " 4")], [said("assistant", " 5")]),
+        (history, [said("assistant", "4")], [said("assistant", "5")])]
+    sft = _write(tmp_path / "sft.jsonl", [{"prompt": cue, "completion": " 4"}])
+    assert list(read_conversations(sft)) == [[*history, said("assistant", " 4")]]
+
 
 def test_gzipped_json_lines_and_parquet_rows_are_read_as_json_lines_are(tmp_path):
     """The Hub's preference and chat datasets come as Parquet (UltraFeedback binarized, UltraChat) or gzipped JSON

@@ -338,12 +338,17 @@ def _field(record: dict, name: str, role_of_text: str) -> list[Message]:
 
 def _transcript(text: str) -> list[Message] | None:
     """The messages of a conversation written as Anthropic's HH-RLHF stores it, "\n\nHuman: ...\n\nAssistant: ...", or
-    None for other text: such a string is a whole conversation, not one message."""
+    None for other text: such a string is a whole conversation, not one message. A last "Assistant:" with nothing
+    after it (how HH-style prompts end, with the reply in another field) is the cue for the reply, not a message: kept,
+    it was an empty assistant turn, whose end token SFT trained on right after the assistant's header."""
     if not text.startswith(_TRANSCRIPT_START):
         return None
     parts = _TRANSCRIPT_TURN.split(text)  # ["", "Human", text, "Assistant", text, ...]
-    return [{"role": _TRANSCRIPT_ROLES[speaker], "content": content.strip()}
-            for speaker, content in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": _TRANSCRIPT_ROLES[speaker], "content": content.strip()}
+                for speaker, content in zip(parts[1::2], parts[2::2])]
+    if len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
+        messages.pop()
+    return messages
 
 
 def _messages(value: object, name: str) -> list[Message]:
