@@ -274,13 +274,18 @@ class _FileLock:
 
 
 class _Lease:
-    """A lease on WORKDIR/.lock for object stores, refreshed by a daemon thread while the run lives."""
+    """A lease on WORKDIR/.lock for object stores, refreshed by a daemon thread while the run lives. A lease is
+    taken over when it expires, or at once when its holder was a process of this machine that no longer runs: a run
+    killed (SIGKILL, out of memory, the watchdog's exit) never releases it, and its supervisor restarts it here
+    sooner than the lease expires (the restart was refused, and the supervisor gave up)."""
 
     def __init__(self, workdir: epath.Path):
         self.path = workdir / ".lock"
-        self._owner = {"id": uuid.uuid4().hex, "holder": f"pid {os.getpid()} on {socket.gethostname()}"}
+        self._owner = {"id": uuid.uuid4().hex, "holder": f"pid {os.getpid()} on {socket.gethostname()}",
+                       "pid": os.getpid(), "machine": _machine_id()}
         held = self._read()
-        if held and held["id"] != self._owner["id"] and time.time() - held["time"] < LEASE_EXPIRY_S:
+        if held and held["id"] != self._owner["id"] and time.time() - held["time"] < LEASE_EXPIRY_S \
+                and not _died_here(held):
             raise _in_use(workdir, held["holder"])
         self._write()
         self._stop = threading.Event()
@@ -304,6 +309,27 @@ class _Lease:
         self._stop.set()
         self._thread.join()
         self.path.unlink(missing_ok=True)
+
+
+def _machine_id() -> str | None:
+    """This machine since its boot (Linux's boot id): host names repeat across containers, pids across boots."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _died_here(held: dict) -> bool:
+    """Whether a lease's holder was a process of this machine, since its boot, that no longer runs."""
+    if _machine_id() is None or held.get("machine") != _machine_id() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def lock(workdir: epath.Path) -> _FileLock | _Lease:

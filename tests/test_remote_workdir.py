@@ -10,6 +10,7 @@ real bucket run here. One local and one bucket run, trained alike, are shared by
 import json
 import os
 import socket
+import subprocess
 import time
 import uuid
 from http import HTTPStatus
@@ -159,6 +160,26 @@ def test_a_held_bucket_workdir_refuses_a_second_run_until_its_lease_expires(buck
     (workdir / ".lock").write_text(json.dumps(stale))  # a run that died without releasing its lease
     trainer.train(small_config(cache_dir, 2), workdir)
     assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def test_a_fresh_lease_of_a_process_of_this_machine_that_died_is_taken_over(bucket):
+    """A run killed (SIGKILL, out of memory, the watchdog's exit) never releases its lease; its supervisor restarts it
+    on the same machine within the lease's 120 s, and the restart was refused as "in use", so the supervisor gave up.
+    A live holder, or one of another machine, still holds the workdir."""
+    workdir = workdir_lib.resolve(f"{bucket}/killed")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+
+    def held_by(pid: int, machine: str | None) -> None:
+        lease = {"id": "old", "holder": f"pid {pid} on here", "pid": pid, "machine": machine, "time": time.time()}
+        (workdir / ".lock").write_text(json.dumps(lease))
+
+    held_by(finished.pid, workdir_lib._machine_id())
+    workdir_lib.lock(workdir).release()
+    for pid, machine in ((os.getpid(), workdir_lib._machine_id()), (finished.pid, "another machine's boot id")):
+        held_by(pid, machine)
+        with pytest.raises(CheckpointError, match=rf"is in use by a running job \(pid {pid} on here\)"):
+            workdir_lib.lock(workdir)
 
 
 def remote_files(directory: str) -> dict[str, bytes]:
