@@ -30,6 +30,15 @@ COMPILE, EVAL, CHECKPOINT, REDONE, RESTART = "compile", "eval", "checkpoint", "r
 COUNTERS = (PRODUCTIVE, *(LOST + cause for cause in (COMPILE, EVAL, CHECKPOINT, REDONE)))
 START_FILE = "goodput.json"
 _IMPORTED = time.time()  # about when this process started (the trainer imports this module early)
+_run_start: float | None = None  # when this process's current run began (`begin_run`)
+
+
+def begin_run() -> None:
+    """Marks the start of a run in this process: the process's own start for its first run (its imports and start-up
+    are the run's time), the call's time for each later one (a sweep's runs trained one after another in one
+    process, which counted the runs before as their own time lost to restarts)."""
+    global _run_start
+    _run_start = _IMPORTED if _run_start is None else time.time()
 
 
 class Goodput:
@@ -92,9 +101,10 @@ def _resumed(committed: dict, dropped: list[dict]) -> dict[str, float]:
 def _first_start(path: epath.Path, *, write: bool) -> float:
     if path.exists():
         return float(json.loads(path.read_text())["started"])
+    started = _IMPORTED if _run_start is None else _run_start
     if write:
-        write_whole(path, json.dumps({"started": _IMPORTED}) + "\n")  # read by every restart: never half written
-    return _IMPORTED
+        write_whole(path, json.dumps({"started": started}) + "\n")  # read by every restart: never half written
+    return started
 
 
 def final_goodput(workdir: epath.Path) -> dict[str, float] | None:

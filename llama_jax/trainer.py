@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax import checkpoint as ckpt
 from llama_jax import generation_config
+from llama_jax import goodput as goodput_lib
 from llama_jax import lora as lora_lib
 from llama_jax import workdir as workdir_lib
 from llama_jax import memory, rewind, supervise
@@ -301,6 +302,7 @@ def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_siz
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` (a local path or a URL such as gs://bucket/run), phase after phase;
     returns the last logged metrics."""
+    goodput_lib.begin_run()
     workdir = workdir_lib.resolve(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"the workdir {workdir} is a file: give a directory (a new one starts a run; a run's own "

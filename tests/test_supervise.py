@@ -225,6 +225,24 @@ def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path,
         assert after[goodput.PRODUCTIVE] >= before[goodput.PRODUCTIVE]
 
 
+def test_a_run_after_another_in_one_process_counts_its_time_from_its_own_start(tmp_path, monkeypatch):
+    """A sweep's runs trained one after another in one process (scaling's run, the notebook): each fresh run dated
+    its start to the process's, so the runs before it counted as its time lost to restarts."""
+    monkeypatch.setattr(goodput, "_IMPORTED", time.time() - 100.0)  # the process started long ago
+    monkeypatch.setattr(goodput, "_run_start", None)
+    starts = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        called = time.time()
+        goodput.begin_run()
+        started = goodput.Goodput(tmp_path / name, committed=None, dropped=[], writer=True).started
+        assert json.loads((tmp_path / name / goodput.START_FILE).read_text())["started"] == started
+        starts.append((started, called))
+    (first, _), (second, second_called) = starts
+    assert first == goodput._IMPORTED, "the first run's start-up (imports, data) is its own"
+    assert second >= second_called
+
+
 def test_goodput_after_a_resume_counts_the_redone_steps_once(tmp_path):
     """The dead process logged steps 5 and 6 past checkpoint 4: their time is redone, not productive, and what it
     lost (compiling, saving) stays lost."""
