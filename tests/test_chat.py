@@ -268,6 +268,19 @@ def test_template_environment_matches_transformers(tmp_path, chatml_tok):
     assert text.endswith('{\n  "a": 1\n} ' + f"{datetime.date.today().year} 3")
 
 
+def test_a_token_the_config_leaves_unset_is_unset_in_the_template_as_transformers_has_it(tmp_path, corpus):
+    """Beside a tokenizer.json, bos_token missing from tokenizer_config.json (or null there): the template's
+    {{ bos_token }} rendered the "<s>" the tokenizer guessed from its vocabulary, where transformers renders nothing."""
+    tok_json = _bpe(corpus, ["<s>", "</s>"])
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    for name, config in (("missing", {"eos_token": "</s>"}), ("null", {"bos_token": None, "eos_token": "</s>"})):
+        directory = _hf_dir(tmp_path / name, tok_json, {**config, "chat_template": template})
+        tok = tk.Tokenizer.from_file(directory)
+        assert tok.token_text(tok.bos_id) == "<s>", "a bos the tokenizer guesses"
+        ids = ChatFormat.from_directory(directory, tok).render_ids(CONVERSATION)
+        assert ids == _hf_ids(directory, CONVERSATION) and not tok.decode(ids).startswith("<s>")
+
+
 def test_template_errors_raise_data_error(chatml_tok, tmp_path):
     directory = _hf_dir(tmp_path, chatml_tok, {"eos_token": "<|im_end|>"})
     tok = tk.Tokenizer.from_file(directory)

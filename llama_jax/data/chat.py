@@ -29,7 +29,7 @@ import jinja2.sandbox
 import jinja2.utils
 from etils import epath
 
-from llama_jax.data.tokenizer import Tokenizer, read_tokenizer_config
+from llama_jax.data.tokenizer import HFTokenizer, Tokenizer, read_tokenizer_config
 from llama_jax.errors import DataError
 from llama_jax.workdir import as_path, read_utf8
 
@@ -228,15 +228,26 @@ def _find_template(directory: Path) -> tuple[str | None, str, dict]:
 
 
 def _token_variables(tokenizer: Tokenizer, config: Mapping[str, Any]) -> dict[str, str]:
-    """The special-token variables transformers passes: the named tokens of tokenizer_config.json, else the
-    tokenizer's own bos and eos."""
-    variables = {
-        "bos_token": tokenizer.token_text(tokenizer.bos_id), "eos_token": tokenizer.token_text(tokenizer.eos_id)
-    }
+    """The special-token variables transformers passes: the named tokens of tokenizer_config.json (`config`, over
+    those of the one beside a tokenizer.json), else, for the tokenizers transformers cannot open (tiktoken and
+    SentencePiece files), the tokenizer's own bos and eos. Beside a tokenizer.json, a token the config leaves unset
+    (or null) is unset in the template, as transformers has it: the bos the tokenizer guessed from its vocabulary
+    ("<s>") was rendered where transformers renders nothing."""
+    if isinstance(tokenizer, HFTokenizer):
+        variables = _named_tokens(tokenizer.config)
+    else:
+        variables = {"bos_token": tokenizer.token_text(tokenizer.bos_id),
+                     "eos_token": tokenizer.token_text(tokenizer.eos_id)}
+    variables.update(_named_tokens(config))
+    return {name: value for name, value in variables.items() if value is not None}
+
+
+def _named_tokens(config: Mapping[str, Any]) -> dict[str, str]:
+    named = {}
     for name in _TOKEN_VARIABLES:
         if (value := config.get(name)) is not None:
-            variables[name] = value.get("content") if isinstance(value, dict) else value  # older configs: AddedToken
-    return {name: value for name, value in variables.items() if value is not None}
+            named[name] = value.get("content") if isinstance(value, dict) else value  # older configs: AddedToken
+    return named
 
 
 def _checked(messages: Sequence[Message]) -> list[Message]:

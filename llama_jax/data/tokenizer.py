@@ -295,7 +295,7 @@ class HFTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         config_path = path.parent / "tokenizer_config.json"
-        config = self._config = read_tokenizer_config(path.parent)
+        config = self.config = read_tokenizer_config(path.parent)  # beside the file; the chat template's tokens too
 
         def token_id(role: str, fallbacks: tuple[str, ...]) -> int | None:
             name = config.get(f"{role}_token")
@@ -333,7 +333,7 @@ class HFTokenizer(Tokenizer):
 
     def _write_hf_model(self, directory: Path) -> dict:
         (directory / "tokenizer.json").write_text(self._tok.to_str(), encoding="utf-8")
-        return {key: value for key, value in self._config.items() if key != "chat_template"}
+        return {key: value for key, value in self.config.items() if key != "chat_template"}
 
 
 def _post_processor_framing(tok: tokenizers.Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
