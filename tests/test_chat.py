@@ -281,6 +281,21 @@ def test_a_token_the_config_leaves_unset_is_unset_in_the_template_as_transformer
         assert ids == _hf_ids(directory, CONVERSATION) and not tok.decode(ids).startswith("<s>")
 
 
+def test_reasoning_reaches_templates_under_each_name_transformers_gives_it(tmp_path, chatml_tok):
+    """A Qwen3-style template reads `reasoning_content`, gpt-oss's `thinking`; SFT records often say `reasoning`.
+    transformers aliases them; the reasoning of a message that named it otherwise was dropped from the tokens."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                "{% if m.reasoning_content %}{{ '<think>' + m.reasoning_content + '</think>' }}{% endif %}"
+                "{% if m.thinking %}{{ '[' + m.thinking + ']' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}")
+    directory = _hf_dir(tmp_path, chatml_tok, {"eos_token": "<|im_end|>", "chat_template": template})
+    tok = tk.Tokenizer.from_file(directory)
+    for name in ("reasoning", "thinking", "reasoning_content"):
+        messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", name: "two and two"}]
+        ids = ChatFormat.from_directory(directory, tok).render_ids(messages)
+        assert ids == _hf_ids(directory, messages) and "<think>two and two</think>" in tok.decode(ids), name
+
+
 def test_template_errors_raise_data_error(chatml_tok, tmp_path):
     directory = _hf_dir(tmp_path, chatml_tok, {"eos_token": "<|im_end|>"})
     tok = tk.Tokenizer.from_file(directory)

@@ -250,8 +250,13 @@ def _named_tokens(config: Mapping[str, Any]) -> dict[str, str]:
     return named
 
 
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names reasoning goes by, first found wins
+
+
 def _checked(messages: Sequence[Message]) -> list[Message]:
-    """Copies of the messages without None values (as transformers drops them), after checking their shape."""
+    """Copies of the messages without None values (as transformers drops them), after checking their shape, with
+    the reasoning under every name templates read (`reasoning_content`, and `thinking` unless set), as transformers'
+    apply_chat_template aliases it: a template reading `reasoning_content` dropped a message's `reasoning`."""
     if isinstance(messages, (str, Mapping)) or not messages:
         raise DataError("the conversation is empty or not a list: pass a list of {'role': ..., 'content': ...} dicts")
     checked = []
@@ -262,7 +267,10 @@ def _checked(messages: Sequence[Message]) -> list[Message]:
                 f"message {n} ({str(message)[:80]}) lacks a string 'role' or 'content': write each message as "
                 "{'role': 'user', 'content': 'text'}"
             )
-        checked.append({key: value for key, value in message.items() if value is not None})
+        message = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+        checked.append(message if reasoning is None else
+                       {"thinking": reasoning, **message, "reasoning_content": reasoning})
     return checked
 
 
