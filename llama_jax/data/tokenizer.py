@@ -112,8 +112,10 @@ class Tokenizer(abc.ABC):
     def save_hf(self, directory: str | os.PathLike, *, chat_template: str | None = None) -> None:
         """Writes the tokenizer as Hugging Face files (`tokenizer.json` or `tokenizer.model`, `tokenizer_config.json`).
 
-        `AutoTokenizer.from_pretrained(directory)` then encodes and frames text as this tokenizer does, and
-        `Tokenizer.from_file(directory)` gives this tokenizer back.
+        `Tokenizer.from_file(directory)` gives this tokenizer back, and for a tiktoken or tokenizer.json tokenizer
+        `AutoTokenizer.from_pretrained(directory)` encodes and frames text as it does. Not for SentencePiece:
+        transformers 5 rebuilds a tokenizer from a `tokenizer.model` with its own whitespace rules, so newlines,
+        runs of spaces and a leading space encode otherwise there.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
