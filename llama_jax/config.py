@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import importlib.util
 
 import ml_collections
@@ -482,6 +483,10 @@ def _check_against_schema(cfg, schema, prefix: str) -> None:
             raise ConfigError(
                 f"config key {path!r} must be {type(expected).__name__}, got {value!r} ({type(value).__name__})"
             )
+        elif isinstance(value, float) and not math.isfinite(value):  # passed every range check written as a comparison
+            raise ConfigError(f"config key {path!r} is {value}: give a finite number")
+        elif path == "seed" and value >= 2**32:  # numpy's generators, which order the data, take 32-bit seeds
+            raise ConfigError(f"seed={value} must be below 2**32")
 
 
 def _check_mixture(mixture: ml_collections.ConfigDict) -> None:

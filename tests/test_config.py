@@ -553,6 +553,10 @@ def get_config():
     ("train.profile_steps", -1, "train.profile_steps must be zero or positive"),
     ("train.profile_skip", -2, "train.profile_skip must be zero or positive"),
     ("seed", -1, "seed must be zero or positive"),
+    # past every range check written as a comparison: NaN trained NaN; a seed past 32 bits failed in numpy
+    ("optim.lr", float("nan"), "config key 'optim.lr' is nan: give a finite number"),
+    ("optim.b2", float("inf"), "config key 'optim.b2' is inf: give a finite number"),
+    ("seed", 10**20, r"seed=100000000000000000000 must be below 2\*\*32"),
 ])
 def test_optimizer_checkpoint_and_model_values_out_of_range_are_named(key, value, message):
     """Each was accepted: a negative learning rate trains uphill, max_to_keep 0 keeps no checkpoint to resume from, a
