@@ -905,6 +905,9 @@ def convert(source: ParamSource, out: str | os.PathLike, to: str, *, dtype: str 
     as stored); `shards` is the number of model-parallel ranks of a Meta checkpoint."""
     if shards != 1 and to != "meta":
         raise ConfigError(f"--shards {shards} applies only to --to meta: drop it")
+    if resolve(out) == resolve(source.directory):  # a LoRA run's source reads its base: writing there deleted it
+        raise CheckpointError(f"{out} holds the checkpoint being read ({source.directory}): choose another output "
+                              "directory")
     if source.reward_model and to == "meta":
         raise ConfigError(f"{source.directory} is a reward model, whose score head has no place in {FORMATS[to]}: "
                           "convert it with --to hf (a LlamaForSequenceClassification)"

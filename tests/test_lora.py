@@ -26,6 +26,7 @@ from llama_jax import lora, phase_data, trainer
 from llama_jax import train_step
 from llama_jax.config import default_config, model_config, validate
 from llama_jax.convert import load_hf, open_source
+from llama_jax.convert import main as convert_main
 from llama_jax.data.corpus import load_corpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import CheckpointError, ConfigError
@@ -165,6 +166,12 @@ def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(b
 
     assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "ours")]) == 0
     assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    # The base the run reads is no output: writing there deleted its weights before they were read (a traceback)
+    weights = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    for refused in (lambda: lora.main(["merge", str(tmp_path / "run"), "--out", str(base), "--to", "hf"]),
+                    lambda: convert_main(["--from", "ours", "--to", "hf", str(tmp_path / "run"), str(base)])):
+        assert refused() == 2
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == weights
     ours, _ = ckpt.load_model(tmp_path / "ours")
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(rows))), expected, rtol=1e-5, atol=1e-5)
     hf = load_hf(tmp_path / "hf")
