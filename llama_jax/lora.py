@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import CheckpointError, ConfigError, LlamaJaxError
-from llama_jax.model import Llama, ModelDef
+from llama_jax.model import Llama, LlamaConfig, ModelDef
 from llama_jax.model.matmul import project
 from llama_jax.parallel.mesh import logical_to_spec
 from llama_jax.workdir import check_writable
@@ -326,6 +326,7 @@ def restore_merged(saved, shardings: dict) -> dict:
     it trained on with the adapters merged in, and what its objective trains beside them (the reward head) where
     `shardings` has a place for it."""
     from llama_jax.checkpoint import load_pretrained
+    from llama_jax.convert import open_source
 
     lora_cfg = _lora_section(saved.meta, saved.step_dir)
     stored = _restore_saved(saved)
@@ -333,10 +334,17 @@ def restore_merged(saved, shardings: dict) -> dict:
     own = {key: value for key, value in stored.items() if key not in adapters}
     model_sh = {key: where for key, where in shardings.items() if key not in own}
     base_path = _base_of(saved)
-    base = load_pretrained(base_path, saved.model_config, model_sh)
+    base = load_pretrained(base_path, _with_rope_of(saved.model_config, open_source(base_path).cfg), model_sh)
     check_base(saved.meta.get("lora_base"), base_source(base_path, base), str(saved.step_dir))
     params = jax.jit(merged, static_argnums=2, out_shardings=model_sh)(base, adapters, scale(lora_cfg))
     return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items() if key in shardings}}
+
+
+def _with_rope_of(cfg: LlamaConfig, base_cfg: LlamaConfig) -> LlamaConfig:
+    """`cfg` with the RoPE settings of its base: a run's later phase may change them (a long-context stage), and its
+    base is still the same weights."""
+    return cfg.replace(**{f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(cfg)
+                          if f.name.startswith("rope_")})
 
 
 def merged_source(run: str):
@@ -360,7 +368,7 @@ def merged_source(run: str):
     merge = jax.jit(merged_weight, static_argnums=3)
 
     class Merged(ParamSource):
-        cfg = base.cfg.replace(param_dtype="float32")
+        cfg = saved.model_config.replace(param_dtype="float32")  # the run's: a phase may have changed its RoPE
         directory, tokenizer = base.directory, base.tokenizer
         reward_model = saved.objective == "reward"
 

@@ -264,6 +264,23 @@ def test_a_lora_run_keeps_the_step_of_its_base_workdir_when_that_trains_on(base,
             load(tmp_path / "run")
 
 
+def test_a_run_whose_phase_changed_rope_is_merged_and_read_with_the_run_s_rope(base, tmp_path):
+    """A long-context phase may change RoPE, and a LoRA run trains on through it: the merged export took the base's
+    RoPE (other logits, no error), and reading the run refused it as "a different model"."""
+    cfg = lora_config(base)
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps = 1, 0, 1
+    cfg.phases = (phase("long", steps=1, model=dict(rope_theta=cfg.model.rope_theta * 8)),)
+    trainer.train(cfg, tmp_path / "run")
+    assert lora.main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = ckpt.load_model(tmp_path / "merged")
+    direct, _ = ckpt.load_model(tmp_path / "run")
+    assert merged.cfg.rope_theta == direct.cfg.rope_theta == cfg.model.rope_theta * 8
+    rows = jnp.asarray(tokens(2, 32)[:, :-1])
+    f32 = ModelDef(merged.cfg.replace(dtype="float32"))
+    np.testing.assert_allclose(logits(f32, nnx.to_pure_dict(nnx.state(direct)), rows),
+                               logits(f32, nnx.to_pure_dict(nnx.state(merged)), rows), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_refuses_a_run_without_adapters(base, tmp_path, capsys):
     assert lora.main(["merge", str(base), "--out", str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
