@@ -340,11 +340,10 @@ def restore_merged(saved, shardings: dict) -> dict:
     return {**params, **{key: jax.device_put(value, shardings[key]) for key, value in own.items() if key in shardings}}
 
 
-def _with_rope_of(cfg: LlamaConfig, base_cfg: LlamaConfig) -> LlamaConfig:
-    """`cfg` with the RoPE settings of its base: a run's later phase may change them (a long-context stage), and its
-    base is still the same weights."""
-    return cfg.replace(**{f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(cfg)
-                          if f.name.startswith("rope_")})
+def _with_rope_of(cfg: LlamaConfig, other: LlamaConfig) -> LlamaConfig:
+    """`cfg` with the RoPE settings of `other`: a LoRA run's later phase may change them (a long-context stage), and
+    its base is still the same weights."""
+    return cfg.replace(**{f.name: getattr(other, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("rope_")})
 
 
 def merged_source(run: str):
@@ -368,7 +367,9 @@ def merged_source(run: str):
     merge = jax.jit(merged_weight, static_argnums=3)
 
     class Merged(ParamSource):
-        cfg = saved.model_config.replace(param_dtype="float32")  # the run's: a phase may have changed its RoPE
+        # the base's, with the RoPE and context length the run ended with (a later phase may change them)
+        cfg = _with_rope_of(base.cfg, saved.model_config).replace(param_dtype="float32",
+                                                                  max_seq_len=saved.model_config.max_seq_len)
         directory, tokenizer = base.directory, base.tokenizer
         reward_model = saved.objective == "reward"
 
