@@ -107,6 +107,9 @@ class _SpyHandle:
             def get_shape(self):
                 return handle.get_slice(name).get_shape()
 
+            def get_dtype(self):
+                return handle.get_slice(name).get_dtype()
+
             def __getitem__(self, index):
                 part = handle.get_slice(name)[index]
                 on_read(name, part.nbytes)

@@ -341,7 +341,7 @@ def test_step_rates_leave_out_the_time_of_saves(tmp_path, cache_dir, monkeypatch
     monkeypatch.setattr(checkpoint.Checkpointer, "save", slow_save)
     trainer.train(small_config(cache_dir, 7), tmp_path / "run")  # saves at steps 3, 6 and 7, logs every step
     lines = read_metrics(tmp_path / "run")
-    assert lines[-1]["goodput/lost_seconds/checkpoint"] > 6
+    assert lines[-1]["goodput/lost_seconds/checkpoint"] > 4  # the saves at steps 3 and 6 (7's comes after its line)
     assert [line["step"] for line in lines if "step_time" in line] == [2, 3, 4, 5, 6, 7]
     assert max(line["step_time"] for line in lines if "step_time" in line) < 1.0, lines
 
