@@ -312,9 +312,10 @@ class _Lease:
 
 
 def _machine_id() -> str | None:
-    """This machine since its boot (Linux's boot id): host names repeat across containers, pids across boots."""
+    """Where this process's pid means this process: this boot of the machine (Linux's boot id; pids repeat across
+    boots, host names across containers) and this pid namespace (containers on one machine share its boot id)."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()} {os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return None
 
