@@ -342,3 +342,13 @@ def test_chat_examples_refuse_a_ramp_that_changes_seq_len():
         TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, SEQ_LEN, [(1000, 4, 32)]), seed=0)
     with pytest.raises(DataError, match="none of its"):
         TrainBatches([chat_corpus([40, 50])], [1.0], BatchSchedule(4, SEQ_LEN), seed=0).local_batch(0)
+
+
+@pytest.mark.parametrize("corpus", [unique_token_corpus, chat_corpus])
+def test_each_source_computes_its_epoch_order_once_however_many_sources(corpus):
+    """A cache shared by the mixture's streams held 4 epoch orders: with 6 sources, every row recomputed its own."""
+    train = TrainBatches([corpus() for _ in range(6)], [1.0] * 6, BatchSchedule(8, SEQ_LEN), seed=0,
+                         shuffle_window=WINDOW)
+    steps(train, 0, 2)  # 16 rows: each source's within its first epoch
+    cached = [getattr(stream, "_epoch", None) or stream._plan for stream in train.streams]
+    assert [c.cache_info().misses for c in cached] == [1] * 6

@@ -198,6 +198,19 @@ def test_a_record_that_disagrees_with_lengths_is_named(corpus_dir):
         corpus.read(1)
 
 
+def test_a_shard_whose_bytes_changed_is_named_when_read(corpus_dir):
+    shard = corpus_dir / "shard-00002.array_record"
+    data = bytearray(shard.read_bytes())
+    for offset in range(100, len(data) - 100, 97):
+        data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    corpus = ShardedCorpus.open(corpus_dir)  # the size is unchanged: only reading its records tells
+    with pytest.raises(DataError, match=r"record \d+ of .*shard-00002.array_record cannot be read \(the shard is "
+                                        r"corrupt: .*\): re-run `python -m llama_jax.data.prepare`"):
+        for index in range(len(corpus)):
+            corpus.read(index)
+
+
 def test_open_refuses_another_tokenizer(corpus_dir):
     assert len(ShardedCorpus.open(corpus_dir, tokenizer_hash="abc")) == len(DOCUMENTS)
     with pytest.raises(DataError, match=r"prepared with another tokenizer \(t\).*--tokenizer.*data.tokenizer"):

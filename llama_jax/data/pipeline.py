@@ -70,6 +70,7 @@ class PairStream:
         self._usable = np.flatnonzero(pairs)
         self._pairs = pairs[self._usable]
         self.pairs_per_epoch = int(self._pairs.sum())
+        self._epoch = _cache_per_stream(self._epoch_order)
         if self.pairs_per_epoch == 0:
             raise DataError(
                 f"source {name!r} has {len(pairs)} documents and none with 2 or more tokens, so nothing to train "
@@ -117,8 +118,7 @@ class PairStream:
         count = min(seq_len, self.pairs_per_epoch - row * seq_len)
         return _padded(self.read(row * seq_len, count), seq_len, pad_id)
 
-    @functools.lru_cache(maxsize=4)
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's document order and the cumulative pair count at the end of each document in it."""
         if self.shuffle:
             rng = np.random.default_rng([*self.seed, _EPOCH, epoch])
@@ -146,6 +146,7 @@ class WholeDocumentStream:
         self._pairs = np.maximum(np.asarray(store.lengths, dtype=np.int64) - 1, 0)
         self._epoch_rows: dict[int, list[int]] = {}  # seq_len -> rows of epochs 0, 1, ... (planned so far)
         self._lock = threading.Lock()  # reader threads extend _epoch_rows
+        self._plan = _cache_per_stream(self._planned_epoch)
 
     def units_per_row(self, seq_len: int) -> int:
         """A stage's cursor counts rows."""
@@ -186,8 +187,7 @@ class WholeDocumentStream:
                 row -= counts[epoch]
                 epoch += 1
 
-    @functools.lru_cache(maxsize=4)
-    def _plan(self, epoch: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    def _planned_epoch(self, epoch: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's fitting documents in order, and where each row starts in that order (plus the end)."""
         fits = np.flatnonzero((self._pairs > 0) & (self._pairs <= seq_len))
         if len(fits) == 0:
@@ -207,6 +207,12 @@ class WholeDocumentStream:
             used += pairs
         row_starts.append(len(order))
         return order, np.asarray(row_starts)
+
+
+def _cache_per_stream(compute):
+    """A few recent results of one stream's `compute`. A `functools.lru_cache` on the method would be one cache for
+    every stream of the mixture: with more sources than its size, each row would redo its source's epoch order."""
+    return functools.lru_cache(maxsize=4)(compute)
 
 
 def make_stream(store: DocumentStore, *, seed: Sequence[int], shuffle: bool, pad_id: int,

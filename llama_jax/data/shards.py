@@ -284,11 +284,16 @@ class ShardedCorpus:
             raise IndexError(f"document {index} out of range for a corpus of {len(self)} documents")
         shard = int(np.searchsorted(self._first_document, index, side="right")) - 1
         position = index - int(self._first_document[shard])
-        record = self._reader(shard).read([position])[0]
+        path = self.directory / self.manifest["shards"][shard]["file"]
+        try:
+            record = self._reader(shard).read([position])[0]
+        except RuntimeError as error:  # array_record's checksums: bytes changed in a shard of unchanged size
+            raise DataError(f"record {position} of {path} cannot be read (the shard is corrupt: {error}): "
+                            + _fix_prepare(self.directory)) from None
         n = int(self.lengths[index])
         if len(record) != n * (5 if self.has_loss_mask else 4):
             raise DataError(
-                f"record {position} of {self.directory / self.manifest['shards'][shard]['file']} has {len(record)} "
+                f"record {position} of {path} has {len(record)} "
                 f"bytes, but lengths.npy says {n} tokens (the shard is corrupt): "
                 + _fix_prepare(self.directory)
             )
