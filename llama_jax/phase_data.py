@@ -16,11 +16,11 @@ import numpy as np
 from llama_jax.config import PAIR_OBJECTIVES
 from llama_jax.data.corpus import load_corpus, source_specs
 from llama_jax.data.documents import BUILTIN_CHAT_SOURCES, BUILTIN_SOURCES
-from llama_jax.data.pipeline import PreferenceBatches, TrainBatches, eval_batches, eval_pair_batches
+from llama_jax.data.pipeline import PreferenceBatches, StreamPosition, TrainBatches, eval_batches, eval_pair_batches
 from llama_jax.data.preferences import is_preference_store
 from llama_jax.errors import ConfigError
 from llama_jax.parallel import distributed
-from llama_jax.phases import Phase
+from llama_jax.phases import Phase, RunPlan
 
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -39,9 +39,30 @@ class PhaseData:
         return iter(self.batches.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
 
 
-def phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
+@dataclasses.dataclass
+class _SourceRead:
+    """A source (by its origin, the same documents whatever a phase's mixture calls them, and which of a mixture's
+    entries of that origin it is) as the run's phases read it: its stream's seed, the same in every phase, and where
+    the phases so far stopped reading it."""
+
+    key: int  # its place among the run's sources, in the order phases first read them
+    position: StreamPosition | None = None
+
+
+def run_data(plan: RunPlan, first_corpus, pad_id: int) -> list[PhaseData]:
+    """Every phase's data. A phase reading a source that an earlier phase read goes on where that phase stopped, in
+    the same order of its documents: the Llama 3 recipe's batch doublings and long-context stages are phases over one
+    mixture, and starting each over repeated documents the run had trained on and skipped others."""
+    read: dict[tuple[str, str, int], _SourceRead] = {}
+    return [phase_data(p, first_corpus, pad_id, read, last=p.index + 1 == len(plan.phases)) for p in plan.phases]
+
+
+def phase_data(p: Phase, first_corpus, pad_id: int, read: dict[tuple[str, str, int], _SourceRead] | None = None,
+               last: bool = True) -> PhaseData:
     """The first phase reads the corpus already loaded; a later one its own sources, with the run's tokenizer,
-    sharing the stores of those the first reads too."""
+    sharing the stores of those the first reads too. `read`: the run's sources as the phases before read them
+    (`run_data`), updated with this phase's reading unless it is the `last`."""
+    read = {} if read is None else read
     cfg = p.cfg
     corpus = first_corpus if p.index == 0 else distributed.process_zero_first(
         lambda: load_corpus(cfg.data, cfg.model.vocab_size, run=first_corpus), "preparing the data")
@@ -51,9 +72,17 @@ def phase_data(p: Phase, first_corpus, pad_id: int) -> PhaseData:
     _check_no_preference_sources(cfg, corpus)
     if cfg.objective.name == "sft":
         _check_chat_sources(cfg, corpus)
+    origins = [s.origin for s in corpus.sources]
+    sources = [read.setdefault((*origin, origins[:i].count(origin)), _SourceRead(len(read)))  # a mixture may repeat one
+               for i, origin in enumerate(origins)]
     batches = TrainBatches([s.train for s in corpus.sources], [s.weight for s in corpus.sources], p.batches,
                            seed=cfg.seed + p.index, shuffle_window=cfg.data.shuffle_window,
-                           names=[s.name for s in corpus.sources], pad_id=pad_id)
+                           names=[s.name for s in corpus.sources], pad_id=pad_id,
+                           stream_seeds=[(cfg.seed, source.key) for source in sources],
+                           starts=[source.position for source in sources], stop_step=None if last else p.num_steps)
+    if not last:
+        for source, position in zip(sources, batches.end_positions()):
+            source.position = position
     eval_sets = {
         source.name: list(eval_batches(source.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                        max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))

@@ -51,7 +51,7 @@ from llama_jax.objectives import dpo as dpo_objective
 from llama_jax.objectives import reward as reward_objective
 from llama_jax.average import average as average_checkpoints
 from llama_jax.optim import lr_schedule, make_optimizer, run_lr_schedule
-from llama_jax.phase_data import PhaseData, check_sources_prepared, phase_data
+from llama_jax.phase_data import PhaseData, check_sources_prepared, run_data
 from llama_jax.phases import Phase, RunPlan
 from llama_jax.preemption import Preempted, PreemptionFlag
 from llama_jax.profiling import StepProfiler
@@ -346,7 +346,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, flo
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}: "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    data = [phase_data(p, corpus, tokenizer.pad_id) for p in plan.phases]
+    data = run_data(plan, corpus, tokenizer.pad_id)
     tokenizer_file = _keep_run_files(cfg, corpus.tokenizer_path, workdir)
     tasks = distributed.on_every_process(lambda: _eval_tasks(cfg, tokenizer), "loading the evaluation tasks")
 

@@ -352,3 +352,19 @@ def test_each_source_computes_its_epoch_order_once_however_many_sources(corpus):
     steps(train, 0, 2)  # 16 rows: each source's within its first epoch
     cached = [getattr(stream, "_epoch", None) or stream._plan for stream in train.streams]
     assert [c.cache_info().misses for c in cached] == [1] * 6
+
+
+def test_a_chat_source_read_on_at_another_seq_len_starts_the_next_epoch():
+    """Chat rows are planned per seq_len, so a later phase with another one cannot go on at the same row: it starts the
+    epoch after the one in progress, and no example comes twice in an epoch."""
+    first = TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, SEQ_LEN), seed=0, stop_step=2)
+    (position,) = first.end_positions()
+    assert position == (8, SEQ_LEN)
+    stream = first.streams[0]
+    epoch, row = stream._locate(position.units, SEQ_LEN)
+    assert row > 0  # mid-epoch
+    later = TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, 2 * SEQ_LEN), seed=0, starts=[position])
+    assert later._stage_start_units[0][0] == sum(len(stream._plan(e, 2 * SEQ_LEN)[1]) - 1 for e in range(epoch + 1))
+    assert later.streams[0]._locate(later._stage_start_units[0][0], 2 * SEQ_LEN) == (epoch + 1, 0)
+    same = TrainBatches([chat_corpus()], [1.0], BatchSchedule(4, SEQ_LEN), seed=0, starts=[position])
+    assert same._stage_start_units[0][0] == position.units

@@ -18,8 +18,12 @@ from cli_run import CLI_ENV, REPO, cache_dir, read_metrics  # noqa: F401 (a fixt
 from cli_run import without_timing
 from config_files import load_config_file
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, phase_data, trainer
 from llama_jax.config import default_config, eval_source, plain, validate
+from llama_jax.data.corpus import Corpus, Source
+from llama_jax.data.pipeline import TrainBatches
+from llama_jax.data.schedule import BatchSchedule
+from llama_jax.data.sources import TokenizedCorpus
 from llama_jax.errors import ConfigError
 from llama_jax.optim import lr_schedule, run_lr_schedule
 from llama_jax.phases import RunPlan, phase
@@ -408,3 +412,30 @@ def test_a_phase_mesh_over_other_devices_is_refused():
         validate(cfg)
     cfg.phases = (phase("long", steps=5, data=dict(seq_len=512), mesh=dict(fsdp=4, context=2)),)
     validate(cfg)
+
+
+def test_phases_over_one_source_read_on_where_the_phase_before_stopped(monkeypatch):
+    """The recipe's batch doublings are phases over one mixture: each phase went back to the start of every source,
+    so the run trained again on documents it had seen and never reached others. Phases now read what one ramp over
+    the same steps reads: each stage of it, the pairs of the phase at that place."""
+    lengths = [33] * 200  # 6,400 pairs an epoch, every token once
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    store = TokenizedCorpus(np.arange(1, offsets[-1] + 1, dtype=np.uint32), offsets)
+    corpus = Corpus(REPO / "unused", [Source("data", 1.0, store, store, ("somewhere", "text"))])
+    monkeypatch.setattr(phase_data, "load_corpus", lambda *args, **kwargs: corpus)
+    cfg = default_config()
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.shuffle_window, cfg.train.steps = 8, 32, 4, 10
+    cfg.phases = (phase("pretrain_2x", steps=5, data=dict(seq_len=64)),
+                  phase("long", steps=5, data=dict(batch_size=4, seq_len=128)))  # into the second epoch
+    plan = RunPlan(cfg)
+    data = phase_data.run_data(plan, corpus, pad_id=0)
+    ramp = TrainBatches([store], [1.0], BatchSchedule(8, 32, [(2560, 8, 64), (5120, 4, 128)]), seed=cfg.seed,
+                        shuffle_window=4)
+    for p in plan.phases:
+        iterator = data[p.index].iterator()
+        read = [next(iterator)["tokens"] for _ in range(p.num_steps)]
+        ramp_read = [ramp.local_batch(step)["tokens"] for step in range(p.start_step, p.stop_step)]
+        np.testing.assert_array_equal(np.sort(np.concatenate(read), axis=None),
+                                      np.sort(np.concatenate(ramp_read), axis=None))
+        if p is not plan.phases[-1]:  # its batches end with the phase
+            assert next(iterator, None) is None

@@ -30,7 +30,7 @@ import functools
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import grain
 import numpy as np
@@ -41,6 +41,15 @@ from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
+
+
+class StreamPosition(NamedTuple):
+    """Where reading a source's stream stopped: in its units (pairs, or a chat stream's rows), and the seq_len of
+    the rows it read last (chat rows are planned for one length)."""
+
+    units: int
+    seq_len: int
+
 DEFAULT_SHUFFLE_WINDOW = 4096  # rows
 _MIX, _WINDOW, _EPOCH = 1, 2, 3  # tags that keep the random streams of different purposes apart
 
@@ -107,6 +116,10 @@ class PairStream:
         """Rows are seq_len consecutive pairs: a stage's cursor moves seq_len pairs per row."""
         return seq_len
 
+    def continue_at(self, position: StreamPosition, seq_len: int) -> int:
+        """Pairs do not depend on the row length: reading goes on at the next pair."""
+        return position.units
+
     def read_row(self, start: int, seq_len: int) -> Batch:
         return self.read(start, seq_len)
 
@@ -151,6 +164,14 @@ class WholeDocumentStream:
     def units_per_row(self, seq_len: int) -> int:
         """A stage's cursor counts rows."""
         return 1
+
+    def continue_at(self, position: StreamPosition, seq_len: int) -> int:
+        """The row to go on at in rows of `seq_len`: the next one, or with another row length (which plans other
+        rows) the first of the epoch after the one in progress, so that no example comes twice in an epoch."""
+        if position.seq_len == seq_len or position.units == 0:
+            return position.units
+        epoch, row = self._locate(position.units, position.seq_len)
+        return sum(len(self._plan(e, seq_len)[1]) - 1 for e in range(epoch + (row > 0)))
 
     def read_row(self, start: int, seq_len: int) -> Batch:
         epoch, row = self._locate(start, seq_len)
@@ -229,6 +250,10 @@ class TrainBatches:
     `sources` are the document stores of the mixture, `weights` their shares of the rows. Any step's batch,
     or any process's share of it, is computed directly; `dataset` wraps that in a grain pipeline whose
     iterator state (the next step) goes into checkpoints.
+
+    A later phase of a run goes on reading a source where the phases before it stopped: it gives the source the same
+    `stream_seeds` entry (its epochs' order), its `starts` entry (`end_positions` of the phase that read it last),
+    and those phases give their `stop_step`, so that their last shuffle window holds exactly the rows they read.
     """
 
     def __init__(
@@ -241,15 +266,19 @@ class TrainBatches:
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         names: Sequence[str] | None = None,
         pad_id: int = 0,
+        stream_seeds: Sequence[Sequence[int]] | None = None,
+        starts: Sequence[StreamPosition | None] | None = None,
+        stop_step: int | None = None,
     ):
         if len(sources) != len(weights) or not sources:
             raise DataError(f"got {len(sources)} sources and {len(weights)} weights: give one weight per source")
         if shuffle_window < 1:
             raise DataError(f"shuffle_window must be at least 1 row, got {shuffle_window}: fix data.shuffle_window")
         self.names = list(names) if names is not None else [f"source{i}" for i in range(len(sources))]
+        stream_seeds = stream_seeds or [(seed, i) for i in range(len(sources))]
         self.streams = [
-            make_stream(store, seed=(seed, i), shuffle=True, pad_id=pad_id, name=name)
-            for i, (store, name) in enumerate(zip(sources, self.names))
+            make_stream(store, seed=stream_seed, shuffle=True, pad_id=pad_id, name=name)
+            for store, stream_seed, name in zip(sources, stream_seeds, self.names)
         ]
         whole = [name for name, store in zip(self.names, sources) if store.has_loss_mask]
         if whole and len({stage.seq_len for stage in schedule.stages}) > 1:
@@ -261,7 +290,8 @@ class TrainBatches:
         self.seed = seed
         self.window = shuffle_window
         self.mixtures = [Mixture(weights, seed=(seed, _MIX, s)) for s in range(len(schedule.stages))]
-        self._stage_rows, self._stage_start_units = self._stage_layout()
+        self.stop_step = stop_step
+        self._stage_rows, self._stage_start_units, self._end_units = self._stage_layout(starts or [None] * len(sources))
 
     def local_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
         """Rows [p·B/P, (p+1)·B/P) of global batch `step`, as [B/P, seq_len] arrays."""
@@ -283,12 +313,19 @@ class TrainBatches:
             counts += self.mixtures[index].rows_before(steps * stage.batch_size)
         return counts
 
+    def end_positions(self) -> list[StreamPosition]:
+        """Where each source's stream stands after step `stop_step - 1`: where a later phase goes on reading it."""
+        if self.stop_step is None:
+            raise ValueError("an endless plan has no end position")
+        seq_len = self.schedule.stage(self.stop_step - 1).seq_len
+        return [StreamPosition(int(units), seq_len) for units in self._end_units]
+
     def dataset(self, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-        """Step i -> this process's share of global batch i, endless."""
+        """Step i -> this process's share of global batch i, up to `stop_step` (or endless)."""
         for stage in self.schedule.stages:
             _local_rows(stage.batch_size, process_index, process_count)  # refuses an impossible split up front
         build = functools.partial(self.local_batch, process_index=process_index, process_count=process_count)
-        return grain.MapDataset.range(2**62).map(build)
+        return grain.MapDataset.range(2**62 if self.stop_step is None else self.stop_step).map(build)
 
     def _row(self, stage_index: int, stage: Stage, source: int, index: int) -> Batch:
         """Row `index` of `source` in a stage: its place in the stream after shuffling within its window."""
@@ -306,21 +343,26 @@ class TrainBatches:
     def _window_order(self, stage_index: int, source: int, window: int, size: int) -> np.ndarray:
         return np.random.default_rng([self.seed, _WINDOW, stage_index, source, window]).permutation(size)
 
-    def _stage_layout(self) -> tuple[list[list[int | None]], list[list[int]]]:
+    def _stage_layout(self, first: Sequence[StreamPosition | None]
+                      ) -> tuple[list[list[int | None]], list[list[int]], np.ndarray]:
         """Per stage and source: how many rows the stage takes from it (None: endless), and the stream position
-        (in the stream's units: pairs, or rows) at which the stage starts reading it (where the previous stopped)."""
+        (in the stream's units: pairs, or rows) at which the stage starts reading it (where the previous stopped);
+        and the positions after the last stage (a finite plan's)."""
         rows: list[list[int | None]] = []
         starts: list[list[int]] = []
-        cursor = np.zeros(len(self.streams), np.int64)
+        seq_len = self.schedule.stages[0].seq_len
+        cursor = np.array([0 if position is None else stream.continue_at(position, seq_len)
+                           for stream, position in zip(self.streams, first)], np.int64)
         for index, stage in enumerate(self.schedule.stages):
             starts.append([int(c) for c in cursor])
-            if stage.stop_step is None:
+            stop = stage.stop_step if self.stop_step is None else min(self.stop_step, stage.stop_step or self.stop_step)
+            if stop is None:
                 rows.append([None] * len(self.streams))
                 continue
-            taken = self.mixtures[index].rows_before(stage.num_steps * stage.batch_size)
+            taken = self.mixtures[index].rows_before(max(0, stop - stage.start_step) * stage.batch_size)
             rows.append([int(t) for t in taken])
             cursor += taken * np.array([stream.units_per_row(stage.seq_len) for stream in self.streams])
-        return rows, starts
+        return rows, starts, cursor
 
 
 def eval_batches(
