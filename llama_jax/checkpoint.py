@@ -205,15 +205,16 @@ class Checkpointer:
         waiting in its closing barrier for the others, which the agreement replaces: the read goes to its handler."""
         items = dict(params=ocp.args.StandardRestore(abstract_params),
                      opt_state=ocp.args.StandardRestore(abstract_opt_state))
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         what = f"checkpoint {self.directory / str(step)}"
 
         def read():
             with contextlib.closing(ocp.CompositeCheckpointHandler()) as reader, restoring(
                     what, ". It is incomplete or was written for a different model/config: delete that step's "
                     "directory to resume from an earlier one, or use a fresh --workdir"):
-                return reader.restore(self.directory / str(step), args=ocp.args.Composite(**items))
+                restored = reader.restore(self.directory / str(step), args=ocp.args.Composite(**items))
+                if data_iter is not None:
+                    _restore_position(self.directory / str(step) / "data", data_iter)
+                return restored
 
         restored = distributed.on_every_process(read, f"reading {what}", elsewhere=CheckpointError)
         return restored.params, restored.opt_state
@@ -310,6 +311,18 @@ def find_step_dir(path: epath.Path) -> epath.Path:
         f"no checkpoint found at {path}: pass a training workdir, its checkpoints/ directory, or a step "
         f"directory such as WORKDIR/checkpoints/600"
     )
+
+
+def _restore_position(directory: epath.Path, data_iter: grain.DatasetIterator) -> None:
+    """Moves `data_iter` to the position saved in `directory`. grain's own restore reads only the file of the current
+    process count (`process_{i}-of-{n}.json`), so a run resumed on another number of hosts found none and set its good
+    checkpoints aside as damaged. Every process draws every step (of its share of the batch), so each file holds the
+    same position and any one of them will do."""
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    if not saved:
+        raise FileNotFoundError(f"{directory} holds no data position (process_*-of-*.json)")
+    data_iter.set_state(json.loads(saved[0].read_text()))
 
 
 @contextlib.contextmanager

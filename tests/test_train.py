@@ -743,3 +743,25 @@ def test_the_default_job_trains_the_same_on_a_4d_mesh(tmp_path, cache_dir):
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in expected], rtol=2e-5)
     np.testing.assert_allclose(got[-1]["eval_loss"], expected[-1]["eval_loss"], rtol=2e-5)
+
+
+def test_a_run_resumes_on_another_number_of_hosts(tmp_path, cache_dir, uninterrupted, capsys):
+    """grain's restore read only the data-position file of the current process count: a run saved on two hosts and
+    resumed on one set every checkpoint aside as damaged and stopped. Here the files are those a run of two processes
+    writes (the same position in each)."""
+    hosts_before = 2
+    straight = uninterrupted(9)
+    run = tmp_path / "run"
+    trainer.train(small_config(cache_dir, 6), run)  # checkpoints 3 and 6
+    for step in (3, 6):
+        data = run / "checkpoints" / str(step) / "data"
+        position = (data / "process_0-of-1.json").read_text()
+        (data / "process_0-of-1.json").unlink()
+        for process in range(hosts_before):
+            (data / f"process_{process}-of-{hosts_before}.json").write_text(position)
+    trainer.train(small_config(cache_dir, 9), run)
+    assert "could not be restored" not in capsys.readouterr().err
+    assert not list((run / "checkpoints").glob("damaged-*"))
+    resumed, expected = ([{key: value for key, value in m.items() if key != "eval_loss"} for m in read_metrics(workdir)]
+                         for workdir in (run, straight))  # (the first run evaluated at its end, at step 6)
+    assert _without_timing(resumed) == _without_timing(expected)
