@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import tqdm
 from etils import epath
 
-from llama_jax.errors import ConfigError
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.workdir import is_remote, parse_jsonl, write_whole
 
 
@@ -127,14 +127,20 @@ class MetricsLogger:
             return
         self.wandb = start_wandb(workdir, wandb_project, config or {}) if wandb_project else None
         self.path = workdir / "metrics.jsonl"
-        self._lines, self.dropped = self._truncate_after(start_step)
         self._remote = is_remote(workdir)
         self._written = time.monotonic()
-        self.jsonl = None if self._remote else self.path.open("a")
         self._events = workdir / "tensorboard"
-        self._local_events = epath.Path(tempfile.mkdtemp(prefix="llama_jax_tensorboard_")) if self._remote else self._events
-        # purge_step hides the events an earlier, interrupted process logged past the restored step.
-        self.tensorboard = tensorboardX.SummaryWriter(str(self._local_events), purge_step=start_step + 1)
+        try:
+            self._lines, self.dropped = self._truncate_after(start_step)
+            self.jsonl = None if self._remote else self.path.open("a")
+            self._local_events = (epath.Path(tempfile.mkdtemp(prefix="llama_jax_tensorboard_")) if self._remote
+                                  else self._events)
+            # purge_step hides the events an earlier, interrupted process logged past the restored step.
+            self.tensorboard = tensorboardX.SummaryWriter(str(self._local_events), purge_step=start_step + 1)
+        except OSError as err:  # a file where the directory goes, or the other way round; no permission
+            raise CheckpointError(f"the run's logs cannot be written in {workdir} ({err}): move aside what is in the "
+                                  "way of metrics.jsonl (a file) and tensorboard/ (a directory), or give another "
+                                  "--workdir") from None
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> tuple[list[str], list[dict]]:
@@ -229,9 +235,11 @@ def start_wandb(workdir: epath.Path, project: str, config: dict):
     try:
         run = wandb.init(project=name, entity=entity or None, id=run_id, resume="allow", name=workdir.name,
                          config=config, dir=None if is_remote(workdir) else str(workdir))
-    except wandb.errors.Error as err:  # no API key in a job without a terminal, a project the key may not write
+    except (wandb.errors.Error, ValueError) as err:  # no API key in a job without a terminal, a project the key may
+        # not write; a WANDB_* variable wandb's settings refuse (pydantic's ValidationError, a ValueError)
         raise ConfigError(f"W&B could not start the run ({err}): log in (wandb login, or WANDB_API_KEY), or set "
-                          "WANDB_MODE=offline to log locally and upload later with wandb sync") from None
+                          "WANDB_MODE=offline to log locally and upload later with wandb sync; check the WANDB_* "
+                          "environment variables") from None
     if not record.exists():
         write_whole(record, json.dumps({"id": run_id, "project": project}) + "\n")
     return run

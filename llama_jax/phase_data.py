@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -20,6 +19,7 @@ from llama_jax.data.pipeline import PreferenceBatches, StreamPosition, TrainBatc
 from llama_jax.data.preferences import is_preference_store
 from llama_jax.errors import ConfigError
 from llama_jax.parallel import distributed
+from llama_jax.parallel.mesh import batch_share, make_mesh
 from llama_jax.phases import Phase, RunPlan
 
 # Reader threads build the next batches while the step runs; grain keeps their order, so batches stay deterministic.
@@ -33,10 +33,10 @@ class PhaseData:
     batches: TrainBatches | PreferenceBatches
     # source name -> this process's held-out batches; the training sources' first, then data.eval_sources'
     eval_sets: dict[str, list[dict[str, np.ndarray]]]
+    share: dict[str, int]  # the rows of each batch this process reads: its block of equal ones (`_share`)
 
     def iterator(self) -> grain.DatasetIterator:
-        processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        return iter(self.batches.dataset(**processes).to_iter_dataset(_READ_OPTIONS))
+        return iter(self.batches.dataset(**self.share).to_iter_dataset(_READ_OPTIONS))
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def phase_data(p: Phase, first_corpus, pad_id: int, read: dict[tuple[str, str, i
     cfg = p.cfg
     corpus = first_corpus if p.index == 0 else distributed.process_zero_first(
         lambda: load_corpus(cfg.data, cfg.model.vocab_size, run=first_corpus), "preparing the data")
-    processes = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    processes = _share(cfg)
     if cfg.objective.name in PAIR_OBJECTIVES:
         return _pair_data(p, corpus, pad_id, processes)
     _check_no_preference_sources(cfg, corpus)
@@ -91,7 +91,14 @@ def phase_data(p: Phase, first_corpus, pad_id: int, read: dict[tuple[str, str, i
     for name, store in corpus.held_out.items():  # data.eval_sources
         eval_sets[name] = list(eval_batches(store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                             max_batches=cfg.data.eval_batches, pad_id=pad_id, **processes))
-    return PhaseData(batches, eval_sets)
+    return PhaseData(batches, eval_sets, processes)
+
+
+def _share(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """The block of every batch's rows that this process's devices hold on the phase's mesh, as the pipeline's
+    (process_index, process_count): processes apart only along a non-batch mesh axis read the same rows."""
+    index, count = batch_share(make_mesh(cfg.mesh))
+    return dict(process_index=index, process_count=count)
 
 
 def _check_no_preference_sources(cfg: ml_collections.ConfigDict, corpus) -> None:
@@ -168,4 +175,4 @@ def _pair_data(p: Phase, corpus, pad_id: int, processes: dict) -> PhaseData:
         else:
             raise ConfigError(f"data.eval_sources.{name} is not a preference corpus, and a reward model scores pairs "
                               "only: prepare it with python -m llama_jax.data.preferences, or remove it")
-    return PhaseData(batches, eval_sets)
+    return PhaseData(batches, eval_sets, processes)

@@ -137,11 +137,24 @@ class Run:
         return {**_merge_adapters(self.base, adapters, lora_lib.scale(self.cfg.lora)), **own}
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
-        """This process's rows, laid out along the sequence as context parallelism wants, as global arrays."""
+        """This process's rows (its `mesh_lib.batch_share` of the batch), laid out along the sequence as context
+        parallelism wants, as global arrays. Each device takes its shard from them: where a mesh axis other than the
+        batch's spans processes, several hold the same rows, which `make_array_from_process_local_data` took for
+        other rows and made a smaller batch of, or a longer sequence."""
         local_batch = to_zigzag(local_batch, self.mesh.shape["context"])
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
-        }
+        index, count = mesh_lib.batch_share(self.mesh)
+        rows, length = next(iter(local_batch.values())).shape
+        first = index * rows
+
+        def global_array(local: np.ndarray) -> jax.Array:
+            def shard(where: tuple[slice, ...]) -> np.ndarray:  # global rows of this process's: from its first
+                start = first if where[0].start is None else where[0].start
+                stop = first + rows if where[0].stop is None else where[0].stop
+                return local[start - first:stop - first, where[1]]
+
+            return jax.make_array_from_callback((rows * count, length), self.batch_sharding, shard)
+
+        return {key: global_array(value) for key, value in local_batch.items()}
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -294,9 +307,10 @@ def _check_batch_fits_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_siz
     if seq_len % mesh.shape["context"]:
         raise ConfigError(f"seq_len {seq_len} must be a multiple of mesh.context ({mesh.shape['context']}): fix "
                           "data.seq_len or data.ramp")
-    if batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size and every data.ramp batch size must be a multiple of the "
-                          f"{jax.process_count()} processes")
+    _, readers = mesh_lib.batch_share(mesh)
+    if batch_size % readers:
+        raise ConfigError(f"data.batch_size and every data.ramp batch size must be a multiple of the {readers} "
+                          "processes that read other rows of it")
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
@@ -493,9 +507,10 @@ class _Loop:
         self.cfg, self.plan, self.workdir, self.meta, self.tasks = cfg, plan, workdir, meta, tasks
         self.checkpointer, self.preemption, self.watchdog = checkpointer, preemption, watchdog
         self.peak = run_peak_flops(workdir, cfg.train.peak_flops)
-        self.logger = MetricsLogger(workdir, start_step=start, total_steps=plan.total_steps,
-                                    enabled=jax.process_index() == 0, wandb_project=cfg.train.wandb,
-                                    config=meta["run_config"])
+        self.logger = distributed.on_every_process(  # process 0's W&B or log files may fail: every process stops
+            lambda: MetricsLogger(workdir, start_step=start, total_steps=plan.total_steps,
+                                  enabled=jax.process_index() == 0, wandb_project=cfg.train.wandb,
+                                  config=meta["run_config"]), "opening the run's logs", elsewhere=CheckpointError)
         self.save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
         self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)
@@ -553,7 +568,8 @@ class _Loop:
                 state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))
             done += 1
             self.logger.advance()
-            if not compiled_here:  # time from the end of the compiling step
+            window.append(step_metrics)
+            if not compiled_here:  # time from the end of the compiling step (its loss is the window's like any)
                 self.goodput.charge(COMPILE)
                 compiled_here = True
                 if not self.compiled:
@@ -562,7 +578,6 @@ class _Loop:
                     self.compiled = True
                 window_start, window_first_step = time.perf_counter(), done
             else:
-                window.append(step_metrics)
                 self.watchdog.dispatched(step_metrics["loss"])
             pending.append((done, step_metrics))
             is_last = done == p.stop_step
@@ -576,8 +591,8 @@ class _Loop:
                 continue
             is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last
             if done % cfg.train.log_every == 0 or is_eval:
-                logged = _summarise(window or [step_metrics], self.plan.tokens_before(done))
-                if window:
+                logged = _summarise(window, self.plan.tokens_before(done))
+                if done > window_first_step:
                     seconds = time.perf_counter() - window_start - saving
                     tokens, flops = _work(run.model_def.cfg, p, window_first_step, done)
                     logged["tokens_per_s"] = tokens / seconds
@@ -736,17 +751,19 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
 
 
 def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
-    """Means over the window, the learning rate and parameter norm of its last step, and what an objective adds
-    (DPO's reward accuracy and margin, ...), averaged too."""
-    host = jax.device_get(window)
+    """Means over the window's steps, but those `stability.policy='skip'` skipped (a NaN one made the whole window's
+    NaN), the learning rate and parameter norm of its last step, and what an objective adds (DPO's reward accuracy
+    and margin, ...), averaged too."""
+    last = jax.device_get(window[-1])
+    host = [m for m in jax.device_get(window) if not m.get("skipped")] or [last]
     own = ("loss", "grad_norm", "lr", "param_norm", "skipped")
     return {
         "loss": float(np.mean([m["loss"] for m in host])),
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-        "lr": float(host[-1]["lr"]),
-        "param_norm": float(host[-1]["param_norm"]),
+        "lr": float(last["lr"]),
+        "param_norm": float(last["param_norm"]),
         "tokens": float(tokens_seen),
-        **{key: float(np.mean([m[key] for m in host])) for key in host[-1] if key not in own},
+        **{key: float(np.mean([m[key] for m in host])) for key in last if key not in own},
     }
 
 

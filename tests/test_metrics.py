@@ -163,14 +163,14 @@ class _FakeWandb(types.ModuleType):
         class Error(Exception):
             pass
 
-    def __init__(self, refuse: str = ""):
+    def __init__(self, refuse: str = "", error: type[Exception] = errors.Error):
         super().__init__("wandb")
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-        self.refuse, self.inits, self.logged, self.finished = refuse, [], [], 0
+        self.refuse, self.error, self.inits, self.logged, self.finished = refuse, error, [], [], 0
 
     def init(self, **kwargs):
         if self.refuse:
-            raise self.errors.Error(self.refuse)
+            raise self.error(self.refuse)
         self.inits.append(kwargs)
         return self
 
@@ -217,3 +217,19 @@ def test_wandb_that_is_missing_refuses_or_misnamed_is_one_config_error(tmp_path,
                                           r"login, or WANDB_API_KEY\), or set WANDB_MODE=offline"):
         MetricsLogger(epath.Path(tmp_path), start_step=0, total_steps=2, wandb_project="llama")
     assert not (tmp_path / "wandb.json").exists()
+    # WANDB_MODE=ofline: wandb's settings raise pydantic's ValidationError (a ValueError), which was a traceback
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(refuse="1 validation error for Settings\nmode\n  Input should "
+                                                               "be 'online', 'offline'", error=ValueError))
+    with pytest.raises(ConfigError, match=r"(?s)W&B could not start the run \(1 validation error.*check the WANDB_\* "
+                                          r"environment variables"):
+        MetricsLogger(epath.Path(tmp_path), start_step=0, total_steps=2, wandb_project="llama")
+
+
+@pytest.mark.parametrize("in_the_way", ["metrics.jsonl", "tensorboard"])
+def test_a_log_that_cannot_be_opened_is_one_checkpoint_error(tmp_path, in_the_way):
+    """A directory where metrics.jsonl goes, or a file where tensorboard/ goes, gave an OSError's traceback (exit 1,
+    which a supervisor restarts into the same failure)."""
+    (tmp_path / "metrics.jsonl").mkdir() if in_the_way == "metrics.jsonl" else (tmp_path / "tensorboard").write_text("")
+    with pytest.raises(CheckpointError, match=rf"the run's logs cannot be written in {tmp_path} \(.*{in_the_way}.*\): "
+                                              r"move aside what is in the way"):
+        MetricsLogger(epath.Path(tmp_path), start_step=0, total_steps=2)

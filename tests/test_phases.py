@@ -281,12 +281,12 @@ def test_the_loss_guard_knows_non_finite_steps_and_spikes():
     assert LossGuard(0.0, 3).threshold() == math.inf
 
 
-def _poisoned_run(tmp_path, cache_dir, monkeypatch, policy: str, bad_steps: set[int]):
+def _poisoned_run(tmp_path, cache_dir, monkeypatch, policy: str, bad_steps: set[int], log_every: int = 1):
     """A short in-process run whose batches at `bad_steps` (counted in batches drawn) give a NaN loss."""
     cfg = load_config_file("tiny.py")
     cfg.data.cache_dir = str(cache_dir)
     cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
-    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = 10, 1, 0
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every = 10, log_every, 0
     cfg.checkpoint.every_steps, cfg.optim.warmup_steps = 4, 2
     cfg.stability.policy = policy
     drawn = []
@@ -299,7 +299,7 @@ def _poisoned_run(tmp_path, cache_dir, monkeypatch, policy: str, bad_steps: set[
         return to_global(self, local_batch)
 
     monkeypatch.setattr(trainer.Run, "to_global", poisoning)
-    workdir = tmp_path / policy
+    workdir = tmp_path / f"{policy}-{log_every}"
     return workdir, lambda: trainer.train(cfg, workdir)
 
 
@@ -325,6 +325,16 @@ def test_a_nan_step_is_skipped_inside_the_step(tmp_path, cache_dir, monkeypatch,
     assert [m["step"] for m in lines] == list(range(1, 11))
     assert lines[5]["param_norm"] == lines[4]["param_norm"], "the skipped step left the parameters as they were"
     assert lines[-1]["bad_steps"] == 1.0 and math.isfinite(lines[-1]["loss"])
+    # Logged every 5 steps, a line is the mean of its steps, the first (which compiles) and none skipped included:
+    # before, the first line left out step 1, and the second was NaN for the skipped step 6.
+    monkeypatch.undo()
+    workdir, run = _poisoned_run(tmp_path, cache_dir, monkeypatch, "skip", {1 + 6}, log_every=5)
+    run()
+    windows = read_metrics(workdir)
+    assert [m["step"] for m in windows] == [5, 10]
+    for logged, steps in zip(windows, ([1, 2, 3, 4, 5], [7, 8, 9, 10])):
+        for key in ("loss", "grad_norm"):
+            assert logged[key] == pytest.approx(np.mean([lines[step - 1][key] for step in steps]), rel=1e-6), key
 
 
 def test_a_nan_step_stops_the_run_before_it_is_saved(tmp_path, cache_dir, monkeypatch):

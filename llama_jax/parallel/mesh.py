@@ -135,5 +135,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length")))
 
 
+def batch_share(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process's devices hold block `index` of `count` equal blocks of every global batch's rows,
+    which is what it must read. The batch axes (data, fsdp) split the rows; the others (stage, context, tensor) give
+    each of their devices all the rows of its batch shard, so processes apart only along those read the same rows
+    (one pipeline stage per host, say), and one process alone reads them all."""
+    rows = _axes_size(mesh, logical_to_spec(("batch",))[0])
+    held = sorted({index[0].start or 0 for index in
+                   NamedSharding(mesh, logical_to_spec(("batch",))).addressable_devices_indices_map((rows,)).values()})
+    if held != list(range(held[0], held[0] + len(held))) or rows % len(held) or held[0] % len(held):
+        raise ConfigError(f"the devices of process {jax.process_index()} hold batch shards {held} of {rows}, not one "
+                          "block of them: order the mesh so that each host's devices hold consecutive batch shards "
+                          "(mesh.data and mesh.fsdp outermost across hosts)")
+    return held[0] // len(held), rows // len(held)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
