@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from typing import Callable, TypeVar
@@ -705,10 +706,12 @@ class _Loop:
         saved = set(self.checkpointer.manager.all_steps())
         steps = [s for s in p.save_steps() if s in saved]
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint averaging"):
-            if jax.process_index() == 0:
-                average_checkpoints([self.checkpointer.directory / str(s) for s in steps], out)
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("checkpoint average written")
+            paths = [self.checkpointer.directory / str(s) for s in steps]
+            if jax.process_count() == 1:
+                average_checkpoints(paths, out)
+            else:  # every process waits here for process 0's average (or its error)
+                distributed.on_every_process(lambda: _average_alone(paths, out) if jax.process_index() == 0 else None,
+                                             "averaging the checkpoints", elsewhere=CheckpointError)
             # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py), with the
             # objective's own parameters (a reward model's head)
             own = _split_objective_params(run.cfg, run.state_shardings.params)[1]
@@ -748,6 +751,17 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
     """The goodput counters stored with checkpoint `step` (None: a fresh start, or a checkpoint older than them)."""
     meta_file = checkpointer.directory / str(step) / "meta" / "metadata"
     return json.loads(meta_file.read_text()).get("goodput") if step and meta_file.exists() else None
+
+
+def _average_alone(paths: list[epath.Path], out: epath.Path) -> None:
+    """`python -m llama_jax.average` in a child process of its own, on the host's CPU: Orbax's writes wait for every
+    process of a multi-host job, which wait for this one's average (a hang until the watchdog ended it)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_JAX_")}
+    done = subprocess.run([sys.executable, "-m", "llama_jax.average", *map(str, paths), "--out", str(out)],
+                          env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+    if done.returncode:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise CheckpointError(f"averaging the checkpoints {[str(p) for p in paths]} into {out} failed ({reason})")
 
 
 def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:

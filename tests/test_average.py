@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from test_convert import add_tokenizer, convert_cli, hf_model
 
+from llama_jax import trainer
 from llama_jax.average import main
 from llama_jax.checkpoint import Checkpointer, load_model
+from llama_jax.errors import CheckpointError
 from llama_jax.model import LlamaConfig, ModelDef
 
 CFG = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, dtype="float32")
@@ -137,3 +140,17 @@ def test_averaging_refuses_clearly(runs, tmp_path, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(expected, err), err
     assert not (tmp_path / "avg").exists()
+
+
+def test_a_multi_host_run_writes_its_average_in_a_process_of_its_own(tmp_path):
+    """Orbax's writes wait for every process of a multi-host job, and there the trainer's process 0 averaged a phase's
+    checkpoints while the others waited for it: a hang, until the watchdog ended the run. Process 0 now runs
+    `python -m llama_jax.average` in a child process (`trainer._average_alone`); its failure is one error."""
+    params = [random_params(seed) for seed in (0, 1)]
+    for step, tree in zip((1, 2), params):
+        save_step(tmp_path / "run", step, tree)
+    steps = [tmp_path / "run" / "checkpoints" / str(step) for step in (1, 2)]
+    trainer._average_alone(steps, epath.Path(tmp_path / "averaged"))
+    assert_trees_equal(loaded_params(tmp_path / "averaged"), numpy_mean(params, np.float32))
+    with pytest.raises(CheckpointError, match=r"averaging the checkpoints .* into .*again failed \(error: .*missing"):
+        trainer._average_alone([steps[0], tmp_path / "missing"], epath.Path(tmp_path / "again"))
