@@ -124,6 +124,7 @@ def generate_timed(
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
     _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_token_ids(prompts, model.cfg.vocab_size)
     _check_context(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_seq_len)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
     if max_new_tokens == 0:
@@ -202,6 +203,14 @@ def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature:
             "need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
             f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
+
+
+def _check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:
+    """An id past the embedding gathered NaN (and a negative one the last row): the model then generated zeros."""
+    outside = sorted({int(t) for p in prompts for t in p if not 0 <= t < vocab_size})
+    if outside:
+        raise ConfigError(f"prompt token ids {outside[:5]} are outside the model's vocabulary [0, {vocab_size}): "
+                          "encode the prompt with the checkpoint's own tokenizer")
 
 
 def _executable(fn: Callable, static: dict, *args) -> Callable:

@@ -549,6 +549,7 @@ def get_config():
     ("model.rope_theta", 0.0, "model.rope_theta must be positive"),
     ("model.norm_eps", -1e-5, "model.norm_eps must be positive"),
     ("model.init_std", -0.02, "model.init_std must be zero or positive"),
+    ("model.head_dim", -16, r"model.head_dim must be positive, or 0 for dim // n_heads; got -16"),  # was XLA's error
     ("watchdog.multiple", 0.5, r"watchdog.multiple=0.5 would call half of all ordinary steps hung"),
     ("train.profile_steps", -1, "train.profile_steps must be zero or positive"),
     ("train.profile_skip", -2, "train.profile_skip must be zero or positive"),

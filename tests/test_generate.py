@@ -128,6 +128,15 @@ def test_generating_past_the_models_context_is_refused_with_the_most_it_allows(m
         generate(model, PROMPTS, context - longest + 1)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused(model):
+    """An id past the embedding gathered NaN and the model generated zeros; a negative one read the last row."""
+    vocab = model.cfg.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ConfigError, match=rf"prompt token ids \[{bad}\] are outside the model's vocabulary "
+                                              rf"\[0, {vocab}\): encode the prompt with the checkpoint's own tokenizer"):
+            generate(model, [[1, bad, 2], [3]], 2)
+
+
 def test_eos_stops_only_its_row(model, greedy):
     # the first token of row 0 that appears neither earlier in row 0 nor anywhere in row 1
     k = next(k for k, t in enumerate(greedy[0]) if k > 0 and t not in greedy[0][:k] and t not in greedy[1])

@@ -404,6 +404,7 @@ def test_the_environment_decides_how_processes_join():
     ({**EXPLICIT, "LLAMA_JAX_NUM_PROCESSES": "0"}, r"LLAMA_JAX_NUM_PROCESSES=0: set it to the number of processes"),
     ({"LLAMA_JAX_NUM_PROCESSES": "2", "LLAMA_JAX_PROCESS_ID": "0"}, r"LLAMA_JAX_COORDINATOR is not set: set it on every"),
     ({**EXPLICIT, "LLAMA_JAX_COORDINATOR": "10.0.0.1"}, r"'10.0.0.1' is not host:port"),
+    ({**EXPLICIT, "LLAMA_JAX_COORDINATOR": "10.0.0.1:99999"}, r"'10.0.0.1:99999' is not host:port.*\(1 to 65535\)"),
     ({"LLAMA_JAX_COORDINATOR": "10.0.0.1:8476"}, r"not both LLAMA_JAX_NUM_PROCESSES and LLAMA_JAX_PROCESS_ID"),
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"}, r"JAX_COORDINATOR_ADDRESS set, but not both"),
     ({**SRUN, "SLURM_PROCID": "4"}, r"SLURM_PROCID=4 is not below SLURM_NTASKS=4: start the run with srun"),
@@ -413,6 +414,15 @@ def test_the_environment_decides_how_processes_join():
 def test_bad_variables_name_the_variable_and_the_fix(environ, message):
     with pytest.raises(ConfigError, match=message):
         distributed_arguments(environ)
+
+
+def test_an_ipv6_coordinator_is_reached_without_its_brackets(monkeypatch):
+    """`[fd00::1]:8476` was dialled with its brackets, which no resolver reads: the other processes waited out the
+    timeout, then stopped."""
+    dialled = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: dialled.append(address) or socket.socket())
+    distributed.wait_for_coordinator("[fd00::1]:8476", timeout_s=5)
+    assert dialled == [("fd00::1", 8476)]
 
 
 def run_one_process(job: dict, workdir: Path, **variables: str) -> subprocess.CompletedProcess:

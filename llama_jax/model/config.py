@@ -51,6 +51,8 @@ class LlamaConfig:
         for name in ("norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ConfigError(f"model.head_dim must be positive, or 0 for dim // n_heads; got {self.head_dim}")
         if self.init_std < 0:
             raise ConfigError(f"model.init_std must be zero or positive, got {self.init_std}")
         if self.n_heads % self.n_kv_heads:

@@ -141,6 +141,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Returns once process 0's coordinator at host:port accepts connections, or raises ConfigError after
     `timeout_s`: JAX's own wait ends the process with a C++ check failure, after the same time."""
     host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address is written [::1]:8476
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -196,9 +197,9 @@ def _explicit(environ: Mapping[str, str]) -> dict | None:
         raise ConfigError(f"{NUM_PROCESSES}={count} but {COORDINATOR} is not set: set it on every host to process 0's "
                           f"host:port, e.g. {COORDINATOR}=10.0.0.1:8476")
     host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{COORDINATOR}={coordinator!r} is not host:port: give process 0's address and a free port, "
-                          "e.g. 10.0.0.1:8476")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{COORDINATOR}={coordinator!r} is not host:port: give process 0's address and a free port "
+                          "(1 to 65535), e.g. 10.0.0.1:8476 or [fd00::1]:8476")
     return dict(coordinator_address=coordinator, num_processes=count, process_id=rank,
                 initialization_timeout=_timeout(environ))
 
