@@ -56,6 +56,16 @@ PEAK_FLOPS = {
     "TPU v5e": 197e12,
     "TPU v4": 275e12,
 }
+# Kinds matched whole: a TPU v5p says "TPU v5", which is part of v5e's "TPU v5 lite" (and matched no name above, so
+# its MFU was against one CPU core's measured matmul rate).
+EXACT_PEAK_FLOPS = {"TPU v5": 459e12}
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+    """A device's dense bf16 peak FLOP/s from the tables, or None for a kind they do not know."""
+    if device_kind in EXACT_PEAK_FLOPS:
+        return EXACT_PEAK_FLOPS[device_kind]
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in device_kind), None)
 
 
 def run_peak_flops(workdir: epath.Path, configured: float) -> float:
@@ -64,7 +74,7 @@ def run_peak_flops(workdir: epath.Path, configured: float) -> float:
     if configured:
         return configured * jax.device_count()
     record = workdir / "peak_flops.json"
-    if any(name in jax.local_devices()[0].device_kind for name in PEAK_FLOPS):
+    if table_peak_flops(jax.local_devices()[0].device_kind) is not None:
         return peak_flops_per_second() * jax.process_count()
     if record.exists():
         return json.loads(record.read_text())["peak_flops"] * jax.process_count()
@@ -77,11 +87,8 @@ def run_peak_flops(workdir: epath.Path, configured: float) -> float:
 def peak_flops_per_second() -> float:
     """Peak FLOP/s of all local devices together."""
     devices = jax.local_devices()
-    kind = devices[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops * len(devices)
-    return _measured_cpu_peak()
+    flops = table_peak_flops(devices[0].device_kind)
+    return _measured_cpu_peak() if flops is None else flops * len(devices)
 
 
 def _measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:

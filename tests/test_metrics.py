@@ -22,7 +22,7 @@ from llama_jax import goodput, trainer
 from llama_jax.config import default_config, validate
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.phases import phase
-from llama_jax.metrics import MetricsLogger, peak_memory_gib
+from llama_jax.metrics import MetricsLogger, peak_memory_gib, table_peak_flops
 from llama_jax.workdir import read_jsonl, write_whole
 
 
@@ -233,3 +233,11 @@ def test_a_log_that_cannot_be_opened_is_one_checkpoint_error(tmp_path, in_the_wa
     with pytest.raises(CheckpointError, match=rf"the run's logs cannot be written in {tmp_path} \(.*{in_the_way}.*\): "
                                               r"move aside what is in the way"):
         MetricsLogger(epath.Path(tmp_path), start_step=0, total_steps=2)
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v5", 459e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("cpu", None)])
+def test_the_peak_flops_of_each_device_kind(kind, peak):
+    """A TPU v5p's device_kind is "TPU v5", which matched no name of the table: its MFU was measured against a CPU
+    matmul's rate."""
+    assert table_peak_flops(kind) == peak
