@@ -30,3 +30,9 @@ os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
 from llama_jax.parallel.cpu_threads import reserve_collective_threads  # noqa: E402
 
 reserve_collective_threads()  # without it, a pipelined step aborted one run in three on 2 cores
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The longest tests (`@pytest.mark.long`) first. Each worker takes a contiguous half of the list and, once done,
+    steals from the end of the other's, so a long test near the end of the list started late and ran on alone."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

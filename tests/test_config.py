@@ -448,6 +448,7 @@ def run_command(tmp_path: Path, command: str, *args: str) -> subprocess.Complete
                           timeout=120, cwd=tmp_path, env=dict(os.environ))
 
 
+@pytest.mark.long
 def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error_line(tmp_path):
     """Each was a traceback: ml_collections' deferred load error, the file's SyntaxError, os.makedirs'
     FileExistsError, and for a workdir or cache that cannot be written (read-only, or here under a file), the

@@ -71,6 +71,7 @@ def expected_curves() -> list[tuple[list[float], float, float]]:
     return [(*curve, OTHER_UNIT_RTOL) for curve in curves.values()]
 
 
+@pytest.mark.long
 def test_the_default_job_follows_the_golden_loss_curve(tmp_path, cache_dir):
     curves = expected_curves()
     result = run_cli(tmp_path / "golden", cache_dir, *GOLDEN_OVERRIDES)

@@ -137,6 +137,7 @@ def _full_config(base):
     return cfg
 
 
+@pytest.mark.long
 def test_checkpoint_holds_adapters_and_the_merged_export_equals_the_lora_model(base, tmp_path):
     cfg = lora_config(base)
     cfg.train.steps, cfg.train.eval_every, cfg.train.log_every, cfg.checkpoint.every_steps = 4, 4, 2, 4
@@ -227,6 +228,7 @@ def test_the_fingerprint_of_a_base_is_the_same_on_any_mesh_and_tells_one_ulp(bas
     assert lora.fingerprint(nudged) != lora.fingerprint(alone)
 
 
+@pytest.mark.long
 def test_a_lora_run_keeps_the_step_of_its_base_workdir_when_that_trains_on(base, tmp_path):
     """A base given as a llama_jax workdir is pinned to the step it was read from: when the workdir saves newer
     steps, the run still loads as before, a resume through the workdir is refused with the step to give, and a base
@@ -360,6 +362,7 @@ def test_a_reward_model_trains_adapters_and_its_whole_head(base, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-3 * cfg.optim.lr)
 
 
+@pytest.mark.long
 def test_a_lora_reward_run_loads_merged_and_exports_as_a_sequence_classifier(base, tmp_path):
     """Through `trainer.train` (with adapter dropout): the checkpoint holds adapters and head; the reward model that
     rejection sampling loads is the base with the adapters merged in, on one device or sharded; the merged copy in
@@ -404,6 +407,7 @@ def test_a_lora_reward_run_loads_merged_and_exports_as_a_sequence_classifier(bas
     np.testing.assert_allclose(theirs, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.long
 def test_lora_trains_through_phases_on_one_read_of_the_base_and_resumes_in_a_later_phase(base, tmp_path,
                                                                                          monkeypatch):
     """Two phases, the second on longer rows and another mesh (the base resharded onto it, not read again), averaging

@@ -151,6 +151,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 STAGE_PER_PROCESS = {"mesh.data": 1, "mesh.stage": 2, "mesh.fsdp": 4, "pipeline.microbatches": 2}
 
 
+@pytest.mark.long
 def test_two_processes_train_resume_and_match_one_process(tmp_path, job):
     """Steps 1-4 and, resumed from checkpoint 4 with a pipeline stage per process, steps 5-8 on two processes; the same
     8 steps in one process. The second part is profiled: process 0 alone writes the trace, and the steps stay the
@@ -358,6 +359,7 @@ def test_the_others_repeat_the_failed_process_s_message_up_to_a_kilobyte(monkeyp
     assert str(raised.value) == f"reading checkpoint 4 failed on process 1 of 2: {kept} ...", str(raised.value)[-80:]
 
 
+@pytest.mark.long
 def test_a_checkpoint_damaged_where_only_one_host_reads_it_sends_every_host_back_to_the_one_before(tmp_path, job):
     """With the parameters sharded over both processes (fsdp=8), each process reads only the files it wrote. Process
     1's files of checkpoint 4 are cut in half: its read fails, process 0's succeeds. Both set step 4 aside and resume

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "scaling_laws.ipynb"
@@ -23,6 +24,7 @@ def printed_text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.long
 def test_notebook_runs_at_smoke_scale_and_prints_alpha(tmp_path, monkeypatch):
     stored = NOTEBOOK.read_bytes()
     monkeypatch.setenv("SWEEP_SCALE", "smoke")

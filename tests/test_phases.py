@@ -366,6 +366,7 @@ def _workdir_as_of(source, step, dest):
     (dest / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
+@pytest.mark.long
 def test_the_tiny_recipe_runs_every_phase_and_a_kill_in_long_context_resumes_there(tmp_path, cache_dir):
     env = dict(CLI_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     plan = RunPlan(load_config_file(RECIPE, "devices=2,scale=0.08"))

@@ -195,6 +195,7 @@ def test_a_compilation_has_no_limit_and_the_steps_after_it_have(tmp_path):
     assert "watchdog: no progress in training steps for 0 s (limit 0 s" in result.stderr
 
 
+@pytest.mark.long
 def test_a_hung_step_dumps_every_stack_and_the_supervised_run_finishes(tmp_path, cache_dir):
     """Step 7 hangs in the first process (the test hook): the watchdog prints every thread's stack, naming the hung
     frame, and exits 76; the supervisor restarts from checkpoint 4 and the run finishes with every step logged once."""

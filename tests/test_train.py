@@ -38,6 +38,7 @@ QUICK = ("--config.data.batch_size=8", "--config.data.seq_len=128", "--config.op
          "--config.data.eval_batches=2")
 
 
+@pytest.mark.long
 def test_default_job_learns_logs_and_resumes(tmp_path, cache_dir):
     workdir = tmp_path / "run"
     first = run_cli(workdir, cache_dir, "--config.train.steps=16", *QUICK)
@@ -413,6 +414,7 @@ def test_a_run_resumes_with_another_way_of_running_its_model(tmp_path, cache_dir
         trainer.train(other, workdir)
 
 
+@pytest.mark.long
 def test_a_checkpoint_that_cannot_be_written_ends_the_run_saying_what_is_left(tmp_path, cache_dir):
     """A full disk or a quota, as the OS reports it to the writer: here a file-size limit (EFBIG) on the process."""
     quick = ("--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=1",
