@@ -756,9 +756,8 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
 def _average_alone(paths: list[epath.Path], out: epath.Path) -> None:
     """`python -m llama_jax.average` in a child process of its own, on the host's CPU: Orbax's writes wait for every
     process of a multi-host job, which wait for this one's average (a hang until the watchdog ended it)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_JAX_")}
     done = subprocess.run([sys.executable, "-m", "llama_jax.average", *map(str, paths), "--out", str(out)],
-                          env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
     if done.returncode:
         reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise CheckpointError(f"averaging the checkpoints {[str(p) for p in paths]} into {out} failed ({reason})")

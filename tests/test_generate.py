@@ -132,8 +132,8 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(model):
     """An id past the embedding gathered NaN and the model generated zeros; a negative one read the last row."""
     vocab = model.cfg.vocab_size
     for bad in (vocab, -1):
-        with pytest.raises(ConfigError, match=rf"prompt token ids \[{bad}\] are outside the model's vocabulary "
-                                              rf"\[0, {vocab}\): encode the prompt with the checkpoint's own tokenizer"):
+        with pytest.raises(ConfigError, match=rf"prompt token ids \[{bad}\] are outside the model's vocabulary \[0, "
+                                              rf"{vocab}\): encode the prompt with the checkpoint's own tokenizer"):
             generate(model, [[1, bad, 2], [3]], 2)
 
 

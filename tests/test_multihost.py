@@ -422,7 +422,8 @@ def test_an_ipv6_coordinator_is_reached_without_its_brackets(monkeypatch):
     """`[fd00::1]:8476` was dialled with its brackets, which no resolver reads: the other processes waited out the
     timeout, then stopped."""
     dialled = []
-    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: dialled.append(address) or socket.socket())
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, timeout: dialled.append(address) or socket.socket())
     distributed.wait_for_coordinator("[fd00::1]:8476", timeout_s=5)
     assert dialled == [("fd00::1", 8476)]
 

@@ -41,6 +41,8 @@ from llama_jax.data.schedule import BatchSchedule, Stage
 from llama_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
+DEFAULT_SHUFFLE_WINDOW = 4096  # rows
+_MIX, _WINDOW, _EPOCH = 1, 2, 3  # tags that keep the random streams of different purposes apart
 
 
 class StreamPosition(NamedTuple):
@@ -49,9 +51,6 @@ class StreamPosition(NamedTuple):
 
     units: int
     seq_len: int
-
-DEFAULT_SHUFFLE_WINDOW = 4096  # rows
-_MIX, _WINDOW, _EPOCH = 1, 2, 3  # tags that keep the random streams of different purposes apart
 
 
 class DocumentStore(Protocol):
@@ -355,7 +354,8 @@ class TrainBatches:
                            for stream, position in zip(self.streams, first)], np.int64)
         for index, stage in enumerate(self.schedule.stages):
             starts.append([int(c) for c in cursor])
-            stop = stage.stop_step if self.stop_step is None else min(self.stop_step, stage.stop_step or self.stop_step)
+            ends = [end for end in (stage.stop_step, self.stop_step) if end is not None]
+            stop = min(ends) if ends else None
             if stop is None:
                 rows.append([None] * len(self.streams))
                 continue
