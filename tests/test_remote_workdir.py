@@ -423,7 +423,6 @@ def test_prompt_files_in_a_bucket_read_as_local_ones(bucket, tmp_path):
         rejection_sample.read_prompts(f"{bucket}/prompts/none.jsonl")
 
 
-@pytest.mark.long
 def test_a_bucket_run_rewinds_and_retrains_as_a_local_one(runs, bucket, cache_dir, capsys):
     local, _, _ = runs
     workdir = f"{bucket}/rewound"
