@@ -29,10 +29,11 @@ OURS = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
                    max_seq_len=512, dtype="float32")
 
 
-def hf_model(tie: bool = False, rope: dict = LLAMA3_ROPE, head_dim: int = 32) -> transformers.LlamaForCausalLM:
+def hf_model(tie: bool = False, rope: dict = LLAMA3_ROPE, head_dim: int = 32,
+             vocab_size: int = 256) -> transformers.LlamaForCausalLM:
     """A random tiny transformers Llama (GQA, by default head_dim 32 != 64 / 4) with non-trivial norm scales."""
     cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, max_position_embeddings=512,
         tie_word_embeddings=tie, rope_parameters=rope, initializer_range=0.1,
     )
@@ -407,9 +408,10 @@ def test_ours_exported_to_hugging_face_gives_our_logits_in_transformers(tmp_path
 
 @pytest.fixture(scope="module")
 def cli_dirs(tmp_path_factory):
-    """An HF directory without a tokenizer, one with, and a converted run."""
+    """An HF directory without a tokenizer, one with, and a converted run. Its vocabulary holds the tokenizer's 256
+    bytes and its special tokens (ids 256 on), which a prompt begins with: `generate` refuses ids past the model's."""
     root = tmp_path_factory.mktemp("cli")
-    hf_model().save_pretrained(root / "bare")
+    hf_model(vocab_size=512).save_pretrained(root / "bare")
     shutil.copytree(root / "bare", root / "hf")
     add_tokenizer(root / "hf")
     convert_cli("--from", "hf", "--to", "ours", root / "hf", root / "ours")
