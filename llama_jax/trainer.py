@@ -100,6 +100,7 @@ class Run:
     state_shardings: TrainState
     abstract_state: TrainState  # shapes, dtypes and shardings: the restore target
     batch_sharding: NamedSharding
+    batch_share: tuple[int, int]  # (index, count): the block of every batch's rows this process reads (mesh_lib)
     layers_fn: LayersFn  # the layer stack on this mesh: pipelined, context-parallel, activations pinned
     scheduled_grads: ScheduledGrads | None  # the gradient by a 1F1B / ZB-H1 pipeline schedule; None: autodiff
     schedule: optax.Schedule  # the learning rate by step (the optimizer's)
@@ -138,12 +139,12 @@ class Run:
         return {**_merge_adapters(self.base, adapters, lora_lib.scale(self.cfg.lora)), **own}
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
-        """This process's rows (its `mesh_lib.batch_share` of the batch), laid out along the sequence as context
+        """This process's rows (its `batch_share` of the batch), laid out along the sequence as context
         parallelism wants, as global arrays. Each device takes its shard from them: where a mesh axis other than the
         batch's spans processes, several hold the same rows, which `make_array_from_process_local_data` took for
         other rows and made a smaller batch of, or a longer sequence."""
         local_batch = to_zigzag(local_batch, self.mesh.shape["context"])
-        index, count = mesh_lib.batch_share(self.mesh)
+        index, count = self.batch_share
         rows, length = next(iter(local_batch.values())).shape
         first = index * rows
 
@@ -198,8 +199,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: epath.Path, devices: list | N
                            out_shardings=base_sh)(loaded)
         else:
             base, base_source = jax.device_put(base_of.base, base_sh), base_of.base_source
-    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh), layers_fn,
-               scheduled_grads, schedule, base, base_sh, base_source)
+    return Run(cfg, workdir, mesh, model_def, tx, state_sh, abstract, mesh_lib.batch_sharding(mesh),
+               mesh_lib.batch_share(mesh), layers_fn, scheduled_grads, schedule, base, base_sh, base_source)
 
 
 def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
