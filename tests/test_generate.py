@@ -386,6 +386,25 @@ def test_the_cache_holds_kv_heads_only_in_the_compute_dtype(hf_dir):
         assert np.abs(cached_tv - full_tv).max() < 0.05 * np.abs(full_tv).max()  # bf16: matmul shapes differ
 
 
+def test_tokens_past_a_full_cache_give_nan_states_not_an_overwritten_last_slot(model):
+    """`dynamic_update_slice` clamps a write past the cache's end onto its last slots: a call of `extend` on a full
+    cache returned finite states computed against a cache it had corrupted. Tokens that fit are untouched."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def extend(state, cache, tokens_bt):
+        return nnx.merge(graphdef, state).extend(tokens_bt, cache)
+
+    cache = KVCache.create(model.cfg, jnp.array([0]), 8)
+    h_btd, cache = extend(state, cache, jnp.array([[3, 17, 42, 9, 100, 8, 1]]))
+    last_btd, full = extend(state, cache, jnp.array([[11]]))
+    assert np.isfinite(np.asarray(h_btd)).all() and np.isfinite(np.asarray(last_btd)).all()
+    past_btd, _ = extend(state, full, jnp.array([[12]]))
+    assert np.isnan(np.asarray(past_btd)).all()
+    with pytest.raises(ValueError, match="9 tokens do not fit a KV cache of 8 slots"):
+        model.extend(jnp.zeros((1, 9), jnp.int32), KVCache.create(model.cfg, jnp.array([0]), 8))
+
+
 def test_compiles_once_per_bucket(model):
     """A batch of 6 (no other test uses one): prefill and decode compile once for the (6, 16, 64) bucket, again once
     for sampling (a static switch), and never for other lengths, budgets or sampling settings in the bucket."""

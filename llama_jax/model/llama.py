@@ -212,8 +212,12 @@ class Llama(nnx.Module):
         and the cache with their keys and values appended.
 
         Prefill is one call with the (left-padded) prompts, decoding one call per token; each token takes its
-        rotary position and attention mask from the cache, so rows of different lengths decode side by side."""
+        rotary position and attention mask from the cache, so rows of different lengths decode side by side.
+        Tokens past the cache's last slot have nowhere to go: the write would clamp onto the last slots and the
+        states look sound, so they come back NaN instead (the fill level is traced; `generate` sizes its cache)."""
         t = tokens_bt.shape[1]
+        if t > cache.max_len:
+            raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots: create a longer cache")
         cos_btp, sin_btp = self.rotary(cache.positions(t))
         mask_bts = cache.mask(t)
         attention = MASKED_ATTENTION[self.cfg.attention]
@@ -225,7 +229,8 @@ class Llama(nnx.Module):
 
         x_btd, (new_k_lbtkh, new_v_lbtkh) = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
             self.embed_tokens(tokens_bt), self.layers, cache.k_lbskh, cache.v_lbskh)
-        return self.norm(x_btd), cache.appended(new_k_lbtkh, new_v_lbtkh)
+        h_btd = jnp.where(cache.end + t <= cache.max_len, self.norm(x_btd), jnp.nan)
+        return h_btd, cache.appended(new_k_lbtkh, new_v_lbtkh)
 
     def embed_tokens(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
         return jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
