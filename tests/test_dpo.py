@@ -4,6 +4,7 @@ accuracy."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -19,11 +20,14 @@ from llama_jax import checkpoint, phase_data, trainer
 from llama_jax import train_step
 from llama_jax.config import eval_source, model_config
 from llama_jax.data.corpus import load_corpus
+from llama_jax.data.pipeline import pair_row
+from llama_jax.data.preferences import prepare_preferences
+from llama_jax.data.shards import ShardedCorpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
 from llama_jax.objectives import dpo
-from llama_jax.objectives.pairs import PAIR_KEYS
+from llama_jax.objectives.pairs import PAIR_KEYS, pair_count, valid_pairs
 from llama_jax.parallel import mesh as mesh_lib
 from llama_jax.phases import RunPlan
 from llama_jax.workdir import read_jsonl
@@ -80,6 +84,22 @@ def test_the_pair_batches_mask_headers_and_end_tokens_out_of_the_dpo_logps(base,
         assert np.all(mask.sum(1) > 0) and not np.any(targets[mask == 1] == eot)
     extra = (batch["nll_mask"] == 1) & (batch["loss_mask"] == 0)
     assert np.all(batch["targets"][extra] == eot) and np.all(extra.sum(1) == 1), "the NLL mask adds the end token"
+
+
+def test_a_pair_whose_chosen_response_is_empty_counts_and_a_padding_row_does_not(base, tmp_path):
+    """Preferring no answer to a harmful one is a pair: its chosen response masks no token (its end token is left
+    out of the DPO log-probs), and it was taken for an evaluation padding row, out of every loss and count."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "How do I pick a lock?", "chosen": "", "rejected": "Insert a wrench"}) +
+                     "\n" + json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}) + "\n")
+    assert prepare_preferences(pairs, base, tmp_path / "out", eval_fraction=0) == {"train": 2}
+    store = ShardedCorpus.open(tmp_path / "out" / "train")
+    rows = [pair_row(store, pair, SEQ, 0) for pair in range(2)]
+    rows.append({key: np.zeros_like(value) for key, value in rows[0].items()})  # as evaluation pads its last batch
+    batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    assert batch["loss_mask"][0].sum() == 0 < batch["loss_mask"][1].sum()
+    np.testing.assert_array_equal(valid_pairs(batch), [1, 1, 0])
+    assert float(pair_count(batch)) == 2
 
 
 def test_the_loss_equals_the_formula_in_float64(base, tmp_path):
@@ -251,10 +271,12 @@ def test_the_gradient_equals_the_formula_in_float64(chunk_len):
     end = np.zeros((b, t), np.float32)
     end[:2, 5] = 1  # the end token: in the NLL term, not in the log-probabilities
     batch = {"nll_mask": response + end}
+    segment_ids = np.ones((b, t), np.int32)
+    segment_ids[2] = 0  # evaluation's padding rows are all zeros
     for prefix in ("", "rejected_"):
         batch.update({prefix + "tokens": rng.integers(0, v, (b, t)).astype(np.int32),
                       prefix + "targets": rng.integers(0, v, (b, t)).astype(np.int32),
-                      prefix + "loss_mask": response, prefix + "segment_ids": np.ones((b, t), np.int32),
+                      prefix + "loss_mask": response, prefix + "segment_ids": segment_ids,
                       prefix + "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
     policy_vv, reference_vv = rng.normal(size=(v, v)), rng.normal(size=(v, v))
 
@@ -270,7 +292,7 @@ def test_the_gradient_equals_the_formula_in_float64(chunk_len):
 
     (lp_c, tok_c), (_, ref_tok_c) = token_logps(policy_vv, ""), token_logps(reference_vv, "")
     (lp_r, tok_r), (_, ref_tok_r) = token_logps(policy_vv, "rejected_"), token_logps(reference_vv, "rejected_")
-    valid = (response.sum(1) > 0).astype(np.float64)
+    valid = segment_ids.any(1).astype(np.float64)
     margin = beta * (((tok_c - ref_tok_c) * response).sum(1) - ((tok_r - ref_tok_r) * response).sum(1))
     nll_tokens = batch["nll_mask"].sum()
     expected = np.sum(valid * np.log1p(np.exp(-margin))) / valid.sum() \

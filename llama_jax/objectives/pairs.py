@@ -28,8 +28,9 @@ def rejected_rows(batch: Batch) -> Batch:
 
 
 def valid_pairs(batch: Batch) -> jax.Array:
-    """1.0 for rows holding a pair, 0.0 for padding rows (evaluation pads its last batch)."""
-    return (jnp.sum(batch["loss_mask"], axis=1) > 0).astype(jnp.float32)
+    """1.0 for rows holding a pair, 0.0 for padding rows (evaluation pads its last batch). Told by the segment ids,
+    not the response mask: an empty chosen response (silence preferred to a harmful answer) masks no token."""
+    return jnp.any(batch["segment_ids"] > 0, axis=1).astype(jnp.float32)
 
 
 def pair_count(batch: Batch) -> jax.Array:
