@@ -123,7 +123,7 @@ def generate_timed(
     """`generate`, with the time spent compiling, prefilling and decoding (each measured to completion)."""
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
-    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, seed)
     _check_token_ids(prompts, model.cfg.vocab_size)
     _check_context(max(len(p) for p in prompts), max_new_tokens, model.cfg.max_seq_len)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
@@ -195,7 +195,8 @@ def _check_context(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) ->
                           f"the model's context (model.max_seq_len {max_seq_len}): {fix}")
 
 
-def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                     seed: int) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token: give a non-empty prompt")
     if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -203,6 +204,8 @@ def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature:
             "need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
             f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
+    if not -2**63 <= seed < 2**63:  # what jax.random.key takes (an OverflowError past it)
+        raise ConfigError(f"seed {seed} is past a 64-bit integer: give a seed from 0 to {2**63 - 1}")
 
 
 def _check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:

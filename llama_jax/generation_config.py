@@ -27,6 +27,7 @@ FILE_NAME = "generation_config.json"
 _TURN_ENDS = ("<|eom_id|>", "<|eot_id|>")
 _SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 _FLAG_RANGES = {"temperature": lambda t: t >= 0, "top_k": lambda k: k >= 0, "top_p": lambda p: 0 < p <= 1}
+_SAMPLING_TYPES = {"do_sample": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,12 @@ class GenerationSettings:
             if not given["do_sample"]:
                 del given["temperature"]
         origin = self.origin | {name: "command line" for name in given}
-        return dataclasses.replace(self, **given, origin=origin)
+        settings = dataclasses.replace(self, **given, origin=origin)
+        unused = [f"--{name}" for name in ("top_k", "top_p") if name in given]
+        if unused and not settings.do_sample:
+            raise ConfigError(f"{' and '.join(unused)} appl{'y' if len(unused) > 1 else 'ies'} to sampling, and these settings decode greedily "
+                              f"(do_sample from {settings.origin['do_sample']}): add --temperature above 0 to sample")
+        return settings
 
     @property
     def sampling(self) -> dict[str, float | int]:
@@ -139,6 +145,11 @@ def file_for_copy(directory: Path | epath.Path) -> bytes | None:
 
 
 def _check(changes: dict[str, Any], source: str) -> None:
+    mistyped = [f"{key}={changes[key]!r}" for key, types in _SAMPLING_TYPES.items() if key in changes
+                and (not isinstance(changes[key], types) or isinstance(changes[key], bool) and bool not in types)]
+    if mistyped:
+        raise CheckpointError(f"{source}: {', '.join(mistyped)}: do_sample must be true or false, temperature and top_p "
+                              "numbers and top_k a whole number; fix the file")
     stop_ids = changes.get("stop_ids", (0,))
     if not stop_ids or not all(isinstance(i, int) and i >= 0 for i in stop_ids):
         raise CheckpointError(f"{source}: eos_token_id must be a token id or a list of them, got {list(stop_ids)}")

@@ -73,6 +73,21 @@ def test_command_line_overrides(tokenizer, tmp_path):
             settings.override(**{"temperature": None, "top_k": None, "top_p": None, **bad})
 
 
+def test_top_k_and_top_p_on_greedy_settings_are_refused_not_ignored(tokenizer, tmp_path):
+    """transformers stays greedy and warns; ours decoded greedily, saying so only in its settings line."""
+    settings = GenerationSettings.for_tokenizer(tokenizer)
+    with pytest.raises(ConfigError, match=r"^--top_k and --top_p apply to sampling, and these settings decode greedily "
+                                          r"\(do_sample from default\): add --temperature above 0 to sample$"):
+        settings.override(temperature=None, top_k=5, top_p=0.5)
+    with pytest.raises(ConfigError, match=r"^--top_p applies to sampling, .*\(do_sample from command line\)"):
+        settings.override(temperature=0.0, top_k=None, top_p=0.5)
+    assert settings.override(temperature=0.7, top_k=5, top_p=None).sampling == {"temperature": 0.7, "top_p": 1.0,
+                                                                                "top_k": 5}
+    write(tmp_path, "generation_config.json", {"do_sample": True, "temperature": 0.6})
+    sampled = GenerationSettings.from_directory(tmp_path, tokenizer).override(temperature=None, top_k=3, top_p=None)
+    assert sampled.sampling["top_k"] == 3
+
+
 def test_to_hf_round_trips_and_keeps_other_keys(tokenizer, tmp_path):
     write(tmp_path, "generation_config.json", {"eos_token_id": [9, 8], "bos_token_id": 1, "do_sample": True,
                                                "top_p": 0.8, "max_new_tokens": 99, "transformers_version": "4.0"})
@@ -93,6 +108,9 @@ def test_to_hf_round_trips_and_keeps_other_keys(tokenizer, tmp_path):
     (json.dumps({"eos_token_id": "</s>"}), "eos_token_id must be a token id or a list"),
     (json.dumps({"eos_token_id": []}), "eos_token_id must be a token id or a list"),
     (json.dumps({"do_sample": True, "top_p": 0}), "0 < top_p <= 1"),
+    (json.dumps({"do_sample": True, "temperature": "0.6"}), r"^generation_config.json: temperature='0.6': do_sample "
+     "must be true or false, temperature and top_p numbers and top_k a whole number; fix the file$"),
+    (json.dumps({"do_sample": "true", "top_k": 2.5}), r": do_sample='true', top_k=2.5: do_sample must be"),
 ])
 def test_bad_files_give_checkpoint_errors(tokenizer, tmp_path, content, message):
     (tmp_path / "generation_config.json").write_text(content)
