@@ -238,7 +238,8 @@ def test_huggingface_reads_tokenizer_config(files, tmp_path):
 
 
 def test_user_errors_raise_data_error(tmp_path, files):
-    with pytest.raises(DataError, match=r"nope\.model not found: pass data\.tokenizer=PATH"):
+    with pytest.raises(DataError, match=r"nope\.model not found: give a tokenizer\.model .* as data\.tokenizer=PATH, "
+                                        r"beside the weights of a checkpoint"):
         tk.Tokenizer.from_file(tmp_path / "nope.model")
     with pytest.raises(DataError, match="holds no tokenizer.model or tokenizer.json"):
         tk.Tokenizer.from_file(tmp_path)

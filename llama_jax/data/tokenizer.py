@@ -48,7 +48,8 @@ _LONG_WHITESPACE = re.compile(rf"(?<!\s)\s{{{_MAX_WHITESPACE_RUN},}}")
 _EIGHT_WHITESPACE = re.compile(r"\s{8}")
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
-_USAGE = "pass data.tokenizer=PATH to a tokenizer.model (Llama 3 tiktoken), *.model (SentencePiece) or tokenizer.json"
+_USAGE = ("give a tokenizer.model (Llama 3 tiktoken), *.model (SentencePiece) or tokenizer.json: in a training config "
+          "as data.tokenizer=PATH, beside the weights of a checkpoint")
 
 
 def llama3_special_tokens(num_regular: int = 128000) -> dict[str, int]:
