@@ -263,6 +263,8 @@ def score_choices(model: ModelLike, task: ChoiceTask, batch_size: int = 32, mesh
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be positive")
+    ids = [i for question in (*task.context_ids, *(c for conts in task.choice_ids for c in conts)) for i in question]
+    _check_in_vocabulary(max(ids, default=0), model, f"task {task.name!r}")
     graphdef, state = nnx.split(_as_module(model))
     rows = [(q, c) for q, conts in enumerate(task.choice_ids) for c in range(len(conts))]
     rows.sort(key=lambda qc: -(len(task.context_ids[qc[0]]) + len(task.choice_ids[qc[0]][qc[1]])))
@@ -296,7 +298,14 @@ def evaluate_choices(model: ModelLike, task: ChoiceTask, batch_size: int = 32, m
 
 def evaluate_tasks(model: ModelLike, tasks: Sequence[ChoiceTask], batch_size: int = 32, mesh: Mesh | None = None
                    ) -> dict[str, float]:
-    """`evaluate_choices` over several tasks, in one dict."""
+    """`evaluate_choices` over several tasks, in one dict. Two tasks of one name (a task takes its file's stem: the
+    Hub's ARC-Easy and ARC-Challenge are both `test-00000-of-00001`) are refused: the second's figures replaced the
+    first's."""
+    names = [task.name for task in tasks]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataError(f"more than one task is named {' and '.join(map(repr, twice))} (a task is named after its "
+                        "file's stem), so one's figures would replace the other's: rename the files apart")
     metrics = {}
     for task in tasks:
         metrics.update(evaluate_choices(model, task, batch_size, mesh))
@@ -329,6 +338,14 @@ def _split_evenly(batch_size: int, mesh: Mesh | None) -> int:
         return batch_size
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return -(-batch_size // shards) * shards
+
+
+def _check_in_vocabulary(largest_id: int, model: ModelLike, what: str) -> None:
+    """Ids past the embedding's rows give NaN scores, which the accuracies took for picks of the first choice."""
+    vocab_size = (model.cfg if isinstance(model, Llama) else model[0].cfg).vocab_size
+    if largest_id >= vocab_size:
+        raise DataError(f"{what} holds token id {largest_id}, past the model's vocabulary of {vocab_size} ids: the "
+                        "tokenizer is not the model's; evaluate with the tokenizer the model was trained with")
 
 
 def _as_module(model: ModelLike) -> Llama:
@@ -393,13 +410,17 @@ def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len:
                   ) -> dict[str, float]:
     """`<name>/tokens`, `<name>/loss` and `<name>/perplexity` of the documents in `store` (see the module's
     docstring), over all of them or the first `max_batches` batches of `batch_size` rows; with a `stride`, in
-    overlapping windows. On a `mesh`, `batch_size` is rounded up to split over its data-parallel axes."""
+    overlapping windows. On a `mesh`, `batch_size` is rounded up to split over its data-parallel axes. A store with
+    a loss mask (chat) is scored in windows whatever the stride: the pipeline never splits such documents over rows,
+    and left out those longer than a row."""
     batch_size = _split_evenly(batch_size, mesh)
-    if stride:
-        store = StridedWindows(store, seq_len, stride)
+    if stride or store.has_loss_mask:
+        store = StridedWindows(store, seq_len, stride or seq_len)
     every = -(-int(store.lengths.sum()) // (seq_len * batch_size)) + len(store.lengths)  # more than they fill
     batches = eval_batches(store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or every,
                            pad_id=pad_id)
+    _check_in_vocabulary(max(int(batch[key].max()) for batch in batches for key in ("tokens", "targets")), model,
+                         f"--data {name}")
     graphdef, state = nnx.split(_as_module(model))
     total = _text_loss(mesh)
     chunk = _LOSS_CHUNK if seq_len > _LOSS_CHUNK and seq_len % _LOSS_CHUNK == 0 else 0

@@ -249,6 +249,36 @@ def test_strided_windows_score_only_what_a_masked_store_scores(hf_dir):
     assert one_window == pytest.approx(whole, rel=1e-6), "a window per document: the packed documents' figures"
     windows = ev.evaluate_text(opened.model, store, "chat", seq_len=8, batch_size=2, pad_id=pad, stride=3)
     assert windows["chat/tokens"] == scored
+    # no stride: conversations longer than a row were left out (all of them here: a DataError), as training does
+    cut = ev.evaluate_text(opened.model, store, "chat", seq_len=8, batch_size=2, pad_id=pad)
+    assert cut == ev.evaluate_text(opened.model, store, "chat", seq_len=8, batch_size=2, pad_id=pad, stride=8)
+    assert cut["chat/tokens"] == scored
+
+
+def test_ids_past_the_models_vocabulary_are_refused_not_scored_as_nan(tokenizer, task, tmp_path):
+    """A tokenizer with more ids than the embedding's rows: NaN losses, and accuracies of 1.0 where the first
+    choice was the gold one (argmax over NaN)."""
+    model = Llama(tiny_config(200), rngs=nnx.Rngs(0))
+    largest = max(i for ids in task.context_ids for i in ids)
+    assert largest >= 200
+    with pytest.raises(DataError, match=r"task 'stdlib_mc' holds token id \d+, past the model's vocabulary of 200 ids"):
+        ev.evaluate_choices(model, task)
+    store = _SecondHalves(tokenizer.encode_documents(list(DOCS)))
+    with pytest.raises(DataError, match=r"--data docs holds token id \d+, past the model's vocabulary of 200 ids"):
+        ev.evaluate_text(model, store, "docs", seq_len=64)
+
+
+def test_two_tasks_of_one_name_are_refused(hf_dir, tmp_path, capsys):
+    """The Hub's ARC-Easy and ARC-Challenge files share the stem `test-00000-of-00001`: the second task's figures
+    replaced the first's, silently."""
+    for folder, questions in (("easy", 3), ("challenge", 1)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text("\n".join(
+            json.dumps({"goal": f"Goal {i}", "sol1": "yes", "sol2": "no", "label": 0}) for i in range(questions)))
+    assert ev.main(["--checkpoint", str(hf_dir), "--tasks",
+                    f"{tmp_path / 'easy' / 'test.jsonl'},{tmp_path / 'challenge' / 'test.jsonl'}"]) == 2
+    assert capsys.readouterr().err == ("error: more than one task is named 'test' (a task is named after its file's "
+                                       "stem), so one's figures would replace the other's: rename the files apart\n")
 
 
 def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys):
