@@ -80,7 +80,8 @@ class GenerationSettings:
         settings = dataclasses.replace(self, **given, origin=origin)
         unused = [f"--{name}" for name in ("top_k", "top_p") if name in given]
         if unused and not settings.do_sample:
-            raise ConfigError(f"{' and '.join(unused)} appl{'y' if len(unused) > 1 else 'ies'} to sampling, and these settings decode greedily "
+            verb = "apply" if len(unused) > 1 else "applies"
+            raise ConfigError(f"{' and '.join(unused)} {verb} to sampling, and these settings decode greedily "
                               f"(do_sample from {settings.origin['do_sample']}): add --temperature above 0 to sample")
         return settings
 
@@ -148,8 +149,8 @@ def _check(changes: dict[str, Any], source: str) -> None:
     mistyped = [f"{key}={changes[key]!r}" for key, types in _SAMPLING_TYPES.items() if key in changes
                 and (not isinstance(changes[key], types) or isinstance(changes[key], bool) and bool not in types)]
     if mistyped:
-        raise CheckpointError(f"{source}: {', '.join(mistyped)}: do_sample must be true or false, temperature and top_p "
-                              "numbers and top_k a whole number; fix the file")
+        raise CheckpointError(f"{source}: {', '.join(mistyped)}: do_sample must be true or false, temperature and "
+                              "top_p numbers and top_k a whole number; fix the file")
     stop_ids = changes.get("stop_ids", (0,))
     if not stop_ids or not all(isinstance(i, int) and i >= 0 for i in stop_ids):
         raise CheckpointError(f"{source}: eos_token_id must be a token id or a list of them, got {list(stop_ids)}")

@@ -129,7 +129,7 @@ def test_generating_past_the_models_context_is_refused_with_the_most_it_allows(m
 
 
 def test_a_seed_past_64_bits_is_refused_in_one_line(model):
-    with pytest.raises(ConfigError, match=r"^seed 18446744073709551616 is past a 64-bit integer: give a seed from 0 to "):
+    with pytest.raises(ConfigError, match=r"^seed 18446744073709551616 is past a 64-bit integer: give a seed from 0 "):
         generate(model, [[1, 2]], 2, temperature=1.0, seed=2**64)  # was an OverflowError from jax.random.key
 
 
