@@ -5,8 +5,10 @@ model; the best is kept and written as SFT data.
         --prompts prompts.jsonl --samples 10 --out best.jsonl [--temperature 0.7 --top_p 0.9 --max_new_tokens 128]
 
 Prompts are JSON Lines {"prompt": "..."} (a string is one user message) or {"prompt": [messages]}. Each output line is
-{"messages": [...the prompt, {"role": "assistant", "content": best}], "score": s, "scores": [all K]}: the format
-`read_conversations` and `python -m llama_jax.data.prepare --chat` read, so the next SFT round trains on it. Samples
+{"messages": [...the prompt, {"role": "assistant", "content": best}], "score": s, "scores": [...]}: the format
+`read_conversations` and `python -m llama_jax.data.prepare --chat` read, so the next SFT round trains on it. Only
+samples that ended with a stop token are candidates (`scores` are theirs): one cut off at `--max_new_tokens` would
+teach SFT to end its answers mid-sentence, so they are left out and counted (`--keep_unfinished` keeps them). Samples
 are drawn for `--batch_size` prompts x K at once through the KV-cache generator, each prompt rendered with the
 policy's chat template; the reward model scores the conversation rendered with its own chat template, as it was
 trained to: ours the hidden state at the last position before the end token, a Hugging Face reward model (a one-label
@@ -16,6 +18,7 @@ LlamaForSequenceClassification) that at the end token, unless it is one of ours 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -47,10 +50,21 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     return list(conversations.read_prompts(path))
 
 
-def best_of(prompts: list[list[Message]], samples: list[list[str]], scorer: Scorer) -> list[dict]:
-    """For each prompt, its highest-scoring sample as an SFT record (with every sample's score)."""
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    text: str  # the stop token left out
+    finished: bool  # it ended with a stop token, rather than running out at max_new_tokens
+
+
+def best_of(prompts: list[list[Message]], samples: list[list[Sample]], scorer: Scorer, *,
+            keep_unfinished: bool = False) -> list[dict]:
+    """For each prompt, its highest-scoring finished sample (any sample with `keep_unfinished`) as an SFT record,
+    with the scores of all its candidates. A prompt none of whose samples finished is skipped."""
     records = []
-    for prompt, texts in zip(prompts, samples):
+    for prompt, drawn in zip(prompts, samples):
+        texts = [s.text for s in drawn if s.finished or keep_unfinished]
+        if not texts:
+            continue
         conversations = [[*prompt, {"role": "assistant", "content": text}] for text in texts]
         scores = np.asarray(scorer(conversations), np.float64)
         best = int(np.argmax(scores))
@@ -82,7 +96,7 @@ def reward_scorer(model, head, fmt: ChatFormat, *, scores_end_token: bool = Fals
 
 
 def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_tokens: int, temperature: float,
-           top_p: float, seed: int, batch_size: int, mesh=None) -> list[list[str]]:
+           top_p: float, seed: int, batch_size: int, mesh=None) -> list[list[Sample]]:
     """K completions per prompt from the policy, `batch_size` prompts (x K rows) per generation call."""
     opened = open_checkpoint(policy_path, mesh=mesh)
     fmt = ChatFormat.from_directory(opened.files, opened.tokenizer)
@@ -93,9 +107,24 @@ def sample(policy_path: str, prompts: list[list[Message]], k: int, *, max_new_to
         ids = [fmt.render_ids(p, add_generation_prompt=True) for p in chunk for _ in range(k)]
         new = generate(opened.model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + first,
                        stop_ids=stop_ids, mesh=mesh)
-        texts = [opened.tokenizer.decode([t for t in tokens if t not in stop_ids]) for tokens in new]
-        samples += [texts[i * k : (i + 1) * k] for i in range(len(chunk))]
+        drawn = [Sample(opened.tokenizer.decode([t for t in tokens if t not in stop_ids]),
+                        bool(tokens) and tokens[-1] in stop_ids) for tokens in new]
+        samples += [drawn[i * k : (i + 1) * k] for i in range(len(chunk))]
     return samples
+
+
+def _report_unfinished(samples: list[list[Sample]], max_new_tokens: int, keep_unfinished: bool) -> None:
+    """Says how many samples ran out at `max_new_tokens` and are left out (before the reward model loads); refuses
+    a run none of whose samples finished, which would write nothing."""
+    cut = sum(not s.finished for drawn in samples for s in drawn)
+    if keep_unfinished or not cut:
+        return
+    fix = f"raise --max_new_tokens (now {max_new_tokens}), or let them compete with --keep_unfinished"
+    if cut == sum(map(len, samples)):
+        raise DataError(f"none of the {cut} samples ended with a stop token before --max_new_tokens: {fix}")
+    skipped = sum(not any(s.finished for s in drawn) for drawn in samples)
+    print(f"note: {cut} of {sum(map(len, samples))} samples ran out at --max_new_tokens before a stop token and are "
+          f"left out, and {skipped} prompts with no finished sample are skipped: {fix}", file=sys.stderr)
 
 
 _FLAG_RANGES = {"samples": lambda k: k >= 1, "batch_size": lambda b: b >= 1, "max_new_tokens": lambda n: n >= 1,
@@ -116,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=4, help="prompts per generation call (x K rows)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep_unfinished", action="store_true", help="let samples cut off at --max_new_tokens compete")
     p.add_argument("--mesh", default=None, help="shard both models over a mesh, e.g. tensor=2,fsdp=4")
     args = p.parse_args(argv)
     try:
@@ -131,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = sample(args.policy, prompts, args.samples, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          mesh=mesh)
+        _report_unfinished(samples, args.max_new_tokens, args.keep_unfinished)
         scoring = reward.load_reward_model(args.reward, mesh=mesh)
         fmt = ChatFormat.from_directory(scoring.tokenizer, Tokenizer.from_file(scoring.tokenizer))
         records = best_of(prompts, samples, reward_scorer(scoring.model, scoring.head, fmt,
-                                                          scores_end_token=scoring.scores_end_token))
+                                                          scores_end_token=scoring.scores_end_token),
+                          keep_unfinished=args.keep_unfinished)
     except LlamaJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -144,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = as_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_whole(out, "".join(json.dumps(r) + "\n" for r in records))
-    print(f"wrote the best of {args.samples} samples for {len(records)} prompts to {args.out}")
+    print(f"wrote the best of up to {args.samples} samples for {len(records)} prompts to {args.out}")
     return 0
 
 

@@ -16,14 +16,36 @@ from test_dpo import dpo_config
 from llama_jax import rejection_sample, trainer
 from llama_jax.data import stdlib_chat
 from llama_jax.data.conversations import read_conversations
+from llama_jax.rejection_sample import Sample
+
+
+def by_length(conversations):
+    return np.array([len(c[-1]["content"]) for c in conversations])
 
 
 def test_the_highest_scoring_sample_is_kept():
     prompts = [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]]
-    samples = [["x", "yyy", "zz"], ["long answer", "s"]]
-    records = rejection_sample.best_of(prompts, samples, lambda convs: np.array([len(c[-1]["content"]) for c in convs]))
+    samples = [[Sample("x", True), Sample("yyy", True), Sample("zz", True)],
+               [Sample("long answer", True), Sample("s", True)]]
+    records = rejection_sample.best_of(prompts, samples, by_length)
     assert [r["messages"][-1]["content"] for r in records] == ["yyy", "long answer"]
     assert records[0]["messages"][:-1] == prompts[0] and records[0]["scores"] == [1.0, 3.0, 2.0]
+
+
+def test_samples_cut_off_at_max_new_tokens_are_not_candidates(capsys):
+    """A sample that ran out before its stop token, kept, became an SFT answer followed by an end token: the next
+    round learned to stop mid-sentence. A prompt with no finished sample is skipped."""
+    prompts = [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]]
+    samples = [[Sample("short.", True), Sample("a much longer one cut o", False)], [Sample("cut", False)]]
+    records = rejection_sample.best_of(prompts, samples, by_length)
+    assert [r["messages"] for r in records] == [[*prompts[0], {"role": "assistant", "content": "short."}]]
+    assert records[0]["scores"] == [6.0]
+    kept = rejection_sample.best_of(prompts, samples, by_length, keep_unfinished=True)
+    assert [r["messages"][-1]["content"] for r in kept] == ["a much longer one cut o", "cut"]
+    rejection_sample._report_unfinished(samples, 8, keep_unfinished=False)
+    assert capsys.readouterr().err == ("note: 2 of 3 samples ran out at --max_new_tokens before a stop token and are "
+                                       "left out, and 1 prompts with no finished sample are skipped: raise "
+                                       "--max_new_tokens (now 8), or let them compete with --keep_unfinished\n")
 
 
 def save_reward_run(cfg, base, workdir):
@@ -61,6 +83,13 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
     out = tmp_path / "new" / "best.jsonl"  # the directory is made
     code = rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts",
                                   str(prompts), "--samples", "3", "--max_new_tokens", "8", "--out", str(out)])
+    assert code == 2 and not out.exists()  # a random model's 8 tokens: no sample ends, and nothing is worth writing
+    assert capsys.readouterr().err.endswith(  # after the reward data's preparation
+        "\nerror: none of the 6 samples ended with a stop token before --max_new_tokens: raise --max_new_tokens "
+        "(now 8), or let them compete with --keep_unfinished\n")
+    code = rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts",
+                                  str(prompts), "--samples", "3", "--max_new_tokens", "8", "--out", str(out),
+                                  "--keep_unfinished"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and all(len(r["scores"]) == 3 for r in records)
@@ -68,7 +97,7 @@ def test_the_cli_samples_scores_and_writes_sft_data(tmp_path, capsys):
     assert [c[0]["content"] for c in read_conversations(out)] == ["What does `json.dumps` do?", "Hi"]
     sharded = tmp_path / "sharded.jsonl"  # both models sharded over 8 devices: the same samples and scores
     assert rejection_sample.main(["--policy", str(base), "--reward", str(tmp_path / "reward"), "--prompts", str(prompts),
-                                  "--samples", "3", "--max_new_tokens", "8", "--out", str(sharded),
+                                  "--samples", "3", "--max_new_tokens", "8", "--out", str(sharded), "--keep_unfinished",
                                   "--mesh", "data=2,fsdp=2,tensor=2"]) == 0, capsys.readouterr().err
     sharded_records = [json.loads(line) for line in sharded.read_text().splitlines()]
     for got, want in zip(sharded_records, records, strict=True):
