@@ -93,6 +93,10 @@ class ChoiceTask:
     choice_ids: tuple[tuple[tuple[int, ...], ...], ...]  # per question, per choice: continuation tokens
     max_len: int
 
+    @functools.cached_property
+    def largest_id(self) -> int:
+        return max(max(ids, default=0) for ids in (*self.context_ids, *(c for conts in self.choice_ids for c in conts)))
+
     @classmethod
     def load(cls, path: str | Path, tokenizer: Tokenizer, max_len: int = 2048, name: str | None = None) -> ChoiceTask:
         """A JSON Lines file (local or a URL), or a built-in task's name (`BUILTIN_TASKS`). `max_len`: the longest row
@@ -263,8 +267,7 @@ def score_choices(model: ModelLike, task: ChoiceTask, batch_size: int = 32, mesh
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be positive")
-    ids = [i for question in (*task.context_ids, *(c for conts in task.choice_ids for c in conts)) for i in question]
-    _check_in_vocabulary(max(ids, default=0), model, f"task {task.name!r}")
+    _check_in_vocabulary(task.largest_id, model, f"task {task.name!r}")
     graphdef, state = nnx.split(_as_module(model))
     rows = [(q, c) for q, conts in enumerate(task.choice_ids) for c in range(len(conts))]
     rows.sort(key=lambda qc: -(len(task.context_ids[qc[0]]) + len(task.choice_ids[qc[0]][qc[1]])))
@@ -419,8 +422,8 @@ def evaluate_text(model: ModelLike, store: DocumentStore, name: str, *, seq_len:
     every = -(-int(store.lengths.sum()) // (seq_len * batch_size)) + len(store.lengths)  # more than they fill
     batches = eval_batches(store, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or every,
                            pad_id=pad_id)
-    _check_in_vocabulary(max(int(batch[key].max()) for batch in batches for key in ("tokens", "targets")), model,
-                         f"--data {name}")
+    _check_in_vocabulary(max((int(batch[key].max()) for batch in batches for key in ("tokens", "targets")), default=0),
+                         model, f"--data {name}")
     graphdef, state = nnx.split(_as_module(model))
     total = _text_loss(mesh)
     chunk = _LOSS_CHUNK if seq_len > _LOSS_CHUNK and seq_len % _LOSS_CHUNK == 0 else 0
