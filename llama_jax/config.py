@@ -27,6 +27,7 @@ SCHEDULE_UNITS = ("steps", "tokens")
 PAIR_OBJECTIVES = ("reward", "dpo")  # trained on (chosen, rejected) pairs
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b", "zb-h1")
 SCHEDULED_PIPELINES = ("1f1b", "zb-h1")  # backward units placed by a table, not by autodiff of the forward
+MAX_SHUFFLE_WINDOW = 2**20  # rows: a window of 1M rows of 8K tokens spreads a document over 8.6B tokens
 
 
 def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -258,8 +259,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not cfg.data.mixture and not cfg.data.source.strip():
         raise ConfigError("data.source is empty: give a path, glob, prepared directory or built-in name (the default "
                           "is stdlib; a directory is read whole, so for this one write '.')")
-    if cfg.data.shuffle_window <= 0:
-        raise ConfigError(f"data.shuffle_window must be positive (rows), got {cfg.data.shuffle_window}")
+    if not 0 < cfg.data.shuffle_window <= MAX_SHUFFLE_WINDOW:
+        raise ConfigError(f"data.shuffle_window must be from 1 to {MAX_SHUFFLE_WINDOW:,} rows (a window's order is "
+                          f"held in memory, 8 bytes a row, several at once), got {cfg.data.shuffle_window:,}")
     _check_wandb(cfg.train.wandb)
     if "://" in cfg.data.cache_dir:  # as a path it would name a local directory called gs: in the working directory
         raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r} is a URL, but the tokenized cache is read as local "
@@ -359,6 +361,9 @@ def _check_objective(cfg: ml_collections.ConfigDict) -> None:
                           f"{cfg.objective.dpo_beta} and {cfg.objective.dpo_nll} (Llama 3: 0.1 and 0.2)")
     if name not in PAIR_OBJECTIVES:
         return
+    if name == "reward" and cfg.train.eval_tasks.strip():
+        raise ConfigError("train.eval_tasks scores the choices of a language model, and a reward model's output is its "
+                          "score head: leave train.eval_tasks empty (its held-out pairs give its accuracy)")
     if cfg.data.mixture:
         raise ConfigError(f"objective.name={name!r} trains on one preference source: set data.source to a directory "
                           "written by python -m llama_jax.data.preferences and leave data.mixture empty")

@@ -32,6 +32,7 @@ PHASE_SECTIONS = ("data", "mesh", "model", "pipeline", "checkpoint", "objective"
 # "continue": the run's schedule goes on; "anneal": linear from the learning rate the phase starts at to `lr_end`.
 LR_MODES = ("continue", "anneal")
 _PHASE_FIELDS = ("name", "steps", "tokens", "lr", "lr_end", "average")
+_KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "True or False"}
 
 
 def phase(name: str, *, steps: int = 0, tokens: int = 0, lr: str = "continue", lr_end: float = 0.0,
@@ -230,7 +231,12 @@ def phase_config(cfg: ml_collections.ConfigDict, entry: ml_collections.ConfigDic
                 raise ConfigError(f"{where}: unknown key {section}.{key}; a phase overrides keys the config has")
             if section == "data" and key in ("mixture", "eval_sources"):
                 value = ml_collections.ConfigDict(value)
-            phase_cfg[section][key] = value
+            try:
+                phase_cfg[section][key] = value
+            except TypeError:
+                kind = type(phase_cfg[section][key])
+                raise ConfigError(f"{where}: {section}.{key}={value!r} is a {type(value).__name__}, and "
+                                  f"{section}.{key} takes {_KINDS.get(kind, kind.__name__)}") from None
     try:
         validate(phase_cfg)
     except ConfigError as err:
@@ -262,6 +268,7 @@ def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
         unknown = sorted(set(entry.keys()) - {*_PHASE_FIELDS, "overrides"})
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}; a phase has {', '.join(_PHASE_FIELDS)} and overrides")
+        _check_field_types(entry, where)
         if entry.name in names:
             raise ConfigError(f"{where}: phase name {entry.name!r} is used twice; give each phase its own name")
         names.append(entry.name)
@@ -295,6 +302,24 @@ def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
     return plan
 
 
+def _check_field_types(entry: ml_collections.ConfigDict, where: str) -> None:
+    """A float budget ran on float step numbers, whose last step matched no save (the phase never saved, and exited
+    0); a negative one passed the steps-or-tokens check and ended the run before the phase. Whole floats (tokens=2e12)
+    are budgets as written."""
+    def whole(value: object) -> bool:
+        return (isinstance(value, int) and not isinstance(value, bool)
+                or isinstance(value, float) and value.is_integer()) and value >= 0
+
+    wrong = [f"{field}={entry[field]!r} (must be {kind})" for field, fits, kind in (
+        ("name", lambda v: isinstance(v, str), "a string"),
+        ("steps", whole, "a whole number, 0 or more"),
+        ("tokens", whole, "a whole number, 0 or more"),
+        ("average", lambda v: isinstance(v, bool), "True or False"),
+    ) if not fits(entry[field])]
+    if wrong:
+        raise ConfigError(f"{where}: {', '.join(wrong)}")
+
+
 def _first_entry(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The top-level config as a phase: `train.tokens`, when set, is its budget instead of `train.steps`."""
     return phase("pretrain", steps=0 if cfg.train.tokens else cfg.train.steps, tokens=cfg.train.tokens)
@@ -304,4 +329,4 @@ def _budget_steps(entry: ml_collections.ConfigDict, batches: BatchSchedule, wher
     if (entry.steps > 0) == (entry.tokens > 0):
         raise ConfigError(f"{where}: give a budget in steps or in tokens (one of them, positive), got steps="
                           f"{entry.steps}, tokens={entry.tokens}")
-    return entry.steps if entry.steps else batches.steps_for_tokens(entry.tokens)
+    return int(entry.steps) if entry.steps else batches.steps_for_tokens(int(entry.tokens))

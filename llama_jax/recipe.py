@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from llama_jax.errors import ConfigError
 from llama_jax.phases import phase
 
 Layout = Callable[[int, int], dict]  # (seq_len, global batch) -> section overrides, e.g. {"mesh": {...}}
@@ -66,6 +67,10 @@ def llama3_stages(*, total_tokens: int = 15_600_000_000_000, long_context_length
     four doublings here, each an equal share of the long-context tokens, each step holding 16M tokens)."""
     short, long = seq_lens
     main_tokens = total_tokens - long_context_tokens - anneal_tokens
+    if main_tokens <= ramp_tokens[1]:
+        raise ConfigError(f"the recipe's {total_tokens:,} tokens leave its main stage none: the batch ramp takes "
+                          f"{ramp_tokens[1]:,}, the long-context stages {long_context_tokens:,} and the annealing "
+                          f"{anneal_tokens:,}; raise the budget (configs/llama3_recipe_tiny.py: a larger scale=F)")
     stages = [
         Stage("pretrain", short, tokens_per_step[0] // short, ramp_tokens[0]),
         Stage("pretrain_2x", long, tokens_per_step[1] // long, ramp_tokens[1] - ramp_tokens[0]),

@@ -433,6 +433,11 @@ def test_the_ramp_is_checked_stage_by_stage():
     cfg.data.ramp = ()
     cfg.data.shuffle_window = 0
     assert_config_error(cfg, "data.shuffle_window")
+    cfg.data.shuffle_window = 10**12  # a 7 TiB permutation, asked for inside a grain worker after compiling
+    assert_config_error(cfg, "data.shuffle_window must be from 1 to 1,048,576 rows")
+    cfg.data.shuffle_window = 4096
+    cfg.data.ramp = (8192, 32, 256)  # one entry, without the tuple around it
+    assert_config_error(cfg, "data.ramp[0] = 8192 is not an entry", "data.ramp=((8192, 32, 256),)")
 
 
 def test_a_url_cache_dir_is_refused():

@@ -65,6 +65,14 @@ def test_a_phase_may_evaluate_on_its_own_sets():
     assert not first.cfg.data.eval_sources and long.cfg.data.eval_sources.books.source == "pydoc_topics"
 
 
+def test_a_token_budget_in_scientific_notation_is_a_whole_number_of_steps():
+    cfg = default_config()
+    cfg.phases = (phase("anneal", tokens=1.6e4, lr="anneal", average=True),)
+    validate(cfg)
+    anneal = RunPlan(cfg).phases[1]
+    assert isinstance(anneal.stop_step, int) and anneal.num_steps == 4  # 16 x 256 tokens a step
+
+
 def test_a_phase_continuing_the_schedule_after_an_annealing_is_refused():
     cfg = default_config()
     cfg.phases = (phase("anneal", steps=5, lr="anneal"), phase("more", steps=5))
@@ -90,6 +98,15 @@ def test_a_phase_continuing_the_schedule_after_an_annealing_is_refused():
     (phase("x", steps=5, objective=dict(name="dpo")),
      "trains another state than the run (DPO reference (objective.name='dpo'): False -> True)"),
     (phase("x", steps=5, objective=dict(name="reward")), "(reward head (objective.name='reward'): False -> True): lm and sft may follow"),
+    # a float budget trained on float step numbers and never saved its last; a negative one ended the run before it
+    (phase("x", steps=2.5), "phases[0]: steps=2.5 (must be a whole number, 0 or more)"),
+    (phase("x", steps=-5, tokens=1000), "phases[0]: steps=-5 (must be a whole number, 0 or more)"),
+    (phase("x", steps=5, tokens=-1000), "phases[0]: tokens=-1000 (must be a whole number, 0 or more)"),
+    (phase("x", steps=5, average="yes"), "phases[0]: average='yes' (must be True or False)"),
+    (phase(7, steps=5), "phases[0]: name=7 (must be a string)"),
+    (phase("x", steps=5, data=dict(batch_size=16.0)),
+     "phases[0] ('x'): data.batch_size=16.0 is a float, and data.batch_size takes a whole number"),
+    (phase("x", steps=5, data=dict(ramp=(8192, 32, 256))), "data.ramp[0] = 8192 is not an entry"),
 ])
 def test_bad_phases_are_refused_with_the_fix(entry, message):
     cfg = default_config()
@@ -98,6 +115,14 @@ def test_bad_phases_are_refused_with_the_fix(entry, message):
     with pytest.raises(ConfigError, match="phases") as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_a_recipe_scaled_below_its_fixed_annealing_is_refused_naming_the_budget():
+    """The tiny recipe's scale=0.05 left its main stage -5,960 tokens: an error naming a phase the user never wrote."""
+    with pytest.raises(ConfigError, match=r"^the recipe's 75,000 tokens leave its main stage none: the batch ramp takes "
+                                          r"20,000, the long-context stages 20,000 and the annealing 40,960; raise"):
+        load_config_file("llama3_recipe_tiny.py", "scale=0.05")
+    load_config_file("llama3_recipe_tiny.py", "scale=0.08")
 
 
 def test_405b_recipe_gives_the_published_schedule_and_batch_ramp():

@@ -16,7 +16,8 @@ from test_dpo import data_of, dpo_config, jitted_step
 
 from llama_jax import trainer
 from llama_jax import train_step
-from llama_jax.config import model_config
+from llama_jax.config import model_config, validate
+from llama_jax.errors import ConfigError
 from llama_jax.model import ModelDef
 from llama_jax.objectives import reward
 
@@ -28,6 +29,17 @@ def base(tmp_path_factory):
 
 def reward_config(base, **changes):
     return dpo_config(base, objective__name="reward", **changes)
+
+
+def test_multiple_choice_tasks_are_refused_for_a_reward_model(base):
+    """They scored the choices through a language model built from the reward model's parameters, head included:
+    a Flax traceback at the first evaluation, before any checkpoint."""
+    cfg = reward_config(base, train__eval_tasks="stdlib_mc")
+    with pytest.raises(ConfigError, match=r"^train.eval_tasks scores the choices of a language model, and a reward "
+                                          r"model's output is its score head: leave train.eval_tasks empty"):
+        validate(cfg)
+    validate(reward_config(base))
+    validate(dpo_config(base, train__eval_tasks="stdlib_mc"))
 
 
 def test_the_loss_equals_the_formula(base, tmp_path):

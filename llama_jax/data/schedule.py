@@ -89,6 +89,9 @@ class BatchSchedule:
 
 def _checked_entry(index: int, entry: Sequence[int]) -> tuple[int, int, int]:
     fix = "each data.ramp entry is (tokens_seen, global batch_size, seq_len) with positive integers"
+    if not isinstance(entry, (tuple, list)):
+        raise ConfigError(f"data.ramp[{index}] = {entry!r} is not an entry: {fix}, inside a tuple of entries, e.g. "
+                          "data.ramp=((8192, 32, 256),)")
     if len(entry) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
         raise ConfigError(f"data.ramp[{index}] = {tuple(entry)!r} is not three integers: {fix}")
     if min(entry) <= 0:
