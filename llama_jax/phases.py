@@ -276,6 +276,9 @@ def check_phases(cfg: ml_collections.ConfigDict) -> RunPlan:
             raise ConfigError(f"{where}: lr={entry.lr!r} is not one of {LR_MODES}")
         if entry.lr_end < 0:
             raise ConfigError(f"{where}: lr_end must be zero or positive, got {entry.lr_end}")
+        if entry.average and any(earlier.average for earlier in cfg.phases[:index]):
+            raise ConfigError(f"{where}: a second phase with average=True; WORKDIR/averaged holds one average (Llama 3 "
+                              "averages its annealing): keep average=True on one phase")
         if entry.lr == "continue" and any(earlier.lr == "anneal" for earlier in cfg.phases[:index]):
             raise ConfigError(f"{where}: lr='continue' after an annealing phase would jump back up to the run's "
                               "schedule: anneal it too (lr='anneal'), or place it before the annealing")

@@ -29,8 +29,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpo
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if len(argv) > 1:  # exit 2, as every command-line error: the supervisor retries a crash (exit 1) in vain
+        command_line.fail(f"unexpected arguments {argv[1:]}: every setting is a flag (--config, --workdir, "
+                          "--config.SECTION.KEY=VALUE)")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     from llama_jax.parallel import distributed
 

@@ -491,9 +491,10 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     files = tokenizer_files(tokenizer_path)
     distributed.on_every_process(lambda: ckpt.check_resumed_tokenizer(workdir, files), "checking the run's tokenizer")
     if jax.process_index() == 0:
-        for file in files:
-            if workdir_lib.resolve(file) != workdir / file.name:  # data.tokenizer may be the run's own copy
-                epath.Path(file).copy(workdir / file.name, overwrite=True)
+        for file in files:  # replaced whole, if at all: a copy cut short by a kill made the run refuse to resume
+            kept, given = workdir / file.name, epath.Path(file)
+            if workdir_lib.resolve(file) != kept and not (kept.exists() and kept.read_bytes() == given.read_bytes()):
+                workdir_lib.write_whole(kept, given.read_bytes())
         if cfg.checkpoint.init_from:
             generation = generation_config.file_for_copy(workdir_lib.as_path(cfg.checkpoint.init_from))
             if generation is not None:
@@ -698,20 +699,32 @@ class _Loop:
         return time.perf_counter() - started
 
     def average(self, run: Run, p: Phase, data: PhaseData) -> dict[str, float]:
-        """Averages the phase's checkpoints into WORKDIR/averaged (once) and evaluates the average there."""
+        """Averages the phase's checkpoints into WORKDIR/averaged and evaluates the average there, once for a given
+        set of checkpoints: its record (eval.json, written last) names them. An average without its record (a kill
+        before it was evaluated) or of other checkpoints (the phase has trained on since) is made again."""
         out = self.workdir / "averaged"
         record = out / "eval.json"
-        if record.exists():
-            return {k: v for k, v in json.loads(record.read_text()).items() if k.startswith("averaged/")}
         self.checkpointer.wait()
         saved = set(self.checkpointer.manager.all_steps())
         steps = [s for s in p.save_steps() if s in saved]
+        recorded = _read_record(record)
+        if recorded.get("steps") == steps:
+            return {k: v for k, v in recorded.items() if k.startswith("averaged/")}
+
+        def make_average() -> None:
+            if out.exists():
+                out.rmtree()
+            if jax.process_count() == 1:
+                average_checkpoints(paths, out)
+            else:
+                _average_alone(paths, out)
+
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint averaging"):
             paths = [self.checkpointer.directory / str(s) for s in steps]
             if jax.process_count() == 1:
-                average_checkpoints(paths, out)
+                make_average()
             else:  # every process waits here for process 0's average (or its error)
-                distributed.on_every_process(lambda: _average_alone(paths, out) if jax.process_index() == 0 else None,
+                distributed.on_every_process(lambda: make_average() if jax.process_index() == 0 else None,
                                              "averaging the checkpoints", elsewhere=CheckpointError)
             # a whole model, also from a LoRA run (whose checkpoints average as merged models: average.py), with the
             # objective's own parameters (a reward model's head)
@@ -725,7 +738,7 @@ class _Loop:
         result = {f"averaged/{key}": value for key, value in losses.items()}
         result["averaged/checkpoints"] = float(len(steps))
         if jax.process_index() == 0:
-            record.write_text(json.dumps({**result, "steps": steps}) + "\n")
+            workdir_lib.write_whole(record, json.dumps({**result, "steps": steps}) + "\n")
             print(f"Averaged the {p.name!r} phase's checkpoints {steps} into {out}: eval_loss "
                   f"{result['averaged/eval_loss']:.4f}", flush=True)
         return result
@@ -752,6 +765,14 @@ def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
     """The goodput counters stored with checkpoint `step` (None: a fresh start, or a checkpoint older than them)."""
     meta_file = checkpointer.directory / str(step) / "meta" / "metadata"
     return json.loads(meta_file.read_text()).get("goodput") if step and meta_file.exists() else None
+
+
+def _read_record(record: epath.Path) -> dict:
+    """An average's eval.json, or {} where there is none (or a torn one, which the average's redoing replaces)."""
+    try:
+        return json.loads(record.read_text()) if record.exists() else {}
+    except ValueError:
+        return {}
 
 
 def _average_alone(paths: list[epath.Path], out: epath.Path) -> None:

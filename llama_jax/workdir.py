@@ -147,17 +147,23 @@ def write_array(file, array: np.ndarray) -> None:
         file.write(data[start:start + _COPY_CHUNK_BYTES])
 
 
-def write_whole(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file at `path` by `text` so that a reader, or a process killed mid-write, sees the old text or the
-    new one, never a part: a local file is written beside and renamed into place; an object store's write is whole
+def write_whole(path: str | os.PathLike, content: str | bytes) -> None:
+    """Replaces the file at `path` by `content` so that a reader, or a process killed mid-write, sees the old content
+    or the new, never a part: a local file is written beside and renamed into place; an object store's write is whole
     already."""
     if is_remote(path):
-        epath.Path(path).write_text(text)
+        if isinstance(content, bytes):
+            epath.Path(path).write_bytes(content)
+        else:
+            epath.Path(path).write_text(content)
         return
     path = Path(path)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        partial.write_text(text)
+        if isinstance(content, bytes):
+            partial.write_bytes(content)
+        else:
+            partial.write_text(content)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -118,6 +118,8 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_partial_one(
         write_whole(path, "new and longer\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    write_whole(path, b"\x00bytes")  # a tokenizer file, copied into the workdir
+    assert path.read_bytes() == b"\x00bytes" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 
 def _scalars(events_dir: Path) -> list[tuple[str, int, float]]:

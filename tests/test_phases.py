@@ -375,6 +375,29 @@ def test_too_many_bad_steps_stop_a_rolling_back_run(tmp_path, cache_dir, monkeyp
         run()
 
 
+def test_an_average_without_its_record_or_of_other_checkpoints_is_made_again(tmp_path, cache_dir):
+    """A kill between the average's write and its evaluated record left a run that refused every rerun (the
+    average's directory already held a checkpoint); a phase trained on past its average kept the stale one."""
+    cfg = load_config_file("tiny.py")
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches = 8, 64, 1
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps, cfg.optim.warmup_steps = 2, 0, 2, 1
+    cfg.phases = (phase("anneal", steps=4, lr="anneal", average=True),)
+    trainer.train(cfg, tmp_path)
+    record = tmp_path / "averaged" / "eval.json"
+    first = json.loads(record.read_text())
+    assert first["steps"] == [4, 6]
+    record.unlink()  # as a kill after the average was written, before it was evaluated
+    trainer.train(cfg, tmp_path)
+    assert json.loads(record.read_text()) == first
+    cfg.phases = (phase("anneal", steps=6, lr="anneal", average=True),)  # the phase trains on to step 8
+    trainer.train(cfg, tmp_path)
+    assert json.loads(record.read_text())["steps"] == [4, 6, 8]
+    cfg.phases += (phase("again", steps=2, average=True),)
+    with pytest.raises(ConfigError, match=r"phases\[1\]: a second phase with average=True"):
+        validate(cfg)
+
+
 def _recipe_command(workdir, cache_dir, keep_every):
     return [sys.executable, "-m", "llama_jax.train", "--config", str(REPO / "configs" / RECIPE) + ":devices=2,scale=0.08",
             "--workdir", str(workdir), f"--config.data.cache_dir={cache_dir}", "--config.checkpoint.every_steps=2",

@@ -101,7 +101,11 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, 
     straight = uninterrupted(6)
     interrupted = tmp_path / "interrupted"
     trainer.train(small_config(cache_dir, 3), interrupted)
+    kept = interrupted / "tokenizer.model"
+    os.utime(kept, ns=(10**18, 10**18))
     trainer.train(small_config(cache_dir, 6), interrupted)
+    # not rewritten: a copy cut short by a kill there made every later resume refuse the run's own tokenizer
+    assert kept.stat().st_mtime_ns == 10**18
     assert [m["loss"] for m in read_metrics(straight)] == [m["loss"] for m in read_metrics(interrupted)]
     model_a, _ = checkpoint.load_model(straight)
     model_b, tokenizer = checkpoint.load_model(interrupted)
