@@ -45,6 +45,12 @@ class LossGuard:
         self._recent.append(loss)
         return None
 
-    def forget(self) -> None:
-        """After a rollback the window's losses describe steps that no longer happened."""
+    @property
+    def recent(self) -> list[float]:
+        """The window's losses, oldest first: saved with each checkpoint, so that a run resumed (or rolled back) there
+        judges its next steps as the uninterrupted run did."""
+        return list(self._recent)
+
+    def restore(self, losses: list[float]) -> None:
         self._recent.clear()
+        self._recent.extend(losses)

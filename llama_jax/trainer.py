@@ -521,6 +521,7 @@ class _Loop:
         self.profiler: StepProfiler | None = None  # the current phase's
         self.bad_steps = 0  # seen by this process
         self.skipped_in_a_row = 0
+        self.log_window = self._restore_carried(start)  # the first phase run's first window starts with these steps
         self.compiled = False
 
     def run_phase(self, run: Run, p: Phase, data: PhaseData, state: TrainState,
@@ -553,7 +554,7 @@ class _Loop:
         profile_dir = self.workdir / "profile" / (p.name if len(self.plan.phases) > 1 else "")
         self.profiler = StepProfiler(profile_dir, self.cfg.train.profile_skip, self.cfg.train.profile_steps,
                                      say=self.logger.write)
-        window: list[dict] = []
+        window, self.log_window = self.log_window, []  # step metrics not yet logged
         pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
         window_start, window_first_step, compiled_here = None, done, False
         saving = 0.0  # seconds of the window spent saving, left out of its rates (as evaluations are)
@@ -589,8 +590,8 @@ class _Loop:
             bad = self._judge(pending if wants_save else pending[:-1])
             pending = [] if wants_save else pending[-1:]
             if bad is not None:
-                state, done = self._recover(run, bad, done)
-                window, pending, window_start, window_first_step, saving = [], [], time.perf_counter(), done, 0.0
+                state, done, window = self._recover(run, bad, done)
+                pending, window_start, window_first_step, saving = [], time.perf_counter(), done, 0.0
                 continue
             is_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or is_last
             if done % cfg.train.log_every == 0 or is_eval:
@@ -617,7 +618,7 @@ class _Loop:
                 self.logger.log(done, logged)
                 window, window_start, window_first_step, saving = [], time.perf_counter(), done, 0.0
             if wants_save:
-                saving += self._save(done, state, train_iter)
+                saving += self._save(done, state, train_iter, window)
             if preempted and done < self.plan.total_steps:
                 raise Preempted(done, self.checkpointer.directory)
         self._close_profile()
@@ -656,8 +657,9 @@ class _Loop:
                 return step, problem
         return None
 
-    def _recover(self, run: Run, bad: tuple[int, str], done: int) -> tuple[TrainState, int]:
-        """The rollback (or stop) for a bad step: returns the state and step to go on from."""
+    def _recover(self, run: Run, bad: tuple[int, str], done: int) -> tuple[TrainState, int, list[dict]]:
+        """The rollback (or stop) for a bad step: returns the state and step to go on from, and the unlogged steps'
+        metrics as of that step."""
         step, problem = bad
         self.bad_steps += 1
         self.checkpointer.wait()
@@ -678,20 +680,32 @@ class _Loop:
                    "are skipped (stability.policy='rollback')")
         self.logger.rewind(back_to)
         self.goodput.rolled_back(_saved_goodput(self.checkpointer, back_to))
-        self.guard.forget()
-        return state, back_to
+        return state, back_to, self._restore_carried(back_to)  # the steps after it no longer happened
+
+    def _restore_carried(self, step: int) -> list[dict]:
+        """What the loop carries from step to step, as checkpoint `step` saved it (nothing at step 0): the loss
+        guard's recent losses and the skips in a row, so that spikes are judged as in the uninterrupted run; returns
+        the metrics of the steps since the last log line, so that the next line is the same mean. Restarting them
+        empty made a resumed run apply updates the uninterrupted one skipped, and log other losses."""
+        carried = (_saved_meta(self.checkpointer, step) or {}).get("carried", {})
+        self.guard.restore(carried.get("recent_losses", []))
+        self.skipped_in_a_row = carried.get("skipped_in_a_row", 0)
+        return carried.get("log_window", [])
 
     def _warn(self, message: str) -> None:
         if jax.process_index() == 0:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    def _save(self, done: int, state: TrainState, train_iter) -> float:
-        """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs) and the
-        whole run's. Returns the seconds the save took, which the step rates leave out."""
+    def _save(self, done: int, state: TrainState, train_iter, window: list[dict]) -> float:
+        """Saves the state, with the config of the phase that trained it (what loading the checkpoint needs), the
+        whole run's, and what the loop carries (`_restore_carried`). Returns the seconds the save took, which the
+        step rates leave out."""
         jax.block_until_ready(state)  # the steps in flight are productive time; the save is not
         started = time.perf_counter()
+        carried = {"recent_losses": self.guard.recent, "skipped_in_a_row": self.skipped_in_a_row,
+                   "log_window": [{key: float(value) for key, value in m.items()} for m in jax.device_get(window)]}
         saved_meta = {**self.meta, "goodput": self.goodput.ledger(), "tokens_seen": self.plan.tokens_before(done),
-                      "batches": self.plan.placement(done)}
+                      "batches": self.plan.placement(done), "carried": carried}
         with self.goodput.lost(CHECKPOINT), self.watchdog.phase("checkpoint save"):
             self.logger.flush()  # every line up to this step exists before the step can be restored
             self.checkpointer.save(done, state.params, state.opt_state, train_iter, saved_meta)
@@ -763,8 +777,13 @@ def _describe_pipeline(cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
 
 def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
     """The goodput counters stored with checkpoint `step` (None: a fresh start, or a checkpoint older than them)."""
+    return (_saved_meta(checkpointer, step) or {}).get("goodput")
+
+
+def _saved_meta(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
+    """The meta saved with checkpoint `step` (None: a fresh start)."""
     meta_file = checkpointer.directory / str(step) / "meta" / "metadata"
-    return json.loads(meta_file.read_text()).get("goodput") if step and meta_file.exists() else None
+    return json.loads(meta_file.read_text()) if step and meta_file.exists() else None
 
 
 def _read_record(record: epath.Path) -> dict:
@@ -792,13 +811,17 @@ def _summarise(window: list[dict], tokens_seen: int) -> dict[str, float]:
     last = jax.device_get(window[-1])
     host = [m for m in jax.device_get(window) if not m.get("skipped")] or [last]
     own = ("loss", "grad_norm", "lr", "param_norm", "skipped")
+
+    def mean(key: str) -> float:  # in float64, whether the steps' values are the device's or a checkpoint's
+        return float(np.mean(np.asarray([m[key] for m in host], np.float64)))
+
     return {
-        "loss": float(np.mean([m["loss"] for m in host])),
-        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "loss": mean("loss"),
+        "grad_norm": mean("grad_norm"),
         "lr": float(last["lr"]),
         "param_norm": float(last["param_norm"]),
         "tokens": float(tokens_seen),
-        **{key: float(np.mean([m[key] for m in host])) for key in last if key not in own},
+        **{key: mean(key) for key in last if key not in own},
     }
 
 

@@ -301,8 +301,11 @@ def test_the_loss_guard_knows_non_finite_steps_and_spikes():
     assert guard.threshold() == 5.0
     assert "loss spike" in guard.problem(5.5, 1.0)
     assert guard.problem(4.9, 1.0) is None
-    guard.forget()
+    assert guard.recent == [2.0, 2.5, 4.9]
+    guard.restore([])
     assert guard.threshold() == math.inf
+    guard.restore([1.0, 2.0, 3.0])
+    assert guard.threshold() == 4.0
     assert LossGuard(0.0, 3).threshold() == math.inf
 
 

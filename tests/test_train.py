@@ -123,6 +123,48 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, cache_dir, 
     assert capsys.readouterr().out.strip(), "generation from our own checkpoint printed nothing"
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_resume_judges_spikes_and_logs_windows_as_the_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
+    """The loss guard's recent losses and the steps not yet logged restarted empty in a resumed process: with spike
+    detection it applied updates the uninterrupted run skipped, and with log_every > 1 its next line was the mean of
+    fewer steps. The run is killed right after its step-10 save, between two log lines; the uninterrupted run skips
+    step 13, judged against the losses of steps 10-12."""
+    def config():
+        cfg = small_config(cache_dir, 16)
+        cfg.train.log_every, cfg.checkpoint.every_steps = 4, 5
+        cfg.stability.policy, cfg.stability.spike_factor, cfg.stability.window = "skip", 1.001, 3
+        return cfg
+
+    trainer.train(config(), tmp_path / "straight")
+    save = trainer._Loop._save
+
+    def save_then_die(self, done, *args):
+        seconds = save(self, done, *args)
+        if done == 10:
+            self.checkpointer.wait()
+            raise _Killed
+        return seconds
+
+    monkeypatch.setattr(trainer._Loop, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        trainer.train(config(), tmp_path / "resumed")
+    monkeypatch.undo()
+    trainer.train(config(), tmp_path / "resumed")
+    straight, resumed = (_without_timing(read_metrics(tmp_path / run)) for run in ("straight", "resumed"))
+    assert [m["step"] for m in resumed] == [4, 8, 12, 16]
+    assert straight[-1].get("bad_steps") == 1, "the uninterrupted run skipped a step after the kill's"
+    for line in (*straight, *resumed):
+        line.pop("bad_steps", None)  # counted by each process
+    assert resumed == straight
+    model_a, _ = checkpoint.load_model(tmp_path / "straight")
+    model_b, _ = checkpoint.load_model(tmp_path / "resumed")
+    for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_resuming_under_another_tokenizer_is_refused_naming_the_run_s_own(tmp_path, cache_dir):
     """Before, resuming with a new data.source trained a tokenizer for it and went on: the model read other text under
     the same token ids, and the workdir's tokenizer, which its earlier checkpoints are used with, was replaced."""
