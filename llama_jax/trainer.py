@@ -557,13 +557,16 @@ class _Loop:
         window, self.log_window = self.log_window, []  # step metrics not yet logged
         pending: list[tuple[int, dict]] = []  # steps whose loss the host has not judged yet
         window_start, window_first_step, compiled_here = None, done, False
+        shapes_compiled: set[tuple[int, ...]] = set()
         saving = 0.0  # seconds of the window spent saving, left out of its rates (as evaluations are)
         logged: dict[str, float] = {}
         while done < p.stop_step:
             self.watchdog.stall_if_asked(done + 1)
             batch = run.to_global(next(train_iter))
             args = (state, batch, jnp.float32(self.guard.threshold())) if skip else (state, batch)
-            if not compiled_here:  # the first step of a phase compiles, for as long as that takes
+            shape = batch["tokens"].shape
+            if shape not in shapes_compiled:  # a phase's first step compiles, as does a ramp stage's: unbounded
+                shapes_compiled.add(shape)
                 with self.watchdog.phase("compilation", bounded=False):
                     self._check_step_memory(run, step_fn, (*args, *lora_args))
                     state, step_metrics = self.profiler.step(done + 1, lambda: step_fn(*args, *lora_args))

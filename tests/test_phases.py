@@ -270,6 +270,31 @@ def test_a_resume_after_an_earlier_phase_changed_is_refused_naming_where_the_run
         RunPlan(moved).check_resume(meta, 35)
 
 
+def test_each_ramp_stage_compiles_unbounded_by_the_watchdog_after_its_memory_check(tmp_path, cache_dir, monkeypatch):
+    """A stage's new batch shape compiles the step again: that ran as a training step, under the watchdog's step
+    limit (a large model's compile there was taken for a hang, exit 76), and without the memory check."""
+    cfg = load_config_file("tiny.py")
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_batches, cfg.data.ramp = 8, 64, 1, ((1024, 16, 64),)
+    cfg.train.steps, cfg.train.eval_every = 4, 0
+    checked, phases = [], []
+    check, phase_of = trainer._Loop._check_step_memory, trainer.Watchdog.phase
+
+    def checking(self, run, step_fn, args):
+        checked.append(args[1]["tokens"].shape)
+        return check(self, run, step_fn, args)
+
+    def entering(self, name, **kwargs):
+        phases.append((name, kwargs.get("bounded", True)))
+        return phase_of(self, name, **kwargs)
+
+    monkeypatch.setattr(trainer._Loop, "_check_step_memory", checking)
+    monkeypatch.setattr(trainer.Watchdog, "phase", entering)
+    trainer.train(cfg, tmp_path)
+    assert checked == [(8, 64), (16, 64)]
+    assert phases.count(("compilation", False)) == 2
+
+
 def test_a_resume_with_another_batch_size_stops_before_reading_and_resumes_with_the_suggested_ramp(
         tmp_path, cache_dir, capsys):
     cfg = load_config_file("tiny.py")
