@@ -400,6 +400,13 @@ class SavedRun:
         return LlamaConfig(**self.meta["config"]["model"])
 
     @property
+    def run_dir(self) -> epath.Path:
+        """The run's workdir, which holds its tokenizer: above checkpoints/<step>, or above rewound/<time>/<step>,
+        where `python -m llama_jax.rewind` moves the steps it sets aside (their tokenizer was not found)."""
+        above = self.step_dir.parent
+        return above.parent.parent if above.parent.name == "rewound" else above.parent
+
+    @property
     def is_lora(self) -> bool:
         """Whether the run trained LoRA adapters (its checkpoints hold them, not a model)."""
         return bool(self.meta.get("config", {}).get("lora", {}).get("rank"))
@@ -412,7 +419,7 @@ class SavedRun:
     def require_whole_model(self) -> None:
         """Raises CheckpointError for a LoRA run, whose checkpoints hold adapters, not a model."""
         if self.is_lora:
-            run = self.step_dir.parent.parent
+            run = self.run_dir
             raise CheckpointError(f"{self.step_dir} is from a LoRA run: it holds the adapters only, not a model. Merge "
                                   f"them into their base first, python -m llama_jax.lora merge {run} --out DIR "
                                   "(add --to hf for a Hugging Face directory), and use DIR")
@@ -420,7 +427,7 @@ class SavedRun:
     @property
     def tokenizer(self) -> epath.Path:
         """The tokenizer file the trainer copied into the workdir beside checkpoints/."""
-        return self.step_dir.parent.parent / self.meta["tokenizer_file"]
+        return self.run_dir / self.meta["tokenizer_file"]
 
     def restore_params(self, model_cfg: LlamaConfig, shardings: dict) -> dict:
         """The parameters alone (never the optimizer state), as `model_cfg`'s dtypes and `shardings` say: Orbax reads

@@ -53,7 +53,7 @@ class OursSource(ParamSource):
         except (KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(f"{saved.step_dir}/meta/metadata holds no usable model config ({err}): the "
                                   "checkpoint is not from this version of llama_jax; use another step") from None
-        self.directory = saved.step_dir.parent.parent  # the workdir, with the tokenizer files
+        self.directory = saved.run_dir  # with the tokenizer files
         tokenizer = self.directory / saved.meta.get("tokenizer_file", "")
         self.tokenizer = tokenizer if tokenizer.is_file() else None
         self._params = saved.step_dir / "params"

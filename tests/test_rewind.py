@@ -9,7 +9,7 @@ import numpy as np
 from cli_run import cache_dir, read_metrics, without_timing  # noqa: F401 (a fixture)
 from test_train import small_config
 
-from llama_jax import checkpoint, trainer
+from llama_jax import checkpoint, generate, trainer
 from llama_jax import workdir as workdir_lib
 from llama_jax.goodput import LOST, REDONE
 from llama_jax.rewind import main
@@ -41,6 +41,9 @@ def test_a_rewound_run_retrains_from_the_step_exactly_and_keeps_what_it_moved(tm
     assert sorted(p.name for p in aside.iterdir()) == ["6", "9", "averaged", "metrics.jsonl", "rewind.json"]
     moved, ref = (checkpoint.load_model(path)[0] for path in (aside / "9", straight))
     assert np.array_equal(np.asarray(moved.layers.attn.wq[...]), np.asarray(ref.layers.attn.wq[...])), "still readable"
+    # with the run's tokenizer, which generate looked for in WORKDIR/rewound (not found: exit 2)
+    assert generate.main(["--checkpoint", str(aside / "9"), "--prompt", "def", "--max_new_tokens", "2"]) == 0
+    capsys.readouterr()
     assert (aside / "averaged" / "eval.json").exists() and not (workdir / "averaged").exists()
     assert [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()] == diverged
     assert json.loads((aside / "rewind.json").read_text()) == {
