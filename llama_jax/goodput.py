@@ -47,9 +47,16 @@ class Goodput:
     def __init__(self, workdir: epath.Path, *, committed: dict | None, dropped: list[dict], writer: bool):
         """`committed`: the counters in the restored checkpoint's meta (None: fresh start); `dropped`: the metrics
         lines logged past the restored step; `writer`: this process records the run's first start (process 0)."""
-        self.started = _first_start(workdir / START_FILE, write=writer)
+        self._start_file = workdir / START_FILE if writer else None
+        self.started = _first_start(workdir / START_FILE)
         self.seconds = _resumed(committed or {}, dropped)
         self._mark = time.monotonic()
+
+    def first_step_trained(self) -> None:
+        """Records the run's first start, once it has trained a step: an attempt refused before its first step (the
+        memory check, after compiling) recorded one, and the time until the corrected rerun counted as lost."""
+        if self._start_file is not None and not self._start_file.exists():
+            write_whole(self._start_file, json.dumps({"started": self.started}) + "\n")  # never half written
 
     def charge(self, cause: str) -> None:
         """The time since the last mark was lost to `cause` (e.g. the first step, which compiles)."""
@@ -98,13 +105,10 @@ def _resumed(committed: dict, dropped: list[dict]) -> dict[str, float]:
     return seconds
 
 
-def _first_start(path: epath.Path, *, write: bool) -> float:
+def _first_start(path: epath.Path) -> float:
     if path.exists():
         return float(json.loads(path.read_text())["started"])
-    started = _IMPORTED if _run_start is None else _run_start
-    if write:
-        write_whole(path, json.dumps({"started": started}) + "\n")  # read by every restart: never half written
-    return started
+    return _IMPORTED if _run_start is None else _run_start
 
 
 def final_goodput(workdir: epath.Path) -> dict[str, float] | None:
@@ -114,7 +118,7 @@ def final_goodput(workdir: epath.Path) -> dict[str, float] | None:
     if last is None:
         return None
     return _figures({key: float(last.get(key, 0.0)) for key in COUNTERS},
-                    time.time() - _first_start(workdir / START_FILE, write=False))
+                    time.time() - _first_start(workdir / START_FILE))
 
 
 def describe(figures: dict[str, float]) -> str:

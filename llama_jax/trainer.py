@@ -578,6 +578,7 @@ class _Loop:
             window.append(step_metrics)
             if not compiled_here:  # time from the end of the compiling step (its loss is the window's like any)
                 self.goodput.charge(COMPILE)
+                self.goodput.first_step_trained()
                 compiled_here = True
                 if not self.compiled:
                     self.watchdog.start()

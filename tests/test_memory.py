@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from cli_run import cache_dir  # noqa: F401 (a fixture)
-from llama_jax import checkpoint, memory, trainer, workdir as workdir_lib
+from llama_jax import checkpoint, goodput, memory, trainer, workdir as workdir_lib
 from llama_jax.config import default_config, model_section
 from llama_jax.convert import load_hf, save_hf
 from llama_jax.errors import ConfigError
@@ -144,6 +144,8 @@ def test_a_step_that_cannot_fit_is_refused_once_compiled_before_it_runs(tmp_path
         trainer.train(cfg, workdir)
     assert workdir_lib.read_jsonl(workdir / "metrics.jsonl") == [], "no step ran"
     assert not list((workdir / "checkpoints").glob("*")), "nothing saved"
+    # no start recorded: the corrected rerun's goodput counted the time since this attempt as lost to restarts
+    assert not (workdir / goodput.START_FILE).exists() and (tmp_path / "fits" / goodput.START_FILE).exists()
 
 
 def _compiled(**sizes_gib: float):

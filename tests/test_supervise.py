@@ -236,7 +236,9 @@ def test_a_run_after_another_in_one_process_counts_its_time_from_its_own_start(t
         (tmp_path / name).mkdir()
         called = time.time()
         goodput.begin_run()
-        started = goodput.Goodput(tmp_path / name, committed=None, dropped=[], writer=True).started
+        accounts = goodput.Goodput(tmp_path / name, committed=None, dropped=[], writer=True)
+        started = accounts.started
+        accounts.first_step_trained()
         assert json.loads((tmp_path / name / goodput.START_FILE).read_text())["started"] == started
         starts.append((started, called))
     (first, _), (second, second_called) = starts
