@@ -404,7 +404,7 @@ class SavedRun:
         """The run's workdir, which holds its tokenizer: above checkpoints/<step>, or above rewound/<time>/<step>,
         where `python -m llama_jax.rewind` moves the steps it sets aside (their tokenizer was not found)."""
         above = self.step_dir.parent
-        return above.parent.parent if above.parent.name == "rewound" else above.parent
+        return above.parent.parent if above.name != "checkpoints" and above.parent.name == "rewound" else above.parent
 
     @property
     def is_lora(self) -> bool:
@@ -419,10 +419,9 @@ class SavedRun:
     def require_whole_model(self) -> None:
         """Raises CheckpointError for a LoRA run, whose checkpoints hold adapters, not a model."""
         if self.is_lora:
-            run = self.run_dir
             raise CheckpointError(f"{self.step_dir} is from a LoRA run: it holds the adapters only, not a model. Merge "
-                                  f"them into their base first, python -m llama_jax.lora merge {run} --out DIR "
-                                  "(add --to hf for a Hugging Face directory), and use DIR")
+                                  f"them into their base first, python -m llama_jax.lora merge {self.step_dir} --out "
+                                  "DIR (add --to hf for a Hugging Face directory), and use DIR")
 
     @property
     def tokenizer(self) -> epath.Path:

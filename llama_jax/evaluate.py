@@ -304,15 +304,19 @@ def evaluate_tasks(model: ModelLike, tasks: Sequence[ChoiceTask], batch_size: in
     """`evaluate_choices` over several tasks, in one dict. Two tasks of one name (a task takes its file's stem: the
     Hub's ARC-Easy and ARC-Challenge are both `test-00000-of-00001`) are refused: the second's figures replaced the
     first's."""
+    check_task_names(tasks)
+    metrics = {}
+    for task in tasks:
+        metrics.update(evaluate_choices(model, task, batch_size, mesh))
+    return metrics
+
+
+def check_task_names(tasks: Sequence[ChoiceTask]) -> None:
     names = [task.name for task in tasks]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise DataError(f"more than one task is named {' and '.join(map(repr, twice))} (a task is named after its "
                         "file's stem), so one's figures would replace the other's: rename the files apart")
-    metrics = {}
-    for task in tasks:
-        metrics.update(evaluate_choices(model, task, batch_size, mesh))
-    return metrics
 
 
 def summarize(name: str, scores: ChoiceScores) -> dict[str, float]:

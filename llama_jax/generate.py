@@ -204,8 +204,8 @@ def _check_arguments(prompts: list[list[int]], max_new_tokens: int, temperature:
             "need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
             f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
         )
-    if not -2**63 <= seed < 2**63:  # what jax.random.key takes (an OverflowError past it)
-        raise ConfigError(f"seed {seed} is past a 64-bit integer: give a seed from 0 to {2**63 - 1}")
+    if not 0 <= seed < 2**32:  # jax.random.key keeps 32 bits (seed 2**32 drew what 0 did; past 2**63 an OverflowError)
+        raise ConfigError(f"seed {seed} is out of range: give a seed from 0 to {2**32 - 1}")
 
 
 def _check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:

@@ -42,7 +42,7 @@ from llama_jax.data.corpus import load_corpus
 from llama_jax.data.pipeline import TrainBatches
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_files
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.evaluate import ChoiceTask, evaluate_tasks
+from llama_jax.evaluate import ChoiceTask, check_task_names, evaluate_tasks
 from llama_jax.goodput import CHECKPOINT, COMPILE, EVAL, Goodput
 from llama_jax.metrics import MetricsLogger, peak_memory_gib, run_peak_flops
 from llama_jax.model import ModelDef, param_count
@@ -477,9 +477,12 @@ def _read_base(init_from: str, model_def: ModelDef, shardings: dict) -> tuple[st
 
 
 def _eval_tasks(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[ChoiceTask]:
-    """`train.eval_tasks`, loaded before any checkpoint is read: a missing task file stops the run at once."""
-    return [ChoiceTask.load(task.strip(), tokenizer, max_len=cfg.data.seq_len)
-            for task in cfg.train.eval_tasks.split(",") if task.strip()]
+    """`train.eval_tasks`, loaded before any checkpoint is read: a missing task file, or two of one name, stops the
+    run at once rather than at its first evaluation."""
+    tasks = [ChoiceTask.load(task.strip(), tokenizer, max_len=cfg.data.seq_len)
+             for task in cfg.train.eval_tasks.split(",") if task.strip()]
+    check_task_names(tasks)
+    return tasks
 
 
 def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir: epath.Path) -> str:

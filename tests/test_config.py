@@ -479,7 +479,8 @@ def test_cli_a_config_file_missing_or_broken_and_a_file_as_workdir_are_one_error
             ("unknown config override --config.mesh.pipelin: mesh has no key 'pipelin'; its keys: context, data, "
              "fsdp, stage, tensor", ["--config.train.steps=3", "--config.mesh.pipelin=1", "--config", tiny]),
         )
-    ] + [("train", "unexpected arguments ['extra']: every setting is a flag", ["--config", tiny, "extra"]),  # exit 1
+    ] + [  # a stray argument: absl's usage text and exit 1 before, which the supervisor retried as a crash
+         ("train", "unexpected arguments ['extra']: every setting is a flag", ["--config", tiny, "extra"]),
          ("train", f"the workdir {tmp_path / 'afile'} is a file: give a directory",
           ["--config", tiny, "--workdir", "afile", f"--config.data.cache_dir={tmp_path / 'cache'}"]),
          ("train", f"the workdir {tmp_path / 'afile' / 'run'} cannot be written (Not a directory): give a --workdir",

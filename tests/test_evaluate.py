@@ -18,6 +18,8 @@ from flax import nnx
 from cli_run import cache_dir, read_metrics, run_cli  # noqa: F401 (a fixture)
 from hf_reference import random_hf_llama
 from llama_jax import evaluate as ev
+from llama_jax import trainer
+from llama_jax.config import default_config
 from llama_jax.convert import open_checkpoint
 from llama_jax.data.corpus import held_out_store
 from llama_jax.data.tokenizer import train_bpe
@@ -279,6 +281,10 @@ def test_two_tasks_of_one_name_are_refused(hf_dir, tmp_path, capsys):
                     f"{tmp_path / 'easy' / 'test.jsonl'},{tmp_path / 'challenge' / 'test.jsonl'}"]) == 2
     assert capsys.readouterr().err == ("error: more than one task is named 'test' (a task is named after its file's "
                                        "stem), so one's figures would replace the other's: rename the files apart\n")
+    cfg = default_config()  # a training run refuses them at its start, not at its first evaluation
+    cfg.train.eval_tasks = f"{tmp_path / 'easy' / 'test.jsonl'},{tmp_path / 'challenge' / 'test.jsonl'}"
+    with pytest.raises(DataError, match="more than one task is named 'test'"):
+        trainer._eval_tasks(cfg, open_checkpoint(hf_dir).tokenizer)
 
 
 def test_cli_scores_text_sources_alone_or_beside_tasks(hf_dir, tmp_path, capsys):

@@ -128,9 +128,10 @@ def test_generating_past_the_models_context_is_refused_with_the_most_it_allows(m
         generate(model, PROMPTS, context - longest + 1)
 
 
-def test_a_seed_past_64_bits_is_refused_in_one_line(model):
-    with pytest.raises(ConfigError, match=r"^seed 18446744073709551616 is past a 64-bit integer: give a seed from 0 "):
-        generate(model, [[1, 2]], 2, temperature=1.0, seed=2**64)  # was an OverflowError from jax.random.key
+def test_a_seed_past_32_bits_is_refused_in_one_line(model):
+    for seed in (2**32, 2**64, -1):  # 2**32 drew the tokens 0 does, 2**64 was an OverflowError from jax.random.key
+        with pytest.raises(ConfigError, match=rf"^seed {seed} is out of range: give a seed from 0 to 4294967295$"):
+            generate(model, [[1, 2]], 2, temperature=1.0, seed=seed)
 
 
 def test_prompt_ids_outside_the_vocabulary_are_refused(model):

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from cli_run import cache_dir, read_metrics, without_timing  # noqa: F401 (a fixture)
 from test_train import small_config
@@ -98,6 +99,12 @@ def test_skipped_batches_are_those_after_the_step_every_time_a_run_resumes_from_
     newest = max((workdir / "rewound").iterdir())
     assert json.loads((newest / "rewind.json").read_text())["moved_steps"] == [6, 7]
     assert json.loads((newest / "skip_batches.json").read_text()) == {"3": 2, "7": 1}
+
+
+def test_a_step_finds_its_run_in_a_workdir_or_among_the_rewound_whatever_the_workdir_is_named():
+    for step, run in (("/runs/big/rewound/20261208-000916-769814/9", "/runs/big"),
+                      ("/runs/rewound/checkpoints/9", "/runs/rewound"), ("/runs/big/checkpoints/9", "/runs/big")):
+        assert checkpoint.SavedRun(epath.Path(step), {}).run_dir == epath.Path(run)
 
 
 def test_bad_rewinds_are_refused_with_the_fix(tmp_path, cache_dir, capsys):
