@@ -495,9 +495,11 @@ def _keep_run_files(cfg: ml_collections.ConfigDict, tokenizer_path: str, workdir
     distributed.on_every_process(lambda: ckpt.check_resumed_tokenizer(workdir, files), "checking the run's tokenizer")
     if jax.process_index() == 0:
         for file in files:  # replaced whole, if at all: a copy cut short by a kill made the run refuse to resume
-            kept, given = workdir / file.name, epath.Path(file)
-            if workdir_lib.resolve(file) != kept and not (kept.exists() and kept.read_bytes() == given.read_bytes()):
-                workdir_lib.write_whole(kept, given.read_bytes())
+            kept = workdir / file.name
+            if workdir_lib.resolve(file) != kept:
+                content = epath.Path(file).read_bytes()
+                if not (kept.exists() and kept.read_bytes() == content):
+                    workdir_lib.write_whole(kept, content)
         if cfg.checkpoint.init_from:
             generation = generation_config.file_for_copy(workdir_lib.as_path(cfg.checkpoint.init_from))
             if generation is not None:
@@ -518,13 +520,14 @@ class _Loop:
                                   enabled=jax.process_index() == 0, wandb_project=cfg.train.wandb,
                                   config=meta["run_config"]), "opening the run's logs", elsewhere=CheckpointError)
         self.save_clock = _SaveClock(60 * cfg.checkpoint.every_minutes)
-        self.goodput = Goodput(workdir, committed=_saved_goodput(checkpointer, start), dropped=self.logger.dropped,
+        saved = _saved_meta(checkpointer, start)
+        self.goodput = Goodput(workdir, committed=saved.get("goodput"), dropped=self.logger.dropped,
                                writer=jax.process_index() == 0)
         self.guard = LossGuard(cfg.stability.spike_factor, cfg.stability.window)
         self.profiler: StepProfiler | None = None  # the current phase's
         self.bad_steps = 0  # seen by this process
         self.skipped_in_a_row = 0
-        self.log_window = self._restore_carried(start)  # the first phase run's first window starts with these steps
+        self.log_window = self._restore_carried(saved)  # the first phase run's first window starts with these steps
         self.compiled = False
 
     def run_phase(self, run: Run, p: Phase, data: PhaseData, state: TrainState,
@@ -686,15 +689,16 @@ class _Loop:
         self._warn(f"step {step}: {problem}. Rolled back to step {back_to}; the {done - back_to} batches drawn since "
                    "are skipped (stability.policy='rollback')")
         self.logger.rewind(back_to)
-        self.goodput.rolled_back(_saved_goodput(self.checkpointer, back_to))
-        return state, back_to, self._restore_carried(back_to)  # the steps after it no longer happened
+        saved = _saved_meta(self.checkpointer, back_to)
+        self.goodput.rolled_back(saved.get("goodput"))
+        return state, back_to, self._restore_carried(saved)  # the steps after it no longer happened
 
-    def _restore_carried(self, step: int) -> list[dict]:
-        """What the loop carries from step to step, as checkpoint `step` saved it (nothing at step 0): the loss
-        guard's recent losses and the skips in a row, so that spikes are judged as in the uninterrupted run; returns
-        the metrics of the steps since the last log line, so that the next line is the same mean. Restarting them
-        empty made a resumed run apply updates the uninterrupted one skipped, and log other losses."""
-        carried = (_saved_meta(self.checkpointer, step) or {}).get("carried", {})
+    def _restore_carried(self, saved: dict) -> list[dict]:
+        """What the loop carries from step to step, as a checkpoint's meta `saved` holds it (nothing at step 0): the
+        loss guard's recent losses and the skips in a row, so that spikes are judged as in the uninterrupted run;
+        returns the metrics of the steps since the last log line, so that the next line is the same mean. Restarting
+        them empty made a resumed run apply updates the uninterrupted one skipped, and log other losses."""
+        carried = saved.get("carried", {})
         self.guard.restore(carried.get("recent_losses", []))
         self.skipped_in_a_row = carried.get("skipped_in_a_row", 0)
         return carried.get("log_window", [])
@@ -782,15 +786,11 @@ def _describe_pipeline(cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
             f"{peak_microbatches(stages, microbatches, schedule)} microbatches' activations held per stage")
 
 
-def _saved_goodput(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
-    """The goodput counters stored with checkpoint `step` (None: a fresh start, or a checkpoint older than them)."""
-    return (_saved_meta(checkpointer, step) or {}).get("goodput")
-
-
-def _saved_meta(checkpointer: ckpt.Checkpointer, step: int) -> dict | None:
-    """The meta saved with checkpoint `step` (None: a fresh start)."""
+def _saved_meta(checkpointer: ckpt.Checkpointer, step: int) -> dict:
+    """The meta saved with checkpoint `step`, read once for the goodput counters and the carried state ({}: a fresh
+    start; a checkpoint older than either lacks its key)."""
     meta_file = checkpointer.directory / str(step) / "meta" / "metadata"
-    return json.loads(meta_file.read_text()) if step and meta_file.exists() else None
+    return json.loads(meta_file.read_text()) if step and meta_file.exists() else {}
 
 
 def _read_record(record: epath.Path) -> dict:

@@ -152,10 +152,7 @@ def write_whole(path: str | os.PathLike, content: str | bytes) -> None:
     or the new, never a part: a local file is written beside and renamed into place; an object store's write is whole
     already."""
     if is_remote(path):
-        if isinstance(content, bytes):
-            epath.Path(path).write_bytes(content)
-        else:
-            epath.Path(path).write_text(content)
+        epath.Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
         return
     path = Path(path)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
